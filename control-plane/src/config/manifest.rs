@@ -1,0 +1,293 @@
+//! Kubernetes-style YAML manifests: multi-document files of `Namespace`, `Pod`,
+//! `Service`, `ServiceAccount`, `AuthorizationPolicy` and `WasmPlugin`. Every bad
+//! document yields a [`ManifestError`] naming file, document, object and field;
+//! the good documents around it are still returned.
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use serde::Deserialize;
+use std::fmt;
+use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
+
+/// One configuration object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    ServiceAccount(ServiceAccount),
+    AuthorizationPolicy(AuthorizationPolicy),
+    WasmPlugin(WasmPlugin),
+}
+
+/// Identifies an object: kind, namespace (empty for cluster-scoped) and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+impl Object {
+    pub fn object_ref(&self) -> ObjectRef {
+        let (kind, meta) = match self {
+            Object::Namespace(o) => ("Namespace", &o.metadata),
+            Object::Pod(o) => ("Pod", &o.metadata),
+            Object::Service(o) => ("Service", &o.metadata),
+            Object::ServiceAccount(o) => ("ServiceAccount", &o.metadata),
+            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Object::WasmPlugin(o) => ("WasmPlugin", &o.metadata),
+        };
+        ObjectRef {
+            kind,
+            namespace: if kind == "Namespace" {
+                String::new()
+            } else {
+                meta.namespace.clone().unwrap_or_default()
+            },
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A problem with one document of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: String,
+    /// 0-based index of the YAML document within the file.
+    pub document: usize,
+    /// `Kind namespace/name` when it could be read.
+    pub object: Option<String>,
+    /// Field path (`spec.ports[0].port`) when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} document {}", self.file, self.document)?;
+        if let Some(o) = &self.object {
+            write!(f, " ({o})")?;
+        }
+        if let Some(fl) = &self.field {
+            write!(f, " field {fl}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+const KINDS: &[(&str, &str)] = &[
+    ("Namespace", "v1"),
+    ("Pod", "v1"),
+    ("Service", "v1"),
+    ("ServiceAccount", "v1"),
+    ("AuthorizationPolicy", "security.weft.dev/v1alpha1"),
+    ("WasmPlugin", "extensions.weft.dev/v1alpha1"),
+];
+
+/// Parses every document of `text` (the contents of `file`).
+pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |object: Option<String>, field: Option<String>, message: String| ManifestError {
+            file: file.to_string(),
+            document: index,
+            object,
+            field,
+            message,
+        };
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(err(None, None, format!("invalid YAML: {e}")));
+                // A syntax error ends the stream: later documents cannot be located.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document (e.g. a trailing `---`)
+        }
+        match parse_one(value) {
+            Ok(o) => objects.push(o),
+            Err((object, field, message)) => errors.push(err(object, field, message)),
+        }
+    }
+    (objects, errors)
+}
+
+type DocError = (Option<String>, Option<String>, String);
+
+fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
+    let str_at = |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let kind = str_at(&value, "kind");
+    let api_version = str_at(&value, "apiVersion");
+    let meta = value.get("metadata");
+    let name = meta.and_then(|m| str_at(m, "name"));
+    let namespace = meta.and_then(|m| str_at(m, "namespace"));
+    let label = |k: &str| match (&namespace, &name) {
+        (Some(ns), Some(n)) => Some(format!("{k} {ns}/{n}")),
+        (None, Some(n)) => Some(format!("{k} {n}")),
+        _ => Some(k.to_string()),
+    };
+
+    let Some(kind) = kind else {
+        return Err((None, Some("kind".into()), "missing".into()));
+    };
+    let Some((_, want_api)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+        let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+        return Err((
+            label(&kind),
+            Some("kind".into()),
+            format!("unknown kind {kind:?}; supported: {}", known.join(", ")),
+        ));
+    };
+    if api_version.as_deref() != Some(*want_api) {
+        return Err((
+            label(&kind),
+            Some("apiVersion".into()),
+            format!("{api_version:?} is not supported for {kind}; use {want_api:?}"),
+        ));
+    }
+    let Some(name) = name.clone().filter(|n| !n.is_empty()) else {
+        return Err((label(&kind), Some("metadata.name".into()), "missing".into()));
+    };
+    if kind != "Namespace" && namespace.as_deref().is_none_or(str::is_empty) {
+        return Err((
+            label(&kind),
+            Some("metadata.namespace".into()),
+            "missing: every object but a Namespace must name its namespace".into(),
+        ));
+    }
+    if !is_dns_label(&name) && kind != "AuthorizationPolicy" && kind != "WasmPlugin" && !is_dns_subdomain(&name) {
+        return Err((
+            label(&kind),
+            Some("metadata.name".into()),
+            format!("{name:?} is not a valid Kubernetes name"),
+        ));
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Result<T, (String, String)> {
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            (path, e.into_inner().to_string())
+        })
+    }
+    let obj = match kind.as_str() {
+        "Namespace" => typed(value).map(Object::Namespace),
+        "Pod" => typed(value).map(Object::Pod),
+        "Service" => typed(value).map(Object::Service),
+        "ServiceAccount" => typed(value).map(Object::ServiceAccount),
+        "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
+        _ => typed(value).map(Object::WasmPlugin),
+    };
+    obj.map_err(|(path, msg)| (label(&kind), Some(path).filter(|p| p != "."), msg))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_file() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: web, image: web}]
+status: {podIP: 10.0.0.5}
+---
+"#;
+        let (objs, errs) = parse_manifests("a.yaml", text);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(objs.len(), 2);
+        assert_eq!(objs[1].object_ref().to_string(), "Pod shop/web-1");
+    }
+
+    #[test]
+    fn bad_documents_are_reported_and_others_kept() {
+        let text = r#"
+apiVersion: v1
+kind: Gizmo
+metadata: {name: g, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  ports: [{port: "eighty"}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {principalz: [x]}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: nons}
+"#;
+        let (objs, errs) = parse_manifests("bad.yaml", text);
+        assert_eq!(objs.len(), 1);
+        assert_eq!(objs[0].object_ref().to_string(), "ServiceAccount shop/web");
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert_eq!(errs[0].document, 0);
+        assert_eq!(errs[0].field.as_deref(), Some("kind"));
+        assert!(errs[0].message.contains("unknown kind \"Gizmo\""));
+        assert_eq!(errs[1].document, 1);
+        assert_eq!(errs[1].object.as_deref(), Some("Service shop/web"));
+        assert_eq!(errs[1].field.as_deref(), Some("spec.ports[0].port"));
+        assert_eq!(errs[2].object.as_deref(), Some("AuthorizationPolicy shop/p"));
+        assert_eq!(
+            errs[2].field.as_deref(),
+            Some("spec.rules[0].from[0].source.principalz")
+        );
+        assert!(errs[2].message.contains("principalz"), "{}", errs[2].message);
+        assert_eq!(errs[3].field.as_deref(), Some("metadata.namespace"));
+        assert_eq!(
+            errs[1].to_string(),
+            format!("bad.yaml document 1 (Service shop/web) field spec.ports[0].port: {}", errs[1].message)
+        );
+    }
+
+    #[test]
+    fn invalid_yaml() {
+        let (objs, errs) = parse_manifests("x.yaml", "kind: [unclosed\n");
+        assert!(objs.is_empty());
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.starts_with("invalid YAML"));
+    }
+}

@@ -1,0 +1,12 @@
+//! The mesh CA: root or user-provided intermediate, X.509-SVID signing from CSRs,
+//! node credentials and the control plane's own serving certificate.
+
+pub mod ca;
+pub mod csr;
+
+pub use ca::{Ca, CaError, CaOptions, IssuedCert};
+pub use csr::{CsrError, VerifiedCsr};
+
+/// Path prefix of node-agent credentials: `spiffe://<td>/_weft/node/<node>`. Workload
+/// identities always start with `/ns/`, so the two can never be confused.
+pub const NODE_ID_PREFIX: &str = "/_weft/node/";

@@ -1,0 +1,290 @@
+//! Kubernetes objects -> distributed resources.
+
+use super::enrollment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::BTreeMap;
+use weft_api::crd::{self, AuthorizationPolicy, WasmPlugin};
+use weft_api::pb;
+use weft_api::spiffe::{SpiffeId, TrustDomain};
+use weft_api::validate::Report;
+
+pub fn workload(pod: &Pod, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Workload {
+    let meta = &pod.metadata;
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let sa = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    let status = pod.status.as_ref();
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().map(|p| p.ip.clone()).collect())
+        .unwrap_or_default();
+    if ips.is_empty() {
+        if let Some(ip) = status.and_then(|s| s.pod_ip.clone()).filter(|s| !s.is_empty()) {
+            ips.push(ip);
+        }
+    }
+    let enrolled = enrollment::is_enrolled(ns, pod);
+    let spiffe_id = SpiffeId::for_workload(td, &namespace, &sa)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let ports = spec
+        .map(|s| {
+            s.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .map(|p| pb::ContainerPort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port: p.container_port.max(0) as u32,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pb::Workload {
+        uid: meta
+            .uid
+            .clone()
+            .unwrap_or_else(|| format!("{namespace}/{name}")),
+        name,
+        namespace,
+        service_account: sa,
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        ips,
+        enrolled,
+        spiffe_id,
+        labels: meta.labels.clone().unwrap_or_default().into_iter().collect(),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        ports,
+    }
+}
+
+/// Is the pod serving (not finished, not terminating, not marked unready)?
+pub fn pod_ready(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let status = pod.status.as_ref();
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return false;
+    }
+    !status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"))
+}
+
+pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+pub fn service(svc: &Service, pods: &[(&Pod, &pb::Workload)]) -> pb::Service {
+    let meta = &svc.metadata;
+    let spec = svc.spec.as_ref();
+    let mut cluster_ips: Vec<String> = spec
+        .and_then(|s| s.cluster_ips.clone())
+        .unwrap_or_default();
+    if cluster_ips.is_empty() {
+        if let Some(ip) = spec.and_then(|s| s.cluster_ip.clone()) {
+            cluster_ips.push(ip);
+        }
+    }
+    cluster_ips.retain(|ip| !ip.is_empty() && ip != "None");
+    let ports: Vec<pb::ServicePort> = spec
+        .and_then(|s| s.ports.as_ref())
+        .map(|ps| {
+            ps.iter()
+                .map(|p| pb::ServicePort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port: p.port.max(0) as u32,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    target_port: match &p.target_port {
+                        Some(IntOrString::Int(i)) => i.to_string(),
+                        Some(IntOrString::String(s)) => s.clone(),
+                        None => p.port.to_string(),
+                    },
+                    app_protocol: p.app_protocol.clone().unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let selector: BTreeMap<String, String> = spec
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    let mut endpoints = Vec::new();
+    if !selector.is_empty() {
+        for (pod, w) in pods {
+            let labels: BTreeMap<String, String> = w.labels.clone().into_iter().collect();
+            if w.ips.is_empty() || !selector_matches(&selector, &labels) {
+                continue;
+            }
+            let mut target_ports = std::collections::HashMap::new();
+            for p in &ports {
+                let resolved = match p.target_port.parse::<u32>() {
+                    Ok(n) => Some(n),
+                    Err(_) => w
+                        .ports
+                        .iter()
+                        .find(|c| c.name == p.target_port)
+                        .map(|c| c.port),
+                };
+                if let Some(t) = resolved {
+                    target_ports.insert(p.port, t);
+                }
+            }
+            endpoints.push(pb::Endpoint {
+                workload_uid: w.uid.clone(),
+                ips: w.ips.clone(),
+                target_ports,
+                ready: pod_ready(pod),
+            });
+        }
+    }
+    endpoints.sort_by(|a, b| a.workload_uid.cmp(&b.workload_uid));
+    pb::Service {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        cluster_ips,
+        ports,
+        selector: selector.into_iter().collect(),
+        endpoints,
+    }
+}
+
+fn source(s: &crd::Source) -> pb::Source {
+    pb::Source {
+        principals: s.principals.clone(),
+        not_principals: s.not_principals.clone(),
+        request_principals: s.request_principals.clone(),
+        not_request_principals: s.not_request_principals.clone(),
+        namespaces: s.namespaces.clone(),
+        not_namespaces: s.not_namespaces.clone(),
+        service_accounts: s.service_accounts.clone(),
+        not_service_accounts: s.not_service_accounts.clone(),
+        ip_blocks: s.ip_blocks.clone(),
+        not_ip_blocks: s.not_ip_blocks.clone(),
+        remote_ip_blocks: s.remote_ip_blocks.clone(),
+        not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+    }
+}
+
+fn operation(o: &crd::Operation) -> pb::Operation {
+    pb::Operation {
+        hosts: o.hosts.clone(),
+        not_hosts: o.not_hosts.clone(),
+        ports: o.ports.clone(),
+        not_ports: o.not_ports.clone(),
+        methods: o.methods.clone(),
+        not_methods: o.not_methods.clone(),
+        paths: o.paths.clone(),
+        not_paths: o.not_paths.clone(),
+    }
+}
+
+/// Converts a policy. An invalid policy is distributed fail-closed: an invalid ALLOW
+/// policy matches nothing (so its workloads only get what other ALLOW policies
+/// grant), an invalid DENY policy matches everything; an invalid AUDIT policy is
+/// dropped (returns `None`).
+pub fn authorization_policy(
+    p: &AuthorizationPolicy,
+    report: &Report,
+    root_namespace: &str,
+) -> Option<pb::AuthorizationPolicy> {
+    use pb::authorization_policy::Action as A;
+    let namespace = p.metadata.namespace.clone().unwrap_or_default();
+    let action = match p.spec.action.unwrap_or_default() {
+        crd::Action::Allow => A::Allow,
+        crd::Action::Deny | crd::Action::Custom => A::Deny,
+        crd::Action::Audit => A::Audit,
+    };
+    let rules = if report.is_valid() {
+        p.spec
+            .rules
+            .iter()
+            .map(|r| pb::Rule {
+                from: r.from.iter().map(|f| source(&f.source)).collect(),
+                to: r.to.iter().map(|t| operation(&t.operation)).collect(),
+                when: r
+                    .when
+                    .iter()
+                    .map(|c| pb::Condition {
+                        key: c.key.clone(),
+                        values: c.values.clone(),
+                        not_values: c.not_values.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    } else {
+        match action {
+            A::Allow => vec![],
+            A::Deny => vec![pb::Rule::default()],
+            A::Audit => return None,
+        }
+    };
+    Some(pb::AuthorizationPolicy {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        mesh_wide: namespace == root_namespace,
+        namespace,
+        selector: p
+            .spec
+            .selector
+            .as_ref()
+            .map(|s| s.match_labels.clone().into_iter().collect())
+            .unwrap_or_default(),
+        action: action as i32,
+        rules,
+    })
+}
+
+pub fn wasm_plugin(p: &WasmPlugin) -> pb::WasmPlugin {
+    let s = &p.spec;
+    let phase = match s.phase {
+        Some(crd::Phase::Authn) => "AUTHN",
+        Some(crd::Phase::Authz) => "AUTHZ",
+        Some(crd::Phase::Stats) => "STATS",
+        _ => "UNSPECIFIED_PHASE",
+    };
+    let fail = match s.fail_strategy.unwrap_or_default() {
+        crd::FailStrategy::FailClose => "FAIL_CLOSE",
+        crd::FailStrategy::FailOpen => "FAIL_OPEN",
+        crd::FailStrategy::FailReload => "FAIL_RELOAD",
+    };
+    pb::WasmPlugin {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        selector: s
+            .selector
+            .as_ref()
+            .map(|x| x.match_labels.clone().into_iter().collect())
+            .unwrap_or_default(),
+        url: s.url.clone(),
+        sha256: s.sha256.clone().unwrap_or_default(),
+        plugin_name: s
+            .plugin_name
+            .clone()
+            .unwrap_or_else(|| p.metadata.name.clone().unwrap_or_default()),
+        plugin_config: s
+            .plugin_config
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        phase: phase.into(),
+        priority: s.priority.unwrap_or(0),
+        ports: s.match_.iter().flat_map(|m| m.ports.iter().map(|p| p.number)).collect(),
+        fail_strategy: fail.into(),
+        max_cpu_millis_per_callback: s
+            .limits
+            .as_ref()
+            .and_then(|l| l.cpu_time_per_callback_millis)
+            .unwrap_or(10),
+        max_memory_bytes: s
+            .limits
+            .as_ref()
+            .and_then(|l| l.memory_bytes)
+            .unwrap_or(16 << 20),
+    }
+}

@@ -1,0 +1,517 @@
+//! The mesh model: the one owner of the configuration objects and of the resources
+//! derived from them. Sources feed it [`SourceEvent`]s; it recomputes the resources of
+//! every namespace an event touched, and announces the changed keys in a
+//! [`ChangeBatch`] that distribution streams turn into per-node deltas.
+
+pub mod convert;
+pub mod enrollment;
+
+use crate::config::{ManifestError, Object, ObjectRef, SourceEvent};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tokio::sync::broadcast;
+use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_api::pb::{self, resource::Kind};
+use weft_api::resource::{self as res, KIND_AUTHZ, KIND_SERVICE, KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD};
+use weft_api::spiffe::TrustDomain;
+use weft_api::validate::{self, Report};
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub trust_domain: TrustDomain,
+    /// Policies in this namespace apply mesh-wide.
+    pub root_namespace: String,
+    pub trust_bundle_pem: String,
+}
+
+/// Which nodes receive a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visibility {
+    All,
+    Nodes(Arc<BTreeSet<String>>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub resource: Arc<pb::Resource>,
+    pub visibility: Visibility,
+}
+
+impl Entry {
+    pub fn visible_to(&self, node: &str) -> bool {
+        match &self.visibility {
+            Visibility::All => true,
+            Visibility::Nodes(n) => n.contains(node),
+        }
+    }
+}
+
+/// Keys whose resource (or visibility) changed in one model update.
+#[derive(Debug)]
+pub struct ChangeBatch {
+    pub seq: u64,
+    pub keys: Vec<String>,
+    pub at: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub entries: HashMap<String, Entry>,
+    pub seq: u64,
+}
+
+/// Validation outcome of a policy or plugin, for status reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStatus {
+    pub report: Report,
+}
+
+#[derive(Default)]
+struct Inputs {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<(String, String), Pod>,
+    services: BTreeMap<(String, String), Service>,
+    service_accounts: BTreeMap<(String, String), ServiceAccount>,
+    policies: BTreeMap<(String, String), AuthorizationPolicy>,
+    plugins: BTreeMap<(String, String), WasmPlugin>,
+    /// Keys derived from each namespace, to find removals.
+    derived: HashMap<String, HashSet<String>>,
+    /// Enrolled workloads: key -> (node, namespace, labels, spiffe id).
+    enrolled: HashMap<String, EnrolledWorkload>,
+    /// (node, spiffe id) -> number of enrolled workloads with that identity there.
+    node_identities: HashMap<(String, String), usize>,
+    errors: Vec<ManifestError>,
+    statuses: BTreeMap<ObjectRef, ObjectStatus>,
+}
+
+#[derive(Clone, PartialEq)]
+struct EnrolledWorkload {
+    node: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    spiffe_id: String,
+}
+
+pub struct Model {
+    cfg: ModelConfig,
+    state: RwLock<State>,
+    inputs: Mutex<Inputs>,
+    tx: broadcast::Sender<Arc<ChangeBatch>>,
+}
+
+/// How many change batches a slow stream may fall behind before it re-diffs fully.
+const CHANGE_BUFFER: usize = 4096;
+
+impl Model {
+    pub fn new(cfg: ModelConfig) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(CHANGE_BUFFER);
+        let model = Arc::new(Self {
+            cfg,
+            state: RwLock::new(State::default()),
+            inputs: Mutex::new(Inputs::default()),
+            tx,
+        });
+        model.set_trust_bundle();
+        model
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn set_trust_bundle(&self) {
+        let key = res::key(KIND_TRUST_BUNDLE, "", self.cfg.trust_domain.as_str());
+        let r = res::make(
+            key.clone(),
+            Kind::TrustBundle(pb::TrustBundle {
+                trust_domain: self.cfg.trust_domain.to_string(),
+                roots_pem: self.cfg.trust_bundle_pem.clone(),
+            }),
+        );
+        let mut st = self.write_state();
+        st.entries.insert(
+            key,
+            Entry {
+                resource: Arc::new(r),
+                visibility: Visibility::All,
+            },
+        );
+    }
+
+    /// Subscribe before reading the state, so no change is missed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeBatch>> {
+        self.tx.subscribe()
+    }
+
+    /// Read access to the current resources.
+    pub fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
+        self.inputs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// May `node` obtain an SVID for `spiffe_id`? Only if an enrolled workload with
+    /// that identity is scheduled there.
+    pub fn node_runs_identity(&self, node: &str, spiffe_id: &str) -> bool {
+        self.inputs()
+            .node_identities
+            .get(&(node.to_string(), spiffe_id.to_string()))
+            .is_some_and(|n| *n > 0)
+    }
+
+    /// Current manifest errors reported by the source.
+    pub fn source_errors(&self) -> Vec<ManifestError> {
+        self.inputs().errors.clone()
+    }
+
+    /// Validation reports of policies and plugins.
+    pub fn statuses(&self) -> BTreeMap<ObjectRef, ObjectStatus> {
+        self.inputs().statuses.clone()
+    }
+
+    /// Resources visible to `node`, sorted by key.
+    pub fn view_of(&self, node: &str) -> Vec<Arc<pb::Resource>> {
+        let st = self.read_state();
+        let mut v: Vec<_> = st
+            .entries
+            .values()
+            .filter(|e| e.visible_to(node))
+            .map(|e| e.resource.clone())
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Applies one source event and announces what changed.
+    pub fn apply(&self, event: SourceEvent) {
+        let mut inputs = self.inputs();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut pods_changed = false;
+        match event {
+            SourceEvent::Errors(e) => {
+                inputs.errors = e;
+                return;
+            }
+            SourceEvent::Apply(obj) => {
+                upsert(&mut inputs, *obj, &mut dirty, &mut pods_changed);
+            }
+            SourceEvent::Delete(r) => {
+                remove(&mut inputs, &r, &mut dirty, &mut pods_changed);
+            }
+            SourceEvent::Snapshot(objs) => {
+                let wanted: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
+                for r in all_refs(&inputs) {
+                    if !wanted.contains(&r) {
+                        remove(&mut inputs, &r, &mut dirty, &mut pods_changed);
+                    }
+                }
+                for o in objs {
+                    upsert(&mut inputs, o, &mut dirty, &mut pods_changed);
+                }
+            }
+        }
+        if dirty.is_empty() {
+            return;
+        }
+        if pods_changed || dirty.contains(&self.cfg.root_namespace) {
+            dirty.insert(self.cfg.root_namespace.clone());
+        }
+        // Workloads first: policy and plugin visibility depends on them.
+        let mut fresh: Vec<(String, HashMap<String, Entry>)> = Vec::new();
+        for ns in &dirty {
+            let f = self.derive_workloads_and_services(&mut inputs, ns);
+            fresh.push((ns.clone(), f));
+        }
+        for (ns, f) in fresh.iter_mut() {
+            self.derive_policies_and_plugins(&mut inputs, ns, f);
+        }
+        self.commit(&mut inputs, fresh);
+    }
+
+    fn commit(&self, inputs: &mut Inputs, fresh: Vec<(String, HashMap<String, Entry>)>) {
+        let mut changed = Vec::new();
+        let mut st = self.write_state();
+        for (ns, entries) in fresh {
+            let new_keys: HashSet<String> = entries.keys().cloned().collect();
+            let old_keys = inputs.derived.remove(&ns).unwrap_or_default();
+            for k in old_keys.difference(&new_keys) {
+                if st.entries.remove(k).is_some() {
+                    changed.push(k.clone());
+                }
+            }
+            for (k, e) in entries {
+                let same = st.entries.get(&k).is_some_and(|old| {
+                    old.resource.version == e.resource.version && old.visibility == e.visibility
+                });
+                if !same {
+                    changed.push(k.clone());
+                    st.entries.insert(k, e);
+                }
+            }
+            if !new_keys.is_empty() {
+                inputs.derived.insert(ns, new_keys);
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        st.seq += 1;
+        let batch = Arc::new(ChangeBatch {
+            seq: st.seq,
+            keys: changed,
+            at: Instant::now(),
+        });
+        drop(st);
+        // No receivers is fine: nobody is connected yet.
+        let _ = self.tx.send(batch);
+    }
+
+    fn derive_workloads_and_services(&self, inputs: &mut Inputs, ns: &str) -> HashMap<String, Entry> {
+        let mut out = HashMap::new();
+        let namespace = inputs.namespaces.get(ns).cloned();
+        let pods: Vec<(&Pod, pb::Workload)> = range(&inputs.pods, ns)
+            .map(|p| (p, convert::workload(p, namespace.as_ref(), &self.cfg.trust_domain)))
+            .collect();
+        let mut enrolled_now: HashMap<String, EnrolledWorkload> = HashMap::new();
+        for (_, w) in &pods {
+            let key = res::key(KIND_WORKLOAD, &w.namespace, &w.name);
+            if w.enrolled && !w.node.is_empty() {
+                enrolled_now.insert(
+                    key.clone(),
+                    EnrolledWorkload {
+                        node: w.node.clone(),
+                        namespace: w.namespace.clone(),
+                        labels: w.labels.clone().into_iter().collect(),
+                        spiffe_id: w.spiffe_id.clone(),
+                    },
+                );
+            }
+            out.insert(
+                key.clone(),
+                Entry {
+                    resource: Arc::new(res::make(key, Kind::Workload(w.clone()))),
+                    visibility: Visibility::All,
+                },
+            );
+        }
+        let pod_refs: Vec<(&Pod, &pb::Workload)> = pods.iter().map(|(p, w)| (*p, w)).collect();
+        for svc in range(&inputs.services, ns) {
+            let s = convert::service(svc, &pod_refs);
+            let key = res::key(KIND_SERVICE, &s.namespace, &s.name);
+            out.insert(
+                key.clone(),
+                Entry {
+                    resource: Arc::new(res::make(key, Kind::Service(s))),
+                    visibility: Visibility::All,
+                },
+            );
+        }
+        drop(pods);
+        // Update the enrollment indexes for this namespace.
+        let stale: Vec<String> = inputs
+            .enrolled
+            .iter()
+            .filter(|(_, w)| w.namespace == ns)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(w) = inputs.enrolled.remove(&k) {
+                dec_identity(&mut inputs.node_identities, &w);
+            }
+        }
+        for (k, w) in enrolled_now {
+            *inputs
+                .node_identities
+                .entry((w.node.clone(), w.spiffe_id.clone()))
+                .or_insert(0) += 1;
+            inputs.enrolled.insert(k, w);
+        }
+        out
+    }
+
+    fn derive_policies_and_plugins(&self, inputs: &mut Inputs, ns: &str, out: &mut HashMap<String, Entry>) {
+        let mesh_wide = ns == self.cfg.root_namespace;
+        let mut statuses = Vec::new();
+        let policies: Vec<AuthorizationPolicy> = range(&inputs.policies, ns).cloned().collect();
+        for p in policies {
+            let report = validate::validate_authorization_policy(&p.spec);
+            let obj = Object::AuthorizationPolicy(p.clone()).object_ref();
+            log_report(&obj, &report);
+            if let Some(pp) = convert::authorization_policy(&p, &report, &self.cfg.root_namespace) {
+                let selector: BTreeMap<String, String> = pp.selector.clone().into_iter().collect();
+                let key = res::key(KIND_AUTHZ, &pp.namespace, &pp.name);
+                out.insert(
+                    key.clone(),
+                    Entry {
+                        resource: Arc::new(res::make(key, Kind::AuthorizationPolicy(pp))),
+                        visibility: Visibility::Nodes(nodes_selected(inputs, ns, mesh_wide, &selector)),
+                    },
+                );
+            }
+            statuses.push((obj, ObjectStatus { report }));
+        }
+        let plugins: Vec<WasmPlugin> = range(&inputs.plugins, ns).cloned().collect();
+        for p in plugins {
+            let report = validate::validate_wasm_plugin(&p.spec);
+            let obj = Object::WasmPlugin(p.clone()).object_ref();
+            log_report(&obj, &report);
+            if report.is_valid() {
+                let wp = convert::wasm_plugin(&p);
+                let selector: BTreeMap<String, String> = wp.selector.clone().into_iter().collect();
+                let key = res::key(KIND_WASM, &wp.namespace, &wp.name);
+                out.insert(
+                    key.clone(),
+                    Entry {
+                        resource: Arc::new(res::make(key, Kind::WasmPlugin(wp))),
+                        visibility: Visibility::Nodes(nodes_selected(inputs, ns, mesh_wide, &selector)),
+                    },
+                );
+            }
+            statuses.push((obj, ObjectStatus { report }));
+        }
+        inputs.statuses.retain(|r, _| {
+            !(r.namespace == ns && (r.kind == "AuthorizationPolicy" || r.kind == "WasmPlugin"))
+        });
+        inputs.statuses.extend(statuses);
+    }
+}
+
+fn log_report(obj: &ObjectRef, report: &Report) {
+    for e in &report.errors {
+        tracing::warn!(object = %obj, field = %e.field, error = %e.message, "resource not accepted");
+    }
+    for e in &report.unsupported {
+        tracing::warn!(object = %obj, field = %e.field, error = %e.message, "field not enforced");
+    }
+}
+
+fn nodes_selected(
+    inputs: &Inputs,
+    ns: &str,
+    mesh_wide: bool,
+    selector: &BTreeMap<String, String>,
+) -> Arc<BTreeSet<String>> {
+    Arc::new(
+        inputs
+            .enrolled
+            .values()
+            .filter(|w| (mesh_wide || w.namespace == ns) && convert::selector_matches(selector, &w.labels))
+            .map(|w| w.node.clone())
+            .collect(),
+    )
+}
+
+fn dec_identity(map: &mut HashMap<(String, String), usize>, w: &EnrolledWorkload) {
+    let k = (w.node.clone(), w.spiffe_id.clone());
+    if let Some(n) = map.get_mut(&k) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&k);
+        }
+    }
+}
+
+fn range<'a, T>(m: &'a BTreeMap<(String, String), T>, ns: &'a str) -> impl Iterator<Item = &'a T> + 'a {
+    m.range((ns.to_string(), String::new())..)
+        .take_while(move |((n, _), _)| n == ns)
+        .map(|(_, v)| v)
+}
+
+fn nn(r: &ObjectRef) -> (String, String) {
+    (r.namespace.clone(), r.name.clone())
+}
+
+fn all_refs(i: &Inputs) -> Vec<ObjectRef> {
+    let mk = |kind: &'static str, (ns, name): &(String, String)| ObjectRef {
+        kind,
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+    let mut v: Vec<ObjectRef> = i
+        .namespaces
+        .keys()
+        .map(|n| ObjectRef {
+            kind: "Namespace",
+            namespace: String::new(),
+            name: n.clone(),
+        })
+        .collect();
+    v.extend(i.pods.keys().map(|k| mk("Pod", k)));
+    v.extend(i.services.keys().map(|k| mk("Service", k)));
+    v.extend(i.service_accounts.keys().map(|k| mk("ServiceAccount", k)));
+    v.extend(i.policies.keys().map(|k| mk("AuthorizationPolicy", k)));
+    v.extend(i.plugins.keys().map(|k| mk("WasmPlugin", k)));
+    v
+}
+
+fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed: &mut bool) {
+    let r = o.object_ref();
+    fn put<T: PartialEq>(m: &mut BTreeMap<(String, String), T>, k: (String, String), v: T) -> bool {
+        if m.get(&k) == Some(&v) {
+            return false;
+        }
+        m.insert(k, v);
+        true
+    }
+    let changed = match o {
+        Object::Namespace(n) => {
+            if i.namespaces.get(&r.name) == Some(&n) {
+                false
+            } else {
+                i.namespaces.insert(r.name.clone(), n);
+                dirty.insert(r.name.clone());
+                *pods_changed = true;
+                return;
+            }
+        }
+        Object::Pod(p) => {
+            let c = put(&mut i.pods, nn(&r), p);
+            *pods_changed |= c;
+            c
+        }
+        Object::Service(s) => put(&mut i.services, nn(&r), s),
+        Object::ServiceAccount(s) => put(&mut i.service_accounts, nn(&r), s),
+        Object::AuthorizationPolicy(p) => put(&mut i.policies, nn(&r), p),
+        Object::WasmPlugin(p) => put(&mut i.plugins, nn(&r), p),
+    };
+    if changed {
+        dirty.insert(r.namespace);
+    }
+}
+
+fn remove(i: &mut Inputs, r: &ObjectRef, dirty: &mut BTreeSet<String>, pods_changed: &mut bool) {
+    let k = nn(r);
+    let removed = match r.kind {
+        "Namespace" => {
+            if i.namespaces.remove(&r.name).is_some() {
+                dirty.insert(r.name.clone());
+                *pods_changed = true;
+            }
+            return;
+        }
+        "Pod" => {
+            let c = i.pods.remove(&k).is_some();
+            *pods_changed |= c;
+            c
+        }
+        "Service" => i.services.remove(&k).is_some(),
+        "ServiceAccount" => i.service_accounts.remove(&k).is_some(),
+        "AuthorizationPolicy" => i.policies.remove(&k).is_some(),
+        "WasmPlugin" => i.plugins.remove(&k).is_some(),
+        _ => false,
+    };
+    if removed {
+        dirty.insert(r.namespace.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+use super::*;
+use crate::config::parse_manifests;
+
+fn model() -> Arc<Model> {
+    Model::new(ModelConfig {
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        root_namespace: "weft-system".into(),
+        trust_bundle_pem: "PEM".into(),
+    })
+}
+
+fn objects(text: &str) -> Vec<Object> {
+    let (o, e) = parse_manifests("t.yaml", text);
+    assert!(e.is_empty(), "{e:?}");
+    o
+}
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, uid: u1, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, uid: u2, labels: {app: db}}
+spec: {nodeName: node-b, serviceAccountName: db, containers: [{name: c}]}
+status: {podIP: 10.0.2.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-1, namespace: legacy, uid: u3, labels: {app: old}}
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {podIP: 10.0.1.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-allow, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
+"#;
+
+#[test]
+fn derives_workloads_services_and_scoped_policies() {
+    let m = model();
+    m.apply(SourceEvent::Snapshot(objects(BASE)));
+    let a: Vec<String> = m.view_of("node-a").iter().map(|r| r.key.clone()).collect();
+    let b: Vec<String> = m.view_of("node-b").iter().map(|r| r.key.clone()).collect();
+    assert_eq!(
+        a,
+        vec![
+            "Service/shop/web",
+            "TrustBundle/-/cluster.local",
+            "Workload/legacy/old-1",
+            "Workload/shop/db-1",
+            "Workload/shop/web-1",
+        ]
+    );
+    assert!(b.contains(&"AuthorizationPolicy/shop/db-allow".to_string()));
+    let st = m.read_state();
+    let Some(Kind::Service(svc)) = &st.entries["Service/shop/web"].resource.kind else { panic!() };
+    assert_eq!(svc.endpoints.len(), 1);
+    assert_eq!(svc.endpoints[0].target_ports[&80], 8080);
+    let Some(Kind::Workload(w)) = &st.entries["Workload/legacy/old-1"].resource.kind else { panic!() };
+    assert!(!w.enrolled);
+    let Some(Kind::Workload(w)) = &st.entries["Workload/shop/web-1"].resource.kind else { panic!() };
+    assert!(w.enrolled);
+    assert_eq!(w.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    drop(st);
+    assert!(m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/web"));
+    assert!(!m.node_runs_identity("node-b", "spiffe://cluster.local/ns/shop/sa/web"));
+    assert!(!m.node_runs_identity("node-a", "spiffe://cluster.local/ns/legacy/sa/default"));
+}
+
+#[test]
+fn changes_are_announced_once_and_only_when_content_changes() {
+    let m = model();
+    let mut rx = m.subscribe();
+    m.apply(SourceEvent::Snapshot(objects(BASE)));
+    let first = rx.try_recv().unwrap();
+    assert!(first.keys.len() >= 5);
+    // Same snapshot again: no change batch.
+    m.apply(SourceEvent::Snapshot(objects(BASE)));
+    assert!(rx.try_recv().is_err());
+    // Opt the db pod out: its workload changes, and the policy is no longer visible on node-b.
+    let text = BASE.replace(
+        "name: db-1, namespace: shop, uid: u2, labels: {app: db}",
+        "name: db-1, namespace: shop, uid: u2, labels: {app: db, weft.dev/mesh: disabled}",
+    );
+    m.apply(SourceEvent::Snapshot(objects(&text)));
+    let b = rx.try_recv().unwrap();
+    let mut keys = b.keys.clone();
+    keys.sort();
+    assert_eq!(keys, vec!["AuthorizationPolicy/shop/db-allow", "Workload/shop/db-1"]);
+    assert!(!m.view_of("node-b").iter().any(|r| r.key == "AuthorizationPolicy/shop/db-allow"));
+    assert!(!m.node_runs_identity("node-b", "spiffe://cluster.local/ns/shop/sa/db"));
+}
+
+#[test]
+fn namespace_label_removal_unenrolls() {
+    let m = model();
+    m.apply(SourceEvent::Snapshot(objects(BASE)));
+    let text = BASE.replace("{name: shop, labels: {weft.dev/mesh: enabled}}", "{name: shop}");
+    m.apply(SourceEvent::Snapshot(objects(&text)));
+    assert!(!m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/web"));
+    let st = m.read_state();
+    let Some(Kind::Workload(w)) = &st.entries["Workload/shop/web-1"].resource.kind else { panic!() };
+    assert!(!w.enrolled);
+}
+
+#[test]
+fn invalid_policy_is_distributed_fail_closed_with_status() {
+    let m = model();
+    let text = format!(
+        "{BASE}\n---\n{}",
+        r#"apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bad-deny, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {ipBlocks: ["999.1.1.1"]}}]}]
+"#
+    );
+    m.apply(SourceEvent::Snapshot(objects(&text)));
+    let st = m.read_state();
+    let Some(Kind::AuthorizationPolicy(p)) = &st.entries["AuthorizationPolicy/shop/bad-deny"].resource.kind else { panic!() };
+    assert_eq!(p.rules, vec![pb::Rule::default()], "invalid DENY must match everything");
+    drop(st);
+    let statuses = m.statuses();
+    let s = statuses
+        .iter()
+        .find(|(r, _)| r.name == "bad-deny")
+        .map(|(_, s)| s)
+        .unwrap();
+    assert_eq!(s.report.errors[0].field, "spec.rules[0].from[0].source.ipBlocks[0]");
+}
+
+#[test]
+fn delete_removes_resources() {
+    let m = model();
+    m.apply(SourceEvent::Snapshot(objects(BASE)));
+    let mut rx = m.subscribe();
+    m.apply(SourceEvent::Delete(ObjectRef {
+        kind: "Pod",
+        namespace: "shop".into(),
+        name: "web-1".into(),
+    }));
+    let b = rx.try_recv().unwrap();
+    let mut keys = b.keys.clone();
+    keys.sort();
+    assert_eq!(keys, vec!["Service/shop/web", "Workload/shop/web-1"]);
+    assert!(!m.read_state().entries.contains_key("Workload/shop/web-1"));
+}

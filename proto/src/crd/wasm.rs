@@ -1,0 +1,130 @@
+//! `WasmPlugin` (extensions.weft.dev/v1alpha1), with Istio's WasmPlugin field semantics.
+
+use super::{ResourceStatus, WorkloadSelector};
+use kube::CustomResource;
+
+#[derive(
+    CustomResource,
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[kube(
+    group = "extensions.weft.dev",
+    version = "v1alpha1",
+    kind = "WasmPlugin",
+    namespaced,
+    derive = "PartialEq",
+    derive = "Default",
+    status = "ResourceStatus",
+    shortname = "wwp",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".spec.phase"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WasmPluginSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// `file://<path on the control plane>`, `http(s)://...` (fetched by the control
+    /// plane), or `oci://` (not yet supported).
+    pub url: String,
+    /// Hex SHA-256 of the module; required for http(s), verified whenever given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Root id handed to the plugin (`plugin_root_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_name: Option<String>,
+    /// Passed to the plugin as its configuration buffer (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub plugin_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Higher runs first within a phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "match")]
+    pub match_: Vec<TrafficSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_strategy: Option<FailStrategy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<PluginLimits>,
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Phase {
+    #[serde(rename = "UNSPECIFIED_PHASE")]
+    Unspecified,
+    Authn,
+    Authz,
+    Stats,
+}
+
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailStrategy {
+    #[default]
+    FailClose,
+    FailOpen,
+    FailReload,
+}
+
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSelector>,
+}
+
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+/// Per-plugin resource limits.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginLimits {
+    /// CPU time one callback may use before the instance is stopped (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_per_callback_millis: Option<u64>,
+    /// Linear memory cap per instance (default 16 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}

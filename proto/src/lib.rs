@@ -1,0 +1,28 @@
+//! weft's shared API: the domain types both the control plane and the node agent use.
+//!
+//! - [`spiffe`]: SPIFFE IDs and trust domains.
+//! - [`crd`]: the `AuthorizationPolicy` and `WasmPlugin` custom resources.
+//! - [`validate`]: field-level validation of those resources.
+//! - [`pb`]: the gRPC protocol (`proto/weft/v1/config.proto`).
+//! - [`resource`]: keys and content versions of distributed resources.
+//! - [`labels`]: the mesh's label conventions.
+
+pub mod crd;
+pub mod resource;
+pub mod spiffe;
+pub mod validate;
+
+/// Generated from `proto/weft/v1/config.proto`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("weft.v1");
+}
+
+/// Label conventions.
+pub mod labels {
+    /// Namespace label that enrolls the namespace's pods (`enabled`); on a pod,
+    /// `disabled` opts that pod out.
+    pub const MESH: &str = "weft.dev/mesh";
+    pub const ENABLED: &str = "enabled";
+    pub const DISABLED: &str = "disabled";
+}

@@ -1,0 +1,506 @@
+//! Validation of weft's CRDs. Every problem names the field it is about
+//! (`spec.rules[0].from[1].source.ipBlocks[2]`), so users can fix it without guessing.
+
+use crate::crd::{
+    Action, AuthorizationPolicySpec, Condition, FailStrategy, Operation, Source, WasmPluginSpec,
+};
+use std::fmt;
+use std::net::IpAddr;
+
+/// A problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Outcome of validating a resource: hard errors (the resource is not accepted) and
+/// fields weft accepts but cannot enforce (reported in status; handled fail-closed).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub errors: Vec<FieldError>,
+    pub unsupported: Vec<FieldError>,
+}
+
+impl Report {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+    fn unsupported(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.unsupported.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+    pub fn is_valid(&self) -> bool {
+        self.errors.is_empty()
+    }
+    /// One line listing every error.
+    pub fn summary(&self) -> String {
+        self.errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Keys allowed in `when` conditions (Istio names); `request.headers[<name>]` too.
+const WHEN_KEYS: &[&str] = &[
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+    "connection.sni",
+];
+
+/// Is `s` a valid string-match form: exact, `prefix*`, `*suffix` or `*`?
+pub fn is_string_match(s: &str) -> bool {
+    if s.is_empty() {
+        return false;
+    }
+    let inner = s.strip_prefix('*').unwrap_or(s);
+    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    !inner.contains('*') && !(s.starts_with('*') && s.ends_with('*') && s.len() > 1)
+}
+
+/// Parses an IP address or CIDR (`10.0.0.0/8`, `fd00::/8`, `10.1.2.3`).
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
+        None => max,
+    };
+    Some((ip, len))
+}
+
+fn parse_port(s: &str) -> bool {
+    s.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+pub fn validate_authorization_policy(spec: &AuthorizationPolicySpec) -> Report {
+    let mut r = Report::default();
+    if spec.action == Some(Action::Custom) {
+        r.err(
+            "spec.action",
+            "CUSTOM (external authorization) is not supported; use ALLOW, DENY or AUDIT",
+        );
+    }
+    if let Some(sel) = &spec.selector {
+        for (k, v) in &sel.match_labels {
+            if !is_label_key(k) {
+                r.err(
+                    format!("spec.selector.matchLabels[{k}]"),
+                    "not a valid label key",
+                );
+            }
+            if !is_label_value(v) {
+                r.err(
+                    format!("spec.selector.matchLabels[{k}]"),
+                    format!("{v:?} is not a valid label value"),
+                );
+            }
+        }
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let base = format!("spec.rules[{i}]");
+        for (j, f) in rule.from.iter().enumerate() {
+            source(&mut r, &format!("{base}.from[{j}].source"), &f.source);
+        }
+        for (j, t) in rule.to.iter().enumerate() {
+            operation(&mut r, &format!("{base}.to[{j}].operation"), &t.operation);
+        }
+        for (j, c) in rule.when.iter().enumerate() {
+            condition(&mut r, &format!("{base}.when[{j}]"), c);
+        }
+    }
+    r
+}
+
+fn strings(r: &mut Report, field: &str, vals: &[String]) {
+    for (k, v) in vals.iter().enumerate() {
+        if !is_string_match(v) {
+            r.err(
+                format!("{field}[{k}]"),
+                format!("{v:?} is not a valid match: use an exact value, \"prefix*\", \"*suffix\" or \"*\""),
+            );
+        }
+    }
+}
+
+fn source(r: &mut Report, base: &str, s: &Source) {
+    for (name, vals) in [
+        ("principals", &s.principals),
+        ("notPrincipals", &s.not_principals),
+        ("namespaces", &s.namespaces),
+        ("notNamespaces", &s.not_namespaces),
+    ] {
+        strings(r, &format!("{base}.{name}"), vals);
+    }
+    for (name, vals) in [
+        ("principals", &s.principals),
+        ("notPrincipals", &s.not_principals),
+    ] {
+        for (k, v) in vals.iter().enumerate() {
+            if v.starts_with("spiffe://") {
+                r.err(
+                    format!("{base}.{name}[{k}]"),
+                    format!("write principals without \"spiffe://\": {:?}", &v[9..]),
+                );
+            }
+        }
+    }
+    for (name, vals) in [
+        ("serviceAccounts", &s.service_accounts),
+        ("notServiceAccounts", &s.not_service_accounts),
+    ] {
+        for (k, v) in vals.iter().enumerate() {
+            let ok = v
+                .split_once('/')
+                .is_some_and(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'));
+            if !ok {
+                r.err(
+                    format!("{base}.{name}[{k}]"),
+                    format!("{v:?} must be <namespace>/<service account>"),
+                );
+            }
+        }
+    }
+    for (name, vals) in [
+        ("ipBlocks", &s.ip_blocks),
+        ("notIpBlocks", &s.not_ip_blocks),
+        ("remoteIpBlocks", &s.remote_ip_blocks),
+        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+    ] {
+        for (k, v) in vals.iter().enumerate() {
+            if parse_cidr(v).is_none() {
+                r.err(
+                    format!("{base}.{name}[{k}]"),
+                    format!("{v:?} is not an IP address or CIDR"),
+                );
+            }
+        }
+    }
+    if !s.request_principals.is_empty() {
+        r.unsupported(
+            format!("{base}.requestPrincipals"),
+            "JWT request principals are not supported: an ALLOW rule using them never matches, a DENY rule always does",
+        );
+    }
+    if !s.not_request_principals.is_empty() {
+        r.unsupported(
+            format!("{base}.notRequestPrincipals"),
+            "JWT request principals are not supported: an ALLOW rule using them never matches, a DENY rule always does",
+        );
+    }
+}
+
+fn operation(r: &mut Report, base: &str, o: &Operation) {
+    for (name, vals) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
+        for (k, v) in vals.iter().enumerate() {
+            if !parse_port(v) {
+                r.err(
+                    format!("{base}.{name}[{k}]"),
+                    format!("{v:?} is not a port number (1-65535)"),
+                );
+            }
+        }
+    }
+    for (name, vals) in [
+        ("hosts", &o.hosts),
+        ("notHosts", &o.not_hosts),
+        ("methods", &o.methods),
+        ("notMethods", &o.not_methods),
+        ("paths", &o.paths),
+        ("notPaths", &o.not_paths),
+    ] {
+        strings(r, &format!("{base}.{name}"), vals);
+    }
+    for (name, vals) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+        for (k, v) in vals.iter().enumerate() {
+            if !(v.starts_with('/') || v.starts_with('*')) {
+                r.err(
+                    format!("{base}.{name}[{k}]"),
+                    format!("{v:?} must start with '/' (or be a \"*suffix\" match)"),
+                );
+            }
+        }
+    }
+}
+
+fn condition(r: &mut Report, base: &str, c: &Condition) {
+    let header = c
+        .key
+        .strip_prefix("request.headers[")
+        .and_then(|h| h.strip_suffix(']'));
+    if let Some(h) = header {
+        if h.is_empty() {
+            r.err(format!("{base}.key"), "request.headers[] needs a header name");
+        }
+    } else if c.key.starts_with("request.auth.") {
+        r.unsupported(
+            format!("{base}.key"),
+            format!("{:?}: JWT claims are not supported: an ALLOW rule using it never matches, a DENY rule always does", c.key),
+        );
+    } else if !WHEN_KEYS.contains(&c.key.as_str()) {
+        r.err(
+            format!("{base}.key"),
+            format!(
+                "unknown key {:?}; supported: {}, request.headers[<name>]",
+                c.key,
+                WHEN_KEYS.join(", ")
+            ),
+        );
+    }
+    if c.values.is_empty() && c.not_values.is_empty() {
+        r.err(base.to_string(), "needs values or notValues");
+    }
+    for (name, vals) in [("values", &c.values), ("notValues", &c.not_values)] {
+        for (k, v) in vals.iter().enumerate() {
+            let field = format!("{base}.{name}[{k}]");
+            match c.key.as_str() {
+                "source.ip" | "remote.ip" | "destination.ip" => {
+                    if parse_cidr(v).is_none() {
+                        r.err(field, format!("{v:?} is not an IP address or CIDR"));
+                    }
+                }
+                "destination.port" => {
+                    if !parse_port(v) {
+                        r.err(field, format!("{v:?} is not a port number (1-65535)"));
+                    }
+                }
+                _ => {
+                    if !is_string_match(v) {
+                        r.err(field, format!("{v:?} is not a valid match: use an exact value, \"prefix*\", \"*suffix\" or \"*\""));
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn validate_wasm_plugin(spec: &WasmPluginSpec) -> Report {
+    let mut r = Report::default();
+    let url = spec.url.as_str();
+    let is_http = url.starts_with("http://") || url.starts_with("https://");
+    if url.starts_with("oci://") {
+        r.err(
+            "spec.url",
+            "oci:// images are not supported yet; use file:// or http(s)://",
+        );
+    } else if !(url.starts_with("file://") || is_http) {
+        r.err(
+            "spec.url",
+            format!("{url:?}: the scheme must be file://, http:// or https://"),
+        );
+    }
+    match &spec.sha256 {
+        Some(d) if !(d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())) => {
+            r.err("spec.sha256", "must be 64 hexadecimal digits");
+        }
+        None if is_http => r.err("spec.sha256", "is required for http(s) URLs"),
+        _ => {}
+    }
+    for (i, m) in spec.match_.iter().enumerate() {
+        for (j, p) in m.ports.iter().enumerate() {
+            if p.number == 0 || p.number > 65535 {
+                r.err(
+                    format!("spec.match[{i}].ports[{j}].number"),
+                    format!("{} is not a port number (1-65535)", p.number),
+                );
+            }
+        }
+    }
+    if let Some(l) = &spec.limits {
+        if l.cpu_time_per_callback_millis == Some(0) {
+            r.err(
+                "spec.limits.cpuTimePerCallbackMillis",
+                "must be at least 1",
+            );
+        }
+        if l.memory_bytes.is_some_and(|m| m < 65536) {
+            r.err(
+                "spec.limits.memoryBytes",
+                "must be at least 65536 (one Wasm page)",
+            );
+        }
+    }
+    if let Some(cfg) = &spec.plugin_config {
+        if !cfg.is_object() {
+            r.err("spec.pluginConfig", "must be an object");
+        }
+    }
+    let _ = FailStrategy::default();
+    r
+}
+
+/// Kubernetes label key: optional DNS prefix + '/' + name (<= 63, alnum ends, `-_.` inside).
+pub fn is_label_key(k: &str) -> bool {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        if p.is_empty()
+            || p.len() > 253
+            || !p
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+        {
+            return false;
+        }
+    }
+    !name.is_empty() && is_label_value(name)
+}
+
+/// Kubernetes label value: empty, or <= 63 chars, alnum at both ends, `-_.` inside.
+pub fn is_label_value(v: &str) -> bool {
+    if v.is_empty() {
+        return true;
+    }
+    let b = v.as_bytes();
+    v.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{From, Rule, To, WorkloadSelector};
+
+    #[test]
+    fn string_match_forms() {
+        for ok in ["a", "abc*", "*abc", "*", "/api/*"] {
+            assert!(is_string_match(ok), "{ok}");
+        }
+        for bad in ["", "a*b", "**", "*a*"] {
+            assert!(!is_string_match(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(parse_cidr("10.0.0.0/8").map(|x| x.1), Some(8));
+        assert_eq!(parse_cidr("10.1.2.3").map(|x| x.1), Some(32));
+        assert_eq!(parse_cidr("fd00::/8").map(|x| x.1), Some(8));
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+        assert!(parse_cidr("nope").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let spec = AuthorizationPolicySpec {
+            selector: Some(WorkloadSelector {
+                match_labels: [("app".to_string(), "bad value!".to_string())].into(),
+            }),
+            action: Some(Action::Allow),
+            rules: vec![Rule {
+                from: vec![From {
+                    source: Source {
+                        ip_blocks: vec!["10.0.0.0/8".into(), "10.0.0.0/99".into()],
+                        service_accounts: vec!["justsa".into()],
+                        principals: vec!["spiffe://cluster.local/ns/a/sa/b".into()],
+                        request_principals: vec!["iss/sub".into()],
+                        ..Default::default()
+                    },
+                }],
+                to: vec![To {
+                    operation: Operation {
+                        ports: vec!["8080".into(), "http".into()],
+                        paths: vec!["/a*b".into()],
+                        ..Default::default()
+                    },
+                }],
+                when: vec![
+                    Condition {
+                        key: "source.nonsense".into(),
+                        values: vec!["x".into()],
+                        not_values: vec![],
+                    },
+                    Condition {
+                        key: "destination.port".into(),
+                        values: vec!["0".into()],
+                        not_values: vec![],
+                    },
+                ],
+            }],
+        };
+        let r = validate_authorization_policy(&spec);
+        let fields: Vec<&str> = r.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.selector.matchLabels[app]",
+                "spec.rules[0].from[0].source.principals[0]",
+                "spec.rules[0].from[0].source.serviceAccounts[0]",
+                "spec.rules[0].from[0].source.ipBlocks[1]",
+                "spec.rules[0].to[0].operation.ports[1]",
+                "spec.rules[0].to[0].operation.paths[0]",
+                "spec.rules[0].when[0].key",
+                "spec.rules[0].when[1].values[0]",
+            ]
+        );
+        assert_eq!(r.unsupported.len(), 1);
+        assert_eq!(
+            r.unsupported[0].field,
+            "spec.rules[0].from[0].source.requestPrincipals"
+        );
+    }
+
+    #[test]
+    fn custom_action_refused() {
+        let spec = AuthorizationPolicySpec {
+            action: Some(Action::Custom),
+            ..Default::default()
+        };
+        let r = validate_authorization_policy(&spec);
+        assert_eq!(r.errors[0].field, "spec.action");
+    }
+
+    #[test]
+    fn wasm_plugin_rules() {
+        let mut spec = WasmPluginSpec {
+            url: "https://example.invalid/p.wasm".into(),
+            ..Default::default()
+        };
+        let r = validate_wasm_plugin(&spec);
+        assert_eq!(r.errors[0].field, "spec.sha256");
+        spec.url = "oci://registry/p:1".into();
+        spec.sha256 = Some("00".repeat(32));
+        assert_eq!(validate_wasm_plugin(&spec).errors[0].field, "spec.url");
+        spec.url = "file:///plugins/p.wasm".into();
+        assert!(validate_wasm_plugin(&spec).is_valid());
+        spec.sha256 = Some("zz".into());
+        assert_eq!(validate_wasm_plugin(&spec).errors[0].field, "spec.sha256");
+    }
+
+    #[test]
+    fn label_syntax() {
+        assert!(is_label_key("weft.dev/mesh"));
+        assert!(is_label_key("app"));
+        assert!(!is_label_key("/app"));
+        assert!(!is_label_key("Weft.dev/mesh"));
+        assert!(is_label_value(""));
+        assert!(!is_label_value("-a"));
+    }
+}
