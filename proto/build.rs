@@ -8,6 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Config dumps and status output are JSON.
+        .type_attribute(".weft.v1", "#[derive(serde::Serialize)]")
+        .field_attribute(
+            "weft.v1.AuthorizationPolicy.action",
+            "#[serde(serialize_with = \"crate::serde_enums::action\")]",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! - [`labels`]: the mesh's label conventions.
 
 pub mod crd;
+pub mod logging;
 pub mod resource;
 pub mod spiffe;
 pub mod validate;
@@ -16,6 +17,16 @@ pub mod validate;
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("weft.v1");
+}
+
+mod serde_enums {
+    /// Serializes `AuthorizationPolicy.action` by name (`"DENY"`), not number.
+    pub fn action<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        let name = crate::pb::authorization_policy::Action::try_from(*v)
+            .map(|a| a.as_str_name())
+            .unwrap_or("UNKNOWN");
+        s.serialize_str(name)
+    }
 }
 
 /// Label conventions.

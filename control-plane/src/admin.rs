@@ -1,0 +1,105 @@
+//! Admin HTTP endpoint: `/metrics`, `/healthz/ready`, `/debug/status` (JSON).
+
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::server::Sessions;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use weft_api::resource;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub model: Arc<Model>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<Sessions>,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz/ready", get(ready))
+        .route("/debug/status", get(status))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    refresh_gauges(&s);
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.encode(),
+    )
+}
+
+fn refresh_gauges(s: &AdminState) {
+    let st = s.model.read_state();
+    let mut counts: std::collections::BTreeMap<&str, i64> = Default::default();
+    for k in st.entries.keys() {
+        *counts.entry(resource::kind_of(k)).or_default() += 1;
+    }
+    for kind in [
+        resource::KIND_WORKLOAD,
+        resource::KIND_SERVICE,
+        resource::KIND_AUTHZ,
+        resource::KIND_WASM,
+        resource::KIND_TRUST_BUNDLE,
+    ] {
+        s.metrics
+            .resources
+            .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+            .set(counts.get(kind).copied().unwrap_or(0));
+    }
+    drop(st);
+    s.metrics.source_errors.set(s.model.source_errors().len() as i64);
+}
+
+async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "config not loaded yet\n")
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    ready: bool,
+    nodes: Vec<crate::server::sessions::NodeSession>,
+    source_errors: Vec<String>,
+    rejected: Vec<Rejected>,
+}
+
+#[derive(Serialize)]
+struct Rejected {
+    object: String,
+    accepted: bool,
+    errors: Vec<String>,
+    not_enforced: Vec<String>,
+}
+
+async fn status(State(s): State<AdminState>) -> impl IntoResponse {
+    let rejected = s
+        .model
+        .statuses()
+        .into_iter()
+        .filter(|(_, st)| !st.report.errors.is_empty() || !st.report.unsupported.is_empty())
+        .map(|(r, st)| Rejected {
+            object: r.to_string(),
+            accepted: st.report.is_valid(),
+            errors: st.report.errors.iter().map(ToString::to_string).collect(),
+            not_enforced: st.report.unsupported.iter().map(ToString::to_string).collect(),
+        })
+        .collect();
+    Json(Status {
+        ready: s.ready.load(Ordering::Acquire),
+        nodes: s.sessions.list(),
+        source_errors: s.model.source_errors().iter().map(ToString::to_string).collect(),
+        rejected,
+    })
+}

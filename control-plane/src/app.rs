@@ -1,0 +1,188 @@
+//! Wires the control plane together: CA, model, config source, gRPC and admin servers.
+
+use crate::admin::{self, AdminState};
+use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
+use crate::identity::{Ca, CaOptions};
+use crate::metrics::Metrics;
+use crate::model::{Model, ModelConfig};
+use crate::server::{
+    certificates::Signer, distribution::Distribution, tls, CertNodeAuthenticator,
+    NodeAuthenticator, Sessions,
+};
+use anyhow::Context;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use weft_api::pb::{certificates_server::CertificatesServer, node_config_server::NodeConfigServer};
+use weft_api::spiffe::TrustDomain;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub root_namespace: String,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub server_names: Vec<String>,
+    pub svid_ttl: Duration,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn ca_options(&self) -> CaOptions {
+        CaOptions {
+            state_dir: self.state_dir.clone(),
+            trust_domain: self.trust_domain.clone(),
+            svid_ttl: self.svid_ttl,
+            user_cert: self.ca_cert.clone(),
+            user_key: self.ca_key.clone(),
+            user_bundle: self.ca_bundle.clone(),
+        }
+    }
+}
+
+/// Handles of a running control plane (tests use them; the binary just waits).
+pub struct Running {
+    pub model: Arc<Model>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<Sessions>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+pub async fn run(
+    s: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (_, fut) = start(s, shutdown).await?;
+    fut.await
+}
+
+/// Starts everything; returns the handles and a future that completes on shutdown
+/// (or with the first fatal error).
+pub async fn start(
+    s: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(Running, impl std::future::Future<Output = anyhow::Result<()>>)> {
+    let ca = Arc::new(Ca::load_or_create(&s.ca_options()).context("loading the CA")?);
+    let metrics = Arc::new(Metrics::new());
+    let ca_expiry = ca
+        .not_after()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics.ca_expiry.set(ca_expiry);
+
+    let model = Model::new(ModelConfig {
+        trust_domain: s.trust_domain.clone(),
+        root_namespace: s.root_namespace.clone(),
+        trust_bundle_pem: ca.bundle_pem().to_string(),
+    });
+    let sessions = Arc::new(Sessions::default());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    // Config source -> model.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<SourceEvent>(64);
+    let source: Box<dyn ConfigSource> = Box::new(DirectorySource::new(&s.config_dir));
+    let source_name = source.name();
+    let source_task = tokio::spawn(async move { source.run(tx).await });
+    {
+        let model = model.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let snapshot = matches!(ev, SourceEvent::Snapshot(_));
+                let m = model.clone();
+                // Recomputing a namespace is CPU work: keep it off the I/O threads.
+                let _ = tokio::task::spawn_blocking(move || m.apply(ev)).await;
+                if snapshot {
+                    ready.store(true, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    // gRPC over TLS.
+    let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+    if !s.grpc_addr.ip().is_unspecified() && !ips.contains(&s.grpc_addr.ip()) {
+        ips.push(s.grpc_addr.ip());
+    }
+    let serving = tls::ServingCert::issue(&ca, &s.server_names, &ips)?;
+    tokio::spawn(serving.clone().renew_forever(ca.clone(), s.server_names.clone(), ips));
+    let acceptor = tls::acceptor(ca.bundle_pem(), serving)?;
+    let listener = tokio::net::TcpListener::bind(s.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC address {}", s.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let auth: Arc<dyn NodeAuthenticator> = Arc::new(CertNodeAuthenticator {
+        trust_domain: s.trust_domain.clone(),
+    });
+    let distribution = Distribution {
+        model: model.clone(),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        sessions: sessions.clone(),
+    };
+    let signer = Signer {
+        ca: ca.clone(),
+        model: model.clone(),
+        auth,
+        metrics: metrics.clone(),
+    };
+
+    // Admin HTTP.
+    let admin_listener = tokio::net::TcpListener::bind(s.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", s.admin_addr))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_router = admin::router(AdminState {
+        model: model.clone(),
+        metrics: metrics.clone(),
+        sessions: sessions.clone(),
+        ready,
+    });
+
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, source = source_name, config_dir = %s.config_dir.display(), trust_domain = %s.trust_domain, "control plane started");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_service(NodeConfigServer::new(distribution).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        .add_service(CertificatesServer::new(signer))
+        .serve_with_incoming_shutdown(tls::incoming(listener, acceptor), stopped(stop_rx.clone()));
+    let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(stopped(stop_rx));
+
+    let fut = async move {
+        tokio::select! {
+            r = grpc => r.context("gRPC server failed"),
+            r = admin => r.context("admin server failed"),
+            r = source_task => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.context("config source failed")),
+                Err(e) => Err(anyhow::anyhow!("config source panicked: {e}")),
+            },
+        }
+    };
+    Ok((
+        Running {
+            model,
+            metrics,
+            sessions,
+            grpc_addr,
+            admin_addr,
+        },
+        fut,
+    ))
+}

@@ -1,0 +1,170 @@
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use weft_api::logging::{self, LogFormat};
+use weft_api::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
+use weft_control_plane::app::{self, Settings};
+use weft_control_plane::identity::{ca::write_private, Ca};
+
+/// weft control plane: watches the mesh configuration, runs the mesh CA and
+/// pushes config and certificates to node agents.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "WEFT_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct CaArgs {
+    /// Directory for persistent state (the CA key and certificate live in <dir>/ca, mode 0600).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: TrustDomain,
+    /// User-provided CA certificate (may be an intermediate, followed by its issuers).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Root certificate(s) for the trust bundle; required when --ca-cert is an intermediate.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// Lifetime of workload SVIDs.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    svid_ttl: Duration,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane in standalone mode on a directory of manifests.
+    Run {
+        /// Directory of Kubernetes-style YAML manifests (watched for changes).
+        #[arg(long, env = "WEFT_CONFIG_DIR")]
+        config_dir: PathBuf,
+        #[command(flatten)]
+        ca: CaArgs,
+        /// Policies in this namespace apply mesh-wide.
+        #[arg(long, default_value = "weft-system")]
+        root_namespace: String,
+        /// gRPC (TLS) address node agents connect to.
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        grpc_addr: SocketAddr,
+        /// Admin HTTP address: /metrics, /healthz/ready, /debug/status.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        admin_addr: SocketAddr,
+        /// DNS names in the serving certificate (nodes verify one of them).
+        #[arg(long = "server-name", default_values_t = vec!["weft-control-plane".to_string(), "localhost".to_string()])]
+        server_names: Vec<String>,
+    },
+    /// Create a node agent's credential (client certificate, key and trust bundle).
+    NodeCredential {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// Node name the credential is bound to.
+        #[arg(long)]
+        node: String,
+        /// Output directory: node.crt, node.key (0600) and ca.crt are written there.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Print (or write into a directory) the CustomResourceDefinitions.
+    Crds {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match real_main(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-control-plane: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config_dir,
+            ca,
+            root_namespace,
+            grpc_addr,
+            admin_addr,
+            server_names,
+        } => {
+            let settings = Settings {
+                config_dir,
+                state_dir: ca.state_dir,
+                trust_domain: ca.trust_domain,
+                root_namespace,
+                grpc_addr,
+                admin_addr,
+                server_names,
+                svid_ttl: ca.svid_ttl,
+                ca_cert: ca.ca_cert,
+                ca_key: ca.ca_key,
+                ca_bundle: ca.ca_bundle,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(app::run(settings, shutdown_signal()))
+        }
+        Command::NodeCredential { ca, node, out, ttl } => {
+            let opts = weft_control_plane::identity::CaOptions {
+                state_dir: ca.state_dir,
+                trust_domain: ca.trust_domain,
+                svid_ttl: ca.svid_ttl,
+                user_cert: ca.ca_cert,
+                user_key: ca.ca_key,
+                user_bundle: ca.ca_bundle,
+            };
+            let authority = Ca::load_or_create(&opts).context("loading the CA")?;
+            let (cert, key) = authority.issue_node_credential(&node, ttl)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write_private(&out.join("node.key"), &key)?;
+            std::fs::write(out.join("node.crt"), &cert.chain_pem)?;
+            std::fs::write(out.join("ca.crt"), authority.bundle_pem())?;
+            println!(
+                "wrote the credential of node {node:?} to {} (serial {}, valid until {})",
+                out.display(),
+                cert.serial_hex,
+                humantime::format_rfc3339_seconds(cert.not_after)
+            );
+            Ok(())
+        }
+        Command::Crds { out } => {
+            for (name, yaml) in weft_api::crd::all_crd_yaml() {
+                match &out {
+                    Some(dir) => std::fs::write(dir.join(name), yaml)
+                        .with_context(|| format!("writing {}", dir.join(name).display()))?,
+                    None => print!("{yaml}"),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

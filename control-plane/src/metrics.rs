@@ -1,0 +1,102 @@
+//! Control-plane metrics (Prometheus text format). Names are documented in docs/metrics.md.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connected_nodes: Gauge,
+    pub pushes: Counter,
+    pub pushed_resources: Counter,
+    pub push_latency: Histogram,
+    pub nacks: Family<NodeLabel, Counter>,
+    pub resources: Family<KindLabel, Gauge>,
+    pub certs_signed: Counter,
+    pub cert_refusals: Family<ReasonLabel, Counter>,
+    pub ca_expiry: Gauge<f64, AtomicU64>,
+    pub source_errors: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft_cp");
+        let m = Self {
+            connected_nodes: Gauge::default(),
+            pushes: Counter::default(),
+            pushed_resources: Counter::default(),
+            push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            nacks: Family::default(),
+            resources: Family::default(),
+            certs_signed: Counter::default(),
+            cert_refusals: Family::default(),
+            ca_expiry: Gauge::default(),
+            source_errors: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connected_nodes", "Node agents with an open config stream", m.connected_nodes.clone());
+        registry.register("pushes", "Config updates sent to nodes", m.pushes.clone());
+        registry.register("pushed_resources", "Resources (upserts and removals) sent to nodes", m.pushed_resources.clone());
+        registry.register(
+            "push_latency_seconds",
+            "Time from a model change to its update being queued for a node",
+            m.push_latency.clone(),
+        );
+        registry.register("nacks", "Config updates rejected by nodes", m.nacks.clone());
+        registry.register("resources", "Distributed resources by kind", m.resources.clone());
+        registry.register("certificates_signed", "Workload SVIDs signed", m.certs_signed.clone());
+        registry.register(
+            "certificate_refusals",
+            "Certificate requests refused, by reason",
+            m.cert_refusals.clone(),
+        );
+        registry.register(
+            "ca_expiry_timestamp_seconds",
+            "Expiry of the CA signing certificate (unix time)",
+            m.ca_expiry.clone(),
+        );
+        registry.register("source_errors", "Manifests or objects the config source rejected", m.source_errors.clone());
+        Self { registry, ..m }
+    }
+
+    pub fn refuse(&self, reason: &str) {
+        self.cert_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,89 @@
+//! Who is calling: every node agent authenticates with its own credential, and
+//! every RPC is bound to the node that credential names.
+
+use crate::identity::NODE_ID_PREFIX;
+use tonic::Status;
+use weft_api::spiffe::{SpiffeId, TrustDomain};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Maps an authenticated request to the node it speaks for.
+#[tonic::async_trait]
+pub trait NodeAuthenticator: Send + Sync + 'static {
+    async fn authenticate(&self, meta: &RequestAuth) -> Result<String, Status>;
+}
+
+/// What authentication may look at, taken from a request before it is consumed.
+pub struct RequestAuth {
+    pub peer_certs: Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+    pub bearer: Option<String>,
+}
+
+impl RequestAuth {
+    pub fn of<T>(req: &tonic::Request<T>) -> Self {
+        let bearer = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        Self {
+            peer_certs: req.peer_certs(),
+            bearer,
+        }
+    }
+}
+
+/// Standalone mode: node credentials are client certificates issued by the mesh CA
+/// (`weft-control-plane node-credential`) with the single URI SAN
+/// `spiffe://<td>/_weft/node/<node>`. The TLS layer has already verified the chain.
+pub struct CertNodeAuthenticator {
+    pub trust_domain: TrustDomain,
+}
+
+#[tonic::async_trait]
+impl NodeAuthenticator for CertNodeAuthenticator {
+    async fn authenticate(&self, meta: &RequestAuth) -> Result<String, Status> {
+        let certs = meta
+            .peer_certs
+            .as_ref()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| Status::unauthenticated("a node credential (client certificate) is required"))?;
+        node_from_cert(&certs[0], &self.trust_domain)
+    }
+}
+
+/// Extracts the node name from a node credential certificate.
+pub fn node_from_cert(der: &[u8], td: &TrustDomain) -> Result<String, Status> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|_| Status::unauthenticated("client certificate does not parse"))?;
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(|| Status::unauthenticated("client certificate has no SAN"))?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris.as_slice() else {
+        return Err(Status::unauthenticated("client certificate must have exactly one URI SAN"));
+    };
+    let id = SpiffeId::parse(uri).map_err(|e| Status::unauthenticated(format!("client certificate SAN: {e}")))?;
+    if id.trust_domain() != td {
+        return Err(Status::unauthenticated(format!(
+            "client certificate is from trust domain {}, not {td}",
+            id.trust_domain()
+        )));
+    }
+    id.path()
+        .strip_prefix(NODE_ID_PREFIX)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .map(str::to_owned)
+        .ok_or_else(|| Status::permission_denied(format!("{id} is not a node credential")))
+}

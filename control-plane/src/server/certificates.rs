@@ -1,0 +1,77 @@
+//! `Certificates.Sign`: X.509-SVIDs for node agents, under the same-node rule.
+
+use super::auth::{NodeAuthenticator, RequestAuth};
+use crate::identity::{Ca, CaError};
+use crate::metrics::Metrics;
+use crate::model::Model;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use weft_api::pb::{self, certificates_server::Certificates};
+use weft_api::spiffe::SpiffeId;
+
+pub struct Signer {
+    pub ca: Arc<Ca>,
+    pub model: Arc<Model>,
+    pub auth: Arc<dyn NodeAuthenticator>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Signer {
+    fn refuse(&self, node: &str, identity: &str, reason: &str, status: Status) -> Status {
+        tracing::warn!(%node, %identity, %reason, message = %status.message(), "certificate request refused");
+        self.metrics.refuse(reason);
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl Certificates for Signer {
+    async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
+        let node = match self.auth.authenticate(&RequestAuth::of(&req)).await {
+            Ok(n) => n,
+            Err(s) => {
+                self.metrics.refuse("unauthenticated");
+                return Err(s);
+            }
+        };
+        let r = req.into_inner();
+        let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| {
+            self.refuse(&node, &r.spiffe_id, "invalid_id", Status::invalid_argument(format!("spiffe_id: {e}")))
+        })?;
+        if !self.model.node_runs_identity(&node, &r.spiffe_id) {
+            return Err(self.refuse(
+                &node,
+                &r.spiffe_id,
+                "not_on_node",
+                Status::permission_denied(format!(
+                    "node {node:?} runs no enrolled workload with identity {}",
+                    r.spiffe_id
+                )),
+            ));
+        }
+        match self.ca.sign_svid(&r.csr_der, &id) {
+            Ok(issued) => {
+                self.metrics.certs_signed.inc();
+                tracing::debug!(%node, identity = %id, serial = %issued.serial_hex, "signed SVID");
+                Ok(Response::new(pb::SignResponse {
+                    cert_chain_pem: issued.chain_pem,
+                    trust_bundle_pem: self.ca.bundle_pem().to_string(),
+                }))
+            }
+            Err(CaError::Csr(e)) => {
+                let status = match e.reason() {
+                    "san_mismatch" => Status::permission_denied(e.to_string()),
+                    _ => Status::invalid_argument(e.to_string()),
+                };
+                Err(self.refuse(&node, &r.spiffe_id, e.reason(), status))
+            }
+            Err(CaError::Identity(id, msg)) => Err(self.refuse(
+                &node,
+                &id,
+                "wrong_identity",
+                Status::permission_denied(format!("{id}: {msg}")),
+            )),
+            Err(e) => Err(self.refuse(&node, &r.spiffe_id, "internal", Status::internal(e.to_string()))),
+        }
+    }
+}

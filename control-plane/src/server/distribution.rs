@@ -1,0 +1,255 @@
+//! `NodeConfig.Subscribe`: per-node incremental config streams (delta-xDS style).
+//!
+//! Each stream remembers what its node holds (key -> version). The first update is
+//! the difference between the node's view and what the node said it already holds;
+//! after that, every model change batch is narrowed to the keys visible to the node
+//! whose version differs. ACKs and NACKs are recorded; a NACK is logged with the
+//! node's reason and never blocks later updates.
+
+use super::auth::{NodeAuthenticator, RequestAuth};
+use super::sessions::Sessions;
+use crate::metrics::{Metrics, NodeLabel};
+use crate::model::Model;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::pb::{self, node_config_server::NodeConfig, subscribe_request::Kind as Req};
+
+/// Updates larger than this are split, keeping messages well under gRPC limits.
+pub const MAX_RESOURCES_PER_UPDATE: usize = 1000;
+
+pub struct Distribution {
+    pub model: Arc<Model>,
+    pub auth: Arc<dyn NodeAuthenticator>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<Sessions>,
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeConfig for Distribution {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let node = self.auth.authenticate(&RequestAuth::of(&req)).await?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::SubscribeRequest { kind: Some(Req::Hello(h)) }) => h,
+            Some(_) => return Err(Status::invalid_argument("the first message must be a Hello")),
+            None => return Err(Status::invalid_argument("stream closed before Hello")),
+        };
+        if hello.node != node {
+            tracing::warn!(credential_node = %node, requested_node = %hello.node, "node asked for another node's config");
+            return Err(Status::permission_denied(format!(
+                "this credential belongs to node {node:?}, not {:?}",
+                hello.node
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let stream = NodeStream {
+            node,
+            model: self.model.clone(),
+            metrics: self.metrics.clone(),
+            sessions: self.sessions.clone(),
+            held: hello.known_versions.into_iter().collect(),
+            seq: 0,
+            tx,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct NodeStream {
+    node: String,
+    model: Arc<Model>,
+    metrics: Arc<Metrics>,
+    sessions: Arc<Sessions>,
+    /// What the node holds (as far as we sent it): key -> version.
+    held: HashMap<String, String>,
+    seq: u64,
+    tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+}
+
+impl NodeStream {
+    async fn run(mut self, mut inbound: Streaming<pb::SubscribeRequest>) {
+        self.sessions.connected(&self.node);
+        self.metrics.connected_nodes.set(self.sessions.count() as i64);
+        tracing::info!(node = %self.node, known = self.held.len(), "node subscribed");
+        // Subscribe before the first diff so no change falls in between.
+        let mut changes = self.model.subscribe();
+        let (ups, rms) = self.full_diff();
+        if self.send(ups, rms, true).await {
+            self.serve(&mut changes, &mut inbound).await;
+        }
+        self.sessions.disconnected(&self.node);
+        self.metrics.connected_nodes.set(self.sessions.count() as i64);
+        tracing::info!(node = %self.node, "node stream closed");
+    }
+
+    async fn serve(
+        &mut self,
+        changes: &mut broadcast::Receiver<Arc<crate::model::ChangeBatch>>,
+        inbound: &mut Streaming<pb::SubscribeRequest>,
+    ) {
+        loop {
+            tokio::select! {
+                batch = changes.recv() => {
+                    let (ups, rms, oldest) = match batch {
+                        Ok(b) => {
+                            let oldest = b.at;
+                            let mut keys: HashSet<String> = b.keys.iter().cloned().collect();
+                            let mut lagged = false;
+                            loop {
+                                match changes.try_recv() {
+                                    Ok(more) => keys.extend(more.keys.iter().cloned()),
+                                    Err(broadcast::error::TryRecvError::Lagged(_)) => { lagged = true; break }
+                                    Err(_) => break,
+                                }
+                            }
+                            let (u, r) = if lagged { self.full_diff() } else { self.diff_keys(keys) };
+                            (u, r, Some(oldest))
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(node = %self.node, skipped = n, "stream fell behind; re-diffing the whole view");
+                            let (u, r) = self.full_diff();
+                            (u, r, None)
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if ups.is_empty() && rms.is_empty() {
+                        continue;
+                    }
+                    if let Some(at) = oldest {
+                        self.metrics.push_latency.observe(at.elapsed().as_secs_f64());
+                    }
+                    if !self.send(ups, rms, false).await {
+                        return;
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::SubscribeRequest { kind: Some(Req::Ack(a)) })) => {
+                        self.sessions.acked(&self.node, a.nonce.parse().unwrap_or(0));
+                    }
+                    Ok(Some(pb::SubscribeRequest { kind: Some(Req::Nack(n)) })) => {
+                        tracing::warn!(node = %self.node, nonce = %n.nonce, reason = %n.reason, rejected = ?n.rejected_keys, "node rejected an update (NACK)");
+                        self.metrics.nacks.get_or_create(&NodeLabel { node: self.node.clone() }).inc();
+                        self.sessions.nacked(&self.node, &n.reason);
+                        // The node keeps its previous versions: forget what we sent, so a
+                        // later (fixed) version of these resources is sent again.
+                        for k in n.rejected_keys {
+                            self.held.remove(&k);
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        tracing::warn!(node = %self.node, "unexpected message on config stream; ignored");
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::info!(node = %self.node, error = %e, "config stream ended");
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Differences between the node's whole view and what it holds.
+    fn full_diff(&mut self) -> (Vec<pb::Resource>, Vec<String>) {
+        let st = self.model.read_state();
+        let mut ups = Vec::new();
+        let mut visible = HashSet::new();
+        for (k, e) in &st.entries {
+            if !e.visible_to(&self.node) {
+                continue;
+            }
+            visible.insert(k.as_str());
+            if self.held.get(k) != Some(&e.resource.version) {
+                ups.push((*e.resource).clone());
+            }
+        }
+        let rms: Vec<String> = self
+            .held
+            .keys()
+            .filter(|k| !visible.contains(k.as_str()))
+            .cloned()
+            .collect();
+        drop(st);
+        self.record(&ups, &rms);
+        (ups, rms)
+    }
+
+    /// Differences restricted to `keys`.
+    fn diff_keys(&mut self, keys: HashSet<String>) -> (Vec<pb::Resource>, Vec<String>) {
+        let st = self.model.read_state();
+        let mut ups = Vec::new();
+        let mut rms = Vec::new();
+        for k in keys {
+            match st.entries.get(&k).filter(|e| e.visible_to(&self.node)) {
+                Some(e) => {
+                    if self.held.get(&k) != Some(&e.resource.version) {
+                        ups.push((*e.resource).clone());
+                    }
+                }
+                None => {
+                    if self.held.contains_key(&k) {
+                        rms.push(k);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.record(&ups, &rms);
+        (ups, rms)
+    }
+
+    fn record(&mut self, ups: &[pb::Resource], rms: &[String]) {
+        for r in ups {
+            self.held.insert(r.key.clone(), r.version.clone());
+        }
+        for k in rms {
+            self.held.remove(k);
+        }
+    }
+
+    /// Sends (in chunks) and returns false when the node is gone.
+    async fn send(&mut self, mut ups: Vec<pb::Resource>, mut rms: Vec<String>, initial: bool) -> bool {
+        ups.sort_by(|a, b| a.key.cmp(&b.key));
+        rms.sort();
+        let total = ups.len() + rms.len();
+        loop {
+            let take_u = ups.len().min(MAX_RESOURCES_PER_UPDATE);
+            let chunk_u: Vec<_> = ups.drain(..take_u).collect();
+            let take_r = rms.len().min(MAX_RESOURCES_PER_UPDATE - take_u);
+            let chunk_r: Vec<_> = rms.drain(..take_r).collect();
+            let partial = !ups.is_empty() || !rms.is_empty();
+            self.seq += 1;
+            let update = pb::ConfigUpdate {
+                nonce: self.seq.to_string(),
+                sequence: self.seq,
+                initial,
+                upserts: chunk_u,
+                removals: chunk_r,
+                partial,
+            };
+            self.metrics.pushes.inc();
+            if self.tx.send(Ok(update)).await.is_err() {
+                return false;
+            }
+            if !partial {
+                break;
+            }
+        }
+        self.metrics.pushed_resources.inc_by(total as u64);
+        self.sessions.sent(&self.node, self.seq, self.held.len());
+        true
+    }
+}

@@ -1,0 +1,117 @@
+//! TLS for the gRPC server: a serving certificate from the mesh CA that is renewed
+//! at half life without a restart, and client-certificate verification against the
+//! trust bundle (optional at the TLS layer; the authenticator decides).
+
+use crate::identity::Ca;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+#[derive(Debug)]
+pub struct ServingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<CertifiedKey> {
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut chain_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
+        .ok_or_else(|| anyhow::anyhow!("no private key in PEM"))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    Ok(CertifiedKey::new(certs, signer))
+}
+
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+impl ServingCert {
+    pub fn issue(ca: &Ca, names: &[String], ips: &[IpAddr]) -> anyhow::Result<Arc<Self>> {
+        let (c, k) = ca.issue_server_cert(names, ips, SERVING_CERT_TTL)?;
+        Ok(Arc::new(Self {
+            current: RwLock::new(Arc::new(certified_key(&c.chain_pem, &k)?)),
+        }))
+    }
+
+    /// Re-issues the serving certificate at half life, forever.
+    pub async fn renew_forever(self: Arc<Self>, ca: Arc<Ca>, names: Vec<String>, ips: Vec<IpAddr>) {
+        loop {
+            tokio::time::sleep(SERVING_CERT_TTL / 2).await;
+            match ca
+                .issue_server_cert(&names, &ips, SERVING_CERT_TTL)
+                .map_err(anyhow::Error::from)
+                .and_then(|(c, k)| certified_key(&c.chain_pem, &k))
+            {
+                Ok(ck) => {
+                    *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+                    tracing::info!("renewed the control plane's serving certificate");
+                }
+                Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed; keeping the current one"),
+            }
+        }
+    }
+}
+
+pub fn acceptor(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<TlsAcceptor> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut bundle_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, yielding
+/// established streams. A failed handshake is logged and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                return;
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

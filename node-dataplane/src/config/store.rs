@@ -1,0 +1,211 @@
+//! One owner of the node's configuration. Updates are validated resource by resource:
+//! a bad resource is rejected (NACK) and its previous version kept; the rest apply.
+
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
+use weft_api::pb::{self, resource::Kind};
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StoreSnapshot {
+    pub workloads: BTreeMap<String, pb::Workload>,
+    pub services: BTreeMap<String, pb::Service>,
+    pub policies: BTreeMap<String, pb::AuthorizationPolicy>,
+    pub plugins: BTreeMap<String, pb::WasmPlugin>,
+    pub trust_bundles: BTreeMap<String, pb::TrustBundle>,
+    #[serde(skip)]
+    pub versions: HashMap<String, String>,
+    /// True once a complete view was received from the control plane.
+    pub synced: bool,
+    /// Sequence of the last applied update (per stream).
+    pub last_sequence: u64,
+}
+
+/// Rejected resource key and why.
+pub type Rejection = (String, String);
+
+pub struct ConfigStore {
+    node: String,
+    inner: RwLock<Arc<StoreSnapshot>>,
+    changed: watch::Sender<u64>,
+}
+
+impl ConfigStore {
+    pub fn new(node: impl Into<String>) -> Arc<Self> {
+        let (changed, _) = watch::channel(0);
+        Arc::new(Self {
+            node: node.into(),
+            inner: RwLock::new(Arc::new(StoreSnapshot::default())),
+            changed,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The current configuration (cheap: an `Arc`).
+    pub fn snapshot(&self) -> Arc<StoreSnapshot> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Notified with a counter after every applied update.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn known_versions(&self) -> HashMap<String, String> {
+        self.snapshot().versions.clone()
+    }
+
+    /// Applies one update; returns the rejected resources.
+    pub fn apply(&self, update: &pb::ConfigUpdate) -> Vec<Rejection> {
+        let mut rejected = Vec::new();
+        let mut next = (*self.snapshot()).clone();
+        for r in &update.upserts {
+            match validate(r) {
+                Ok(()) => insert(&mut next, r),
+                Err(why) => rejected.push((r.key.clone(), why)),
+            }
+        }
+        for k in &update.removals {
+            remove(&mut next, k);
+        }
+        if update.initial && !update.partial {
+            next.synced = true;
+        }
+        next.last_sequence = update.sequence;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.changed.send_modify(|v| *v += 1);
+        rejected
+    }
+
+    /// SPIFFE IDs of the enrolled workloads scheduled on this node.
+    pub fn local_identities(&self) -> std::collections::BTreeSet<String> {
+        self.snapshot()
+            .workloads
+            .values()
+            .filter(|w| w.enrolled && w.node == self.node && !w.spiffe_id.is_empty())
+            .map(|w| w.spiffe_id.clone())
+            .collect()
+    }
+}
+
+fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
+    s.versions.insert(r.key.clone(), r.version.clone());
+    let k = r.key.clone();
+    match &r.kind {
+        Some(Kind::Workload(w)) => {
+            s.workloads.insert(k, w.clone());
+        }
+        Some(Kind::Service(v)) => {
+            s.services.insert(k, v.clone());
+        }
+        Some(Kind::AuthorizationPolicy(p)) => {
+            s.policies.insert(k, p.clone());
+        }
+        Some(Kind::WasmPlugin(p)) => {
+            s.plugins.insert(k, p.clone());
+        }
+        Some(Kind::TrustBundle(b)) => {
+            s.trust_bundles.insert(k, b.clone());
+        }
+        None => {}
+    }
+}
+
+fn remove(s: &mut StoreSnapshot, k: &str) {
+    s.versions.remove(k);
+    s.workloads.remove(k);
+    s.services.remove(k);
+    s.policies.remove(k);
+    s.plugins.remove(k);
+    s.trust_bundles.remove(k);
+}
+
+fn ip_ok(field: &str, v: &str) -> Result<(), String> {
+    v.parse::<IpAddr>()
+        .map(|_| ())
+        .map_err(|_| format!("{field}: {v:?} is not an IP address"))
+}
+
+/// What the node needs to be true of a resource before it uses it.
+fn validate(r: &pb::Resource) -> Result<(), String> {
+    match &r.kind {
+        None => Err("resource has no kind".into()),
+        Some(Kind::Workload(w)) => w.ips.iter().try_for_each(|ip| ip_ok("ips", ip)),
+        Some(Kind::Service(s)) => {
+            s.cluster_ips.iter().try_for_each(|ip| ip_ok("cluster_ips", ip))?;
+            s.endpoints
+                .iter()
+                .flat_map(|e| e.ips.iter())
+                .try_for_each(|ip| ip_ok("endpoints.ips", ip))
+        }
+        Some(Kind::TrustBundle(b)) => {
+            let n = rustls_pemfile::certs(&mut b.roots_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("roots_pem: {e}"))?
+                .len();
+            if n == 0 {
+                Err("roots_pem: no certificate".into())
+            } else {
+                Ok(())
+            }
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wl(key: &str, ip: &str) -> pb::Resource {
+        weft_api::resource::make(
+            key.into(),
+            Kind::Workload(pb::Workload {
+                name: key.into(),
+                ips: vec![ip.into()],
+                enrolled: true,
+                node: "n1".into(),
+                spiffe_id: format!("spiffe://td/ns/a/sa/{key}"),
+                ..Default::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn bad_resource_is_rejected_and_previous_kept() {
+        let s = ConfigStore::new("n1");
+        let good = wl("w1", "10.0.0.1");
+        s.apply(&pb::ConfigUpdate {
+            upserts: vec![good.clone()],
+            initial: true,
+            ..Default::default()
+        });
+        assert!(s.snapshot().synced);
+        let bad = wl("w1", "not-an-ip");
+        let other = wl("w2", "10.0.0.2");
+        let rej = s.apply(&pb::ConfigUpdate {
+            upserts: vec![bad, other],
+            ..Default::default()
+        });
+        assert_eq!(rej.len(), 1);
+        assert_eq!(rej[0].0, "w1");
+        let snap = s.snapshot();
+        assert_eq!(snap.workloads["w1"].ips, vec!["10.0.0.1"]);
+        assert_eq!(snap.versions["w1"], good.version);
+        assert!(snap.workloads.contains_key("w2"));
+        assert_eq!(
+            s.local_identities().into_iter().collect::<Vec<_>>(),
+            vec!["spiffe://td/ns/a/sa/w1", "spiffe://td/ns/a/sa/w2"]
+        );
+        s.apply(&pb::ConfigUpdate {
+            removals: vec!["w2".into()],
+            ..Default::default()
+        });
+        assert!(!s.snapshot().workloads.contains_key("w2"));
+    }
+}

@@ -1,0 +1,93 @@
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use weft_api::logging::{self, LogFormat};
+use weft_node::app::{self, Settings};
+use weft_node::certs::CertManagerSettings;
+use weft_node::control::channel::ControlPlaneTarget;
+
+/// weft node agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "WEFT_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run {
+        /// This node's name (must match its credential).
+        #[arg(long, env = "WEFT_NODE_NAME")]
+        node: String,
+        /// Control plane gRPC address, e.g. https://127.0.0.1:15012.
+        #[arg(long, env = "WEFT_CONTROL_PLANE", default_value = "https://127.0.0.1:15012")]
+        control_plane: String,
+        /// Name expected in the control plane's serving certificate.
+        #[arg(long, default_value = "weft-control-plane")]
+        server_name: String,
+        /// Directory with node.crt, node.key and ca.crt
+        /// (from `weft-control-plane node-credential`).
+        #[arg(long, env = "WEFT_CREDENTIAL_DIR")]
+        credential_dir: PathBuf,
+        /// Admin HTTP address (localhost): /healthz/ready, /config_dump, /metrics.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let Command::Run {
+        node,
+        control_plane,
+        server_name,
+        credential_dir,
+        admin_addr,
+    } = cli.command;
+    let settings = Settings {
+        node,
+        control_plane: ControlPlaneTarget {
+            address: control_plane,
+            server_name,
+            credential_dir,
+        },
+        admin_addr,
+        certs: CertManagerSettings::default(),
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-node: error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(async move {
+        let (_, fut) = app::start(settings, shutdown_signal()).await?;
+        fut.await
+    });
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-node: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,66 @@
+//! Node metrics (Prometheus text format). Names are documented in docs/metrics.md.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabel {
+    pub identity: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub control_plane_connected: Gauge,
+    pub config_updates: Counter,
+    pub nacks: Counter,
+    pub cert_renewals: Counter,
+    pub cert_errors: Counter,
+    pub cert_expiry: Family<IdentityLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft_node");
+        let m = Self {
+            registry: Registry::default(),
+            control_plane_connected: Gauge::default(),
+            config_updates: Counter::default(),
+            nacks: Counter::default(),
+            cert_renewals: Counter::default(),
+            cert_errors: Counter::default(),
+            cert_expiry: Family::default(),
+        };
+        registry.register(
+            "control_plane_connected",
+            "1 while the config stream to the control plane is open",
+            m.control_plane_connected.clone(),
+        );
+        registry.register("config_updates", "Config updates received", m.config_updates.clone());
+        registry.register("config_nacks", "Config updates rejected (partly or wholly)", m.nacks.clone());
+        registry.register("certificate_issuances", "Workload certificates obtained (first issue and renewals)", m.cert_renewals.clone());
+        registry.register("certificate_errors", "Failed certificate requests", m.cert_errors.clone());
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Expiry of each workload certificate held (unix time)",
+            m.cert_expiry.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
