@@ -254,6 +254,12 @@ impl Ca {
         node: &str,
         ttl: Duration,
     ) -> Result<(IssuedCert, String), CaError> {
+        if node.is_empty() || node.contains('/') {
+            return Err(CaError::Identity(
+                node.to_string(),
+                "a node name is one non-empty path segment".into(),
+            ));
+        }
         let id = SpiffeId::parse(&format!(
             "spiffe://{}{NODE_ID_PREFIX}{node}",
             self.trust_domain

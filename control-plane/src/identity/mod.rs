@@ -3,6 +3,8 @@
 
 pub mod ca;
 pub mod csr;
+#[cfg(test)]
+mod tests;
 
 pub use ca::{Ca, CaError, CaOptions, IssuedCert};
 pub use csr::{CsrError, VerifiedCsr};

@@ -1,0 +1,38 @@
+//! The committed CRD YAML in `crds/` must equal what the Rust types generate.
+//! Regenerate with `make crds` (or `weft-control-plane crds --out crds`).
+
+use kube::CustomResourceExt;
+use std::path::Path;
+
+#[test]
+fn committed_crds_match_the_rust_types() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for (name, yaml) in weft_api::crd::all_crd_yaml() {
+        let path = dir.join(name);
+        let committed = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; run `make crds`", path.display()));
+        assert!(
+            committed == yaml,
+            "{} differs from the CRD generated from the Rust types; run `make crds`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn generated_yaml_is_the_crd() {
+    // The YAML must round-trip to exactly the CRD object.
+    let crds = [
+        serde_json::to_value(weft_api::crd::AuthorizationPolicy::crd()).unwrap(),
+        serde_json::to_value(weft_api::crd::WasmPlugin::crd()).unwrap(),
+    ];
+    for ((_, yaml), want) in weft_api::crd::all_crd_yaml().iter().zip(crds) {
+        let parsed: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(parsed, want);
+    }
+    let ap = serde_json::to_value(weft_api::crd::AuthorizationPolicy::crd()).unwrap();
+    assert_eq!(ap["spec"]["group"], "security.weft.dev");
+    assert_eq!(ap["spec"]["versions"][0]["subresources"]["status"], serde_json::json!({}));
+    let wp = serde_json::to_value(weft_api::crd::WasmPlugin::crd()).unwrap();
+    assert_eq!(wp["spec"]["group"], "extensions.weft.dev");
+}
