@@ -1,1 +1,9 @@
+//! Harnesses for weft's end-to-end tests and demo. They run the real binaries
+//! (`weft-control-plane`, `weft-node`) as processes, talk to them over real
+//! sockets on loopback, and clean up everything they started when dropped.
 
+pub mod process;
+pub mod standalone;
+
+pub use process::{bin_path, free_port, http_get, wait_until, Proc};
+pub use standalone::StandaloneMesh;

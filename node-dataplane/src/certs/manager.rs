@@ -122,14 +122,16 @@ impl CertManager {
         }
     }
 
+    /// Time until renewal: `renew_fraction` (+ jitter) of the remaining lifetime at
+    /// receipt. Measured from now, not from notBefore, which the CA backdates for
+    /// clock skew.
     fn renew_after(&self, c: &WorkloadCert) -> Duration {
-        let life = c
+        let remaining = c
             .not_after
-            .duration_since(c.not_before)
-            .unwrap_or(Duration::from_secs(60));
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
         let frac = self.settings.renew_fraction + rand::random::<f64>() * self.settings.jitter_fraction;
-        let at = c.not_before + life.mul_f64(frac.min(0.95));
-        at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+        remaining.mul_f64(frac.min(0.95)).max(Duration::from_millis(500))
     }
 
     async fn request(&self, client: &mut CertificatesClient<Channel>, id: &str) -> anyhow::Result<WorkloadCert> {
