@@ -56,7 +56,9 @@ fn refresh_gauges(s: &AdminState) {
             .set(counts.get(kind).copied().unwrap_or(0));
     }
     drop(st);
-    s.metrics.source_errors.set(s.model.source_errors().len() as i64);
+    s.metrics
+        .source_errors
+        .set(s.model.source_errors().len() as i64);
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
@@ -93,13 +95,23 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
             object: r.to_string(),
             accepted: st.report.is_valid(),
             errors: st.report.errors.iter().map(ToString::to_string).collect(),
-            not_enforced: st.report.unsupported.iter().map(ToString::to_string).collect(),
+            not_enforced: st
+                .report
+                .unsupported
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         })
         .collect();
     Json(Status {
         ready: s.ready.load(Ordering::Acquire),
         nodes: s.sessions.list(),
-        source_errors: s.model.source_errors().iter().map(ToString::to_string).collect(),
+        source_errors: s
+            .model
+            .source_errors()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         rejected,
     })
 }

@@ -68,7 +68,10 @@ pub async fn run(
 pub async fn start(
     s: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<(Running, impl std::future::Future<Output = anyhow::Result<()>>)> {
+) -> anyhow::Result<(
+    Running,
+    impl std::future::Future<Output = anyhow::Result<()>>,
+)> {
     let ca = Arc::new(Ca::load_or_create(&s.ca_options()).context("loading the CA")?);
     let metrics = Arc::new(Metrics::new());
     let ca_expiry = ca
@@ -113,7 +116,11 @@ pub async fn start(
         ips.push(s.grpc_addr.ip());
     }
     let serving = tls::ServingCert::issue(&ca, &s.server_names, &ips)?;
-    tokio::spawn(serving.clone().renew_forever(ca.clone(), s.server_names.clone(), ips));
+    tokio::spawn(
+        serving
+            .clone()
+            .renew_forever(ca.clone(), s.server_names.clone(), ips),
+    );
     let acceptor = tls::acceptor(ca.bundle_pem(), serving)?;
     let listener = tokio::net::TcpListener::bind(s.grpc_addr)
         .await
@@ -159,7 +166,11 @@ pub async fn start(
     };
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .add_service(NodeConfigServer::new(distribution).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        .add_service(
+            NodeConfigServer::new(distribution)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
         .add_service(CertificatesServer::new(signer))
         .serve_with_incoming_shutdown(tls::incoming(listener, acceptor), stopped(stop_rx.clone()));
     let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(stopped(stop_rx));

@@ -53,17 +53,33 @@ impl Metrics {
             source_errors: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("connected_nodes", "Node agents with an open config stream", m.connected_nodes.clone());
+        registry.register(
+            "connected_nodes",
+            "Node agents with an open config stream",
+            m.connected_nodes.clone(),
+        );
         registry.register("pushes", "Config updates sent to nodes", m.pushes.clone());
-        registry.register("pushed_resources", "Resources (upserts and removals) sent to nodes", m.pushed_resources.clone());
+        registry.register(
+            "pushed_resources",
+            "Resources (upserts and removals) sent to nodes",
+            m.pushed_resources.clone(),
+        );
         registry.register(
             "push_latency_seconds",
             "Time from a model change to its update being queued for a node",
             m.push_latency.clone(),
         );
         registry.register("nacks", "Config updates rejected by nodes", m.nacks.clone());
-        registry.register("resources", "Distributed resources by kind", m.resources.clone());
-        registry.register("certificates_signed", "Workload SVIDs signed", m.certs_signed.clone());
+        registry.register(
+            "resources",
+            "Distributed resources by kind",
+            m.resources.clone(),
+        );
+        registry.register(
+            "certificates_signed",
+            "Workload SVIDs signed",
+            m.certs_signed.clone(),
+        );
         registry.register(
             "certificate_refusals",
             "Certificate requests refused, by reason",
@@ -74,7 +90,11 @@ impl Metrics {
             "Expiry of the CA signing certificate (unix time)",
             m.ca_expiry.clone(),
         );
-        registry.register("source_errors", "Manifests or objects the config source rejected", m.source_errors.clone());
+        registry.register(
+            "source_errors",
+            "Manifests or objects the config source rejected",
+            m.source_errors.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -61,7 +61,10 @@ impl StandaloneMesh {
         format!("127.0.0.1:{}", self.admin_port)
     }
     pub fn node_admin(&self, node: &str) -> String {
-        format!("127.0.0.1:{}", self.nodes.get(node).map(|n| n.admin_port).unwrap_or(0))
+        format!(
+            "127.0.0.1:{}",
+            self.nodes.get(node).map(|n| n.admin_port).unwrap_or(0)
+        )
     }
 
     pub fn write_manifest(&self, name: &str, text: &str) -> anyhow::Result<()> {
@@ -85,18 +88,26 @@ impl StandaloneMesh {
             .args(["--admin-addr", &self.cp_admin()])
             .args(&self.extra_cp_args);
         self.cp_starts += 1;
-        let log = self.dir.path().join(format!("control-plane-{}.log", self.cp_starts));
+        let log = self
+            .dir
+            .path()
+            .join(format!("control-plane-{}.log", self.cp_starts));
         self.control_plane = Some(Proc::spawn("control-plane", &mut cmd, &log)?);
         let admin = self.cp_admin();
         wait_until(Duration::from_secs(20), || {
-            http_get(&admin, "/healthz/ready").ok().filter(|(s, _)| *s == 200)
+            http_get(&admin, "/healthz/ready")
+                .ok()
+                .filter(|(s, _)| *s == 200)
         })
         .with_context(|| format!("control plane not ready; log:\n{}", self.cp_log()))?;
         Ok(())
     }
 
     pub fn cp_log(&self) -> String {
-        self.control_plane.as_ref().map(|p| p.log_text()).unwrap_or_default()
+        self.control_plane
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
     }
 
     pub fn kill_control_plane(&mut self) {
@@ -116,18 +127,29 @@ impl StandaloneMesh {
             .arg(self.state_dir())
             .arg("--out")
             .arg(&out)
-            .args(self.extra_cp_args.iter().filter(|a| a.starts_with("--trust-domain")))
+            .args(
+                self.extra_cp_args
+                    .iter()
+                    .filter(|a| a.starts_with("--trust-domain")),
+            )
             .env("NO_COLOR", "1")
             .output()?;
         if !status.status.success() {
-            bail!("node-credential failed: {}", String::from_utf8_lossy(&status.stderr));
+            bail!(
+                "node-credential failed: {}",
+                String::from_utf8_lossy(&status.stderr)
+            );
         }
         Ok(out)
     }
 
     pub fn start_node(&mut self, node: &str) -> anyhow::Result<()> {
         let cred = self.create_credential(node)?;
-        let port = self.nodes.get(node).map(|n| n.admin_port).unwrap_or_else(free_port);
+        let port = self
+            .nodes
+            .get(node)
+            .map(|n| n.admin_port)
+            .unwrap_or_else(free_port);
         let mut cmd = Command::new(bin_path("weft-node")?);
         cmd.args(["run", "--node", node, "--control-plane", &self.grpc_url()])
             .arg("--credential-dir")

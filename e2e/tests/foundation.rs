@@ -8,7 +8,10 @@ use weft_e2e::standalone::{cert_ids, keys};
 use weft_e2e::{http_get, StandaloneMesh};
 
 fn example() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/standalone"))
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/standalone"
+    ))
 }
 
 fn synced(d: &serde_json::Value) -> bool {
@@ -21,7 +24,8 @@ fn mesh(extra: &[&str]) -> StandaloneMesh {
     m.start_node("node-a").expect("node-a");
     m.start_node("node-b").expect("node-b");
     for n in ["node-a", "node-b"] {
-        m.wait_node(n, Duration::from_secs(20), "initial sync", synced).unwrap();
+        m.wait_node(n, Duration::from_secs(20), "initial sync", synced)
+            .unwrap();
     }
     m
 }
@@ -46,10 +50,14 @@ status:
 fn each_node_gets_its_view_and_certificates() {
     let m = mesh(&[]);
     let a = m
-        .wait_node("node-a", Duration::from_secs(10), "certificate", |d| !cert_ids(d).is_empty())
+        .wait_node("node-a", Duration::from_secs(10), "certificate", |d| {
+            !cert_ids(d).is_empty()
+        })
         .unwrap();
     let b = m
-        .wait_node("node-b", Duration::from_secs(10), "certificates", |d| cert_ids(d).len() == 2)
+        .wait_node("node-b", Duration::from_secs(10), "certificates", |d| {
+            cert_ids(d).len() == 2
+        })
         .unwrap();
     // Every node gets every workload and service...
     for d in [&a, &b] {
@@ -63,11 +71,17 @@ fn each_node_gets_its_view_and_certificates() {
                 "Workload/shop/web-2"
             ]
         );
-        assert_eq!(keys(d, "services"), vec!["Service/payments/ledger", "Service/shop/web"]);
+        assert_eq!(
+            keys(d, "services"),
+            vec!["Service/payments/ledger", "Service/shop/web"]
+        );
     }
     // ...but policies and certificates only for its own workloads.
     assert!(keys(&a, "policies").is_empty());
-    assert_eq!(keys(&b, "policies"), vec!["AuthorizationPolicy/payments/ledger-allow-web"]);
+    assert_eq!(
+        keys(&b, "policies"),
+        vec!["AuthorizationPolicy/payments/ledger-allow-web"]
+    );
     assert_eq!(cert_ids(&a), vec!["spiffe://cluster.local/ns/shop/sa/web"]);
     assert_eq!(
         cert_ids(&b),
@@ -118,7 +132,10 @@ fn opt_out_label_unenrolls_and_moves_policy_visibility() {
     let m = mesh(&[]);
     let text = std::fs::read_to_string(example().join("payments.yaml"))
         .unwrap()
-        .replace("labels: {app: ledger}", "labels: {app: ledger, weft.dev/mesh: disabled}");
+        .replace(
+            "labels: {app: ledger}",
+            "labels: {app: ledger, weft.dev/mesh: disabled}",
+        );
     m.write_manifest("payments.yaml", &text).unwrap();
     let b = m
         .wait_node("node-b", Duration::from_secs(5), "ledger opt-out", |d| {
@@ -126,15 +143,24 @@ fn opt_out_label_unenrolls_and_moves_policy_visibility() {
                 && keys(d, "policies").is_empty()
         })
         .unwrap();
-    m.wait_node("node-b", Duration::from_secs(5), "ledger cert dropped", |d| {
-        !cert_ids(d).contains(&"spiffe://cluster.local/ns/payments/sa/ledger".to_string())
-    })
+    m.wait_node(
+        "node-b",
+        Duration::from_secs(5),
+        "ledger cert dropped",
+        |d| !cert_ids(d).contains(&"spiffe://cluster.local/ns/payments/sa/ledger".to_string()),
+    )
     .unwrap();
-    assert_eq!(b["workloads"]["Workload/payments/ledger-1"]["enrolled"], false);
+    assert_eq!(
+        b["workloads"]["Workload/payments/ledger-1"]["enrolled"],
+        false
+    );
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn channel(m: &StandaloneMesh, node: &str, with_identity: bool) -> tonic::transport::Channel {
@@ -168,7 +194,8 @@ fn csr(id: &str) -> Vec<u8> {
 fn same_node_rule_and_node_authentication() {
     let m = mesh(&[]);
     rt().block_on(async {
-        let mut a = pb::certificates_client::CertificatesClient::new(channel(&m, "node-a", true).await);
+        let mut a =
+            pb::certificates_client::CertificatesClient::new(channel(&m, "node-a", true).await);
         // ledger runs only on node-b: node-a may not have its identity.
         let ledger = "spiffe://cluster.local/ns/payments/sa/ledger";
         let err = a
@@ -179,7 +206,11 @@ fn same_node_rule_and_node_authentication() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-        assert!(err.message().contains("node \"node-a\""), "{}", err.message());
+        assert!(
+            err.message().contains("node \"node-a\""),
+            "{}",
+            err.message()
+        );
         // web runs on node-a: fine.
         let web = "spiffe://cluster.local/ns/shop/sa/web";
         let ok = a
@@ -211,21 +242,20 @@ fn same_node_rule_and_node_authentication() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
         // node-a's credential cannot subscribe as node-b.
-        let mut cfg = pb::node_config_client::NodeConfigClient::new(channel(&m, "node-a", true).await);
+        let mut cfg =
+            pb::node_config_client::NodeConfigClient::new(channel(&m, "node-a", true).await);
         let hello = pb::SubscribeRequest {
             kind: Some(pb::subscribe_request::Kind::Hello(pb::Hello {
                 node: "node-b".into(),
                 known_versions: Default::default(),
             })),
         };
-        let err = cfg
-            .subscribe(tokio_stream_once(hello))
-            .await
-            .unwrap_err();
+        let err = cfg.subscribe(tokio_stream_once(hello)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
         // No client certificate at all.
-        let mut anon = pb::certificates_client::CertificatesClient::new(channel(&m, "node-a", false).await);
+        let mut anon =
+            pb::certificates_client::CertificatesClient::new(channel(&m, "node-a", false).await);
         let err = anon
             .sign(pb::SignRequest {
                 spiffe_id: web.into(),
@@ -237,15 +267,19 @@ fn same_node_rule_and_node_authentication() {
     });
     // Refusals are logged with node and identity, and counted by reason.
     let metrics = m.cp_metrics().unwrap();
-    assert!(metrics.contains("weft_cp_certificate_refusals_total{reason=\"not_on_node\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("weft_cp_certificate_refusals_total{reason=\"not_on_node\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("weft_cp_certificate_refusals_total{reason=\"san_mismatch\"} 1"));
     assert!(metrics.contains("weft_cp_certificate_refusals_total{reason=\"malformed_csr\"} 1"));
     assert!(metrics.contains("weft_cp_certificate_refusals_total{reason=\"unauthenticated\"} 1"));
     let log = m.cp_log();
     assert!(
-        log.lines().any(|l| l.contains("certificate request refused")
-            && l.contains("node-a")
-            && l.contains("spiffe://cluster.local/ns/payments/sa/ledger")),
+        log.lines()
+            .any(|l| l.contains("certificate request refused")
+                && l.contains("node-a")
+                && l.contains("spiffe://cluster.local/ns/payments/sa/ledger")),
         "{log}"
     );
 }
@@ -260,20 +294,34 @@ fn tokio_stream_once(
 fn certificates_are_renewed_before_expiry() {
     let m = mesh(&["--svid-ttl", "6s"]);
     let first = m
-        .wait_node("node-a", Duration::from_secs(10), "certificate", |d| !cert_ids(d).is_empty())
+        .wait_node("node-a", Duration::from_secs(10), "certificate", |d| {
+            !cert_ids(d).is_empty()
+        })
         .unwrap();
-    let serial = first["certificates"][0]["serial"].as_str().unwrap().to_string();
+    let serial = first["certificates"][0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Not renewed too early (no renewal storm)...
     std::thread::sleep(Duration::from_millis(2000));
     let d = m.config_dump("node-a").unwrap();
-    assert_eq!(d["certificates"][0]["serial"].as_str(), Some(serial.as_str()), "renewed before half life");
+    assert_eq!(
+        d["certificates"][0]["serial"].as_str(),
+        Some(serial.as_str()),
+        "renewed before half life"
+    );
     // ...but at half life (3 s) plus up to 10 % jitter, well before expiry.
     let renewed = m
         .wait_node("node-a", Duration::from_secs(4), "renewal", |d| {
-            d["certificates"][0]["serial"].as_str().is_some_and(|s| s != serial)
+            d["certificates"][0]["serial"]
+                .as_str()
+                .is_some_and(|s| s != serial)
         })
         .unwrap();
-    assert_eq!(renewed["certificates"][0]["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(
+        renewed["certificates"][0]["spiffe_id"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
     // Over ~5 s with a 6 s TTL: three identities issued once, and renewed about once each.
     let metrics = m.cp_metrics().unwrap();
     let signed: u64 = metrics
@@ -281,7 +329,10 @@ fn certificates_are_renewed_before_expiry() {
         .find_map(|l| l.strip_prefix("weft_cp_certificates_signed_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
-    assert!((3..=8).contains(&signed), "signed {signed} certificates: renewal storm?");
+    assert!(
+        (3..=8).contains(&signed),
+        "signed {signed} certificates: renewal storm?"
+    );
 }
 
 #[test]
@@ -297,17 +348,26 @@ fn control_plane_restart_loses_no_update() {
     // Changes made while the control plane is down: one pod added, one service removed.
     m.write_manifest("cart.yaml", NEW_POD).unwrap();
     let shop = std::fs::read_to_string(example().join("shop.yaml")).unwrap();
-    let without_svc = shop.split("---").filter(|d| !d.contains("kind: Service")).collect::<Vec<_>>().join("---");
+    let without_svc = shop
+        .split("---")
+        .filter(|d| !d.contains("kind: Service"))
+        .collect::<Vec<_>>()
+        .join("---");
     m.write_manifest("shop.yaml", &without_svc).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(m.config_dump("node-b").unwrap()["workloads"]["Workload/shop/cart-1"].is_null());
 
     m.start_control_plane().unwrap();
     for n in ["node-a", "node-b"] {
-        m.wait_node(n, Duration::from_secs(20), "convergence after restart", |d| {
-            keys(d, "workloads").contains(&"Workload/shop/cart-1".to_string())
-                && keys(d, "services") == vec!["Service/payments/ledger"]
-        })
+        m.wait_node(
+            n,
+            Duration::from_secs(20),
+            "convergence after restart",
+            |d| {
+                keys(d, "workloads").contains(&"Workload/shop/cart-1".to_string())
+                    && keys(d, "services") == vec!["Service/payments/ledger"]
+            },
+        )
         .unwrap();
     }
     // The node resumed with its known versions: the control plane sent only the difference.
@@ -340,9 +400,12 @@ status: {podIP: 10.244.1.50}
 "#,
     )
     .unwrap();
-    m.wait_node("node-a", Duration::from_secs(5), "good document of a file with a bad one", |d| {
-        keys(d, "workloads").contains(&"Workload/shop/cart-2".to_string())
-    })
+    m.wait_node(
+        "node-a",
+        Duration::from_secs(5),
+        "good document of a file with a bad one",
+        |d| keys(d, "workloads").contains(&"Workload/shop/cart-2".to_string()),
+    )
     .unwrap();
     let status = m.cp_status().unwrap();
     let errs: Vec<String> = status["source_errors"]
@@ -358,7 +421,8 @@ status: {podIP: 10.244.1.50}
         errs[0]
     );
     // Invalid YAML in another file breaks nothing else.
-    m.write_manifest("garbage.yaml", "kind: [unterminated\n").unwrap();
+    m.write_manifest("garbage.yaml", "kind: [unterminated\n")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(400));
     let d = m.config_dump("node-a").unwrap();
     assert_eq!(keys(&d, "services").len(), 2);

@@ -31,7 +31,10 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
     if s.config.snapshot().synced {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first config from the control plane\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first config from the control plane\n",
+        )
     }
 }
 

@@ -27,7 +27,10 @@ pub struct Running {
 pub async fn start(
     s: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<(Running, impl std::future::Future<Output = anyhow::Result<()>>)> {
+) -> anyhow::Result<(
+    Running,
+    impl std::future::Future<Output = anyhow::Result<()>>,
+)> {
     let config = ConfigStore::new(&s.node);
     let certs = Arc::new(CertStore::default());
     let metrics = Arc::new(Metrics::new());

@@ -24,7 +24,11 @@ enum Command {
         #[arg(long, env = "WEFT_NODE_NAME")]
         node: String,
         /// Control plane gRPC address, e.g. https://127.0.0.1:15012.
-        #[arg(long, env = "WEFT_CONTROL_PLANE", default_value = "https://127.0.0.1:15012")]
+        #[arg(
+            long,
+            env = "WEFT_CONTROL_PLANE",
+            default_value = "https://127.0.0.1:15012"
+        )]
         control_plane: String,
         /// Name expected in the control plane's serving certificate.
         #[arg(long, default_value = "weft-control-plane")]

@@ -38,10 +38,26 @@ impl Metrics {
             "1 while the config stream to the control plane is open",
             m.control_plane_connected.clone(),
         );
-        registry.register("config_updates", "Config updates received", m.config_updates.clone());
-        registry.register("config_nacks", "Config updates rejected (partly or wholly)", m.nacks.clone());
-        registry.register("certificate_issuances", "Workload certificates obtained (first issue and renewals)", m.cert_renewals.clone());
-        registry.register("certificate_errors", "Failed certificate requests", m.cert_errors.clone());
+        registry.register(
+            "config_updates",
+            "Config updates received",
+            m.config_updates.clone(),
+        );
+        registry.register(
+            "config_nacks",
+            "Config updates rejected (partly or wholly)",
+            m.nacks.clone(),
+        );
+        registry.register(
+            "certificate_issuances",
+            "Workload certificates obtained (first issue and renewals)",
+            m.cert_renewals.clone(),
+        );
+        registry.register(
+            "certificate_errors",
+            "Failed certificate requests",
+            m.cert_errors.clone(),
+        );
         registry.register(
             "certificate_expiry_timestamp_seconds",
             "Expiry of each workload certificate held (unix time)",

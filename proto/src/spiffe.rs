@@ -28,7 +28,9 @@ pub enum SpiffeIdError {
     BadTrustDomainChar(String, char),
     #[error("path segment {0:?} is not allowed: segments are non-empty, not '.' or '..', and the path has no trailing '/'")]
     BadSegment(String),
-    #[error("path segment {0:?} contains {1:?}: only letters, digits, '.', '-' and '_' are allowed")]
+    #[error(
+        "path segment {0:?} contains {1:?}: only letters, digits, '.', '-' and '_' are allowed"
+    )]
     BadPathChar(String, char),
     #[error("SPIFFE ID {0:?} has no path, but a workload identity needs one")]
     NoPath(String),
@@ -202,16 +204,25 @@ mod tests {
     #[test]
     fn invalid_ids() {
         use SpiffeIdError::*;
-        let cases: &[(&str, fn(&SpiffeIdError) -> bool)] = &[
+        type Check = fn(&SpiffeIdError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, Empty)),
             ("http://cluster.local/ns/a", |e| matches!(e, WrongScheme(_))),
             ("SPIFFE://cluster.local/a", |e| matches!(e, WrongScheme(_))),
             ("spiffe://", |e| matches!(e, EmptyTrustDomain)),
             ("spiffe:///ns/a", |e| matches!(e, EmptyTrustDomain)),
-            ("spiffe://Cluster.local/a", |e| matches!(e, BadTrustDomainChar(_, 'C'))),
-            ("spiffe://td:8080/a", |e| matches!(e, BadTrustDomainChar(_, ':'))),
-            ("spiffe://user@td/a", |e| matches!(e, BadTrustDomainChar(_, '@'))),
-            ("spiffe://t%41d/a", |e| matches!(e, BadTrustDomainChar(_, '%'))),
+            ("spiffe://Cluster.local/a", |e| {
+                matches!(e, BadTrustDomainChar(_, 'C'))
+            }),
+            ("spiffe://td:8080/a", |e| {
+                matches!(e, BadTrustDomainChar(_, ':'))
+            }),
+            ("spiffe://user@td/a", |e| {
+                matches!(e, BadTrustDomainChar(_, '@'))
+            }),
+            ("spiffe://t%41d/a", |e| {
+                matches!(e, BadTrustDomainChar(_, '%'))
+            }),
             ("spiffe://td/", |e| matches!(e, BadSegment(_))),
             ("spiffe://td/a/", |e| matches!(e, BadSegment(_))),
             ("spiffe://td/a//b", |e| matches!(e, BadSegment(_))),

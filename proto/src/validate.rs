@@ -70,9 +70,13 @@ pub fn is_string_match(s: &str) -> bool {
     if s.is_empty() {
         return false;
     }
+    if s == "*" {
+        return true;
+    }
+    // At most one '*', at the start or at the end.
     let inner = s.strip_prefix('*').unwrap_or(s);
     let inner = inner.strip_suffix('*').unwrap_or(inner);
-    !inner.contains('*') && !(s.starts_with('*') && s.ends_with('*') && s.len() > 1)
+    s.matches('*').count() <= 1 && !inner.contains('*')
 }
 
 /// Parses an IP address or CIDR (`10.0.0.0/8`, `fd00::/8`, `10.1.2.3`).
@@ -158,10 +162,10 @@ fn source(r: &mut Report, base: &str, s: &Source) {
         ("notPrincipals", &s.not_principals),
     ] {
         for (k, v) in vals.iter().enumerate() {
-            if v.starts_with("spiffe://") {
+            if let Some(rest) = v.strip_prefix("spiffe://") {
                 r.err(
                     format!("{base}.{name}[{k}]"),
-                    format!("write principals without \"spiffe://\": {:?}", &v[9..]),
+                    format!("write principals without \"spiffe://\": {rest:?}"),
                 );
             }
         }
@@ -251,7 +255,10 @@ fn condition(r: &mut Report, base: &str, c: &Condition) {
         .and_then(|h| h.strip_suffix(']'));
     if let Some(h) = header {
         if h.is_empty() {
-            r.err(format!("{base}.key"), "request.headers[] needs a header name");
+            r.err(
+                format!("{base}.key"),
+                "request.headers[] needs a header name",
+            );
         }
     } else if c.key.starts_with("request.auth.") {
         r.unsupported(
@@ -329,10 +336,7 @@ pub fn validate_wasm_plugin(spec: &WasmPluginSpec) -> Report {
     }
     if let Some(l) = &spec.limits {
         if l.cpu_time_per_callback_millis == Some(0) {
-            r.err(
-                "spec.limits.cpuTimePerCallbackMillis",
-                "must be at least 1",
-            );
+            r.err("spec.limits.cpuTimePerCallbackMillis", "must be at least 1");
         }
         if l.memory_bytes.is_some_and(|m| m < 65536) {
             r.err(
@@ -359,9 +363,11 @@ pub fn is_label_key(k: &str) -> bool {
     if let Some(p) = prefix {
         if p.is_empty()
             || p.len() > 253
-            || !p
-                .split('.')
-                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+            || !p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
         {
             return false;
         }
@@ -378,8 +384,7 @@ pub fn is_label_value(v: &str) -> bool {
     v.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 

@@ -32,7 +32,10 @@ fn generated_yaml_is_the_crd() {
     }
     let ap = serde_json::to_value(weft_api::crd::AuthorizationPolicy::crd()).unwrap();
     assert_eq!(ap["spec"]["group"], "security.weft.dev");
-    assert_eq!(ap["spec"]["versions"][0]["subresources"]["status"], serde_json::json!({}));
+    assert_eq!(
+        ap["spec"]["versions"][0]["subresources"]["status"],
+        serde_json::json!({})
+    );
     let wp = serde_json::to_value(weft_api::crd::WasmPlugin::crd()).unwrap();
     assert_eq!(wp["spec"]["group"], "extensions.weft.dev");
 }

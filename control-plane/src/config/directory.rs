@@ -37,11 +37,14 @@ pub struct DirectoryReader {
 
 impl DirectoryReader {
     /// Returns `None` when nothing changed since the last call.
-    pub fn scan(&mut self, dir: &Path) -> std::io::Result<Option<(Vec<Object>, Vec<ManifestError>)>> {
+    pub fn scan(
+        &mut self,
+        dir: &Path,
+    ) -> std::io::Result<Option<(Vec<Object>, Vec<ManifestError>)>> {
         let mut seen = Vec::new();
         collect_files(dir, &mut seen)?;
-        let mut changed = self.files.len() != seen.len()
-            || seen.iter().any(|(p, _)| !self.files.contains_key(p));
+        let mut changed =
+            self.files.len() != seen.len() || seen.iter().any(|(p, _)| !self.files.contains_key(p));
         let mut next = BTreeMap::new();
         for (path, stamp) in seen {
             match self.files.remove(&path) {
@@ -68,7 +71,14 @@ impl DirectoryReader {
                             }],
                         ),
                     };
-                    next.insert(path, Parsed { stamp, objects, errors });
+                    next.insert(
+                        path,
+                        Parsed {
+                            stamp,
+                            objects,
+                            errors,
+                        },
+                    );
                 }
             }
         }
@@ -94,7 +104,9 @@ impl DirectoryReader {
                         document: i,
                         object: Some(r.to_string()),
                         field: Some("metadata.name".into()),
-                        message: format!("duplicate: already defined in {first}; this copy is ignored"),
+                        message: format!(
+                            "duplicate: already defined in {first}; this copy is ignored"
+                        ),
                     });
                     continue;
                 }
@@ -136,7 +148,11 @@ impl ConfigSource for DirectorySource {
 
     async fn run(self: Box<Self>, tx: EventSender) -> anyhow::Result<()> {
         let dir = self.dir.clone();
-        anyhow::ensure!(dir.is_dir(), "config directory {} does not exist", dir.display());
+        anyhow::ensure!(
+            dir.is_dir(),
+            "config directory {} does not exist",
+            dir.display()
+        );
         let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
@@ -170,7 +186,9 @@ impl ConfigSource for DirectorySource {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read config directory"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read config directory")
+                }
             }
             tokio::select! {
                 _ = wake_rx.recv() => tokio::time::sleep(DEBOUNCE).await,

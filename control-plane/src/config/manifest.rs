@@ -12,7 +12,7 @@ use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Namespace(Namespace),
-    Pod(Pod),
+    Pod(Box<Pod>),
     Service(Service),
     ServiceAccount(ServiceAccount),
     AuthorizationPolicy(AuthorizationPolicy),
@@ -128,7 +128,8 @@ pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestErro
 type DocError = (Option<String>, Option<String>, String);
 
 fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
-    let str_at = |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let str_at =
+        |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
     let kind = str_at(&value, "kind");
     let api_version = str_at(&value, "apiVersion");
     let meta = value.get("metadata");
@@ -168,7 +169,11 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
             "missing: every object but a Namespace must name its namespace".into(),
         ));
     }
-    if !is_dns_label(&name) && kind != "AuthorizationPolicy" && kind != "WasmPlugin" && !is_dns_subdomain(&name) {
+    if !is_dns_label(&name)
+        && kind != "AuthorizationPolicy"
+        && kind != "WasmPlugin"
+        && !is_dns_subdomain(&name)
+    {
         return Err((
             label(&kind),
             Some("metadata.name".into()),
@@ -184,7 +189,7 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
     }
     let obj = match kind.as_str() {
         "Namespace" => typed(value).map(Object::Namespace),
-        "Pod" => typed(value).map(Object::Pod),
+        "Pod" => typed(value).map(|p| Object::Pod(Box::new(p))),
         "Service" => typed(value).map(Object::Service),
         "ServiceAccount" => typed(value).map(Object::ServiceAccount),
         "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
@@ -196,7 +201,8 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -270,16 +276,26 @@ metadata: {name: nons}
         assert_eq!(errs[1].document, 1);
         assert_eq!(errs[1].object.as_deref(), Some("Service shop/web"));
         assert_eq!(errs[1].field.as_deref(), Some("spec.ports[0].port"));
-        assert_eq!(errs[2].object.as_deref(), Some("AuthorizationPolicy shop/p"));
+        assert_eq!(
+            errs[2].object.as_deref(),
+            Some("AuthorizationPolicy shop/p")
+        );
         assert_eq!(
             errs[2].field.as_deref(),
             Some("spec.rules[0].from[0].source.principalz")
         );
-        assert!(errs[2].message.contains("principalz"), "{}", errs[2].message);
+        assert!(
+            errs[2].message.contains("principalz"),
+            "{}",
+            errs[2].message
+        );
         assert_eq!(errs[3].field.as_deref(), Some("metadata.namespace"));
         assert_eq!(
             errs[1].to_string(),
-            format!("bad.yaml document 1 (Service shop/web) field spec.ports[0].port: {}", errs[1].message)
+            format!(
+                "bad.yaml document 1 (Service shop/web) field spec.ports[0].port: {}",
+                errs[1].message
+            )
         );
     }
 

@@ -5,8 +5,8 @@
 use super::csr::{self, CsrError};
 use super::NODE_ID_PREFIX;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
     PKCS_ECDSA_P256_SHA256,
 };
 use std::fs;
@@ -80,8 +80,11 @@ impl Ca {
     pub fn load_or_create(opts: &CaOptions) -> Result<Self, CaError> {
         let dir = opts.state_dir.join("ca");
         create_private_dir(&dir)?;
-        let (cert_path, key_path, bundle_path) =
-            (dir.join("ca.crt"), dir.join("ca.key"), dir.join("root-bundle.crt"));
+        let (cert_path, key_path, bundle_path) = (
+            dir.join("ca.crt"),
+            dir.join("ca.key"),
+            dir.join("root-bundle.crt"),
+        );
 
         if let (Some(c), Some(k)) = (&opts.user_cert, &opts.user_key) {
             let chain = read(c)?;
@@ -127,9 +130,7 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.subject_alt_names = vec![SanType::URI(
-            opts.trust_domain.id().try_into()?,
-        )];
+        params.subject_alt_names = vec![SanType::URI(opts.trust_domain.id().try_into()?)];
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + ROOT_VALIDITY).into();

@@ -47,8 +47,8 @@ pub struct VerifiedCsr {
 
 /// Checks that `der` is a self-consistent CSR for exactly `requested` with a P-256 key.
 pub fn verify(der: &[u8], requested: &SpiffeId) -> Result<VerifiedCsr, CsrError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der)
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::TrailingBytes);
     }

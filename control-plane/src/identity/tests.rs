@@ -49,20 +49,33 @@ fn creates_persists_and_reloads_with_private_permissions() {
     let dir = tempfile::tempdir().unwrap();
     let a = Ca::load_or_create(&opts(dir.path())).unwrap();
     for f in ["ca.key", "ca.crt", "root-bundle.crt"] {
-        let mode = std::fs::metadata(dir.path().join("ca").join(f)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("ca").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
-    let mode = std::fs::metadata(dir.path().join("ca")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("ca"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o700);
     let b = Ca::load_or_create(&opts(dir.path())).unwrap();
-    assert_eq!(a.bundle_pem(), b.bundle_pem(), "reload must keep the same root");
+    assert_eq!(
+        a.bundle_pem(),
+        b.bundle_pem(),
+        "reload must keep the same root"
+    );
     // The root is a proper signing certificate whose SPIFFE ID has no path.
     let root = &der_chain(a.bundle_pem())[0];
     let (_, x) = X509Certificate::from_der(root).unwrap();
     assert!(x.is_ca());
     assert!(x.key_usage().unwrap().unwrap().value.key_cert_sign());
     let san = x.subject_alternative_name().unwrap().unwrap();
-    assert_eq!(san.value.general_names, vec![GeneralName::URI("spiffe://cluster.local")]);
+    assert_eq!(
+        san.value.general_names,
+        vec![GeneralName::URI("spiffe://cluster.local")]
+    );
 }
 
 #[test]
@@ -73,7 +86,11 @@ fn svid_meets_every_must_of_the_spec() {
     let id = SpiffeId::parse(WEB).unwrap();
     let issued = ca.sign_svid(&csr_for(&[WEB], &key), &id).unwrap();
     let chain = der_chain(&issued.chain_pem);
-    assert_eq!(chain.len(), 1, "a self-signed root is not appended to the chain");
+    assert_eq!(
+        chain.len(),
+        1,
+        "a self-signed root is not appended to the chain"
+    );
     let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
 
     assert_eq!(leaf.version().0, 2, "X.509 v3");
@@ -81,7 +98,10 @@ fn svid_meets_every_must_of_the_spec() {
     let san = leaf.subject_alternative_name().unwrap().unwrap();
     assert_eq!(san.value.general_names, vec![GeneralName::URI(WEB)]);
     assert_eq!(leaf.subject().iter().count(), 0);
-    assert!(san.critical, "SAN must be critical when the subject is empty");
+    assert!(
+        san.critical,
+        "SAN must be critical when the subject is empty"
+    );
     // cA = false, present.
     let bc = leaf.basic_constraints().unwrap().unwrap();
     assert!(!bc.value.ca);
@@ -97,8 +117,14 @@ fn svid_meets_every_must_of_the_spec() {
     // ECDSA P-256 key, the requester's.
     let alg = &leaf.public_key().algorithm;
     assert_eq!(alg.algorithm, OID_KEY_TYPE_EC_PUBLIC_KEY);
-    assert_eq!(alg.parameters.as_ref().unwrap().as_oid().unwrap(), OID_EC_P256);
-    assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+    assert_eq!(
+        alg.parameters.as_ref().unwrap().as_oid().unwrap(),
+        OID_EC_P256
+    );
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw()
+    );
     // Signed by the CA.
     let root = &der_chain(ca.bundle_pem())[0];
     let (_, root) = X509Certificate::from_der(root).unwrap();
@@ -108,10 +134,10 @@ fn svid_meets_every_must_of_the_spec() {
     let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
     assert_eq!(life, 24 * 3600 + 60);
     // Authority key identifier present; serial positive and random.
-    assert!(leaf
-        .extensions()
-        .iter()
-        .any(|e| matches!(e.parsed_extension(), ParsedExtension::AuthorityKeyIdentifier(_))));
+    assert!(leaf.extensions().iter().any(|e| matches!(
+        e.parsed_extension(),
+        ParsedExtension::AuthorityKeyIdentifier(_)
+    )));
     assert_eq!(leaf.raw_serial().len(), 16);
     assert!(leaf.raw_serial()[0] < 0x80);
     let again = ca.sign_svid(&csr_for(&[WEB], &key), &id).unwrap();
@@ -145,10 +171,16 @@ fn csr_rejections() {
         other => panic!("expected a CSR error, got {other:?}"),
     };
     // Wrong SAN.
-    let e = reason(ca.sign_svid(&csr_for(&["spiffe://cluster.local/ns/shop/sa/admin"], &key), &id));
+    let e = reason(ca.sign_svid(
+        &csr_for(&["spiffe://cluster.local/ns/shop/sa/admin"], &key),
+        &id,
+    ));
     assert!(matches!(e, CsrError::SanMismatch { .. }), "{e}");
     // Two SANs.
-    let e = reason(ca.sign_svid(&csr_for(&[WEB, "spiffe://cluster.local/ns/x/sa/y"], &key), &id));
+    let e = reason(ca.sign_svid(
+        &csr_for(&[WEB, "spiffe://cluster.local/ns/x/sa/y"], &key),
+        &id,
+    ));
     assert_eq!(e, CsrError::MultipleSans(2));
     // No SAN.
     let e = reason(ca.sign_svid(&csr_for(&[], &key), &id));
@@ -202,7 +234,8 @@ fn user_provided_intermediate() {
     let root_issuer = rcgen::Issuer::new(rp, &root_key);
     let int_key = p256();
     let mut ip = CertificateParams::default();
-    ip.distinguished_name.push(DnType::CommonName, "mesh intermediate");
+    ip.distinguished_name
+        .push(DnType::CommonName, "mesh intermediate");
     ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let int = ip.signed_by(&int_key, &root_issuer).unwrap();
@@ -226,7 +259,10 @@ fn user_provided_intermediate() {
     let (_, r) = X509Certificate::from_der(root.der()).unwrap();
     leaf.verify_signature(Some(inter.public_key())).unwrap();
     inter.verify_signature(Some(r.public_key())).unwrap();
-    let mode = std::fs::metadata(dir.path().join("ca/ca.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("ca/ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     // A key that does not belong to the certificate is refused.
@@ -247,20 +283,26 @@ fn user_provided_intermediate() {
 fn node_credentials_are_client_only_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::load_or_create(&opts(dir.path())).unwrap();
-    let (c, _key) = ca.issue_node_credential("node-a", Duration::from_secs(3600)).unwrap();
+    let (c, _key) = ca
+        .issue_node_credential("node-a", Duration::from_secs(3600))
+        .unwrap();
     let chain = der_chain(&c.chain_pem);
     let (_, x) = X509Certificate::from_der(&chain[0]).unwrap();
     let eku = x.extended_key_usage().unwrap().unwrap();
     assert!(eku.value.client_auth && !eku.value.server_auth);
     assert_eq!(
-        crate::server::auth::node_from_cert(&der_chain(&c.chain_pem)[0], ca.trust_domain()).unwrap(),
+        crate::server::auth::node_from_cert(&der_chain(&c.chain_pem)[0], ca.trust_domain())
+            .unwrap(),
         "node-a"
     );
     // A workload SVID is not a node credential.
     let svid = ca
         .sign_svid(&csr_for(&[WEB], &p256()), &SpiffeId::parse(WEB).unwrap())
         .unwrap();
-    let s = crate::server::auth::node_from_cert(&der_chain(&svid.chain_pem)[0], ca.trust_domain()).unwrap_err();
+    let s = crate::server::auth::node_from_cert(&der_chain(&svid.chain_pem)[0], ca.trust_domain())
+        .unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied);
-    assert!(ca.issue_node_credential("bad/name", Duration::from_secs(60)).is_err());
+    assert!(ca
+        .issue_node_credential("bad/name", Duration::from_secs(60))
+        .is_err());
 }

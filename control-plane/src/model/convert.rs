@@ -24,7 +24,10 @@ pub fn workload(pod: &Pod, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Work
         .map(|v| v.iter().map(|p| p.ip.clone()).collect())
         .unwrap_or_default();
     if ips.is_empty() {
-        if let Some(ip) = status.and_then(|s| s.pod_ip.clone()).filter(|s| !s.is_empty()) {
+        if let Some(ip) = status
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|s| !s.is_empty())
+        {
             ips.push(ip);
         }
     }
@@ -57,7 +60,12 @@ pub fn workload(pod: &Pod, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Work
         ips,
         enrolled,
         spiffe_id,
-        labels: meta.labels.clone().unwrap_or_default().into_iter().collect(),
+        labels: meta
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ports,
     }
@@ -69,7 +77,10 @@ pub fn pod_ready(pod: &Pod) -> bool {
         return false;
     }
     let status = pod.status.as_ref();
-    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
         return false;
     }
     !status
@@ -77,16 +88,17 @@ pub fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"))
 }
 
-pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 pub fn service(svc: &Service, pods: &[(&Pod, &pb::Workload)]) -> pb::Service {
     let meta = &svc.metadata;
     let spec = svc.spec.as_ref();
-    let mut cluster_ips: Vec<String> = spec
-        .and_then(|s| s.cluster_ips.clone())
-        .unwrap_or_default();
+    let mut cluster_ips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
     if cluster_ips.is_empty() {
         if let Some(ip) = spec.and_then(|s| s.cluster_ip.clone()) {
             cluster_ips.push(ip);
@@ -111,9 +123,8 @@ pub fn service(svc: &Service, pods: &[(&Pod, &pb::Workload)]) -> pb::Service {
                 .collect()
         })
         .unwrap_or_default();
-    let selector: BTreeMap<String, String> = spec
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_default();
+    let selector: BTreeMap<String, String> =
+        spec.and_then(|s| s.selector.clone()).unwrap_or_default();
     let mut endpoints = Vec::new();
     if !selector.is_empty() {
         for (pod, w) in pods {
@@ -274,7 +285,11 @@ pub fn wasm_plugin(p: &WasmPlugin) -> pb::WasmPlugin {
             .unwrap_or_default(),
         phase: phase.into(),
         priority: s.priority.unwrap_or(0),
-        ports: s.match_.iter().flat_map(|m| m.ports.iter().map(|p| p.number)).collect(),
+        ports: s
+            .match_
+            .iter()
+            .flat_map(|m| m.ports.iter().map(|p| p.number))
+            .collect(),
         fail_strategy: fail.into(),
         max_cpu_millis_per_callback: s
             .limits

@@ -62,7 +62,11 @@ mod tests {
         let cases = [
             (Some(ns(Some("enabled"))), pod(None, false), true),
             (Some(ns(Some("enabled"))), pod(Some("enabled"), false), true),
-            (Some(ns(Some("enabled"))), pod(Some("disabled"), false), false),
+            (
+                Some(ns(Some("enabled"))),
+                pod(Some("disabled"), false),
+                false,
+            ),
             (Some(ns(Some("enabled"))), pod(None, true), false),
             (Some(ns(Some("disabled"))), pod(None, false), false),
             (Some(ns(Some("Enabled"))), pod(None, false), false),

@@ -14,7 +14,9 @@ use std::time::Instant;
 use tokio::sync::broadcast;
 use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
 use weft_api::pb::{self, resource::Kind};
-use weft_api::resource::{self as res, KIND_AUTHZ, KIND_SERVICE, KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD};
+use weft_api::resource::{
+    self as res, KIND_AUTHZ, KIND_SERVICE, KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD,
+};
 use weft_api::spiffe::TrustDomain;
 use weft_api::validate::{self, Report};
 
@@ -274,11 +276,20 @@ impl Model {
         let _ = self.tx.send(batch);
     }
 
-    fn derive_workloads_and_services(&self, inputs: &mut Inputs, ns: &str) -> HashMap<String, Entry> {
+    fn derive_workloads_and_services(
+        &self,
+        inputs: &mut Inputs,
+        ns: &str,
+    ) -> HashMap<String, Entry> {
         let mut out = HashMap::new();
         let namespace = inputs.namespaces.get(ns).cloned();
         let pods: Vec<(&Pod, pb::Workload)> = range(&inputs.pods, ns)
-            .map(|p| (p, convert::workload(p, namespace.as_ref(), &self.cfg.trust_domain)))
+            .map(|p| {
+                (
+                    p,
+                    convert::workload(p, namespace.as_ref(), &self.cfg.trust_domain),
+                )
+            })
             .collect();
         let mut enrolled_now: HashMap<String, EnrolledWorkload> = HashMap::new();
         for (_, w) in &pods {
@@ -337,7 +348,12 @@ impl Model {
         out
     }
 
-    fn derive_policies_and_plugins(&self, inputs: &mut Inputs, ns: &str, out: &mut HashMap<String, Entry>) {
+    fn derive_policies_and_plugins(
+        &self,
+        inputs: &mut Inputs,
+        ns: &str,
+        out: &mut HashMap<String, Entry>,
+    ) {
         let mesh_wide = ns == self.cfg.root_namespace;
         let mut statuses = Vec::new();
         let policies: Vec<AuthorizationPolicy> = range(&inputs.policies, ns).cloned().collect();
@@ -352,7 +368,9 @@ impl Model {
                     key.clone(),
                     Entry {
                         resource: Arc::new(res::make(key, Kind::AuthorizationPolicy(pp))),
-                        visibility: Visibility::Nodes(nodes_selected(inputs, ns, mesh_wide, &selector)),
+                        visibility: Visibility::Nodes(nodes_selected(
+                            inputs, ns, mesh_wide, &selector,
+                        )),
                     },
                 );
             }
@@ -371,7 +389,9 @@ impl Model {
                     key.clone(),
                     Entry {
                         resource: Arc::new(res::make(key, Kind::WasmPlugin(wp))),
-                        visibility: Visibility::Nodes(nodes_selected(inputs, ns, mesh_wide, &selector)),
+                        visibility: Visibility::Nodes(nodes_selected(
+                            inputs, ns, mesh_wide, &selector,
+                        )),
                     },
                 );
             }
@@ -403,7 +423,9 @@ fn nodes_selected(
         inputs
             .enrolled
             .values()
-            .filter(|w| (mesh_wide || w.namespace == ns) && convert::selector_matches(selector, &w.labels))
+            .filter(|w| {
+                (mesh_wide || w.namespace == ns) && convert::selector_matches(selector, &w.labels)
+            })
             .map(|w| w.node.clone())
             .collect(),
     )
@@ -419,7 +441,10 @@ fn dec_identity(map: &mut HashMap<(String, String), usize>, w: &EnrolledWorkload
     }
 }
 
-fn range<'a, T>(m: &'a BTreeMap<(String, String), T>, ns: &'a str) -> impl Iterator<Item = &'a T> + 'a {
+fn range<'a, T>(
+    m: &'a BTreeMap<(String, String), T>,
+    ns: &'a str,
+) -> impl Iterator<Item = &'a T> + 'a {
     m.range((ns.to_string(), String::new())..)
         .take_while(move |((n, _), _)| n == ns)
         .map(|(_, v)| v)
@@ -473,7 +498,7 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
             }
         }
         Object::Pod(p) => {
-            let c = put(&mut i.pods, nn(&r), p);
+            let c = put(&mut i.pods, nn(&r), *p);
             *pods_changed |= c;
             c
         }

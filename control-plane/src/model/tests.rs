@@ -73,12 +73,18 @@ fn derives_workloads_services_and_scoped_policies() {
     );
     assert!(b.contains(&"AuthorizationPolicy/shop/db-allow".to_string()));
     let st = m.read_state();
-    let Some(Kind::Service(svc)) = &st.entries["Service/shop/web"].resource.kind else { panic!() };
+    let Some(Kind::Service(svc)) = &st.entries["Service/shop/web"].resource.kind else {
+        panic!()
+    };
     assert_eq!(svc.endpoints.len(), 1);
     assert_eq!(svc.endpoints[0].target_ports[&80], 8080);
-    let Some(Kind::Workload(w)) = &st.entries["Workload/legacy/old-1"].resource.kind else { panic!() };
+    let Some(Kind::Workload(w)) = &st.entries["Workload/legacy/old-1"].resource.kind else {
+        panic!()
+    };
     assert!(!w.enrolled);
-    let Some(Kind::Workload(w)) = &st.entries["Workload/shop/web-1"].resource.kind else { panic!() };
+    let Some(Kind::Workload(w)) = &st.entries["Workload/shop/web-1"].resource.kind else {
+        panic!()
+    };
     assert!(w.enrolled);
     assert_eq!(w.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
     drop(st);
@@ -106,8 +112,14 @@ fn changes_are_announced_once_and_only_when_content_changes() {
     let b = rx.try_recv().unwrap();
     let mut keys = b.keys.clone();
     keys.sort();
-    assert_eq!(keys, vec!["AuthorizationPolicy/shop/db-allow", "Workload/shop/db-1"]);
-    assert!(!m.view_of("node-b").iter().any(|r| r.key == "AuthorizationPolicy/shop/db-allow"));
+    assert_eq!(
+        keys,
+        vec!["AuthorizationPolicy/shop/db-allow", "Workload/shop/db-1"]
+    );
+    assert!(!m
+        .view_of("node-b")
+        .iter()
+        .any(|r| r.key == "AuthorizationPolicy/shop/db-allow"));
     assert!(!m.node_runs_identity("node-b", "spiffe://cluster.local/ns/shop/sa/db"));
 }
 
@@ -115,11 +127,16 @@ fn changes_are_announced_once_and_only_when_content_changes() {
 fn namespace_label_removal_unenrolls() {
     let m = model();
     m.apply(SourceEvent::Snapshot(objects(BASE)));
-    let text = BASE.replace("{name: shop, labels: {weft.dev/mesh: enabled}}", "{name: shop}");
+    let text = BASE.replace(
+        "{name: shop, labels: {weft.dev/mesh: enabled}}",
+        "{name: shop}",
+    );
     m.apply(SourceEvent::Snapshot(objects(&text)));
     assert!(!m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/web"));
     let st = m.read_state();
-    let Some(Kind::Workload(w)) = &st.entries["Workload/shop/web-1"].resource.kind else { panic!() };
+    let Some(Kind::Workload(w)) = &st.entries["Workload/shop/web-1"].resource.kind else {
+        panic!()
+    };
     assert!(!w.enrolled);
 }
 
@@ -138,8 +155,17 @@ spec:
     );
     m.apply(SourceEvent::Snapshot(objects(&text)));
     let st = m.read_state();
-    let Some(Kind::AuthorizationPolicy(p)) = &st.entries["AuthorizationPolicy/shop/bad-deny"].resource.kind else { panic!() };
-    assert_eq!(p.rules, vec![pb::Rule::default()], "invalid DENY must match everything");
+    let Some(Kind::AuthorizationPolicy(p)) = &st.entries["AuthorizationPolicy/shop/bad-deny"]
+        .resource
+        .kind
+    else {
+        panic!()
+    };
+    assert_eq!(
+        p.rules,
+        vec![pb::Rule::default()],
+        "invalid DENY must match everything"
+    );
     drop(st);
     let statuses = m.statuses();
     let s = statuses
@@ -147,7 +173,10 @@ spec:
         .find(|(r, _)| r.name == "bad-deny")
         .map(|(_, s)| s)
         .unwrap();
-    assert_eq!(s.report.errors[0].field, "spec.rules[0].from[0].source.ipBlocks[0]");
+    assert_eq!(
+        s.report.errors[0].field,
+        "spec.rules[0].from[0].source.ipBlocks[0]"
+    );
 }
 
 #[test]

@@ -48,7 +48,9 @@ impl NodeAuthenticator for CertNodeAuthenticator {
             .peer_certs
             .as_ref()
             .filter(|c| !c.is_empty())
-            .ok_or_else(|| Status::unauthenticated("a node credential (client certificate) is required"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("a node credential (client certificate) is required")
+            })?;
         node_from_cert(&certs[0], &self.trust_domain)
     }
 }
@@ -72,9 +74,12 @@ pub fn node_from_cert(der: &[u8], td: &TrustDomain) -> Result<String, Status> {
         })
         .collect();
     let [uri] = uris.as_slice() else {
-        return Err(Status::unauthenticated("client certificate must have exactly one URI SAN"));
+        return Err(Status::unauthenticated(
+            "client certificate must have exactly one URI SAN",
+        ));
     };
-    let id = SpiffeId::parse(uri).map_err(|e| Status::unauthenticated(format!("client certificate SAN: {e}")))?;
+    let id = SpiffeId::parse(uri)
+        .map_err(|e| Status::unauthenticated(format!("client certificate SAN: {e}")))?;
     if id.trust_domain() != td {
         return Err(Status::unauthenticated(format!(
             "client certificate is from trust domain {}, not {td}",

@@ -26,7 +26,10 @@ impl Signer {
 
 #[tonic::async_trait]
 impl Certificates for Signer {
-    async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
+    async fn sign(
+        &self,
+        req: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
         let node = match self.auth.authenticate(&RequestAuth::of(&req)).await {
             Ok(n) => n,
             Err(s) => {
@@ -36,7 +39,12 @@ impl Certificates for Signer {
         };
         let r = req.into_inner();
         let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| {
-            self.refuse(&node, &r.spiffe_id, "invalid_id", Status::invalid_argument(format!("spiffe_id: {e}")))
+            self.refuse(
+                &node,
+                &r.spiffe_id,
+                "invalid_id",
+                Status::invalid_argument(format!("spiffe_id: {e}")),
+            )
         })?;
         if !self.model.node_runs_identity(&node, &r.spiffe_id) {
             return Err(self.refuse(
@@ -71,7 +79,12 @@ impl Certificates for Signer {
                 "wrong_identity",
                 Status::permission_denied(format!("{id}: {msg}")),
             )),
-            Err(e) => Err(self.refuse(&node, &r.spiffe_id, "internal", Status::internal(e.to_string()))),
+            Err(e) => Err(self.refuse(
+                &node,
+                &r.spiffe_id,
+                "internal",
+                Status::internal(e.to_string()),
+            )),
         }
     }
 }

@@ -42,8 +42,14 @@ impl NodeConfig for Distribution {
         let node = self.auth.authenticate(&RequestAuth::of(&req)).await?;
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
-            Some(pb::SubscribeRequest { kind: Some(Req::Hello(h)) }) => h,
-            Some(_) => return Err(Status::invalid_argument("the first message must be a Hello")),
+            Some(pb::SubscribeRequest {
+                kind: Some(Req::Hello(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ))
+            }
             None => return Err(Status::invalid_argument("stream closed before Hello")),
         };
         if hello.node != node {
@@ -82,7 +88,9 @@ struct NodeStream {
 impl NodeStream {
     async fn run(mut self, mut inbound: Streaming<pb::SubscribeRequest>) {
         self.sessions.connected(&self.node);
-        self.metrics.connected_nodes.set(self.sessions.count() as i64);
+        self.metrics
+            .connected_nodes
+            .set(self.sessions.count() as i64);
         tracing::info!(node = %self.node, known = self.held.len(), "node subscribed");
         // Subscribe before the first diff so no change falls in between.
         let mut changes = self.model.subscribe();
@@ -91,7 +99,9 @@ impl NodeStream {
             self.serve(&mut changes, &mut inbound).await;
         }
         self.sessions.disconnected(&self.node);
-        self.metrics.connected_nodes.set(self.sessions.count() as i64);
+        self.metrics
+            .connected_nodes
+            .set(self.sessions.count() as i64);
         tracing::info!(node = %self.node, "node stream closed");
     }
 
@@ -221,7 +231,12 @@ impl NodeStream {
     }
 
     /// Sends (in chunks) and returns false when the node is gone.
-    async fn send(&mut self, mut ups: Vec<pb::Resource>, mut rms: Vec<String>, initial: bool) -> bool {
+    async fn send(
+        &mut self,
+        mut ups: Vec<pb::Resource>,
+        mut rms: Vec<String>,
+        initial: bool,
+    ) -> bool {
         ups.sort_by(|a, b| a.key.cmp(&b.key));
         rms.sort();
         let total = ups.len() + rms.len();

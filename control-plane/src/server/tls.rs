@@ -20,7 +20,12 @@ pub struct ServingCert {
 
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -56,7 +61,9 @@ impl ServingCert {
                     *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
                     tracing::info!("renewed the control plane's serving certificate");
                 }
-                Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed; keeping the current one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "renewing the serving certificate failed; keeping the current one")
+                }
             }
         }
     }
@@ -84,7 +91,8 @@ pub fn acceptor(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<TlsA
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {

@@ -40,7 +40,8 @@ pub struct CertManager {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
-    pub connect: Arc<dyn Fn() -> futures::future::BoxFuture<'static, anyhow::Result<Channel>> + Send + Sync>,
+    pub connect:
+        Arc<dyn Fn() -> futures::future::BoxFuture<'static, anyhow::Result<Channel>> + Send + Sync>,
 }
 
 struct Slot {
@@ -91,7 +92,9 @@ impl CertManager {
                         self.metrics.cert_renewals.inc();
                         self.metrics
                             .cert_expiry
-                            .get_or_create(&IdentityLabel { identity: id.clone() })
+                            .get_or_create(&IdentityLabel {
+                                identity: id.clone(),
+                            })
                             .set(unix(cert.not_after) as i64);
                         tracing::info!(identity = %id, serial = %cert.serial, not_after = %humantime::format_rfc3339_seconds(cert.not_after), "certificate issued");
                         self.certs.put(cert);
@@ -105,7 +108,9 @@ impl CertManager {
                             .get(id)
                             .is_some_and(|c| c.not_after > SystemTime::now());
                         tracing::warn!(identity = %id, error = %format!("{e:#}"), retry_in = ?delay, still_valid, "certificate request failed");
-                        if e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Unavailable) {
+                        if e.downcast_ref::<tonic::Status>()
+                            .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+                        {
                             client = None;
                         }
                     }
@@ -130,11 +135,18 @@ impl CertManager {
             .not_after
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        let frac = self.settings.renew_fraction + rand::random::<f64>() * self.settings.jitter_fraction;
-        remaining.mul_f64(frac.min(0.95)).max(Duration::from_millis(500))
+        let frac =
+            self.settings.renew_fraction + rand::random::<f64>() * self.settings.jitter_fraction;
+        remaining
+            .mul_f64(frac.min(0.95))
+            .max(Duration::from_millis(500))
     }
 
-    async fn request(&self, client: &mut CertificatesClient<Channel>, id: &str) -> anyhow::Result<WorkloadCert> {
+    async fn request(
+        &self,
+        client: &mut CertificatesClient<Channel>,
+        id: &str,
+    ) -> anyhow::Result<WorkloadCert> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -151,7 +163,8 @@ impl CertManager {
         let leaf = rustls_pemfile::certs(&mut resp.cert_chain_pem.as_bytes())
             .next()
             .context("the control plane returned no certificate")??;
-        let (_, x509) = X509Certificate::from_der(&leaf).context("returned certificate does not parse")?;
+        let (_, x509) =
+            X509Certificate::from_der(&leaf).context("returned certificate does not parse")?;
         check_san(&x509, id)?;
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             bail!("returned certificate is not for the key we sent");
@@ -197,5 +210,7 @@ fn from_unix(t: i64) -> SystemTime {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

@@ -52,7 +52,11 @@ pub struct CertStore {
 
 impl CertStore {
     pub fn get(&self, id: &str) -> Option<Arc<WorkloadCert>> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
     pub fn put(&self, c: WorkloadCert) {
         self.inner
@@ -61,9 +65,17 @@ impl CertStore {
             .insert(c.spiffe_id.clone(), Arc::new(c));
     }
     pub fn remove(&self, id: &str) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
     pub fn all(&self) -> Vec<Arc<WorkloadCert>> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

@@ -137,7 +137,9 @@ fn validate(r: &pb::Resource) -> Result<(), String> {
         None => Err("resource has no kind".into()),
         Some(Kind::Workload(w)) => w.ips.iter().try_for_each(|ip| ip_ok("ips", ip)),
         Some(Kind::Service(s)) => {
-            s.cluster_ips.iter().try_for_each(|ip| ip_ok("cluster_ips", ip))?;
+            s.cluster_ips
+                .iter()
+                .try_for_each(|ip| ip_ok("cluster_ips", ip))?;
             s.endpoints
                 .iter()
                 .flat_map(|e| e.ips.iter())

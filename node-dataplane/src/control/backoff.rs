@@ -25,7 +25,11 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let lo = (self.base / 2).min(cap);
         let span = cap.saturating_sub(lo).as_millis() as u64;
-        lo + Duration::from_millis(if span == 0 { 0 } else { rand::random_range(0..=span) })
+        lo + Duration::from_millis(if span == 0 {
+            0
+        } else {
+            rand::random_range(0..=span)
+        })
     }
 
     pub fn reset(&mut self) {
@@ -42,7 +46,10 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         for _ in 0..20 {
             let d = b.next_delay();
-            assert!(d >= Duration::from_millis(50) && d <= Duration::from_secs(2), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -18,7 +18,8 @@ pub struct ControlPlaneTarget {
 
 fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
     let p = dir.join(name);
-    std::fs::read_to_string(&p).with_context(|| format!("reading the node credential {}", p.display()))
+    std::fs::read_to_string(&p)
+        .with_context(|| format!("reading the node credential {}", p.display()))
 }
 
 impl ControlPlaneTarget {

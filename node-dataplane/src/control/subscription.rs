@@ -13,13 +13,19 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::pb::{self, node_config_client::NodeConfigClient, subscribe_request::Kind as Req};
 
-pub async fn run_forever(target: ControlPlaneTarget, store: Arc<ConfigStore>, metrics: Arc<Metrics>) {
+pub async fn run_forever(
+    target: ControlPlaneTarget,
+    store: Arc<ConfigStore>,
+    metrics: Arc<Metrics>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let started = std::time::Instant::now();
         match subscribe_once(&target, &store, &metrics).await {
             Ok(()) => tracing::warn!("control plane closed the config stream; reconnecting"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "config stream failed; serving the last good config"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "config stream failed; serving the last good config")
+            }
         }
         metrics.control_plane_connected.set(0);
         if started.elapsed() > Duration::from_secs(30) {
@@ -44,7 +50,10 @@ async fn subscribe_once(
         })),
     };
     tx.send(hello).await?;
-    let mut updates = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+    let mut updates = client
+        .subscribe(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     metrics.control_plane_connected.set(1);
     tracing::info!(address = %target.address, "subscribed to the control plane");
     while let Some(update) = updates.message().await? {
@@ -68,8 +77,17 @@ async fn subscribe_once(
                 rejected_keys: rejected.into_iter().map(|(k, _)| k).collect(),
             })
         };
-        tracing::debug!(sequence = update.sequence, upserts = update.upserts.len(), removals = update.removals.len(), "applied config update");
-        if tx.send(pb::SubscribeRequest { kind: Some(reply) }).await.is_err() {
+        tracing::debug!(
+            sequence = update.sequence,
+            upserts = update.upserts.len(),
+            removals = update.removals.len(),
+            "applied config update"
+        );
+        if tx
+            .send(pb::SubscribeRequest { kind: Some(reply) })
+            .await
+            .is_err()
+        {
             break;
         }
     }

@@ -29,7 +29,13 @@ pub fn all_crd_yaml() -> Vec<(&'static str, String)> {
         format!("# Generated from the Rust types by `weft-control-plane crds`. Do not edit.\n{body}")
     };
     vec![
-        ("authorizationpolicies.security.weft.dev.yaml", render(AuthorizationPolicy::crd())),
-        ("wasmplugins.extensions.weft.dev.yaml", render(WasmPlugin::crd())),
+        (
+            "authorizationpolicies.security.weft.dev.yaml",
+            render(AuthorizationPolicy::crd()),
+        ),
+        (
+            "wasmplugins.extensions.weft.dev.yaml",
+            render(WasmPlugin::crd()),
+        ),
     ]
 }

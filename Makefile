@@ -1,0 +1,39 @@
+# weft: the two commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all setup build demo test lint fmt crds bench clean
+
+all: build
+
+# Everything a fresh Debian 12 machine with Rust stable needs. Idempotent.
+setup:
+	@./.ci/setup
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+demo: build
+	$(CARGO) run -q -p weft-e2e --bin weft-demo -- $(DEMO_ARGS)
+
+# The whole suite: formatting, lints, unit, integration and end-to-end tests.
+test: build lint
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# Regenerate crds/ from the Rust types (a test fails when they drift).
+crds:
+	$(CARGO) run -q -p weft-control-plane -- crds --out crds
+
+bench: setup
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-control-plane
+
+clean:
+	$(CARGO) clean
