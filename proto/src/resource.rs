@@ -35,6 +35,12 @@ pub fn make(key: String, kind: pb::resource::Kind) -> pb::Resource {
     r
 }
 
+/// The version as a number (first 8 bytes of the content hash); 0 if unparsable,
+/// which never equals a real version.
+pub fn version_number(version: &str) -> u64 {
+    u64::from_str_radix(version, 16).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +59,11 @@ mod tests {
         let c = make(key(KIND_WORKLOAD, "ns", "a"), w("10.0.0.2"));
         assert_eq!(a.version, b.version);
         assert_ne!(a.version, c.version);
+        assert_eq!(
+            version_number(&a.version),
+            u64::from_str_radix(&a.version, 16).unwrap()
+        );
+        assert_eq!(version_number("zz"), 0);
         assert_eq!(a.key, "Workload/ns/a");
         assert_eq!(key(KIND_TRUST_BUNDLE, "", "root"), "TrustBundle/-/root");
         assert_eq!(kind_of(&a.key), "Workload");

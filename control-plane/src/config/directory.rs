@@ -3,6 +3,7 @@
 //! safety net); only files whose size or mtime changed are re-parsed.
 
 use super::manifest::{parse_manifests, ManifestError, Object, ObjectRef};
+
 use super::{ConfigSource, EventSender, SourceEvent};
 use anyhow::Context;
 use notify::{RecursiveMode, Watcher};
@@ -10,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-const DEBOUNCE: Duration = Duration::from_millis(50);
+const DEBOUNCE: Duration = Duration::from_millis(10);
 const POLL: Duration = Duration::from_secs(2);
 
 pub struct DirectorySource {
@@ -29,92 +30,180 @@ struct Parsed {
     errors: Vec<ManifestError>,
 }
 
-/// Reads the directory, re-parsing only changed files, and returns the merged view.
+/// Reads the directory, re-parsing only changed files. The first scan yields a
+/// full snapshot; later scans yield only the objects of changed files that changed.
+/// An object defined in two files is owned by the first file to define it (in path
+/// order at start, otherwise the one that had it first); the other copy is reported.
 #[derive(Default)]
 pub struct DirectoryReader {
     files: BTreeMap<PathBuf, Parsed>,
+    owner: HashMap<ObjectRef, PathBuf>,
+    scanned: bool,
+}
+
+/// What a scan found: the events to apply, and every current problem.
+pub struct Scan {
+    pub event: SourceEvent,
+    pub errors: Vec<ManifestError>,
 }
 
 impl DirectoryReader {
     /// Returns `None` when nothing changed since the last call.
-    pub fn scan(
-        &mut self,
-        dir: &Path,
-    ) -> std::io::Result<Option<(Vec<Object>, Vec<ManifestError>)>> {
+    pub fn scan(&mut self, dir: &Path) -> std::io::Result<Option<Scan>> {
         let mut seen = Vec::new();
         collect_files(dir, &mut seen)?;
-        let mut changed =
-            self.files.len() != seen.len() || seen.iter().any(|(p, _)| !self.files.contains_key(p));
-        let mut next = BTreeMap::new();
+        let seen_paths: std::collections::HashSet<&PathBuf> = seen.iter().map(|(p, _)| p).collect();
+        let mut touched: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen_paths.contains(p))
+            .cloned()
+            .collect();
+        let mut old: HashMap<PathBuf, Parsed> = HashMap::new();
+        for p in &touched {
+            if let Some(parsed) = self.files.remove(p) {
+                old.insert(p.clone(), parsed);
+            }
+        }
         for (path, stamp) in seen {
-            match self.files.remove(&path) {
-                Some(p) if p.stamp == stamp => {
-                    next.insert(path, p);
+            if self.files.get(&path).is_some_and(|p| p.stamp == stamp) {
+                continue;
+            }
+            let shown = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let (objects, errors) = match std::fs::read_to_string(&path) {
+                Ok(text) => parse_manifests(&shown, &text),
+                Err(e) => (
+                    Vec::new(),
+                    vec![ManifestError {
+                        file: shown,
+                        document: 0,
+                        object: None,
+                        field: None,
+                        message: format!("cannot read: {e}"),
+                    }],
+                ),
+            };
+            if let Some(prev) = self.files.insert(
+                path.clone(),
+                Parsed {
+                    stamp,
+                    objects,
+                    errors,
+                },
+            ) {
+                old.insert(path.clone(), prev);
+            }
+            touched.push(path);
+        }
+        if touched.is_empty() && self.scanned {
+            return Ok(None);
+        }
+        let event = if !self.scanned {
+            self.scanned = true;
+            self.owner.clear();
+            let mut all = Vec::new();
+            for (path, parsed) in &self.files {
+                for o in &parsed.objects {
+                    let r = o.object_ref();
+                    if !self.owner.contains_key(&r) {
+                        self.owner.insert(r, path.clone());
+                        all.push(o.clone());
+                    }
                 }
-                _ => {
-                    changed = true;
-                    let shown = path
-                        .strip_prefix(dir)
-                        .unwrap_or(&path)
-                        .display()
-                        .to_string();
-                    let (objects, errors) = match std::fs::read_to_string(&path) {
-                        Ok(text) => parse_manifests(&shown, &text),
-                        Err(e) => (
-                            Vec::new(),
-                            vec![ManifestError {
-                                file: shown,
-                                document: 0,
-                                object: None,
-                                field: None,
-                                message: format!("cannot read: {e}"),
-                            }],
-                        ),
-                    };
-                    next.insert(
-                        path,
-                        Parsed {
-                            stamp,
-                            objects,
-                            errors,
-                        },
-                    );
+            }
+            SourceEvent::Snapshot(all)
+        } else {
+            self.delta(&touched, &old)
+        };
+        Ok(Some(Scan {
+            event,
+            errors: self.errors(),
+        }))
+    }
+
+    fn delta(&mut self, touched: &[PathBuf], old: &HashMap<PathBuf, Parsed>) -> SourceEvent {
+        let mut apply = Vec::new();
+        let mut released = Vec::new();
+        for path in touched {
+            let before: HashMap<ObjectRef, &Object> = old
+                .get(path)
+                .map(|p| p.objects.iter().map(|o| (o.object_ref(), o)).collect())
+                .unwrap_or_default();
+            let now: Vec<Object> = self
+                .files
+                .get(path)
+                .map(|p| p.objects.clone())
+                .unwrap_or_default();
+            let now_refs: std::collections::HashSet<ObjectRef> =
+                now.iter().map(Object::object_ref).collect();
+            for r in before.keys() {
+                if !now_refs.contains(r) && self.owner.get(r) == Some(path) {
+                    self.owner.remove(r);
+                    released.push(r.clone());
+                }
+            }
+            for o in now {
+                let r = o.object_ref();
+                match self.owner.get(&r) {
+                    Some(p) if p != path => {} // duplicate; reported by errors()
+                    Some(_) => {
+                        if before.get(&r) != Some(&&o) {
+                            apply.push(o);
+                        }
+                    }
+                    None => {
+                        self.owner.insert(r, path.clone());
+                        apply.push(o);
+                    }
                 }
             }
         }
-        self.files = next;
-        if !changed {
-            return Ok(None);
+        // An object released by one file may still be defined by another: promote it.
+        let mut delete = Vec::new();
+        for r in released {
+            let other = self.files.iter().find_map(|(p, parsed)| {
+                parsed
+                    .objects
+                    .iter()
+                    .find(|o| o.object_ref() == r)
+                    .map(|o| (p.clone(), o.clone()))
+            });
+            match other {
+                Some((p, o)) => {
+                    self.owner.insert(r, p);
+                    apply.push(o);
+                }
+                None => delete.push(r),
+            }
         }
-        Ok(Some(self.merged()))
+        SourceEvent::Changes { apply, delete }
     }
 
-    fn merged(&self) -> (Vec<Object>, Vec<ManifestError>) {
-        let mut owner: HashMap<ObjectRef, String> = HashMap::new();
-        let mut objects = Vec::new();
+    fn errors(&self) -> Vec<ManifestError> {
         let mut errors = Vec::new();
         for (path, parsed) in &self.files {
             errors.extend(parsed.errors.iter().cloned());
             for (i, o) in parsed.objects.iter().enumerate() {
                 let r = o.object_ref();
-                let file = path.display().to_string();
-                if let Some(first) = owner.get(&r) {
+                if let Some(first) = self.owner.get(&r).filter(|p| *p != path) {
                     errors.push(ManifestError {
-                        file: file.clone(),
+                        file: path.display().to_string(),
                         document: i,
                         object: Some(r.to_string()),
                         field: Some("metadata.name".into()),
                         message: format!(
-                            "duplicate: already defined in {first}; this copy is ignored"
+                            "duplicate: already defined in {}; this copy is ignored",
+                            first.display()
                         ),
                     });
-                    continue;
                 }
-                owner.insert(r, file);
-                objects.push(o.clone());
             }
         }
-        (objects, errors)
+        errors
     }
 }
 
@@ -174,13 +263,23 @@ impl ConfigSource for DirectorySource {
             .await?;
             reader = r;
             match result {
-                Ok(Some((objects, errors))) => {
+                Ok(Some(Scan { event, errors })) => {
                     for e in &errors {
                         tracing::warn!(error = %e, "manifest rejected");
                     }
-                    tracing::info!(dir = %dir.display(), objects = objects.len(), errors = errors.len(), "config directory loaded");
+                    match &event {
+                        SourceEvent::Snapshot(o) => {
+                            tracing::info!(dir = %dir.display(), objects = o.len(), errors = errors.len(), "config directory loaded")
+                        }
+                        SourceEvent::Changes { apply, delete } => tracing::debug!(
+                            changed = apply.len(),
+                            deleted = delete.len(),
+                            "config directory changed"
+                        ),
+                        SourceEvent::Errors(_) => {}
+                    }
                     if tx.send(SourceEvent::Errors(errors)).await.is_err()
-                        || tx.send(SourceEvent::Snapshot(objects)).await.is_err()
+                        || tx.send(event).await.is_err()
                     {
                         return Ok(());
                     }
@@ -196,5 +295,97 @@ impl ConfigSource for DirectorySource {
             }
             while wake_rx.try_recv().is_ok() {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n")
+    }
+
+    fn bump(p: &Path, text: &str) {
+        // A different size guarantees the (mtime, size) stamp changes.
+        std::fs::write(p, text).unwrap();
+    }
+
+    fn names(objs: &[Object]) -> Vec<String> {
+        objs.iter().map(|o| o.object_ref().to_string()).collect()
+    }
+
+    #[test]
+    fn first_scan_is_a_snapshot_then_only_deltas() {
+        let d = tempfile::tempdir().unwrap();
+        bump(
+            &d.path().join("a.yaml"),
+            &format!("{}---\n{}", ns("a"), ns("b")),
+        );
+        bump(&d.path().join("c.yaml"), &ns("c"));
+        let mut r = DirectoryReader::default();
+        let s = r.scan(d.path()).unwrap().unwrap();
+        let SourceEvent::Snapshot(all) = s.event else {
+            panic!("expected a snapshot")
+        };
+        assert_eq!(
+            names(&all),
+            vec!["Namespace a", "Namespace b", "Namespace c"]
+        );
+        assert!(r.scan(d.path()).unwrap().is_none(), "nothing changed");
+
+        // Change one object of a.yaml: only it is applied.
+        bump(
+            &d.path().join("a.yaml"),
+            &format!(
+                "{}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: b, labels: {{x: y}}}}\n",
+                ns("a")
+            ),
+        );
+        let s = r.scan(d.path()).unwrap().unwrap();
+        let SourceEvent::Changes { apply, delete } = s.event else {
+            panic!()
+        };
+        assert_eq!(names(&apply), vec!["Namespace b"]);
+        assert!(delete.is_empty());
+
+        // Remove c.yaml: c is deleted.
+        std::fs::remove_file(d.path().join("c.yaml")).unwrap();
+        let s = r.scan(d.path()).unwrap().unwrap();
+        let SourceEvent::Changes { apply, delete } = s.event else {
+            panic!()
+        };
+        assert!(apply.is_empty());
+        assert_eq!(
+            delete.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            vec!["Namespace c"]
+        );
+    }
+
+    #[test]
+    fn duplicates_are_reported_and_promoted_when_the_owner_goes() {
+        let d = tempfile::tempdir().unwrap();
+        bump(&d.path().join("1.yaml"), &ns("dup"));
+        bump(
+            &d.path().join("2.yaml"),
+            &format!("{}# second copy\n", ns("dup")),
+        );
+        let mut r = DirectoryReader::default();
+        let s = r.scan(d.path()).unwrap().unwrap();
+        assert_eq!(s.errors.len(), 1);
+        assert!(s.errors[0].file.ends_with("2.yaml"));
+        assert!(s.errors[0].message.starts_with("duplicate"));
+        std::fs::remove_file(d.path().join("1.yaml")).unwrap();
+        let s = r.scan(d.path()).unwrap().unwrap();
+        let SourceEvent::Changes { apply, delete } = s.event else {
+            panic!()
+        };
+        assert_eq!(
+            names(&apply),
+            vec!["Namespace dup"],
+            "the other copy takes over"
+        );
+        assert!(delete.is_empty());
+        assert!(s.errors.is_empty());
     }
 }

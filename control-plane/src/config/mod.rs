@@ -15,10 +15,11 @@ pub enum SourceEvent {
     /// The complete set of objects the source currently holds: anything not in it is
     /// deleted. Sources that cannot tell deltas apart (a re-read directory) use this.
     Snapshot(Vec<Object>),
-    /// One object created or changed.
-    Apply(Box<Object>),
-    /// One object deleted.
-    Delete(ObjectRef),
+    /// Objects created or changed, and objects deleted, applied as one batch.
+    Changes {
+        apply: Vec<Object>,
+        delete: Vec<ObjectRef>,
+    },
     /// The source's current problems (bad manifests), replacing earlier ones.
     Errors(Vec<ManifestError>),
 }

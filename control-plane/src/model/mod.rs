@@ -38,7 +38,19 @@ pub enum Visibility {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub resource: Arc<pb::Resource>,
+    /// `resource.version` as a number, for cheap comparisons.
+    pub version: u64,
     pub visibility: Visibility,
+}
+
+impl Entry {
+    fn new(resource: pb::Resource, visibility: Visibility) -> Self {
+        Self {
+            version: res::version_number(&resource.version),
+            resource: Arc::new(resource),
+            visibility,
+        }
+    }
 }
 
 impl Entry {
@@ -54,13 +66,14 @@ impl Entry {
 #[derive(Debug)]
 pub struct ChangeBatch {
     pub seq: u64,
-    pub keys: Vec<String>,
+    pub keys: Vec<Arc<str>>,
     pub at: Instant,
 }
 
 #[derive(Debug, Default)]
 pub struct State {
-    pub entries: HashMap<String, Entry>,
+    /// Keys are shared (`Arc<str>`) with change batches and per-node stream state.
+    pub entries: HashMap<Arc<str>, Entry>,
     pub seq: u64,
 }
 
@@ -79,7 +92,7 @@ struct Inputs {
     policies: BTreeMap<(String, String), AuthorizationPolicy>,
     plugins: BTreeMap<(String, String), WasmPlugin>,
     /// Keys derived from each namespace, to find removals.
-    derived: HashMap<String, HashSet<String>>,
+    derived: HashMap<String, HashSet<Arc<str>>>,
     /// Enrolled workloads: key -> (node, namespace, labels, spiffe id).
     enrolled: HashMap<String, EnrolledWorkload>,
     /// (node, spiffe id) -> number of enrolled workloads with that identity there.
@@ -133,13 +146,8 @@ impl Model {
             }),
         );
         let mut st = self.write_state();
-        st.entries.insert(
-            key,
-            Entry {
-                resource: Arc::new(r),
-                visibility: Visibility::All,
-            },
-        );
+        st.entries
+            .insert(key.into(), Entry::new(r, Visibility::All));
     }
 
     /// Subscribe before reading the state, so no change is missed.
@@ -202,11 +210,13 @@ impl Model {
                 inputs.errors = e;
                 return;
             }
-            SourceEvent::Apply(obj) => {
-                upsert(&mut inputs, *obj, &mut dirty, &mut pods_changed);
-            }
-            SourceEvent::Delete(r) => {
-                remove(&mut inputs, &r, &mut dirty, &mut pods_changed);
+            SourceEvent::Changes { apply, delete } => {
+                for r in &delete {
+                    remove(&mut inputs, r, &mut dirty, &mut pods_changed);
+                }
+                for o in apply {
+                    upsert(&mut inputs, o, &mut dirty, &mut pods_changed);
+                }
             }
             SourceEvent::Snapshot(objs) => {
                 let wanted: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
@@ -227,7 +237,7 @@ impl Model {
             dirty.insert(self.cfg.root_namespace.clone());
         }
         // Workloads first: policy and plugin visibility depends on them.
-        let mut fresh: Vec<(String, HashMap<String, Entry>)> = Vec::new();
+        let mut fresh: Vec<(String, HashMap<Arc<str>, Entry>)> = Vec::new();
         for ns in &dirty {
             let f = self.derive_workloads_and_services(&mut inputs, ns);
             fresh.push((ns.clone(), f));
@@ -238,24 +248,30 @@ impl Model {
         self.commit(&mut inputs, fresh);
     }
 
-    fn commit(&self, inputs: &mut Inputs, fresh: Vec<(String, HashMap<String, Entry>)>) {
+    fn commit(&self, inputs: &mut Inputs, fresh: Vec<(String, HashMap<Arc<str>, Entry>)>) {
         let mut changed = Vec::new();
         let mut st = self.write_state();
         for (ns, entries) in fresh {
-            let new_keys: HashSet<String> = entries.keys().cloned().collect();
             let old_keys = inputs.derived.remove(&ns).unwrap_or_default();
-            for k in old_keys.difference(&new_keys) {
+            for k in old_keys.iter().filter(|k| !entries.contains_key(*k)) {
                 if st.entries.remove(k).is_some() {
                     changed.push(k.clone());
                 }
             }
+            let mut new_keys = HashSet::with_capacity(entries.len());
             for (k, e) in entries {
-                let same = st.entries.get(&k).is_some_and(|old| {
-                    old.resource.version == e.resource.version && old.visibility == e.visibility
-                });
-                if !same {
-                    changed.push(k.clone());
-                    st.entries.insert(k, e);
+                match st.entries.get_key_value(&k) {
+                    // Unchanged: keep the existing (shared) key and entry.
+                    Some((old_k, old))
+                        if old.version == e.version && old.visibility == e.visibility =>
+                    {
+                        new_keys.insert(old_k.clone());
+                    }
+                    _ => {
+                        changed.push(k.clone());
+                        new_keys.insert(k.clone());
+                        st.entries.insert(k, e);
+                    }
                 }
             }
             if !new_keys.is_empty() {
@@ -280,7 +296,7 @@ impl Model {
         &self,
         inputs: &mut Inputs,
         ns: &str,
-    ) -> HashMap<String, Entry> {
+    ) -> HashMap<Arc<str>, Entry> {
         let mut out = HashMap::new();
         let namespace = inputs.namespaces.get(ns).cloned();
         let pods: Vec<(&Pod, pb::Workload)> = range(&inputs.pods, ns)
@@ -306,11 +322,8 @@ impl Model {
                 );
             }
             out.insert(
-                key.clone(),
-                Entry {
-                    resource: Arc::new(res::make(key, Kind::Workload(w.clone()))),
-                    visibility: Visibility::All,
-                },
+                key.as_str().into(),
+                Entry::new(res::make(key, Kind::Workload(w.clone())), Visibility::All),
             );
         }
         let pod_refs: Vec<(&Pod, &pb::Workload)> = pods.iter().map(|(p, w)| (*p, w)).collect();
@@ -318,11 +331,8 @@ impl Model {
             let s = convert::service(svc, &pod_refs);
             let key = res::key(KIND_SERVICE, &s.namespace, &s.name);
             out.insert(
-                key.clone(),
-                Entry {
-                    resource: Arc::new(res::make(key, Kind::Service(s))),
-                    visibility: Visibility::All,
-                },
+                key.as_str().into(),
+                Entry::new(res::make(key, Kind::Service(s)), Visibility::All),
             );
         }
         drop(pods);
@@ -352,7 +362,7 @@ impl Model {
         &self,
         inputs: &mut Inputs,
         ns: &str,
-        out: &mut HashMap<String, Entry>,
+        out: &mut HashMap<Arc<str>, Entry>,
     ) {
         let mesh_wide = ns == self.cfg.root_namespace;
         let mut statuses = Vec::new();
@@ -365,13 +375,11 @@ impl Model {
                 let selector: BTreeMap<String, String> = pp.selector.clone().into_iter().collect();
                 let key = res::key(KIND_AUTHZ, &pp.namespace, &pp.name);
                 out.insert(
-                    key.clone(),
-                    Entry {
-                        resource: Arc::new(res::make(key, Kind::AuthorizationPolicy(pp))),
-                        visibility: Visibility::Nodes(nodes_selected(
-                            inputs, ns, mesh_wide, &selector,
-                        )),
-                    },
+                    key.as_str().into(),
+                    Entry::new(
+                        res::make(key.clone(), Kind::AuthorizationPolicy(pp)),
+                        Visibility::Nodes(nodes_selected(inputs, ns, mesh_wide, &selector)),
+                    ),
                 );
             }
             statuses.push((obj, ObjectStatus { report }));
@@ -386,13 +394,11 @@ impl Model {
                 let selector: BTreeMap<String, String> = wp.selector.clone().into_iter().collect();
                 let key = res::key(KIND_WASM, &wp.namespace, &wp.name);
                 out.insert(
-                    key.clone(),
-                    Entry {
-                        resource: Arc::new(res::make(key, Kind::WasmPlugin(wp))),
-                        visibility: Visibility::Nodes(nodes_selected(
-                            inputs, ns, mesh_wide, &selector,
-                        )),
-                    },
+                    key.as_str().into(),
+                    Entry::new(
+                        res::make(key.clone(), Kind::WasmPlugin(wp)),
+                        Visibility::Nodes(nodes_selected(inputs, ns, mesh_wide, &selector)),
+                    ),
                 );
             }
             statuses.push((obj, ObjectStatus { report }));

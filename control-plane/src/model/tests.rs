@@ -110,7 +110,7 @@ fn changes_are_announced_once_and_only_when_content_changes() {
     );
     m.apply(SourceEvent::Snapshot(objects(&text)));
     let b = rx.try_recv().unwrap();
-    let mut keys = b.keys.clone();
+    let mut keys: Vec<&str> = b.keys.iter().map(|k| &**k).collect();
     keys.sort();
     assert_eq!(
         keys,
@@ -184,13 +184,16 @@ fn delete_removes_resources() {
     let m = model();
     m.apply(SourceEvent::Snapshot(objects(BASE)));
     let mut rx = m.subscribe();
-    m.apply(SourceEvent::Delete(ObjectRef {
-        kind: "Pod",
-        namespace: "shop".into(),
-        name: "web-1".into(),
-    }));
+    m.apply(SourceEvent::Changes {
+        apply: vec![],
+        delete: vec![ObjectRef {
+            kind: "Pod",
+            namespace: "shop".into(),
+            name: "web-1".into(),
+        }],
+    });
     let b = rx.try_recv().unwrap();
-    let mut keys = b.keys.clone();
+    let mut keys: Vec<&str> = b.keys.iter().map(|k| &**k).collect();
     keys.sort();
     assert_eq!(keys, vec!["Service/shop/web", "Workload/shop/web-1"]);
     assert!(!m.read_state().entries.contains_key("Workload/shop/web-1"));

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_api::pb::{self, node_config_server::NodeConfig, subscribe_request::Kind as Req};
 
 /// Updates larger than this are split, keeping messages well under gRPC limits.
-pub const MAX_RESOURCES_PER_UPDATE: usize = 1000;
+pub const MAX_RESOURCES_PER_UPDATE: usize = 500;
 
 pub struct Distribution {
     pub model: Arc<Model>,
@@ -59,13 +59,19 @@ impl NodeConfig for Distribution {
                 hello.node
             )));
         }
-        let (tx, rx) = mpsc::channel(16);
+        // A small buffer: each queued update holds up to MAX_RESOURCES_PER_UPDATE
+        // cloned resources, and there may be thousands of nodes.
+        let (tx, rx) = mpsc::channel(2);
         let stream = NodeStream {
             node,
             model: self.model.clone(),
             metrics: self.metrics.clone(),
             sessions: self.sessions.clone(),
-            held: hello.known_versions.into_iter().collect(),
+            held: hello
+                .known_versions
+                .into_iter()
+                .map(|(k, v)| (Arc::from(k), weft_api::resource::version_number(&v)))
+                .collect(),
             seq: 0,
             tx,
         };
@@ -79,8 +85,9 @@ struct NodeStream {
     model: Arc<Model>,
     metrics: Arc<Metrics>,
     sessions: Arc<Sessions>,
-    /// What the node holds (as far as we sent it): key -> version.
-    held: HashMap<String, String>,
+    /// What the node holds (as far as we sent it): key -> version number. Keys are
+    /// shared with the model, so a node's bookkeeping costs a pointer per resource.
+    held: HashMap<Arc<str>, u64>,
     seq: u64,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
 }
@@ -116,7 +123,7 @@ impl NodeStream {
                     let (ups, rms, oldest) = match batch {
                         Ok(b) => {
                             let oldest = b.at;
-                            let mut keys: HashSet<String> = b.keys.iter().cloned().collect();
+                            let mut keys: HashSet<Arc<str>> = b.keys.iter().cloned().collect();
                             let mut lagged = false;
                             loop {
                                 match changes.try_recv() {
@@ -156,7 +163,7 @@ impl NodeStream {
                         // The node keeps its previous versions: forget what we sent, so a
                         // later (fixed) version of these resources is sent again.
                         for k in n.rejected_keys {
-                            self.held.remove(&k);
+                            self.held.remove(k.as_str());
                         }
                     }
                     Ok(Some(_)) => {
@@ -173,40 +180,39 @@ impl NodeStream {
     }
 
     /// Differences between the node's whole view and what it holds.
-    fn full_diff(&mut self) -> (Vec<pb::Resource>, Vec<String>) {
+    fn full_diff(&mut self) -> (Vec<Arc<pb::Resource>>, Vec<Arc<str>>) {
         let st = self.model.read_state();
         let mut ups = Vec::new();
-        let mut visible = HashSet::new();
+        let mut visible: HashSet<&Arc<str>> = HashSet::new();
         for (k, e) in &st.entries {
             if !e.visible_to(&self.node) {
                 continue;
             }
-            visible.insert(k.as_str());
-            if self.held.get(k) != Some(&e.resource.version) {
-                ups.push((*e.resource).clone());
+            visible.insert(k);
+            if self.held.get(k) != Some(&e.version) {
+                ups.push((k.clone(), e.version, e.resource.clone()));
             }
         }
-        let rms: Vec<String> = self
+        let rms: Vec<Arc<str>> = self
             .held
             .keys()
-            .filter(|k| !visible.contains(k.as_str()))
+            .filter(|k| !visible.contains(k))
             .cloned()
             .collect();
         drop(st);
-        self.record(&ups, &rms);
-        (ups, rms)
+        self.record(ups, rms)
     }
 
     /// Differences restricted to `keys`.
-    fn diff_keys(&mut self, keys: HashSet<String>) -> (Vec<pb::Resource>, Vec<String>) {
+    fn diff_keys(&mut self, keys: HashSet<Arc<str>>) -> (Vec<Arc<pb::Resource>>, Vec<Arc<str>>) {
         let st = self.model.read_state();
         let mut ups = Vec::new();
         let mut rms = Vec::new();
         for k in keys {
             match st.entries.get(&k).filter(|e| e.visible_to(&self.node)) {
                 Some(e) => {
-                    if self.held.get(&k) != Some(&e.resource.version) {
-                        ups.push((*e.resource).clone());
+                    if self.held.get(&k) != Some(&e.version) {
+                        ups.push((k, e.version, e.resource.clone()));
                     }
                 }
                 None => {
@@ -217,35 +223,48 @@ impl NodeStream {
             }
         }
         drop(st);
-        self.record(&ups, &rms);
+        self.record(ups, rms)
+    }
+
+    fn record(
+        &mut self,
+        ups: Vec<(Arc<str>, u64, Arc<pb::Resource>)>,
+        rms: Vec<Arc<str>>,
+    ) -> (Vec<Arc<pb::Resource>>, Vec<Arc<str>>) {
+        for k in &rms {
+            self.held.remove(k);
+        }
+        let ups = ups
+            .into_iter()
+            .map(|(k, v, r)| {
+                self.held.insert(k, v);
+                r
+            })
+            .collect();
         (ups, rms)
     }
 
-    fn record(&mut self, ups: &[pb::Resource], rms: &[String]) {
-        for r in ups {
-            self.held.insert(r.key.clone(), r.version.clone());
-        }
-        for k in rms {
-            self.held.remove(k);
-        }
-    }
-
-    /// Sends (in chunks) and returns false when the node is gone.
+    /// Sends (in chunks, cloning each chunk only when it is sent) and returns false
+    /// when the node is gone.
     async fn send(
         &mut self,
-        mut ups: Vec<pb::Resource>,
-        mut rms: Vec<String>,
+        mut ups: Vec<Arc<pb::Resource>>,
+        mut rms: Vec<Arc<str>>,
         initial: bool,
     ) -> bool {
         ups.sort_by(|a, b| a.key.cmp(&b.key));
         rms.sort();
         let total = ups.len() + rms.len();
+        let (mut ups, mut rms) = (ups.into_iter().peekable(), rms.into_iter().peekable());
         loop {
-            let take_u = ups.len().min(MAX_RESOURCES_PER_UPDATE);
-            let chunk_u: Vec<_> = ups.drain(..take_u).collect();
-            let take_r = rms.len().min(MAX_RESOURCES_PER_UPDATE - take_u);
-            let chunk_r: Vec<_> = rms.drain(..take_r).collect();
-            let partial = !ups.is_empty() || !rms.is_empty();
+            let chunk_u: Vec<pb::Resource> = ups
+                .by_ref()
+                .take(MAX_RESOURCES_PER_UPDATE)
+                .map(|r| (*r).clone())
+                .collect();
+            let room = MAX_RESOURCES_PER_UPDATE - chunk_u.len();
+            let chunk_r: Vec<String> = rms.by_ref().take(room).map(|k| k.to_string()).collect();
+            let partial = ups.peek().is_some() || rms.peek().is_some();
             self.seq += 1;
             let update = pb::ConfigUpdate {
                 nonce: self.seq.to_string(),

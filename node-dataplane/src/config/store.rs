@@ -1,8 +1,13 @@
 //! One owner of the node's configuration. Updates are validated resource by resource:
 //! a bad resource is rejected (NACK) and its previous version kept; the rest apply.
+//!
+//! Snapshots are persistent maps (`imbl`): taking one is O(1) and an update copies
+//! only the paths it touches, so readers (the proxy, the admin endpoint) never block
+//! the writer and a one-resource update does not copy the whole view.
 
+use imbl::OrdMap;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
@@ -10,13 +15,13 @@ use weft_api::pb::{self, resource::Kind};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct StoreSnapshot {
-    pub workloads: BTreeMap<String, pb::Workload>,
-    pub services: BTreeMap<String, pb::Service>,
-    pub policies: BTreeMap<String, pb::AuthorizationPolicy>,
-    pub plugins: BTreeMap<String, pb::WasmPlugin>,
-    pub trust_bundles: BTreeMap<String, pb::TrustBundle>,
+    pub workloads: OrdMap<String, Arc<pb::Workload>>,
+    pub services: OrdMap<String, Arc<pb::Service>>,
+    pub policies: OrdMap<String, Arc<pb::AuthorizationPolicy>>,
+    pub plugins: OrdMap<String, Arc<pb::WasmPlugin>>,
+    pub trust_bundles: OrdMap<String, Arc<pb::TrustBundle>>,
     #[serde(skip)]
-    pub versions: HashMap<String, String>,
+    pub versions: OrdMap<String, String>,
     /// True once a complete view was received from the control plane.
     pub synced: bool,
     /// Sequence of the last applied update (per stream).
@@ -57,7 +62,11 @@ impl ConfigStore {
     }
 
     pub fn known_versions(&self) -> HashMap<String, String> {
-        self.snapshot().versions.clone()
+        self.snapshot()
+            .versions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Applies one update; returns the rejected resources.
@@ -98,19 +107,19 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
     let k = r.key.clone();
     match &r.kind {
         Some(Kind::Workload(w)) => {
-            s.workloads.insert(k, w.clone());
+            s.workloads.insert(k, Arc::new(w.clone()));
         }
         Some(Kind::Service(v)) => {
-            s.services.insert(k, v.clone());
+            s.services.insert(k, Arc::new(v.clone()));
         }
         Some(Kind::AuthorizationPolicy(p)) => {
-            s.policies.insert(k, p.clone());
+            s.policies.insert(k, Arc::new(p.clone()));
         }
         Some(Kind::WasmPlugin(p)) => {
-            s.plugins.insert(k, p.clone());
+            s.plugins.insert(k, Arc::new(p.clone()));
         }
         Some(Kind::TrustBundle(b)) => {
-            s.trust_bundles.insert(k, b.clone());
+            s.trust_bundles.insert(k, Arc::new(b.clone()));
         }
         None => {}
     }
