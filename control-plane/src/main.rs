@@ -82,6 +82,11 @@ enum Command {
     },
 }
 
+// jemalloc returns memory freed after bursts (initial syncs, big config changes) to the
+// OS far better than glibc's per-thread arenas.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);

@@ -24,10 +24,44 @@ impl DirectorySource {
     }
 }
 
+/// What is remembered of a file: its stamp, which objects it defined (with a hash
+/// of their content, to tell changes apart without keeping a copy) and its errors.
 struct Parsed {
     stamp: (SystemTime, u64),
-    objects: Vec<Object>,
+    objects: Vec<(ObjectRef, u64)>,
     errors: Vec<ManifestError>,
+}
+
+fn content_hash(o: &Object) -> u64 {
+    use sha2::{Digest, Sha256};
+    let bytes = match o {
+        Object::Namespace(x) => serde_json::to_vec(x),
+        Object::Pod(x) => serde_json::to_vec(x),
+        Object::Service(x) => serde_json::to_vec(x),
+        Object::ServiceAccount(x) => serde_json::to_vec(x),
+        Object::AuthorizationPolicy(x) => serde_json::to_vec(x),
+        Object::WasmPlugin(x) => serde_json::to_vec(x),
+    }
+    .unwrap_or_default();
+    let d = Sha256::digest(bytes);
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+fn read_file(dir: &Path, path: &Path) -> (Vec<Object>, Vec<ManifestError>) {
+    let shown = path.strip_prefix(dir).unwrap_or(path).display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_manifests(&shown, &text),
+        Err(e) => (
+            Vec::new(),
+            vec![ManifestError {
+                file: shown,
+                document: 0,
+                object: None,
+                field: None,
+                message: format!("cannot read: {e}"),
+            }],
+        ),
+    }
 }
 
 /// Reads the directory, re-parsing only changed files. The first scan yields a
@@ -65,38 +99,25 @@ impl DirectoryReader {
                 old.insert(p.clone(), parsed);
             }
         }
+        let mut fresh: HashMap<PathBuf, Vec<Object>> = HashMap::new();
         for (path, stamp) in seen {
             if self.files.get(&path).is_some_and(|p| p.stamp == stamp) {
                 continue;
             }
-            let shown = path
-                .strip_prefix(dir)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
-            let (objects, errors) = match std::fs::read_to_string(&path) {
-                Ok(text) => parse_manifests(&shown, &text),
-                Err(e) => (
-                    Vec::new(),
-                    vec![ManifestError {
-                        file: shown,
-                        document: 0,
-                        object: None,
-                        field: None,
-                        message: format!("cannot read: {e}"),
-                    }],
-                ),
+            let (objects, errors) = read_file(dir, &path);
+            let hashes = objects
+                .iter()
+                .map(|o| (o.object_ref(), content_hash(o)))
+                .collect();
+            let parsed = Parsed {
+                stamp,
+                objects: hashes,
+                errors,
             };
-            if let Some(prev) = self.files.insert(
-                path.clone(),
-                Parsed {
-                    stamp,
-                    objects,
-                    errors,
-                },
-            ) {
+            if let Some(prev) = self.files.insert(path.clone(), parsed) {
                 old.insert(path.clone(), prev);
             }
+            fresh.insert(path.clone(), objects);
             touched.push(path);
         }
         if touched.is_empty() && self.scanned {
@@ -106,18 +127,19 @@ impl DirectoryReader {
             self.scanned = true;
             self.owner.clear();
             let mut all = Vec::new();
-            for (path, parsed) in &self.files {
-                for o in &parsed.objects {
-                    let r = o.object_ref();
-                    if !self.owner.contains_key(&r) {
-                        self.owner.insert(r, path.clone());
-                        all.push(o.clone());
+            for path in self.files.keys() {
+                for o in fresh.remove(path).unwrap_or_default() {
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        self.owner.entry(o.object_ref())
+                    {
+                        e.insert(path.clone());
+                        all.push(o);
                     }
                 }
             }
             SourceEvent::Snapshot(all)
         } else {
-            self.delta(&touched, &old)
+            self.delta(dir, &touched, &old, fresh)
         };
         Ok(Some(Scan {
             event,
@@ -125,25 +147,27 @@ impl DirectoryReader {
         }))
     }
 
-    fn delta(&mut self, touched: &[PathBuf], old: &HashMap<PathBuf, Parsed>) -> SourceEvent {
+    fn delta(
+        &mut self,
+        dir: &Path,
+        touched: &[PathBuf],
+        old: &HashMap<PathBuf, Parsed>,
+        mut fresh: HashMap<PathBuf, Vec<Object>>,
+    ) -> SourceEvent {
         let mut apply = Vec::new();
         let mut released = Vec::new();
         for path in touched {
-            let before: HashMap<ObjectRef, &Object> = old
+            let before: HashMap<&ObjectRef, u64> = old
                 .get(path)
-                .map(|p| p.objects.iter().map(|o| (o.object_ref(), o)).collect())
+                .map(|p| p.objects.iter().map(|(r, h)| (r, *h)).collect())
                 .unwrap_or_default();
-            let now: Vec<Object> = self
-                .files
-                .get(path)
-                .map(|p| p.objects.clone())
-                .unwrap_or_default();
+            let now: Vec<Object> = fresh.remove(path).unwrap_or_default();
             let now_refs: std::collections::HashSet<ObjectRef> =
                 now.iter().map(Object::object_ref).collect();
             for r in before.keys() {
-                if !now_refs.contains(r) && self.owner.get(r) == Some(path) {
-                    self.owner.remove(r);
-                    released.push(r.clone());
+                if !now_refs.contains(*r) && self.owner.get(*r) == Some(path) {
+                    self.owner.remove(*r);
+                    released.push((*r).clone());
                 }
             }
             for o in now {
@@ -151,7 +175,7 @@ impl DirectoryReader {
                 match self.owner.get(&r) {
                     Some(p) if p != path => {} // duplicate; reported by errors()
                     Some(_) => {
-                        if before.get(&r) != Some(&&o) {
+                        if before.get(&r) != Some(&content_hash(&o)) {
                             apply.push(o);
                         }
                     }
@@ -165,12 +189,18 @@ impl DirectoryReader {
         // An object released by one file may still be defined by another: promote it.
         let mut delete = Vec::new();
         for r in released {
-            let other = self.files.iter().find_map(|(p, parsed)| {
-                parsed
-                    .objects
-                    .iter()
+            let other_file = self
+                .files
+                .iter()
+                .find(|(_, parsed)| parsed.objects.iter().any(|(x, _)| *x == r))
+                .map(|(p, _)| p.clone());
+            // Rare (a duplicate outlived its owner): re-read that file for the object.
+            let other = other_file.and_then(|p| {
+                read_file(dir, &p)
+                    .0
+                    .into_iter()
                     .find(|o| o.object_ref() == r)
-                    .map(|o| (p.clone(), o.clone()))
+                    .map(|o| (p, o))
             });
             match other {
                 Some((p, o)) => {
@@ -187,9 +217,8 @@ impl DirectoryReader {
         let mut errors = Vec::new();
         for (path, parsed) in &self.files {
             errors.extend(parsed.errors.iter().cloned());
-            for (i, o) in parsed.objects.iter().enumerate() {
-                let r = o.object_ref();
-                if let Some(first) = self.owner.get(&r).filter(|p| *p != path) {
+            for (i, (r, _)) in parsed.objects.iter().enumerate() {
+                if let Some(first) = self.owner.get(r).filter(|p| *p != path) {
                     errors.push(ManifestError {
                         file: path.display().to_string(),
                         document: i,

@@ -9,7 +9,16 @@ use weft_api::pb;
 use weft_api::spiffe::{SpiffeId, TrustDomain};
 use weft_api::validate::Report;
 
-pub fn workload(pod: &Pod, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Workload {
+/// What the model keeps of a Pod: the fields weft uses, not the whole object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodFacts {
+    /// The workload without enrollment and identity (they depend on the namespace).
+    pub base: pb::Workload,
+    pub ready: bool,
+    pub opted_out: bool,
+}
+
+pub fn pod_facts(pod: &Pod) -> PodFacts {
     let meta = &pod.metadata;
     let namespace = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
@@ -31,10 +40,6 @@ pub fn workload(pod: &Pod, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Work
             ips.push(ip);
         }
     }
-    let enrolled = enrollment::is_enrolled(ns, pod);
-    let spiffe_id = SpiffeId::for_workload(td, &namespace, &sa)
-        .map(|id| id.to_string())
-        .unwrap_or_default();
     let ports = spec
         .map(|s| {
             s.containers
@@ -48,27 +53,40 @@ pub fn workload(pod: &Pod, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Work
                 .collect()
         })
         .unwrap_or_default();
-    pb::Workload {
-        uid: meta
-            .uid
-            .clone()
-            .unwrap_or_else(|| format!("{namespace}/{name}")),
-        name,
-        namespace,
-        service_account: sa,
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        ips,
-        enrolled,
-        spiffe_id,
-        labels: meta
-            .labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        ports,
+    let labels = meta.labels.clone().unwrap_or_default();
+    let opted_out = labels
+        .get(weft_api::labels::MESH)
+        .is_some_and(|v| v == weft_api::labels::DISABLED);
+    PodFacts {
+        base: pb::Workload {
+            uid: meta
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{namespace}/{name}")),
+            name,
+            namespace,
+            service_account: sa,
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            ips,
+            enrolled: false,
+            spiffe_id: String::new(),
+            labels: labels.into_iter().collect(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            ports,
+        },
+        ready: pod_ready(pod),
+        opted_out,
     }
+}
+
+/// The distributed workload: the pod's facts plus enrollment and identity.
+pub fn workload(p: &PodFacts, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Workload {
+    let mut w = p.base.clone();
+    w.enrolled = enrollment::namespace_enabled(ns) && !p.opted_out && !w.host_network;
+    w.spiffe_id = SpiffeId::for_workload(td, &w.namespace, &w.service_account)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    w
 }
 
 /// Is the pod serving (not finished, not terminating, not marked unready)?
@@ -95,7 +113,7 @@ pub fn selector_matches(
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-pub fn service(svc: &Service, pods: &[(&Pod, &pb::Workload)]) -> pb::Service {
+pub fn service(svc: &Service, pods: &[(&PodFacts, &pb::Workload)]) -> pb::Service {
     let meta = &svc.metadata;
     let spec = svc.spec.as_ref();
     let mut cluster_ips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
@@ -150,7 +168,7 @@ pub fn service(svc: &Service, pods: &[(&Pod, &pb::Workload)]) -> pb::Service {
                 workload_uid: w.uid.clone(),
                 ips: w.ips.clone(),
                 target_ports,
-                ready: pod_ready(pod),
+                ready: pod.ready,
             });
         }
     }

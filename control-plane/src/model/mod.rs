@@ -7,7 +7,7 @@ pub mod convert;
 pub mod enrollment;
 
 use crate::config::{ManifestError, Object, ObjectRef, SourceEvent};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -86,7 +86,7 @@ pub struct ObjectStatus {
 #[derive(Default)]
 struct Inputs {
     namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<(String, String), Pod>,
+    pods: BTreeMap<(String, String), convert::PodFacts>,
     services: BTreeMap<(String, String), Service>,
     service_accounts: BTreeMap<(String, String), ServiceAccount>,
     policies: BTreeMap<(String, String), AuthorizationPolicy>,
@@ -299,7 +299,7 @@ impl Model {
     ) -> HashMap<Arc<str>, Entry> {
         let mut out = HashMap::new();
         let namespace = inputs.namespaces.get(ns).cloned();
-        let pods: Vec<(&Pod, pb::Workload)> = range(&inputs.pods, ns)
+        let pods: Vec<(&convert::PodFacts, pb::Workload)> = range(&inputs.pods, ns)
             .map(|p| {
                 (
                     p,
@@ -326,7 +326,8 @@ impl Model {
                 Entry::new(res::make(key, Kind::Workload(w.clone())), Visibility::All),
             );
         }
-        let pod_refs: Vec<(&Pod, &pb::Workload)> = pods.iter().map(|(p, w)| (*p, w)).collect();
+        let pod_refs: Vec<(&convert::PodFacts, &pb::Workload)> =
+            pods.iter().map(|(p, w)| (*p, w)).collect();
         for svc in range(&inputs.services, ns) {
             let s = convert::service(svc, &pod_refs);
             let key = res::key(KIND_SERVICE, &s.namespace, &s.name);
@@ -504,7 +505,7 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
             }
         }
         Object::Pod(p) => {
-            let c = put(&mut i.pods, nn(&r), *p);
+            let c = put(&mut i.pods, nn(&r), convert::pod_facts(&p));
             *pods_changed |= c;
             c
         }
