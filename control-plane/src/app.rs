@@ -130,6 +130,9 @@ pub async fn start(
         trust_domain: s.trust_domain.clone(),
     });
     let distribution = Distribution {
+        initial_syncs: Arc::new(tokio::sync::Semaphore::new(
+            crate::server::distribution::CONCURRENT_INITIAL_SYNCS,
+        )),
         model: model.clone(),
         auth: auth.clone(),
         metrics: metrics.clone(),

@@ -20,9 +20,16 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_api::pb::{self, node_config_server::NodeConfig, subscribe_request::Kind as Req};
 
 /// Updates larger than this are split, keeping messages well under gRPC limits.
-pub const MAX_RESOURCES_PER_UPDATE: usize = 500;
+pub const MAX_RESOURCES_PER_UPDATE: usize = 250;
+
+/// How many nodes may receive their initial view at the same time. When every node
+/// reconnects at once (a control plane restart), this bounds the memory spent on
+/// in-flight updates; the others wait their turn (their config is already served
+/// fail-static by the node itself).
+pub const CONCURRENT_INITIAL_SYNCS: usize = 16;
 
 pub struct Distribution {
+    pub initial_syncs: Arc<tokio::sync::Semaphore>,
     pub model: Arc<Model>,
     pub auth: Arc<dyn NodeAuthenticator>,
     pub metrics: Arc<Metrics>,
@@ -63,6 +70,7 @@ impl NodeConfig for Distribution {
         // cloned resources, and there may be thousands of nodes.
         let (tx, rx) = mpsc::channel(2);
         let stream = NodeStream {
+            initial_syncs: self.initial_syncs.clone(),
             node,
             model: self.model.clone(),
             metrics: self.metrics.clone(),
@@ -81,6 +89,7 @@ impl NodeConfig for Distribution {
 }
 
 struct NodeStream {
+    initial_syncs: Arc<tokio::sync::Semaphore>,
     node: String,
     model: Arc<Model>,
     metrics: Arc<Metrics>,
@@ -99,10 +108,13 @@ impl NodeStream {
             .connected_nodes
             .set(self.sessions.count() as i64);
         tracing::info!(node = %self.node, known = self.held.len(), "node subscribed");
+        let permit = self.initial_syncs.clone().acquire_owned().await;
         // Subscribe before the first diff so no change falls in between.
         let mut changes = self.model.subscribe();
         let (ups, rms) = self.full_diff();
-        if self.send(ups, rms, true).await {
+        let sent = self.send(ups, rms, true).await;
+        drop(permit);
+        if sent {
             self.serve(&mut changes, &mut inbound).await;
         }
         self.sessions.disconnected(&self.node);
