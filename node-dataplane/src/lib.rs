@@ -7,4 +7,7 @@ pub mod app;
 pub mod certs;
 pub mod config;
 pub mod control;
+pub mod ebpf;
 pub mod metrics;
+pub mod netns;
+pub mod proxy;

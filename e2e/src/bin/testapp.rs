@@ -1,0 +1,125 @@
+//! A tiny application for the capture tests, run inside pod network namespaces.
+//!
+//! `server --listen ADDR`: for each connection, reads to EOF and answers with the
+//! hex SHA-256 of what it received.
+//! `client --connect ADDR --bytes N [--parallel P]`: sends N deterministic bytes on
+//! each of P connections, half-closes, checks the server's SHA-256, and prints
+//! `peer=<getpeername>` and `ok` (exit 1 on any mismatch).
+
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Server {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+    },
+}
+
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(2654435761) >> 13) as u8
+}
+
+fn serve(mut s: TcpStream) -> std::io::Result<()> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    s.write_all(hex::encode(h.finalize()).as_bytes())?;
+    s.shutdown(Shutdown::Write)
+}
+
+fn client(addr: SocketAddr, bytes: usize) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let peer = s.peer_addr().map_err(|e| e.to_string())?;
+    let mut h = Sha256::new();
+    let mut sent = 0;
+    let mut chunk = vec![0u8; 1 << 16];
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        for (j, b) in chunk[..n].iter_mut().enumerate() {
+            *b = pattern(sent + j);
+        }
+        s.write_all(&chunk[..n])
+            .map_err(|e| format!("write: {e}"))?;
+        h.update(&chunk[..n]);
+        sent += n;
+    }
+    s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let want = hex::encode(h.finalize());
+    if answer != want {
+        return Err(format!(
+            "checksum mismatch: server saw {answer:?}, sent {want}"
+        ));
+    }
+    Ok(peer.to_string())
+}
+
+fn main() {
+    match Args::parse().cmd {
+        Cmd::Server { listen } => {
+            let l = match TcpListener::bind(listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("bind {listen}: {e}");
+                    std::process::exit(1);
+                }
+            };
+            println!("listening {listen}");
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = serve(s);
+                });
+            }
+        }
+        Cmd::Client {
+            connect,
+            bytes,
+            parallel,
+        } => {
+            let handles: Vec<_> = (0..parallel)
+                .map(|_| std::thread::spawn(move || client(connect, bytes)))
+                .collect();
+            let mut failed = false;
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(peer)) => println!("peer={peer}"),
+                    Ok(Err(e)) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                    Err(_) => failed = true,
+                }
+            }
+            if failed {
+                std::process::exit(1);
+            }
+            println!("ok");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! eBPF capture, privileged (root; runs in CI): programs attached at the host's
+//! cgroup2 root exactly as on a node, a pod and a server in their own network
+//! namespaces, the proxy's outbound listener inside the pod's netns.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use weft_e2e::netlab::{require_root, Lab};
+use weft_node::ebpf::{cgroup, Capture, CaptureOptions};
+use weft_node::netns::PodNetns;
+use weft_node::proxy::outbound::{self, OutboundStats};
+
+const MARK: u32 = 0x5746;
+
+struct Pins(std::path::PathBuf);
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = Capture::uninstall(&self.0) {
+            eprintln!("cleanup of {}: {e}", self.0.display());
+        }
+    }
+}
+
+struct Setup {
+    lab: Lab,
+    pod: String,
+    capture: Capture,
+    pins: Pins,
+    podns: Arc<PodNetns>,
+    stats: Arc<OutboundStats>,
+    rt: tokio::runtime::Runtime,
+    cookie: u64,
+}
+
+fn setup(tag: &str, subnet: u8) -> Setup {
+    require_root();
+    let mut lab = Lab::new(tag);
+    let pod = lab.netns("pod").unwrap();
+    let srv = lab.netns("srv").unwrap();
+    lab.link(
+        &pod,
+        &format!("10.201.{subnet}.1/24"),
+        &srv,
+        &format!("10.201.{subnet}.2/24"),
+    )
+    .unwrap();
+    let app = weft_e2e::bin_path("weft-testapp").unwrap();
+    lab.spawn_in(
+        &srv,
+        &app,
+        &["server", "--listen", &format!("10.201.{subnet}.2:8080")],
+    )
+    .unwrap();
+
+    let bpffs = cgroup::bpffs().unwrap();
+    let pin_dir = bpffs.join(format!("weft-test-{tag}-{}", std::process::id()));
+    let pins = Pins(pin_dir.clone());
+    let capture = Capture::install(CaptureOptions {
+        cgroup: cgroup::cgroup2_root().unwrap(),
+        pin_dir,
+        proxy_mark: MARK,
+        outbound_port: 15001,
+    })
+    .unwrap();
+    let podns = Arc::new(PodNetns::open(Lab::netns_path(&pod)).unwrap());
+    let cookie = podns.cookie().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = Arc::new(OutboundStats::default());
+    let listener = podns.listen("127.0.0.1:15001".parse().unwrap()).unwrap();
+    {
+        let podns = podns.clone();
+        let stats = stats.clone();
+        rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            outbound::serve(l, podns, MARK, stats).await
+        });
+    }
+    // Wait for the server.
+    let ok = weft_e2e::wait_until(Duration::from_secs(5), || {
+        let (ok, _, _) = Lab::run_in(
+            &pod,
+            &app,
+            &[
+                "client",
+                "--connect",
+                &format!("10.201.{subnet}.2:8080"),
+                "--bytes",
+                "1",
+            ],
+        )
+        .ok()?;
+        ok.then_some(())
+    });
+    assert!(ok.is_some(), "server did not come up");
+    Setup {
+        lab,
+        pod,
+        capture,
+        pins,
+        podns,
+        stats,
+        rt,
+        cookie,
+    }
+}
+
+#[test]
+fn enrolled_pod_is_captured_bytes_exact_and_sees_the_real_peer() {
+    let mut s = setup("c", 1);
+    let app = weft_e2e::bin_path("weft-testapp").unwrap();
+    let dst = "10.201.1.2:8080";
+    s.capture.enroll(s.cookie, None).unwrap();
+
+    // 64 MiB through the proxy, checksummed end to end.
+    let (ok, out, err) = Lab::run_in(
+        &s.pod,
+        &app,
+        &[
+            "client",
+            "--connect",
+            dst,
+            "--bytes",
+            &(64 << 20).to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(ok, "client failed: {err}");
+    // getpeername() in the client shows the real destination, not 127.0.0.1:15001.
+    assert!(out.contains(&format!("peer={dst}")), "{out}");
+    assert_eq!(
+        s.stats.forwarded.load(Ordering::SeqCst),
+        1,
+        "the connection went through the proxy"
+    );
+    assert_eq!(
+        *s.stats.last_orig_dst.lock().unwrap(),
+        Some(dst.parse().unwrap())
+    );
+    assert_eq!(s.stats.bytes_up.load(Ordering::SeqCst), 64 << 20);
+    let st = s.capture.pod_stats(s.cookie).unwrap();
+    assert_eq!(st.redirected, 1);
+    assert_eq!(st.orig_dst_answers, 1);
+    // The proxy's own upstream socket (same netns, marked) was seen and not redirected.
+    assert_eq!(st.skipped_mark, 1);
+
+    // Not enrolled: direct, untouched.
+    s.capture.unenroll(s.cookie).unwrap();
+    let (ok, out, err) = Lab::run_in(
+        &s.pod,
+        &app,
+        &["client", "--connect", dst, "--bytes", "4096"],
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("peer={dst}")));
+    assert_eq!(
+        s.stats.accepted.load(Ordering::SeqCst),
+        1,
+        "not enrolled: the proxy saw nothing"
+    );
+    drop(s.rt);
+    drop(s.podns);
+    drop(s.capture);
+    drop(s.pins);
+    drop(s.lab);
+}
+
+#[test]
+fn no_redirect_loops_under_100_parallel_connections() {
+    let mut s = setup("l", 2);
+    let app = weft_e2e::bin_path("weft-testapp").unwrap();
+    s.capture.enroll(s.cookie, None).unwrap();
+    let (ok, out, err) = Lab::run_in(
+        &s.pod,
+        &app,
+        &[
+            "client",
+            "--connect",
+            "10.201.2.2:8080",
+            "--bytes",
+            "65536",
+            "--parallel",
+            "100",
+        ],
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| *l == "peer=10.201.2.2:8080").count(),
+        100
+    );
+    // Exactly one proxy hop per connection: no loop.
+    assert_eq!(s.stats.accepted.load(Ordering::SeqCst), 100);
+    assert_eq!(s.stats.forwarded.load(Ordering::SeqCst), 100);
+    let st = s.capture.pod_stats(s.cookie).unwrap();
+    assert_eq!(st.redirected, 100);
+    assert_eq!(st.skipped_mark, 100);
+    // Closed connections leave no original-destination entries behind.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.capture.orig_dst_entries(), (0, 0));
+}

@@ -1,0 +1,35 @@
+//! Compiles the eBPF programs in ../ebpf with clang (-target bpf) and embeds them.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    let root =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("../ebpf");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("out dir"));
+    println!("cargo:rerun-if-changed={}", root.join("src").display());
+    println!("cargo:rerun-if-changed={}", root.join("include").display());
+    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    // One object today; add more names here as programs are split.
+    let programs: &[&str] = &["capture"];
+    for prog in programs {
+        let src = root.join("src").join(format!("{prog}.c"));
+        let obj = out.join(format!("{prog}.o"));
+        let status = Command::new(&clang)
+            .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+            .arg("-I")
+            .arg(root.join("include"))
+            .args(["-I", "/usr/include/x86_64-linux-gnu"])
+            .arg("-c")
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("clang failed to compile {} ({s})", src.display()),
+            Err(e) => panic!(
+                "cannot run {clang} to compile the eBPF programs ({e}); install clang and libbpf-dev (`make setup` does)"
+            ),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Finding the cgroup2 hierarchy and bpffs from /proc/self/mountinfo (never
+//! hard-coded: hybrid hosts mount cgroup2 at /sys/fs/cgroup/unified, pure cgroup2
+//! nodes at /sys/fs/cgroup).
+
+use std::path::{Path, PathBuf};
+
+/// Mount points of `fstype` in a mountinfo text, in order.
+pub fn mounts_of(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // fields: id parent maj:min root mountpoint opts [optional...] - fstype source superopts
+            let (pre, post) = line.split_once(" - ")?;
+            let fs = post.split_whitespace().next()?;
+            let mountpoint = pre.split_whitespace().nth(4)?;
+            (fs == fstype).then(|| PathBuf::from(unescape(mountpoint)))
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The cgroup2 mount point of this host.
+pub fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mounts_of(&info, "cgroup2")
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no cgroup2 filesystem is mounted (weft needs cgroup v2 or a hybrid hierarchy)",
+            )
+        })
+}
+
+/// A bpffs mount point, mounting one at /sys/fs/bpf if there is none.
+pub fn bpffs() -> std::io::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if let Some(p) = mounts_of(&info, "bpf").into_iter().next() {
+        return Ok(p);
+    }
+    let target = Path::new("/sys/fs/bpf");
+    std::fs::create_dir_all(target)?;
+    nix::mount::mount(
+        Some("bpf"),
+        target,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(target.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_and_pure_cgroup2() {
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n\
+                      31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(
+            mounts_of(hybrid, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        let pure = "28 22 0:25 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n\
+                    40 22 0:33 / /sys/fs/bpf rw,nosuid shared:12 - bpf bpf rw,mode=700\n";
+        assert_eq!(
+            mounts_of(pure, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
+        assert_eq!(mounts_of(pure, "bpf"), vec![PathBuf::from("/sys/fs/bpf")]);
+        assert!(mounts_of("garbage line\n", "cgroup2").is_empty());
+    }
+}

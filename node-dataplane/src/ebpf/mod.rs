@@ -1,0 +1,11 @@
+//! Transparent capture with eBPF: the programs in `ebpf/src/capture.c` (built by
+//! build.rs, embedded here), their maps, and the loader that attaches them.
+
+pub mod cgroup;
+pub mod loader;
+pub mod maps;
+
+pub use loader::{Capture, CaptureError, CaptureOptions};
+
+/// The compiled capture programs.
+pub static CAPTURE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capture.o"));

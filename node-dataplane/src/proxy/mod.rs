@@ -1,0 +1,4 @@
+//! The node proxy's data path.
+
+pub mod orig_dst;
+pub mod outbound;
