@@ -60,4 +60,15 @@ struct weft_pod_stats {
 	__u64 orig_dst_answers;  /* SO_ORIGINAL_DST answered */
 };
 
+/* Per-pod inbound counters (per-CPU hash, key: pod IPv4, network order). */
+struct weft_inbound_stats {
+	__u64 captured;   /* plaintext connections steered to the inbound listener */
+	__u64 dropped;    /* enrolled but no listener (agent down): fail closed */
+};
+
+/* Inbound capture (sk_lookup, attached per pod netns). Keys: pod IPv4, network order. */
+struct weft_inbound_pod {
+	__u32 flags;  /* WEFT_POD_ENROLLED */
+};
+
 #endif

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod certs;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod ebpf;
