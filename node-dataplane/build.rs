@@ -9,8 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", root.join("src").display());
     println!("cargo:rerun-if-changed={}", root.join("include").display());
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
-    // One object today; add more names here as programs are split.
-    let programs: &[&str] = &["capture"];
+    let programs: &[&str] = &["capture", "inbound"];
     for prog in programs {
         let src = root.join("src").join(format!("{prog}.c"));
         let obj = out.join(format!("{prog}.o"));

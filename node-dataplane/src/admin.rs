@@ -12,11 +12,18 @@ use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
 
+/// Enrolled pods' dataplanes, by sandbox id.
+pub type PodMap =
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, crate::pods::PodDataplane>>>;
+
 #[derive(Clone)]
 pub struct AdminState {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
+    /// Set once enrolled pods are captured (when capture is on).
+    pub dataplane_ready: Option<Arc<std::sync::atomic::AtomicBool>>,
+    pub pods: Option<PodMap>,
 }
 
 pub fn router(s: AdminState) -> Router {
@@ -49,7 +56,38 @@ async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
         "plugins": snap.plugins,
         "trust_bundles": snap.trust_bundles,
         "certificates": s.certs.all().iter().map(|c| c.as_ref().clone()).collect::<Vec<_>>(),
+        "enrolled_pods": enrolled_pods(&s),
     }))
+}
+
+fn enrolled_pods(s: &AdminState) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(pods) = &s.pods else {
+        return serde_json::Value::Null;
+    };
+    let pods = pods.lock().unwrap_or_else(|p| p.into_inner());
+    pods.values()
+        .map(|p| {
+            serde_json::json!({
+                "pod": format!("{}/{}", p.sandbox.pod_namespace, p.sandbox.pod_name),
+                "workload": p.workload_key,
+                "netns": p.sandbox.netns,
+                "netns_cookie": p.cookie,
+                "ip": p.ip4.map(|ip| ip.to_string()),
+                "outbound": {
+                    "accepted": p.outbound.accepted.load(Relaxed),
+                    "forwarded": p.outbound.forwarded.load(Relaxed),
+                    "failed": p.outbound.failed.load(Relaxed),
+                    "last_original_destination": p.outbound.last_orig_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
+                },
+                "inbound_plaintext": {
+                    "accepted": p.inbound.accepted.load(Relaxed),
+                    "forwarded": p.inbound.forwarded.load(Relaxed),
+                    "last_destination": p.inbound.last_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
+                },
+            })
+        })
+        .collect()
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

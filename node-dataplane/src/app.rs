@@ -8,6 +8,8 @@ use crate::metrics::Metrics;
 use anyhow::Context;
 use futures::FutureExt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -16,12 +18,31 @@ pub struct Settings {
     pub control_plane: ControlPlaneTarget,
     pub admin_addr: SocketAddr,
     pub certs: CertManagerSettings,
+    /// Transparent capture (eBPF + CNI); `None` runs config and certificates only.
+    pub capture: Option<CaptureSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureSettings {
+    /// cgroup the programs attach to (the cgroup2 root on a real node).
+    pub cgroup: PathBuf,
+    /// bpffs directory for weft's pins.
+    pub bpf_dir: PathBuf,
+    /// The CNI plugin's socket; `enrollment.json` is written next to it.
+    pub cni_socket: PathBuf,
+    /// Agent state (the pod registry survives restarts here).
+    pub state_dir: PathBuf,
+    /// SO_MARK of the proxy's own sockets.
+    pub mark: u32,
 }
 
 pub struct Running {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
     pub admin_addr: SocketAddr,
+    pub pods: Option<
+        Arc<std::sync::Mutex<std::collections::BTreeMap<String, crate::pods::PodDataplane>>>,
+    >,
 }
 
 pub async fn start(
@@ -53,6 +74,52 @@ pub async fn start(
     };
     let cm = tokio::spawn(manager.run());
 
+    let mut dataplane_ready = None;
+    let mut pods = None;
+    let mut pod_task = None;
+    if let Some(c) = &s.capture {
+        let capture = crate::ebpf::Capture::install(crate::ebpf::CaptureOptions {
+            cgroup: c.cgroup.clone(),
+            pin_dir: c.bpf_dir.clone(),
+            proxy_mark: c.mark,
+            outbound_port: crate::pods::OUTBOUND_PORT,
+        })
+        .context("installing the eBPF capture programs")?;
+        let inbound = crate::ebpf::Inbound::load(&c.bpf_dir)
+            .context("loading the inbound capture program")?;
+        std::fs::create_dir_all(&c.state_dir)
+            .with_context(|| format!("creating {}", c.state_dir.display()))?;
+        let registry = Arc::new(crate::cni::registry::PodRegistry::load(Some(
+            c.state_dir.join("pods.json"),
+        )));
+        let sock = crate::cni::server::bind(&c.cni_socket)
+            .with_context(|| format!("binding the CNI socket {}", c.cni_socket.display()))?;
+        let cfg = config.clone();
+        let node = s.node.clone();
+        let enrolled: crate::cni::server::EnrolledFn = Arc::new(move |ns: &str, name: &str| {
+            cfg.snapshot()
+                .workloads
+                .values()
+                .any(|w| w.enrolled && w.node == node && w.namespace == ns && w.name == name)
+        });
+        tokio::spawn(crate::cni::server::serve(sock, registry.clone(), enrolled));
+        let ready = Arc::new(AtomicBool::new(false));
+        let map = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let manager = crate::pods::PodManager {
+            config: config.clone(),
+            registry,
+            capture: Arc::new(std::sync::Mutex::new(capture)),
+            inbound: Arc::new(std::sync::Mutex::new(inbound)),
+            mark: c.mark,
+            hint_path: c.cni_socket.parent().map(|d| d.join("enrollment.json")),
+            pods: map.clone(),
+            ready: ready.clone(),
+        };
+        pod_task = Some(tokio::spawn(manager.run()));
+        dataplane_ready = Some(ready);
+        pods = Some(map);
+    }
+
     let listener = tokio::net::TcpListener::bind(s.admin_addr)
         .await
         .with_context(|| format!("binding the admin address {}", s.admin_addr))?;
@@ -61,6 +128,8 @@ pub async fn start(
         config: config.clone(),
         certs: certs.clone(),
         metrics,
+        dataplane_ready,
+        pods: pods.clone(),
     });
     tracing::info!(node = %s.node, control_plane = %s.control_plane.address, admin = %admin_addr, "node agent started");
     let fut = async move {
@@ -70,6 +139,9 @@ pub async fn start(
             .context("admin server failed");
         sub.abort();
         cm.abort();
+        if let Some(t) = pod_task {
+            t.abort();
+        }
         r
     };
     Ok((
@@ -77,6 +149,7 @@ pub async fn start(
             config,
             certs,
             admin_addr,
+            pods,
         },
         fut,
     ))

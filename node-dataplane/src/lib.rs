@@ -11,4 +11,5 @@ pub mod control;
 pub mod ebpf;
 pub mod metrics;
 pub mod netns;
+pub mod pods;
 pub mod proxy;

@@ -2,7 +2,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use weft_api::logging::{self, LogFormat};
-use weft_node::app::{self, Settings};
+use weft_node::app::{self, CaptureSettings, Settings};
 use weft_node::certs::CertManagerSettings;
 use weft_node::control::channel::ControlPlaneTarget;
 
@@ -40,7 +40,35 @@ enum Command {
         /// Admin HTTP address (localhost): /healthz/ready, /config_dump, /metrics.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
+        /// Capture enrolled pods' traffic with eBPF (needs root and a CNI chain with weft-cni).
+        #[arg(long)]
+        capture: bool,
+        /// cgroup to attach the capture programs to [default: the cgroup2 root, from mountinfo].
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory for weft's pins [default: <bpffs>/weft].
+        #[arg(long)]
+        bpf_dir: Option<PathBuf>,
+        /// Socket the weft-cni plugin talks to.
+        #[arg(long, default_value = weft_node::cni::plugin::DEFAULT_SOCKET)]
+        cni_socket: PathBuf,
+        /// Agent state directory (pod registry).
+        #[arg(long, default_value = "/var/run/weft")]
+        state_dir: PathBuf,
+        /// SO_MARK of the proxy's own sockets (never captured).
+        #[arg(long, default_value_t = 0x5746)]
+        proxy_mark: u32,
     },
+    /// Remove every eBPF program, link, pin and map weft installed.
+    Uninstall {
+        /// bpffs directory of weft's pins [default: <bpffs>/weft].
+        #[arg(long)]
+        bpf_dir: Option<PathBuf>,
+    },
+}
+
+fn default_bpf_dir() -> std::io::Result<PathBuf> {
+    Ok(weft_node::ebpf::cgroup::bpffs()?.join("weft"))
 }
 
 // jemalloc returns memory freed after bursts (initial syncs, big config changes) to the
@@ -51,13 +79,76 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let Command::Run {
-        node,
-        control_plane,
-        server_name,
-        credential_dir,
-        admin_addr,
-    } = cli.command;
+    let (node, control_plane, server_name, credential_dir, admin_addr, capture) = match cli.command
+    {
+        Command::Uninstall { bpf_dir } => {
+            let res = bpf_dir
+                .map(Ok)
+                .unwrap_or_else(default_bpf_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|d| {
+                    weft_node::ebpf::Capture::uninstall(&d)
+                        .map(|_| d)
+                        .map_err(anyhow::Error::from)
+                });
+            return match res {
+                Ok(d) => {
+                    println!(
+                        "removed weft's eBPF programs, links and maps ({})",
+                        d.display()
+                    );
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weft-node: error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run {
+            node,
+            control_plane,
+            server_name,
+            credential_dir,
+            admin_addr,
+            capture,
+            cgroup,
+            bpf_dir,
+            cni_socket,
+            state_dir,
+            proxy_mark,
+        } => {
+            let capture = if capture {
+                let resolved = cgroup
+                    .map(Ok)
+                    .unwrap_or_else(weft_node::ebpf::cgroup::cgroup2_root)
+                    .and_then(|c| Ok((c, bpf_dir.map(Ok).unwrap_or_else(default_bpf_dir)?)));
+                match resolved {
+                    Ok((cgroup, bpf_dir)) => Some(CaptureSettings {
+                        cgroup,
+                        bpf_dir,
+                        cni_socket,
+                        state_dir,
+                        mark: proxy_mark,
+                    }),
+                    Err(e) => {
+                        eprintln!("weft-node: error: capture: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                None
+            };
+            (
+                node,
+                control_plane,
+                server_name,
+                credential_dir,
+                admin_addr,
+                capture,
+            )
+        }
+    };
     let settings = Settings {
         node,
         control_plane: ControlPlaneTarget {
@@ -67,6 +158,7 @@ fn main() -> std::process::ExitCode {
         },
         admin_addr,
         certs: CertManagerSettings::default(),
+        capture,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

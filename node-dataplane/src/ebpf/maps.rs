@@ -51,12 +51,28 @@ pub struct PodStats {
     pub orig_dst_answers: u64,
 }
 
+/// Value of `weft_inbound_pods` (key: pod IPv4, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundStats {
+    pub captured: u64,
+    pub dropped: u64,
+}
+
 // SAFETY: plain-old-data, #[repr(C)], no padding-dependent invariants.
 unsafe impl aya::Pod for WeftPod {}
 unsafe impl aya::Pod for OrigDst {}
 unsafe impl aya::Pod for Tuple {}
 unsafe impl aya::Pod for Settings {}
 unsafe impl aya::Pod for PodStats {}
+unsafe impl aya::Pod for InboundPod {}
+unsafe impl aya::Pod for InboundStats {}
 
 /// Map name -> (key size, value size), as the C side defines them.
 pub const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
@@ -69,6 +85,17 @@ pub const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
     ),
     ("weft_settings_map", 4, std::mem::size_of::<Settings>()),
     ("weft_pod_stats_map", 8, std::mem::size_of::<PodStats>()),
+];
+
+/// The same for the inbound object.
+pub const INBOUND_MAP_LAYOUTS: &[(&str, usize, usize)] = &[
+    ("weft_inbound_pods", 4, std::mem::size_of::<InboundPod>()),
+    ("weft_inbound_socks", 4, 8),
+    (
+        "weft_inbound_stats_map",
+        4,
+        std::mem::size_of::<InboundStats>(),
+    ),
 ];
 
 #[cfg(test)]
@@ -94,6 +121,8 @@ mod tests {
         assert_eq!(offset_of!(Tuple, family), 52);
         assert_eq!(size_of::<Settings>(), 8);
         assert_eq!(size_of::<PodStats>(), 40);
+        assert_eq!(size_of::<InboundPod>(), 4);
+        assert_eq!(size_of::<InboundStats>(), 16);
     }
 
     /// Cross-check against the compiled object: every map's key and value size in

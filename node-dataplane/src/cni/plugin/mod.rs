@@ -30,7 +30,8 @@ pub struct Outcome {
 
 fn error(version: &str, code: u32, msg: &str, details: &str) -> Outcome {
     Outcome {
-        stdout: json!({"cniVersion": version, "code": code, "msg": msg, "details": details}).to_string(),
+        stdout: json!({"cniVersion": version, "code": code, "msg": msg, "details": details})
+            .to_string(),
         exit_code: 1,
     }
 }
@@ -40,15 +41,27 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
     let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
     if command == "VERSION" {
         return Outcome {
-            stdout: json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+            stdout: json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS})
+                .to_string(),
             exit_code: 0,
         };
     }
     let conf: Value = match serde_json::from_str(stdin) {
         Ok(v) => v,
-        Err(e) => return error("1.0.0", code::DECODE, "cannot decode the network configuration on stdin", &e.to_string()),
+        Err(e) => {
+            return error(
+                "1.0.0",
+                code::DECODE,
+                "cannot decode the network configuration on stdin",
+                &e.to_string(),
+            )
+        }
     };
-    let version = conf.get("cniVersion").and_then(Value::as_str).unwrap_or("").to_string();
+    let version = conf
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
         return error(
             "1.0.0",
@@ -61,9 +74,20 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
         "ADD" => Command::Add,
         "DEL" => Command::Del,
         "CHECK" => Command::Check,
-        other => return error(&version, code::INVALID_ENV, &format!("unknown CNI_COMMAND {other:?}"), ""),
+        other => {
+            return error(
+                &version,
+                code::INVALID_ENV,
+                &format!("unknown CNI_COMMAND {other:?}"),
+                "",
+            )
+        }
     };
-    let socket = conf.get("agentSocket").and_then(Value::as_str).unwrap_or(DEFAULT_SOCKET).to_string();
+    let socket = conf
+        .get("agentSocket")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_SOCKET)
+        .to_string();
     let prev = conf.get("prevResult").cloned();
     if cmd == Command::Add && prev.is_none() {
         return error(
@@ -76,7 +100,12 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
     let req_env = |k: &str| env.get(k).cloned().unwrap_or_default();
     let (container_id, netns) = (req_env("CNI_CONTAINERID"), req_env("CNI_NETNS"));
     if container_id.is_empty() {
-        return error(&version, code::INVALID_ENV, "CNI_CONTAINERID is not set", "");
+        return error(
+            &version,
+            code::INVALID_ENV,
+            "CNI_CONTAINERID is not set",
+            "",
+        );
     }
     if cmd != Command::Del && netns.is_empty() {
         return error(&version, code::INVALID_ENV, "CNI_NETNS is not set", "");
@@ -92,7 +121,13 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
         ips: prev.as_ref().map(ips_of).unwrap_or_default(),
     };
     let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
-    let result = ask_agent(Path::new(&socket), &Request { command: cmd.clone(), sandbox });
+    let result = ask_agent(
+        Path::new(&socket),
+        &Request {
+            command: cmd.clone(),
+            sandbox,
+        },
+    );
     let pass_through = || {
         let mut out = prev.clone().unwrap_or(json!({}));
         if let Some(o) = out.as_object_mut() {
@@ -114,13 +149,20 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
             stdout: String::new(),
             exit_code: 0,
         },
-        (_, Ok(r)) => error(&version, code::IO_FAILURE, &format!("weft node agent refused pod {pod}"), &r.error),
+        (_, Ok(r)) => error(
+            &version,
+            code::IO_FAILURE,
+            &format!("weft node agent refused pod {pod}"),
+            &r.error,
+        ),
         (c, Err(e)) => {
             if must_enroll(Path::new(&socket), &pod) {
                 error(
                     &version,
                     code::TRY_AGAIN_LATER,
-                    &format!("pod {pod} must be in the mesh but the weft node agent is unreachable"),
+                    &format!(
+                        "pod {pod} must be in the mesh but the weft node agent is unreachable"
+                    ),
                     &e,
                 )
             } else if c == Command::Add {
@@ -158,13 +200,17 @@ pub fn ips_of(result: &Value) -> Vec<String> {
 }
 
 fn ask_agent(socket: &Path, req: &Request) -> Result<Response, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
     let mut resp = String::new();
-    BufReader::new(s).read_line(&mut resp).map_err(|e| e.to_string())?;
+    BufReader::new(s)
+        .read_line(&mut resp)
+        .map_err(|e| e.to_string())?;
     serde_json::from_str(&resp).map_err(|e| format!("bad answer from the agent: {e}"))
 }
 

@@ -8,7 +8,10 @@ fn env(cmd: &str) -> HashMap<String, String> {
         ("CNI_CONTAINERID", "c1"),
         ("CNI_NETNS", "/var/run/netns/p1"),
         ("CNI_IFNAME", "eth0"),
-        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=u1"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=u1",
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -31,7 +34,11 @@ fn conf(socket: &Path) -> String {
 }
 
 /// A fake agent answering `n` requests with `resp`, recording what it got.
-fn agent(dir: &Path, resp: Response, n: usize) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<Request>>) {
+fn agent(
+    dir: &Path,
+    resp: Response,
+    n: usize,
+) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<Request>>) {
     let sock = dir.join("cni.sock");
     let l = UnixListener::bind(&sock).unwrap();
     let h = std::thread::spawn(move || {
@@ -43,7 +50,8 @@ fn agent(dir: &Path, resp: Response, n: usize) -> (std::path::PathBuf, std::thre
             r.read_line(&mut line).unwrap();
             got.push(serde_json::from_str(&line).unwrap());
             let mut w = s;
-            w.write_all(format!("{}\n", serde_json::to_string(&resp).unwrap()).as_bytes()).unwrap();
+            w.write_all(format!("{}\n", serde_json::to_string(&resp).unwrap()).as_bytes())
+                .unwrap();
         }
         got
     });
@@ -56,13 +64,24 @@ fn version() {
     assert_eq!(o.exit_code, 0);
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["cniVersion"], "1.0.0");
-    assert!(v["supportedVersions"].as_array().unwrap().contains(&json!("1.0.0")));
+    assert!(v["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("1.0.0")));
 }
 
 #[test]
 fn add_tells_the_agent_and_passes_the_previous_result_through() {
     let d = tempfile::tempdir().unwrap();
-    let (sock, h) = agent(d.path(), Response { ok: true, enrolled: true, error: String::new() }, 2);
+    let (sock, h) = agent(
+        d.path(),
+        Response {
+            ok: true,
+            enrolled: true,
+            error: String::new(),
+        },
+        2,
+    );
     let input = conf(&sock);
     let o = run(&env("ADD"), &input);
     assert_eq!(o.exit_code, 0, "{}", o.stdout);
@@ -107,34 +126,57 @@ fn bad_input_is_a_cni_error() {
     assert_eq!(v["code"], code::DECODE);
     assert!(v["msg"].as_str().unwrap().contains("decode"));
 
-    let o = run(&env("ADD"), r#"{"cniVersion":"9.9.9","name":"x","type":"weft-cni"}"#);
-    assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["code"], code::INCOMPATIBLE_VERSION);
+    let o = run(
+        &env("ADD"),
+        r#"{"cniVersion":"9.9.9","name":"x","type":"weft-cni"}"#,
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&o.stdout).unwrap()["code"],
+        code::INCOMPATIBLE_VERSION
+    );
 
-    let o = run(&env("ADD"), r#"{"cniVersion":"1.0.0","name":"x","type":"weft-cni"}"#);
+    let o = run(
+        &env("ADD"),
+        r#"{"cniVersion":"1.0.0","name":"x","type":"weft-cni"}"#,
+    );
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
-    assert_eq!(v["code"], code::INVALID_CONFIG, "no prevResult: not chained");
+    assert_eq!(
+        v["code"],
+        code::INVALID_CONFIG,
+        "no prevResult: not chained"
+    );
 
     let mut e = env("ADD");
     e.remove("CNI_CONTAINERID");
     let o = run(&e, &conf(Path::new("/nonexistent.sock")));
-    assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["code"], code::INVALID_ENV);
+    assert_eq!(
+        serde_json::from_str::<Value>(&o.stdout).unwrap()["code"],
+        code::INVALID_ENV
+    );
 
     let o = run(&env("FROB"), &conf(Path::new("/nonexistent.sock")));
-    assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["code"], code::INVALID_ENV);
+    assert_eq!(
+        serde_json::from_str::<Value>(&o.stdout).unwrap()["code"],
+        code::INVALID_ENV
+    );
 }
 
 #[test]
 fn agent_down_fails_only_pods_that_must_be_enrolled() {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("cni.sock"); // nobody listens
-    // Unknown pod (not in the agent's enrollment hint): the ADD passes.
+                                          // Unknown pod (not in the agent's enrollment hint): the ADD passes.
     let o = run(&env("ADD"), &conf(&sock));
     assert_eq!(o.exit_code, 0, "{}", o.stdout);
     // A pod the agent said must be enrolled: the ADD fails with "try again later".
     let hint = EnrollmentHint {
         enrolled_pods: vec!["shop/web-1".into()],
     };
-    std::fs::write(d.path().join("enrollment.json"), serde_json::to_string(&hint).unwrap()).unwrap();
+    std::fs::write(
+        d.path().join("enrollment.json"),
+        serde_json::to_string(&hint).unwrap(),
+    )
+    .unwrap();
     let o = run(&env("ADD"), &conf(&sock));
     assert_eq!(o.exit_code, 1);
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
@@ -145,7 +187,15 @@ fn agent_down_fails_only_pods_that_must_be_enrolled() {
 #[test]
 fn agent_refusal_fails_the_add() {
     let d = tempfile::tempdir().unwrap();
-    let (sock, h) = agent(d.path(), Response { ok: false, enrolled: true, error: "netns gone".into() }, 1);
+    let (sock, h) = agent(
+        d.path(),
+        Response {
+            ok: false,
+            enrolled: true,
+            error: "netns gone".into(),
+        },
+        1,
+    );
     let o = run(&env("ADD"), &conf(&sock));
     assert_eq!(o.exit_code, 1);
     let v: Value = serde_json::from_str(&o.stdout).unwrap();

@@ -1,0 +1,232 @@
+//! Per-pod dataplane: for every sandbox the CNI plugin reported whose workload the
+//! control plane says is enrolled and on this node, the agent enters the pod's
+//! netns, binds the proxy's listeners there (15001 outbound, 15006 inbound
+//! plaintext, 15008 HBONE), records the netns cookie in the capture map and attaches
+//! inbound capture. A pod that leaves (CNI DEL, deleted, opted out) is torn down.
+
+use crate::cni::protocol::{EnrollmentHint, Sandbox};
+use crate::cni::registry::PodRegistry;
+use crate::config::ConfigStore;
+use crate::ebpf::{Capture, Inbound};
+use crate::netns::PodNetns;
+use crate::proxy::{inbound, outbound};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinHandle;
+use weft_api::pb;
+
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAIN_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+pub struct PodDataplane {
+    pub sandbox: Sandbox,
+    pub workload_key: String,
+    pub cookie: u64,
+    pub ip4: Option<Ipv4Addr>,
+    pub outbound: Arc<outbound::OutboundStats>,
+    pub inbound: Arc<inbound::InboundStats>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PodDataplane {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub struct PodManager {
+    pub config: Arc<ConfigStore>,
+    pub registry: Arc<PodRegistry>,
+    pub capture: Arc<Mutex<Capture>>,
+    pub inbound: Arc<Mutex<Inbound>>,
+    pub mark: u32,
+    /// Where the enrollment hint for the CNI plugin is written.
+    pub hint_path: Option<PathBuf>,
+    pub pods: Arc<Mutex<BTreeMap<String, PodDataplane>>>,
+    /// Set after the first reconcile following a complete config sync.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The enrolled workload of this node matching a sandbox (by UID, then name).
+fn workload_for<'a>(
+    node: &str,
+    ws: impl Iterator<Item = (&'a String, &'a Arc<pb::Workload>)>,
+    s: &Sandbox,
+) -> Option<(String, Arc<pb::Workload>)> {
+    let mut by_name = None;
+    for (k, w) in ws {
+        if w.node != node {
+            continue;
+        }
+        if !s.pod_uid.is_empty() && w.uid == s.pod_uid {
+            return Some((k.clone(), w.clone()));
+        }
+        if w.namespace == s.pod_namespace && w.name == s.pod_name {
+            by_name = Some((k.clone(), w.clone()));
+        }
+    }
+    by_name
+}
+
+impl PodManager {
+    pub async fn run(self) {
+        let mut cfg = self.config.watch();
+        let mut reg = self.registry.watch();
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                r = cfg.changed() => if r.is_err() { return },
+                r = reg.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn reconcile(&self) {
+        let snap = self.config.snapshot();
+        let node = self.config.node().to_string();
+        self.write_hint(&snap, &node);
+        let mut wanted: BTreeMap<String, (Sandbox, String, Arc<pb::Workload>)> = BTreeMap::new();
+        for s in self.registry.all() {
+            if let Some((key, w)) = workload_for(&node, snap.workloads.iter(), &s) {
+                if w.enrolled {
+                    wanted.insert(s.container_id.clone(), (s, key, w));
+                }
+            }
+        }
+        // Tear down what is no longer wanted.
+        let gone: Vec<String> = Self::lock(&self.pods)
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(p) = Self::lock(&self.pods).remove(&id) {
+                self.teardown(&p);
+            }
+        }
+        // Set up what is new.
+        for (id, (s, key, w)) in wanted {
+            if Self::lock(&self.pods).contains_key(&id) {
+                continue;
+            }
+            match self.setup(s.clone(), key, &w).await {
+                Ok(p) => {
+                    tracing::info!(pod = %format!("{}/{}", s.pod_namespace, s.pod_name), identity = %w.spiffe_id, cookie = p.cookie, "pod enrolled: traffic captured");
+                    Self::lock(&self.pods).insert(id, p);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{}/{}", s.pod_namespace, s.pod_name), error = %format!("{e:#}"), "cannot enroll pod")
+                }
+            }
+        }
+        if snap.synced {
+            self.ready.store(true, Ordering::Release);
+        }
+    }
+
+    async fn setup(
+        &self,
+        s: Sandbox,
+        workload_key: String,
+        w: &pb::Workload,
+    ) -> anyhow::Result<PodDataplane> {
+        let path = s.netns.clone();
+        let netns = Arc::new(tokio::task::spawn_blocking(move || PodNetns::open(path)).await??);
+        let cookie = netns.cookie()?;
+        let ip4 = s
+            .ips
+            .iter()
+            .chain(w.ips.iter())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            });
+        let out_l = netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
+        // IPv6 is optional: a pod without IPv6 loopback simply has no [::1] listener.
+        let out6_l = netns
+            .listen(SocketAddr::from((
+                std::net::Ipv6Addr::LOCALHOST,
+                OUTBOUND_PORT,
+            )))
+            .ok();
+        let in_l = netns.listen(SocketAddr::from((
+            Ipv4Addr::UNSPECIFIED,
+            INBOUND_PLAIN_PORT,
+        )))?;
+        let hbone_l = netns.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))?;
+        let out_stats = Arc::new(outbound::OutboundStats::default());
+        let in_stats = Arc::new(inbound::InboundStats::default());
+        let mut tasks = Vec::new();
+        for l in std::iter::once(out_l).chain(out6_l) {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tasks.push(tokio::spawn(outbound::serve(
+                l,
+                netns.clone(),
+                self.mark,
+                out_stats.clone(),
+            )));
+        }
+        if let Some(ip) = ip4 {
+            Self::lock(&self.inbound).enroll(std::path::Path::new(&s.netns), ip, &in_l)?;
+        }
+        tasks.push(tokio::spawn(inbound::serve(
+            tokio::net::TcpListener::from_std(in_l)?,
+            netns.clone(),
+            self.mark,
+            in_stats.clone(),
+        )));
+        tasks.push(tokio::spawn(inbound::refuse_hbone(
+            tokio::net::TcpListener::from_std(hbone_l)?,
+        )));
+        Self::lock(&self.capture).enroll(cookie, ip4)?;
+        Ok(PodDataplane {
+            sandbox: s,
+            workload_key,
+            cookie,
+            ip4,
+            outbound: out_stats,
+            inbound: in_stats,
+            tasks,
+        })
+    }
+
+    fn teardown(&self, p: &PodDataplane) {
+        if let Err(e) = Self::lock(&self.capture).unenroll(p.cookie) {
+            tracing::warn!(error = %e, "unenrolling netns cookie");
+        }
+        if let Some(ip) = p.ip4 {
+            if let Err(e) = Self::lock(&self.inbound).unenroll(ip) {
+                tracing::warn!(error = %e, "detaching inbound capture");
+            }
+        }
+        tracing::info!(pod = %format!("{}/{}", p.sandbox.pod_namespace, p.sandbox.pod_name), "pod un-enrolled: listeners closed");
+    }
+
+    fn write_hint(&self, snap: &crate::config::StoreSnapshot, node: &str) {
+        let Some(path) = &self.hint_path else { return };
+        let hint = EnrollmentHint {
+            enrolled_pods: snap
+                .workloads
+                .values()
+                .filter(|w| w.enrolled && w.node == node)
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .collect(),
+        };
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string(&hint).unwrap_or_default();
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the CNI enrollment hint");
+        }
+    }
+}
