@@ -2,6 +2,7 @@
 //! (`weft-control-plane`, `weft-node`) as processes, talk to them over real
 //! sockets on loopback, and clean up everything they started when dropped.
 
+pub mod cluster;
 pub mod netlab;
 pub mod process;
 pub mod standalone;

@@ -31,7 +31,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, __u32);
 } weft_inbound_socks SEC(".maps");
 
 struct {

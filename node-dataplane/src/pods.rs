@@ -165,11 +165,42 @@ impl PodManager {
             INBOUND_PLAIN_PORT,
         )))?;
         let hbone_l = netns.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))?;
+        // Everything that can fail happens before any task starts, so a failed
+        // attempt leaves no listener behind and can simply be retried.
+        if let Some(ip) = ip4 {
+            Self::lock(&self.inbound).enroll(std::path::Path::new(&s.netns), ip, &in_l)?;
+        }
+        if let Err(e) = Self::lock(&self.capture).enroll(cookie, ip4) {
+            if let Some(ip) = ip4 {
+                let _ = Self::lock(&self.inbound).unenroll(ip);
+            }
+            return Err(e.into());
+        }
+        let listeners = (|| -> std::io::Result<_> {
+            let outs: Vec<tokio::net::TcpListener> = std::iter::once(out_l)
+                .chain(out6_l)
+                .map(tokio::net::TcpListener::from_std)
+                .collect::<Result<_, _>>()?;
+            Ok((
+                outs,
+                tokio::net::TcpListener::from_std(in_l)?,
+                tokio::net::TcpListener::from_std(hbone_l)?,
+            ))
+        })();
+        let (outs, in_l, hbone_l) = match listeners {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = Self::lock(&self.capture).unenroll(cookie);
+                if let Some(ip) = ip4 {
+                    let _ = Self::lock(&self.inbound).unenroll(ip);
+                }
+                return Err(e.into());
+            }
+        };
         let out_stats = Arc::new(outbound::OutboundStats::default());
         let in_stats = Arc::new(inbound::InboundStats::default());
         let mut tasks = Vec::new();
-        for l in std::iter::once(out_l).chain(out6_l) {
-            let l = tokio::net::TcpListener::from_std(l)?;
+        for l in outs {
             tasks.push(tokio::spawn(outbound::serve(
                 l,
                 netns.clone(),
@@ -177,19 +208,13 @@ impl PodManager {
                 out_stats.clone(),
             )));
         }
-        if let Some(ip) = ip4 {
-            Self::lock(&self.inbound).enroll(std::path::Path::new(&s.netns), ip, &in_l)?;
-        }
         tasks.push(tokio::spawn(inbound::serve(
-            tokio::net::TcpListener::from_std(in_l)?,
+            in_l,
             netns.clone(),
             self.mark,
             in_stats.clone(),
         )));
-        tasks.push(tokio::spawn(inbound::refuse_hbone(
-            tokio::net::TcpListener::from_std(hbone_l)?,
-        )));
-        Self::lock(&self.capture).enroll(cookie, ip4)?;
+        tasks.push(tokio::spawn(inbound::refuse_hbone(hbone_l)));
         Ok(PodDataplane {
             sandbox: s,
             workload_key,

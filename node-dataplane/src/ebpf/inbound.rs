@@ -1,6 +1,6 @@
 //! Inbound capture: the sk_lookup program, attached to each enrolled pod's network
 //! namespace, steering plaintext connections for the pod's IP to the proxy's in-pod
-//! 15006 listener. Links are pinned (`<pin_dir>/inbound/<pod ip>`) and the enrolled
+//! 15006 listener. Links are pinned (`<pin_dir>/inbound/<pod ip, dots as _>`) and the enrolled
 //! set is a pinned map, so while the agent is down an enrolled pod's plaintext
 //! inbound is dropped (fail closed) rather than reaching the application unchecked.
 
@@ -94,7 +94,7 @@ impl Inbound {
             .take_link(id)
             .map_err(|source| CaptureError::Program { name, source })?
             .into();
-        let path = self.links_dir.join(ip.to_string());
+        let path = self.link_pin(ip);
         if path.exists() {
             release(&path)?;
         }
@@ -124,11 +124,16 @@ impl Inbound {
                 })
             }
         }
-        let path = self.links_dir.join(ip.to_string());
+        let path = self.link_pin(ip);
         if path.exists() {
             release(&path)?;
         }
         Ok(())
+    }
+
+    /// bpffs refuses names with dots: `10.1.2.3` is pinned as `10_1_2_3`.
+    fn link_pin(&self, ip: Ipv4Addr) -> PathBuf {
+        self.links_dir.join(ip.to_string().replace('.', "_"))
     }
 
     fn pods(&mut self) -> Result<BpfHashMap<&mut MapData, u32, InboundPod>, CaptureError> {

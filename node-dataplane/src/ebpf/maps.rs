@@ -90,7 +90,7 @@ pub const MAP_LAYOUTS: &[(&str, usize, usize)] = &[
 /// The same for the inbound object.
 pub const INBOUND_MAP_LAYOUTS: &[(&str, usize, usize)] = &[
     ("weft_inbound_pods", 4, std::mem::size_of::<InboundPod>()),
-    ("weft_inbound_socks", 4, 8),
+    ("weft_inbound_socks", 4, 4),
     (
         "weft_inbound_stats_map",
         4,

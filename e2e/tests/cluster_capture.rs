@@ -1,0 +1,192 @@
+//! eBPF capture in the local cluster harness: real CNI plugins, real kernel eBPF,
+//! a control plane and one weft-node per node namespace. Root; runs in CI.
+
+use std::time::{Duration, Instant};
+use weft_e2e::cluster::LocalCluster;
+use weft_e2e::netlab::require_root;
+use weft_e2e::{bin_path, wait_until};
+
+fn app() -> std::path::PathBuf {
+    bin_path("weft-testapp").unwrap()
+}
+
+/// Two nodes; `mesh` enrolled, `plain` not. Server in mesh on node-b.
+fn cluster() -> LocalCluster {
+    require_root();
+    let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+    c.namespace("mesh", true).unwrap();
+    c.namespace("plain", false).unwrap();
+    c.add_pod("mesh", "server", "node-b", &[("app", "server")])
+        .unwrap();
+    c.add_pod("mesh", "client", "node-a", &[("app", "client")])
+        .unwrap();
+    c.add_pod("mesh", "optout", "node-a", &[("weft.dev/mesh", "disabled")])
+        .unwrap();
+    c.add_pod("plain", "client", "node-a", &[]).unwrap();
+    let server_ip = c.pod("mesh/server").ip.clone();
+    c.spawn_app(
+        "mesh/server",
+        &app(),
+        &["server", "--listen", &format!("{server_ip}:8080")],
+    )
+    .unwrap();
+    for (node, pod) in [("node-b", "mesh/server"), ("node-a", "mesh/client")] {
+        let ok = wait_until(Duration::from_secs(20), || c.enrolled_pod(node, pod));
+        assert!(
+            ok.is_some(),
+            "{pod} not enrolled on {node}\n{}",
+            c.agent_log(node)
+        );
+    }
+    let ok = wait_until(Duration::from_secs(10), || {
+        let (ok, _, _) = c
+            .run_app(
+                "plain/client",
+                &app(),
+                &[
+                    "client",
+                    "--connect",
+                    &format!("{server_ip}:8080"),
+                    "--bytes",
+                    "1",
+                ],
+            )
+            .ok()?;
+        ok.then_some(())
+    });
+    assert!(ok.is_some(), "server not reachable");
+    c
+}
+
+fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+fn assert_clean(footprint: (Vec<String>, std::path::PathBuf, Vec<std::path::PathBuf>)) {
+    let (netns, cgroup, pins) = footprint;
+    let listed = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for n in netns {
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(n.as_str())),
+            "netns {n} left behind"
+        );
+    }
+    assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
+    for p in pins {
+        assert!(!p.exists(), "pins {} left behind", p.display());
+    }
+}
+
+#[test]
+fn enrolled_traffic_is_captured_and_others_are_not() {
+    let c = cluster();
+    let server = format!("{}:8080", c.pod("mesh/server").ip);
+    let client_ip = c.pod("mesh/client").ip.clone();
+
+    // Enrolled client -> server on another node: through node-a's proxy, 64 MiB exact.
+    let (ok, out, err) = c
+        .run_app(
+            "mesh/client",
+            &app(),
+            &[
+                "client",
+                "--connect",
+                &server,
+                "--bytes",
+                &(64 << 20).to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(ok, "{err}\n{}", c.agent_log("node-a"));
+    assert!(
+        out.contains(&format!("peer={server}")),
+        "getpeername shows the real destination: {out}"
+    );
+    let a = c.enrolled_pod("node-a", "mesh/client").unwrap();
+    assert_eq!(counter(&a, &["outbound", "forwarded"]), 1, "{a}");
+    assert_eq!(a["outbound"]["last_original_destination"], server.as_str());
+    assert_eq!(a["ip"], client_ip.as_str());
+
+    // Not enrolled (namespace) and opted out (label): direct, untouched by node-a's proxy.
+    for pod in ["plain/client", "mesh/optout"] {
+        let (ok, out, err) = c
+            .run_app(
+                pod,
+                &app(),
+                &["client", "--connect", &server, "--bytes", "65536"],
+            )
+            .unwrap();
+        assert!(ok, "{pod}: {err}");
+        assert!(out.contains(&format!("peer={server}")));
+    }
+    assert!(c.enrolled_pod("node-a", "plain/client").is_none());
+    assert!(c.enrolled_pod("node-a", "mesh/optout").is_none());
+    let a = c.enrolled_pod("node-a", "mesh/client").unwrap();
+    assert_eq!(
+        counter(&a, &["outbound", "accepted"]),
+        1,
+        "only the enrolled client's connection: {a}"
+    );
+
+    // Plaintext from the two non-mesh pods into the enrolled server reached node-b's
+    // inbound listener (the enrolled client's arrived plaintext too: no tunnel yet).
+    let b = c.enrolled_pod("node-b", "mesh/server").unwrap();
+    assert!(counter(&b, &["inbound_plaintext", "accepted"]) >= 3, "{b}");
+    assert_eq!(b["inbound_plaintext"]["last_destination"], server.as_str());
+
+    let footprint = c.footprint();
+    drop(c);
+    assert_clean(footprint);
+}
+
+#[test]
+fn agent_restart_fails_closed_and_recovers_within_a_second_of_readiness() {
+    let mut c = cluster();
+    let server = format!("{}:8080", c.pod("mesh/server").ip);
+    let args = ["client", "--connect", server.as_str(), "--bytes", "1024"];
+    assert!(c.run_app("mesh/client", &app(), &args).unwrap().0);
+
+    // A long-lived connection of another pod must survive node-a's agent restart.
+    c.kill_agent("node-a");
+    // While the agent is down the enrolled pod's new connections fail (nothing
+    // listens on its 127.0.0.1:15001): no bypass of the mesh.
+    let (ok, _, err) = c.run_app("mesh/client", &app(), &args).unwrap();
+    assert!(
+        !ok,
+        "an enrolled pod bypassed the mesh while its agent was down"
+    );
+    assert!(err.contains("refused"), "{err}");
+    // Not-enrolled pods are unaffected.
+    assert!(c.run_app("plain/client", &app(), &args).unwrap().0);
+
+    c.start_agent("node-a").unwrap();
+    let ready = wait_until(Duration::from_secs(30), || {
+        c.node_ready("node-a").then(Instant::now)
+    });
+    let ready_at = ready.unwrap_or_else(|| panic!("agent not ready\n{}", c.agent_log("node-a")));
+    let worked = wait_until(Duration::from_secs(5), || {
+        c.run_app("mesh/client", &app(), &args)
+            .ok()?
+            .0
+            .then(Instant::now)
+    })
+    .unwrap();
+    let after = worked.saturating_duration_since(ready_at);
+    eprintln!("new connections work {after:?} after readiness");
+    assert!(
+        after < Duration::from_secs(1),
+        "took {after:?} after readiness"
+    );
+    let footprint = c.footprint();
+    drop(c);
+    assert_clean(footprint);
+}
