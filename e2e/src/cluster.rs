@@ -517,6 +517,59 @@ impl LocalCluster {
         Ok(ip)
     }
 
+    /// Changes a pod's labels (its manifest is rewritten, as an API update would).
+    pub fn relabel_pod(&mut self, key: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let p = self.pods.get_mut(key).context("no such pod")?;
+        p.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (text, file) = (
+            Self::pod_manifest(p),
+            format!("pod-{}-{}.yaml", p.namespace, p.name),
+        );
+        self.write_manifest(&file, &text)
+    }
+
+    /// Runs the CNI DEL chain (reverse order) for a pod, as the runtime does when
+    /// the sandbox goes away.
+    pub fn cni_del(&self, key: &str) -> anyhow::Result<()> {
+        let p = self.pods.get(key).context("no such pod")?;
+        let n = &self.nodes[&p.node];
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+            p.namespace, p.name, p.container_id
+        );
+        let plugins = [
+            json!({"type": "weft-cni", "agentSocket": n.dir.join("run/cni.sock").display().to_string()}),
+            json!({"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                   "ipam": {"type": "host-local", "subnet": format!("10.244.{}.0/24", n.index),
+                            "dataDir": n.dir.join("ipam").display().to_string()}}),
+        ];
+        for conf in plugins {
+            let mut conf = conf;
+            conf["cniVersion"] = json!("1.0.0");
+            conf["name"] = json!("podnet");
+            cni_exec(&n.netns, &conf, "DEL", &p.container_id, &p.netns, &args)?;
+        }
+        Ok(())
+    }
+
+    /// Is something listening on `port` inside the pod's netns (127.0.0.1 or any)?
+    pub fn pod_port_open(&self, key: &str, addr: &str) -> bool {
+        let p = &self.pods[key];
+        let Ok(w) = PodNetns::open(format!("/var/run/netns/{}", p.netns)) else {
+            return false;
+        };
+        let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
+            return false;
+        };
+        w.run(move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        })
+        .unwrap_or(false)
+    }
+
     pub fn pod(&self, key: &str) -> &Pod {
         &self.pods[key]
     }

@@ -203,3 +203,64 @@ fn no_redirect_loops_under_100_parallel_connections() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.capture.orig_dst_entries(), (0, 0));
 }
+
+#[test]
+fn uninstall_removes_every_program_link_and_pin() {
+    require_root();
+    let bpffs = cgroup::bpffs().unwrap();
+    let pin_dir = bpffs.join(format!("weft-test-u-{}", std::process::id()));
+    let _pins = Pins(pin_dir.clone());
+    let capture = Capture::install(CaptureOptions {
+        cgroup: cgroup::cgroup2_root().unwrap(),
+        pin_dir: pin_dir.clone(),
+        proxy_mark: MARK,
+        outbound_port: 15001,
+    })
+    .unwrap();
+    drop(capture); // the agent exits: pinned links stay attached (fail closed)
+    let ids = pinned_link_ids(&pin_dir.join("links"));
+    assert_eq!(
+        ids.len(),
+        5,
+        "connect4/6, getpeername4/6 and sockops stay attached"
+    );
+    let live = live_link_ids();
+    assert!(ids.iter().all(|id| live.contains(id)));
+    let out = std::process::Command::new(weft_e2e::bin_path("weft-node").unwrap())
+        .args(["uninstall", "--bpf-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pin_dir.exists(), "pins left behind");
+    let live = live_link_ids();
+    assert!(
+        ids.iter().all(|id| !live.contains(id)),
+        "links still attached after uninstall"
+    );
+}
+
+/// Kernel ids of the links pinned in `dir`.
+fn pinned_link_ids(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let link: aya::programs::links::FdLink =
+                aya::programs::links::PinnedLink::from_pin(e.unwrap().path())
+                    .unwrap()
+                    .into();
+            link.info().unwrap().id()
+        })
+        .collect()
+}
+
+fn live_link_ids() -> Vec<u32> {
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect()
+}

@@ -149,6 +149,57 @@ fn enrolled_traffic_is_captured_and_others_are_not() {
 }
 
 #[test]
+fn opt_out_label_and_cni_del_unenroll_and_close_listeners() {
+    let mut c = cluster();
+    let server = format!("{}:8080", c.pod("mesh/server").ip);
+    assert!(c.pod_port_open("mesh/client", "127.0.0.1:15001"));
+    // Opt the client out: node-a un-enrolls it and closes its listeners; traffic goes direct.
+    c.relabel_pod(
+        "mesh/client",
+        &[("app", "client"), ("weft.dev/mesh", "disabled")],
+    )
+    .unwrap();
+    let gone = wait_until(Duration::from_secs(10), || {
+        c.enrolled_pod("node-a", "mesh/client")
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "still enrolled after opt-out\n{}",
+        c.agent_log("node-a")
+    );
+    assert!(
+        !c.pod_port_open("mesh/client", "127.0.0.1:15001"),
+        "listener left open"
+    );
+    let (ok, out, err) = c
+        .run_app(
+            "mesh/client",
+            &app(),
+            &["client", "--connect", &server, "--bytes", "1024"],
+        )
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("peer={server}")));
+    // Opt back in, then delete the sandbox through CNI DEL: un-enrolled again.
+    c.relabel_pod("mesh/client", &[("app", "client")]).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || c
+        .enrolled_pod("node-a", "mesh/client"))
+    .is_some());
+    c.cni_del("mesh/client").unwrap();
+    let gone = wait_until(Duration::from_secs(10), || {
+        c.enrolled_pod("node-a", "mesh/client")
+            .is_none()
+            .then_some(())
+    });
+    assert!(gone.is_some(), "still enrolled after CNI DEL");
+    let footprint = c.footprint();
+    drop(c);
+    assert_clean(footprint);
+}
+
+#[test]
 fn agent_restart_fails_closed_and_recovers_within_a_second_of_readiness() {
     let mut c = cluster();
     let server = format!("{}:8080", c.pod("mesh/server").ip);
@@ -156,6 +207,22 @@ fn agent_restart_fails_closed_and_recovers_within_a_second_of_readiness() {
     assert!(c.run_app("mesh/client", &app(), &args).unwrap().0);
 
     // A long-lived connection of another pod must survive node-a's agent restart.
+    let long_lived = {
+        let p = c.pod("plain/client");
+        let cmd = format!(
+            "echo $$ > {}/cgroup.procs && exec nsenter --net=/var/run/netns/{} -- {} client --connect {server} --bytes 4096 --hold-ms 3000",
+            p.cgroup.display(),
+            p.netns,
+            app().display()
+        );
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(300));
     c.kill_agent("node-a");
     // While the agent is down the enrolled pod's new connections fail (nothing
     // listens on its 127.0.0.1:15001): no bypass of the mesh.
@@ -186,6 +253,12 @@ fn agent_restart_fails_closed_and_recovers_within_a_second_of_readiness() {
         after < Duration::from_secs(1),
         "took {after:?} after readiness"
     );
+    let out = long_lived.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the other pod's established connection was disturbed"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
     let footprint = c.footprint();
     drop(c);
     assert_clean(footprint);

@@ -30,6 +30,9 @@ enum Cmd {
         bytes: usize,
         #[arg(long, default_value_t = 1)]
         parallel: usize,
+        /// Keep the connection open this long before finishing (a long-lived flow).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
     },
 }
 
@@ -51,7 +54,7 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
     s.shutdown(Shutdown::Write)
 }
 
-fn client(addr: SocketAddr, bytes: usize) -> Result<String, String> {
+fn client(addr: SocketAddr, bytes: usize, hold_ms: u64) -> Result<String, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let peer = s.peer_addr().map_err(|e| e.to_string())?;
     let mut h = Sha256::new();
@@ -67,6 +70,7 @@ fn client(addr: SocketAddr, bytes: usize) -> Result<String, String> {
         h.update(&chunk[..n]);
         sent += n;
     }
+    std::thread::sleep(std::time::Duration::from_millis(hold_ms));
     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)
@@ -101,9 +105,10 @@ fn main() {
             connect,
             bytes,
             parallel,
+            hold_ms,
         } => {
             let handles: Vec<_> = (0..parallel)
-                .map(|_| std::thread::spawn(move || client(connect, bytes)))
+                .map(|_| std::thread::spawn(move || client(connect, bytes, hold_ms)))
                 .collect();
             let mut failed = false;
             for h in handles {
