@@ -34,6 +34,7 @@ crds:
 bench: setup
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-control-plane
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-capture -- --rounds 6
 
 clean:
 	$(CARGO) clean

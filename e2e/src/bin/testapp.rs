@@ -23,6 +23,27 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Echo server: writes back whatever it reads.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Request/response latency over one connection: prints `p50_us p99_us`.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
+    },
+    /// Connect + first byte latency (a new connection each time): prints `p50_us p99_us`.
+    Cfb {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
     Client {
         #[arg(long)]
         connect: SocketAddr,
@@ -84,8 +105,87 @@ fn client(addr: SocketAddr, bytes: usize, hold_ms: u64) -> Result<String, String
     Ok(peer.to_string())
 }
 
+fn percentiles(mut v: Vec<u128>) -> (f64, f64) {
+    v.sort_unstable();
+    let at = |p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    (at(0.5), at(0.99))
+}
+
+fn echo(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+fn rr(addr: SocketAddr, size: usize, count: usize) -> std::io::Result<(f64, f64)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let req = vec![7u8; size];
+    let mut resp = vec![0u8; size];
+    let mut lat = Vec::with_capacity(count);
+    for i in 0..count + count / 10 {
+        let t = std::time::Instant::now();
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)?;
+        if i >= count / 10 {
+            lat.push(t.elapsed().as_nanos()); // first 10 % are warm-up
+        }
+    }
+    Ok(percentiles(lat))
+}
+
+fn cfb(addr: SocketAddr, count: usize) -> std::io::Result<(f64, f64)> {
+    let mut lat = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = std::time::Instant::now();
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        lat.push(t.elapsed().as_nanos());
+    }
+    Ok(percentiles(lat))
+}
+
 fn main() {
     match Args::parse().cmd {
+        Cmd::Echo { listen } => {
+            let l = TcpListener::bind(listen).unwrap_or_else(|e| {
+                eprintln!("bind {listen}: {e}");
+                std::process::exit(1)
+            });
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || echo(s));
+            }
+        }
+        Cmd::Rr {
+            connect,
+            size,
+            count,
+        } => match rr(connect, size, count) {
+            Ok((p50, p99)) => println!("{p50:.1} {p99:.1}"),
+            Err(e) => {
+                eprintln!("rr: {e}");
+                std::process::exit(1)
+            }
+        },
+        Cmd::Cfb { connect, count } => match cfb(connect, count) {
+            Ok((p50, p99)) => println!("{p50:.1} {p99:.1}"),
+            Err(e) => {
+                eprintln!("cfb: {e}");
+                std::process::exit(1)
+            }
+        },
         Cmd::Server { listen } => {
             let l = match TcpListener::bind(listen) {
                 Ok(l) => l,
