@@ -248,7 +248,7 @@ fn run_cluster(args: &Args) -> anyhow::Result<()> {
 
     for node in ["node-a", "node-b"] {
         let d = c.config_dump(node)?;
-        section(&format!("{node}"));
+        section(node);
         if let Some(ws) = d["workloads"].as_object() {
             for w in ws.values().filter(|w| w["node"] == node) {
                 let state = if w["enrolled"] == true {
