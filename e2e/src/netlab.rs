@@ -72,6 +72,23 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds an IPv6 address to the `n`-th link's ends (no duplicate address detection,
+    /// so it is usable at once).
+    pub fn add_ipv6(
+        &mut self,
+        n: usize,
+        a: &str,
+        a_addr: &str,
+        b: &str,
+        b_addr: &str,
+    ) -> anyhow::Result<()> {
+        let va = format!("{}a{n}", self.prefix);
+        let vb = format!("{}b{n}", self.prefix);
+        ip(&["-n", a, "addr", "add", a_addr, "dev", &va, "nodad"])?;
+        ip(&["-n", b, "addr", "add", b_addr, "dev", &vb, "nodad"])?;
+        Ok(())
+    }
+
     /// Starts `cmd` inside network namespace `ns` (via nsenter), killed on drop.
     pub fn spawn_in(
         &mut self,

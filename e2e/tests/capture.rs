@@ -170,6 +170,88 @@ fn enrolled_pod_is_captured_bytes_exact_and_sees_the_real_peer() {
 }
 
 #[test]
+fn ipv6_connections_are_captured_too() {
+    require_root();
+    let mut lab = Lab::new("6");
+    let pod = lab.netns("pod").unwrap();
+    let srv = lab.netns("srv").unwrap();
+    lab.link(&pod, "10.201.6.1/24", &srv, "10.201.6.2/24")
+        .unwrap();
+    // `link` numbered this pair after the two namespaces: index 2.
+    lab.add_ipv6(2, &pod, "fd00:6::1/64", &srv, "fd00:6::2/64")
+        .unwrap();
+    let app = weft_e2e::bin_path("weft-testapp").unwrap();
+    let dst = "[fd00:6::2]:8080";
+    lab.spawn_in(&srv, &app, &["server", "--listen", dst])
+        .unwrap();
+    let bpffs = cgroup::bpffs().unwrap();
+    let pin_dir = bpffs.join(format!("weft-test-6-{}", std::process::id()));
+    let _pins = Pins(pin_dir.clone());
+    let mut capture = Capture::install(CaptureOptions {
+        cgroup: cgroup::cgroup2_root().unwrap(),
+        pin_dir,
+        proxy_mark: MARK,
+        outbound_port: 15001,
+    })
+    .unwrap();
+    let podns = Arc::new(PodNetns::open(Lab::netns_path(&pod)).unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = Arc::new(OutboundStats::default());
+    let listener = podns.listen("[::1]:15001".parse().unwrap()).unwrap();
+    {
+        let (podns, stats) = (podns.clone(), stats.clone());
+        rt.spawn(async move {
+            outbound::serve(
+                tokio::net::TcpListener::from_std(listener).unwrap(),
+                podns,
+                MARK,
+                stats,
+            )
+            .await
+        });
+    }
+    let up = weft_e2e::wait_until(Duration::from_secs(5), || {
+        Lab::run_in(&pod, &app, &["client", "--connect", dst, "--bytes", "1"])
+            .ok()?
+            .0
+            .then_some(())
+    });
+    assert!(up.is_some(), "IPv6 server not reachable");
+    let cookie = podns.cookie().unwrap();
+    capture.enroll(cookie, None).unwrap();
+    let (ok, out, err) = Lab::run_in(
+        &pod,
+        &app,
+        &[
+            "client",
+            "--connect",
+            dst,
+            "--bytes",
+            &(8 << 20).to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("peer={dst}")), "getpeername6: {out}");
+    assert_eq!(stats.forwarded.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *stats.last_orig_dst.lock().unwrap(),
+        Some(dst.parse().unwrap()),
+        "SO_ORIGINAL_DST for IPv6"
+    );
+    let st = capture.pod_stats(cookie).unwrap();
+    assert_eq!(
+        (st.redirected, st.orig_dst_answers, st.skipped_mark),
+        (1, 1, 1)
+    );
+    drop(rt);
+}
+
+#[test]
 fn no_redirect_loops_under_100_parallel_connections() {
     let mut s = setup("l", 2);
     let app = weft_e2e::bin_path("weft-testapp").unwrap();

@@ -140,8 +140,22 @@ fn enrolled_traffic_is_captured_and_others_are_not() {
     // Plaintext from the two non-mesh pods into the enrolled server reached node-b's
     // inbound listener (the enrolled client's arrived plaintext too: no tunnel yet).
     let b = c.enrolled_pod("node-b", "mesh/server").unwrap();
-    assert!(counter(&b, &["inbound_plaintext", "accepted"]) >= 3, "{b}");
+    let inbound = counter(&b, &["inbound_plaintext", "accepted"]);
+    assert!(inbound >= 3, "{b}");
     assert_eq!(b["inbound_plaintext"]["last_destination"], server.as_str());
+    // Mesh traffic (HBONE, :15008) is not steered to the plaintext listener.
+    let hbone = format!("{}:15008", c.pod("mesh/server").ip);
+    let _ = c.run_app(
+        "plain/client",
+        &app(),
+        &["client", "--connect", &hbone, "--bytes", "16"],
+    );
+    let b = c.enrolled_pod("node-b", "mesh/server").unwrap();
+    assert_eq!(
+        counter(&b, &["inbound_plaintext", "accepted"]),
+        inbound,
+        "15008 must pass the inbound hook untouched"
+    );
 
     let footprint = c.footprint();
     drop(c);
