@@ -123,7 +123,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ca_bundle: ca.ca_bundle,
             };
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(app::run(settings, shutdown_signal()))
+            rt.block_on(app::run(settings, weft_api::runtime::shutdown_signal()))
         }
         Command::NodeCredential { ca, node, out, ttl } => {
             let opts = weft_control_plane::identity::CaOptions {
@@ -159,17 +159,4 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down");
 }

@@ -170,7 +170,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        let (_, fut) = app::start(settings, shutdown_signal()).await?;
+        let (_, fut) = app::start(settings, weft_api::runtime::shutdown_signal()).await?;
         fut.await
     });
     match res {
@@ -180,17 +180,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down");
 }

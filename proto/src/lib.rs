@@ -10,6 +10,7 @@
 pub mod crd;
 pub mod logging;
 pub mod resource;
+pub mod runtime;
 pub mod spiffe;
 pub mod validate;
 

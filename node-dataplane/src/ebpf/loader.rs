@@ -119,30 +119,24 @@ impl Capture {
                 source: aya::programs::ProgramError::NotLoaded,
             })?;
             let perr = |source| CaptureError::Program { name, source };
+            let pin_err = |e: aya::programs::links::LinkError| CaptureError::Pin {
+                path: links_dir.join(name),
+                message: e.to_string(),
+            };
             let link: FdLink = if SOCK_ADDR_PROGRAMS.contains(name) {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
                 p.load().map_err(perr)?;
                 let id = p
                     .attach(&cgroup, CgroupAttachMode::default())
                     .map_err(perr)?;
-                p.take_link(id).map_err(perr)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| CaptureError::Pin {
-                        path: links_dir.join(name),
-                        message: e.to_string(),
-                    },
-                )?
+                p.take_link(id).map_err(perr)?.try_into().map_err(pin_err)?
             } else if *name == "weft_sockops" {
                 let p: &mut SockOps = prog.try_into().map_err(perr)?;
                 p.load().map_err(perr)?;
                 let id = p
                     .attach(&cgroup, CgroupAttachMode::default())
                     .map_err(perr)?;
-                p.take_link(id).map_err(perr)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| CaptureError::Pin {
-                        path: links_dir.join(name),
-                        message: e.to_string(),
-                    },
-                )?
+                p.take_link(id).map_err(perr)?.try_into().map_err(pin_err)?
             } else {
                 // SO_ORIGINAL_DST only matters while this agent's proxy runs, so this
                 // link lives (and dies) with the agent: it is owned by `ebpf`.
