@@ -7,6 +7,7 @@
 //! - [`resource`]: keys and content versions of distributed resources.
 //! - [`labels`]: the mesh's label conventions.
 
+pub mod authz;
 pub mod crd;
 pub mod logging;
 pub mod resource;

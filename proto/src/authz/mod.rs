@@ -1,0 +1,141 @@
+//! AuthorizationPolicy evaluation with Istio's semantics. The node proxy and
+//! `weftctl authz check` share this code.
+//!
+//! Decision for a connection (or request) to a workload: any matching DENY policy
+//! denies; otherwise, if no ALLOW policy applies to the workload, allow; otherwise any
+//! matching ALLOW allows; otherwise deny. AUDIT policies never change the decision.
+//! Fields that cannot be evaluated here (JWT claims; L7 fields on a non-HTTP
+//! connection) make an ALLOW rule not match and a DENY rule match: never more
+//! permissive than the policy.
+
+mod compile;
+mod matchers;
+#[cfg(test)]
+mod tests;
+
+pub use compile::{compile, CompiledPolicy};
+pub use matchers::StringMatch;
+
+use std::net::IpAddr;
+
+/// What is known about a connection (and, at L7, its request).
+#[derive(Debug, Clone, Default)]
+pub struct Attributes {
+    pub source_ip: Option<IpAddr>,
+    pub destination_ip: Option<IpAddr>,
+    pub destination_port: u16,
+    /// Peer SPIFFE ID without `spiffe://` (`td/ns/<ns>/sa/<sa>`); `None` for plaintext.
+    pub principal: Option<String>,
+    /// Present when the connection is parsed as HTTP.
+    pub request: Option<Request>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    /// Normalized path.
+    pub path: String,
+    pub host: String,
+    /// Lower-case header names.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Attributes {
+    /// `(namespace, service account)` of the peer, from a Kubernetes-style principal.
+    fn peer_ns_sa(&self) -> Option<(&str, &str)> {
+        let p = self.principal.as_deref()?;
+        let mut it = p.split('/');
+        let _td = it.next()?;
+        match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// The outcome and what made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy; `None` when no policy decided
+    /// (allowed: no ALLOW policy applies) or when no ALLOW policy matched (denied).
+    pub policy: Option<String>,
+    /// Index of the matching rule in that policy.
+    pub rule: Option<usize>,
+    /// Matching AUDIT policies (logged, never deciding).
+    pub audited: Vec<String>,
+    pub reason: &'static str,
+}
+
+/// Evaluates `policies` (those that apply to the destination workload) for `attrs`.
+pub fn evaluate<'a>(
+    policies: impl IntoIterator<Item = &'a CompiledPolicy>,
+    attrs: &Attributes,
+) -> Decision {
+    let mut allow_policies = 0;
+    let mut allowed_by = None;
+    let mut audited = Vec::new();
+    let mut denied_by = None;
+    for p in policies {
+        let hit = p.matching_rule(attrs);
+        match p.action {
+            Action::Deny => {
+                if let (Some(r), None) = (hit, &denied_by) {
+                    denied_by = Some((p.id(), r));
+                }
+            }
+            Action::Allow => {
+                allow_policies += 1;
+                if let (Some(r), None) = (hit, &allowed_by) {
+                    allowed_by = Some((p.id(), r));
+                }
+            }
+            Action::Audit => {
+                if hit.is_some() {
+                    audited.push(p.id());
+                }
+            }
+        }
+    }
+    if let Some((policy, rule)) = denied_by {
+        return Decision {
+            allowed: false,
+            policy: Some(policy),
+            rule: Some(rule),
+            audited,
+            reason: "denied by a DENY policy",
+        };
+    }
+    if allow_policies == 0 {
+        return Decision {
+            allowed: true,
+            policy: None,
+            rule: None,
+            audited,
+            reason: "no ALLOW policy applies to the workload",
+        };
+    }
+    match allowed_by {
+        Some((policy, rule)) => Decision {
+            allowed: true,
+            policy: Some(policy),
+            rule: Some(rule),
+            audited,
+            reason: "allowed by an ALLOW policy",
+        },
+        None => Decision {
+            allowed: false,
+            policy: None,
+            rule: None,
+            audited,
+            reason: "no ALLOW policy matched",
+        },
+    }
+}
