@@ -495,7 +495,9 @@ fn operation_fields_at_l7() {
 fn when_conditions_and_negations() {
     let t = t_conn();
     let p = p_conn();
-    let cases: Vec<(&str, &[&str], &[&str], bool, bool)> = vec![
+    // (key, values, notValues, want for T, want for P)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], bool, bool);
+    let cases: Vec<Case> = vec![
         ("source.ip", &["10.1.0.0/24"], &[], true, true),
         ("source.ip", &[], &["10.1.0.1"], false, false),
         ("remote.ip", &["10.9.0.0/16"], &[], false, false),
