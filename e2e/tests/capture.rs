@@ -76,7 +76,7 @@ fn setup(tag: &str, subnet: u8) -> Setup {
         let stats = stats.clone();
         rt.spawn(async move {
             let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            outbound::serve(l, podns, MARK, stats).await
+            outbound::serve_plain(l, podns, MARK, stats).await
         });
     }
     // Wait for the server.
@@ -205,7 +205,7 @@ fn ipv6_connections_are_captured_too() {
     {
         let (podns, stats) = (podns.clone(), stats.clone());
         rt.spawn(async move {
-            outbound::serve(
+            outbound::serve_plain(
                 tokio::net::TcpListener::from_std(listener).unwrap(),
                 podns,
                 MARK,

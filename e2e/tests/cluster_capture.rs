@@ -112,8 +112,15 @@ fn enrolled_traffic_is_captured_and_others_are_not() {
         "getpeername shows the real destination: {out}"
     );
     let a = c.enrolled_pod("node-a", "mesh/client").unwrap();
-    assert_eq!(counter(&a, &["outbound", "forwarded"]), 1, "{a}");
+    assert_eq!(
+        counter(&a, &["outbound", "tunneled"]),
+        1,
+        "enrolled -> enrolled goes over HBONE: {a}"
+    );
+    assert_eq!(counter(&a, &["outbound", "forwarded"]), 0, "{a}");
     assert_eq!(a["outbound"]["last_original_destination"], server.as_str());
+    let b = c.config_dump("node-b").unwrap();
+    assert_eq!(counter(&b, &["proxy", "hbone_in"]), 1, "{}", b["proxy"]);
     assert_eq!(a["ip"], client_ip.as_str());
 
     // Not enrolled (namespace) and opted out (label): direct, untouched by node-a's proxy.
@@ -138,10 +145,13 @@ fn enrolled_traffic_is_captured_and_others_are_not() {
     );
 
     // Plaintext from the two non-mesh pods into the enrolled server reached node-b's
-    // inbound listener (the enrolled client's arrived plaintext too: no tunnel yet).
+    // inbound listener; the enrolled client's came through HBONE instead.
     let b = c.enrolled_pod("node-b", "mesh/server").unwrap();
     let inbound = counter(&b, &["inbound_plaintext", "accepted"]);
-    assert!(inbound >= 3, "{b}");
+    assert!(
+        inbound >= 2 + 1,
+        "two clients + at least one readiness probe from plain/client: {b}"
+    );
     assert_eq!(b["inbound_plaintext"]["last_destination"], server.as_str());
     // Mesh traffic (HBONE, :15008) is not steered to the plaintext listener.
     let hbone = format!("{}:15008", c.pod("mesh/server").ip);

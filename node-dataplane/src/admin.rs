@@ -24,6 +24,7 @@ pub struct AdminState {
     /// Set once enrolled pods are captured (when capture is on).
     pub dataplane_ready: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub pods: Option<PodMap>,
+    pub proxy: Option<Arc<crate::proxy::state::ProxyState>>,
 }
 
 pub fn router(s: AdminState) -> Router {
@@ -57,7 +58,28 @@ async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
         "trust_bundles": snap.trust_bundles,
         "certificates": s.certs.all().iter().map(|c| c.as_ref().clone()).collect::<Vec<_>>(),
         "enrolled_pods": enrolled_pods(&s),
+        "proxy": proxy_counters(&s),
     }))
+}
+
+fn proxy_counters(s: &AdminState) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(p) = &s.proxy else {
+        return serde_json::Value::Null;
+    };
+    let c = &p.counters;
+    serde_json::json!({
+        "hbone_out": c.hbone_out.load(Relaxed),
+        "hbone_in": c.hbone_in.load(Relaxed),
+        "hbone_in_denied": c.hbone_in_denied.load(Relaxed),
+        "hbone_refused": c.hbone_refused.load(Relaxed),
+        "plaintext_out": c.plaintext_out.load(Relaxed),
+        "plaintext_in_denied": c.plaintext_in_denied.load(Relaxed),
+        "pools": p.pool.sizes().into_iter().map(|(k, conns, streams)| serde_json::json!({
+            "source": k.source_id, "destination": k.dest_id, "node": k.dest_node,
+            "connections": conns, "active_streams": streams,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn enrolled_pods(s: &AdminState) -> serde_json::Value {
@@ -77,6 +99,7 @@ fn enrolled_pods(s: &AdminState) -> serde_json::Value {
                 "outbound": {
                     "accepted": p.outbound.accepted.load(Relaxed),
                     "forwarded": p.outbound.forwarded.load(Relaxed),
+                    "tunneled": p.outbound.tunneled.load(Relaxed),
                     "failed": p.outbound.failed.load(Relaxed),
                     "last_original_destination": p.outbound.last_orig_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
                 },

@@ -76,6 +76,7 @@ pub async fn start(
 
     let mut dataplane_ready = None;
     let mut pods = None;
+    let mut proxy_state = None;
     let mut pod_task = None;
     if let Some(c) = &s.capture {
         let capture = crate::ebpf::Capture::install(crate::ebpf::CaptureOptions {
@@ -105,7 +106,10 @@ pub async fn start(
         tokio::spawn(crate::cni::server::serve(sock, registry.clone(), enrolled));
         let ready = Arc::new(AtomicBool::new(false));
         let map = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let proxy = crate::proxy::state::ProxyState::new(config.clone(), certs.clone(), c.mark);
+        proxy_state = Some(proxy.clone());
         let manager = crate::pods::PodManager {
+            proxy,
             config: config.clone(),
             registry,
             capture: Arc::new(std::sync::Mutex::new(capture)),
@@ -130,6 +134,7 @@ pub async fn start(
         metrics,
         dataplane_ready,
         pods: pods.clone(),
+        proxy: proxy_state,
     });
     tracing::info!(node = %s.node, control_plane = %s.control_plane.address, admin = %admin_addr, "node agent started");
     let fut = async move {

@@ -29,6 +29,7 @@ pub struct PodDataplane {
     pub ip4: Option<Ipv4Addr>,
     pub outbound: Arc<outbound::OutboundStats>,
     pub inbound: Arc<inbound::InboundStats>,
+    pub netns: Arc<PodNetns>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -45,6 +46,7 @@ pub struct PodManager {
     pub registry: Arc<PodRegistry>,
     pub capture: Arc<Mutex<Capture>>,
     pub inbound: Arc<Mutex<Inbound>>,
+    pub proxy: Arc<crate::proxy::state::ProxyState>,
     pub mark: u32,
     /// Where the enrollment hint for the CNI plugin is written.
     pub hint_path: Option<PathBuf>,
@@ -199,22 +201,36 @@ impl PodManager {
         };
         let out_stats = Arc::new(outbound::OutboundStats::default());
         let in_stats = Arc::new(inbound::InboundStats::default());
+        let workload = Arc::new(w.clone());
+        let local = crate::proxy::state::LocalPod {
+            workload: workload.clone(),
+            netns: netns.clone(),
+        };
+        let ob = Arc::new(outbound::Outbound {
+            netns: netns.clone(),
+            mark: self.mark,
+            stats: out_stats.clone(),
+            mesh: Some((self.proxy.clone(), local.clone())),
+        });
         let mut tasks = Vec::new();
         for l in outs {
-            tasks.push(tokio::spawn(outbound::serve(
-                l,
-                netns.clone(),
-                self.mark,
-                out_stats.clone(),
-            )));
+            tasks.push(tokio::spawn(outbound::serve(l, ob.clone())));
         }
         tasks.push(tokio::spawn(inbound::serve(
             in_l,
             netns.clone(),
             self.mark,
             in_stats.clone(),
+            Some((self.proxy.clone(), workload)),
         )));
-        tasks.push(tokio::spawn(inbound::refuse_hbone(hbone_l)));
+        tasks.push(tokio::spawn(crate::proxy::hbone::serve(
+            hbone_l,
+            local.clone(),
+            self.proxy.clone(),
+        )));
+        for ip in s.ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
+            self.proxy.set_local(ip, Some(local.clone()));
+        }
         Ok(PodDataplane {
             sandbox: s,
             workload_key,
@@ -222,11 +238,20 @@ impl PodManager {
             ip4,
             outbound: out_stats,
             inbound: in_stats,
+            netns,
             tasks,
         })
     }
 
     fn teardown(&self, p: &PodDataplane) {
+        for ip in p
+            .sandbox
+            .ips
+            .iter()
+            .filter_map(|i| i.parse::<IpAddr>().ok())
+        {
+            self.proxy.set_local(ip, None);
+        }
         if let Err(e) = Self::lock(&self.capture).unenroll(p.cookie) {
             tracing::warn!(error = %e, "unenrolling netns cookie");
         }

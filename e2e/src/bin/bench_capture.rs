@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             let podns = podns.clone();
             rt.spawn(async move {
                 if let Ok(l) = tokio::net::TcpListener::from_std(l) {
-                    outbound::serve(l, podns, MARK, Arc::new(OutboundStats::default())).await
+                    outbound::serve_plain(l, podns, MARK, Arc::new(OutboundStats::default())).await
                 }
             });
         }

@@ -1,8 +1,9 @@
 //! Inbound plaintext listener (in-pod :15006): connections from outside the mesh,
 //! steered here by the sk_lookup program. The accepted socket keeps the original
-//! destination as its local address. Until L4 authorization exists (node proxy
-//! issue) they are forwarded to the application from the pod's own IP, which the
-//! sk_lookup program leaves alone.
+//! destination as its local address. Each is authorized as unauthenticated (no
+//! principal: principal and namespace rules cannot match it) and, if allowed,
+//! forwarded to the application from the pod's own IP, which the sk_lookup program
+//! leaves alone.
 
 use crate::netns::PodNetns;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ pub async fn serve(
     netns: Arc<PodNetns>,
     mark: u32,
     stats: Arc<InboundStats>,
+    authz: Option<(Arc<super::state::ProxyState>, Arc<weft_api::pb::Workload>)>,
 ) {
     loop {
         let Ok((mut conn, peer)) = listener.accept().await else {
@@ -30,18 +32,36 @@ pub async fn serve(
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         let netns = netns.clone();
         let stats = stats.clone();
+        let authz = authz.clone();
         tokio::spawn(async move {
             let r = async {
                 let dst = conn.local_addr()?;
                 if let Ok(mut l) = stats.last_dst.lock() {
                     *l = Some(dst);
                 }
+                if let Some((state, workload)) = &authz {
+                    let attrs = weft_api::authz::Attributes {
+                        source_ip: Some(peer.ip()),
+                        destination_ip: Some(dst.ip()),
+                        destination_port: dst.port(),
+                        principal: None,
+                        request: None,
+                    };
+                    let d = state.authorize(workload, &attrs);
+                    if !d.allowed {
+                        state.counters.plaintext_in_denied.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%peer, %dst, policy = ?d.policy, reason = d.reason, "plaintext connection denied");
+                        // Reset at once (RST, not FIN): SO_LINGER 0 on a non-blocking socket.
+                        let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+                        return Ok(());
+                    }
+                }
                 let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
                 let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
                     .connect(dst)
                     .await?;
                 stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                tokio::io::copy_bidirectional(&mut conn, &mut up).await
+                tokio::io::copy_bidirectional(&mut conn, &mut up).await.map(|_| ())
             }
             .await;
             if let Err(e) = r {
@@ -49,16 +69,5 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "inbound plaintext connection failed");
             }
         });
-    }
-}
-
-/// HBONE (:15008) arrives with the node proxy issue; until then connections are
-/// closed at once (never forwarded unauthenticated).
-pub async fn refuse_hbone(listener: tokio::net::TcpListener) {
-    loop {
-        if let Ok((conn, peer)) = listener.accept().await {
-            tracing::debug!(%peer, "HBONE is not implemented yet: connection closed");
-            drop(conn);
-        }
     }
 }

@@ -1,5 +1,8 @@
 //! The node proxy's data path.
 
+pub mod hbone;
 pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;
+pub mod state;
+pub mod tls;

@@ -1,18 +1,20 @@
-//! Outbound listener (in-pod 127.0.0.1:15001): finds each captured connection's
-//! original destination and, until the mTLS tunnel exists, forwards the bytes to it
-//! in plaintext from the pod's own network namespace, with the proxy's mark so the
-//! capture never loops.
+//! Outbound listener (in-pod 127.0.0.1:15001 / [::1]:15001): finds each captured
+//! connection's original destination, resolves a Service VIP to an endpoint, and
+//! sends the bytes over HBONE (mTLS, HTTP/2 CONNECT) when the destination workload
+//! is enrolled, or in plaintext (with the proxy's mark) when it is not.
 
 use super::orig_dst::original_dst;
+use super::state::{LocalPod, ProxyState};
 use crate::netns::PodNetns;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Default, Debug)]
 pub struct OutboundStats {
     pub accepted: AtomicU64,
     pub forwarded: AtomicU64,
+    pub tunneled: AtomicU64,
     pub failed: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -20,12 +22,18 @@ pub struct OutboundStats {
     pub last_orig_dst: std::sync::Mutex<Option<SocketAddr>>,
 }
 
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    netns: Arc<PodNetns>,
-    mark: u32,
-    stats: Arc<OutboundStats>,
-) {
+/// How one pod's outbound connections are handled.
+pub struct Outbound {
+    pub netns: Arc<PodNetns>,
+    pub mark: u32,
+    pub stats: Arc<OutboundStats>,
+    /// The mesh: the node's proxy state and the source pod. `None`: plaintext only.
+    pub mesh: Option<(Arc<ProxyState>, LocalPod)>,
+}
+
+static RR: AtomicUsize = AtomicUsize::new(0);
+
+pub async fn serve(listener: tokio::net::TcpListener, ob: Arc<Outbound>) {
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -35,35 +43,102 @@ pub async fn serve(
                 continue;
             }
         };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let netns = netns.clone();
-        let stats = stats.clone();
+        ob.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let ob = ob.clone();
         tokio::spawn(async move {
-            if let Err(e) = forward(conn, netns, mark, &stats).await {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, error = %e, "outbound connection failed");
+            if let Err(e) = forward(conn, &ob).await {
+                ob.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, error = %format!("{e:#}"), "outbound connection failed");
             }
         });
     }
 }
 
-async fn forward(
-    mut conn: tokio::net::TcpStream,
+/// Plaintext-only forwarding (no mesh), used where no proxy state exists.
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
     netns: Arc<PodNetns>,
     mark: u32,
-    stats: &OutboundStats,
-) -> std::io::Result<()> {
-    let local = conn.local_addr()?;
-    let dst = original_dst(&conn, local.is_ipv6())?;
-    if let Ok(mut last) = stats.last_orig_dst.lock() {
-        *last = Some(dst);
+    stats: Arc<OutboundStats>,
+) {
+    serve(
+        listener,
+        Arc::new(Outbound {
+            netns,
+            mark,
+            stats,
+            mesh: None,
+        }),
+    )
+    .await
+}
+
+/// A Service VIP:port becomes one of its ready endpoints (round robin); anything
+/// else stays as it is.
+fn resolve(state: &ProxyState, dst: SocketAddr) -> SocketAddr {
+    let snap = state.config.snapshot();
+    let ip = dst.ip().to_string();
+    for svc in snap.services.values() {
+        if !svc.cluster_ips.iter().any(|c| *c == ip) {
+            continue;
+        }
+        let port = u32::from(dst.port());
+        let eps: Vec<SocketAddr> = svc
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter_map(|e| {
+                let t = e.target_ports.get(&port)?;
+                let ip = e.ips.first()?.parse().ok()?;
+                Some(SocketAddr::new(ip, u16::try_from(*t).ok()?))
+            })
+            .collect();
+        if !eps.is_empty() {
+            return eps[RR.fetch_add(1, Ordering::Relaxed) % eps.len()];
+        }
     }
-    let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let mut up = sock.connect(dst).await?;
-    stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    dst
+}
+
+async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Result<()> {
+    let _ = conn.set_nodelay(true);
+    let local = conn.local_addr()?;
+    let orig = original_dst(&conn, local.is_ipv6())?;
+    if let Ok(mut last) = ob.stats.last_orig_dst.lock() {
+        *last = Some(orig);
+    }
+    if let Some((state, source)) = &ob.mesh {
+        let dst = resolve(state, orig);
+        if let Some(w) = state
+            .workload_by_ip(dst.ip())
+            .filter(|w| w.enrolled && !w.spiffe_id.is_empty())
+        {
+            let (mut tunnel, _guard) = super::hbone::open(state, source, &w, dst.ip(), dst).await?;
+            ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
+            state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
+            let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await?;
+            ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
+            ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
+            return Ok(());
+        }
+        state.counters.plaintext_out.fetch_add(1, Ordering::Relaxed);
+        return passthrough(conn, ob, dst).await;
+    }
+    passthrough(conn, ob, orig).await
+}
+
+async fn passthrough(
+    mut conn: tokio::net::TcpStream,
+    ob: &Outbound,
+    dst: SocketAddr,
+) -> anyhow::Result<()> {
+    let sock = ob.netns.tcp_socket(dst.is_ipv6(), ob.mark).await?;
+    let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
+        .connect(dst)
+        .await?;
+    ob.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut up).await?;
-    stats.bytes_up.fetch_add(a, Ordering::Relaxed);
-    stats.bytes_down.fetch_add(b, Ordering::Relaxed);
+    ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
+    ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
     Ok(())
 }

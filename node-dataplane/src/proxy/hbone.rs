@@ -1,0 +1,277 @@
+//! HBONE: HTTP/2 CONNECT over mTLS to the destination pod's :15008, as Istio's
+//! ambient mesh does. Connections are pooled per (source identity, destination
+//! identity, destination node) and multiplexed; a connection carrying
+//! `MAX_STREAMS_PER_CONN` streams makes the pool open another.
+
+use super::state::ProxyState;
+use super::tls;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use weft_api::authz::Attributes;
+
+pub const HBONE_PORT: u16 = 15008;
+pub const MAX_STREAMS_PER_CONN: usize = 100;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PoolKey {
+    pub source_id: String,
+    pub dest_id: String,
+    pub dest_node: String,
+}
+
+struct Pooled {
+    send: SendRequest<Empty<Bytes>>,
+    active: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+pub struct HbonePool {
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+}
+
+/// Decrements a connection's stream count when a stream ends.
+pub struct StreamGuard(Arc<AtomicUsize>);
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HbonePool {
+    fn take(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let v = m.get_mut(key)?;
+        v.retain(|c| !c.send.is_closed());
+        let c = v.iter().find(|c| {
+            c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONN && c.send.is_ready()
+        })?;
+        c.active.fetch_add(1, Ordering::AcqRel);
+        Some((c.send.clone(), StreamGuard(c.active.clone())))
+    }
+
+    fn put(&self, key: PoolKey, send: SendRequest<Empty<Bytes>>) -> StreamGuard {
+        let active = Arc::new(AtomicUsize::new(1));
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .push(Pooled {
+                send,
+                active: active.clone(),
+            });
+        StreamGuard(active)
+    }
+
+    /// Open connections per key (for metrics).
+    pub fn sizes(&self) -> Vec<(PoolKey, usize, usize)> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.len(),
+                    v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Opens a CONNECT stream to `authority` through the destination pod's HBONE
+/// listener, from the source pod's netns. Returns the tunnel and a guard that
+/// releases the pool slot when dropped.
+pub async fn open(
+    state: &ProxyState,
+    source: &super::state::LocalPod,
+    dest: &weft_api::pb::Workload,
+    dest_pod_ip: std::net::IpAddr,
+    authority: SocketAddr,
+) -> anyhow::Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard)> {
+    let key = PoolKey {
+        source_id: source.workload.spiffe_id.clone(),
+        dest_id: dest.spiffe_id.clone(),
+        dest_node: dest.node.clone(),
+    };
+    let (mut send, guard) = match state.pool.take(&key) {
+        Some(x) => x,
+        None => {
+            let cert = state.certs.get(&source.workload.spiffe_id).ok_or_else(|| {
+                anyhow::anyhow!("no certificate yet for {}", source.workload.spiffe_id)
+            })?;
+            let bundle = state
+                .trust_bundle()
+                .ok_or_else(|| anyhow::anyhow!("no trust bundle"))?;
+            let cfg = tls::client_config(&cert, &bundle, &dest.spiffe_id)?;
+            let target = SocketAddr::new(dest_pod_ip, HBONE_PORT);
+            let sock = source
+                .netns
+                .tcp_socket(target.is_ipv6(), state.mark)
+                .await?;
+            let tcp = tokio::net::TcpSocket::from_std_stream(sock.into())
+                .connect(target)
+                .await?;
+            let name = rustls::pki_types::ServerName::IpAddress(dest_pod_ip.into());
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .handshake(TokioIo::new(tls))
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "HBONE connection ended");
+                }
+            });
+            let guard = state.pool.put(key, send.clone());
+            (send, guard)
+        }
+    };
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let resp = send.send_request(req).await?;
+    if resp.status() != http::StatusCode::OK {
+        anyhow::bail!("HBONE CONNECT {authority} refused: {}", resp.status());
+    }
+    let up = hyper::upgrade::on(resp).await?;
+    Ok((TokioIo::new(up), guard))
+}
+
+/// Serves HBONE on one in-pod :15008 listener. `owner` is the pod that owns the
+/// listener: its SVID is presented.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    owner: super::state::LocalPod,
+    state: Arc<ProxyState>,
+) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let (owner, state) = (owner.clone(), state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(tcp, peer, owner, state.clone()).await {
+                state.counters.hbone_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, error = %format!("{e:#}"), "HBONE connection refused");
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    owner: super::state::LocalPod,
+    state: Arc<ProxyState>,
+) -> anyhow::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let cert = state
+        .certs
+        .get(&owner.workload.spiffe_id)
+        .ok_or_else(|| anyhow::anyhow!("no certificate yet for {}", owner.workload.spiffe_id))?;
+    let bundle = state
+        .trust_bundle()
+        .ok_or_else(|| anyhow::anyhow!("no trust bundle"))?;
+    let cfg = tls::server_config(&cert, &bundle)?;
+    let tls = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await?;
+    let peer_id = {
+        let (_, conn) = tls.get_ref();
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| anyhow::anyhow!("no client certificate"))?;
+        tls::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?
+    };
+    let principal = peer_id
+        .strip_prefix("spiffe://")
+        .unwrap_or(&peer_id)
+        .to_string();
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (state, principal) = (state.clone(), principal.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(req, peer, principal, state).await) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await
+        .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))
+}
+
+fn status(code: http::StatusCode) -> http::Response<Empty<Bytes>> {
+    let mut r = http::Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+async fn handle(
+    req: http::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    principal: String,
+    state: Arc<ProxyState>,
+) -> http::Response<Empty<Bytes>> {
+    if req.method() != http::Method::CONNECT {
+        return status(http::StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(dst) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(http::StatusCode::BAD_REQUEST);
+    };
+    // Only to an enrolled workload on this node.
+    let Some(target) = state.local_pod(dst.ip()) else {
+        tracing::info!(%dst, peer = %principal, "HBONE CONNECT to a destination that is not a local enrolled workload");
+        return status(http::StatusCode::NOT_FOUND);
+    };
+    let attrs = Attributes {
+        source_ip: Some(peer.ip()),
+        destination_ip: Some(dst.ip()),
+        destination_port: dst.port(),
+        principal: Some(principal.clone()),
+        request: None,
+    };
+    let decision = state.authorize(&target.workload, &attrs);
+    if !decision.allowed {
+        state
+            .counters
+            .hbone_in_denied
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%dst, peer = %principal, policy = ?decision.policy, reason = decision.reason, "connection denied");
+        return status(http::StatusCode::FORBIDDEN);
+    }
+    state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
+    let mark = state.mark;
+    tokio::spawn(async move {
+        let r = async {
+            let up = hyper::upgrade::on(req).await?;
+            let sock = target.netns.tcp_socket(dst.is_ipv6(), mark).await?;
+            let mut app = tokio::net::TcpSocket::from_std_stream(sock.into())
+                .connect(dst)
+                .await?;
+            let mut tunnel = TokioIo::new(up);
+            tokio::io::copy_bidirectional(&mut tunnel, &mut app).await?;
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(%dst, error = %e, "HBONE stream ended with an error");
+        }
+    });
+    status(http::StatusCode::OK)
+}

@@ -1,0 +1,103 @@
+//! What the proxy's listeners share: the node's config, certificates, the local pods'
+//! network namespaces, the HBONE connection pool and counters.
+
+use super::hbone::HbonePool;
+use crate::certs::CertStore;
+use crate::config::ConfigStore;
+use crate::netns::PodNetns;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+use weft_api::authz::{self, Attributes, CompiledPolicy, Decision};
+use weft_api::pb;
+
+/// A local enrolled pod, as the proxy needs it.
+#[derive(Clone)]
+pub struct LocalPod {
+    pub workload: Arc<pb::Workload>,
+    pub netns: Arc<PodNetns>,
+}
+
+#[derive(Default, Debug)]
+pub struct ProxyCounters {
+    pub hbone_out: AtomicU64,
+    pub hbone_in: AtomicU64,
+    pub hbone_in_denied: AtomicU64,
+    pub hbone_refused: AtomicU64,
+    pub plaintext_out: AtomicU64,
+    pub plaintext_in_denied: AtomicU64,
+}
+
+pub struct ProxyState {
+    pub config: Arc<ConfigStore>,
+    pub certs: Arc<CertStore>,
+    pub mark: u32,
+    pub pool: HbonePool,
+    pub local: RwLock<HashMap<IpAddr, LocalPod>>,
+    pub counters: ProxyCounters,
+}
+
+impl ProxyState {
+    pub fn new(config: Arc<ConfigStore>, certs: Arc<CertStore>, mark: u32) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            certs,
+            mark,
+            pool: HbonePool::default(),
+            local: RwLock::new(HashMap::new()),
+            counters: ProxyCounters::default(),
+        })
+    }
+
+    pub fn local_pod(&self, ip: IpAddr) -> Option<LocalPod> {
+        self.local
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+
+    pub fn set_local(&self, ip: IpAddr, pod: Option<LocalPod>) {
+        let mut m = self.local.write().unwrap_or_else(|p| p.into_inner());
+        match pod {
+            Some(p) => m.insert(ip, p),
+            None => m.remove(&ip),
+        };
+    }
+
+    /// The workload with this IP, from the config (any node).
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<pb::Workload>> {
+        let s = ip.to_string();
+        self.config
+            .snapshot()
+            .workloads
+            .values()
+            .find(|w| w.ips.iter().any(|i| *i == s))
+            .cloned()
+    }
+
+    /// The trust bundle roots (PEM) for this mesh.
+    pub fn trust_bundle(&self) -> Option<String> {
+        self.config
+            .snapshot()
+            .trust_bundles
+            .values()
+            .next()
+            .map(|b| b.roots_pem.clone())
+    }
+
+    /// Authorizes a connection to the local workload `dst`.
+    pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
+        let snap = self.config.snapshot();
+        let labels: std::collections::BTreeMap<String, String> =
+            dst.labels.clone().into_iter().collect();
+        let compiled: Vec<CompiledPolicy> = snap
+            .policies
+            .values()
+            .map(|p| authz::compile(p))
+            .filter(|p| p.applies_to(&dst.namespace, &labels))
+            .collect();
+        authz::evaluate(compiled.iter(), attrs)
+    }
+}
