@@ -79,7 +79,7 @@ fn resolve(state: &ProxyState, dst: SocketAddr) -> SocketAddr {
     let snap = state.config.snapshot();
     let ip = dst.ip().to_string();
     for svc in snap.services.values() {
-        if !svc.cluster_ips.iter().any(|c| *c == ip) {
+        if !svc.cluster_ips.contains(&ip) {
             continue;
         }
         let port = u32::from(dst.port());

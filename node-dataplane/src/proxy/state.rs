@@ -73,7 +73,7 @@ impl ProxyState {
             .snapshot()
             .workloads
             .values()
-            .find(|w| w.ips.iter().any(|i| *i == s))
+            .find(|w| w.ips.contains(&s))
             .cloned()
     }
 
