@@ -75,6 +75,8 @@ fn proxy_counters(s: &AdminState) -> serde_json::Value {
         "hbone_refused": c.hbone_refused.load(Relaxed),
         "plaintext_out": c.plaintext_out.load(Relaxed),
         "plaintext_in_denied": c.plaintext_in_denied.load(Relaxed),
+        "closed_by_policy_change": c.closed_by_policy_change.load(Relaxed),
+        "open_inbound": p.conns.len(),
         "pools": p.pool.sizes().into_iter().map(|(k, conns, streams)| serde_json::json!({
             "source": k.source_id, "destination": k.dest_id, "node": k.dest_node,
             "connections": conns, "active_streams": streams,

@@ -108,6 +108,7 @@ pub async fn start(
         let map = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
         let proxy = crate::proxy::state::ProxyState::new(config.clone(), certs.clone(), c.mark);
         proxy_state = Some(proxy.clone());
+        tokio::spawn(proxy.clone().recheck_forever());
         let manager = crate::pods::PodManager {
             proxy,
             config: config.clone(),

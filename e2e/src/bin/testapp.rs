@@ -91,7 +91,24 @@ fn client(addr: SocketAddr, bytes: usize, hold_ms: u64) -> Result<String, String
         h.update(&chunk[..n]);
         sent += n;
     }
-    std::thread::sleep(std::time::Duration::from_millis(hold_ms));
+    if hold_ms > 0 {
+        // Hold the connection open, noticing if the peer (or the mesh) closes it:
+        // the server sends nothing before our EOF, so any read result is a close.
+        s.set_read_timeout(Some(std::time::Duration::from_millis(hold_ms)))
+            .map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Ok(0) => return Err("connection closed by the peer while held open".into()),
+            Ok(_) => return Err("unexpected data while held open".into()),
+            Err(e) => return Err(format!("connection broken while held open: {e}")),
+        }
+        s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    }
     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)

@@ -199,9 +199,12 @@ async fn serve_conn(
         .strip_prefix("spiffe://")
         .unwrap_or(&peer_id)
         .to_string();
+    let served_id = owner.workload.spiffe_id.clone();
     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (state, principal) = (state.clone(), principal.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(req, peer, principal, state).await) }
+        let (state, principal, served_id) = (state.clone(), principal.clone(), served_id.clone());
+        async move {
+            Ok::<_, std::convert::Infallible>(handle(req, peer, principal, served_id, state).await)
+        }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
@@ -222,6 +225,7 @@ async fn handle(
     req: http::Request<hyper::body::Incoming>,
     peer: SocketAddr,
     principal: String,
+    served_id: String,
     state: Arc<ProxyState>,
 ) -> http::Response<Empty<Bytes>> {
     if req.method() != http::Method::CONNECT {
@@ -234,11 +238,16 @@ async fn handle(
     else {
         return status(http::StatusCode::BAD_REQUEST);
     };
-    // Only to an enrolled workload on this node.
+    // Only to an enrolled workload on this node...
     let Some(target) = state.local_pod(dst.ip()) else {
         tracing::info!(%dst, peer = %principal, "HBONE CONNECT to a destination that is not a local enrolled workload");
         return status(http::StatusCode::NOT_FOUND);
     };
+    // ...whose identity is the one this TLS session presented to the client.
+    if target.workload.spiffe_id != served_id {
+        tracing::info!(%dst, peer = %principal, target = %target.workload.spiffe_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
+        return status(http::StatusCode::MISDIRECTED_REQUEST);
+    }
     let attrs = Attributes {
         source_ip: Some(peer.ip()),
         destination_ip: Some(dst.ip()),
@@ -257,6 +266,7 @@ async fn handle(
     }
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
     let mark = state.mark;
+    let reg = state.conns.register(target.workload.clone(), attrs);
     tokio::spawn(async move {
         let r = async {
             let up = hyper::upgrade::on(req).await?;
@@ -265,10 +275,18 @@ async fn handle(
                 .connect(dst)
                 .await?;
             let mut tunnel = TokioIo::new(up);
-            tokio::io::copy_bidirectional(&mut tunnel, &mut app).await?;
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut tunnel, &mut app) => { r?; }
+                _ = reg.cancel.cancelled() => {
+                    // Denied by a policy change: reset the application side; dropping
+                    // the tunnel resets the stream.
+                    let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
+                }
+            }
             Ok::<_, anyhow::Error>(())
         }
         .await;
+        drop(reg);
         if let Err(e) = r {
             tracing::debug!(%dst, error = %e, "HBONE stream ended with an error");
         }

@@ -39,6 +39,7 @@ pub async fn serve(
                 if let Ok(mut l) = stats.last_dst.lock() {
                     *l = Some(dst);
                 }
+                let mut reg = None;
                 if let Some((state, workload)) = &authz {
                     let attrs = weft_api::authz::Attributes {
                         source_ip: Some(peer.ip()),
@@ -55,13 +56,28 @@ pub async fn serve(
                         let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
                         return Ok(());
                     }
+                    reg = Some(state.conns.register(workload.clone(), attrs));
                 }
                 let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
                 let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
                     .connect(dst)
                     .await?;
                 stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                tokio::io::copy_bidirectional(&mut conn, &mut up).await.map(|_| ())
+                let cancelled = async {
+                    match &reg {
+                        Some(r) => r.cancel.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut conn, &mut up) => r.map(|_| ()),
+                    _ = cancelled => {
+                        // Denied by a policy change: reset both sides.
+                        let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+                        let _ = socket2::SockRef::from(&up).set_linger(Some(std::time::Duration::ZERO));
+                        Ok(())
+                    }
+                }
             }
             .await;
             if let Err(e) = r {

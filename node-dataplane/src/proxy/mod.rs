@@ -1,5 +1,6 @@
 //! The node proxy's data path.
 
+pub mod conns;
 pub mod hbone;
 pub mod inbound;
 pub mod orig_dst;

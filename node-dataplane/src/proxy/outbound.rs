@@ -116,7 +116,16 @@ async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Resu
             let (mut tunnel, _guard) = super::hbone::open(state, source, &w, dst.ip(), dst).await?;
             ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
             state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
-            let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await?;
+            let (a, b) = match tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // The tunnel was reset (e.g. denied by a policy change): reset the
+                    // application's connection too instead of a graceful close.
+                    let _ =
+                        socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+                    return Err(e.into());
+                }
+            };
             ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
             ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
             return Ok(());

@@ -27,6 +27,7 @@ pub struct ProxyCounters {
     pub hbone_refused: AtomicU64,
     pub plaintext_out: AtomicU64,
     pub plaintext_in_denied: AtomicU64,
+    pub closed_by_policy_change: AtomicU64,
 }
 
 pub struct ProxyState {
@@ -36,6 +37,8 @@ pub struct ProxyState {
     pub pool: HbonePool,
     pub local: RwLock<HashMap<IpAddr, LocalPod>>,
     pub counters: ProxyCounters,
+    /// Open inbound connections, re-authorized when policies change.
+    pub conns: Arc<super::conns::ConnTracker>,
 }
 
 impl ProxyState {
@@ -47,7 +50,21 @@ impl ProxyState {
             pool: HbonePool::default(),
             local: RwLock::new(HashMap::new()),
             counters: ProxyCounters::default(),
+            conns: Arc::default(),
         })
+    }
+
+    /// Re-authorizes open connections after every config change, forever.
+    pub async fn recheck_forever(self: Arc<Self>) {
+        let mut changes = self.config.watch();
+        while changes.changed().await.is_ok() {
+            let n = self.conns.recheck(|w, a| self.authorize(w, a));
+            if n > 0 {
+                self.counters
+                    .closed_by_policy_change
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn local_pod(&self, ip: IpAddr) -> Option<LocalPod> {
