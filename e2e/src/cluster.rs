@@ -64,6 +64,8 @@ pub struct Node {
     pub name: String,
     pub index: u8,
     pub netns: String,
+    /// The node's interface on the fabric (its "NIC").
+    pub uplink: String,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub dir: PathBuf,
@@ -227,6 +229,7 @@ impl LocalCluster {
                 name: name.to_string(),
                 index,
                 netns: ns,
+                uplink: inner,
                 cgroup,
                 pin_dir,
                 dir,

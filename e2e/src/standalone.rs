@@ -154,7 +154,8 @@ impl StandaloneMesh {
         cmd.args(["run", "--node", node, "--control-plane", &self.grpc_url()])
             .arg("--credential-dir")
             .arg(&cred)
-            .args(["--admin-addr", &format!("127.0.0.1:{port}")]);
+            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-addr", "off"]);
         let log = self.dir.path().join(format!("node-{node}.log"));
         let proc = Proc::spawn(&format!("node {node}"), &mut cmd, &log)?;
         self.nodes.insert(

@@ -27,6 +27,11 @@ pub struct AdminState {
     pub proxy: Option<Arc<crate::proxy::state::ProxyState>>,
 }
 
+/// The scrape endpoint (`--metrics-addr`, default :15020): only `/metrics`.
+pub fn metrics_router(s: AdminState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(s)
+}
+
 pub fn router(s: AdminState) -> Router {
     Router::new()
         .route("/healthz/ready", get(ready))
@@ -116,6 +121,9 @@ fn enrolled_pods(s: &AdminState) -> serde_json::Value {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    if let Some(p) = &s.proxy {
+        p.refresh_pool_gauges();
+    }
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         s.metrics.encode(),

@@ -17,6 +17,8 @@ pub struct Settings {
     pub node: String,
     pub control_plane: ControlPlaneTarget,
     pub admin_addr: SocketAddr,
+    /// Prometheus scrape address (only /metrics); `None` disables it.
+    pub metrics_addr: Option<SocketAddr>,
     pub certs: CertManagerSettings,
     /// Transparent capture (eBPF + CNI); `None` runs config and certificates only.
     pub capture: Option<CaptureSettings>,
@@ -106,7 +108,12 @@ pub async fn start(
         tokio::spawn(crate::cni::server::serve(sock, registry.clone(), enrolled));
         let ready = Arc::new(AtomicBool::new(false));
         let map = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
-        let proxy = crate::proxy::state::ProxyState::new(config.clone(), certs.clone(), c.mark);
+        let proxy = crate::proxy::state::ProxyState::new(
+            config.clone(),
+            certs.clone(),
+            c.mark,
+            metrics.clone(),
+        );
         proxy_state = Some(proxy.clone());
         tokio::spawn(proxy.clone().recheck_forever());
         let manager = crate::pods::PodManager {
@@ -129,14 +136,26 @@ pub async fn start(
         .await
         .with_context(|| format!("binding the admin address {}", s.admin_addr))?;
     let admin_addr = listener.local_addr()?;
-    let router = admin::router(AdminState {
+    let admin_state = AdminState {
         config: config.clone(),
         certs: certs.clone(),
         metrics,
         dataplane_ready,
         pods: pods.clone(),
         proxy: proxy_state,
-    });
+    };
+    if let Some(addr) = s.metrics_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        let r = admin::metrics_router(admin_state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, r).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    let router = admin::router(admin_state);
     tracing::info!(node = %s.node, control_plane = %s.control_plane.address, admin = %admin_addr, "node agent started");
     let fut = async move {
         let r = axum::serve(listener, router)

@@ -19,11 +19,13 @@ pub struct Metrics {
     pub cert_renewals: Counter,
     pub cert_errors: Counter,
     pub cert_expiry: Family<IdentityLabel, Gauge>,
+    pub traffic: crate::proxy::metrics::TrafficMetrics,
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("weft_node");
+        // Traffic metrics are `weft_*` (as dashboards expect); agent internals `weft_node_*`.
+        let mut registry = Registry::with_prefix("weft");
         let m = Self {
             registry: Registry::default(),
             control_plane_connected: Gauge::default(),
@@ -32,33 +34,36 @@ impl Metrics {
             cert_renewals: Counter::default(),
             cert_errors: Counter::default(),
             cert_expiry: Family::default(),
+            traffic: Default::default(),
         };
-        registry.register(
+        m.traffic.register(&mut registry);
+        let node = registry.sub_registry_with_prefix("node");
+        node.register(
             "control_plane_connected",
             "1 while the config stream to the control plane is open",
             m.control_plane_connected.clone(),
         );
-        registry.register(
+        node.register(
             "config_updates",
             "Config updates received",
             m.config_updates.clone(),
         );
-        registry.register(
+        node.register(
             "config_nacks",
             "Config updates rejected (partly or wholly)",
             m.nacks.clone(),
         );
-        registry.register(
+        node.register(
             "certificate_issuances",
             "Workload certificates obtained (first issue and renewals)",
             m.cert_renewals.clone(),
         );
-        registry.register(
+        node.register(
             "certificate_errors",
             "Failed certificate requests",
             m.cert_errors.clone(),
         );
-        registry.register(
+        node.register(
             "certificate_expiry_timestamp_seconds",
             "Expiry of each workload certificate held (unix time)",
             m.cert_expiry.clone(),

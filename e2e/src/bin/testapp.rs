@@ -54,6 +54,10 @@ enum Cmd {
         /// Keep the connection open this long before finishing (a long-lived flow).
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Send this text, repeated, instead of the binary pattern (to look for it
+        /// in packet captures).
+        #[arg(long)]
+        text: Option<String>,
     },
 }
 
@@ -75,7 +79,12 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
     s.shutdown(Shutdown::Write)
 }
 
-fn client(addr: SocketAddr, bytes: usize, hold_ms: u64) -> Result<String, String> {
+fn client(
+    addr: SocketAddr,
+    bytes: usize,
+    hold_ms: u64,
+    text: Option<&str>,
+) -> Result<String, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let peer = s.peer_addr().map_err(|e| e.to_string())?;
     let mut h = Sha256::new();
@@ -84,7 +93,10 @@ fn client(addr: SocketAddr, bytes: usize, hold_ms: u64) -> Result<String, String
     while sent < bytes {
         let n = chunk.len().min(bytes - sent);
         for (j, b) in chunk[..n].iter_mut().enumerate() {
-            *b = pattern(sent + j);
+            *b = match text {
+                Some(t) if !t.is_empty() => t.as_bytes()[(sent + j) % t.len()],
+                _ => pattern(sent + j),
+            };
         }
         s.write_all(&chunk[..n])
             .map_err(|e| format!("write: {e}"))?;
@@ -223,9 +235,13 @@ fn main() {
             bytes,
             parallel,
             hold_ms,
+            text,
         } => {
+            let text: &'static Option<String> = Box::leak(Box::new(text));
             let handles: Vec<_> = (0..parallel)
-                .map(|_| std::thread::spawn(move || client(connect, bytes, hold_ms)))
+                .map(|_| {
+                    std::thread::spawn(move || client(connect, bytes, hold_ms, text.as_deref()))
+                })
                 .collect();
             let mut failed = false;
             for h in handles {

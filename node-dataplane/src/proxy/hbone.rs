@@ -267,7 +267,17 @@ async fn handle(
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
     let mark = state.mark;
     let reg = state.conns.register(target.workload.clone(), attrs);
+    let source = state.workload_by_ip(peer.ip());
+    let mut l = super::metrics::labels(
+        "destination",
+        source.as_deref(),
+        Some(&target.workload),
+        true,
+    );
+    l.source_principal = format!("spiffe://{principal}");
     tokio::spawn(async move {
+        let t = &state.metrics.traffic;
+        t.opened.get_or_create(&l).inc();
         let r = async {
             let up = hyper::upgrade::on(req).await?;
             let sock = target.netns.tcp_socket(dst.is_ipv6(), mark).await?;
@@ -276,7 +286,11 @@ async fn handle(
                 .await?;
             let mut tunnel = TokioIo::new(up);
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut tunnel, &mut app) => { r?; }
+                r = tokio::io::copy_bidirectional(&mut tunnel, &mut app) => {
+                    let (a, b) = r?;
+                    t.sent.get_or_create(&l).inc_by(a);
+                    t.received.get_or_create(&l).inc_by(b);
+                }
                 _ = reg.cancel.cancelled() => {
                     // Denied by a policy change: reset the application side; dropping
                     // the tunnel resets the stream.
@@ -287,7 +301,9 @@ async fn handle(
         }
         .await;
         drop(reg);
+        t.closed.get_or_create(&l).inc();
         if let Err(e) = r {
+            t.failed.get_or_create(&l).inc();
             tracing::debug!(%dst, error = %e, "HBONE stream ended with an error");
         }
     });

@@ -58,6 +58,12 @@ pub async fn serve(
                     }
                     reg = Some(state.conns.register(workload.clone(), attrs));
                 }
+                let metric = authz.as_ref().map(|(state, workload)| {
+                    let src = state.workload_by_ip(peer.ip());
+                    let l = super::metrics::labels("destination", src.as_deref(), Some(workload), false);
+                    state.metrics.traffic.opened.get_or_create(&l).inc();
+                    (state.clone(), l)
+                });
                 let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
                 let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
                     .connect(dst)
@@ -69,15 +75,29 @@ pub async fn serve(
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
-                    r = tokio::io::copy_bidirectional(&mut conn, &mut up) => r.map(|_| ()),
+                let done = tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut conn, &mut up) => r.map(Some),
                     _ = cancelled => {
                         // Denied by a policy change: reset both sides.
                         let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
                         let _ = socket2::SockRef::from(&up).set_linger(Some(std::time::Duration::ZERO));
-                        Ok(())
+                        Ok(None)
+                    }
+                };
+                if let Some((state, l)) = &metric {
+                    let t = &state.metrics.traffic;
+                    t.closed.get_or_create(l).inc();
+                    match &done {
+                        Ok(Some((a, b))) => {
+                            t.sent.get_or_create(l).inc_by(*a);
+                            t.received.get_or_create(l).inc_by(*b);
+                        }
+                        _ => {
+                            t.failed.get_or_create(l).inc();
+                        }
                     }
                 }
+                done.map(|_| ())
             }
             .await;
             if let Err(e) = r {

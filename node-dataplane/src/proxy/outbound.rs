@@ -113,12 +113,29 @@ async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Resu
             .workload_by_ip(dst.ip())
             .filter(|w| w.enrolled && !w.spiffe_id.is_empty())
         {
-            let (mut tunnel, _guard) = super::hbone::open(state, source, &w, dst.ip(), dst).await?;
+            let l = super::metrics::labels("source", Some(&source.workload), Some(&w), true);
+            let t = &state.metrics.traffic;
+            let (mut tunnel, _guard) =
+                match super::hbone::open(state, source, &w, dst.ip(), dst).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        t.failed.get_or_create(&l).inc();
+                        return Err(e);
+                    }
+                };
             ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
             state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
-            let (a, b) = match tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await {
-                Ok(x) => x,
+            t.opened.get_or_create(&l).inc();
+            let copied = tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await;
+            t.closed.get_or_create(&l).inc();
+            let (a, b) = match copied {
+                Ok((a, b)) => {
+                    t.sent.get_or_create(&l).inc_by(a);
+                    t.received.get_or_create(&l).inc_by(b);
+                    (a, b)
+                }
                 Err(e) => {
+                    t.failed.get_or_create(&l).inc();
                     // The tunnel was reset (e.g. denied by a policy change): reset the
                     // application's connection too instead of a graceful close.
                     let _ =
@@ -131,16 +148,31 @@ async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Resu
             return Ok(());
         }
         state.counters.plaintext_out.fetch_add(1, Ordering::Relaxed);
-        return passthrough(conn, ob, dst).await;
+        let dest = state.workload_by_ip(dst.ip());
+        let l = super::metrics::labels("source", Some(&source.workload), dest.as_deref(), false);
+        let t = &state.metrics.traffic;
+        t.opened.get_or_create(&l).inc();
+        let r = passthrough(conn, ob, dst).await;
+        t.closed.get_or_create(&l).inc();
+        match &r {
+            Ok((a, b)) => {
+                t.sent.get_or_create(&l).inc_by(*a);
+                t.received.get_or_create(&l).inc_by(*b);
+            }
+            Err(_) => {
+                t.failed.get_or_create(&l).inc();
+            }
+        }
+        return r.map(|_| ());
     }
-    passthrough(conn, ob, orig).await
+    passthrough(conn, ob, orig).await.map(|_| ())
 }
 
 async fn passthrough(
     mut conn: tokio::net::TcpStream,
     ob: &Outbound,
     dst: SocketAddr,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u64, u64)> {
     let sock = ob.netns.tcp_socket(dst.is_ipv6(), ob.mark).await?;
     let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
         .connect(dst)
@@ -149,5 +181,5 @@ async fn passthrough(
     let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut up).await?;
     ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
     ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
-    Ok(())
+    Ok((a, b))
 }

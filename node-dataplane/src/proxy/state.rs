@@ -39,10 +39,16 @@ pub struct ProxyState {
     pub counters: ProxyCounters,
     /// Open inbound connections, re-authorized when policies change.
     pub conns: Arc<super::conns::ConnTracker>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ProxyState {
-    pub fn new(config: Arc<ConfigStore>, certs: Arc<CertStore>, mark: u32) -> Arc<Self> {
+    pub fn new(
+        config: Arc<ConfigStore>,
+        certs: Arc<CertStore>,
+        mark: u32,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             certs,
@@ -51,7 +57,33 @@ impl ProxyState {
             local: RwLock::new(HashMap::new()),
             counters: ProxyCounters::default(),
             conns: Arc::default(),
+            metrics,
         })
+    }
+
+    /// Counts an authorization decision.
+    pub fn record_decision(&self, d: &Decision) {
+        let l = super::metrics::AuthzLabels {
+            decision: if d.allowed { "allow" } else { "deny" },
+            policy: d.policy.clone().unwrap_or_else(|| "none".into()),
+        };
+        self.metrics.traffic.authz.get_or_create(&l).inc();
+    }
+
+    /// Refreshes the pool gauges (called when metrics are scraped).
+    pub fn refresh_pool_gauges(&self) {
+        let t = &self.metrics.traffic;
+        t.pool_connections.clear();
+        t.pool_streams.clear();
+        for (k, conns, streams) in self.pool.sizes() {
+            let l = super::metrics::PoolLabels {
+                source_principal: k.source_id,
+                destination_principal: k.dest_id,
+                destination_node: k.dest_node,
+            };
+            t.pool_connections.get_or_create(&l).set(conns as i64);
+            t.pool_streams.get_or_create(&l).set(streams as i64);
+        }
     }
 
     /// Re-authorizes open connections after every config change, forever.
@@ -115,6 +147,8 @@ impl ProxyState {
             .map(|p| authz::compile(p))
             .filter(|p| p.applies_to(&dst.namespace, &labels))
             .collect();
-        authz::evaluate(compiled.iter(), attrs)
+        let d = authz::evaluate(compiled.iter(), attrs);
+        self.record_decision(&d);
+        d
     }
 }

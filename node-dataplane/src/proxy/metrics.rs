@@ -1,0 +1,130 @@
+//! Traffic metrics. Labels are bounded: workloads are named by their `app` label
+//! (or pod name), never by IPs or ports; principals are SPIFFE IDs; policies by name.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use weft_api::pb;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: &'static str,
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub source_principal: String,
+    pub destination_principal: String,
+    pub destination_node: String,
+}
+
+#[derive(Default)]
+pub struct TrafficMetrics {
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub failed: Family<TcpLabels, Counter>,
+    pub sent: Family<TcpLabels, Counter>,
+    pub received: Family<TcpLabels, Counter>,
+    pub authz: Family<AuthzLabels, Counter>,
+    pub pool_connections: Family<PoolLabels, Gauge>,
+    pub pool_streams: Family<PoolLabels, Gauge>,
+}
+
+impl TrafficMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tcp_connections_opened",
+            "TCP connections opened through the node proxy",
+            self.opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            self.closed.clone(),
+        );
+        r.register(
+            "tcp_connections_failed",
+            "TCP connections that failed (upstream error or reset)",
+            self.failed.clone(),
+        );
+        r.register(
+            "tcp_sent_bytes",
+            "Bytes sent towards the destination",
+            self.sent.clone(),
+        );
+        r.register(
+            "tcp_received_bytes",
+            "Bytes received from the destination",
+            self.received.clone(),
+        );
+        r.register(
+            "authz_decisions",
+            "Authorization decisions by decision and deciding policy",
+            self.authz.clone(),
+        );
+        r.register(
+            "hbone_pool_connections",
+            "Open pooled HBONE connections",
+            self.pool_connections.clone(),
+        );
+        r.register(
+            "hbone_pool_active_streams",
+            "Active streams on pooled HBONE connections",
+            self.pool_streams.clone(),
+        );
+    }
+}
+
+/// The workload label of a workload: its `app` label, else its name.
+pub fn workload_name(w: Option<&pb::Workload>) -> (String, String, String) {
+    match w {
+        Some(w) => (
+            w.labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| w.name.clone()),
+            w.namespace.clone(),
+            if w.enrolled {
+                w.spiffe_id.clone()
+            } else {
+                "unknown".into()
+            },
+        ),
+        None => ("unknown".into(), "unknown".into(), "unknown".into()),
+    }
+}
+
+pub fn labels(
+    reporter: &'static str,
+    src: Option<&pb::Workload>,
+    dst: Option<&pb::Workload>,
+    mtls: bool,
+) -> TcpLabels {
+    let (sw, sn, sp) = workload_name(src);
+    let (dw, dn, dp) = workload_name(dst);
+    TcpLabels {
+        reporter,
+        source_workload: sw,
+        source_namespace: sn,
+        source_principal: sp,
+        destination_workload: dw,
+        destination_namespace: dn,
+        destination_principal: dp,
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+    }
+}
