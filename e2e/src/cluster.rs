@@ -340,6 +340,9 @@ impl LocalCluster {
             n.dir.join("run/cni.sock").display().to_string(),
             "--state-dir".into(),
             n.dir.join("state").display().to_string(),
+            // Short, so tests can see idle HBONE connections released.
+            "--hbone-idle-timeout".into(),
+            "2s".into(),
         ];
         let mut cmd = Self::wrapped(&n.cgroup.join("agent"), &n.netns, &bin, &args);
         let log = n.dir.join(format!("agent-{}.log", n.agent_starts));

@@ -36,6 +36,10 @@ pub struct CaptureSettings {
     pub state_dir: PathBuf,
     /// SO_MARK of the proxy's own sockets.
     pub mark: u32,
+    /// How Service endpoints are chosen.
+    pub lb: crate::proxy::lb::LbPolicy,
+    /// Pooled HBONE connections without streams this long are closed.
+    pub hbone_idle_timeout: std::time::Duration,
 }
 
 pub struct Running {
@@ -113,9 +117,12 @@ pub async fn start(
             certs.clone(),
             c.mark,
             metrics.clone(),
+            c.lb,
+            c.hbone_idle_timeout,
         );
         proxy_state = Some(proxy.clone());
         tokio::spawn(proxy.clone().recheck_forever());
+        tokio::spawn(proxy.clone().reap_forever());
         let manager = crate::pods::PodManager {
             proxy,
             config: config.clone(),

@@ -63,6 +63,12 @@ enum Command {
         /// SO_MARK of the proxy's own sockets (never captured).
         #[arg(long, default_value_t = 0x5746)]
         proxy_mark: u32,
+        /// Service load balancing: least-conn (power of two choices) or round-robin.
+        #[arg(long, value_enum, default_value_t = weft_node::proxy::lb::LbPolicy::LeastConn)]
+        lb: weft_node::proxy::lb::LbPolicy,
+        /// Close pooled HBONE connections idle this long.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        hbone_idle_timeout: std::time::Duration,
     },
     /// Remove every eBPF program, link, pin and map weft installed.
     Uninstall {
@@ -123,6 +129,8 @@ fn main() -> std::process::ExitCode {
                 cni_socket,
                 state_dir,
                 proxy_mark,
+                lb,
+                hbone_idle_timeout,
             } => {
                 let capture = if capture {
                     let resolved = cgroup
@@ -136,6 +144,8 @@ fn main() -> std::process::ExitCode {
                             cni_socket,
                             state_dir,
                             mark: proxy_mark,
+                            lb,
+                            hbone_idle_timeout,
                         }),
                         Err(e) => {
                             eprintln!("weft-node: error: capture: {e}");

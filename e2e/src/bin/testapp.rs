@@ -22,6 +22,9 @@ enum Cmd {
     Server {
         #[arg(long)]
         listen: SocketAddr,
+        /// Count accepted connections in this file (rewritten after each one).
+        #[arg(long)]
+        count_file: Option<std::path::PathBuf>,
     },
     /// Echo server: writes back whatever it reads.
     Echo {
@@ -58,6 +61,9 @@ enum Cmd {
         /// in packet captures).
         #[arg(long)]
         text: Option<String>,
+        /// Connections made one after another by each parallel worker.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
 }
 
@@ -215,7 +221,7 @@ fn main() {
                 std::process::exit(1)
             }
         },
-        Cmd::Server { listen } => {
+        Cmd::Server { listen, count_file } => {
             let l = match TcpListener::bind(listen) {
                 Ok(l) => l,
                 Err(e) => {
@@ -224,7 +230,12 @@ fn main() {
                 }
             };
             println!("listening {listen}");
+            let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for s in l.incoming().flatten() {
+                if let Some(f) = &count_file {
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    let _ = std::fs::write(f, n.to_string());
+                }
                 std::thread::spawn(move || {
                     let _ = serve(s);
                 });
@@ -236,11 +247,21 @@ fn main() {
             parallel,
             hold_ms,
             text,
+            repeat,
         } => {
             let text: &'static Option<String> = Box::leak(Box::new(text));
             let handles: Vec<_> = (0..parallel)
                 .map(|_| {
-                    std::thread::spawn(move || client(connect, bytes, hold_ms, text.as_deref()))
+                    std::thread::spawn(move || {
+                        let mut last = Ok(String::new());
+                        for _ in 0..repeat.max(1) {
+                            last = client(connect, bytes, hold_ms, text.as_deref());
+                            if last.is_err() {
+                                break;
+                            }
+                        }
+                        last
+                    })
                 })
                 .collect();
             let mut failed = false;

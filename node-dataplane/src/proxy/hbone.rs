@@ -28,11 +28,25 @@ pub struct PoolKey {
 struct Pooled {
     send: SendRequest<Empty<Bytes>>,
     active: Arc<AtomicUsize>,
+    /// When the last stream ended (for idle reaping).
+    idle_since: Mutex<Option<std::time::Instant>>,
 }
 
-#[derive(Default)]
+/// Connections pooled per key. Dialing is serialized per key, so a burst of new
+/// streams shares one new connection instead of each dialing its own; connections
+/// idle for `idle_timeout` are closed.
 pub struct HbonePool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    pub idle_timeout: std::time::Duration,
+}
+
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Default for HbonePool {
+    fn default() -> Self {
+        Self::new(DEFAULT_IDLE_TIMEOUT)
+    }
 }
 
 /// Decrements a connection's stream count when a stream ends.
@@ -44,6 +58,45 @@ impl Drop for StreamGuard {
 }
 
 impl HbonePool {
+    pub fn new(idle_timeout: std::time::Duration) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+            idle_timeout,
+        }
+    }
+
+    fn dial_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Closes connections without streams for longer than the idle timeout.
+    pub fn reap_idle(&self) -> usize {
+        let now = std::time::Instant::now();
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for v in m.values_mut() {
+            v.retain(|c| {
+                let mut idle = c.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+                if c.active.load(Ordering::Acquire) > 0 {
+                    *idle = None;
+                    return !c.send.is_closed();
+                }
+                let since = *idle.get_or_insert(now);
+                let keep = !c.send.is_closed() && now.duration_since(since) < self.idle_timeout;
+                closed += usize::from(!keep);
+                keep
+            });
+        }
+        m.retain(|_, v| !v.is_empty());
+        closed
+    }
+
     fn take(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let v = m.get_mut(key)?;
@@ -65,6 +118,7 @@ impl HbonePool {
             .push(Pooled {
                 send,
                 active: active.clone(),
+                idle_since: Mutex::new(None),
             });
         StreamGuard(active)
     }
@@ -101,7 +155,18 @@ pub async fn open(
         dest_id: dest.spiffe_id.clone(),
         dest_node: dest.node.clone(),
     };
-    let (mut send, guard) = match state.pool.take(&key) {
+    // One dialer per key at a time; the others wait and reuse its connection. The
+    // guard is held until the new connection is in the pool.
+    let mut _dialing = None;
+    let taken = match state.pool.take(&key) {
+        Some(x) => Some(x),
+        None => {
+            let lock = state.pool.dial_lock(&key);
+            _dialing = Some(lock.lock_owned().await);
+            state.pool.take(&key)
+        }
+    };
+    let (mut send, guard) = match taken {
         Some(x) => x,
         None => {
             let cert = state.certs.get(&source.workload.spiffe_id).ok_or_else(|| {

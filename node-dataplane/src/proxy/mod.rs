@@ -3,6 +3,7 @@
 pub mod conns;
 pub mod hbone;
 pub mod inbound;
+pub mod lb;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;

@@ -7,7 +7,7 @@ use super::orig_dst::original_dst;
 use super::state::{LocalPod, ProxyState};
 use crate::netns::PodNetns;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Default, Debug)]
@@ -30,8 +30,6 @@ pub struct Outbound {
     /// The mesh: the node's proxy state and the source pod. `None`: plaintext only.
     pub mesh: Option<(Arc<ProxyState>, LocalPod)>,
 }
-
-static RR: AtomicUsize = AtomicUsize::new(0);
 
 pub async fn serve(listener: tokio::net::TcpListener, ob: Arc<Outbound>) {
     loop {
@@ -73,9 +71,9 @@ pub async fn serve_plain(
     .await
 }
 
-/// A Service VIP:port becomes one of its ready endpoints (round robin); anything
-/// else stays as it is.
-fn resolve(state: &ProxyState, dst: SocketAddr) -> SocketAddr {
+/// A Service VIP:port becomes one of its ready endpoints (chosen by the node's
+/// balancer); anything else stays as it is.
+fn resolve(state: &ProxyState, dst: SocketAddr) -> (SocketAddr, Option<super::lb::Active>) {
     let snap = state.config.snapshot();
     let ip = dst.ip().to_string();
     for svc in snap.services.values() {
@@ -93,11 +91,11 @@ fn resolve(state: &ProxyState, dst: SocketAddr) -> SocketAddr {
                 Some(SocketAddr::new(ip, u16::try_from(*t).ok()?))
             })
             .collect();
-        if !eps.is_empty() {
-            return eps[RR.fetch_add(1, Ordering::Relaxed) % eps.len()];
+        if let Some((ep, active)) = state.balancer.pick(&eps) {
+            return (ep, Some(active));
         }
     }
-    dst
+    (dst, None)
 }
 
 async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Result<()> {
@@ -108,7 +106,7 @@ async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Resu
         *last = Some(orig);
     }
     if let Some((state, source)) = &ob.mesh {
-        let dst = resolve(state, orig);
+        let (dst, _active) = resolve(state, orig);
         if let Some(w) = state
             .workload_by_ip(dst.ip())
             .filter(|w| w.enrolled && !w.spiffe_id.is_empty())

@@ -40,6 +40,7 @@ pub struct ProxyState {
     /// Open inbound connections, re-authorized when policies change.
     pub conns: Arc<super::conns::ConnTracker>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub balancer: super::lb::Balancer,
 }
 
 impl ProxyState {
@@ -48,16 +49,19 @@ impl ProxyState {
         certs: Arc<CertStore>,
         mark: u32,
         metrics: Arc<crate::metrics::Metrics>,
+        lb: super::lb::LbPolicy,
+        hbone_idle: std::time::Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
             certs,
             mark,
-            pool: HbonePool::default(),
+            pool: HbonePool::new(hbone_idle),
             local: RwLock::new(HashMap::new()),
             counters: ProxyCounters::default(),
             conns: Arc::default(),
             metrics,
+            balancer: super::lb::Balancer::new(lb),
         })
     }
 
@@ -83,6 +87,18 @@ impl ProxyState {
             };
             t.pool_connections.get_or_create(&l).set(conns as i64);
             t.pool_streams.get_or_create(&l).set(streams as i64);
+        }
+    }
+
+    /// Closes idle pooled HBONE connections, forever.
+    pub async fn reap_forever(self: Arc<Self>) {
+        let every = (self.pool.idle_timeout / 4).max(std::time::Duration::from_millis(250));
+        loop {
+            tokio::time::sleep(every).await;
+            let n = self.pool.reap_idle();
+            if n > 0 {
+                tracing::debug!(closed = n, "closed idle HBONE connections");
+            }
         }
     }
 
