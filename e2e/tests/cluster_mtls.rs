@@ -183,3 +183,255 @@ fn enrolled_traffic_is_mutual_tls_on_the_wire() {
         "{m}"
     );
 }
+
+mod refusals {
+    use super::*;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rcgen::{
+        CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    use std::net::SocketAddr;
+    use weft_node::certs::{zeroizing::Secret, WorkloadCert};
+
+    /// An SVID for `id` signed by `issuer` (the mesh CA, or another one).
+    fn svid(id: &str, issuer: &rcgen::Issuer<'_, KeyPair>, bundle: &str) -> WorkloadCert {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, issuer).unwrap();
+        WorkloadCert {
+            spiffe_id: id.into(),
+            serial: String::new(),
+            not_before: std::time::SystemTime::now(),
+            not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+            chain_pem: cert.pem(),
+            trust_bundle_pem: bundle.into(),
+            key_pem: Secret(key.serialize_pem()),
+        }
+    }
+
+    /// Connects from `netns` to `target` with `cfg` and sends CONNECT `authority`:
+    /// Ok(status) or Err(handshake/connection error).
+    async fn try_connect(
+        netns: &weft_node::netns::PodNetns,
+        target: SocketAddr,
+        cfg: std::sync::Arc<rustls::ClientConfig>,
+        authority: &str,
+    ) -> Result<u16, String> {
+        let sock = netns
+            .tcp_socket(false, 0)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpSocket::from_std_stream(sock.into())
+            .connect(target)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        Ok(resp.status().as_u16())
+    }
+
+    /// Accepts any server: lets the test reach the server's client-certificate check.
+    #[derive(Debug)]
+    struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    fn no_client_auth() -> std::sync::Arc<rustls::ClientConfig> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        std::sync::Arc::new(cfg)
+    }
+
+    fn other_ca() -> (rcgen::Issuer<'static, KeyPair>, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let pem = p.self_signed(&key).unwrap().pem();
+        (rcgen::Issuer::new(p, key), pem)
+    }
+
+    #[test]
+    fn hbone_refuses_foreign_ca_missing_cert_and_misdirected_identity() {
+        require_root();
+        let app = bin_path("weft-testapp").unwrap();
+        let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+        c.namespace("mesh", true).unwrap();
+        c.namespace("plain", false).unwrap();
+        let server_ip = c
+            .add_pod("mesh", "server", "node-b", &[("app", "server")])
+            .unwrap();
+        let other_ip = c
+            .add_pod("mesh", "other", "node-b", &[("app", "other")])
+            .unwrap();
+        c.add_pod("plain", "prober", "node-a", &[]).unwrap();
+        c.spawn_app(
+            "mesh/server",
+            &app,
+            &["server", "--listen", &format!("{server_ip}:8080")],
+        )
+        .unwrap();
+        c.spawn_app(
+            "mesh/other",
+            &app,
+            &["server", "--listen", &format!("{other_ip}:8080")],
+        )
+        .unwrap();
+        for pod in ["mesh/server", "mesh/other"] {
+            assert!(
+                wait_until(Duration::from_secs(20), || c.enrolled_pod("node-b", pod)).is_some()
+            );
+        }
+        // The certificates the listeners present must exist before we probe.
+        assert!(wait_until(Duration::from_secs(10), || {
+            let d = c.config_dump("node-b").ok()?;
+            (d["certificates"].as_array()?.len() >= 2).then_some(())
+        })
+        .is_some());
+
+        let state = c.dir.path().join("cp-state/ca");
+        let bundle = std::fs::read_to_string(state.join("root-bundle.crt")).unwrap();
+        let ca_key =
+            KeyPair::from_pem(&std::fs::read_to_string(state.join("ca.key")).unwrap()).unwrap();
+        let ca_cert = std::fs::read_to_string(state.join("ca.crt")).unwrap();
+        let mesh_ca = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+        let server_id = "spiffe://cluster.local/ns/mesh/sa/server";
+        let client_id = "spiffe://cluster.local/ns/plain/sa/prober";
+        let prober = weft_node::netns::PodNetns::open(format!(
+            "/var/run/netns/{}",
+            c.pod("plain/prober").netns
+        ))
+        .unwrap();
+        let target: SocketAddr = format!("{server_ip}:15008").parse().unwrap();
+        let authority = format!("{server_ip}:8080");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // A valid SVID: accepted (CONNECT 200).
+            let good = weft_node::proxy::tls::client_config(
+                &svid(client_id, &mesh_ca, &bundle),
+                &bundle,
+                server_id,
+            )
+            .unwrap();
+            assert_eq!(
+                try_connect(&prober, target, good.clone(), &authority).await,
+                Ok(200)
+            );
+            // Another CA: refused in the handshake.
+            let (foreign, _) = other_ca();
+            let bad = weft_node::proxy::tls::client_config(
+                &svid(client_id, &foreign, &bundle),
+                &bundle,
+                server_id,
+            )
+            .unwrap();
+            let r = try_connect(&prober, target, bad, &authority).await;
+            assert!(
+                r.is_err(),
+                "a certificate from another CA was accepted: {r:?}"
+            );
+            // No client certificate: refused.
+            let r = try_connect(&prober, target, no_client_auth(), &authority).await;
+            assert!(
+                r.is_err(),
+                "a client without a certificate was accepted: {r:?}"
+            );
+            // A valid session with mesh/server's listener, CONNECT to mesh/other (another
+            // identity on the same node): misdirected.
+            let r = try_connect(&prober, target, good.clone(), &format!("{other_ip}:8080")).await;
+            assert_eq!(
+                r,
+                Ok(421),
+                "CONNECT to a workload whose identity the listener did not present"
+            );
+            // And the client refuses a server that is not the identity it expects.
+            let expect_other = weft_node::proxy::tls::client_config(
+                &svid(client_id, &mesh_ca, &bundle),
+                &bundle,
+                "spiffe://cluster.local/ns/mesh/sa/other",
+            )
+            .unwrap();
+            let r = try_connect(&prober, target, expect_other, &authority).await;
+            assert!(
+                r.as_ref().is_err_and(|e| e.contains("not the expected")),
+                "{r:?}"
+            );
+        });
+        let d = c.config_dump("node-b").unwrap();
+        assert!(
+            d["proxy"]["hbone_refused"].as_u64().unwrap() >= 2,
+            "{}",
+            d["proxy"]
+        );
+    }
+}

@@ -5,4 +5,4 @@ mod manager;
 mod store;
 
 pub use manager::{CertManager, CertManagerSettings};
-pub use store::{CertStore, WorkloadCert};
+pub use store::{zeroizing, CertStore, WorkloadCert};
