@@ -597,9 +597,32 @@ impl LocalCluster {
         program: &Path,
         args: &[&str],
     ) -> anyhow::Result<(bool, String, String)> {
+        self.run_app_pinned(pod, program, args, None)
+    }
+
+    /// Like [`run_app`](Self::run_app), optionally pinned to one CPU (taskset).
+    pub fn run_app_pinned(
+        &self,
+        pod: &str,
+        program: &Path,
+        args: &[&str],
+        cpu: Option<usize>,
+    ) -> anyhow::Result<(bool, String, String)> {
         let p = self.pods.get(pod).context("no such pod")?;
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let out = Self::wrapped(&p.cgroup, &p.netns, program, &args)
+        let mut all: Vec<String> = Vec::new();
+        let program = match cpu {
+            Some(c) => {
+                all.extend([
+                    "-c".to_string(),
+                    c.to_string(),
+                    program.display().to_string(),
+                ]);
+                Path::new("/usr/bin/taskset")
+            }
+            None => program,
+        };
+        all.extend(args.iter().map(|s| s.to_string()));
+        let out = Self::wrapped(&p.cgroup, &p.netns, program, &all)
             .stdin(Stdio::null())
             .output()?;
         Ok((

@@ -1,0 +1,252 @@
+//! Node proxy benchmark (issue: node mTLS proxy). On the local cluster harness, in
+//! one run: plain TCP between two non-enrolled pods on two nodes vs weft between two
+//! enrolled pods on the same two nodes (client -> eBPF capture -> node-a proxy ->
+//! HBONE mTLS -> node-b proxy -> server). Reports iperf3 throughput with 1 and 8
+//! streams, 1 KiB request/response p50/p99 (unpinned, and with every process pinned
+//! to one core), connect + first byte p50, and the node agents' CPU and RSS.
+
+use clap::Parser;
+use std::time::{Duration, Instant};
+use weft_e2e::cluster::LocalCluster;
+use weft_e2e::netlab::require_root;
+use weft_e2e::{bin_path, wait_until};
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    #[arg(long, default_value_t = 20000)]
+    rr_count: usize,
+    #[arg(long, default_value_t = 2000)]
+    cfb_count: usize,
+}
+
+fn iperf(c: &LocalCluster, pod: &str, ip: &str, streams: u32, secs: u32) -> anyhow::Result<f64> {
+    let (ok, out, err) = c.run_app(
+        pod,
+        std::path::Path::new("/usr/bin/iperf3"),
+        &[
+            "-c",
+            ip,
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    anyhow::ensure!(ok, "iperf3: {err}{out}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9)
+}
+
+fn two(
+    c: &LocalCluster,
+    pod: &str,
+    args: &[&str],
+    cpu: Option<usize>,
+) -> anyhow::Result<(f64, f64)> {
+    let (ok, out, err) = c.run_app_pinned(pod, &bin_path("weft-testapp")?, args, cpu)?;
+    anyhow::ensure!(ok, "{err}");
+    let mut it = out
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    Ok((it.next().unwrap_or(0.0), it.next().unwrap_or(0.0)))
+}
+
+/// (cpu seconds, rss KiB) of a process.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = 100.0; // USER_HZ on Linux
+    let cpu = (ticks(11) + ticks(12)) / hz;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+fn pin_all(pids: &[u32], cpu: Option<usize>) {
+    let mask = cpu
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "0-1023".into());
+    for pid in pids {
+        let _ = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", &mask, &pid.to_string()])
+            .output();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    require_root();
+    let app = bin_path("weft-testapp")?;
+    let mut c = LocalCluster::new(&["node-a", "node-b"])?;
+    c.namespace("mesh", true)?;
+    c.namespace("plain", false)?;
+    let mesh_ip = c.add_pod("mesh", "server", "node-b", &[("app", "server")])?;
+    let plain_ip = c.add_pod("plain", "server", "node-b", &[("app", "server")])?;
+    c.add_pod("mesh", "client", "node-a", &[("app", "client")])?;
+    c.add_pod("plain", "client", "node-a", &[("app", "client")])?;
+    for (pod, ip) in [("mesh/server", &mesh_ip), ("plain/server", &plain_ip)] {
+        c.spawn_app(
+            pod,
+            std::path::Path::new("/usr/bin/iperf3"),
+            &["-s", "-p", "5201"],
+        )?;
+        c.spawn_app(pod, &app, &["echo", "--listen", &format!("{ip}:7000")])?;
+    }
+    wait_until(Duration::from_secs(20), || {
+        c.enrolled_pod("node-b", "mesh/server")
+    })
+    .ok_or_else(|| anyhow::anyhow!("server not enrolled"))?;
+    wait_until(Duration::from_secs(20), || {
+        c.enrolled_pod("node-a", "mesh/client")
+    })
+    .ok_or_else(|| anyhow::anyhow!("client not enrolled"))?;
+    for (pod, ip) in [("mesh/client", &mesh_ip), ("plain/client", &plain_ip)] {
+        let dst = format!("{ip}:7000");
+        wait_until(Duration::from_secs(10), || {
+            two(&c, pod, &["rr", "--connect", &dst, "--count", "10"], None).ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("{pod} cannot reach {dst}"))?;
+    }
+    let agents: Vec<u32> = c
+        .nodes
+        .values()
+        .filter_map(|n| n.agent.as_ref().map(|p| p.pid()))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss: Vec<u64> = agents.iter().map(|p| usage(*p).1).collect();
+
+    let modes = [
+        ("plain", "plain/client", plain_ip.clone()),
+        ("weft", "mesh/client", mesh_ip.clone()),
+    ];
+    let mut rows = Vec::new();
+    for (name, pod, ip) in &modes {
+        let before: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
+        let t0 = Instant::now();
+        let one = iperf(&c, pod, ip, 1, a.seconds)?;
+        let eight = iperf(&c, pod, ip, 8, a.seconds)?;
+        let wall = t0.elapsed().as_secs_f64();
+        let after: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
+        let cores: f64 = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| a.0 - b.0)
+            .sum::<f64>()
+            / wall;
+        let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
+        let dst = format!("{ip}:7000");
+        let rr = two(
+            &c,
+            pod,
+            &[
+                "rr",
+                "--connect",
+                &dst,
+                "--size",
+                "1024",
+                "--count",
+                &a.rr_count.to_string(),
+            ],
+            None,
+        )?;
+        pin_all(&agents, Some(0));
+        let rr_pinned = two(
+            &c,
+            pod,
+            &[
+                "rr",
+                "--connect",
+                &dst,
+                "--size",
+                "1024",
+                "--count",
+                &a.rr_count.to_string(),
+            ],
+            Some(0),
+        )?;
+        pin_all(&agents, None);
+        let cfb = two(
+            &c,
+            pod,
+            &[
+                "cfb",
+                "--connect",
+                &dst,
+                "--count",
+                &a.cfb_count.to_string(),
+            ],
+            None,
+        )?;
+        rows.push((
+            name.to_string(),
+            one,
+            eight,
+            rr,
+            rr_pinned,
+            cfb,
+            cores,
+            load_rss,
+        ));
+    }
+    println!("weft node proxy benchmark (2 nodes, 1 pod each; agents' CPU during the iperf3 runs)");
+    println!(
+        "{:<6} {:>11} {:>11} {:>16} {:>16} {:>16} {:>15} {:>12}",
+        "mode",
+        "iperf3 x1",
+        "iperf3 x8",
+        "1KiB RR p50/p99",
+        "RR pinned p50",
+        "conn+1B p50",
+        "agents CPU",
+        "agents RSS"
+    );
+    for (name, one, eight, rr, rrp, cfb, cores, rss) in &rows {
+        println!(
+            "{:<6} {:>7.2} Gb/s {:>7.2} Gb/s {:>7.1}/{:>5.1} us {:>13.1} us {:>13.1} us {:>10.2} cores {:>9} KiB",
+            name, one, eight, rr.0, rr.1, rrp.0, cfb.0, cores,
+            rss.iter().max().copied().unwrap_or(0)
+        );
+    }
+    let (p, w) = (&rows[0], &rows[1]);
+    println!(
+        "ratios weft/plain: throughput x1 {:.2}, x8 {:.2}; added RR p50 {:+.1} us (pinned {:+.1} us); added connect+1B p50 {:+.1} us",
+        w.1 / p.1,
+        w.2 / p.2,
+        w.3 .0 - p.3 .0,
+        w.4 .0 - p.4 .0,
+        w.5 .0 - p.5 .0
+    );
+    println!(
+        "agent RSS idle: {:?} KiB (max {} KiB per node agent)",
+        idle_rss,
+        idle_rss.iter().max().copied().unwrap_or(0)
+    );
+    Ok(())
+}
