@@ -35,6 +35,7 @@ bench: setup
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-control-plane
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-capture -- --rounds 6
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-proxy
 
 clean:
 	$(CARGO) clean

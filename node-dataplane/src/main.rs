@@ -12,6 +12,9 @@ use weft_node::control::channel::ControlPlaneTarget;
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "WEFT_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Runtime worker threads [default: one per CPU].
+    #[arg(long, global = true, env = "WEFT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +93,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    let worker_threads = cli.worker_threads;
     let (node, control_plane, server_name, credential_dir, admin_addr, metrics_addr, capture) =
         match cli.command {
             Command::Uninstall { bpf_dir } => {
@@ -188,7 +192,11 @@ fn main() -> std::process::ExitCode {
         certs: CertManagerSettings::default(),
         capture,
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft-node: error: {e}");

@@ -13,6 +13,10 @@ use weft_e2e::{bin_path, wait_until};
 
 #[derive(Parser)]
 struct Args {
+    /// Record a CPU profile of node-a's agent (perf, 99 Hz) during the weft RR run
+    /// and write the hottest symbols to this file.
+    #[arg(long)]
+    profile: Option<std::path::PathBuf>,
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
@@ -162,6 +166,29 @@ fn main() -> anyhow::Result<()> {
             / wall;
         let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
         let dst = format!("{ip}:7000");
+        // Optional CPU profile of node-a's agent while the RR test runs.
+        let perf = match (&a.profile, *name == "weft") {
+            (Some(_), true) => Some(
+                std::process::Command::new("perf")
+                    .args([
+                        "record",
+                        "-e",
+                        "cpu-clock",
+                        "-F",
+                        "999",
+                        "-g",
+                        "-o",
+                        "/tmp/weft-agent.perf.data",
+                        "-p",
+                    ])
+                    .arg(agents[0].to_string())
+                    .args(["--", "sleep", "3"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?,
+            ),
+            _ => None,
+        };
         let rr = two(
             &c,
             pod,
@@ -176,6 +203,27 @@ fn main() -> anyhow::Result<()> {
             ],
             None,
         )?;
+        if let (Some(mut p), Some(out)) = (perf, &a.profile) {
+            p.wait()?;
+            let report = std::process::Command::new("perf")
+                .args([
+                    "report",
+                    "-i",
+                    "/tmp/weft-agent.perf.data",
+                    "--stdio",
+                    "--no-children",
+                ])
+                .args([
+                    "--sort",
+                    "dso,symbol",
+                    "--percent-limit",
+                    "1.5",
+                    "-g",
+                    "none",
+                ])
+                .output()?;
+            std::fs::write(out, &report.stdout)?;
+        }
         pin_all(&agents, Some(0));
         let rr_pinned = two(
             &c,

@@ -17,6 +17,8 @@ use weft_api::authz::Attributes;
 
 pub const HBONE_PORT: u16 = 15008;
 pub const MAX_STREAMS_PER_CONN: usize = 100;
+/// Large HTTP/2 DATA frames: fewer frames (and TLS records) per byte in bulk transfers.
+const MAX_FRAME: u32 = 256 << 10;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
@@ -191,6 +193,8 @@ pub async fn open(
             let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
+                .max_frame_size(MAX_FRAME)
+                .max_send_buf_size(1 << 20)
                 .handshake(TokioIo::new(tls))
                 .await?;
             tokio::spawn(async move {
@@ -275,6 +279,8 @@ async fn serve_conn(
         .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buf_size(1 << 20)
         .serve_connection(TokioIo::new(tls), svc)
         .await
         .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))
@@ -351,7 +357,7 @@ async fn handle(
                 .await?;
             let mut tunnel = TokioIo::new(up);
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut tunnel, &mut app) => {
+                r = super::copy::bidirectional(&mut tunnel, &mut app) => {
                     let (a, b) = r?;
                     t.sent.get_or_create(&l).inc_by(a);
                     t.received.get_or_create(&l).inc_by(b);

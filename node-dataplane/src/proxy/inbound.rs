@@ -76,7 +76,7 @@ pub async fn serve(
                     }
                 };
                 let done = tokio::select! {
-                    r = tokio::io::copy_bidirectional(&mut conn, &mut up) => r.map(Some),
+                    r = super::copy::bidirectional(&mut conn, &mut up) => r.map(Some),
                     _ = cancelled => {
                         // Denied by a policy change: reset both sides.
                         let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));

@@ -1,6 +1,7 @@
 //! The node proxy's data path.
 
 pub mod conns;
+pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod lb;

@@ -124,7 +124,7 @@ async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Resu
             ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
             state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
             t.opened.get_or_create(&l).inc();
-            let copied = tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await;
+            let copied = super::copy::bidirectional(&mut conn, &mut tunnel).await;
             t.closed.get_or_create(&l).inc();
             let (a, b) = match copied {
                 Ok((a, b)) => {
@@ -176,7 +176,7 @@ async fn passthrough(
         .connect(dst)
         .await?;
     ob.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut up).await?;
+    let (a, b) = super::copy::bidirectional(&mut conn, &mut up).await?;
     ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
     ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
     Ok((a, b))
