@@ -327,8 +327,9 @@ fn run_cluster(args: &Args) -> anyhow::Result<()> {
             l["inbound_plaintext"]["accepted"]
         );
     }
-    println!("\nEnrolled traffic is captured by eBPF (connect4 + sockops + getsockopt) into the node proxy;");
-    println!("the mTLS tunnel between nodes (HBONE) and L4 policy enforcement arrive with the node proxy issue.");
+    println!("\nEnrolled traffic is captured by eBPF (connect4 + sockops + getsockopt) into node-a's proxy and");
+    println!("crosses to node-b over mTLS (HBONE, HTTP/2 CONNECT on :15008) with both workloads' SPIFFE identities;");
+    println!("the ledger's AuthorizationPolicy is enforced at node-b.");
     println!("Where to look next: docs/capture.md, docs/architecture.md, BENCHMARKS.md");
     if args.keep_running {
         section("running: press Ctrl-C to stop");
