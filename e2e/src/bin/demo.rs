@@ -235,7 +235,7 @@ fn run_cluster(args: &Args) -> anyhow::Result<()> {
     }
     weft_e2e::wait_until(Duration::from_secs(10), || {
         c.run_app(
-            "legacy/batch",
+            "shop/web",
             &app,
             &["client", "--connect", &ledger, "--bytes", "1"],
         )
@@ -292,7 +292,7 @@ fn run_cluster(args: &Args) -> anyhow::Result<()> {
         ("shop/debug", "opted out (weft.dev/mesh=disabled)"),
         ("legacy/batch", "namespace not enrolled"),
     ] {
-        let (ok, out, err) = c.run_app(
+        let (ok, out, _) = c.run_app(
             pod,
             &app,
             &["client", "--connect", &ledger, "--bytes", "1048576"],
@@ -301,31 +301,35 @@ fn run_cluster(args: &Args) -> anyhow::Result<()> {
             .lines()
             .find_map(|l| l.strip_prefix("peer="))
             .unwrap_or("?");
-        let captured = c
-            .enrolled_pod("node-a", pod)
-            .map(|p| {
-                format!(
-                    "captured by node-a's proxy (original destination {})",
-                    p["outbound"]["last_original_destination"]
-                        .as_str()
-                        .unwrap_or("?")
-                )
-            })
-            .unwrap_or_else(|| "direct: not captured".into());
-        println!(
-            "  {pod:<13} ({what}): 1 MiB {} | app sees peer {peer} | {captured}",
-            if ok {
-                "delivered, checksum ok"
-            } else {
-                err.trim()
+        let path = match c.enrolled_pod("node-a", pod) {
+            Some(p) if p["outbound"]["tunneled"].as_u64().unwrap_or(0) > 0 => {
+                "captured at node-a, sent over mTLS (HBONE) as spiffe://cluster.local/ns/shop/sa/web".to_string()
             }
+            Some(_) => "captured at node-a".to_string(),
+            None => "plaintext, not captured at the source".to_string(),
+        };
+        let outcome = if ok {
+            format!("ALLOWED: 1 MiB delivered, checksum ok, app sees peer {peer}")
+        } else {
+            "DENIED at node-b by payments/ledger-allow-web (plaintext has no identity)".to_string()
+        };
+        println!("  {pod:<13} ({what})\n      {path}\n      {outcome}");
+    }
+    if let Ok(d) = c.config_dump("node-b") {
+        println!(
+            "  node-b: {} HBONE connections accepted, {} denied; {} plaintext connections denied",
+            d["proxy"]["hbone_in"],
+            d["proxy"]["hbone_in_denied"],
+            d["proxy"]["plaintext_in_denied"]
         );
     }
-    if let Some(l) = c.enrolled_pod("node-b", "payments/ledger") {
-        println!(
-            "  node-b inbound listener (plaintext from outside the mesh) accepted {} connections",
-            l["inbound_plaintext"]["accepted"]
-        );
+    if let Ok((_, m)) = c.node_http("node-b", "/metrics") {
+        for l in m
+            .lines()
+            .filter(|l| l.starts_with("weft_authz_decisions_total"))
+        {
+            println!("  {l}");
+        }
     }
     println!("\nEnrolled traffic is captured by eBPF (connect4 + sockops + getsockopt) into node-a's proxy and");
     println!("crosses to node-b over mTLS (HBONE, HTTP/2 CONNECT on :15008) with both workloads' SPIFFE identities;");
