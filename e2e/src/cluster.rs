@@ -97,11 +97,17 @@ pub struct LocalCluster {
     cgroup_root: PathBuf,
     fabric_worker: Option<PodNetns>,
     namespaces: BTreeMap<String, bool>,
+    cp_args: Vec<String>,
 }
 
 impl LocalCluster {
     /// Builds `nodes` nodes and starts the control plane and one agent per node.
     pub fn new(nodes: &[&str]) -> anyhow::Result<Self> {
+        Self::with_control_plane_args(nodes, &[])
+    }
+
+    /// Like [`new`](Self::new), with extra `weft-control-plane run` arguments.
+    pub fn with_control_plane_args(nodes: &[&str], cp_args: &[&str]) -> anyhow::Result<Self> {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}", std::process::id() % 100000, n);
         let dir = tempfile::Builder::new().prefix("weft-cluster-").tempdir()?;
@@ -119,6 +125,7 @@ impl LocalCluster {
             cgroup_root,
             fabric_worker: None,
             namespaces: BTreeMap::new(),
+            cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
         };
         std::fs::create_dir_all(&c.cgroup_root)?;
         std::fs::create_dir_all(c.dir.path().join("config"))?;
@@ -279,7 +286,8 @@ impl LocalCluster {
                 &format!("{FABRIC_IP}:15012"),
                 "--admin-addr",
                 &format!("{FABRIC_IP}:15014"),
-            ]);
+            ])
+            .args(&self.cp_args);
         self.control_plane = Some(Proc::spawn(
             "control-plane",
             &mut cmd,

@@ -435,3 +435,103 @@ mod refusals {
         );
     }
 }
+
+#[test]
+fn certificate_rotation_keeps_established_connections_and_new_handshakes_use_the_new_one() {
+    require_root();
+    let app = bin_path("weft-testapp").unwrap();
+    // 8 s SVIDs: renewed after ~4 s.
+    let mut c = LocalCluster::with_control_plane_args(&["node-a", "node-b"], &["--svid-ttl", "8s"])
+        .unwrap();
+    c.namespace("mesh", true).unwrap();
+    let ip = c
+        .add_pod("mesh", "server", "node-b", &[("app", "server")])
+        .unwrap();
+    c.add_pod("mesh", "client", "node-a", &[("app", "client")])
+        .unwrap();
+    let dst = format!("{ip}:8080");
+    c.spawn_app("mesh/server", &app, &["server", "--listen", &dst])
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || c
+        .enrolled_pod("node-b", "mesh/server"))
+    .is_some());
+    assert!(wait_until(Duration::from_secs(20), || c
+        .enrolled_pod("node-a", "mesh/client"))
+    .is_some());
+    assert!(wait_until(Duration::from_secs(10), || c
+        .run_app(
+            "mesh/client",
+            &app,
+            &["client", "--connect", &dst, "--bytes", "1"]
+        )
+        .ok()?
+        .0
+        .then_some(()))
+    .is_some());
+    let client_serial = |c: &LocalCluster| -> String {
+        c.config_dump("node-a")
+            .ok()
+            .and_then(|d| {
+                d["certificates"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["spiffe_id"] == "spiffe://cluster.local/ns/mesh/sa/client")
+                    .and_then(|x| x["serial"].as_str().map(str::to_owned))
+            })
+            .unwrap_or_default()
+    };
+    let first = client_serial(&c);
+    assert_eq!(
+        c.config_dump("node-b").unwrap()["proxy"]["last_hbone_peer_serial"],
+        first.as_str()
+    );
+
+    // A connection held open across the renewal completes, byte-exact.
+    let (ok, _, err) = c
+        .run_app(
+            "mesh/client",
+            &app,
+            &[
+                "client",
+                "--connect",
+                &dst,
+                "--bytes",
+                "65536",
+                "--hold-ms",
+                "7000",
+            ],
+        )
+        .unwrap();
+    assert!(
+        ok,
+        "the established connection broke during rotation: {err}"
+    );
+    let renewed = client_serial(&c);
+    assert_ne!(
+        renewed, first,
+        "the client certificate was not renewed within 7 s"
+    );
+
+    // After the pooled connection went idle (2 s here), a new handshake presents the
+    // renewed certificate.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        c.run_app(
+            "mesh/client",
+            &app,
+            &["client", "--connect", &dst, "--bytes", "1024"]
+        )
+        .unwrap()
+        .0
+    );
+    let seen = c.config_dump("node-b").unwrap()["proxy"]["last_hbone_peer_serial"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        seen,
+        client_serial(&c),
+        "the new handshake did not use the current certificate"
+    );
+    assert_ne!(seen, first);
+}

@@ -82,6 +82,7 @@ fn proxy_counters(s: &AdminState) -> serde_json::Value {
         "plaintext_in_denied": c.plaintext_in_denied.load(Relaxed),
         "closed_by_policy_change": c.closed_by_policy_change.load(Relaxed),
         "open_inbound": p.conns.len(),
+        "last_hbone_peer_serial": p.last_peer_serial.lock().map(|s| s.clone()).unwrap_or_default(),
         "pools": p.pool.sizes().into_iter().map(|(k, conns, streams)| serde_json::json!({
             "source": k.source_id, "destination": k.dest_id, "node": k.dest_node,
             "connections": conns, "active_streams": streams,

@@ -262,6 +262,9 @@ async fn serve_conn(
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or_else(|| anyhow::anyhow!("no client certificate"))?;
+        if let Ok((_, x)) = <x509_parser::prelude::X509Certificate as x509_parser::prelude::FromDer<'_, _>>::from_der(leaf) {
+            *state.last_peer_serial.lock().unwrap_or_else(|p| p.into_inner()) = x.raw_serial_as_string().replace(':', "");
+        }
         tls::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?
     };
     let principal = peer_id

@@ -41,6 +41,8 @@ pub struct ProxyState {
     pub conns: Arc<super::conns::ConnTracker>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub balancer: super::lb::Balancer,
+    /// Serial of the client certificate of the last accepted HBONE session (hex).
+    pub last_peer_serial: std::sync::Mutex<String>,
 }
 
 impl ProxyState {
@@ -62,6 +64,7 @@ impl ProxyState {
             conns: Arc::default(),
             metrics,
             balancer: super::lb::Balancer::new(lb),
+            last_peer_serial: std::sync::Mutex::new(String::new()),
         })
     }
 
