@@ -531,6 +531,56 @@ impl LocalCluster {
         Ok(ip)
     }
 
+    /// Waits until `pod` is enrolled (captured) on `node`.
+    pub fn wait_enrolled(&self, node: &str, pod: &str) -> anyhow::Result<()> {
+        wait_until(Duration::from_secs(20), || self.enrolled_pod(node, pod))
+            .map(|_| ())
+            .with_context(|| {
+                format!(
+                    "{pod} was not enrolled on {node}:\n{}",
+                    self.agent_log(node)
+                )
+            })
+    }
+
+    /// Waits until `pod` completes a (1-byte, checksummed) exchange with `dst`
+    /// (certificates and config may take a moment after enrollment).
+    pub fn wait_reachable(&self, pod: &str, dst: &str) -> anyhow::Result<()> {
+        let app = bin_path("weft-testapp")?;
+        wait_until(Duration::from_secs(10), || {
+            self.run_app(pod, &app, &["client", "--connect", dst, "--bytes", "1"])
+                .ok()?
+                .0
+                .then_some(())
+        })
+        .with_context(|| format!("{pod} cannot reach {dst}"))
+    }
+
+    /// The common two-pod topology: namespace `mesh` enrolled, `mesh/server`
+    /// (app=server, a checksum server on :8080) on the second node and `mesh/client`
+    /// (app=client) on the first, both enrolled and able to talk. Returns the server's
+    /// `ip:8080`.
+    pub fn mesh_pair(&mut self) -> anyhow::Result<String> {
+        let nodes: Vec<String> = self.nodes.keys().cloned().collect();
+        let (client_node, server_node) = (
+            nodes.first().context("no node")?.clone(),
+            nodes.last().context("no node")?.clone(),
+        );
+        self.namespace("mesh", true)?;
+        let ip = self.add_pod("mesh", "server", &server_node, &[("app", "server")])?;
+        self.add_pod("mesh", "client", &client_node, &[("app", "client")])?;
+        let dst = format!("{ip}:8080");
+        self.spawn_app(
+            "mesh/server",
+            &bin_path("weft-testapp")?,
+            &["server", "--listen", &dst],
+        )?;
+        self.wait_enrolled(&server_node, "mesh/server")?;
+        self.wait_enrolled(&client_node, "mesh/client")?;
+        self.wait_reachable("mesh/client", &dst)?;
+        Ok(dst)
+    }
+
     /// Changes a pod's labels (its manifest is rewritten, as an API update would).
     pub fn relabel_pod(&mut self, key: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
         let p = self.pods.get_mut(key).context("no such pod")?;

@@ -34,10 +34,7 @@ fn enrolled_traffic_is_mutual_tls_on_the_wire() {
     c.spawn_app("mesh/server", &app, &["server", "--listen", &dst])
         .unwrap();
     for (node, pod) in [("node-b", "mesh/server"), ("node-a", "mesh/client")] {
-        assert!(
-            wait_until(Duration::from_secs(20), || c.enrolled_pod(node, pod)).is_some(),
-            "{pod}"
-        );
+        c.wait_enrolled(node, pod).unwrap();
     }
     assert!(wait_until(Duration::from_secs(10), || c
         .run_app(
@@ -345,9 +342,7 @@ mod refusals {
         )
         .unwrap();
         for pod in ["mesh/server", "mesh/other"] {
-            assert!(
-                wait_until(Duration::from_secs(20), || c.enrolled_pod("node-b", pod)).is_some()
-            );
+            c.wait_enrolled("node-b", pod).unwrap();
         }
         // The certificates the listeners present must exist before we probe.
         assert!(wait_until(Duration::from_secs(10), || {
@@ -443,31 +438,7 @@ fn certificate_rotation_keeps_established_connections_and_new_handshakes_use_the
     // 8 s SVIDs: renewed after ~4 s.
     let mut c = LocalCluster::with_control_plane_args(&["node-a", "node-b"], &["--svid-ttl", "8s"])
         .unwrap();
-    c.namespace("mesh", true).unwrap();
-    let ip = c
-        .add_pod("mesh", "server", "node-b", &[("app", "server")])
-        .unwrap();
-    c.add_pod("mesh", "client", "node-a", &[("app", "client")])
-        .unwrap();
-    let dst = format!("{ip}:8080");
-    c.spawn_app("mesh/server", &app, &["server", "--listen", &dst])
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || c
-        .enrolled_pod("node-b", "mesh/server"))
-    .is_some());
-    assert!(wait_until(Duration::from_secs(20), || c
-        .enrolled_pod("node-a", "mesh/client"))
-    .is_some());
-    assert!(wait_until(Duration::from_secs(10), || c
-        .run_app(
-            "mesh/client",
-            &app,
-            &["client", "--connect", &dst, "--bytes", "1"]
-        )
-        .ok()?
-        .0
-        .then_some(()))
-    .is_some());
+    let dst = c.mesh_pair().unwrap();
     let client_serial = |c: &LocalCluster| -> String {
         c.config_dump("node-a")
             .ok()

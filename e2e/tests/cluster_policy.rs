@@ -67,10 +67,7 @@ fn allow_and_deny_across_nodes_and_policy_changes_close_open_connections() {
         ("node-a", "mesh/allowed"),
         ("node-a", "mesh/other"),
     ] {
-        assert!(
-            wait_until(Duration::from_secs(20), || c.enrolled_pod(node, pod)).is_some(),
-            "{pod}"
-        );
+        c.wait_enrolled(node, pod).unwrap();
     }
     // Before any policy: everyone gets through (certificates may take a moment).
     assert!(wait_until(Duration::from_secs(10), || connect(

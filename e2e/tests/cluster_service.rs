@@ -121,30 +121,7 @@ fn two_hundred_concurrent_long_lived_connections_for_thirty_seconds() {
     require_root();
     let app = bin_path("weft-testapp").unwrap();
     let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
-    c.namespace("mesh", true).unwrap();
-    let ip = c
-        .add_pod("mesh", "server", "node-b", &[("app", "server")])
-        .unwrap();
-    c.add_pod("mesh", "client", "node-a", &[]).unwrap();
-    let dst = format!("{ip}:8080");
-    c.spawn_app("mesh/server", &app, &["server", "--listen", &dst])
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || c
-        .enrolled_pod("node-b", "mesh/server"))
-    .is_some());
-    assert!(wait_until(Duration::from_secs(20), || c
-        .enrolled_pod("node-a", "mesh/client"))
-    .is_some());
-    assert!(wait_until(Duration::from_secs(10), || c
-        .run_app(
-            "mesh/client",
-            &app,
-            &["client", "--connect", &dst, "--bytes", "1"]
-        )
-        .ok()?
-        .0
-        .then_some(()))
-    .is_some());
+    let dst = c.mesh_pair().unwrap();
     let fds = |node: &str| -> usize {
         let pid = c.nodes[node].agent.as_ref().map(|p| p.pid()).unwrap_or(0);
         // The agent runs under `sh -c ... exec nsenter ... exec weft-node`: same pid.

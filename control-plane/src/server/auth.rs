@@ -4,8 +4,6 @@
 use crate::identity::NODE_ID_PREFIX;
 use tonic::Status;
 use weft_api::spiffe::{SpiffeId, TrustDomain};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Maps an authenticated request to the node it speaks for.
 #[tonic::async_trait]
@@ -57,27 +55,9 @@ impl NodeAuthenticator for CertNodeAuthenticator {
 
 /// Extracts the node name from a node credential certificate.
 pub fn node_from_cert(der: &[u8], td: &TrustDomain) -> Result<String, Status> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|_| Status::unauthenticated("client certificate does not parse"))?;
-    let san = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .ok_or_else(|| Status::unauthenticated("client certificate has no SAN"))?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err(Status::unauthenticated(
-            "client certificate must have exactly one URI SAN",
-        ));
-    };
+    let uri = weft_api::x509::single_uri_san(der)
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+    let uri = uri.as_str();
     let id = SpiffeId::parse(uri)
         .map_err(|e| Status::unauthenticated(format!("client certificate SAN: {e}")))?;
     if id.trust_domain() != td {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tonic::transport::Channel;
 use weft_api::pb::{self, certificates_client::CertificatesClient};
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, Clone)]
@@ -165,7 +164,7 @@ impl CertManager {
             .context("the control plane returned no certificate")??;
         let (_, x509) =
             X509Certificate::from_der(&leaf).context("returned certificate does not parse")?;
-        check_san(&x509, id)?;
+        check_san(&leaf, id)?;
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             bail!("returned certificate is not for the key we sent");
         }
@@ -183,25 +182,11 @@ impl CertManager {
 }
 
 /// The returned certificate must carry exactly one URI SAN, equal to what we asked.
-pub fn check_san(x509: &X509Certificate<'_>, id: &str) -> anyhow::Result<()> {
-    let uris: Vec<String> = x509
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some(u.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    match uris.as_slice() {
-        [one] if one == id => Ok(()),
-        other => bail!("returned certificate is for {other:?}, not {id}: rejected"),
+pub fn check_san(der: &[u8], id: &str) -> anyhow::Result<()> {
+    match weft_api::x509::single_uri_san(der) {
+        Ok(uri) if uri == id => Ok(()),
+        Ok(uri) => bail!("returned certificate is for {uri:?}, not {id}: rejected"),
+        Err(e) => bail!("returned certificate rejected: {e}"),
     }
 }
 

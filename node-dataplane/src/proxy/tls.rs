@@ -11,8 +11,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -42,31 +40,13 @@ fn key_of(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or_else(|| TlsError::Cert("no private key".into()))
 }
 
-/// The single URI SAN of a certificate (SPIFFE requires exactly one).
+/// The SPIFFE ID of a certificate: its single URI SAN, which must be a SPIFFE ID.
 pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("certificate does not parse: {e}"))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| e.to_string())?
-        .ok_or("certificate has no SAN")?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] if one.starts_with("spiffe://") => Ok(one.to_string()),
-        [other] => Err(format!("URI SAN {other:?} is not a SPIFFE ID")),
-        [] => Err("certificate has no URI SAN".into()),
-        many => Err(format!(
-            "certificate has {} URI SANs; exactly one is allowed",
-            many.len()
-        )),
+    let uri = weft_api::x509::single_uri_san(der)?;
+    if uri.starts_with("spiffe://") {
+        Ok(uri)
+    } else {
+        Err(format!("URI SAN {uri:?} is not a SPIFFE ID"))
     }
 }
 
