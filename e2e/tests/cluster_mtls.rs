@@ -452,10 +452,6 @@ fn certificate_rotation_keeps_established_connections_and_new_handshakes_use_the
             .unwrap_or_default()
     };
     let first = client_serial(&c);
-    assert_eq!(
-        c.config_dump("node-b").unwrap()["proxy"]["last_hbone_peer_serial"],
-        first.as_str()
-    );
 
     // A connection held open across the renewal completes, byte-exact.
     let (ok, _, err) = c
@@ -486,6 +482,9 @@ fn certificate_rotation_keeps_established_connections_and_new_handshakes_use_the
     // After the pooled connection went idle (2 s here), a new handshake presents the
     // renewed certificate.
     std::thread::sleep(Duration::from_secs(4));
+    // SVIDs renew every few seconds here: the handshake must use the certificate that
+    // was current just before or just after it.
+    let before = client_serial(&c);
     assert!(
         c.run_app(
             "mesh/client",
@@ -495,14 +494,17 @@ fn certificate_rotation_keeps_established_connections_and_new_handshakes_use_the
         .unwrap()
         .0
     );
+    let after = client_serial(&c);
     let seen = c.config_dump("node-b").unwrap()["proxy"]["last_hbone_peer_serial"]
         .as_str()
         .unwrap_or("")
         .to_string();
-    assert_eq!(
-        seen,
-        client_serial(&c),
-        "the new handshake did not use the current certificate"
+    assert!(
+        seen == before || seen == after,
+        "the new handshake used {seen}, not the current certificate ({before} / {after})"
     );
-    assert_ne!(seen, first);
+    assert_ne!(
+        seen, first,
+        "the new handshake still used the first certificate"
+    );
 }

@@ -146,6 +146,12 @@ fn allow_and_deny_across_nodes_and_policy_changes_close_open_connections() {
         .is_some(),
         "plaintext must be denied (no principal)"
     );
+    // That failure may have been an in-flight connection closed by the policy
+    // re-check; with the policy now in effect a new one is refused at accept.
+    assert!(
+        !connect(&c, "plain/client", &d8080),
+        "plaintext must be denied (no principal)"
+    );
     assert!(
         connect(&c, "mesh/allowed", &d8080),
         "allowed identity on an allowed port"
