@@ -98,6 +98,8 @@ pub struct LocalCluster {
     fabric_worker: Option<PodNetns>,
     namespaces: BTreeMap<String, bool>,
     cp_args: Vec<String>,
+    /// The nodes' pins live in this cluster's own bpffs instance.
+    bpffs: crate::netlab::PrivateBpffs,
 }
 
 impl LocalCluster {
@@ -126,6 +128,7 @@ impl LocalCluster {
             fabric_worker: None,
             namespaces: BTreeMap::new(),
             cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
+            bpffs: crate::netlab::PrivateBpffs::new()?,
         };
         std::fs::create_dir_all(&c.cgroup_root)?;
         std::fs::create_dir_all(c.dir.path().join("config"))?;
@@ -227,8 +230,10 @@ impl LocalCluster {
         std::fs::create_dir_all(cgroup.join("pods"))?;
         let dir = self.dir.path().join("nodes").join(name);
         std::fs::create_dir_all(&dir)?;
-        let pin_dir =
-            weft_node::ebpf::cgroup::bpffs()?.join(format!("weft-e2e-{}-{name}", self.id));
+        let pin_dir = self
+            .bpffs
+            .path()
+            .join(format!("weft-e2e-{}-{name}", self.id));
         let worker = PodNetns::open(format!("/var/run/netns/{ns}"))?;
         self.nodes.insert(
             name.to_string(),

@@ -143,3 +143,36 @@ impl Drop for Lab {
         }
     }
 }
+
+/// A bpffs instance of the test's own (mounted in a temporary directory), so tests
+/// never mount or leave anything in the host's /sys/fs/bpf. Unmounted on drop.
+pub struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir()?;
+        nix::mount::mount(
+            Some("bpf"),
+            dir.path(),
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting a private bpffs")?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("cleanup: unmounting {}: {e}", self.dir.path().display());
+        }
+    }
+}

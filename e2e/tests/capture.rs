@@ -5,14 +5,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use weft_e2e::netlab::{require_root, Lab};
+use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
 use weft_node::ebpf::{cgroup, Capture, CaptureOptions};
 use weft_node::netns::PodNetns;
 use weft_node::proxy::outbound::{self, OutboundStats};
 
 const MARK: u32 = 0x5746;
 
-struct Pins(std::path::PathBuf);
+/// Detaches and removes a test's pins, then unmounts its private bpffs.
+struct Pins(std::path::PathBuf, #[allow(dead_code)] PrivateBpffs);
 impl Drop for Pins {
     fn drop(&mut self) {
         if let Err(e) = Capture::uninstall(&self.0) {
@@ -52,9 +53,11 @@ fn setup(tag: &str, subnet: u8) -> Setup {
     )
     .unwrap();
 
-    let bpffs = cgroup::bpffs().unwrap();
-    let pin_dir = bpffs.join(format!("weft-test-{tag}-{}", std::process::id()));
-    let pins = Pins(pin_dir.clone());
+    let bpffs = PrivateBpffs::new().unwrap();
+    let pin_dir = bpffs
+        .path()
+        .join(format!("weft-test-{tag}-{}", std::process::id()));
+    let pins = Pins(pin_dir.clone(), bpffs);
     let capture = Capture::install(CaptureOptions {
         cgroup: cgroup::cgroup2_root().unwrap(),
         pin_dir,
@@ -184,9 +187,11 @@ fn ipv6_connections_are_captured_too() {
     let dst = "[fd00:6::2]:8080";
     lab.spawn_in(&srv, &app, &["server", "--listen", dst])
         .unwrap();
-    let bpffs = cgroup::bpffs().unwrap();
-    let pin_dir = bpffs.join(format!("weft-test-6-{}", std::process::id()));
-    let _pins = Pins(pin_dir.clone());
+    let bpffs = PrivateBpffs::new().unwrap();
+    let pin_dir = bpffs
+        .path()
+        .join(format!("weft-test-6-{}", std::process::id()));
+    let _pins = Pins(pin_dir.clone(), bpffs);
     let mut capture = Capture::install(CaptureOptions {
         cgroup: cgroup::cgroup2_root().unwrap(),
         pin_dir,
@@ -289,9 +294,11 @@ fn no_redirect_loops_under_100_parallel_connections() {
 #[test]
 fn uninstall_removes_every_program_link_and_pin() {
     require_root();
-    let bpffs = cgroup::bpffs().unwrap();
-    let pin_dir = bpffs.join(format!("weft-test-u-{}", std::process::id()));
-    let _pins = Pins(pin_dir.clone());
+    let bpffs = PrivateBpffs::new().unwrap();
+    let pin_dir = bpffs
+        .path()
+        .join(format!("weft-test-u-{}", std::process::id()));
+    let _pins = Pins(pin_dir.clone(), bpffs);
     let capture = Capture::install(CaptureOptions {
         cgroup: cgroup::cgroup2_root().unwrap(),
         pin_dir: pin_dir.clone(),

@@ -14,7 +14,7 @@
 
 use clap::Parser;
 use std::sync::Arc;
-use weft_e2e::netlab::{require_root, Lab};
+use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
 use weft_node::ebpf::{cgroup, Capture, CaptureOptions};
 use weft_node::netns::PodNetns;
 use weft_node::proxy::outbound::{self, OutboundStats};
@@ -94,7 +94,10 @@ fn main() -> anyhow::Result<()> {
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
 
-    let pin_dir = cgroup::bpffs()?.join(format!("weft-bench-{}", std::process::id()));
+    let bpffs = PrivateBpffs::new()?;
+    let pin_dir = bpffs
+        .path()
+        .join(format!("weft-bench-{}", std::process::id()));
     let mut capture = Capture::install(CaptureOptions {
         cgroup: cgroup::cgroup2_root()?,
         pin_dir: pin_dir.clone(),
