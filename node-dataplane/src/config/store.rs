@@ -22,6 +22,12 @@ pub struct StoreSnapshot {
     pub trust_bundles: OrdMap<String, Arc<pb::TrustBundle>>,
     #[serde(skip)]
     pub versions: OrdMap<String, String>,
+    /// Workload key by IP, and Service key by cluster IP: the proxy looks these up
+    /// on every connection.
+    #[serde(skip)]
+    pub workload_by_ip: OrdMap<String, String>,
+    #[serde(skip)]
+    pub service_by_vip: OrdMap<String, String>,
     /// True once a complete view was received from the control plane.
     pub synced: bool,
     /// Sequence of the last applied update (per stream).
@@ -102,14 +108,49 @@ impl ConfigStore {
     }
 }
 
+impl StoreSnapshot {
+    pub fn workload_by_ip(&self, ip: &str) -> Option<&Arc<pb::Workload>> {
+        self.workloads.get(self.workload_by_ip.get(ip)?)
+    }
+
+    pub fn service_by_vip(&self, ip: &str) -> Option<&Arc<pb::Service>> {
+        self.services.get(self.service_by_vip.get(ip)?)
+    }
+}
+
+/// Removes `key`'s entries from an index (entries another key took over stay).
+fn unindex<'a>(
+    index: &mut OrdMap<String, String>,
+    key: &str,
+    values: impl Iterator<Item = &'a String>,
+) {
+    for v in values {
+        if index.get(v).is_some_and(|k| k == key) {
+            index.remove(v);
+        }
+    }
+}
+
 fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
     s.versions.insert(r.key.clone(), r.version.clone());
     let k = r.key.clone();
     match &r.kind {
         Some(Kind::Workload(w)) => {
+            if let Some(old) = s.workloads.get(&k).cloned() {
+                unindex(&mut s.workload_by_ip, &k, old.ips.iter());
+            }
+            for ip in &w.ips {
+                s.workload_by_ip.insert(ip.clone(), k.clone());
+            }
             s.workloads.insert(k, Arc::new(w.clone()));
         }
         Some(Kind::Service(v)) => {
+            if let Some(old) = s.services.get(&k).cloned() {
+                unindex(&mut s.service_by_vip, &k, old.cluster_ips.iter());
+            }
+            for ip in &v.cluster_ips {
+                s.service_by_vip.insert(ip.clone(), k.clone());
+            }
             s.services.insert(k, Arc::new(v.clone()));
         }
         Some(Kind::AuthorizationPolicy(p)) => {
@@ -127,8 +168,12 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
 
 fn remove(s: &mut StoreSnapshot, k: &str) {
     s.versions.remove(k);
-    s.workloads.remove(k);
-    s.services.remove(k);
+    if let Some(w) = s.workloads.remove(k) {
+        unindex(&mut s.workload_by_ip, k, w.ips.iter());
+    }
+    if let Some(v) = s.services.remove(k) {
+        unindex(&mut s.service_by_vip, k, v.cluster_ips.iter());
+    }
     s.policies.remove(k);
     s.plugins.remove(k);
     s.trust_bundles.remove(k);
@@ -213,10 +258,38 @@ mod tests {
             s.local_identities().into_iter().collect::<Vec<_>>(),
             vec!["spiffe://td/ns/a/sa/w1", "spiffe://td/ns/a/sa/w2"]
         );
+        assert_eq!(
+            snap.workload_by_ip("10.0.0.2").map(|w| w.name.as_str()),
+            Some("w2")
+        );
+        assert_eq!(
+            snap.workload_by_ip("10.0.0.1").map(|w| w.name.as_str()),
+            Some("w1"),
+            "the rejected update did not touch the index"
+        );
         s.apply(&pb::ConfigUpdate {
             removals: vec!["w2".into()],
             ..Default::default()
         });
         assert!(!s.snapshot().workloads.contains_key("w2"));
+        assert!(s.snapshot().workload_by_ip("10.0.0.2").is_none());
+        // An IP moving to another workload follows it.
+        s.apply(&pb::ConfigUpdate {
+            upserts: vec![wl("w3", "10.0.0.1")],
+            ..Default::default()
+        });
+        s.apply(&pb::ConfigUpdate {
+            upserts: vec![wl("w1", "10.0.0.9")],
+            ..Default::default()
+        });
+        let snap = s.snapshot();
+        assert_eq!(
+            snap.workload_by_ip("10.0.0.1").map(|w| w.name.as_str()),
+            Some("w3")
+        );
+        assert_eq!(
+            snap.workload_by_ip("10.0.0.9").map(|w| w.name.as_str()),
+            Some("w1")
+        );
     }
 }

@@ -75,11 +75,7 @@ pub async fn serve_plain(
 /// balancer); anything else stays as it is.
 fn resolve(state: &ProxyState, dst: SocketAddr) -> (SocketAddr, Option<super::lb::Active>) {
     let snap = state.config.snapshot();
-    let ip = dst.ip().to_string();
-    for svc in snap.services.values() {
-        if !svc.cluster_ips.contains(&ip) {
-            continue;
-        }
+    if let Some(svc) = snap.service_by_vip(&dst.ip().to_string()) {
         let port = u32::from(dst.port());
         let eps: Vec<SocketAddr> = svc
             .endpoints

@@ -30,6 +30,12 @@ pub struct ProxyCounters {
     pub closed_by_policy_change: AtomicU64,
 }
 
+/// Policies compiled from a given policy map (compared by identity, O(1)).
+type CompiledCache = (
+    imbl::OrdMap<String, Arc<pb::AuthorizationPolicy>>,
+    Arc<Vec<CompiledPolicy>>,
+);
+
 pub struct ProxyState {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
@@ -43,6 +49,8 @@ pub struct ProxyState {
     pub balancer: super::lb::Balancer,
     /// Serial of the client certificate of the last accepted HBONE session (hex).
     pub last_peer_serial: std::sync::Mutex<String>,
+    /// Compiled policies and the policy map they were compiled from.
+    compiled: std::sync::Mutex<Option<CompiledCache>>,
 }
 
 impl ProxyState {
@@ -65,6 +73,7 @@ impl ProxyState {
             metrics,
             balancer: super::lb::Balancer::new(lb),
             last_peer_serial: std::sync::Mutex::new(String::new()),
+            compiled: std::sync::Mutex::new(None),
         })
     }
 
@@ -136,12 +145,9 @@ impl ProxyState {
 
     /// The workload with this IP, from the config (any node).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<pb::Workload>> {
-        let s = ip.to_string();
         self.config
             .snapshot()
-            .workloads
-            .values()
-            .find(|w| w.ips.contains(&s))
+            .workload_by_ip(&ip.to_string())
             .cloned()
     }
 
@@ -155,18 +161,36 @@ impl ProxyState {
             .map(|b| b.roots_pem.clone())
     }
 
+    /// The node's policies, compiled once per change of the policy set.
+    fn compiled_policies(&self) -> Arc<Vec<CompiledPolicy>> {
+        let snap = self.config.snapshot();
+        let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((policies, compiled)) = cache.as_ref() {
+            if policies.ptr_eq(&snap.policies) {
+                return compiled.clone();
+            }
+        }
+        let compiled = Arc::new(
+            snap.policies
+                .values()
+                .map(|p| authz::compile(p))
+                .collect::<Vec<_>>(),
+        );
+        *cache = Some((snap.policies.clone(), compiled.clone()));
+        compiled
+    }
+
     /// Authorizes a connection to the local workload `dst`.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
-        let snap = self.config.snapshot();
         let labels: std::collections::BTreeMap<String, String> =
             dst.labels.clone().into_iter().collect();
-        let compiled: Vec<CompiledPolicy> = snap
-            .policies
-            .values()
-            .map(|p| authz::compile(p))
-            .filter(|p| p.applies_to(&dst.namespace, &labels))
-            .collect();
-        let d = authz::evaluate(compiled.iter(), attrs);
+        let compiled = self.compiled_policies();
+        let d = authz::evaluate(
+            compiled
+                .iter()
+                .filter(|p| p.applies_to(&dst.namespace, &labels)),
+            attrs,
+        );
         self.record_decision(&d);
         d
     }
