@@ -12,6 +12,7 @@
 //! the capture attach point, and its own bpffs pin directory. Apps run in their
 //! pod's netns and cgroup. Everything is torn down on drop, also when a test fails.
 
+use crate::netlab::ip;
 use crate::process::{bin_path, wait_until, Proc};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -27,21 +28,6 @@ pub const CNI_DIR: &str = "/usr/lib/cni";
 const FABRIC_IP: &str = "10.200.0.1";
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 fn in_netns(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("nsenter")

@@ -12,7 +12,8 @@ pub fn require_root() {
     );
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip` (iproute2) with `args`, failing with its stderr.
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
