@@ -764,11 +764,31 @@ impl Drop for LocalCluster {
         for ns in self.netns.drain(..) {
             let _ = ip(&["netns", "del", &ns]);
         }
-        remove_cgroups(&self.cgroup_root);
+        teardown_cgroups(&self.cgroup_root);
     }
 }
 
-/// Removes a cgroup subtree, leaves first (processes are gone by now).
+/// Kills whatever still runs in the cluster's own cgroup subtree (only processes the
+/// test started live there, e.g. a client a failing test left behind), waits until
+/// the subtree is empty, then removes it, leaves first.
+fn teardown_cgroups(root: &Path) {
+    if root.join("cgroup.kill").exists() {
+        let _ = std::fs::write(root.join("cgroup.kill"), "1");
+    }
+    let empty = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(root.join("cgroup.events"))
+            .ok()?
+            .lines()
+            .any(|l| l == "populated 0")
+            .then_some(())
+    });
+    if empty.is_none() && root.exists() {
+        eprintln!("cleanup: processes remain in {}", root.display());
+    }
+    remove_cgroups(root);
+}
+
+/// Removes a cgroup subtree, leaves first.
 fn remove_cgroups(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {

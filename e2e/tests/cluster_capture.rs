@@ -287,3 +287,30 @@ fn agent_restart_fails_closed_and_recovers_within_a_second_of_readiness() {
     drop(c);
     assert_clean(footprint);
 }
+
+#[test]
+fn teardown_removes_everything_even_with_a_stray_process_left_in_a_pod() {
+    require_root();
+    let mut c = LocalCluster::new(&["node-a"]).unwrap();
+    c.namespace("plain", false).unwrap();
+    c.add_pod("plain", "client", "node-a", &[]).unwrap();
+    // A process started outside the harness's bookkeeping, as a failing test may leave.
+    let p = c.pod("plain/client");
+    let cmd = format!(
+        "echo $$ > {}/cgroup.procs && exec sleep 60",
+        p.cgroup.display()
+    );
+    let mut stray = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let footprint = c.footprint();
+    drop(c);
+    assert!(
+        stray.try_wait().unwrap().is_some(),
+        "the stray process was not stopped"
+    );
+    assert_clean(footprint);
+}

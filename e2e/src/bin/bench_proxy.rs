@@ -166,21 +166,14 @@ fn main() -> anyhow::Result<()> {
             / wall;
         let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
         let dst = format!("{ip}:7000");
+        let perf_data = c.dir.path().join("agent.perf.data");
         // Optional CPU profile of node-a's agent while the RR test runs.
         let perf = match (&a.profile, *name == "weft") {
             (Some(_), true) => Some(
                 std::process::Command::new("perf")
-                    .args([
-                        "record",
-                        "-e",
-                        "cpu-clock",
-                        "-F",
-                        "999",
-                        "-g",
-                        "-o",
-                        "/tmp/weft-agent.perf.data",
-                        "-p",
-                    ])
+                    .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o"])
+                    .arg(&perf_data)
+                    .arg("-p")
                     .arg(agents[0].to_string())
                     .args(["--", "sleep", "3"])
                     .stdout(std::process::Stdio::null())
@@ -206,13 +199,9 @@ fn main() -> anyhow::Result<()> {
         if let (Some(mut p), Some(out)) = (perf, &a.profile) {
             p.wait()?;
             let report = std::process::Command::new("perf")
-                .args([
-                    "report",
-                    "-i",
-                    "/tmp/weft-agent.perf.data",
-                    "--stdio",
-                    "--no-children",
-                ])
+                .args(["report", "-i"])
+                .arg(&perf_data)
+                .args(["--stdio", "--no-children"])
                 .args([
                     "--sort",
                     "dso,symbol",
