@@ -328,6 +328,7 @@ async fn handle(
         destination_port: dst.port(),
         principal: Some(principal.clone()),
         request: None,
+        l7_pending: false,
     };
     let decision = state.authorize(&target.workload, &attrs);
     if !decision.allowed {

@@ -47,6 +47,7 @@ pub async fn serve(
                         destination_port: dst.port(),
                         principal: None,
                         request: None,
+        l7_pending: false,
                     };
                     let d = state.authorize(workload, &attrs);
                     if !d.allowed {

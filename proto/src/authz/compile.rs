@@ -250,14 +250,62 @@ impl CompiledPolicy {
             return (self.action == Action::Deny).then_some(0);
         }
         // `unknown` is what a field this evaluator cannot see evaluates to.
-        let unknown = self.action == Action::Deny;
+        let unknown = Unknown {
+            other: self.action == Action::Deny,
+            l7: if a.l7_pending {
+                self.action != Action::Deny
+            } else {
+                self.action == Action::Deny
+            },
+        };
         self.rules.iter().position(|r| rule_matches(r, a, unknown))
+    }
+
+    /// Does the policy have L7 fields (methods, paths, hosts, request headers) that
+    /// can apply to traffic on `port`? Such traffic is then parsed as HTTP.
+    pub fn needs_http(&self, port: u16) -> bool {
+        self.broken.is_none()
+            && self.rules.iter().any(|r| {
+                let header_cond = r.when.iter().any(|c| matches!(c.key, Key::Header(_)));
+                let l7_to = r.to.iter().any(|o| {
+                    o.is_l7() && o.ports.check(|p| *p == port, true)
+                });
+                let port_ok = r.to.is_empty() || r.to.iter().any(|o| o.ports.check(|p| *p == port, true));
+                l7_to || (header_cond && port_ok)
+            })
+    }
+
+    /// Human-readable list of the rules with L7 fields (`rules[0]`), for status.
+    pub fn l7_rules(&self) -> Vec<usize> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.to.iter().any(Operation::is_l7)
+                    || r.when.iter().any(|c| matches!(c.key, Key::Header(_)))
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 }
 
-fn rule_matches(r: &Rule, a: &Attributes, unknown: bool) -> bool {
-    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, a, unknown)))
-        && (r.to.is_empty() || r.to.iter().any(|o| operation_matches(o, a, unknown)))
+/// What fields that cannot be evaluated count as: L7 fields without a request, and
+/// everything else this evaluator cannot see.
+#[derive(Clone, Copy)]
+struct Unknown {
+    other: bool,
+    l7: bool,
+}
+
+impl Operation {
+    fn is_l7(&self) -> bool {
+        self.hosts.is_set() || self.methods.is_set() || self.paths.is_set()
+    }
+}
+
+fn rule_matches(r: &Rule, a: &Attributes, unknown: Unknown) -> bool {
+    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, a, unknown.other)))
+        && (r.to.is_empty() || r.to.iter().any(|o| operation_matches(o, a, unknown.l7)))
         && r.when.iter().all(|c| condition_matches(c, a, unknown))
 }
 
@@ -285,15 +333,20 @@ fn source_matches(s: &Source, a: &Attributes, unknown: bool) -> bool {
 }
 
 fn operation_matches(o: &Operation, a: &Attributes, unknown: bool) -> bool {
-    let l7 = o.hosts.is_set() || o.methods.is_set() || o.paths.is_set();
-    if l7 && a.request.is_none() {
+    if o.is_l7() && a.request.is_none() {
         return unknown;
     }
     let port_ok = o.ports.check(|p| *p == a.destination_port, true);
     match &a.request {
         Some(req) => {
             port_ok
-                && o.hosts.check(|m| m.matches_ignore_case(&req.host), true)
+                && o.hosts.check(
+                    |m| {
+                        m.matches_ignore_case(&req.host)
+                            || strip_port(&req.host).is_some_and(|h| m.matches_ignore_case(h))
+                    },
+                    true,
+                )
                 && o.methods.check(|m| m.matches(&req.method), true)
                 && o.paths.check(|m| m.matches(&req.path), true)
         }
@@ -301,7 +354,7 @@ fn operation_matches(o: &Operation, a: &Attributes, unknown: bool) -> bool {
     }
 }
 
-fn condition_matches(c: &Condition, a: &Attributes, unknown: bool) -> bool {
+fn condition_matches(c: &Condition, a: &Attributes, unknown: Unknown) -> bool {
     let test = |v: &str| -> Option<bool> {
         Some(match &c.key {
             Key::SourceIp => Cidr::parse(v)?.contains(a.source_ip?),
@@ -318,8 +371,8 @@ fn condition_matches(c: &Condition, a: &Attributes, unknown: bool) -> bool {
         })
     };
     match c.key {
-        Key::Unsupported => unknown,
-        Key::Header(_) if a.request.is_none() => unknown,
+        Key::Unsupported => unknown.other,
+        Key::Header(_) if a.request.is_none() => unknown.l7,
         _ => {
             // An absent attribute matches no value (so `values` fails, `notValues` passes).
             let any = c.values.is_empty() || c.values.iter().any(|v| test(v) == Some(true));
@@ -327,4 +380,11 @@ fn condition_matches(c: &Condition, a: &Attributes, unknown: bool) -> bool {
             any && none
         }
     }
+}
+
+/// `host` without a trailing `:port` (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> Option<&str> {
+    let (h, p) = host.rsplit_once(':')?;
+    (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')))
+        .then_some(h)
 }

@@ -10,6 +10,7 @@
 
 mod compile;
 mod matchers;
+pub mod path;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +29,11 @@ pub struct Attributes {
     pub principal: Option<String>,
     /// Present when the connection is parsed as HTTP.
     pub request: Option<Request>,
+    /// No request yet, but the connection will be parsed as HTTP and every request
+    /// checked: L7 fields are then treated optimistically (an ALLOW rule's L7 fields
+    /// may match, a DENY rule's may not), so a denial at this stage means every
+    /// request would be denied. Without it, a missing request is fail-closed.
+    pub l7_pending: bool,
 }
 
 #[derive(Debug, Clone, Default)]

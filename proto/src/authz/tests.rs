@@ -10,6 +10,7 @@ fn p_conn() -> Attributes {
         destination_port: 8080,
         principal: None,
         request: None,
+        l7_pending: false,
     }
 }
 fn t_conn() -> Attributes {
@@ -25,6 +26,7 @@ fn a_conn() -> Attributes {
         destination_port: 9090,
         principal: Some("other.td/ns/ns-alt/sa/sa-alt".into()),
         request: None,
+        l7_pending: false,
     }
 }
 
@@ -489,6 +491,114 @@ fn operation_fields_at_l7() {
     assert!(allowed(&h, &req("GET", "/", "a")));
     let h = allow_when("request.headers[x-env]", &[], &["prod"]);
     assert!(!allowed(&h, &req("GET", "/", "a")));
+    // Hosts match with or without the port of the authority.
+    let p = allow_to(pb::Operation {
+        hosts: v(&["shop.example"]),
+        ..Default::default()
+    });
+    assert!(allowed(&p, &req("GET", "/", "shop.example:8080")));
+    assert!(!allowed(&p, &req("GET", "/", "shop.example.evil:8080")));
+    let p6 = allow_to(pb::Operation {
+        hosts: v(&["[fd00::1]"]),
+        ..Default::default()
+    });
+    assert!(allowed(&p6, &req("GET", "/", "[fd00::1]:80")));
+}
+
+#[test]
+fn l7_fields_before_the_first_request() {
+    let allow_l7 = allow_to(pb::Operation {
+        paths: v(&["/api/*"]),
+        ..Default::default()
+    });
+    let deny_l7 = policy(
+        pb::authorization_policy::Action::Deny,
+        vec![pb::Rule {
+            to: vec![pb::Operation {
+                paths: v(&["/admin"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+    let deny_header = policy(
+        pb::authorization_policy::Action::Deny,
+        vec![pb::Rule {
+            when: vec![pb::Condition {
+                key: "request.headers[x-evil]".into(),
+                values: v(&["*"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+    let pending = Attributes {
+        l7_pending: true,
+        ..t_conn()
+    };
+    // Not HTTP (no request, not pending): fail closed.
+    assert!(!allowed(&allow_l7, &t_conn()));
+    assert!(!evaluate([&deny_l7], &t_conn()).allowed);
+    assert!(!evaluate([&deny_header], &t_conn()).allowed);
+    // HTTP to come: some request could be allowed, so the connection proceeds.
+    assert!(allowed(&allow_l7, &pending));
+    assert!(evaluate([&deny_l7], &pending).allowed);
+    assert!(evaluate([&deny_header], &pending).allowed);
+    // An L4 DENY still denies the connection up front.
+    let deny_l4 = policy(
+        pb::authorization_policy::Action::Deny,
+        vec![pb::Rule {
+            to: vec![pb::Operation {
+                ports: v(&["8080"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+    assert!(!evaluate([&deny_l4, &allow_l7], &pending).allowed);
+    // An ALLOW policy whose L4 part cannot match any request denies up front.
+    let allow_other_ns = allow_from(pb::Source {
+        namespaces: v(&["elsewhere"]),
+        ..Default::default()
+    });
+    assert!(!evaluate([&allow_other_ns], &pending).allowed);
+}
+
+#[test]
+fn which_policies_need_http() {
+    let p = allow_to(pb::Operation {
+        ports: v(&["8080"]),
+        methods: v(&["GET"]),
+        ..Default::default()
+    });
+    assert!(p.needs_http(8080));
+    assert!(!p.needs_http(9090));
+    assert_eq!(p.l7_rules(), vec![0]);
+    let l4 = allow_to(pb::Operation {
+        ports: v(&["8080"]),
+        ..Default::default()
+    });
+    assert!(!l4.needs_http(8080));
+    assert!(l4.l7_rules().is_empty());
+    let header = allow_when("request.headers[x-a]", &["b"], &[]);
+    assert!(header.needs_http(1) && header.needs_http(8080));
+    let header_on_port = policy(
+        pb::authorization_policy::Action::Allow,
+        vec![pb::Rule {
+            to: vec![pb::Operation {
+                ports: v(&["80"]),
+                ..Default::default()
+            }],
+            when: vec![pb::Condition {
+                key: "request.headers[x-a]".into(),
+                values: v(&["b"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+    assert!(header_on_port.needs_http(80));
+    assert!(!header_on_port.needs_http(81));
 }
 
 #[test]

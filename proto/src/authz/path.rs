@@ -1,0 +1,187 @@
+//! HTTP path normalization before policy matching, so that `/admin` cannot be
+//! reached as `/./admin`, `//admin`, `/%61dmin` or `/x/../admin`.
+//!
+//! Steps, in order (RFC 3986 section 6.2.2 plus slash merging):
+//! 1. the query (`?...`) and fragment (`#...`) are split off; policies match the path only;
+//! 2. percent-encoded *unreserved* characters (`A-Z a-z 0-9 - . _ ~`) are decoded; other
+//!    escapes are kept, with upper-case hex digits (`%2f` -> `%2F`), so an encoded slash
+//!    is never turned into a path separator;
+//! 3. runs of `/` are merged into one;
+//! 4. `.` and `..` segments are resolved (`..` above the root stays at the root).
+//!
+//! A path that is not origin-form (does not start with `/`, e.g. `*` for `OPTIONS *`)
+//! is returned unchanged. Malformed escapes (`%zz`, a trailing `%`) and control bytes
+//! are errors: such a request is refused rather than guessed at.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("malformed percent-encoding at byte {0}")]
+    BadEscape(usize),
+    #[error("control character in path at byte {0}")]
+    Control(usize),
+}
+
+/// A normalized request target: the path to match and the query to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalizedPath {
+    pub path: String,
+    /// Including the leading `?`, or empty.
+    pub query: String,
+}
+
+impl NormalizedPath {
+    /// Path and query, as forwarded to the application.
+    pub fn path_and_query(&self) -> String {
+        format!("{}{}", self.path, self.query)
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Normalizes a request target (`/a/b?q`).
+pub fn normalize(target: &str) -> Result<NormalizedPath, PathError> {
+    let (rest, _fragment) = target.split_once('#').unwrap_or((target, ""));
+    let (raw, query) = match rest.find('?') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if !raw.starts_with('/') {
+        return Ok(NormalizedPath {
+            path: raw.to_string(),
+            query: query.to_string(),
+        });
+    }
+    // 2. Decode unreserved escapes; canonicalize the others.
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x20 || b == 0x7f {
+            return Err(PathError::Control(i));
+        }
+        if b == b'%' {
+            let (h, l) = match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(&h), Some(&l)) => (hex(h), hex(l)),
+                _ => return Err(PathError::BadEscape(i)),
+            };
+            let (Some(h), Some(l)) = (h, l) else {
+                return Err(PathError::BadEscape(i));
+            };
+            let v = h * 16 + l;
+            if unreserved(v) {
+                decoded.push(v as char);
+            } else {
+                decoded.push_str(&format!("%{v:02X}"));
+            }
+            i += 3;
+            continue;
+        }
+        // Non-ASCII bytes are kept as they came (the target is a &str: valid UTF-8).
+        let ch_len = utf8_len(b);
+        decoded.push_str(&raw[i..i + ch_len]);
+        i += ch_len;
+    }
+    // 3 + 4. Merge slashes and resolve dot segments.
+    let trailing = decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+        || decoded == "/";
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for s in &out {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || (trailing && !path.ends_with('/')) {
+        path.push('/');
+    }
+    Ok(NormalizedPath {
+        path,
+        query: query.to_string(),
+    })
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> String {
+        normalize(s).unwrap().path
+    }
+
+    #[test]
+    fn bypass_attempts_collapse_to_the_canonical_path() {
+        for attempt in [
+            "/admin",
+            "/./admin",
+            "//admin",
+            "///admin",
+            "/%61dmin",
+            "/%61%64%6D%69%6e",
+            "/x/../admin",
+            "/x/y/../../admin",
+            "/../admin",
+            "/./x/./../admin",
+            "/admin?x=1",
+            "/admin#frag",
+        ] {
+            assert_eq!(n(attempt), "/admin", "{attempt}");
+        }
+    }
+
+    #[test]
+    fn keeps_what_it_must_not_decode() {
+        // An encoded slash is not a separator, and its hex is canonicalized.
+        assert_eq!(n("/admin%2fsecret"), "/admin%2Fsecret");
+        assert_eq!(n("/a%20b"), "/a%20b");
+        assert_eq!(n("/a/b/"), "/a/b/");
+        assert_eq!(n("/a/b/."), "/a/b/");
+        assert_eq!(n("/a/b/.."), "/a/");
+        assert_eq!(n("/"), "/");
+        assert_eq!(n("/.."), "/");
+        assert_eq!(n("/caf\u{e9}"), "/caf\u{e9}");
+        assert_eq!(n("*"), "*");
+    }
+
+    #[test]
+    fn query_is_kept_for_forwarding() {
+        let p = normalize("//a/./b?x=/../y#f").unwrap();
+        assert_eq!(p.path, "/a/b");
+        assert_eq!(p.query, "?x=/../y");
+        assert_eq!(p.path_and_query(), "/a/b?x=/../y");
+    }
+
+    #[test]
+    fn malformed_targets_are_errors() {
+        assert_eq!(normalize("/a%zz"), Err(PathError::BadEscape(2)));
+        assert_eq!(normalize("/a%2"), Err(PathError::BadEscape(2)));
+        assert_eq!(normalize("/a\u{1}"), Err(PathError::Control(2)));
+    }
+}
