@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod netns;
 pub mod pods;
 pub mod proxy;
+pub mod wasm;

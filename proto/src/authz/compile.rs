@@ -267,10 +267,11 @@ impl CompiledPolicy {
         self.broken.is_none()
             && self.rules.iter().any(|r| {
                 let header_cond = r.when.iter().any(|c| matches!(c.key, Key::Header(_)));
-                let l7_to = r.to.iter().any(|o| {
-                    o.is_l7() && o.ports.check(|p| *p == port, true)
-                });
-                let port_ok = r.to.is_empty() || r.to.iter().any(|o| o.ports.check(|p| *p == port, true));
+                let l7_to =
+                    r.to.iter()
+                        .any(|o| o.is_l7() && o.ports.check(|p| *p == port, true));
+                let port_ok =
+                    r.to.is_empty() || r.to.iter().any(|o| o.ports.check(|p| *p == port, true));
                 l7_to || (header_cond && port_ok)
             })
     }
@@ -385,6 +386,8 @@ fn condition_matches(c: &Condition, a: &Attributes, unknown: Unknown) -> bool {
 /// `host` without a trailing `:port` (IPv6 literals keep their brackets).
 fn strip_port(host: &str) -> Option<&str> {
     let (h, p) = host.rsplit_once(':')?;
-    (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')))
-        .then_some(h)
+    (!p.is_empty()
+        && p.bytes().all(|b| b.is_ascii_digit())
+        && (!h.contains(':') || h.ends_with(']')))
+    .then_some(h)
 }

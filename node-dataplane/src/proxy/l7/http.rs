@@ -1,0 +1,280 @@
+//! Per-request processing of a parsed HTTP connection on the destination side:
+//! path normalization, Wasm plugins (AUTHN/AUTHZ phases), L7 authorization,
+//! plugins of the later phases, forwarding to the application, response plugins,
+//! and per-request metrics.
+
+use super::sniff::Protocol;
+use super::ConnCtx;
+use crate::wasm::abi::{HttpState, LocalReply};
+use crate::wasm::chain::{self, Ran};
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::time::Instant;
+use weft_api::authz::{path, Attributes, Request};
+
+pub type RespBody = Either<Incoming, Full<Bytes>>;
+
+/// The body of a 403 from weft's L7 authorization (Istio's text).
+pub const DENIED_BODY: &str = "RBAC: access denied";
+
+fn reply(status: u16, body: impl Into<Bytes>, headers: &[(String, String)]) -> http::Response<RespBody> {
+    let mut r = http::Response::new(Either::Right(Full::new(body.into())));
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            r.headers_mut().append(k, v);
+        }
+    }
+    if !r.headers().contains_key(http::header::CONTENT_TYPE) {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+    }
+    r
+}
+
+fn local(r: LocalReply) -> http::Response<RespBody> {
+    reply(r.status, r.body, &r.headers)
+}
+
+/// The request as plugins see it: pseudo-headers first, then lower-case headers.
+fn plugin_view(req: &http::Request<Incoming>, authority: &str, path: &str) -> Vec<(String, String)> {
+    let mut v = Vec::with_capacity(req.headers().len() + 4);
+    v.push((":method".into(), req.method().as_str().to_string()));
+    v.push((":path".into(), path.to_string()));
+    v.push((":authority".into(), authority.to_string()));
+    v.push((":scheme".into(), req.uri().scheme_str().unwrap_or("http").to_string()));
+    for (k, val) in req.headers() {
+        v.push((k.as_str().to_string(), String::from_utf8_lossy(val.as_bytes()).into_owned()));
+    }
+    v
+}
+
+/// Applies the plugins' view of the headers back onto a header map.
+fn apply_headers(map: &mut http::HeaderMap, view: &[(String, String)]) {
+    map.clear();
+    for (k, v) in view.iter().filter(|(k, _)| !k.starts_with(':')) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            map.append(k, v);
+        }
+    }
+}
+
+fn authority_of(req: &http::Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// Sets the request's path (keeping scheme and authority of an absolute URI).
+fn set_path(req: &mut http::Request<Incoming>, path_and_query: &str) -> bool {
+    let mut parts = req.uri().clone().into_parts();
+    match path_and_query.parse() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return false,
+    }
+    match http::Uri::from_parts(parts) {
+        Ok(u) => {
+            *req.uri_mut() = u;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// A bounded method label.
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// Handles one request end to end.
+pub async fn handle(
+    req: http::Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+    proto: Protocol,
+) -> http::Response<RespBody> {
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let mut decided_by: Option<String> = None;
+    let resp = process(req, &ctx, proto, &mut decided_by).await;
+    let code = resp.status().as_u16();
+    ctx.record_request(method, code, start.elapsed(), decided_by.as_deref());
+    resp
+}
+
+async fn process(
+    mut req: http::Request<Incoming>,
+    ctx: &Arc<ConnCtx>,
+    proto: Protocol,
+    decided_by: &mut Option<String>,
+) -> http::Response<RespBody> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let normalized = match path::normalize(&target) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(dst = %ctx.dst, error = %e, "request refused: malformed path");
+            return reply(400, "malformed request path\n", &[]);
+        }
+    };
+    if normalized.path_and_query() != target && !set_path(&mut req, &normalized.path_and_query()) {
+        return reply(400, "malformed request path\n", &[]);
+    }
+    let authority = authority_of(&req);
+    let has_plugins = !ctx.plan.plugins.is_empty();
+    let mut view = HttpState {
+        request: if has_plugins {
+            plugin_view(&req, &authority, &normalized.path_and_query())
+        } else {
+            Vec::new()
+        },
+        props: Some(ctx.props.clone()),
+        ..Default::default()
+    };
+    let mut ran = Ran::default();
+    let end_of_stream = hyper::body::Body::is_end_stream(req.body());
+    let (before, after): (Vec<_>, Vec<_>) = ctx
+        .plan
+        .plugins
+        .iter()
+        .cloned()
+        .partition(|p| p.phase.before_authz());
+    let mut path_now = normalized.path.clone();
+    if !before.is_empty() {
+        if let Some((r, plugin)) = chain::run_request(&before, &mut view, end_of_stream, &mut ran) {
+            *decided_by = Some(format!("wasm:{plugin}"));
+            return finish_local(ctx, r, ran, view);
+        }
+        // A plugin may have rewritten the path: normalize and authorize the new one.
+        if let Some((_, p)) = view.request.iter().find(|(k, _)| k == ":path") {
+            if *p != normalized.path_and_query() {
+                match path::normalize(p) {
+                    Ok(n) if set_path(&mut req, &n.path_and_query()) => path_now = n.path,
+                    _ => return reply(400, "malformed request path\n", &[]),
+                }
+            }
+        }
+        apply_headers(req.headers_mut(), &view.request);
+    }
+    if ctx.plan.authz_http {
+        let attrs = Attributes {
+            request: Some(Request {
+                method: req.method().as_str().to_string(),
+                path: path_now.clone(),
+                host: authority.clone(),
+                headers: req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+            }),
+            ..ctx.attrs.clone()
+        };
+        let d = ctx.state.authorize(&ctx.target.workload, &attrs);
+        if !d.allowed {
+            tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
+            *decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));
+            chain::finish(ran, &mut view);
+            return reply(403, DENIED_BODY, &[]);
+        }
+    }
+    if !after.is_empty() {
+        if let Some((r, plugin)) = chain::run_request(&after, &mut view, end_of_stream, &mut ran) {
+            *decided_by = Some(format!("wasm:{plugin}"));
+            return finish_local(ctx, r, ran, view);
+        }
+        apply_headers(req.headers_mut(), &view.request);
+    }
+    // Forward. An upgrade (WebSocket...) is spliced after the 101.
+    let downstream_upgrade = req
+        .headers()
+        .contains_key(http::header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let mut resp = match ctx.upstream.send(req, proto).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
+            chain::finish(ran, &mut view);
+            return reply(503, "upstream connect error or disconnect/reset before headers\n", &[]);
+        }
+    };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                    let _ = crate::proxy::copy::bidirectional(&mut d, &mut u).await;
+                }
+            });
+        }
+    }
+    if !ran.entries.is_empty() {
+        view.response = Vec::with_capacity(resp.headers().len() + 1);
+        view.response.push((":status".into(), resp.status().as_str().to_string()));
+        for (k, v) in resp.headers() {
+            view.response.push((k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()));
+        }
+        let eos = hyper::body::Body::is_end_stream(resp.body());
+        if let Some((r, plugin)) = chain::run_response(&ran, &mut view, eos) {
+            *decided_by = Some(format!("wasm:{plugin}"));
+            chain::finish(ran, &mut view);
+            return local(r);
+        }
+        apply_headers(resp.headers_mut(), &view.response);
+        chain::finish(ran, &mut view);
+    }
+    resp.map(Either::Left)
+}
+
+use hyper_util::rt::TokioIo;
+
+/// A plugin replied locally: run the response callbacks of the plugins that saw the
+/// request, then end their contexts.
+fn finish_local(ctx: &ConnCtx, r: LocalReply, ran: Ran, mut view: HttpState) -> http::Response<RespBody> {
+    tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
+    let mut resp = local(r);
+    view.response = vec![(":status".into(), resp.status().as_str().to_string())];
+    for (k, v) in resp.headers() {
+        view.response.push((k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()));
+    }
+    let _ = chain::run_response(&ran, &mut view, true);
+    apply_headers(resp.headers_mut(), &view.response);
+    chain::finish(ran, &mut view);
+    resp
+}

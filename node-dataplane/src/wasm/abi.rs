@@ -1,0 +1,682 @@
+//! Host side of the Proxy-Wasm ABI: the functions a plugin imports from `env` (and
+//! the WASI preview1 stubs SDKs import), over the per-instance [`HostState`].
+//!
+//! Data returned to the guest is copied into memory the guest allocates through its
+//! own allocator (`proxy_on_memory_allocate`, or `malloc`), and the (pointer, length)
+//! pair is written little-endian at the addresses the guest passed. Header maps and
+//! map-valued properties are serialized as `u32 count, count x (u32 key_len, u32
+//! value_len), then key\0value\0 per pair`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
+
+pub const OK: i32 = 0;
+pub const NOT_FOUND: i32 = 1;
+pub const BAD_ARGUMENT: i32 = 2;
+pub const INVALID_MEMORY_ACCESS: i32 = 6;
+pub const UNIMPLEMENTED: i32 = 12;
+/// WASI `ENOSYS`.
+const WASI_NOSYS: i32 = 52;
+
+const MAP_REQUEST_HEADERS: i32 = 0;
+const MAP_RESPONSE_HEADERS: i32 = 2;
+const BUFFER_VM_CONFIG: i32 = 6;
+const BUFFER_PLUGIN_CONFIG: i32 = 7;
+
+/// What a plugin may learn about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnProps {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    /// Peer SPIFFE ID (with `spiffe://`) when the connection was mTLS.
+    pub peer_id: Option<String>,
+}
+
+/// A reply the plugin asked the host to send instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub details: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Per-request state visible to the plugin during one callback.
+#[derive(Debug, Default)]
+pub struct HttpState {
+    /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`) first.
+    pub request: Vec<(String, String)>,
+    /// Response headers, `:status` first.
+    pub response: Vec<(String, String)>,
+    pub props: Option<Arc<ConnProps>>,
+    pub local_reply: Option<LocalReply>,
+}
+
+/// Memory cap, recording whether the plugin hit it.
+pub struct Limits {
+    pub max_memory: usize,
+    pub exceeded: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.exceeded = true;
+            return Err(wasmtime::Error::msg("plugin memory limit exceeded"));
+        }
+        Ok(true)
+    }
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// `proc_exit` as an error that ends the callback.
+#[derive(Debug)]
+pub struct ProcExit(pub i32);
+impl std::fmt::Display for ProcExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "proc_exit({})", self.0)
+    }
+}
+impl std::error::Error for ProcExit {}
+
+/// Everything a plugin instance's host functions work on.
+pub struct HostState {
+    pub limits: Limits,
+    pub plugin_name: String,
+    pub root_id: String,
+    pub vm_config: Vec<u8>,
+    pub plugin_config: Vec<u8>,
+    pub http: HttpState,
+}
+
+impl HostState {
+    fn map(&mut self, t: i32) -> Option<&mut Vec<(String, String)>> {
+        match t {
+            MAP_REQUEST_HEADERS => Some(&mut self.http.request),
+            MAP_RESPONSE_HEADERS => Some(&mut self.http.response),
+            _ => None,
+        }
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let props = self.http.props.as_deref();
+        let header = |name: &str| {
+            self.http
+                .request
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        };
+        Some(match path {
+            ["plugin_name"] => self.plugin_name.as_bytes().to_vec(),
+            ["plugin_root_id"] => self.root_id.as_bytes().to_vec(),
+            ["plugin_vm_id"] => Vec::new(),
+            ["connection", "uri_san_peer_certificate"] => {
+                props?.peer_id.as_ref()?.as_bytes().to_vec()
+            }
+            ["connection", "mtls"] => vec![u8::from(props?.peer_id.is_some())],
+            ["source", "address"] => props?.source.to_string().into_bytes(),
+            ["source", "port"] => i64::from(props?.source.port()).to_le_bytes().to_vec(),
+            ["destination", "address"] => props?.destination.to_string().into_bytes(),
+            ["destination", "port"] => i64::from(props?.destination.port()).to_le_bytes().to_vec(),
+            ["request", "path"] => header(":path")?,
+            ["request", "url_path"] => {
+                let p = header(":path")?;
+                let end = p.iter().position(|b| *b == b'?').unwrap_or(p.len());
+                p[..end].to_vec()
+            }
+            ["request", "method"] => header(":method")?,
+            ["request", "host"] => header(":authority")?,
+            ["request", "scheme"] => header(":scheme")?,
+            ["request", "headers"] => serialize_pairs(
+                self.http
+                    .request
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with(':')),
+            ),
+            ["response", "code"] => {
+                let s = self.http.response.iter().find(|(k, _)| k == ":status")?;
+                s.1.parse::<i64>().ok()?.to_le_bytes().to_vec()
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// Serializes header pairs in the Proxy-Wasm map format.
+pub fn serialize_pairs<'a>(pairs: impl Iterator<Item = &'a (String, String)> + Clone) -> Vec<u8> {
+    let n = pairs.clone().count();
+    let mut out = Vec::new();
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for (k, v) in pairs.clone() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Parses the Proxy-Wasm map format; `None` if malformed.
+pub fn parse_pairs(b: &[u8]) -> Option<Vec<(String, String)>> {
+    let u32_at = |i: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(0)?;
+    if n > 10_000 {
+        return None;
+    }
+    let mut sizes = Vec::with_capacity(n);
+    for i in 0..n {
+        sizes.push((u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?));
+    }
+    let mut at = 4 + 8 * n;
+    let mut out = Vec::with_capacity(n);
+    for (kl, vl) in sizes {
+        let k = b.get(at..at + kl)?;
+        at += kl + 1;
+        let v = b.get(at..at + vl)?;
+        at += vl + 1;
+        out.push((
+            String::from_utf8_lossy(k).into_owned(),
+            String::from_utf8_lossy(v).into_owned(),
+        ));
+    }
+    Some(out)
+}
+
+type C<'a> = Caller<'a, HostState>;
+
+fn memory(c: &mut C<'_>) -> Option<wasmtime::Memory> {
+    match c.get_export("memory") {
+        Some(Extern::Memory(m)) => Some(m),
+        _ => None,
+    }
+}
+
+fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let m = memory(c)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    m.data(&*c)
+        .get(ptr..ptr.checked_add(len)?)
+        .map(<[u8]>::to_vec)
+}
+
+fn read_string(c: &mut C<'_>, ptr: i32, len: i32) -> Option<String> {
+    read(c, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> bool {
+    let Some(m) = memory(c) else { return false };
+    m.write(&mut *c, ptr as u32 as usize, bytes).is_ok()
+}
+
+fn write_u32(c: &mut C<'_>, ptr: i32, v: u32) -> bool {
+    write(c, ptr, &v.to_le_bytes())
+}
+
+/// Allocates `bytes.len()` in the guest, copies, writes (ptr, len). Returns a status
+/// or an error (a trap inside the guest allocator).
+fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasmtime::Result<i32> {
+    let alloc = c
+        .get_export("proxy_on_memory_allocate")
+        .or_else(|| c.get_export("malloc"))
+        .and_then(Extern::into_func);
+    let Some(alloc) = alloc else {
+        return Ok(INVALID_MEMORY_ACCESS);
+    };
+    let alloc = alloc.typed::<i32, i32>(&*c)?;
+    let ptr = alloc.call(&mut *c, bytes.len() as i32)?;
+    if ptr == 0 && !bytes.is_empty() {
+        return Ok(INVALID_MEMORY_ACCESS);
+    }
+    if !write(c, ptr, bytes)
+        || !write_u32(c, ptr_ptr, ptr as u32)
+        || !write_u32(c, len_ptr, bytes.len() as u32)
+    {
+        return Ok(INVALID_MEMORY_ACCESS);
+    }
+    Ok(OK)
+}
+
+/// Defines every host function this host implements, then links the rest of the
+/// module's `env.proxy_*` imports as UNIMPLEMENTED and other WASI imports as ENOSYS.
+/// Imports from any other module fail the load with a clear error.
+pub fn linker(engine: &wasmtime::Engine, module: &Module) -> Result<Linker<HostState>, String> {
+    let mut l = Linker::new(engine);
+    define(&mut l).map_err(|e| format!("{e:#}"))?;
+    let mut probe = wasmtime::Store::new(engine, dummy());
+    for imp in module.imports() {
+        let (m, n) = (imp.module(), imp.name());
+        if l.get_by_import(&mut probe, &imp).is_some() {
+            continue;
+        }
+        let Some(ft) = imp.ty().func().cloned() else {
+            return Err(format!(
+                "import {m}.{n} is not a function; only functions are provided"
+            ));
+        };
+        let ret = if m == "env" && n.starts_with("proxy_") {
+            UNIMPLEMENTED
+        } else if m == "wasi_snapshot_preview1" {
+            WASI_NOSYS
+        } else {
+            return Err(format!(
+                "unknown import {m}.{n}: not part of the Proxy-Wasm ABI or WASI preview1"
+            ));
+        };
+        let results: Vec<ValType> = ft.results().collect();
+        l.func_new(m, n, ft, move |_c, _args, out| {
+            for (slot, t) in out.iter_mut().zip(&results) {
+                *slot = match t {
+                    ValType::I32 => Val::I32(ret),
+                    ValType::I64 => Val::I64(i64::from(ret)),
+                    ValType::F32 => Val::F32(0),
+                    ValType::F64 => Val::F64(0),
+                    _ => Val::I32(0),
+                };
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("{e:#}"))?;
+    }
+    Ok(l)
+}
+
+fn dummy() -> HostState {
+    HostState {
+        limits: Limits {
+            max_memory: 0,
+            exceeded: false,
+        },
+        plugin_name: String::new(),
+        root_id: String::new(),
+        vm_config: Vec::new(),
+        plugin_config: Vec::new(),
+        http: HttpState::default(),
+    }
+}
+
+fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: C<'_>, level: i32, ptr: i32, len: i32| {
+            let Some(msg) = read_string(&mut c, ptr, len) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let plugin = c.data().plugin_name.clone();
+            match level {
+                0 | 1 => tracing::debug!(%plugin, "{msg}"),
+                2 => tracing::info!(%plugin, "{msg}"),
+                3 => tracing::warn!(%plugin, "{msg}"),
+                _ => tracing::error!(%plugin, "{msg}"),
+            }
+            OK
+        },
+    )?;
+    l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: i32| {
+        // info
+        if write_u32(&mut c, ret, 2) {
+            OK
+        } else {
+            INVALID_MEMORY_ACCESS
+        }
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, ret: i32| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            if write(&mut c, ret, &now.to_le_bytes()) {
+                OK
+            } else {
+                INVALID_MEMORY_ACCESS
+            }
+        },
+    )?;
+    for name in [
+        "proxy_set_effective_context",
+        "proxy_continue_stream",
+        "proxy_close_stream",
+        "proxy_set_tick_period_milliseconds",
+    ] {
+        l.func_wrap("env", name, |_c: C<'_>, _a: i32| OK)?;
+    }
+    for name in [
+        "proxy_continue_request",
+        "proxy_continue_response",
+        "proxy_done",
+        "proxy_clear_route_cache",
+    ] {
+        l.func_wrap("env", name, |_c: C<'_>| OK)?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: C<'_>, pp: i32, pl: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
+            let Some(path) = read(&mut c, pp, pl) else {
+                return Ok(INVALID_MEMORY_ACCESS);
+            };
+            let path = String::from_utf8_lossy(&path).into_owned();
+            // Segments are NUL-separated; tolerate a trailing NUL.
+            let segs: Vec<&str> = path.trim_end_matches('\0').split('\0').collect();
+            match c.data().property(&segs) {
+                Some(v) => return_bytes(&mut c, &v, rp, rl),
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_property",
+        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32| OK,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>, t: i32, start: i32, max: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
+            let buf = match t {
+                BUFFER_VM_CONFIG => c.data().vm_config.clone(),
+                BUFFER_PLUGIN_CONFIG => c.data().plugin_config.clone(),
+                _ => return Ok(NOT_FOUND),
+            };
+            let start = (start.max(0) as usize).min(buf.len());
+            let end = start.saturating_add(max.max(0) as usize).min(buf.len());
+            return_bytes(&mut c, &buf[start..end], rp, rl)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: C<'_>, t: i32, len_ptr: i32, flags_ptr: i32| {
+            let n = match t {
+                BUFFER_VM_CONFIG => c.data().vm_config.len(),
+                BUFFER_PLUGIN_CONFIG => c.data().plugin_config.len(),
+                _ => return NOT_FOUND,
+            };
+            if write_u32(&mut c, len_ptr, n as u32) && write_u32(&mut c, flags_ptr, 0) {
+                OK
+            } else {
+                INVALID_MEMORY_ACCESS
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
+            let Some(key) = read_string(&mut c, kp, kl) else {
+                return Ok(INVALID_MEMORY_ACCESS);
+            };
+            let key = key.to_ascii_lowercase();
+            let Some(map) = c.data_mut().map(t) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            match map.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) {
+                Some(v) => return_bytes(&mut c, v.as_bytes(), rp, rl),
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, t: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
+            let Some(map) = c.data_mut().map(t) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            let bytes = serialize_pairs(map.iter());
+            return_bytes(&mut c, &bytes, rp, rl)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: C<'_>, t: i32, rp: i32| {
+            let Some(map) = c.data_mut().map(t) else {
+                return BAD_ARGUMENT;
+            };
+            let n = serialize_pairs(map.iter()).len() as u32;
+            if write_u32(&mut c, rp, n) {
+                OK
+            } else {
+                INVALID_MEMORY_ACCESS
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, t: i32, p: i32, len: i32| {
+            let Some(bytes) = read(&mut c, p, len) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let Some(pairs) = parse_pairs(&bytes) else {
+                return BAD_ARGUMENT;
+            };
+            let Some(map) = c.data_mut().map(t) else {
+                return BAD_ARGUMENT;
+            };
+            *map = pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect();
+            OK
+        },
+    )?;
+    for (name, mode) in [
+        ("proxy_add_header_map_value", 0u8),
+        ("proxy_replace_header_map_value", 1u8),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+                let (Some(k), Some(v)) = (read_string(&mut c, kp, kl), read_string(&mut c, vp, vl))
+                else {
+                    return INVALID_MEMORY_ACCESS;
+                };
+                if !valid_header(&k, &v) {
+                    return BAD_ARGUMENT;
+                }
+                let k = k.to_ascii_lowercase();
+                let Some(map) = c.data_mut().map(t) else {
+                    return BAD_ARGUMENT;
+                };
+                if mode == 1 {
+                    if let Some(pos) = map.iter().position(|(x, _)| *x == k) {
+                        map[pos].1 = v;
+                        map.retain({
+                            let mut seen = false;
+                            move |(x, _)| {
+                                if *x != k {
+                                    return true;
+                                }
+                                let keep = !seen;
+                                seen = true;
+                                keep
+                            }
+                        });
+                        return OK;
+                    }
+                }
+                map.push((k, v));
+                OK
+            },
+        )?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32| {
+            let Some(k) = read_string(&mut c, kp, kl) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let k = k.to_ascii_lowercase();
+            let Some(map) = c.data_mut().map(t) else {
+                return BAD_ARGUMENT;
+            };
+            map.retain(|(x, _)| *x != k);
+            OK
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         status: i32,
+         dp: i32,
+         dl: i32,
+         bp: i32,
+         bl: i32,
+         hp: i32,
+         hl: i32,
+         _grpc: i32| {
+            let (Some(details), Some(body), Some(hdrs)) = (
+                read_string(&mut c, dp, dl),
+                read(&mut c, bp, bl),
+                read(&mut c, hp, hl),
+            ) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let headers = if hdrs.is_empty() {
+                Vec::new()
+            } else {
+                match parse_pairs(&hdrs) {
+                    Some(h) => h,
+                    None => return BAD_ARGUMENT,
+                }
+            };
+            if !(200..=599).contains(&status) {
+                return BAD_ARGUMENT;
+            }
+            c.data_mut().http.local_reply = Some(LocalReply {
+                status: status as u16,
+                details,
+                body,
+                headers: headers
+                    .into_iter()
+                    .filter(|(k, v)| valid_header(k, v))
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                    .collect(),
+            });
+            OK
+        },
+    )?;
+    define_wasi(l)
+}
+
+/// A header a plugin adds must be a valid HTTP field (and not a pseudo-header).
+fn valid_header(k: &str, v: &str) -> bool {
+    http::HeaderName::from_bytes(k.as_bytes()).is_ok() && http::HeaderValue::from_str(v).is_ok()
+}
+
+fn define_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    const W: &str = "wasi_snapshot_preview1";
+    l.func_wrap(
+        W,
+        "fd_write",
+        |mut c: C<'_>, fd: i32, iovs: i32, n: i32, written: i32| {
+            let mut total = 0u32;
+            let mut text = Vec::new();
+            for i in 0..n.clamp(0, 64) {
+                let Some(iov) = read(&mut c, iovs + 8 * i, 8) else {
+                    return 21; // EFAULT
+                };
+                let p = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                let Some(b) = read(&mut c, p, len) else {
+                    return 21;
+                };
+                total += b.len() as u32;
+                text.extend_from_slice(&b);
+            }
+            if fd == 1 || fd == 2 {
+                let plugin = c.data().plugin_name.clone();
+                let msg = String::from_utf8_lossy(&text);
+                tracing::info!(%plugin, fd, "{}", msg.trim_end());
+            }
+            if write_u32(&mut c, written, total) {
+                0
+            } else {
+                21
+            }
+        },
+    )?;
+    for name in ["args_sizes_get", "environ_sizes_get"] {
+        l.func_wrap(W, name, |mut c: C<'_>, a: i32, b: i32| {
+            if write_u32(&mut c, a, 0) && write_u32(&mut c, b, 0) {
+                0
+            } else {
+                21
+            }
+        })?;
+    }
+    for name in ["args_get", "environ_get"] {
+        l.func_wrap(W, name, |_c: C<'_>, _a: i32, _b: i32| 0)?;
+    }
+    l.func_wrap(
+        W,
+        "clock_time_get",
+        |mut c: C<'_>, _id: i32, _prec: i64, ret: i32| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            if write(&mut c, ret, &now.to_le_bytes()) {
+                0
+            } else {
+                21
+            }
+        },
+    )?;
+    l.func_wrap(W, "random_get", |mut c: C<'_>, p: i32, len: i32| {
+        let mut b = vec![0u8; len.clamp(0, 1 << 16) as usize];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+        if write(&mut c, p, &b) {
+            0
+        } else {
+            21
+        }
+    })?;
+    l.func_wrap(W, "sched_yield", |_c: C<'_>| 0)?;
+    l.func_wrap(
+        W,
+        "proc_exit",
+        |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::new(ProcExit(code)))
+        },
+    )?;
+    // AssemblyScript's abort(message, file, line, column).
+    l.func_wrap(
+        "env",
+        "abort",
+        |_c: C<'_>, _m: i32, _f: i32, line: i32, col: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::msg(format!(
+                "abort() at line {line}, column {col}"
+            )))
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! The plugins that apply to a request, in order: by phase (AUTHN, AUTHZ, then
+//! weft's L7 authorization, then STATS, unspecified), then priority (higher first),
+//! then name. Response callbacks run in reverse order, as an HTTP filter chain does.
+
+use super::abi::{HttpState, LocalReply};
+use super::plugin::{Handle, Outcome, Plugin};
+use std::sync::Arc;
+
+/// Sorts plugins into execution order.
+pub fn order(plugins: &mut [Arc<Plugin>]) {
+    plugins.sort_by(|a, b| {
+        a.phase
+            .cmp(&b.phase)
+            .then(b.priority.cmp(&a.priority))
+            .then(a.id.cmp(&b.id))
+    });
+}
+
+/// Plugins that saw a request, to run its response and end callbacks.
+#[derive(Default)]
+pub struct Ran {
+    pub entries: Vec<(Arc<Plugin>, Handle)>,
+}
+
+/// Runs the request-headers callbacks of `plugins` in order until one replies
+/// locally. Returns that reply, if any.
+pub fn run_request(
+    plugins: &[Arc<Plugin>],
+    http: &mut HttpState,
+    end_of_stream: bool,
+    ran: &mut Ran,
+) -> Option<(LocalReply, String)> {
+    for p in plugins {
+        let (outcome, handle) = p.on_request(http, end_of_stream);
+        if let Some(h) = handle {
+            ran.entries.push((p.clone(), h));
+        }
+        match outcome {
+            Outcome::Continue | Outcome::Skipped => {}
+            Outcome::Reply(r) => return Some((r, p.id.clone())),
+        }
+    }
+    None
+}
+
+/// Runs the response-headers callbacks in reverse order. A plugin may replace the
+/// response with a local reply.
+pub fn run_response(
+    ran: &Ran,
+    http: &mut HttpState,
+    end_of_stream: bool,
+) -> Option<(LocalReply, String)> {
+    for (p, h) in ran.entries.iter().rev() {
+        if let Some(r) = p.on_response(*h, http, end_of_stream) {
+            return Some((r, p.id.clone()));
+        }
+    }
+    None
+}
+
+/// Ends every context (`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`).
+pub fn finish(ran: Ran, http: &mut HttpState) {
+    for (p, h) in ran.entries {
+        p.finish(h, http);
+    }
+}

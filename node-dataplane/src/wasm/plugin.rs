@@ -1,0 +1,390 @@
+//! A configured plugin: its compiled module, one instance slot per proxy worker,
+//! and what happens when an instance fails (`failStrategy`):
+//!
+//! - `FAIL_CLOSE` (default): the failing request gets a 500 and every later request
+//!   a 503 until the plugin's configuration (or module) changes. A module that does
+//!   not load fails every request with 503.
+//! - `FAIL_OPEN`: the failing request, and any while the plugin cannot run, skip
+//!   the plugin; a new instance is started, with crash loops rate-limited.
+//! - `FAIL_RELOAD`: the failing request gets a 500; a new instance is started for the
+//!   next one, with crash loops rate-limited (503 while waiting).
+//!
+//! An instance whose linear memory grew past 3/4 of its cap is recycled when it has
+//! no request in flight.
+
+use super::abi::{HostState, HttpState, LocalReply};
+use super::engine::{CompiledModule, WasmEngine};
+use super::vm::{Action, Vm, VmSettings};
+use super::WasmError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use weft_api::pb;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailStrategy {
+    Close,
+    Open,
+    Reload,
+}
+
+impl FailStrategy {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "FAIL_OPEN" => FailStrategy::Open,
+            "FAIL_RELOAD" => FailStrategy::Reload,
+            _ => FailStrategy::Close,
+        }
+    }
+}
+
+/// Order of phases in the request path; weft's own L7 authorization runs between
+/// AUTHZ and STATS (as Istio places its RBAC filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Authn = 0,
+    Authz = 1,
+    Stats = 2,
+    Unspecified = 3,
+}
+
+impl Phase {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "AUTHN" => Phase::Authn,
+            "AUTHZ" => Phase::Authz,
+            "STATS" => Phase::Stats,
+            _ => Phase::Unspecified,
+        }
+    }
+    /// Runs before weft's L7 authorization?
+    pub fn before_authz(self) -> bool {
+        self <= Phase::Authz
+    }
+}
+
+/// Outcome of one plugin for one request.
+#[derive(Debug)]
+pub enum Outcome {
+    Continue,
+    Reply(LocalReply),
+    /// The plugin could not run and fails open.
+    Skipped,
+}
+
+/// Where a request's context lives, for its later callbacks.
+#[derive(Debug, Clone, Copy)]
+pub struct Handle {
+    slot: usize,
+    generation: u64,
+    ctx: i32,
+}
+
+struct Slot {
+    vm: Option<Vm>,
+    generation: u64,
+    /// Crash-loop limiting: no new instance before this.
+    not_before: Option<Instant>,
+    backoff: Duration,
+}
+
+/// Counters the node exports per plugin.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicUsize,
+    pub local_replies: AtomicUsize,
+    pub skipped: AtomicUsize,
+    pub failed_requests: AtomicUsize,
+    pub restarts: AtomicUsize,
+    pub recycled: AtomicUsize,
+    /// Errors by kind ("trap", "deadline", "memory", "proc_exit", ...).
+    pub errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    pub last_error: Mutex<Option<String>>,
+    pub memory_bytes: AtomicUsize,
+}
+
+pub struct Plugin {
+    /// `namespace/name`.
+    pub id: String,
+    pub spec: pb::WasmPlugin,
+    pub phase: Phase,
+    pub priority: i32,
+    pub fail: FailStrategy,
+    settings: VmSettings,
+    module: Result<(Arc<CompiledModule>, wasmtime::InstancePre<HostState>), WasmError>,
+    slots: Vec<Mutex<Slot>>,
+    next: AtomicUsize,
+    /// Keeps the engine (and its epoch ticker, which bounds callbacks) alive.
+    _engine: Arc<WasmEngine>,
+    /// FAIL_CLOSE: set after a runtime failure; every later request is refused.
+    failed: Mutex<Option<WasmError>>,
+    pub stats: PluginStats,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Plugin {
+    /// `module` is the module bytes (already checked against `spec.sha256`), or why
+    /// they are not available.
+    pub fn new(
+        engine: &Arc<WasmEngine>,
+        spec: pb::WasmPlugin,
+        module: Result<&[u8], WasmError>,
+        workers: usize,
+    ) -> Self {
+        let settings = VmSettings {
+            plugin_name: spec.name.clone(),
+            root_id: spec.plugin_name.clone(),
+            plugin_config: spec.plugin_config.clone().into_bytes(),
+            max_memory: if spec.max_memory_bytes == 0 {
+                16 << 20
+            } else {
+                spec.max_memory_bytes
+            },
+            deadline_ms: if spec.max_cpu_millis_per_callback == 0 {
+                10
+            } else {
+                spec.max_cpu_millis_per_callback
+            },
+        };
+        let module = module.and_then(|bytes| {
+            let m = engine.compile(&spec.sha256, bytes)?;
+            let linker = super::abi::linker(engine.engine(), &m.module).map_err(WasmError::Abi)?;
+            let pre = linker
+                .instantiate_pre(&m.module)
+                .map_err(|e| WasmError::Instantiate(format!("{e:#}")))?;
+            Ok((m, pre))
+        });
+        if let Err(e) = &module {
+            tracing::warn!(plugin = %format!("{}/{}", spec.namespace, spec.name), error = %e, "wasm plugin cannot be loaded");
+        }
+        Self {
+            id: format!("{}/{}", spec.namespace, spec.name),
+            phase: Phase::parse(&spec.phase),
+            priority: spec.priority,
+            fail: FailStrategy::parse(&spec.fail_strategy),
+            settings,
+            module,
+            slots: (0..workers.max(1))
+                .map(|_| {
+                    Mutex::new(Slot {
+                        vm: None,
+                        generation: 0,
+                        not_before: None,
+                        backoff: MIN_BACKOFF,
+                    })
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            _engine: engine.clone(),
+            failed: Mutex::new(None),
+            stats: PluginStats::default(),
+            spec,
+        }
+    }
+
+    /// Why the plugin cannot run at all, if so.
+    pub fn load_error(&self) -> Option<&WasmError> {
+        self.module.as_ref().err()
+    }
+
+    fn record_error(&self, e: &WasmError) {
+        tracing::warn!(plugin = %self.id, error = %e, strategy = ?self.fail, "wasm plugin failed");
+        *self
+            .stats
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(e.kind())
+            .or_insert(0) += 1;
+        *self
+            .stats
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    fn unavailable(&self, why: &str) -> Outcome {
+        if self.fail == FailStrategy::Open {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Skipped;
+        }
+        self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+        Outcome::Reply(error_reply(503, &self.id, why))
+    }
+
+    /// After a runtime failure of the instance in `slot`.
+    fn failed_now(&self, slot: &mut Slot, e: WasmError) -> Outcome {
+        self.record_error(&e);
+        slot.vm = None;
+        slot.generation += 1;
+        match self.fail {
+            FailStrategy::Close => {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                Outcome::Reply(error_reply(500, &self.id, &e.to_string()))
+            }
+            FailStrategy::Open | FailStrategy::Reload => {
+                // Rate-limit re-instantiation.
+                slot.not_before = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                if self.fail == FailStrategy::Open {
+                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Skipped
+                } else {
+                    self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Reply(error_reply(500, &self.id, &e.to_string()))
+                }
+            }
+        }
+    }
+
+    /// The instance of `slot`, started if needed.
+    fn ensure_vm<'a>(&self, slot: &'a mut Slot) -> Result<&'a mut Vm, Outcome> {
+        if slot.vm.is_none() {
+            if let Some(t) = slot.not_before {
+                if Instant::now() < t {
+                    return Err(self.unavailable("plugin is restarting after a failure"));
+                }
+            }
+            let (_, pre) = self
+                .module
+                .as_ref()
+                .map_err(|e| self.unavailable(&e.to_string()))?;
+            match Vm::start(pre, &self.settings) {
+                Ok(vm) => {
+                    if slot.generation > 0 {
+                        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    slot.generation += 1;
+                    slot.vm = Some(vm);
+                }
+                Err(e) => return Err(self.failed_now(slot, e)),
+            }
+        }
+        slot.vm
+            .as_mut()
+            .ok_or_else(|| self.unavailable("no instance"))
+    }
+
+    /// Runs the request-headers callback. Returns the outcome and, when a context
+    /// was created, the handle for the later callbacks.
+    pub fn on_request(
+        &self,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> (Outcome, Option<Handle>) {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+            return (
+                Outcome::Reply(error_reply(503, &self.id, &format!("failed earlier: {e}"))),
+                None,
+            );
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[i].lock().unwrap_or_else(|p| p.into_inner());
+        let vm = match self.ensure_vm(&mut slot) {
+            Ok(vm) => vm,
+            Err(o) => return (o, None),
+        };
+        http.local_reply = None;
+        let r = vm.create_context().and_then(|ctx| {
+            vm.request_headers(ctx, http, end_of_stream)
+                .map(|a| (ctx, a))
+        });
+        let generation = slot.generation;
+        match r {
+            Ok((ctx, action)) => {
+                let handle = Handle {
+                    slot: i,
+                    generation,
+                    ctx,
+                };
+                if let Some(reply) = http.local_reply.take() {
+                    self.stats.local_replies.fetch_add(1, Ordering::Relaxed);
+                    return (Outcome::Reply(reply), Some(handle));
+                }
+                if action == Action::Pause {
+                    let o = self.failed_now(&mut slot, WasmError::Paused);
+                    return (o, None);
+                }
+                (Outcome::Continue, Some(handle))
+            }
+            Err(e) => (self.failed_now(&mut slot, e), None),
+        }
+    }
+
+    /// Runs the response-headers callback for a request this plugin saw. A plugin
+    /// may rewrite the response headers or replace the response with a local reply.
+    pub fn on_response(
+        &self,
+        h: Handle,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Option<LocalReply> {
+        let mut slot = self.slots[h.slot].lock().unwrap_or_else(|p| p.into_inner());
+        if slot.generation != h.generation {
+            return None; // The instance holding the context is gone.
+        }
+        let vm = slot.vm.as_mut()?;
+        http.local_reply = None;
+        match vm.response_headers(h.ctx, http, end_of_stream) {
+            Ok(_) => http.local_reply.take(),
+            Err(e) => match self.failed_now(&mut slot, e) {
+                Outcome::Reply(r) => Some(r),
+                _ => None,
+            },
+        }
+    }
+
+    /// Ends a request's context; recycles an instance that grew too much.
+    pub fn finish(&self, h: Handle, http: &mut HttpState) {
+        let mut slot = self.slots[h.slot].lock().unwrap_or_else(|p| p.into_inner());
+        if slot.generation != h.generation {
+            return;
+        }
+        let Some(vm) = slot.vm.as_mut() else { return };
+        if let Err(e) = vm.finish(h.ctx, http) {
+            let _ = self.failed_now(&mut slot, e);
+            return;
+        }
+        let mem = vm.memory_bytes();
+        let live = vm.live_contexts;
+        self.stats.memory_bytes.store(mem, Ordering::Relaxed);
+        // A clean exit resets the crash-loop backoff.
+        slot.backoff = MIN_BACKOFF;
+        if mem as u64 > self.settings.max_memory / 4 * 3 && live == 0 {
+            tracing::info!(plugin = %self.id, memory = mem, "recycling a wasm instance whose memory keeps growing");
+            slot.vm = None;
+            slot.generation += 1;
+            self.stats.recycled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Linear memory of the live instances, in bytes.
+    pub fn instance_memory(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let s = s.lock().unwrap_or_else(|p| p.into_inner());
+                s.vm.as_ref().map(Vm::memory_bytes)
+            })
+            .collect()
+    }
+}
+
+fn error_reply(status: u16, plugin: &str, why: &str) -> LocalReply {
+    LocalReply {
+        status,
+        details: format!("wasm plugin {plugin} failed: {why}"),
+        body: format!("wasm plugin {plugin} failed\n").into_bytes(),
+        headers: vec![("content-type".into(), "text/plain".into())],
+    }
+}

@@ -1,0 +1,395 @@
+//! Host tests with WAT modules: the ABI calls, local replies, header rewrites,
+//! properties, and every way a plugin can fail.
+
+use super::abi::{ConnProps, HttpState};
+use super::engine::WasmEngine;
+use super::plugin::{Outcome, Plugin};
+use super::WasmError;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use weft_api::pb;
+
+/// A plugin module: `req` and `resp` are the bodies of the request/response headers
+/// callbacks (returning an i32 action); `extra` adds functions/exports.
+fn module(req: &str, resp: &str, extra: &str) -> String {
+    format!(
+        r#"(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_call_foreign_function" (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 0) ":path")
+  (data (i32.const 16) "/deny")
+  (data (i32.const 32) "x-wat")
+  (data (i32.const 48) "yes")
+  (data (i32.const 64) "denied by wat")
+  (data (i32.const 96) "connection\00uri_san_peer_certificate")
+  (data (i32.const 144) "x-peer")
+  (data (i32.const 160) "x-config")
+  (data (i32.const 176) "x-unimpl")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (global.set $heap (i32.const 4096)))
+  (func $is_deny (result i32)
+    (drop (call $get (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 200) (i32.const 204)))
+    (i32.and
+      (i32.eq (i32.load (i32.const 204)) (i32.const 5))
+      (i32.and
+        (i32.eq (i32.load (i32.load (i32.const 200))) (i32.load (i32.const 16)))
+        (i32.eq (i32.load8_u (i32.add (i32.load (i32.const 200)) (i32.const 4))) (i32.load8_u (i32.const 20))))))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    {req})
+  (func (export "proxy_on_response_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    {resp})
+  {extra}
+)"#
+    )
+}
+
+const DENY_PATH: &str = r#"
+    (if (call $is_deny)
+      (then (drop (call $reply (i32.const 403) (i32.const 64) (i32.const 13) (i32.const 64) (i32.const 13) (i32.const 0) (i32.const 0) (i32.const -1)))))
+    (i32.const 0)"#;
+
+/// Adds `x-wat: yes`, `x-peer: <peer id>`, `x-config: <plugin config>` and
+/// `x-unimpl: <status of an unimplemented call>` (as one digit) to the response.
+const ADD_HEADERS: &str = r#"
+    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 5) (i32.const 48) (i32.const 3)))
+    (if (i32.eqz (call $prop (i32.const 96) (i32.const 35) (i32.const 208) (i32.const 212)))
+      (then (drop (call $add (i32.const 2) (i32.const 144) (i32.const 6) (i32.load (i32.const 208)) (i32.load (i32.const 212))))))
+    (if (i32.eqz (call $buf (i32.const 7) (i32.const 0) (i32.const 1000) (i32.const 216) (i32.const 220)))
+      (then (drop (call $add (i32.const 2) (i32.const 160) (i32.const 8) (i32.load (i32.const 216)) (i32.load (i32.const 220))))))
+    (i32.store8 (i32.const 224) (i32.add (i32.const 48) (i32.rem_u (call $foreign (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))))
+    (drop (call $add (i32.const 2) (i32.const 176) (i32.const 8) (i32.const 224) (i32.const 1)))
+    (i32.const 0)"#;
+
+fn spec(fail: &str) -> pb::WasmPlugin {
+    pb::WasmPlugin {
+        name: "wat".into(),
+        namespace: "ns".into(),
+        sha256: "x".into(),
+        plugin_name: "root".into(),
+        plugin_config: r#"{"k":"v"}"#.into(),
+        fail_strategy: fail.into(),
+        max_cpu_millis_per_callback: 20,
+        max_memory_bytes: 1 << 20,
+        ..Default::default()
+    }
+}
+
+fn plugin(wat: &str, fail: &str) -> Plugin {
+    let engine = WasmEngine::new().unwrap();
+    let bytes = wat::parse_str(wat).unwrap();
+    // A distinct cache key per module text.
+    let mut s = spec(fail);
+    s.sha256 = format!("{:x}", md5ish(wat));
+    Plugin::new(&engine, s, Ok(&bytes), 2)
+}
+
+fn md5ish(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn request(path: &str) -> HttpState {
+    HttpState {
+        request: vec![
+            (":method".into(), "GET".into()),
+            (":path".into(), path.into()),
+            (":authority".into(), "svc".into()),
+            (":scheme".into(), "http".into()),
+        ],
+        props: Some(Arc::new(ConnProps {
+            source: "10.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            peer_id: Some("spiffe://td/ns/a/sa/b".into()),
+        })),
+        ..Default::default()
+    }
+}
+
+fn header<'a>(h: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    h.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn local_reply_header_rewrite_properties_and_config() {
+    let p = plugin(&module(DENY_PATH, ADD_HEADERS, ""), "FAIL_CLOSE");
+    assert!(p.load_error().is_none(), "{:?}", p.load_error());
+    for _ in 0..3 {
+        let mut http = request("/deny");
+        let (o, h) = p.on_request(&mut http, true);
+        match o {
+            Outcome::Reply(r) => {
+                assert_eq!(r.status, 403);
+                assert_eq!(r.body, b"denied by wat");
+            }
+            o => panic!("expected a local reply, got {o:?}"),
+        }
+        p.finish(h.unwrap(), &mut http);
+
+        let mut http = request("/ok");
+        let (o, h) = p.on_request(&mut http, true);
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        let h = h.unwrap();
+        http.response = vec![(":status".into(), "200".into())];
+        assert!(p.on_response(h, &mut http, false).is_none());
+        assert_eq!(header(&http.response, "x-wat"), Some("yes"));
+        assert_eq!(
+            header(&http.response, "x-peer"),
+            Some("spiffe://td/ns/a/sa/b")
+        );
+        assert_eq!(header(&http.response, "x-config"), Some(r#"{"k":"v"}"#));
+        // proxy_call_foreign_function is linked but UNIMPLEMENTED (12 -> "2").
+        assert_eq!(header(&http.response, "x-unimpl"), Some("2"));
+        p.finish(h, &mut http);
+    }
+    assert!(p.stats.errors.lock().unwrap().is_empty());
+    assert_eq!(p.stats.local_replies.load(Ordering::Relaxed), 3);
+}
+
+const LOOP: &str = "(loop $l (br $l)) (i32.const 0)";
+
+#[test]
+fn infinite_loop_is_stopped_at_the_deadline() {
+    for (fail, first, later) in [
+        ("FAIL_OPEN", None, None),
+        ("FAIL_CLOSE", Some(500), Some(503)),
+        ("FAIL_RELOAD", Some(500), Some(503)),
+    ] {
+        let p = plugin(&module(LOOP, "(i32.const 0)", ""), fail);
+        let t = std::time::Instant::now();
+        let (o, _) = p.on_request(&mut request("/"), true);
+        let took = t.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "{fail}: {took:?}"
+        );
+        let status = |o: &Outcome| match o {
+            Outcome::Reply(r) => Some(r.status),
+            Outcome::Skipped => None,
+            Outcome::Continue => Some(0),
+        };
+        assert_eq!(status(&o), first, "{fail}");
+        // The next request: FAIL_OPEN skips; FAIL_CLOSE stays failed; FAIL_RELOAD
+        // waits out its crash-loop backoff on this slot (the other slot is fresh).
+        let (o2, _) = p.on_request(&mut request("/"), true);
+        let (o3, _) = p.on_request(&mut request("/"), true);
+        if fail == "FAIL_RELOAD" {
+            assert!([status(&o2), status(&o3)].contains(&later), "{o2:?} {o3:?}");
+        } else {
+            assert_eq!(status(&o2), later, "{fail}");
+        }
+        assert!(p.stats.errors.lock().unwrap()["deadline"] >= 1);
+    }
+}
+
+#[test]
+fn memory_bomb_is_capped() {
+    let bomb =
+        "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (i32.const 0)";
+    let p = plugin(&module(bomb, "(i32.const 0)", ""), "FAIL_CLOSE");
+    let (o, _) = p.on_request(&mut request("/"), true);
+    assert!(
+        matches!(o, Outcome::Reply(ref r) if r.status == 500),
+        "{o:?}"
+    );
+    assert_eq!(p.stats.errors.lock().unwrap()["memory"], 1);
+}
+
+#[test]
+fn proc_exit_kills_only_the_instance() {
+    let exit = "(call $exit (i32.const 3)) (i32.const 0)";
+    let p = plugin(&module(exit, "(i32.const 0)", ""), "FAIL_OPEN");
+    let (o, _) = p.on_request(&mut request("/"), true);
+    assert!(matches!(o, Outcome::Skipped), "{o:?}");
+    assert_eq!(p.stats.errors.lock().unwrap()["proc_exit"], 1);
+    assert!(p
+        .stats
+        .last_error
+        .lock()
+        .unwrap()
+        .as_deref()
+        .unwrap()
+        .contains("proc_exit(3)"));
+}
+
+#[test]
+fn trap_in_each_callback() {
+    let ok = "(i32.const 0)";
+    let trap = "(unreachable)";
+    let cases: Vec<(&str, String)> = vec![
+        ("request headers", module(trap, ok, "")),
+        ("response headers", module(ok, "(unreachable)", "")),
+        (
+            "on_done",
+            module(
+                ok,
+                ok,
+                r#"(func (export "proxy_on_done") (param i32) (result i32) (unreachable))"#,
+            ),
+        ),
+        (
+            "on_log",
+            module(
+                ok,
+                ok,
+                r#"(func (export "proxy_on_log") (param i32) (unreachable))"#,
+            ),
+        ),
+        (
+            "on_delete",
+            module(
+                ok,
+                ok,
+                r#"(func (export "proxy_on_delete") (param i32) (unreachable))"#,
+            ),
+        ),
+        (
+            "on_configure",
+            module(
+                ok,
+                ok,
+                r#"(func (export "proxy_on_configure") (param i32 i32) (result i32) (unreachable))"#,
+            ),
+        ),
+        (
+            "on_vm_start",
+            module(
+                ok,
+                ok,
+                r#"(func (export "proxy_on_vm_start") (param i32 i32) (result i32) (unreachable))"#,
+            ),
+        ),
+        (
+            "_initialize",
+            module(ok, ok, r#"(func (export "_initialize") (unreachable))"#),
+        ),
+    ];
+    for (what, wat) in cases {
+        let p = plugin(&wat, "FAIL_CLOSE");
+        let mut http = request("/");
+        let (o, h) = p.on_request(&mut http, true);
+        let mut failed = matches!(o, Outcome::Reply(ref r) if r.status >= 500);
+        if let Some(h) = h {
+            http.response = vec![(":status".into(), "200".into())];
+            if let Some(r) = p.on_response(h, &mut http, true) {
+                failed |= r.status >= 500;
+            }
+            p.finish(h, &mut http);
+        }
+        let errors = p.stats.errors.lock().unwrap().clone();
+        assert_eq!(errors.get("trap"), Some(&1), "{what}: {errors:?}");
+        let (later, _) = p.on_request(&mut request("/"), true);
+        failed |= matches!(later, Outcome::Reply(ref r) if r.status == 503);
+        assert!(failed, "{what}: FAIL_CLOSE must answer 5xx");
+    }
+}
+
+#[test]
+fn configure_returning_false_is_a_load_failure() {
+    let wat = module(
+        "(i32.const 0)",
+        "(i32.const 0)",
+        r#"(func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 0))"#,
+    );
+    let p = plugin(&wat, "FAIL_CLOSE");
+    let (o, _) = p.on_request(&mut request("/"), true);
+    assert!(
+        matches!(o, Outcome::Reply(ref r) if r.status == 500),
+        "{o:?}"
+    );
+    assert_eq!(p.stats.errors.lock().unwrap()["configure"], 1);
+}
+
+#[test]
+fn missing_exports_and_abi_mismatch_are_load_errors() {
+    let engine = WasmEngine::new().unwrap();
+    let load = |wat: &str| {
+        let bytes = wat::parse_str(wat).unwrap();
+        Plugin::new(&engine, spec("FAIL_CLOSE"), Ok(&bytes), 1)
+            .load_error()
+            .cloned()
+    };
+    let no_abi = r#"(module (memory (export "memory") 1)
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "malloc") (param i32) (result i32) (i32.const 0)))"#;
+    assert!(matches!(load(no_abi), Some(WasmError::Abi(m)) if m.contains("no proxy_abi_version")));
+    let old_abi = r#"(module (memory (export "memory") 1)
+        (func (export "proxy_abi_version_0_1_0"))
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "malloc") (param i32) (result i32) (i32.const 0)))"#;
+    assert!(
+        matches!(load(old_abi), Some(WasmError::Abi(m)) if m.contains("unsupported ABI proxy_abi_version_0_1_0"))
+    );
+    let no_alloc = r#"(module (memory (export "memory") 1)
+        (func (export "proxy_abi_version_0_2_0"))
+        (func (export "proxy_on_context_create") (param i32 i32)))"#;
+    assert!(
+        matches!(load(no_alloc), Some(WasmError::Abi(m)) if m.contains("proxy_on_memory_allocate"))
+    );
+    let foreign_import = r#"(module (import "other" "fn" (func))
+        (memory (export "memory") 1)
+        (func (export "proxy_abi_version_0_2_1"))
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "malloc") (param i32) (result i32) (i32.const 0)))"#;
+    assert!(
+        matches!(load(foreign_import), Some(WasmError::Abi(m)) if m.contains("unknown import other.fn"))
+    );
+    let garbage = Plugin::new(&engine, spec("FAIL_OPEN"), Ok(b"\0asm\x01\0\0\0\xff"), 1);
+    assert!(matches!(garbage.load_error(), Some(WasmError::Compile(_))));
+    // A plugin that cannot load: FAIL_OPEN skips it, FAIL_CLOSE refuses with 503.
+    let (o, _) = garbage.on_request(&mut request("/"), true);
+    assert!(matches!(o, Outcome::Skipped));
+    let closed = Plugin::new(&engine, spec("FAIL_CLOSE"), Ok(b"junk"), 1);
+    let (o, _) = closed.on_request(&mut request("/"), true);
+    assert!(matches!(o, Outcome::Reply(ref r) if r.status == 503));
+}
+
+#[test]
+fn failed_reload_restarts_after_backoff() {
+    // Traps on /deny, continues otherwise.
+    let req = "(if (call $is_deny) (then (unreachable))) (i32.const 0)";
+    let engine = WasmEngine::new().unwrap();
+    let bytes = wat::parse_str(module(req, "(i32.const 0)", "")).unwrap();
+    let p = Plugin::new(&engine, spec("FAIL_RELOAD"), Ok(&bytes), 1);
+    let (o, _) = p.on_request(&mut request("/deny"), true);
+    assert!(matches!(o, Outcome::Reply(ref r) if r.status == 500));
+    let (o, _) = p.on_request(&mut request("/ok"), true);
+    assert!(
+        matches!(o, Outcome::Reply(ref r) if r.status == 503),
+        "backoff: {o:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let (o, h) = p.on_request(&mut request("/ok"), true);
+    assert!(matches!(o, Outcome::Continue), "{o:?}");
+    p.finish(h.unwrap(), &mut request("/ok"));
+    assert_eq!(p.stats.restarts.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn growing_instances_are_recycled_not_failed() {
+    // Leaks one page per request, like a leaky SDK; the cap is 1 MiB (16 pages).
+    let leak = "(drop (memory.grow (i32.const 1))) (i32.const 0)";
+    let p = plugin(&module(leak, "(i32.const 0)", ""), "FAIL_CLOSE");
+    for _ in 0..100 {
+        let mut http = request("/");
+        let (o, h) = p.on_request(&mut http, true);
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        p.finish(h.unwrap(), &mut http);
+    }
+    assert!(p.stats.recycled.load(Ordering::Relaxed) >= 5);
+    assert!(p.stats.errors.lock().unwrap().is_empty());
+}

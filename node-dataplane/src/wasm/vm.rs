@@ -1,0 +1,236 @@
+//! One plugin instance: a wasmtime Store with its memory cap, and the Proxy-Wasm
+//! lifecycle calls, each bounded by an epoch deadline. Any error (trap, deadline,
+//! memory, `proc_exit`) poisons the instance: the owner drops it.
+
+use super::abi::{HostState, HttpState, Limits, ProcExit};
+use super::engine::TICK;
+use super::WasmError;
+use wasmtime::{Extern, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
+
+/// The root context's id; HTTP contexts are numbered from 2.
+pub const ROOT_CTX: i32 = 1;
+
+/// What an instance is started with.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    pub plugin_name: String,
+    pub root_id: String,
+    pub plugin_config: Vec<u8>,
+    pub max_memory: u64,
+    pub deadline_ms: u64,
+}
+
+/// What a headers callback asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+pub struct Vm {
+    store: Store<HostState>,
+    on_context_create: TypedFunc<(i32, i32), ()>,
+    on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+    memory: wasmtime::Memory,
+    next_ctx: i32,
+    deadline_ticks: u64,
+    max_memory: u64,
+    /// HTTP contexts created and not yet deleted.
+    pub live_contexts: usize,
+}
+
+fn typed<P: WasmParams, R: WasmResults>(
+    store: &mut Store<HostState>,
+    inst: &wasmtime::Instance,
+    name: &'static str,
+) -> Result<Option<TypedFunc<P, R>>, WasmError> {
+    match inst.get_func(&mut *store, name) {
+        None => Ok(None),
+        Some(f) => f
+            .typed::<P, R>(&*store)
+            .map(Some)
+            .map_err(|e| WasmError::Abi(format!("export {name} has the wrong signature: {e}"))),
+    }
+}
+
+impl Vm {
+    /// Instantiates, runs `_initialize`/`_start`, creates the root context and runs
+    /// `proxy_on_vm_start` and `proxy_on_configure`.
+    pub fn start(pre: &InstancePre<HostState>, s: &VmSettings) -> Result<Vm, WasmError> {
+        let mut store = Store::new(
+            pre.module().engine(),
+            HostState {
+                limits: Limits {
+                    max_memory: s.max_memory as usize,
+                    exceeded: false,
+                },
+                plugin_name: s.plugin_name.clone(),
+                root_id: s.root_id.clone(),
+                vm_config: Vec::new(),
+                plugin_config: s.plugin_config.clone(),
+                http: HttpState::default(),
+            },
+        );
+        store.limiter(|h| &mut h.limits);
+        let deadline_ticks = (s.deadline_ms.max(1) * 1000 / TICK.as_micros() as u64).max(1);
+        store.set_epoch_deadline(deadline_ticks);
+        store.epoch_deadline_trap();
+        let inst = pre.instantiate(&mut store).map_err(|e| {
+            if store.data().limits.exceeded {
+                WasmError::Memory(s.max_memory)
+            } else {
+                WasmError::Instantiate(format!("{e:#}"))
+            }
+        })?;
+        let memory = match inst.get_export(&mut store, "memory") {
+            Some(Extern::Memory(m)) => m,
+            _ => return Err(WasmError::Abi("missing export memory".into())),
+        };
+        let on_context_create = typed(&mut store, &inst, "proxy_on_context_create")?
+            .ok_or_else(|| WasmError::Abi("missing export proxy_on_context_create".into()))?;
+        let init = match typed::<(), ()>(&mut store, &inst, "_initialize")? {
+            Some(f) => Some(f),
+            None => typed::<(), ()>(&mut store, &inst, "_start")?,
+        };
+        let on_vm_start = typed::<(i32, i32), i32>(&mut store, &inst, "proxy_on_vm_start")?;
+        let on_configure = typed::<(i32, i32), i32>(&mut store, &inst, "proxy_on_configure")?;
+        let mut vm = Vm {
+            on_request_headers: typed(&mut store, &inst, "proxy_on_request_headers")?,
+            on_response_headers: typed(&mut store, &inst, "proxy_on_response_headers")?,
+            on_done: typed(&mut store, &inst, "proxy_on_done")?,
+            on_log: typed(&mut store, &inst, "proxy_on_log")?,
+            on_delete: typed(&mut store, &inst, "proxy_on_delete")?,
+            store,
+            on_context_create,
+            memory,
+            next_ctx: ROOT_CTX + 1,
+            deadline_ticks,
+            max_memory: s.max_memory,
+            live_contexts: 0,
+        };
+        if let Some(f) = init {
+            vm.call("_initialize", &f, ())?;
+        }
+        let create = vm.on_context_create.clone();
+        vm.call("proxy_on_context_create", &create, (ROOT_CTX, 0))?;
+        if let Some(f) = on_vm_start {
+            if vm.call("proxy_on_vm_start", &f, (ROOT_CTX, 0))? == 0 {
+                return Err(WasmError::Configure);
+            }
+        }
+        if let Some(f) = on_configure {
+            let n = s.plugin_config.len() as i32;
+            if vm.call("proxy_on_configure", &f, (ROOT_CTX, n))? == 0 {
+                return Err(WasmError::Configure);
+            }
+        }
+        Ok(vm)
+    }
+
+    fn call<P: WasmParams, R: WasmResults>(
+        &mut self,
+        what: &'static str,
+        f: &TypedFunc<P, R>,
+        p: P,
+    ) -> Result<R, WasmError> {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        f.call(&mut self.store, p)
+            .map_err(|e| self.classify(what, e))
+    }
+
+    fn classify(&self, what: &'static str, e: wasmtime::Error) -> WasmError {
+        if self.store.data().limits.exceeded {
+            return WasmError::Memory(self.max_memory);
+        }
+        if let Some(ProcExit(code)) = e.downcast_ref::<ProcExit>() {
+            return WasmError::Exit(*code);
+        }
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return WasmError::Deadline(self.deadline_ticks * TICK.as_millis() as u64, what);
+        }
+        WasmError::Trap(what, format!("{e:#}"))
+    }
+
+    /// Linear memory in use, in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    /// Creates an HTTP context.
+    pub fn create_context(&mut self) -> Result<i32, WasmError> {
+        let id = self.next_ctx;
+        self.next_ctx = self.next_ctx.checked_add(1).unwrap_or(ROOT_CTX + 1);
+        let f = self.on_context_create.clone();
+        self.call("proxy_on_context_create", &f, (id, ROOT_CTX))?;
+        self.live_contexts += 1;
+        Ok(id)
+    }
+
+    fn headers_call(
+        &mut self,
+        what: &'static str,
+        f: Option<TypedFunc<(i32, i32, i32), i32>>,
+        ctx: i32,
+        http: &mut HttpState,
+        count: usize,
+        end_of_stream: bool,
+    ) -> Result<Action, WasmError> {
+        let Some(f) = f else {
+            return Ok(Action::Continue);
+        };
+        self.store.data_mut().http = std::mem::take(http);
+        let r = self.call(what, &f, (ctx, count as i32, i32::from(end_of_stream)));
+        *http = std::mem::take(&mut self.store.data_mut().http);
+        Ok(if r? == 1 {
+            Action::Pause
+        } else {
+            Action::Continue
+        })
+    }
+
+    pub fn request_headers(
+        &mut self,
+        ctx: i32,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Result<Action, WasmError> {
+        let n = http.request.len();
+        let f = self.on_request_headers.clone();
+        self.headers_call("proxy_on_request_headers", f, ctx, http, n, end_of_stream)
+    }
+
+    pub fn response_headers(
+        &mut self,
+        ctx: i32,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Result<Action, WasmError> {
+        let n = http.response.len();
+        let f = self.on_response_headers.clone();
+        self.headers_call("proxy_on_response_headers", f, ctx, http, n, end_of_stream)
+    }
+
+    /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
+    pub fn finish(&mut self, ctx: i32, http: &mut HttpState) -> Result<(), WasmError> {
+        self.live_contexts = self.live_contexts.saturating_sub(1);
+        self.store.data_mut().http = std::mem::take(http);
+        let r = (|| {
+            if let Some(f) = self.on_done.clone() {
+                self.call("proxy_on_done", &f, ctx)?;
+            }
+            if let Some(f) = self.on_log.clone() {
+                self.call("proxy_on_log", &f, ctx)?;
+            }
+            if let Some(f) = self.on_delete.clone() {
+                self.call("proxy_on_delete", &f, ctx)?;
+            }
+            Ok(())
+        })();
+        *http = std::mem::take(&mut self.store.data_mut().http);
+        r
+    }
+}
