@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use weft_api::pb::{certificates_server::CertificatesServer, node_config_server::NodeConfigServer};
+use weft_api::pb::{
+    certificates_server::CertificatesServer, modules_server::ModulesServer,
+    node_config_server::NodeConfigServer,
+};
 use weft_api::spiffe::TrustDomain;
 
 #[derive(Debug, Clone)]
@@ -138,6 +141,10 @@ pub async fn start(
         metrics: metrics.clone(),
         sessions: sessions.clone(),
     };
+    let modules = crate::server::modules::ModuleServer {
+        model: model.clone(),
+        auth: auth.clone(),
+    };
     let signer = Signer {
         ca: ca.clone(),
         model: model.clone(),
@@ -175,6 +182,10 @@ pub async fn start(
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(CertificatesServer::new(signer))
+        .add_service(
+            ModulesServer::new(modules)
+                .max_encoding_message_size(crate::wasm::MAX_MODULE_BYTES + 1024),
+        )
         .serve_with_incoming_shutdown(tls::incoming(listener, acceptor), stopped(stop_rx.clone()));
     let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(stopped(stop_rx));
 

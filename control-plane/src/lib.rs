@@ -12,3 +12,4 @@ pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod wasm;

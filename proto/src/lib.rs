@@ -14,6 +14,7 @@ pub mod resource;
 pub mod runtime;
 pub mod spiffe;
 pub mod validate;
+pub mod wasm_abi;
 pub mod x509;
 
 /// Generated from `proto/weft/v1/config.proto`.

@@ -319,5 +319,6 @@ pub fn wasm_plugin(p: &WasmPlugin) -> pb::WasmPlugin {
             .as_ref()
             .and_then(|l| l.memory_bytes)
             .unwrap_or(16 << 20),
+        module_error: String::new(),
     }
 }

@@ -111,6 +111,7 @@ struct EnrolledWorkload {
 
 pub struct Model {
     cfg: ModelConfig,
+    modules: Arc<crate::wasm::ModuleStore>,
     state: RwLock<State>,
     inputs: Mutex<Inputs>,
     tx: broadcast::Sender<Arc<ChangeBatch>>,
@@ -124,12 +125,33 @@ impl Model {
         let (tx, _) = broadcast::channel(CHANGE_BUFFER);
         let model = Arc::new(Self {
             cfg,
+            modules: Arc::default(),
             state: RwLock::new(State::default()),
             inputs: Mutex::new(Inputs::default()),
             tx,
         });
         model.set_trust_bundle();
+        // A background module fetch re-derives its namespace when it ends.
+        let weak = Arc::downgrade(&model);
+        model.modules.set_on_fetched(move |ns| {
+            if let Some(m) = weak.upgrade() {
+                m.refresh(&ns);
+            }
+        });
         model
+    }
+
+    /// Wasm modules of the plugins, by sha256.
+    pub fn modules(&self) -> &Arc<crate::wasm::ModuleStore> {
+        &self.modules
+    }
+
+    /// Re-derives one namespace's resources (e.g. after a module fetch).
+    pub fn refresh(&self, ns: &str) {
+        let mut inputs = self.inputs();
+        let mut f = self.derive_workloads_and_services(&mut inputs, ns);
+        self.derive_policies_and_plugins(&mut inputs, ns, &mut f);
+        self.commit(&mut inputs, vec![(ns.to_string(), f)]);
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -387,11 +409,30 @@ impl Model {
         }
         let plugins: Vec<WasmPlugin> = range(&inputs.plugins, ns).cloned().collect();
         for p in plugins {
-            let report = validate::validate_wasm_plugin(&p.spec);
+            let mut report = validate::validate_wasm_plugin(&p.spec);
             let obj = Object::WasmPlugin(p.clone()).object_ref();
-            log_report(&obj, &report);
+            let mut wp = convert::wasm_plugin(&p);
             if report.is_valid() {
-                let wp = convert::wasm_plugin(&p);
+                match self.modules.resolve(ns, &p.spec) {
+                    crate::wasm::Resolved::Ready { sha256 } => wp.sha256 = sha256,
+                    crate::wasm::Resolved::Pending => {
+                        wp.module_error = "the module is being fetched".into();
+                    }
+                    crate::wasm::Resolved::Failed(m) => {
+                        report.errors.push(validate::FieldError {
+                            field: m.field.into(),
+                            message: format!("{}: {}", m.reason, m.message),
+                        });
+                        wp.module_error = format!("{}: {}", m.reason, m.message);
+                    }
+                }
+            } else {
+                wp.module_error = report.summary();
+            }
+            log_report(&obj, &report);
+            // Distributed even when not accepted: nodes apply its failStrategy to the
+            // workloads it selects instead of silently running without it.
+            {
                 let selector: BTreeMap<String, String> = wp.selector.clone().into_iter().collect();
                 let key = res::key(KIND_WASM, &wp.namespace, &wp.name);
                 out.insert(

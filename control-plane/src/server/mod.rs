@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod certificates;
 pub mod distribution;
+pub mod modules;
 pub mod sessions;
 pub mod tls;
 

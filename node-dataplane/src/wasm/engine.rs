@@ -10,12 +10,7 @@ use wasmtime::{Config, Engine, Module, OptLevel};
 /// How often the epoch advances: a callback's deadline is counted in these ticks.
 pub const TICK: Duration = Duration::from_millis(1);
 
-/// Which ABI a module was built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AbiVersion {
-    V0_2_0,
-    V0_2_1,
-}
+pub use weft_api::wasm_abi::AbiVersion;
 
 /// A compiled module and what the host needs to know about it.
 pub struct CompiledModule {
@@ -84,40 +79,5 @@ impl WasmEngine {
 
 /// The exports every Proxy-Wasm HTTP plugin must have.
 fn check_exports(module: &Module) -> Result<AbiVersion, WasmError> {
-    let has = |n: &str| module.get_export(n).is_some();
-    let abi = if has("proxy_abi_version_0_2_1") {
-        AbiVersion::V0_2_1
-    } else if has("proxy_abi_version_0_2_0") {
-        AbiVersion::V0_2_0
-    } else {
-        let other: Vec<String> = module
-            .exports()
-            .filter(|e| e.name().starts_with("proxy_abi_version_"))
-            .map(|e| e.name().to_string())
-            .collect();
-        return Err(WasmError::Abi(if other.is_empty() {
-            "no proxy_abi_version_* export: not a Proxy-Wasm module".into()
-        } else {
-            format!(
-                "unsupported ABI {}: this host runs proxy_abi_version_0_2_1 and 0_2_0",
-                other.join(", ")
-            )
-        }));
-    };
-    let mut missing = Vec::new();
-    for n in ["memory", "proxy_on_context_create"] {
-        if !has(n) {
-            missing.push(n);
-        }
-    }
-    if !has("proxy_on_memory_allocate") && !has("malloc") {
-        missing.push("proxy_on_memory_allocate (or malloc)");
-    }
-    if !missing.is_empty() {
-        return Err(WasmError::Abi(format!(
-            "missing exports: {}",
-            missing.join(", ")
-        )));
-    }
-    Ok(abi)
+    weft_api::wasm_abi::check_exports(module.exports().map(|e| e.name())).map_err(WasmError::Abi)
 }
