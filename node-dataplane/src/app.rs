@@ -119,6 +119,7 @@ pub async fn start(
             metrics.clone(),
             c.lb,
             c.hbone_idle_timeout,
+            Some(plugin_registry(&s.control_plane, &c.state_dir, &config)?),
         );
         proxy_state = Some(proxy.clone());
         tokio::spawn(proxy.clone().recheck_forever());
@@ -185,4 +186,37 @@ pub async fn start(
         },
         fut,
     ))
+}
+
+/// The Wasm plugin registry: modules fetched from the control plane over the node's
+/// own authenticated channel, cached under `<state-dir>/wasm`.
+fn plugin_registry(
+    target: &ControlPlaneTarget,
+    state_dir: &std::path::Path,
+    config: &Arc<ConfigStore>,
+) -> anyhow::Result<Arc<crate::wasm::registry::PluginRegistry>> {
+    let engine = crate::wasm::engine::WasmEngine::new().context("starting the wasm engine")?;
+    let target = target.clone();
+    let fetch: crate::wasm::registry::FetchFn = Arc::new(move |sha: String| {
+        let t = target.clone();
+        async move {
+            let ch = t.connect().await?;
+            let mut client = weft_api::pb::modules_client::ModulesClient::new(ch)
+                .max_decoding_message_size(64 << 20);
+            let r = client
+                .fetch(weft_api::pb::FetchModuleRequest { sha256: sha })
+                .await?;
+            Ok(r.into_inner().module)
+        }
+        .boxed()
+    });
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let reg = crate::wasm::registry::PluginRegistry::new(
+        engine,
+        workers,
+        Some(state_dir.join("wasm")),
+        fetch,
+    );
+    tokio::spawn(reg.clone().run(config.clone()));
+    Ok(reg)
 }

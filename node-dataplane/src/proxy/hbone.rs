@@ -322,13 +322,17 @@ async fn handle(
         tracing::info!(%dst, peer = %principal, target = %target.workload.spiffe_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
         return status(http::StatusCode::MISDIRECTED_REQUEST);
     }
+    let plan = state.l7_plan(&target.workload, dst.port());
     let attrs = Attributes {
         source_ip: Some(peer.ip()),
         destination_ip: Some(dst.ip()),
         destination_port: dst.port(),
         principal: Some(principal.clone()),
         request: None,
-        l7_pending: false,
+        // Parsed as HTTP: L7 fields are checked per request.
+        l7_pending: plan
+            .as_ref()
+            .is_some_and(|p| p.hint != super::l7::Hint::Opaque),
     };
     let decision = state.authorize(&target.workload, &attrs);
     if !decision.allowed {
@@ -341,6 +345,8 @@ async fn handle(
     }
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
     let mark = state.mark;
+    let attrs_l7 = attrs.clone();
+    let principal_l7 = principal.clone();
     let reg = state.conns.register(target.workload.clone(), attrs);
     let source = state.workload_by_ip(peer.ip());
     let mut l = super::metrics::labels(
@@ -355,6 +361,31 @@ async fn handle(
         t.opened.get_or_create(&l).inc();
         let r = async {
             let up = hyper::upgrade::on(req).await?;
+            if let Some(plan) = plan {
+                state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
+                let ctx = super::l7::ConnCtx {
+                    state: state.clone(),
+                    upstream: super::l7::upstream::Upstream::new(target.netns.clone(), dst, mark),
+                    target: target.clone(),
+                    dst,
+                    attrs: Attributes {
+                        l7_pending: false,
+                        ..attrs_l7
+                    },
+                    props: Arc::new(crate::wasm::abi::ConnProps {
+                        source: peer,
+                        destination: dst,
+                        peer_id: Some(format!("spiffe://{principal_l7}")),
+                    }),
+                    plan,
+                    labels: l.clone(),
+                };
+                tokio::select! {
+                    r = super::l7::serve(TokioIo::new(up), ctx) => r?,
+                    _ = reg.cancel.cancelled() => {}
+                }
+                return Ok(());
+            }
             let sock = target.netns.tcp_socket(dst.is_ipv6(), mark).await?;
             let mut app = tokio::net::TcpSocket::from_std_stream(sock.into())
                 .connect(dst)

@@ -40,14 +40,16 @@ pub async fn serve(
                     *l = Some(dst);
                 }
                 let mut reg = None;
+                let mut l7 = None;
                 if let Some((state, workload)) = &authz {
+                    let plan = state.l7_plan(workload, dst.port());
                     let attrs = weft_api::authz::Attributes {
                         source_ip: Some(peer.ip()),
                         destination_ip: Some(dst.ip()),
                         destination_port: dst.port(),
                         principal: None,
                         request: None,
-        l7_pending: false,
+                        l7_pending: plan.as_ref().is_some_and(|p| p.hint != super::l7::Hint::Opaque),
                     };
                     let d = state.authorize(workload, &attrs);
                     if !d.allowed {
@@ -57,6 +59,9 @@ pub async fn serve(
                         let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
                         return Ok(());
                     }
+                    if let Some(plan) = plan {
+                        l7 = Some((plan, weft_api::authz::Attributes { l7_pending: false, ..attrs.clone() }));
+                    }
                     reg = Some(state.conns.register(workload.clone(), attrs));
                 }
                 let metric = authz.as_ref().map(|(state, workload)| {
@@ -65,6 +70,31 @@ pub async fn serve(
                     state.metrics.traffic.opened.get_or_create(&l).inc();
                     (state.clone(), l)
                 });
+                if let (Some((plan, attrs)), Some((state, workload)), Some((_, l))) = (l7, &authz, &metric) {
+                    state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
+                    let local = super::state::LocalPod { workload: workload.clone(), netns: netns.clone() };
+                    let ctx = super::l7::ConnCtx {
+                        state: state.clone(),
+                        upstream: super::l7::upstream::Upstream::new(netns.clone(), dst, mark),
+                        target: local,
+                        dst,
+                        attrs,
+                        props: Arc::new(crate::wasm::abi::ConnProps { source: peer, destination: dst, peer_id: None }),
+                        plan,
+                        labels: l.clone(),
+                    };
+                    stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                    let r = tokio::select! {
+                        r = super::l7::serve(conn, ctx) => r,
+                        _ = async { match &reg { Some(r) => r.cancel.cancelled().await, None => std::future::pending().await } } => Ok(()),
+                    };
+                    let t = &state.metrics.traffic;
+                    t.closed.get_or_create(l).inc();
+                    if r.is_err() {
+                        t.failed.get_or_create(l).inc();
+                    }
+                    return r;
+                }
                 let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
                 let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
                     .connect(dst)
@@ -98,7 +128,7 @@ pub async fn serve(
                         }
                     }
                 }
-                done.map(|_| ())
+                done.map(|_| ()).map_err(anyhow::Error::from)
             }
             .await;
             if let Err(e) = r {

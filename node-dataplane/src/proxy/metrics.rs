@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use weft_api::pb;
 
@@ -20,6 +21,44 @@ pub struct TcpLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// Per-request labels (reporter is always `destination`: requests are parsed there).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    pub connection_security_policy: &'static str,
+    pub request_method: &'static str,
+    pub response_code: u16,
+}
+
+impl RequestLabels {
+    pub fn new(t: &TcpLabels, method: &'static str, code: u16) -> Self {
+        Self {
+            reporter: t.reporter,
+            source_workload: t.source_workload.clone(),
+            source_namespace: t.source_namespace.clone(),
+            source_principal: t.source_principal.clone(),
+            destination_workload: t.destination_workload.clone(),
+            destination_namespace: t.destination_namespace.clone(),
+            destination_principal: t.destination_principal.clone(),
+            connection_security_policy: t.connection_security_policy,
+            request_method: method,
+            response_code: code,
+        }
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub decision: &'static str,
@@ -33,8 +72,9 @@ pub struct PoolLabels {
     pub destination_node: String,
 }
 
-#[derive(Default)]
 pub struct TrafficMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
     pub failed: Family<TcpLabels, Counter>,
@@ -45,8 +85,35 @@ pub struct TrafficMetrics {
     pub pool_streams: Family<PoolLabels, Gauge>,
 }
 
+impl Default for TrafficMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            opened: Family::default(),
+            closed: Family::default(),
+            failed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            authz: Family::default(),
+            pool_connections: Family::default(),
+            pool_streams: Family::default(),
+        }
+    }
+}
+
 impl TrafficMetrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "requests",
+            "HTTP requests handled at L7 on the destination side, by response code",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request headers to response headers at the destination proxy",
+            self.request_duration.clone(),
+        );
         r.register(
             "tcp_connections_opened",
             "TCP connections opened through the node proxy",

@@ -4,6 +4,7 @@ pub mod conns;
 pub mod copy;
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod lb;
 pub mod metrics;
 pub mod orig_dst;

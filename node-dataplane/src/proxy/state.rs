@@ -28,6 +28,10 @@ pub struct ProxyCounters {
     pub plaintext_out: AtomicU64,
     pub plaintext_in_denied: AtomicU64,
     pub closed_by_policy_change: AtomicU64,
+    /// Not-HTTP connections refused on ports with L7 rules or plugins.
+    pub l7_opaque_denied: AtomicU64,
+    /// Connections parsed as HTTP.
+    pub l7_connections: AtomicU64,
 }
 
 /// Policies compiled from a given policy map (compared by identity, O(1)).
@@ -51,6 +55,8 @@ pub struct ProxyState {
     pub last_peer_serial: std::sync::Mutex<String>,
     /// Compiled policies and the policy map they were compiled from.
     compiled: std::sync::Mutex<Option<CompiledCache>>,
+    /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
+    pub plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
 }
 
 impl ProxyState {
@@ -61,6 +67,7 @@ impl ProxyState {
         metrics: Arc<crate::metrics::Metrics>,
         lb: super::lb::LbPolicy,
         hbone_idle: std::time::Duration,
+        plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -74,6 +81,7 @@ impl ProxyState {
             balancer: super::lb::Balancer::new(lb),
             last_peer_serial: std::sync::Mutex::new(String::new()),
             compiled: std::sync::Mutex::new(None),
+            plugins,
         })
     }
 
@@ -162,7 +170,7 @@ impl ProxyState {
     }
 
     /// The node's policies, compiled once per change of the policy set.
-    fn compiled_policies(&self) -> Arc<Vec<CompiledPolicy>> {
+    pub(crate) fn compiled_policies(&self) -> Arc<Vec<CompiledPolicy>> {
         let snap = self.config.snapshot();
         let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((policies, compiled)) = cache.as_ref() {

@@ -12,6 +12,7 @@ pub mod abi;
 pub mod chain;
 pub mod engine;
 pub mod plugin;
+pub mod registry;
 #[cfg(test)]
 mod tests;
 pub mod vm;
@@ -40,6 +41,8 @@ pub enum WasmError {
     Trap(&'static str, String),
     #[error("plugin paused the stream, which this host cannot resume")]
     Paused,
+    #[error("module not available: {0}")]
+    Unavailable(String),
 }
 
 impl WasmError {
@@ -55,6 +58,7 @@ impl WasmError {
             WasmError::Exit(_) => "proc_exit",
             WasmError::Trap(..) => "trap",
             WasmError::Paused => "paused",
+            WasmError::Unavailable(_) => "unavailable",
         }
     }
 }

@@ -118,6 +118,8 @@ pub struct Plugin {
     _engine: Arc<WasmEngine>,
     /// FAIL_CLOSE: set after a runtime failure; every later request is refused.
     failed: Mutex<Option<WasmError>>,
+    /// Built before its module arrived: replaced once it has.
+    waiting: std::sync::atomic::AtomicBool,
     pub stats: PluginStats,
 }
 
@@ -179,9 +181,18 @@ impl Plugin {
             next: AtomicUsize::new(0),
             _engine: engine.clone(),
             failed: Mutex::new(None),
+            waiting: std::sync::atomic::AtomicBool::new(false),
             stats: PluginStats::default(),
             spec,
         }
+    }
+
+    pub fn waiting_for_module(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn set_waiting_for_module(&self, w: bool) {
+        self.waiting.store(w, Ordering::Relaxed);
     }
 
     /// Why the plugin cannot run at all, if so.

@@ -19,9 +19,14 @@ pub type RespBody = Either<Incoming, Full<Bytes>>;
 /// The body of a 403 from weft's L7 authorization (Istio's text).
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
-fn reply(status: u16, body: impl Into<Bytes>, headers: &[(String, String)]) -> http::Response<RespBody> {
+fn reply(
+    status: u16,
+    body: impl Into<Bytes>,
+    headers: &[(String, String)],
+) -> http::Response<RespBody> {
     let mut r = http::Response::new(Either::Right(Full::new(body.into())));
-    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    *r.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
         if let (Ok(k), Ok(v)) = (
             http::HeaderName::from_bytes(k.as_bytes()),
@@ -44,14 +49,24 @@ fn local(r: LocalReply) -> http::Response<RespBody> {
 }
 
 /// The request as plugins see it: pseudo-headers first, then lower-case headers.
-fn plugin_view(req: &http::Request<Incoming>, authority: &str, path: &str) -> Vec<(String, String)> {
+fn plugin_view(
+    req: &http::Request<Incoming>,
+    authority: &str,
+    path: &str,
+) -> Vec<(String, String)> {
     let mut v = Vec::with_capacity(req.headers().len() + 4);
     v.push((":method".into(), req.method().as_str().to_string()));
     v.push((":path".into(), path.to_string()));
     v.push((":authority".into(), authority.to_string()));
-    v.push((":scheme".into(), req.uri().scheme_str().unwrap_or("http").to_string()));
+    v.push((
+        ":scheme".into(),
+        req.uri().scheme_str().unwrap_or("http").to_string(),
+    ));
     for (k, val) in req.headers() {
-        v.push((k.as_str().to_string(), String::from_utf8_lossy(val.as_bytes()).into_owned()));
+        v.push((
+            k.as_str().to_string(),
+            String::from_utf8_lossy(val.as_bytes()).into_owned(),
+        ));
     }
     v
 }
@@ -230,7 +245,11 @@ async fn process(
         Err(e) => {
             tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
             chain::finish(ran, &mut view);
-            return reply(503, "upstream connect error or disconnect/reset before headers\n", &[]);
+            return reply(
+                503,
+                "upstream connect error or disconnect/reset before headers\n",
+                &[],
+            );
         }
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -246,9 +265,13 @@ async fn process(
     }
     if !ran.entries.is_empty() {
         view.response = Vec::with_capacity(resp.headers().len() + 1);
-        view.response.push((":status".into(), resp.status().as_str().to_string()));
+        view.response
+            .push((":status".into(), resp.status().as_str().to_string()));
         for (k, v) in resp.headers() {
-            view.response.push((k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            view.response.push((
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            ));
         }
         let eos = hyper::body::Body::is_end_stream(resp.body());
         if let Some((r, plugin)) = chain::run_response(&ran, &mut view, eos) {
@@ -266,12 +289,20 @@ use hyper_util::rt::TokioIo;
 
 /// A plugin replied locally: run the response callbacks of the plugins that saw the
 /// request, then end their contexts.
-fn finish_local(ctx: &ConnCtx, r: LocalReply, ran: Ran, mut view: HttpState) -> http::Response<RespBody> {
+fn finish_local(
+    ctx: &ConnCtx,
+    r: LocalReply,
+    ran: Ran,
+    mut view: HttpState,
+) -> http::Response<RespBody> {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
     view.response = vec![(":status".into(), resp.status().as_str().to_string())];
     for (k, v) in resp.headers() {
-        view.response.push((k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()));
+        view.response.push((
+            k.as_str().to_string(),
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        ));
     }
     let _ = chain::run_response(&ran, &mut view, true);
     apply_headers(resp.headers_mut(), &view.response);

@@ -132,7 +132,9 @@ mod tests {
             .unwrap();
         drop(a);
         let mut b = b;
-        let (p, prefix) = sniff(&mut b, std::time::Duration::from_secs(1)).await.unwrap();
+        let (p, prefix) = sniff(&mut b, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(p, Protocol::Http1);
         let mut all = Vec::new();
         Rewind::new(prefix, b).read_to_end(&mut all).await.unwrap();
@@ -142,7 +144,9 @@ mod tests {
     #[tokio::test]
     async fn silence_is_opaque() {
         let (_a, mut b) = tokio::io::duplex(64);
-        let (p, prefix) = sniff(&mut b, std::time::Duration::from_millis(30)).await.unwrap();
+        let (p, prefix) = sniff(&mut b, std::time::Duration::from_millis(30))
+            .await
+            .unwrap();
         assert_eq!((p, prefix.len()), (Protocol::Opaque, 0));
     }
 }

@@ -1,0 +1,252 @@
+//! L7 on the destination side, in the node proxy itself (no waypoint): when an
+//! AuthorizationPolicy with HTTP fields or a Wasm plugin applies to the destination
+//! workload and port, the connection (after HBONE termination, or plaintext from
+//! outside the mesh) is parsed as HTTP and every request is authorized and run
+//! through the plugins.
+//!
+//! The protocol is sniffed from the first bytes (HTTP/1.x request line, or the
+//! HTTP/2 prior-knowledge preface), unless a Service port declares it
+//! (`appProtocol` or an Istio-style port name). Traffic that is not HTTP on such a
+//! port is authorized without a request: an ALLOW rule with L7 fields never
+//! matches it and a DENY rule with L7 fields always does, and a plugin that does not
+//! fail open refuses it. Never more permissive than the policy.
+
+pub mod http;
+pub mod sniff;
+pub mod upstream;
+
+use super::state::{LocalPod, ProxyState};
+use crate::wasm::abi::ConnProps;
+use crate::wasm::plugin::{FailStrategy, Plugin};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sniff::Protocol;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use weft_api::authz::Attributes;
+use weft_api::pb;
+
+/// How long the first bytes may take before a connection counts as not HTTP.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a Service says about the protocol on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    Sniff,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// The protocol a Service port declares, from `appProtocol`, else from its name
+/// (`http`, `http-*`, `http2`, `grpc*`, `h2c` / `tcp*`, `tls*`, `https*`, ...).
+pub fn hint_of(app_protocol: &str, port_name: &str) -> Hint {
+    let p = if app_protocol.is_empty() {
+        port_name.split('-').next().unwrap_or("")
+    } else {
+        app_protocol
+    };
+    match p.to_ascii_lowercase().as_str() {
+        "http" => Hint::Http1,
+        "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => Hint::Http2,
+        "tcp" | "tls" | "https" | "mysql" | "mongo" | "redis" | "kubernetes.io/ws"
+        | "kubernetes.io/wss" => Hint::Opaque,
+        _ => Hint::Sniff,
+    }
+}
+
+/// What L7 processing a connection to a workload and port needs.
+#[derive(Clone)]
+pub struct L7Plan {
+    /// An applicable policy has L7 fields for this port.
+    pub authz_http: bool,
+    /// Plugins in execution order.
+    pub plugins: Vec<Arc<Plugin>>,
+    pub hint: Hint,
+}
+
+impl L7Plan {
+    /// Would not-HTTP traffic be refused by a plugin (one that does not fail open)?
+    fn plugins_refuse_opaque(&self) -> Option<&str> {
+        self.plugins
+            .iter()
+            .find(|p| p.fail != FailStrategy::Open)
+            .map(|p| p.id.as_str())
+    }
+}
+
+/// What every request on one connection shares.
+pub struct ConnCtx {
+    pub state: Arc<ProxyState>,
+    pub target: LocalPod,
+    pub dst: SocketAddr,
+    /// The connection's L4 attributes (no request).
+    pub attrs: Attributes,
+    pub props: Arc<ConnProps>,
+    pub plan: L7Plan,
+    pub labels: super::metrics::TcpLabels,
+    pub upstream: upstream::Upstream,
+}
+
+impl ConnCtx {
+    pub fn record_request(
+        &self,
+        method: &'static str,
+        code: u16,
+        took: Duration,
+        decided_by: Option<&str>,
+    ) {
+        let l = super::metrics::RequestLabels::new(&self.labels, method, code);
+        let t = &self.state.metrics.traffic;
+        t.requests.get_or_create(&l).inc();
+        t.request_duration
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+        if let Some(d) = decided_by {
+            tracing::debug!(dst = %self.dst, code, decided_by = d, "request answered locally");
+        }
+    }
+}
+
+/// Serves one destination-side connection at L7. `io` is the HBONE tunnel or the
+/// plaintext connection; returns when the connection ends.
+pub async fn serve<S>(mut io: S, ctx: ConnCtx) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (proto, prefix) = match ctx.plan.hint {
+        Hint::Http1 => (Protocol::Http1, Default::default()),
+        Hint::Http2 => (Protocol::Http2, Default::default()),
+        Hint::Opaque => (Protocol::Opaque, Default::default()),
+        Hint::Sniff => sniff::sniff(&mut io, SNIFF_TIMEOUT).await?,
+    };
+    let io = sniff::Rewind::new(prefix, io);
+    if proto == Protocol::Opaque {
+        return serve_opaque(io, ctx).await;
+    }
+    let ctx = Arc::new(ctx);
+    let svc = {
+        let ctx = ctx.clone();
+        hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, std::convert::Infallible>(http::handle(req, ctx, proto).await) }
+        })
+    };
+    let io = TokioIo::new(io);
+    let r = match proto {
+        Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+            .map_err(anyhow::Error::from),
+        _ => hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await
+            .map_err(anyhow::Error::from),
+    };
+    r.map_err(|e| e.context(format!("HTTP connection to {}", ctx.dst)))
+}
+
+/// Not HTTP on a port with L7 rules or plugins: authorize without a request
+/// (fail-closed for L7 fields), refuse if a plugin does not fail open, else copy.
+async fn serve_opaque<S>(mut io: sniff::Rewind<S>, ctx: ConnCtx) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let d = ctx.state.authorize(&ctx.target.workload, &ctx.attrs);
+    if !d.allowed {
+        ctx.state
+            .counters
+            .l7_opaque_denied
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, policy = ?d.policy, "connection denied: not HTTP on a port with L7 rules");
+        return Ok(());
+    }
+    if let Some(p) = ctx.plan.plugins_refuse_opaque() {
+        ctx.state
+            .counters
+            .l7_opaque_denied
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(dst = %ctx.dst, plugin = p, "connection refused: not HTTP on a port with a Wasm plugin that does not fail open");
+        return Ok(());
+    }
+    let mut app = ctx.upstream.connect().await?;
+    super::copy::bidirectional(&mut io, &mut app).await?;
+    Ok(())
+}
+
+impl ProxyState {
+    /// The L7 processing a connection to `w` on `port` needs, or `None` for L4 only.
+    pub fn l7_plan(&self, w: &pb::Workload, port: u16) -> Option<L7Plan> {
+        let labels: std::collections::BTreeMap<String, String> =
+            w.labels.clone().into_iter().collect();
+        let authz_http = self
+            .compiled_policies()
+            .iter()
+            .any(|p| p.applies_to(&w.namespace, &labels) && p.needs_http(port));
+        let plugins = self
+            .plugins
+            .as_ref()
+            .map(|r| r.for_workload(w, port))
+            .unwrap_or_default();
+        if !authz_http && plugins.is_empty() {
+            return None;
+        }
+        Some(L7Plan {
+            authz_http,
+            plugins,
+            hint: self.port_hint(w, port),
+        })
+    }
+
+    /// The protocol a Service selecting `w` declares for target port `port`.
+    fn port_hint(&self, w: &pb::Workload, port: u16) -> Hint {
+        let snap = self.config.snapshot();
+        for s in snap.services.values() {
+            if s.namespace != w.namespace
+                || s.selector.is_empty()
+                || !s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            for p in &s.ports {
+                let target = match p.target_port.parse::<u16>() {
+                    Ok(t) => Some(t),
+                    Err(_) if p.target_port.is_empty() => u16::try_from(p.port).ok(),
+                    Err(_) => w
+                        .ports
+                        .iter()
+                        .find(|c| c.name == p.target_port)
+                        .and_then(|c| u16::try_from(c.port).ok()),
+                };
+                if target == Some(port) {
+                    let h = hint_of(&p.app_protocol, &p.name);
+                    if h != Hint::Sniff {
+                        return h;
+                    }
+                }
+            }
+        }
+        Hint::Sniff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_hints() {
+        assert_eq!(hint_of("", "http-web"), Hint::Http1);
+        assert_eq!(hint_of("", "http"), Hint::Http1);
+        assert_eq!(hint_of("", "grpc-api"), Hint::Http2);
+        assert_eq!(hint_of("kubernetes.io/h2c", "x"), Hint::Http2);
+        assert_eq!(hint_of("tcp", "http"), Hint::Opaque);
+        assert_eq!(hint_of("", "tcp-db"), Hint::Opaque);
+        assert_eq!(hint_of("", "web"), Hint::Sniff);
+        assert_eq!(hint_of("", ""), Hint::Sniff);
+    }
+}
