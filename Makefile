@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build demo test lint fmt crds bench clean
+.PHONY: all setup build plugins demo test lint fmt crds bench clean
 
 all: build
 
@@ -10,8 +10,21 @@ all: build
 setup:
 	@./.ci/setup
 
-build: setup
+build: setup plugins
 	$(CARGO) build --workspace --bins
+
+# The example Wasm plugins, built from source into target/plugins/.
+PLUGINS := target/plugins
+plugins: setup $(PLUGINS)/peer_gate_c.wasm $(PLUGINS)/peer_gate_as.wasm
+
+$(PLUGINS)/peer_gate_c.wasm: examples/plugins/c/peer_gate.c
+	@mkdir -p $(PLUGINS)
+	clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o $@ $<
+
+$(PLUGINS)/peer_gate_as.wasm: examples/plugins/assemblyscript/assembly/index.ts examples/plugins/assemblyscript/package-lock.json examples/plugins/assemblyscript/asconfig.json
+	@mkdir -p $(PLUGINS)
+	cd examples/plugins/assemblyscript && npm ci --no-audit --no-fund --loglevel=error && npm run -s build
+	cp examples/plugins/assemblyscript/build/peer_gate.wasm $@
 
 demo: build
 	$(CARGO) run -q -p weft-e2e --bin weft-demo -- $(DEMO_ARGS)

@@ -393,6 +393,11 @@ impl LocalCluster {
         Self::http_via(self.fabric_worker.as_ref().context("fabric")?, addr, path)
     }
 
+    /// GET `path` from the control plane's admin endpoint (`/debug/status`, ...).
+    pub fn cp_http(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.fabric_http(&format!("{FABRIC_IP}:15014"), path)
+    }
+
     pub fn node_http(&self, node: &str, path: &str) -> anyhow::Result<(u16, String)> {
         Self::http_via(
             &self.nodes.get(node).context("no such node")?.worker,

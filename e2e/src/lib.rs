@@ -3,6 +3,7 @@
 //! sockets on loopback, and clean up everything they started when dropped.
 
 pub mod cluster;
+pub mod curl;
 pub mod netlab;
 pub mod process;
 pub mod standalone;

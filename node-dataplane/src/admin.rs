@@ -81,6 +81,9 @@ fn proxy_counters(s: &AdminState) -> serde_json::Value {
         "plaintext_out": c.plaintext_out.load(Relaxed),
         "plaintext_in_denied": c.plaintext_in_denied.load(Relaxed),
         "closed_by_policy_change": c.closed_by_policy_change.load(Relaxed),
+        "l7_connections": c.l7_connections.load(Relaxed),
+        "l7_opaque_denied": c.l7_opaque_denied.load(Relaxed),
+        "wasm_plugins": wasm_plugins(p),
         "open_inbound": p.conns.len(),
         "last_hbone_peer_serial": p.last_peer_serial.lock().map(|s| s.clone()).unwrap_or_default(),
         "pools": p.pool.sizes().into_iter().map(|(k, conns, streams)| serde_json::json!({
@@ -88,6 +91,40 @@ fn proxy_counters(s: &AdminState) -> serde_json::Value {
             "connections": conns, "active_streams": streams,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Each Wasm plugin's state: load error, calls, failures, memory.
+fn wasm_plugins(p: &crate::proxy::state::ProxyState) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(reg) = &p.plugins else {
+        return serde_json::Value::Null;
+    };
+    let mut v: Vec<serde_json::Value> = reg
+        .all()
+        .values()
+        .map(|pl| {
+            let st = &pl.stats;
+            serde_json::json!({
+                "plugin": pl.id,
+                "sha256": pl.spec.sha256,
+                "phase": format!("{:?}", pl.phase),
+                "priority": pl.priority,
+                "fail_strategy": format!("{:?}", pl.fail),
+                "load_error": pl.load_error().map(ToString::to_string),
+                "calls": st.calls.load(Relaxed),
+                "local_replies": st.local_replies.load(Relaxed),
+                "skipped": st.skipped.load(Relaxed),
+                "failed_requests": st.failed_requests.load(Relaxed),
+                "restarts": st.restarts.load(Relaxed),
+                "recycled": st.recycled.load(Relaxed),
+                "errors": st.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+                "last_error": st.last_error.lock().map(|e| e.clone()).unwrap_or_default(),
+                "instance_memory_bytes": pl.instance_memory(),
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a["plugin"].as_str().cmp(&b["plugin"].as_str()));
+    serde_json::Value::Array(v)
 }
 
 fn enrolled_pods(s: &AdminState) -> serde_json::Value {

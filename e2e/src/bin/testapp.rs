@@ -26,6 +26,13 @@ enum Cmd {
         #[arg(long)]
         count_file: Option<std::path::PathBuf>,
     },
+    /// HTTP server (HTTP/1.1 and h2c prior knowledge): answers every request with
+    /// 200, body `<method> <path-and-query>`, header `x-app: testapp`, and echoes the
+    /// request header `x-echo`.
+    Http {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Echo server: writes back whatever it reads.
     Echo {
         #[arg(long)]
@@ -192,8 +199,65 @@ fn cfb(addr: SocketAddr, count: usize) -> std::io::Result<(f64, f64)> {
     Ok(percentiles(lat))
 }
 
+fn http_server(listen: SocketAddr) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1)
+        }
+    };
+    rt.block_on(async move {
+        let l = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bind {listen}: {e}");
+                std::process::exit(1)
+            }
+        };
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!(
+                            "{} {}",
+                            req.method(),
+                            req.uri()
+                                .path_and_query()
+                                .map(|p| p.as_str())
+                                .unwrap_or("/")
+                        );
+                        let mut r = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        ));
+                        r.headers_mut()
+                            .insert("x-app", http::HeaderValue::from_static("testapp"));
+                        if let Some(v) = req.headers().get("x-echo") {
+                            r.headers_mut().insert("x-echo", v.clone());
+                        }
+                        Ok::<_, std::convert::Infallible>(r)
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+            });
+        }
+    });
+}
+
 fn main() {
     match Args::parse().cmd {
+        Cmd::Http { listen } => http_server(listen),
         Cmd::Echo { listen } => {
             let l = TcpListener::bind(listen).unwrap_or_else(|e| {
                 eprintln!("bind {listen}: {e}");

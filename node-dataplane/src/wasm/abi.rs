@@ -379,8 +379,14 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return Ok(INVALID_MEMORY_ACCESS);
             };
             let path = String::from_utf8_lossy(&path).into_owned();
-            // Segments are NUL-separated; tolerate a trailing NUL.
-            let segs: Vec<&str> = path.trim_end_matches('\0').split('\0').collect();
+            // Segments are NUL-separated (the ABI); dotted paths, which some SDKs
+            // pass, are accepted too. A trailing NUL is tolerated.
+            let path = path.trim_end_matches('\0');
+            let segs: Vec<&str> = if path.contains('\0') {
+                path.split('\0').collect()
+            } else {
+                path.split('.').collect()
+            };
             match c.data().property(&segs) {
                 Some(v) => return_bytes(&mut c, &v, rp, rl),
                 None => Ok(NOT_FOUND),

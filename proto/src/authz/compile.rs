@@ -334,10 +334,11 @@ fn source_matches(s: &Source, a: &Attributes, unknown: bool) -> bool {
 }
 
 fn operation_matches(o: &Operation, a: &Attributes, unknown: bool) -> bool {
-    if o.is_l7() && a.request.is_none() {
-        return unknown;
-    }
     let port_ok = o.ports.check(|p| *p == a.destination_port, true);
+    if o.is_l7() && a.request.is_none() {
+        // The L7 part cannot be evaluated; the port still must match.
+        return port_ok && unknown;
+    }
     match &a.request {
         Some(req) => {
             port_ok

@@ -562,6 +562,34 @@ fn l7_fields_before_the_first_request() {
         ..Default::default()
     });
     assert!(!evaluate([&allow_other_ns], &pending).allowed);
+    // A DENY rule's L7 part is unknown on non-HTTP traffic, but its port still
+    // decides: traffic to another port is not denied by it.
+    let deny_l7_on_9090 = policy(
+        pb::authorization_policy::Action::Deny,
+        vec![pb::Rule {
+            to: vec![pb::Operation {
+                ports: v(&["9090"]),
+                paths: v(&["/x"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+    assert!(evaluate([&deny_l7_on_9090], &t_conn()).allowed, "port 8080");
+    let on_9090 = Attributes {
+        destination_port: 9090,
+        ..t_conn()
+    };
+    assert!(!evaluate([&deny_l7_on_9090], &on_9090).allowed);
+    let pending_8080_allow = allow_to(pb::Operation {
+        ports: v(&["9090"]),
+        paths: v(&["/x"]),
+        ..Default::default()
+    });
+    assert!(
+        !allowed(&pending_8080_allow, &pending),
+        "L7 rule for another port"
+    );
 }
 
 #[test]
