@@ -8,5 +8,5 @@ pub mod netlab;
 pub mod process;
 pub mod standalone;
 
-pub use process::{bin_path, free_port, http_get, wait_until, Proc};
+pub use process::{bin_path, free_port, http_get, plugin_path, wait_until, Proc};
 pub use standalone::StandaloneMesh;

@@ -7,6 +7,18 @@ use std::time::{Duration, Instant};
 
 /// Path of a workspace binary. `WEFT_BIN_DIR` overrides; otherwise the target
 /// directory of the running executable (tests live in target/<profile>/deps).
+/// An example Wasm plugin built by `make plugins` (`target/plugins/<name>.wasm`).
+pub fn plugin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join("plugins").join(format!("{name}.wasm"));
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("plugin {name}.wasm not found under the target directory; build it first: make plugins (make test does)")
+}
+
 pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     if let Ok(dir) = std::env::var("WEFT_BIN_DIR") {
         return Ok(Path::new(&dir).join(name));

@@ -1,0 +1,239 @@
+//! Wasm plugins in the node proxy, across nodes over mTLS: the example plugins
+//! (C and AssemblyScript, built from source by `make plugins`) deny and allow by
+//! peer SPIFFE ID and add their header; a config change applies without restarting
+//! the node; failing plugins (trap, infinite loop, memory bomb) follow their
+//! failStrategy; a digest mismatch is rejected and the plugin never runs. Root.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+use weft_e2e::cluster::LocalCluster;
+use weft_e2e::curl::{curl, Reply};
+use weft_e2e::netlab::require_root;
+use weft_e2e::{bin_path, plugin_path, wait_until};
+
+const ADMIN: &str = "spiffe://cluster.local/ns/shop/sa/admin";
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+
+fn plugin(name: &str, app: &str, url: &Path, extra: &str) -> String {
+    format!(
+        "apiVersion: extensions.weft.dev/v1alpha1\nkind: WasmPlugin\n\
+         metadata: {{name: {name}, namespace: shop}}\n\
+         spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  url: file://{}\n{extra}",
+        url.display()
+    )
+}
+
+fn gate_config(value: &str, peers: &[&str]) -> String {
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "  pluginConfig: {{protectedPrefix: /private, allowedPeers: [{}], header: x-weft-plugin, value: {value}}}\n",
+        peers.join(", ")
+    )
+}
+
+/// A Proxy-Wasm module whose request-headers callback runs `body`.
+fn wat_module(body: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {body}))"#
+    ))
+    .unwrap()
+}
+
+fn get(c: &LocalCluster, pod: &str, ip: &str, path: &str) -> Reply {
+    curl(c, pod, &[], &format!("http://{ip}:8080{path}")).unwrap()
+}
+
+#[test]
+fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
+    require_root();
+    let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+    c.namespace("shop", true).unwrap();
+    let apps = [
+        "web-c",
+        "web-as",
+        "trap-close",
+        "trap-open",
+        "loop",
+        "bomb",
+        "bad-sha",
+    ];
+    let mut ips = std::collections::BTreeMap::new();
+    for a in apps {
+        ips.insert(a, c.add_pod("shop", a, "node-b", &[("app", a)]).unwrap());
+    }
+    c.add_pod("shop", "client", "node-a", &[("app", "client")])
+        .unwrap();
+    c.add_pod("shop", "admin", "node-a", &[("app", "admin")])
+        .unwrap();
+    let app = bin_path("weft-testapp").unwrap();
+    for a in apps {
+        c.wait_enrolled("node-b", &format!("shop/{a}")).unwrap();
+        c.spawn_app(
+            &format!("shop/{a}"),
+            &app,
+            &["http", "--listen", "0.0.0.0:8080"],
+        )
+        .unwrap();
+    }
+    c.wait_enrolled("node-a", "shop/client").unwrap();
+    c.wait_enrolled("node-a", "shop/admin").unwrap();
+
+    let dir = c.config_dir();
+    let modules = dir.parent().unwrap().join("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    let trap = modules.join("trap.wasm");
+    std::fs::write(&trap, wat_module("(unreachable)")).unwrap();
+    let spin = modules.join("loop.wasm");
+    std::fs::write(&spin, wat_module("(loop $l (br $l)) (i32.const 0)")).unwrap();
+    let bomb = modules.join("bomb.wasm");
+    std::fs::write(
+        &bomb,
+        wat_module("(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (i32.const 0)"),
+    )
+    .unwrap();
+    let c_mod = plugin_path("peer_gate_c").unwrap();
+    let as_mod = plugin_path("peer_gate_as").unwrap();
+    let manifests = [
+        plugin("gate-c", "web-c", &c_mod, &gate_config("c", &[ADMIN])),
+        plugin("gate-as", "web-as", &as_mod, &gate_config("as", &[ADMIN])),
+        plugin(
+            "trap-close",
+            "trap-close",
+            &trap,
+            "  failStrategy: FAIL_CLOSE\n",
+        ),
+        plugin(
+            "trap-open",
+            "trap-open",
+            &trap,
+            "  failStrategy: FAIL_OPEN\n",
+        ),
+        plugin(
+            "loop",
+            "loop",
+            &spin,
+            "  failStrategy: FAIL_OPEN\n  limits: {cpuTimePerCallbackMillis: 20}\n",
+        ),
+        plugin(
+            "bomb",
+            "bomb",
+            &bomb,
+            "  failStrategy: FAIL_CLOSE\n  limits: {memoryBytes: 2097152}\n",
+        ),
+        plugin(
+            "bad-sha",
+            "bad-sha",
+            &c_mod,
+            &format!(
+                "  sha256: \"{}\"\n{}",
+                "0".repeat(64),
+                gate_config("bad", &[])
+            ),
+        ),
+    ];
+    c.write_manifest("plugins.yaml", &manifests.join("---\n"))
+        .unwrap();
+
+    // The C and AssemblyScript plugins: deny /private unless the peer is the admin,
+    // and add their header (to local replies too).
+    for (a, value) in [("web-c", "c"), ("web-as", "as")] {
+        let ip = &ips[a];
+        let r = wait_until(Duration::from_secs(30), || {
+            let r = curl(
+                &c,
+                "shop/client",
+                &[],
+                &format!("http://{ip}:8080/private/x"),
+            )
+            .ok()?;
+            (r.status == 403).then_some(r)
+        })
+        .unwrap_or_else(|| panic!("{a}: plugin never denied:\n{}", c.agent_log("node-b")));
+        assert_eq!(r.body, "denied by the peer_gate plugin\n", "{a}");
+        assert_eq!(r.header("x-weft-plugin"), Some(value), "{a}");
+        let r = get(&c, "shop/admin", ip, "/private/x");
+        assert_eq!((r.status, r.body.as_str()), (200, "GET /private/x"), "{a}");
+        assert_eq!(r.header("x-weft-plugin"), Some(value), "{a}");
+        assert_eq!(r.header("x-app"), Some("testapp"), "{a}");
+        let r = get(&c, "shop/client", ip, "/public");
+        assert_eq!(
+            (r.status, r.header("x-weft-plugin")),
+            (200, Some(value)),
+            "{a}"
+        );
+    }
+
+    // FAIL_CLOSE trap: 500, then 503 for later requests; FAIL_OPEN: passes.
+    assert_eq!(get(&c, "shop/client", &ips["trap-close"], "/").status, 500);
+    assert_eq!(get(&c, "shop/client", &ips["trap-close"], "/").status, 503);
+    let r = get(&c, "shop/client", &ips["trap-open"], "/x");
+    assert_eq!((r.status, r.body.as_str()), (200, "GET /x"));
+    // An infinite loop is stopped at its 20 ms deadline (FAIL_OPEN: the request
+    // passes), and the proxy keeps serving everyone else.
+    let t = Instant::now();
+    let r = get(&c, "shop/client", &ips["loop"], "/spin");
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(get(&c, "shop/admin", &ips["web-c"], "/private").status, 200);
+    // A memory bomb hits its 2 MiB cap: FAIL_CLOSE answers 500.
+    assert_eq!(get(&c, "shop/client", &ips["bomb"], "/").status, 500);
+    // A digest mismatch: rejected with a status naming the field; the plugin never
+    // runs and, failing closed, its workload's requests get 503.
+    let r = get(&c, "shop/client", &ips["bad-sha"], "/public");
+    assert_eq!((r.status, r.header("x-weft-plugin")), (503, None));
+    let (_, status) = c.cp_http("/debug/status").unwrap();
+    assert!(
+        status.contains("WasmPlugin shop/bad-sha")
+            && status.contains("spec.sha256: DigestMismatch"),
+        "{status}"
+    );
+
+    let dump = c.config_dump("node-b").unwrap();
+    let plugins = dump["proxy"]["wasm_plugins"].as_array().unwrap().clone();
+    let by = |id: &str| plugins.iter().find(|p| p["plugin"] == id).unwrap().clone();
+    assert_eq!(by("shop/loop")["errors"]["deadline"], 1, "{plugins:?}");
+    assert_eq!(by("shop/bomb")["errors"]["memory"], 1, "{plugins:?}");
+    assert_eq!(by("shop/trap-close")["errors"]["trap"], 1, "{plugins:?}");
+    assert!(by("shop/bad-sha")["load_error"]
+        .as_str()
+        .unwrap()
+        .contains("DigestMismatch"));
+    for id in ["shop/gate-c", "shop/gate-as"] {
+        let mem = by(id)["instance_memory_bytes"].as_array().unwrap().clone();
+        assert!(
+            mem.iter().all(|m| m.as_u64().unwrap() <= 2 << 20),
+            "{id}: {mem:?} (target: at most 2 MiB per instance)"
+        );
+    }
+
+    // A configuration change applies without restarting the node: the client is
+    // now allowed and the header changes.
+    let agent_log_before = c.agent_log("node-b").lines().count();
+    let mut changed = manifests.clone();
+    changed[0] = plugin(
+        "gate-c",
+        "web-c",
+        &c_mod,
+        &gate_config("c2", &[ADMIN, CLIENT]),
+    );
+    c.write_manifest("plugins.yaml", &changed.join("---\n"))
+        .unwrap();
+    let r = wait_until(Duration::from_secs(20), || {
+        let r = get(&c, "shop/client", &ips["web-c"], "/private/y");
+        (r.status == 200).then_some(r)
+    })
+    .expect("new plugin config applied");
+    assert_eq!(r.header("x-weft-plugin"), Some("c2"));
+    assert!(c.node_ready("node-b"));
+    let log = c.agent_log("node-b");
+    assert!(!log
+        .lines()
+        .skip(agent_log_before)
+        .any(|l| l.contains("node agent started")));
+}
