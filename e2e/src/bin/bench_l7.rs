@@ -1,0 +1,189 @@
+//! L7 benchmark (issue: L7 + Wasm). On the local cluster harness, in one run:
+//! HTTP/1.1 keep-alive requests (wrk, 1 connection, 1 thread) from an enrolled
+//! client on node-a to enrolled HTTP servers on node-b, over HBONE mTLS:
+//! - L4: no L7 policy (bytes copied);
+//! - L7 policy: an ALLOW rule on method and path, so requests are parsed;
+//! - L7 + C plugin: the same policy plus the C example plugin;
+//! - L7 + AssemblyScript plugin: the same policy plus the AssemblyScript one.
+//!
+//! Rounds are interleaved and the median per setup is reported: requests/s, p50 and
+//! p99 latency, and the added p50 against L4 and against L7-policy-only. Then the
+//! plugins' instance memory from the node's /config_dump.
+
+use clap::Parser;
+use std::path::Path;
+use std::time::Duration;
+use weft_e2e::cluster::LocalCluster;
+use weft_e2e::netlab::require_root;
+use weft_e2e::{bin_path, plugin_path, wait_until};
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+#[derive(Default, Clone, Copy, Debug)]
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn us(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1000.0,
+        "s" => n * 1e6,
+        _ => return None,
+    })
+}
+
+fn wrk(c: &LocalCluster, url: &str, secs: u32) -> anyhow::Result<Run> {
+    let (ok, out, err) = c.run_app(
+        "bench/client",
+        Path::new("/usr/bin/wrk"),
+        &["-t1", "-c1", &format!("-d{secs}s"), "--latency", url],
+    )?;
+    anyhow::ensure!(ok, "wrk: {err}{out}");
+    anyhow::ensure!(!out.contains("Non-2xx"), "wrk saw errors: {out}");
+    let mut r = Run::default();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["50%", v] => r.p50_us = us(v).unwrap_or(0.0),
+            ["99%", v] => r.p99_us = us(v).unwrap_or(0.0),
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    anyhow::ensure!(r.rps > 0.0 && r.p50_us > 0.0, "unparsed wrk output: {out}");
+    Ok(r)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+const POLICY: &str = r#"apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: bench}
+spec:
+  selector: {matchLabels: {tier: l7}}
+  action: ALLOW
+  rules:
+    - to: [{operation: {methods: ["GET"], paths: ["/bench*"]}}]
+"#;
+
+fn plugin(name: &str, app: &str, module: &Path) -> String {
+    format!(
+        "apiVersion: extensions.weft.dev/v1alpha1\nkind: WasmPlugin\n\
+         metadata: {{name: {name}, namespace: bench}}\n\
+         spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  url: file://{}\n  \
+         pluginConfig: {{protectedPrefix: /private, allowedPeers: [], header: x-weft-plugin, value: {name}}}\n",
+        module.display()
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    require_root();
+    let mut c = LocalCluster::new(&["node-a", "node-b"])?;
+    c.namespace("bench", true)?;
+    let setups = [
+        ("L4 (no L7 policy)", "l4", "none"),
+        ("L7 policy", "l7", "l7"),
+        ("L7 policy + C plugin", "c", "l7"),
+        ("L7 policy + AssemblyScript plugin", "as", "l7"),
+    ];
+    let app = bin_path("weft-testapp")?;
+    let mut ips = Vec::new();
+    for (_, name, tier) in setups {
+        let ip = c.add_pod("bench", name, "node-b", &[("app", name), ("tier", tier)])?;
+        c.wait_enrolled("node-b", &format!("bench/{name}"))?;
+        c.spawn_app(
+            &format!("bench/{name}"),
+            &app,
+            &["http", "--listen", "0.0.0.0:8080"],
+        )?;
+        ips.push(ip);
+    }
+    c.add_pod("bench", "client", "node-a", &[("app", "client")])?;
+    c.wait_enrolled("node-a", "bench/client")?;
+    c.write_manifest(
+        "bench.yaml",
+        &[
+            POLICY.to_string(),
+            plugin("c", "c", &plugin_path("peer_gate_c")?),
+            plugin("as", "as", &plugin_path("peer_gate_as")?),
+        ]
+        .join("---\n"),
+    )?;
+    // Ready when each setup answers as configured (plugins add their header).
+    for ((_, name, _), ip) in setups.iter().zip(&ips) {
+        let url = format!("http://{ip}:8080/bench");
+        wait_until(Duration::from_secs(30), || {
+            let r = weft_e2e::curl::curl(&c, "bench/client", &[], &url).ok()?;
+            let want = match *name {
+                "c" | "as" => r.header("x-weft-plugin") == Some(name),
+                _ => true,
+            };
+            (r.status == 200 && want).then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("{name} not ready"))?;
+    }
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); setups.len()];
+    for round in 0..args.rounds {
+        for (i, ip) in ips.iter().enumerate() {
+            let r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds)?;
+            eprintln!(
+                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us",
+                setups[i].0, r.rps, r.p50_us, r.p99_us
+            );
+            runs[i].push(r);
+        }
+    }
+    let med: Vec<Run> = runs
+        .iter()
+        .map(|v| Run {
+            rps: median(v.iter().map(|r| r.rps).collect()),
+            p50_us: median(v.iter().map(|r| r.p50_us).collect()),
+            p99_us: median(v.iter().map(|r| r.p99_us).collect()),
+        })
+        .collect();
+    println!("HTTP/1.1 keep-alive, 1 connection, node-a -> node-b over HBONE mTLS; median of {} x {} s runs", args.rounds, args.seconds);
+    println!("| setup | requests/s | p50 | p99 | p50 added vs L4 | p50 added vs L7 policy |");
+    println!("|---|---|---|---|---|---|");
+    for (i, r) in med.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.1} us | {:.1} us | {:+.1} us | {} |",
+            setups[i].0,
+            r.rps,
+            r.p50_us,
+            r.p99_us,
+            r.p50_us - med[0].p50_us,
+            if i >= 2 {
+                format!("{:+.1} us", r.p50_us - med[1].p50_us)
+            } else {
+                "".into()
+            }
+        );
+    }
+    let dump = c.config_dump("node-b")?;
+    if let Some(plugins) = dump["proxy"]["wasm_plugins"].as_array() {
+        for p in plugins {
+            println!(
+                "plugin {}: instance linear memory {:?} bytes, calls {}",
+                p["plugin"], p["instance_memory_bytes"], p["calls"]
+            );
+        }
+    }
+    Ok(())
+}
