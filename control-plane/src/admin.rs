@@ -83,6 +83,7 @@ struct Rejected {
     accepted: bool,
     errors: Vec<String>,
     not_enforced: Vec<String>,
+    enforced_at_l7: Vec<String>,
 }
 
 async fn status(State(s): State<AdminState>) -> impl IntoResponse {
@@ -90,7 +91,11 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
         .model
         .statuses()
         .into_iter()
-        .filter(|(_, st)| !st.report.errors.is_empty() || !st.report.unsupported.is_empty())
+        .filter(|(_, st)| {
+            !st.report.errors.is_empty()
+                || !st.report.unsupported.is_empty()
+                || !st.l7_enforced.is_empty()
+        })
         .map(|(r, st)| Rejected {
             object: r.to_string(),
             accepted: st.report.is_valid(),
@@ -101,6 +106,7 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            enforced_at_l7: st.l7_enforced,
         })
         .collect();
     Json(Status {

@@ -5,6 +5,7 @@
 
 pub mod convert;
 pub mod enrollment;
+pub mod l7;
 
 use crate::config::{ManifestError, Object, ObjectRef, SourceEvent};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
@@ -81,6 +82,8 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectStatus {
     pub report: Report,
+    /// Rules enforced per request at L7 (policies).
+    pub l7_enforced: Vec<String>,
 }
 
 #[derive(Default)]
@@ -390,8 +393,11 @@ impl Model {
         let mesh_wide = ns == self.cfg.root_namespace;
         let mut statuses = Vec::new();
         let policies: Vec<AuthorizationPolicy> = range(&inputs.policies, ns).cloned().collect();
+        let services: Vec<Service> = range(&inputs.services, ns).cloned().collect();
+        let services: Vec<&Service> = services.iter().collect();
         for p in policies {
-            let report = validate::validate_authorization_policy(&p.spec);
+            let mut report = validate::validate_authorization_policy(&p.spec);
+            let l7_enforced = l7::l7_status(&p.spec, &services, &mut report);
             let obj = Object::AuthorizationPolicy(p.clone()).object_ref();
             log_report(&obj, &report);
             if let Some(pp) = convert::authorization_policy(&p, &report, &self.cfg.root_namespace) {
@@ -405,7 +411,13 @@ impl Model {
                     ),
                 );
             }
-            statuses.push((obj, ObjectStatus { report }));
+            statuses.push((
+                obj,
+                ObjectStatus {
+                    report,
+                    l7_enforced,
+                },
+            ));
         }
         let plugins: Vec<WasmPlugin> = range(&inputs.plugins, ns).cloned().collect();
         for p in plugins {
@@ -443,7 +455,13 @@ impl Model {
                     ),
                 );
             }
-            statuses.push((obj, ObjectStatus { report }));
+            statuses.push((
+                obj,
+                ObjectStatus {
+                    report,
+                    l7_enforced: Vec::new(),
+                },
+            ));
         }
         inputs.statuses.retain(|r, _| {
             !(r.namespace == ns && (r.kind == "AuthorizationPolicy" || r.kind == "WasmPlugin"))

@@ -180,6 +180,45 @@ spec:
 }
 
 #[test]
+fn l7_rules_are_reported_enforced_or_not_enforceable() {
+    let m = model();
+    let text = format!(
+        "{BASE}\n---\n{}",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: db}, ports: [{name: pg, port: 5432, appProtocol: tcp}]}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: shop}
+spec:
+  rules:
+    - to: [{operation: {ports: ["8080"], methods: ["GET"], paths: ["/api/*"]}}]
+    - to: [{operation: {ports: ["5432"], paths: ["/x"]}}]
+    - from: [{source: {namespaces: ["shop"]}}]
+"#
+    );
+    m.apply(SourceEvent::Snapshot(objects(&text)));
+    let statuses = m.statuses();
+    let s = statuses
+        .iter()
+        .find(|(r, _)| r.name == "l7")
+        .map(|(_, s)| s)
+        .unwrap();
+    assert!(s.report.is_valid());
+    assert_eq!(s.l7_enforced.len(), 2, "{:?}", s.l7_enforced);
+    assert!(s.l7_enforced[0].starts_with("spec.rules[0]: methods, paths enforced per request"));
+    assert!(s.l7_enforced[0].ends_with("an ALLOW rule never matches it"));
+    assert_eq!(s.report.unsupported.len(), 1, "{:?}", s.report.unsupported);
+    assert_eq!(
+        s.report.unsupported[0].field,
+        "spec.rules[1].to[0].operation.ports"
+    );
+    assert!(s.report.unsupported[0].message.contains("Service db"));
+}
+
+#[test]
 fn delete_removes_resources() {
     let m = model();
     m.apply(SourceEvent::Snapshot(objects(BASE)));

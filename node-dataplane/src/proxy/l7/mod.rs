@@ -40,20 +40,14 @@ pub enum Hint {
     Opaque,
 }
 
-/// The protocol a Service port declares, from `appProtocol`, else from its name
-/// (`http`, `http-*`, `http2`, `grpc*`, `h2c` / `tcp*`, `tls*`, `https*`, ...).
+/// The protocol a Service port declares (see [`weft_api::protocol`]).
 pub fn hint_of(app_protocol: &str, port_name: &str) -> Hint {
-    let p = if app_protocol.is_empty() {
-        port_name.split('-').next().unwrap_or("")
-    } else {
-        app_protocol
-    };
-    match p.to_ascii_lowercase().as_str() {
-        "http" => Hint::Http1,
-        "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => Hint::Http2,
-        "tcp" | "tls" | "https" | "mysql" | "mongo" | "redis" | "kubernetes.io/ws"
-        | "kubernetes.io/wss" => Hint::Opaque,
-        _ => Hint::Sniff,
+    use weft_api::protocol::{declared, Declared};
+    match declared(app_protocol, port_name) {
+        Declared::Http1 => Hint::Http1,
+        Declared::Http2 => Hint::Http2,
+        Declared::Opaque => Hint::Opaque,
+        Declared::Unknown => Hint::Sniff,
     }
 }
 
@@ -241,12 +235,8 @@ mod tests {
     #[test]
     fn protocol_hints() {
         assert_eq!(hint_of("", "http-web"), Hint::Http1);
-        assert_eq!(hint_of("", "http"), Hint::Http1);
         assert_eq!(hint_of("", "grpc-api"), Hint::Http2);
-        assert_eq!(hint_of("kubernetes.io/h2c", "x"), Hint::Http2);
         assert_eq!(hint_of("tcp", "http"), Hint::Opaque);
-        assert_eq!(hint_of("", "tcp-db"), Hint::Opaque);
         assert_eq!(hint_of("", "web"), Hint::Sniff);
-        assert_eq!(hint_of("", ""), Hint::Sniff);
     }
 }
