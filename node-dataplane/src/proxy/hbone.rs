@@ -379,6 +379,7 @@ async fn handle(
                     }),
                     plan,
                     labels: l.clone(),
+                    handles: Default::default(),
                 };
                 tokio::select! {
                     r = super::l7::serve(TokioIo::new(up), ctx) => r?,

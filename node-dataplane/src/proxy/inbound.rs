@@ -82,6 +82,7 @@ pub async fn serve(
                         props: Arc::new(crate::wasm::abi::ConnProps { source: peer, destination: dst, peer_id: None }),
                         plan,
                         labels: l.clone(),
+                    handles: Default::default(),
                     };
                     stats.forwarded.fetch_add(1, Ordering::Relaxed);
                     let r = tokio::select! {

@@ -190,13 +190,11 @@ impl ProxyState {
 
     /// Authorizes a connection to the local workload `dst`.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
-        let labels: std::collections::BTreeMap<String, String> =
-            dst.labels.clone().into_iter().collect();
         let compiled = self.compiled_policies();
         let d = authz::evaluate(
             compiled
                 .iter()
-                .filter(|p| p.applies_to(&dst.namespace, &labels)),
+                .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels)),
             attrs,
         );
         self.record_decision(&d);

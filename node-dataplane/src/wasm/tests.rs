@@ -393,3 +393,31 @@ fn growing_instances_are_recycled_not_failed() {
     assert!(p.stats.recycled.load(Ordering::Relaxed) >= 5);
     assert!(p.stats.errors.lock().unwrap().is_empty());
 }
+
+#[test]
+fn plugins_run_by_phase_then_priority() {
+    let engine = WasmEngine::new().unwrap();
+    let mk = |name: &str, phase: &str, priority: i32| {
+        let mut s = spec("FAIL_OPEN");
+        s.name = name.into();
+        s.phase = phase.into();
+        s.priority = priority;
+        Arc::new(Plugin::new(
+            &engine,
+            s,
+            Err(WasmError::Unavailable("test".into())),
+            1,
+        ))
+    };
+    let mut v = vec![
+        mk("stats", "STATS", 100),
+        mk("none", "", 0),
+        mk("authz-low", "AUTHZ", 1),
+        mk("authn", "AUTHN", -5),
+        mk("authz-high", "AUTHZ", 9),
+    ];
+    super::chain::order(&mut v);
+    let ids: Vec<&str> = v.iter().map(|p| p.spec.name.as_str()).collect();
+    assert_eq!(ids, ["authn", "authz-high", "authz-low", "stats", "none"]);
+    assert!(v[2].phase.before_authz() && !v[3].phase.before_authz());
+}

@@ -243,6 +243,17 @@ impl CompiledPolicy {
             && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 
+    /// [`applies_to`](Self::applies_to) with a workload's label map as the wire
+    /// format carries it (no copy).
+    pub fn applies_to_labels(
+        &self,
+        namespace: &str,
+        labels: &std::collections::HashMap<String, String>,
+    ) -> bool {
+        (self.mesh_wide || self.namespace == namespace)
+            && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
     /// Index of the first matching rule.
     pub fn matching_rule(&self, a: &Attributes) -> Option<usize> {
         if self.broken.is_some() {

@@ -82,7 +82,16 @@ pub struct ConnCtx {
     pub plan: L7Plan,
     pub labels: super::metrics::TcpLabels,
     pub upstream: upstream::Upstream,
+    /// Metric handles of this connection by (method, code): label sets are built
+    /// once per connection, not per request.
+    pub handles: std::sync::Mutex<Vec<RequestHandles>>,
 }
+
+type RequestHandles = (
+    (&'static str, u16),
+    prometheus_client::metrics::counter::Counter,
+    prometheus_client::metrics::histogram::Histogram,
+);
 
 impl ConnCtx {
     pub fn record_request(
@@ -92,12 +101,24 @@ impl ConnCtx {
         took: Duration,
         decided_by: Option<&str>,
     ) {
-        let l = super::metrics::RequestLabels::new(&self.labels, method, code);
-        let t = &self.state.metrics.traffic;
-        t.requests.get_or_create(&l).inc();
-        t.request_duration
-            .get_or_create(&l)
-            .observe(took.as_secs_f64());
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match handles.iter().position(|(k, _, _)| *k == (method, code)) {
+            Some(i) => i,
+            None => {
+                let l = super::metrics::RequestLabels::new(&self.labels, method, code);
+                let t = &self.state.metrics.traffic;
+                handles.push((
+                    (method, code),
+                    t.requests.get_or_create(&l).clone(),
+                    t.request_duration.get_or_create(&l).clone(),
+                ));
+                handles.len() - 1
+            }
+        };
+        let (_, count, hist) = &handles[i];
+        count.inc();
+        hist.observe(took.as_secs_f64());
+        drop(handles);
         if let Some(d) = decided_by {
             tracing::debug!(dst = %self.dst, code, decided_by = d, "request answered locally");
         }
@@ -175,12 +196,10 @@ where
 impl ProxyState {
     /// The L7 processing a connection to `w` on `port` needs, or `None` for L4 only.
     pub fn l7_plan(&self, w: &pb::Workload, port: u16) -> Option<L7Plan> {
-        let labels: std::collections::BTreeMap<String, String> =
-            w.labels.clone().into_iter().collect();
         let authz_http = self
             .compiled_policies()
             .iter()
-            .any(|p| p.applies_to(&w.namespace, &labels) && p.needs_http(port));
+            .any(|p| p.applies_to_labels(&w.namespace, &w.labels) && p.needs_http(port));
         let plugins = self
             .plugins
             .as_ref()
