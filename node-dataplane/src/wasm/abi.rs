@@ -100,6 +100,9 @@ pub struct HostState {
     pub vm_config: Vec<u8>,
     pub plugin_config: Vec<u8>,
     pub http: HttpState,
+    /// The instance's memory and allocator, looked up once after instantiation.
+    pub memory: Option<wasmtime::Memory>,
+    pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
 }
 
 impl HostState {
@@ -205,6 +208,9 @@ pub fn parse_pairs(b: &[u8]) -> Option<Vec<(String, String)>> {
 type C<'a> = Caller<'a, HostState>;
 
 fn memory(c: &mut C<'_>) -> Option<wasmtime::Memory> {
+    if let Some(m) = c.data().memory {
+        return Some(m);
+    }
     match c.get_export("memory") {
         Some(Extern::Memory(m)) => Some(m),
         _ => None,
@@ -235,14 +241,19 @@ fn write_u32(c: &mut C<'_>, ptr: i32, v: u32) -> bool {
 /// Allocates `bytes.len()` in the guest, copies, writes (ptr, len). Returns a status
 /// or an error (a trap inside the guest allocator).
 fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasmtime::Result<i32> {
-    let alloc = c
-        .get_export("proxy_on_memory_allocate")
-        .or_else(|| c.get_export("malloc"))
-        .and_then(Extern::into_func);
-    let Some(alloc) = alloc else {
-        return Ok(INVALID_MEMORY_ACCESS);
+    let alloc = match c.data().alloc.clone() {
+        Some(a) => a,
+        None => {
+            let f = c
+                .get_export("proxy_on_memory_allocate")
+                .or_else(|| c.get_export("malloc"))
+                .and_then(Extern::into_func);
+            let Some(f) = f else {
+                return Ok(INVALID_MEMORY_ACCESS);
+            };
+            f.typed::<i32, i32>(&*c)?
+        }
     };
-    let alloc = alloc.typed::<i32, i32>(&*c)?;
     let ptr = alloc.call(&mut *c, bytes.len() as i32)?;
     if ptr == 0 && !bytes.is_empty() {
         return Ok(INVALID_MEMORY_ACCESS);
@@ -311,6 +322,8 @@ fn dummy() -> HostState {
         vm_config: Vec::new(),
         plugin_config: Vec::new(),
         http: HttpState::default(),
+        memory: None,
+        alloc: None,
     }
 }
 

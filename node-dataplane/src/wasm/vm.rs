@@ -73,6 +73,8 @@ impl Vm {
                 vm_config: Vec::new(),
                 plugin_config: s.plugin_config.clone(),
                 http: HttpState::default(),
+                memory: None,
+                alloc: None,
             },
         );
         store.limiter(|h| &mut h.limits);
@@ -90,6 +92,12 @@ impl Vm {
             Some(Extern::Memory(m)) => m,
             _ => return Err(WasmError::Abi("missing export memory".into())),
         };
+        let alloc = match typed::<i32, i32>(&mut store, &inst, "proxy_on_memory_allocate")? {
+            Some(f) => Some(f),
+            None => typed::<i32, i32>(&mut store, &inst, "malloc")?,
+        };
+        store.data_mut().memory = Some(memory);
+        store.data_mut().alloc = alloc;
         let on_context_create = typed(&mut store, &inst, "proxy_on_context_create")?
             .ok_or_else(|| WasmError::Abi("missing export proxy_on_context_create".into()))?;
         let init = match typed::<(), ()>(&mut store, &inst, "_initialize")? {
