@@ -44,11 +44,12 @@ fmt:
 crds:
 	$(CARGO) run -q -p weft-control-plane -- crds --out crds
 
-bench: setup
+bench: setup plugins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-control-plane
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-capture -- --rounds 6
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-proxy
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7
 
 clean:
 	$(CARGO) clean
