@@ -319,4 +319,71 @@ mod tests {
             "{r:?}"
         );
     }
+
+    /// Serves `body` to every HTTP request on a loopback port; returns the URL base.
+    fn serve(body: Vec<u8>) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(&body);
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_urls_are_fetched_in_the_background_and_verified() {
+        let good = wasm(GOOD);
+        let sha = hex::encode(Sha256::digest(&good));
+        let base = serve(good.clone());
+        let store = Arc::new(ModuleStore::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        store.set_on_fetched(move |ns| {
+            let _ = tx.send(ns);
+        });
+        let spec = |sha: &str| WasmPluginSpec {
+            url: format!("{base}/p.wasm"),
+            sha256: Some(sha.to_string()),
+            ..Default::default()
+        };
+        assert_eq!(store.resolve("ns", &spec(&sha)), Resolved::Pending);
+        let ns = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(ns.as_deref(), Some("ns"));
+        assert_eq!(
+            store.resolve("ns", &spec(&sha)),
+            Resolved::Ready {
+                sha256: sha.clone()
+            }
+        );
+        assert_eq!(store.get(&sha).unwrap().as_slice(), good.as_slice());
+        // Served bytes that do not match the declared digest are refused.
+        let other = "1".repeat(64);
+        let store2 = Arc::new(ModuleStore::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        store2.set_on_fetched(move |ns| {
+            let _ = tx.send(ns);
+        });
+        assert_eq!(store2.resolve("ns", &spec(&other)), Resolved::Pending);
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap();
+        let r = store2.resolve("ns", &spec(&other));
+        assert!(
+            matches!(r, Resolved::Failed(ref p) if p.reason == "DigestMismatch"),
+            "{r:?}"
+        );
+        assert!(store2.get(&other).is_none());
+    }
 }
