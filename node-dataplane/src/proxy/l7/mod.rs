@@ -155,12 +155,28 @@ where
             .serve_connection(io, svc)
             .await
             .map_err(anyhow::Error::from),
-        _ => hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(io, svc)
-            .with_upgrades()
-            .await
-            .map_err(anyhow::Error::from),
+        _ => {
+            let server = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            // The first upstream connection is driven in this task, next to the
+            // downstream one: a request and its response cross no task boundary.
+            // (If the app closes it, later requests reconnect on a spawned task.)
+            match ctx.upstream.open_h1().await {
+                Ok(upstream) => {
+                    tokio::pin!(server, upstream);
+                    let mut upstream_done = false;
+                    loop {
+                        tokio::select! {
+                            r = &mut server => break r.map_err(anyhow::Error::from),
+                            _ = &mut upstream, if !upstream_done => upstream_done = true,
+                        }
+                    }
+                }
+                Err(_) => server.await.map_err(anyhow::Error::from),
+            }
+        }
     };
     r.map_err(|e| e.context(format!("HTTP connection to {}", ctx.dst)))
 }

@@ -39,6 +39,19 @@ impl Upstream {
         Ok(s)
     }
 
+    /// Opens the HTTP/1 connection to the application and returns its driver for the
+    /// caller to poll (in its own task); requests then use it.
+    pub async fn open_h1(
+        &self,
+    ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let io = TokioIo::new(self.connect().await?);
+        let (send, conn) = http1::handshake(io).await?;
+        *self.h1.lock().await = Some(send);
+        Ok(async move {
+            let _ = conn.with_upgrades().await;
+        })
+    }
+
     /// Sends one request; the response body streams from the application.
     pub async fn send(
         &self,
