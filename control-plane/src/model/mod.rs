@@ -393,8 +393,7 @@ impl Model {
         let mesh_wide = ns == self.cfg.root_namespace;
         let mut statuses = Vec::new();
         let policies: Vec<AuthorizationPolicy> = range(&inputs.policies, ns).cloned().collect();
-        let services: Vec<Service> = range(&inputs.services, ns).cloned().collect();
-        let services: Vec<&Service> = services.iter().collect();
+        let services: Vec<&Service> = range(&inputs.services, ns).collect();
         for p in policies {
             let mut report = validate::validate_authorization_policy(&p.spec);
             let l7_enforced = l7::l7_status(&p.spec, &services, &mut report);

@@ -330,9 +330,7 @@ async fn handle(
         principal: Some(principal.clone()),
         request: None,
         // Parsed as HTTP: L7 fields are checked per request.
-        l7_pending: plan
-            .as_ref()
-            .is_some_and(|p| p.hint != super::l7::Hint::Opaque),
+        l7_pending: plan.as_ref().is_some_and(super::l7::L7Plan::parses_http),
     };
     let decision = state.authorize(&target.workload, &attrs);
     if !decision.allowed {
@@ -363,24 +361,16 @@ async fn handle(
             let up = hyper::upgrade::on(req).await?;
             if let Some(plan) = plan {
                 state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
-                let ctx = super::l7::ConnCtx {
-                    state: state.clone(),
-                    upstream: super::l7::upstream::Upstream::new(target.netns.clone(), dst, mark),
-                    target: target.clone(),
+                let ctx = super::l7::ConnCtx::new(
+                    state.clone(),
+                    target.clone(),
                     dst,
-                    attrs: Attributes {
-                        l7_pending: false,
-                        ..attrs_l7
-                    },
-                    props: Arc::new(crate::wasm::abi::ConnProps {
-                        source: peer,
-                        destination: dst,
-                        peer_id: Some(format!("spiffe://{principal_l7}")),
-                    }),
+                    peer,
+                    attrs_l7,
+                    Some(format!("spiffe://{principal_l7}")),
                     plan,
-                    labels: l.clone(),
-                    handles: Default::default(),
-                };
+                    l.clone(),
+                );
                 tokio::select! {
                     r = super::l7::serve(TokioIo::new(up), ctx) => r?,
                     _ = reg.cancel.cancelled() => {}

@@ -49,7 +49,7 @@ pub async fn serve(
                         destination_port: dst.port(),
                         principal: None,
                         request: None,
-                        l7_pending: plan.as_ref().is_some_and(|p| p.hint != super::l7::Hint::Opaque),
+                        l7_pending: plan.as_ref().is_some_and(super::l7::L7Plan::parses_http),
                     };
                     let d = state.authorize(workload, &attrs);
                     if !d.allowed {
@@ -60,7 +60,7 @@ pub async fn serve(
                         return Ok(());
                     }
                     if let Some(plan) = plan {
-                        l7 = Some((plan, weft_api::authz::Attributes { l7_pending: false, ..attrs.clone() }));
+                        l7 = Some((plan, attrs.clone()));
                     }
                     reg = Some(state.conns.register(workload.clone(), attrs));
                 }
@@ -73,17 +73,7 @@ pub async fn serve(
                 if let (Some((plan, attrs)), Some((state, workload)), Some((_, l))) = (l7, &authz, &metric) {
                     state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
                     let local = super::state::LocalPod { workload: workload.clone(), netns: netns.clone() };
-                    let ctx = super::l7::ConnCtx {
-                        state: state.clone(),
-                        upstream: super::l7::upstream::Upstream::new(netns.clone(), dst, mark),
-                        target: local,
-                        dst,
-                        attrs,
-                        props: Arc::new(crate::wasm::abi::ConnProps { source: peer, destination: dst, peer_id: None }),
-                        plan,
-                        labels: l.clone(),
-                    handles: Default::default(),
-                    };
+                    let ctx = super::l7::ConnCtx::new(state.clone(), local, dst, peer, attrs, None, plan, l.clone());
                     stats.forwarded.fetch_add(1, Ordering::Relaxed);
                     let r = tokio::select! {
                         r = super::l7::serve(conn, ctx) => r,

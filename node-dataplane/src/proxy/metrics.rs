@@ -21,36 +21,14 @@ pub struct TcpLabels {
     pub connection_security_policy: &'static str,
 }
 
-/// Per-request labels (reporter is always `destination`: requests are parsed there).
+/// Per-request labels: the connection's traffic labels (reporter is always
+/// `destination`: requests are parsed there) plus method and response code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_principal: String,
-    pub connection_security_policy: &'static str,
+    #[prometheus(flatten)]
+    pub connection: TcpLabels,
     pub request_method: &'static str,
     pub response_code: u16,
-}
-
-impl RequestLabels {
-    pub fn new(t: &TcpLabels, method: &'static str, code: u16) -> Self {
-        Self {
-            reporter: t.reporter,
-            source_workload: t.source_workload.clone(),
-            source_namespace: t.source_namespace.clone(),
-            source_principal: t.source_principal.clone(),
-            destination_workload: t.destination_workload.clone(),
-            destination_namespace: t.destination_namespace.clone(),
-            destination_principal: t.destination_principal.clone(),
-            connection_security_policy: t.connection_security_policy,
-            request_method: method,
-            response_code: code,
-        }
-    }
 }
 
 fn duration_histogram() -> Histogram {

@@ -7,6 +7,7 @@
 //! map-valued properties are serialized as `u32 count, count x (u32 key_len, u32
 //! value_len), then key\0value\0 per pair`.
 
+use super::vm::VmSettings;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
@@ -106,6 +107,23 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// The state of a new instance started with `s`.
+    pub fn new(s: &VmSettings) -> Self {
+        Self {
+            limits: Limits {
+                max_memory: s.max_memory as usize,
+                exceeded: false,
+            },
+            plugin_name: s.plugin_name.clone(),
+            root_id: s.root_id.clone(),
+            vm_config: Vec::new(),
+            plugin_config: s.plugin_config.clone(),
+            http: HttpState::default(),
+            memory: None,
+            alloc: None,
+        }
+    }
+
     fn map(&mut self, t: i32) -> Option<&mut Vec<(String, String)>> {
         match t {
             MAP_REQUEST_HEADERS => Some(&mut self.http.request),
@@ -234,6 +252,14 @@ fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> bool {
     m.write(&mut *c, ptr as u32 as usize, bytes).is_ok()
 }
 
+/// Wall-clock time in nanoseconds since the Unix epoch (0 if the clock is before it).
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn write_u32(c: &mut C<'_>, ptr: i32, v: u32) -> bool {
     write(c, ptr, &v.to_le_bytes())
 }
@@ -273,7 +299,7 @@ fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasm
 pub fn linker(engine: &wasmtime::Engine, module: &Module) -> Result<Linker<HostState>, String> {
     let mut l = Linker::new(engine);
     define(&mut l).map_err(|e| format!("{e:#}"))?;
-    let mut probe = wasmtime::Store::new(engine, dummy());
+    let mut probe = wasmtime::Store::new(engine, HostState::new(&VmSettings::default()));
     for imp in module.imports() {
         let (m, n) = (imp.module(), imp.name());
         if l.get_by_import(&mut probe, &imp).is_some() {
@@ -311,22 +337,6 @@ pub fn linker(engine: &wasmtime::Engine, module: &Module) -> Result<Linker<HostS
     Ok(l)
 }
 
-fn dummy() -> HostState {
-    HostState {
-        limits: Limits {
-            max_memory: 0,
-            exceeded: false,
-        },
-        plugin_name: String::new(),
-        root_id: String::new(),
-        vm_config: Vec::new(),
-        plugin_config: Vec::new(),
-        http: HttpState::default(),
-        memory: None,
-        alloc: None,
-    }
-}
-
 fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -357,11 +367,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: C<'_>, ret: i32| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            if write(&mut c, ret, &now.to_le_bytes()) {
+            if write(&mut c, ret, &now_nanos().to_le_bytes()) {
                 OK
             } else {
                 INVALID_MEMORY_ACCESS
@@ -659,11 +665,7 @@ fn define_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         W,
         "clock_time_get",
         |mut c: C<'_>, _id: i32, _prec: i64, ret: i32| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            if write(&mut c, ret, &now.to_le_bytes()) {
+            if write(&mut c, ret, &now_nanos().to_le_bytes()) {
                 0
             } else {
                 21

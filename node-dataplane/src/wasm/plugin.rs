@@ -119,7 +119,7 @@ pub struct Plugin {
     /// FAIL_CLOSE: set after a runtime failure; every later request is refused.
     failed: Mutex<Option<WasmError>>,
     /// Built before its module arrived: replaced once it has.
-    waiting: std::sync::atomic::AtomicBool,
+    pub waiting_for_module: bool,
     pub stats: PluginStats,
 }
 
@@ -181,18 +181,10 @@ impl Plugin {
             next: AtomicUsize::new(0),
             _engine: engine.clone(),
             failed: Mutex::new(None),
-            waiting: std::sync::atomic::AtomicBool::new(false),
+            waiting_for_module: false,
             stats: PluginStats::default(),
             spec,
         }
-    }
-
-    pub fn waiting_for_module(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    pub fn set_waiting_for_module(&self, w: bool) {
-        self.waiting.store(w, Ordering::Relaxed);
     }
 
     /// Why the plugin cannot run at all, if so.

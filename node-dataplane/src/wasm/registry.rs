@@ -170,31 +170,29 @@ impl PluginRegistry {
         for spec in wanted.values() {
             let id = format!("{}/{}", spec.namespace, spec.name);
             if let Some(p) = old.get(&id) {
-                if p.spec == **spec && !p.waiting_for_module() {
+                if p.spec == **spec && !p.waiting_for_module {
                     next.insert(id, p.clone());
                     continue;
                 }
             }
             changed = true;
+            let mut waiting = false;
             let bytes: Result<Arc<Vec<u8>>, WasmError> = if !spec.module_error.is_empty() {
                 Err(WasmError::Unavailable(spec.module_error.clone()))
+            } else if let Some(b) = self.cached(&spec.sha256) {
+                Ok(b)
             } else {
-                match self.cached(&spec.sha256) {
-                    Some(b) => Ok(b),
-                    None => {
-                        self.start_fetch(spec.sha256.clone());
-                        Err(WasmError::Unavailable("the module is being fetched".into()))
-                    }
-                }
+                self.start_fetch(spec.sha256.clone());
+                waiting = true;
+                Err(WasmError::Unavailable("the module is being fetched".into()))
             };
-            let waiting = matches!(&bytes, Err(WasmError::Unavailable(m)) if m == "the module is being fetched");
-            let plugin = Plugin::new(
+            let mut plugin = Plugin::new(
                 &self.engine,
                 (**spec).clone(),
                 bytes.as_deref().map(Vec::as_slice).map_err(Clone::clone),
                 self.workers,
             );
-            plugin.set_waiting_for_module(waiting);
+            plugin.waiting_for_module = waiting;
             tracing::info!(plugin = %id, phase = ?plugin.phase, priority = plugin.priority, error = ?plugin.load_error().map(ToString::to_string), "wasm plugin configured");
             next.insert(id, Arc::new(plugin));
         }

@@ -92,11 +92,11 @@ fn plugin(wat: &str, fail: &str) -> Plugin {
     let bytes = wat::parse_str(wat).unwrap();
     // A distinct cache key per module text.
     let mut s = spec(fail);
-    s.sha256 = format!("{:x}", md5ish(wat));
+    s.sha256 = format!("{:x}", text_key(wat));
     Plugin::new(&engine, s, Ok(&bytes), 2)
 }
 
-fn md5ish(s: &str) -> u64 {
+fn text_key(s: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     s.hash(&mut h);

@@ -2,7 +2,7 @@
 //! lifecycle calls, each bounded by an epoch deadline. Any error (trap, deadline,
 //! memory, `proc_exit`) poisons the instance: the owner drops it.
 
-use super::abi::{HostState, HttpState, Limits, ProcExit};
+use super::abi::{HostState, HttpState, ProcExit};
 use super::engine::TICK;
 use super::WasmError;
 use wasmtime::{Extern, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
@@ -11,7 +11,7 @@ use wasmtime::{Extern, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResu
 pub const ROOT_CTX: i32 = 1;
 
 /// What an instance is started with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct VmSettings {
     pub plugin_name: String,
     pub root_id: String,
@@ -61,22 +61,7 @@ impl Vm {
     /// Instantiates, runs `_initialize`/`_start`, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
     pub fn start(pre: &InstancePre<HostState>, s: &VmSettings) -> Result<Vm, WasmError> {
-        let mut store = Store::new(
-            pre.module().engine(),
-            HostState {
-                limits: Limits {
-                    max_memory: s.max_memory as usize,
-                    exceeded: false,
-                },
-                plugin_name: s.plugin_name.clone(),
-                root_id: s.root_id.clone(),
-                vm_config: Vec::new(),
-                plugin_config: s.plugin_config.clone(),
-                http: HttpState::default(),
-                memory: None,
-                alloc: None,
-            },
-        );
+        let mut store = Store::new(pre.module().engine(), HostState::new(s));
         store.limiter(|h| &mut h.limits);
         let deadline_ticks = (s.deadline_ms.max(1) * 1000 / TICK.as_micros() as u64).max(1);
         store.set_epoch_deadline(deadline_ticks);

@@ -10,6 +10,7 @@ use crate::wasm::chain::{self, Ran};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Instant;
 use weft_api::authz::{path, Attributes, Request};
@@ -62,12 +63,25 @@ fn plugin_view(
         ":scheme".into(),
         req.uri().scheme_str().unwrap_or("http").to_string(),
     ));
-    for (k, val) in req.headers() {
-        v.push((
+    v.extend(pairs(req.headers()));
+    v
+}
+
+/// A header map as (lower-case name, value) pairs.
+fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
+    map.iter().map(|(k, v)| {
+        (
             k.as_str().to_string(),
-            String::from_utf8_lossy(val.as_bytes()).into_owned(),
-        ));
-    }
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        )
+    })
+}
+
+/// A response as plugins see it: `:status` first, then the headers.
+fn response_view<B>(resp: &http::Response<B>) -> Vec<(String, String)> {
+    let mut v = Vec::with_capacity(resp.headers().len() + 1);
+    v.push((":status".into(), resp.status().as_str().to_string()));
+    v.extend(pairs(resp.headers()));
     v
 }
 
@@ -178,15 +192,12 @@ async fn process(
     };
     let mut ran = Ran::default();
     let end_of_stream = hyper::body::Body::is_end_stream(req.body());
-    let (before, after): (Vec<_>, Vec<_>) = ctx
-        .plan
-        .plugins
-        .iter()
-        .cloned()
-        .partition(|p| p.phase.before_authz());
+    // Plugins are in phase order: those before weft's authorization come first.
+    let plugins = &ctx.plan.plugins;
+    let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
     let mut path_now = normalized.path.clone();
     if !before.is_empty() {
-        if let Some((r, plugin)) = chain::run_request(&before, &mut view, end_of_stream, &mut ran) {
+        if let Some((r, plugin)) = chain::run_request(before, &mut view, end_of_stream, &mut ran) {
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
         }
@@ -207,16 +218,7 @@ async fn process(
                 method: req.method().as_str().to_string(),
                 path: path_now.clone(),
                 host: authority.clone(),
-                headers: req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.as_str().to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect(),
+                headers: pairs(req.headers()).collect(),
             }),
             ..ctx.attrs.clone()
         };
@@ -229,7 +231,7 @@ async fn process(
         }
     }
     if !after.is_empty() {
-        if let Some((r, plugin)) = chain::run_request(&after, &mut view, end_of_stream, &mut ran) {
+        if let Some((r, plugin)) = chain::run_request(after, &mut view, end_of_stream, &mut ran) {
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
         }
@@ -264,15 +266,7 @@ async fn process(
         }
     }
     if !ran.entries.is_empty() {
-        view.response = Vec::with_capacity(resp.headers().len() + 1);
-        view.response
-            .push((":status".into(), resp.status().as_str().to_string()));
-        for (k, v) in resp.headers() {
-            view.response.push((
-                k.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            ));
-        }
+        view.response = response_view(&resp);
         let eos = hyper::body::Body::is_end_stream(resp.body());
         if let Some((r, plugin)) = chain::run_response(&ran, &mut view, eos) {
             *decided_by = Some(format!("wasm:{plugin}"));
@@ -285,8 +279,6 @@ async fn process(
     resp.map(Either::Left)
 }
 
-use hyper_util::rt::TokioIo;
-
 /// A plugin replied locally: run the response callbacks of the plugins that saw the
 /// request, then end their contexts.
 fn finish_local(
@@ -297,13 +289,7 @@ fn finish_local(
 ) -> http::Response<RespBody> {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
-    view.response = vec![(":status".into(), resp.status().as_str().to_string())];
-    for (k, v) in resp.headers() {
-        view.response.push((
-            k.as_str().to_string(),
-            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-        ));
-    }
+    view.response = response_view(&resp);
     let _ = chain::run_response(&ran, &mut view, true);
     apply_headers(resp.headers_mut(), &view.response);
     chain::finish(ran, &mut view);

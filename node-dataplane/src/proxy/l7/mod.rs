@@ -27,29 +27,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use weft_api::authz::Attributes;
 use weft_api::pb;
+use weft_api::protocol::{declared, Declared};
 
 /// How long the first bytes may take before a connection counts as not HTTP.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What a Service says about the protocol on a port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hint {
-    Sniff,
-    Http1,
-    Http2,
-    Opaque,
-}
-
-/// The protocol a Service port declares (see [`weft_api::protocol`]).
-pub fn hint_of(app_protocol: &str, port_name: &str) -> Hint {
-    use weft_api::protocol::{declared, Declared};
-    match declared(app_protocol, port_name) {
-        Declared::Http1 => Hint::Http1,
-        Declared::Http2 => Hint::Http2,
-        Declared::Opaque => Hint::Opaque,
-        Declared::Unknown => Hint::Sniff,
-    }
-}
 
 /// What L7 processing a connection to a workload and port needs.
 #[derive(Clone)]
@@ -58,10 +39,16 @@ pub struct L7Plan {
     pub authz_http: bool,
     /// Plugins in execution order.
     pub plugins: Vec<Arc<Plugin>>,
-    pub hint: Hint,
+    /// What a Service declares for the port; `Unknown`: sniff.
+    pub declared: Declared,
 }
 
 impl L7Plan {
+    /// Will the connection be parsed as HTTP (unless sniffing finds otherwise)?
+    pub fn parses_http(&self) -> bool {
+        self.declared != Declared::Opaque
+    }
+
     /// Would not-HTTP traffic be refused by a plugin (one that does not fail open)?
     fn plugins_refuse_opaque(&self) -> Option<&str> {
         self.plugins
@@ -94,6 +81,39 @@ type RequestHandles = (
 );
 
 impl ConnCtx {
+    /// The context of one connection to `target` at `dst` from `peer`; `attrs` are
+    /// its L4 attributes (requests add theirs), `peer_id` its SPIFFE ID if mTLS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        state: Arc<ProxyState>,
+        target: LocalPod,
+        dst: SocketAddr,
+        peer: SocketAddr,
+        attrs: Attributes,
+        peer_id: Option<String>,
+        plan: L7Plan,
+        labels: super::metrics::TcpLabels,
+    ) -> Self {
+        Self {
+            upstream: upstream::Upstream::new(target.netns.clone(), dst, state.mark),
+            state,
+            target,
+            dst,
+            attrs: Attributes {
+                l7_pending: false,
+                ..attrs
+            },
+            props: Arc::new(ConnProps {
+                source: peer,
+                destination: dst,
+                peer_id,
+            }),
+            plan,
+            labels,
+            handles: Default::default(),
+        }
+    }
+
     pub fn record_request(
         &self,
         method: &'static str,
@@ -105,7 +125,11 @@ impl ConnCtx {
         let i = match handles.iter().position(|(k, _, _)| *k == (method, code)) {
             Some(i) => i,
             None => {
-                let l = super::metrics::RequestLabels::new(&self.labels, method, code);
+                let l = super::metrics::RequestLabels {
+                    connection: self.labels.clone(),
+                    request_method: method,
+                    response_code: code,
+                };
                 let t = &self.state.metrics.traffic;
                 handles.push((
                     (method, code),
@@ -131,11 +155,11 @@ pub async fn serve<S>(mut io: S, ctx: ConnCtx) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (proto, prefix) = match ctx.plan.hint {
-        Hint::Http1 => (Protocol::Http1, Default::default()),
-        Hint::Http2 => (Protocol::Http2, Default::default()),
-        Hint::Opaque => (Protocol::Opaque, Default::default()),
-        Hint::Sniff => sniff::sniff(&mut io, SNIFF_TIMEOUT).await?,
+    let (proto, prefix) = match ctx.plan.declared {
+        Declared::Http1 => (Protocol::Http1, Default::default()),
+        Declared::Http2 => (Protocol::Http2, Default::default()),
+        Declared::Opaque => (Protocol::Opaque, Default::default()),
+        Declared::Unknown => sniff::sniff(&mut io, SNIFF_TIMEOUT).await?,
     };
     let io = sniff::Rewind::new(prefix, io);
     if proto == Protocol::Opaque {
@@ -227,51 +251,26 @@ impl ProxyState {
         Some(L7Plan {
             authz_http,
             plugins,
-            hint: self.port_hint(w, port),
+            declared: self.declared_protocol(w, port),
         })
     }
 
-    /// The protocol a Service selecting `w` declares for target port `port`.
-    fn port_hint(&self, w: &pb::Workload, port: u16) -> Hint {
+    /// The protocol a Service declares for `port` of `w`: the Service ports whose
+    /// resolved target port on `w`'s endpoint is `port`.
+    fn declared_protocol(&self, w: &pb::Workload, port: u16) -> Declared {
         let snap = self.config.snapshot();
-        for s in snap.services.values() {
-            if s.namespace != w.namespace
-                || s.selector.is_empty()
-                || !s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            {
-                continue;
-            }
-            for p in &s.ports {
-                let target = match p.target_port.parse::<u16>() {
-                    Ok(t) => Some(t),
-                    Err(_) if p.target_port.is_empty() => u16::try_from(p.port).ok(),
-                    Err(_) => w
-                        .ports
-                        .iter()
-                        .find(|c| c.name == p.target_port)
-                        .and_then(|c| u16::try_from(c.port).ok()),
-                };
-                if target == Some(port) {
-                    let h = hint_of(&p.app_protocol, &p.name);
-                    if h != Hint::Sniff {
-                        return h;
-                    }
-                }
-            }
-        }
-        Hint::Sniff
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn protocol_hints() {
-        assert_eq!(hint_of("", "http-web"), Hint::Http1);
-        assert_eq!(hint_of("", "grpc-api"), Hint::Http2);
-        assert_eq!(hint_of("tcp", "http"), Hint::Opaque);
-        assert_eq!(hint_of("", "web"), Hint::Sniff);
+        snap.services
+            .values()
+            .filter(|s| s.namespace == w.namespace)
+            .filter_map(|s| {
+                let e = s.endpoints.iter().find(|e| e.workload_uid == w.uid)?;
+                s.ports
+                    .iter()
+                    .filter(|p| e.target_ports.get(&p.port) == Some(&u32::from(port)))
+                    .map(|p| declared(&p.app_protocol, &p.name))
+                    .find(|d| *d != Declared::Unknown)
+            })
+            .next()
+            .unwrap_or(Declared::Unknown)
     }
 }

@@ -44,12 +44,23 @@ impl Upstream {
     pub async fn open_h1(
         &self,
     ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let (send, driver) = self.handshake_h1().await?;
+        *self.h1.lock().await = Some(send);
+        Ok(driver)
+    }
+
+    /// A new HTTP/1 connection: its sender and the future that drives it.
+    async fn handshake_h1(
+        &self,
+    ) -> anyhow::Result<(
+        http1::SendRequest<Incoming>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    )> {
         let io = TokioIo::new(self.connect().await?);
         let (send, conn) = http1::handshake(io).await?;
-        *self.h1.lock().await = Some(send);
-        Ok(async move {
+        Ok((send, async move {
             let _ = conn.with_upgrades().await;
-        })
+        }))
     }
 
     /// Sends one request; the response body streams from the application.
@@ -79,11 +90,8 @@ impl Upstream {
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
         let mut g = self.h1.lock().await;
         if g.as_ref().is_none_or(|s| s.is_closed()) {
-            let io = TokioIo::new(self.connect().await?);
-            let (send, conn) = http1::handshake(io).await?;
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
+            let (send, driver) = self.handshake_h1().await?;
+            tokio::spawn(driver);
             *g = Some(send);
         }
         let send = g
