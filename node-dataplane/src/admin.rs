@@ -107,6 +107,7 @@ fn wasm_plugins(p: &crate::proxy::state::ProxyState) -> serde_json::Value {
             serde_json::json!({
                 "plugin": pl.id,
                 "sha256": pl.spec.sha256,
+                "abi": pl.abi().map(|a| format!("{a:?}")),
                 "phase": format!("{:?}", pl.phase),
                 "priority": pl.priority,
                 "fail_strategy": format!("{:?}", pl.fail),

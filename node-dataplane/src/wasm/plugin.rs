@@ -187,6 +187,11 @@ impl Plugin {
         }
     }
 
+    /// The ABI version the module was built for.
+    pub fn abi(&self) -> Option<super::engine::AbiVersion> {
+        self.module.as_ref().ok().map(|(m, _)| m.abi)
+    }
+
     /// Why the plugin cannot run at all, if so.
     pub fn load_error(&self) -> Option<&WasmError> {
         self.module.as_ref().err()
