@@ -30,6 +30,9 @@ demo: build
 	$(CARGO) run -q -p weft-e2e --bin weft-demo -- $(DEMO_ARGS)
 
 # The whole suite: formatting, lints, unit, integration and end-to-end tests.
+# Incremental caches are dead weight for a one-shot run (tens of GB over
+# build + clippy + test), so the suite turns them off.
+test: export CARGO_INCREMENTAL = 0
 test: build lint
 	$(CARGO) test --workspace --no-fail-fast
 
