@@ -3,6 +3,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
 use crate::identity::{Ca, CaOptions};
+use crate::k8s::{self, KubeSettings};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelConfig};
 use crate::server::{
@@ -21,9 +22,18 @@ use weft_api::pb::{
 };
 use weft_api::spiffe::TrustDomain;
 
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum SourceSettings {
+    /// Standalone: a directory of manifests; the CA lives under the state directory.
+    Directory(PathBuf),
+    /// The Kubernetes API; the CA lives in a Secret.
+    Kubernetes(KubeSettings),
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub config_dir: PathBuf,
+    pub source: SourceSettings,
     pub state_dir: PathBuf,
     pub trust_domain: TrustDomain,
     pub root_namespace: String,
@@ -75,8 +85,50 @@ pub async fn start(
     Running,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
-    let ca = Arc::new(Ca::load_or_create(&s.ca_options()).context("loading the CA")?);
     let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    // Kubernetes mode: a client, leader election, and the CA from its Secret.
+    let mut elector_task = None;
+    let kube = match &s.source {
+        SourceSettings::Directory(_) => {
+            metrics.leader.set(1);
+            None
+        }
+        SourceSettings::Kubernetes(ks) => {
+            let client = k8s::client(ks).await?;
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+            let elector = k8s::leader::LeaderElector::new(
+                client.clone(),
+                &ks.namespace,
+                &ks.lease_name,
+                &ks.identity,
+            );
+            elector_task = Some(tokio::spawn(elector.run(
+                leader_tx,
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
+            Some((client, leader_rx, ks.clone()))
+        }
+    };
+    let ca = Arc::new(match &kube {
+        None => Ca::load_or_create(&s.ca_options()).context("loading the CA")?,
+        Some((client, leader, ks)) => k8s::ca_secret::CaSecret::new(
+            client.clone(),
+            &ks.namespace,
+            &ks.ca_secret,
+            s.trust_domain.clone(),
+            s.svid_ttl,
+        )
+        .load_or_create(leader.clone())
+        .await
+        .context("loading the CA from its Secret")?,
+    });
     let ca_expiry = ca
         .not_after()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -94,7 +146,28 @@ pub async fn start(
 
     // Config source -> model.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SourceEvent>(64);
-    let source: Box<dyn ConfigSource> = Box::new(DirectorySource::new(&s.config_dir));
+    let source: Box<dyn ConfigSource> = match (&s.source, &kube) {
+        (_, Some((client, leader, ks))) => {
+            tokio::spawn(k8s::status::run(
+                client.clone(),
+                model.clone(),
+                leader.clone(),
+            ));
+            tokio::spawn(k8s::trust_bundle::run(
+                client.clone(),
+                model.clone(),
+                ks.namespace.clone(),
+                ca.bundle_pem().to_string(),
+                leader.clone(),
+            ));
+            Box::new(k8s::source::KubeSource::new(
+                client.clone(),
+                metrics.clone(),
+            ))
+        }
+        (SourceSettings::Directory(dir), None) => Box::new(DirectorySource::new(dir)),
+        (SourceSettings::Kubernetes(_), None) => anyhow::bail!("Kubernetes mode without a client"),
+    };
     let source_name = source.name();
     let source_task = tokio::spawn(async move { source.run(tx).await });
     {
@@ -129,8 +202,20 @@ pub async fn start(
         .await
         .with_context(|| format!("binding the gRPC address {}", s.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let auth: Arc<dyn NodeAuthenticator> = Arc::new(CertNodeAuthenticator {
-        trust_domain: s.trust_domain.clone(),
+    let inner: Arc<dyn NodeAuthenticator> = match &kube {
+        None => Arc::new(CertNodeAuthenticator {
+            trust_domain: s.trust_domain.clone(),
+        }),
+        Some((client, _, ks)) => Arc::new(k8s::token_review::TokenReviewAuthenticator::new(
+            client.clone(),
+            &ks.token_audience,
+            &ks.namespace,
+            &ks.node_service_account,
+        )),
+    };
+    let auth: Arc<dyn NodeAuthenticator> = Arc::new(crate::server::auth::Metered {
+        inner,
+        metrics: metrics.clone(),
     });
     let distribution = Distribution {
         initial_syncs: Arc::new(tokio::sync::Semaphore::new(
@@ -164,13 +249,7 @@ pub async fn start(
         ready,
     });
 
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, source = source_name, config_dir = %s.config_dir.display(), trust_domain = %s.trust_domain, "control plane started");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, source = source_name, trust_domain = %s.trust_domain, "control plane started");
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -190,7 +269,7 @@ pub async fn start(
     let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(stopped(stop_rx));
 
     let fut = async move {
-        tokio::select! {
+        let r = tokio::select! {
             r = grpc => r.context("gRPC server failed"),
             r = admin => r.context("admin server failed"),
             r = source_task => match r {
@@ -198,7 +277,13 @@ pub async fn start(
                 Ok(Err(e)) => Err(e.context("config source failed")),
                 Err(e) => Err(anyhow::anyhow!("config source panicked: {e}")),
             },
+        };
+        // Hand the leader Lease back before exiting, so another replica takes over
+        // at once instead of after the lease expires.
+        if let Some(t) = elector_task {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
+        r
     };
     Ok((
         Running {

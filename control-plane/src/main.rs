@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::logging::{self, LogFormat};
 use weft_api::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
-use weft_control_plane::app::{self, Settings};
+use weft_control_plane::app::{self, Settings, SourceSettings};
 use weft_control_plane::identity::{ca::write_private, Ca};
+use weft_control_plane::k8s::KubeSettings;
 
 /// weft control plane: watches the mesh configuration, runs the mesh CA and
 /// pushes config and certificates to node agents.
@@ -40,13 +41,48 @@ struct CaArgs {
     svid_ttl: Duration,
 }
 
+#[derive(clap::Args, Clone)]
+struct KubeArgs {
+    /// Watch the Kubernetes API (in-cluster config, or --kubeconfig).
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubeconfig file (default: the in-cluster ServiceAccount).
+    #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The control plane's namespace: leader Lease, CA Secret, node agents.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// ServiceAccount of the node agents (its tokens are the only ones accepted).
+    #[arg(long, default_value = "weft-node")]
+    node_service_account: String,
+    /// Audience of the node agents' projected ServiceAccount tokens.
+    #[arg(long, default_value = weft_control_plane::k8s::token_review::DEFAULT_AUDIENCE)]
+    token_audience: String,
+    /// This replica's name in the leader Lease (default: the pod name, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, default_value = "weft-control-plane")]
+    lease_name: String,
+    /// Secret holding the CA (created by the leader when absent).
+    #[arg(long, default_value = "weft-ca")]
+    ca_secret: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane in standalone mode on a directory of manifests.
+    /// Run the control plane: standalone on a directory of manifests
+    /// (--config-dir), or against the Kubernetes API (--kubernetes).
     Run {
         /// Directory of Kubernetes-style YAML manifests (watched for changes).
-        #[arg(long, env = "WEFT_CONFIG_DIR")]
-        config_dir: PathBuf,
+        #[arg(
+            long,
+            env = "WEFT_CONFIG_DIR",
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        config_dir: Option<PathBuf>,
+        #[command(flatten)]
+        kube: KubeArgs,
         #[command(flatten)]
         ca: CaArgs,
         /// Policies in this namespace apply mesh-wide.
@@ -110,14 +146,35 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             config_dir,
+            kube,
             ca,
             root_namespace,
             grpc_addr,
             admin_addr,
             server_names,
         } => {
+            let source = match config_dir {
+                Some(dir) => SourceSettings::Directory(dir),
+                None => {
+                    let identity = kube.identity.unwrap_or_else(|| {
+                        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_else(|_| "weft".into());
+                        format!("{host}-{}", std::process::id())
+                    });
+                    SourceSettings::Kubernetes(KubeSettings {
+                        kubeconfig: kube.kubeconfig,
+                        namespace: kube.namespace,
+                        node_service_account: kube.node_service_account,
+                        token_audience: kube.token_audience,
+                        identity,
+                        lease_name: kube.lease_name,
+                        ca_secret: kube.ca_secret,
+                    })
+                }
+            };
             let settings = Settings {
-                config_dir,
+                source,
                 state_dir: ca.state_dir,
                 trust_domain: ca.trust_domain,
                 root_namespace,

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub cert_refusals: Family<ReasonLabel, Counter>,
     pub ca_expiry: Gauge<f64, AtomicU64>,
     pub source_errors: Gauge,
+    /// 1 while this replica holds the leader Lease (always 1 in standalone mode).
+    pub leader: Gauge,
+    pub watch_errors: Family<KindLabel, Counter>,
+    pub node_auth_refusals: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -51,6 +55,9 @@ impl Metrics {
             cert_refusals: Family::default(),
             ca_expiry: Gauge::default(),
             source_errors: Gauge::default(),
+            leader: Gauge::default(),
+            watch_errors: Family::default(),
+            node_auth_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -94,6 +101,21 @@ impl Metrics {
             "source_errors",
             "Manifests or objects the config source rejected",
             m.source_errors.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica is the leader (writes status, owns the CA Secret)",
+            m.leader.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Kubernetes watch failures, by kind (each is retried with backoff)",
+            m.watch_errors.clone(),
+        );
+        registry.register(
+            "node_auth_refusals",
+            "Node agent requests refused by authentication, by reason",
+            m.node_auth_refusals.clone(),
         );
         Self { registry, ..m }
     }

@@ -42,6 +42,10 @@ enum Command {
         /// (from `weft-control-plane node-credential`).
         #[arg(long, env = "WEFT_CREDENTIAL_DIR")]
         credential_dir: PathBuf,
+        /// Kubernetes mode: projected ServiceAccount token sent to the control plane
+        /// instead of a client certificate (only ca.crt is then read from --credential-dir).
+        #[arg(long, env = "WEFT_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Admin HTTP address (localhost): /healthz/ready, /config_dump, /metrics.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
@@ -101,98 +105,109 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let worker_threads = cli.worker_threads;
-    let (node, control_plane, server_name, credential_dir, admin_addr, metrics_addr, capture) =
-        match cli.command {
-            Command::Uninstall { bpf_dir } => {
-                let res = bpf_dir
+    let (
+        node,
+        control_plane,
+        server_name,
+        credential_dir,
+        token_file,
+        admin_addr,
+        metrics_addr,
+        capture,
+    ) = match cli.command {
+        Command::Uninstall { bpf_dir } => {
+            let res = bpf_dir
+                .map(Ok)
+                .unwrap_or_else(default_bpf_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|d| {
+                    weft_node::ebpf::Capture::uninstall(&d)
+                        .map(|_| d)
+                        .map_err(anyhow::Error::from)
+                });
+            return match res {
+                Ok(d) => {
+                    println!(
+                        "removed weft's eBPF programs, links and maps ({})",
+                        d.display()
+                    );
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weft-node: error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run {
+            node,
+            control_plane,
+            server_name,
+            credential_dir,
+            token_file,
+            admin_addr,
+            metrics_addr,
+            capture,
+            cgroup,
+            bpf_dir,
+            cni_socket,
+            state_dir,
+            proxy_mark,
+            lb,
+            hbone_idle_timeout,
+        } => {
+            let capture = if capture {
+                let resolved = cgroup
                     .map(Ok)
-                    .unwrap_or_else(default_bpf_dir)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|d| {
-                        weft_node::ebpf::Capture::uninstall(&d)
-                            .map(|_| d)
-                            .map_err(anyhow::Error::from)
-                    });
-                return match res {
-                    Ok(d) => {
-                        println!(
-                            "removed weft's eBPF programs, links and maps ({})",
-                            d.display()
-                        );
-                        std::process::ExitCode::SUCCESS
-                    }
+                    .unwrap_or_else(weft_node::ebpf::cgroup::cgroup2_root)
+                    .and_then(|c| Ok((c, bpf_dir.map(Ok).unwrap_or_else(default_bpf_dir)?)));
+                match resolved {
+                    Ok((cgroup, bpf_dir)) => Some(CaptureSettings {
+                        cgroup,
+                        bpf_dir,
+                        cni_socket,
+                        state_dir,
+                        mark: proxy_mark,
+                        lb,
+                        hbone_idle_timeout,
+                    }),
                     Err(e) => {
-                        eprintln!("weft-node: error: {e:#}");
-                        std::process::ExitCode::FAILURE
+                        eprintln!("weft-node: error: capture: {e}");
+                        return std::process::ExitCode::FAILURE;
                     }
-                };
-            }
-            Command::Run {
+                }
+            } else {
+                None
+            };
+            let metrics_addr = match metrics_addr.as_str() {
+                "off" | "" => None,
+                a => match a.parse() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        eprintln!("weft-node: error: --metrics-addr {a:?}: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                },
+            };
+            (
                 node,
                 control_plane,
                 server_name,
                 credential_dir,
+                token_file,
                 admin_addr,
                 metrics_addr,
                 capture,
-                cgroup,
-                bpf_dir,
-                cni_socket,
-                state_dir,
-                proxy_mark,
-                lb,
-                hbone_idle_timeout,
-            } => {
-                let capture = if capture {
-                    let resolved = cgroup
-                        .map(Ok)
-                        .unwrap_or_else(weft_node::ebpf::cgroup::cgroup2_root)
-                        .and_then(|c| Ok((c, bpf_dir.map(Ok).unwrap_or_else(default_bpf_dir)?)));
-                    match resolved {
-                        Ok((cgroup, bpf_dir)) => Some(CaptureSettings {
-                            cgroup,
-                            bpf_dir,
-                            cni_socket,
-                            state_dir,
-                            mark: proxy_mark,
-                            lb,
-                            hbone_idle_timeout,
-                        }),
-                        Err(e) => {
-                            eprintln!("weft-node: error: capture: {e}");
-                            return std::process::ExitCode::FAILURE;
-                        }
-                    }
-                } else {
-                    None
-                };
-                let metrics_addr = match metrics_addr.as_str() {
-                    "off" | "" => None,
-                    a => match a.parse() {
-                        Ok(a) => Some(a),
-                        Err(e) => {
-                            eprintln!("weft-node: error: --metrics-addr {a:?}: {e}");
-                            return std::process::ExitCode::FAILURE;
-                        }
-                    },
-                };
-                (
-                    node,
-                    control_plane,
-                    server_name,
-                    credential_dir,
-                    admin_addr,
-                    metrics_addr,
-                    capture,
-                )
-            }
-        };
+            )
+        }
+    };
     let settings = Settings {
         node,
         control_plane: ControlPlaneTarget {
             address: control_plane,
             server_name,
             credential_dir,
+            token_file,
         },
         admin_addr,
         metrics_addr,

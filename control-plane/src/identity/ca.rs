@@ -93,7 +93,13 @@ impl Ca {
                 Some(b) => Some(read(b)?),
                 None => None,
             };
-            let ca = Self::from_pem(&chain, &key, bundle.as_deref(), opts)?;
+            let ca = Self::from_pem(
+                &chain,
+                &key,
+                bundle.as_deref(),
+                &opts.trust_domain,
+                opts.svid_ttl,
+            )?;
             write_private(&cert_path, &ca.chain_pem)?;
             write_private(&key_path, &key)?;
             write_private(&bundle_path, &ca.bundle_pem)?;
@@ -112,43 +118,37 @@ impl Ca {
             } else {
                 None
             };
-            return Self::from_pem(&chain, &key, bundle.as_deref(), opts);
+            return Self::from_pem(
+                &chain,
+                &key,
+                bundle.as_deref(),
+                &opts.trust_domain,
+                opts.svid_ttl,
+            );
         }
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "weft");
-        dn.push(
-            DnType::CommonName,
-            format!("weft root CA ({})", opts.trust_domain),
-        );
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.subject_alt_names = vec![SanType::URI(opts.trust_domain.id().try_into()?)];
-        let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + ROOT_VALIDITY).into();
-        params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key)?;
-        let pem = cert.pem();
-        write_private(&key_path, &key.serialize_pem())?;
+        let (pem, key_pem) = new_root(&opts.trust_domain)?;
+        write_private(&key_path, &key_pem)?;
         write_private(&cert_path, &pem)?;
         write_private(&bundle_path, &pem)?;
         tracing::info!(path = %dir.display(), trust_domain = %opts.trust_domain, "created a new root CA");
-        Self::from_pem(&pem, &key.serialize_pem(), Some(&pem), opts)
+        Self::from_pem(
+            &pem,
+            &key_pem,
+            Some(&pem),
+            &opts.trust_domain,
+            opts.svid_ttl,
+        )
     }
 
-    fn from_pem(
+    /// A CA from PEM text: the signing certificate (plus intermediates above it),
+    /// its key, and the trust bundle (required when the signer is an intermediate).
+    pub fn from_pem(
         chain: &str,
         key_pem: &str,
         bundle: Option<&str>,
-        opts: &CaOptions,
+        trust_domain: &TrustDomain,
+        svid_ttl: Duration,
     ) -> Result<Self, CaError> {
         let certs = pem_blocks(chain, "CERTIFICATE")
             .map_err(|m| CaError::UserCa(format!("CA certificate: {m}")))?;
@@ -212,8 +212,8 @@ impl Ca {
             issuer,
             chain_pem,
             bundle_pem,
-            trust_domain: opts.trust_domain.clone(),
-            svid_ttl: opts.svid_ttl,
+            trust_domain: trust_domain.clone(),
+            svid_ttl,
             not_after,
         })
     }
@@ -364,6 +364,29 @@ fn random_serial() -> SerialNumber {
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // no leading zero byte, so the encoding keeps all 16 bytes
     SerialNumber::from_slice(&b)
+}
+
+/// A new self-signed root for `td`: (certificate PEM, private key PEM).
+pub fn new_root(td: &TrustDomain) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "weft");
+    dn.push(DnType::CommonName, format!("weft root CA ({})", td));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(td.id().try_into()?)];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + ROOT_VALIDITY).into();
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// DER blocks of the given PEM label, in order.

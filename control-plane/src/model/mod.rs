@@ -84,6 +84,8 @@ pub struct ObjectStatus {
     pub report: Report,
     /// Rules enforced per request at L7 (policies).
     pub l7_enforced: Vec<String>,
+    /// `metadata.generation` of the object this was computed from.
+    pub generation: Option<i64>,
 }
 
 #[derive(Default)]
@@ -205,6 +207,16 @@ impl Model {
     /// Current manifest errors reported by the source.
     pub fn source_errors(&self) -> Vec<ManifestError> {
         self.inputs().errors.clone()
+    }
+
+    /// Namespaces labelled into the mesh.
+    pub fn enrolled_namespaces(&self) -> Vec<String> {
+        self.inputs()
+            .namespaces
+            .iter()
+            .filter(|(_, n)| enrollment::namespace_enabled(Some(n)))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Validation reports of policies and plugins.
@@ -415,6 +427,7 @@ impl Model {
                 ObjectStatus {
                     report,
                     l7_enforced,
+                    generation: p.metadata.generation,
                 },
             ));
         }
@@ -459,6 +472,7 @@ impl Model {
                 ObjectStatus {
                     report,
                     l7_enforced: Vec::new(),
+                    generation: p.metadata.generation,
                 },
             ));
         }

@@ -72,3 +72,31 @@ pub fn node_from_cert(der: &[u8], td: &TrustDomain) -> Result<String, Status> {
         .map(str::to_owned)
         .ok_or_else(|| Status::permission_denied(format!("{id} is not a node credential")))
 }
+
+/// Counts refusals (by gRPC code) of the authenticator it wraps.
+pub struct Metered {
+    pub inner: std::sync::Arc<dyn NodeAuthenticator>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+#[tonic::async_trait]
+impl NodeAuthenticator for Metered {
+    async fn authenticate(&self, meta: &RequestAuth) -> Result<String, Status> {
+        let r = self.inner.authenticate(meta).await;
+        if let Err(s) = &r {
+            let reason = match s.code() {
+                tonic::Code::Unauthenticated => "unauthenticated",
+                tonic::Code::PermissionDenied => "permission_denied",
+                _ => "unavailable",
+            };
+            self.metrics
+                .node_auth_refusals
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: reason.into(),
+                })
+                .inc();
+            tracing::warn!(error = %s.message(), "node agent request refused");
+        }
+        r
+    }
+}

@@ -172,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                 address: format!("https://127.0.0.1:{grpc}"),
                 server_name: "weft-control-plane".into(),
                 credential_dir: cred.clone(),
+                token_file: None,
             };
             tokio::spawn(weft_node::control::subscription::run_forever(
                 target,

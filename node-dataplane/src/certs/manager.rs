@@ -7,13 +7,13 @@
 use super::store::{zeroizing::Secret, CertStore, WorkloadCert};
 use crate::config::ConfigStore;
 use crate::control::backoff::Backoff;
+use crate::control::channel::ControlChannel;
 use crate::metrics::{IdentityLabel, Metrics};
 use anyhow::{bail, Context};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tonic::transport::Channel;
 use weft_api::pb::{self, certificates_client::CertificatesClient};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -39,8 +39,11 @@ pub struct CertManager {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
-    pub connect:
-        Arc<dyn Fn() -> futures::future::BoxFuture<'static, anyhow::Result<Channel>> + Send + Sync>,
+    pub connect: Arc<
+        dyn Fn() -> futures::future::BoxFuture<'static, anyhow::Result<ControlChannel>>
+            + Send
+            + Sync,
+    >,
 }
 
 struct Slot {
@@ -52,7 +55,7 @@ impl CertManager {
     pub async fn run(self) {
         let mut changes = self.config.watch();
         let mut slots: HashMap<String, Slot> = HashMap::new();
-        let mut client: Option<CertificatesClient<Channel>> = None;
+        let mut client: Option<CertificatesClient<ControlChannel>> = None;
         loop {
             let wanted: BTreeSet<String> = self.config.local_identities();
             // Drop identities that left the node.
@@ -143,7 +146,7 @@ impl CertManager {
 
     async fn request(
         &self,
-        client: &mut CertificatesClient<Channel>,
+        client: &mut CertificatesClient<ControlChannel>,
         id: &str,
     ) -> anyhow::Result<WorkloadCert> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;

@@ -1,10 +1,18 @@
-//! A gRPC channel to the control plane over TLS: the node credential as client
-//! certificate, the control plane verified against the credential's trust bundle.
+//! A gRPC channel to the control plane over TLS, the control plane verified
+//! against the trust bundle (`ca.crt`). The node authenticates with either
+//!
+//! - a node credential (standalone): `node.crt`/`node.key` as client certificate, or
+//! - a projected ServiceAccount token (Kubernetes): `--token-file`, re-read for
+//!   every request (the kubelet rotates it) and sent as `authorization: Bearer`.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 
 #[derive(Debug, Clone)]
 pub struct ControlPlaneTarget {
@@ -12,8 +20,38 @@ pub struct ControlPlaneTarget {
     pub address: String,
     /// Name expected in the control plane's serving certificate.
     pub server_name: String,
-    /// Directory holding node.crt, node.key and ca.crt.
+    /// Directory holding ca.crt, and node.crt/node.key unless a token is used.
     pub credential_dir: PathBuf,
+    /// Projected ServiceAccount token file (Kubernetes mode).
+    pub token_file: Option<PathBuf>,
+}
+
+/// A channel whose every request carries the node's token when it has one.
+pub type ControlChannel = InterceptedService<Channel, NodeToken>;
+
+/// Adds the bearer token (when configured) to each request.
+#[derive(Debug, Clone, Default)]
+pub struct NodeToken {
+    file: Option<PathBuf>,
+}
+
+impl Interceptor for NodeToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(file) = &self.file else {
+            return Ok(req);
+        };
+        let token = std::fs::read_to_string(file).map_err(|e| {
+            Status::unauthenticated(format!("reading the token file {}: {e}", file.display()))
+        })?;
+        let value = MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
+            Status::unauthenticated(format!(
+                "the token in {} is not a valid header value",
+                file.display()
+            ))
+        })?;
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
 }
 
 fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
@@ -23,14 +61,16 @@ fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
 }
 
 impl ControlPlaneTarget {
-    pub async fn connect(&self) -> anyhow::Result<Channel> {
-        let tls = ClientTlsConfig::new()
+    pub async fn connect(&self) -> anyhow::Result<ControlChannel> {
+        let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.credential_dir, "ca.crt")?))
-            .identity(Identity::from_pem(
+            .domain_name(self.server_name.clone());
+        if self.token_file.is_none() {
+            tls = tls.identity(Identity::from_pem(
                 read(&self.credential_dir, "node.crt")?,
                 read(&self.credential_dir, "node.key")?,
-            ))
-            .domain_name(self.server_name.clone());
+            ));
+        }
         let ep = Endpoint::from_shared(self.address.clone())
             .with_context(|| format!("control plane address {:?}", self.address))?
             .tls_config(tls)?
@@ -39,8 +79,15 @@ impl ControlPlaneTarget {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        ep.connect()
+        let channel = ep
+            .connect()
             .await
-            .with_context(|| format!("connecting to the control plane at {}", self.address))
+            .with_context(|| format!("connecting to the control plane at {}", self.address))?;
+        Ok(InterceptedService::new(
+            channel,
+            NodeToken {
+                file: self.token_file.clone(),
+            },
+        ))
     }
 }

@@ -1,0 +1,331 @@
+//! Kubernetes source: one kube-runtime watcher per kind (Namespaces, Pods,
+//! Services, ServiceAccounts, AuthorizationPolicies, WasmPlugins) feeding the same
+//! model as the directory source.
+//!
+//! - The first complete list of every kind becomes one `Snapshot` (the control plane
+//!   is ready only then); afterwards each watch event is a `Changes` batch.
+//! - A watch that breaks (API server restart, network error) is retried with
+//!   backoff; a re-list (e.g. after 410 Gone) is diffed against what that kind had,
+//!   so objects deleted meanwhile are removed and nothing is lost or duplicated.
+//! - weft's own CRDs are read as untyped objects and converted one by one: an object
+//!   that does not convert is reported (named, with the field) and skipped instead
+//!   of stalling the whole watch.
+//! - Endpoints are derived from Pods and Service selectors by the model, so API
+//!   servers without `discovery.k8s.io/v1` (1.20) work.
+
+use super::super::config::{
+    ConfigSource, EventSender, ManifestError, Object, ObjectRef, SourceEvent,
+};
+use crate::metrics::{KindLabel, Metrics};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
+
+pub struct KubeSource {
+    client: Client,
+    metrics: Arc<Metrics>,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self { client, metrics }
+    }
+}
+
+/// What one kind's watcher reports to the merger.
+enum KindMsg {
+    /// A complete list: (kind, objects, objects that vanished since the last list).
+    Listed(&'static str, Vec<Object>, Vec<ObjectRef>),
+    Changed(Vec<Object>, Vec<ObjectRef>),
+    /// Conversion problems of this kind, replacing its earlier ones.
+    Errors(&'static str, Vec<ManifestError>),
+}
+
+type Convert = fn(DynamicObject) -> Result<Object, (ObjectRef, String)>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send>>;
+
+/// A watcher of one kind as untyped objects, plus how to type them.
+struct Kind {
+    name: &'static str,
+    stream: EventStream,
+    convert: Convert,
+}
+
+fn typed<K>(o: DynamicObject, wrap: fn(K) -> Object) -> Result<Object, (ObjectRef, String)>
+where
+    K: serde::de::DeserializeOwned,
+{
+    let kind = o.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
+    let r = ObjectRef {
+        kind: "",
+        namespace: o.metadata.namespace.clone().unwrap_or_default(),
+        name: o.metadata.name.clone().unwrap_or_default(),
+    };
+    let value = serde_json::to_value(&o).map_err(|e| (r.clone(), e.to_string()))?;
+    serde_path_to_error::deserialize::<_, K>(value)
+        .map(wrap)
+        .map_err(|e| {
+            let field = e.path().to_string();
+            (r, format!("{kind}: field {field}: {}", e.inner()))
+        })
+}
+
+fn kind<K>(client: &Client, name: &'static str, convert: Convert) -> Kind
+where
+    K: Resource<DynamicType = ()>,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let types = kube::api::TypeMeta {
+        api_version: ar.api_version.clone(),
+        kind: ar.kind.clone(),
+    };
+    let stream = watcher(api)
+        .modify(move |o| {
+            // Not needed by the model; a large share of every object's size.
+            o.metadata.managed_fields = None;
+            // List items carry no apiVersion/kind; the typed conversion wants them.
+            o.types = Some(types.clone());
+        })
+        .boxed();
+    Kind {
+        name,
+        stream,
+        convert,
+    }
+}
+
+fn watcher(
+    api: Api<DynamicObject>,
+) -> impl Stream<Item = Result<Event<DynamicObject>, watcher::Error>> {
+    watcher::watcher(api, watcher::Config::default()).default_backoff()
+}
+
+impl KubeSource {
+    fn kinds(&self) -> Vec<Kind> {
+        let c = &self.client;
+        vec![
+            kind::<Namespace>(c, "Namespace", |o| typed(o, Object::Namespace)),
+            kind::<Pod>(c, "Pod", |o| typed(o, |p: Pod| Object::Pod(Box::new(p)))),
+            kind::<Service>(c, "Service", |o| typed(o, Object::Service)),
+            kind::<ServiceAccount>(c, "ServiceAccount", |o| typed(o, Object::ServiceAccount)),
+            kind::<AuthorizationPolicy>(c, "AuthorizationPolicy", |o| {
+                typed(o, Object::AuthorizationPolicy)
+            }),
+            kind::<WasmPlugin>(c, "WasmPlugin", |o| typed(o, Object::WasmPlugin)),
+        ]
+    }
+}
+
+/// Drives one kind's watcher: tracks which objects it holds so a re-list can
+/// report deletions, and reports conversion errors.
+async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
+    let Kind {
+        name,
+        mut stream,
+        convert,
+    } = k;
+    let mut known: HashSet<ObjectRef> = HashSet::new();
+    let mut errors: BTreeMap<(String, String), ManifestError> = BTreeMap::new();
+    let mut listing: Option<(Vec<Object>, BTreeMap<(String, String), ManifestError>)> = None;
+    let error_of = |r: &ObjectRef, message: String| ManifestError {
+        file: "kubernetes".into(),
+        document: 0,
+        object: Some(format!("{name} {}/{}", r.namespace, r.name)),
+        field: None,
+        message,
+    };
+    while let Some(ev) = stream.next().await {
+        let msg = match ev {
+            Err(e) => {
+                metrics
+                    .watch_errors
+                    .get_or_create(&KindLabel { kind: name.into() })
+                    .inc();
+                tracing::warn!(kind = name, error = %e, "watch failed; retrying with backoff");
+                continue;
+            }
+            Ok(Event::Init) => {
+                listing = Some((Vec::new(), BTreeMap::new()));
+                continue;
+            }
+            Ok(Event::InitApply(o)) => {
+                if let Some((objs, errs)) = listing.as_mut() {
+                    match convert(o) {
+                        Ok(obj) => objs.push(obj),
+                        Err((r, m)) => {
+                            errs.insert((r.namespace.clone(), r.name.clone()), error_of(&r, m));
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(Event::InitDone) => {
+                let (objs, errs) = listing.take().unwrap_or_default();
+                let now: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
+                let gone: Vec<ObjectRef> = known.difference(&now).cloned().collect();
+                known = now;
+                let errors_changed = errs != errors;
+                errors = errs;
+                if errors_changed
+                    && tx
+                        .send(KindMsg::Errors(name, errors.values().cloned().collect()))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                KindMsg::Listed(name, objs, gone)
+            }
+            Ok(Event::Apply(o)) => {
+                let key = (
+                    o.metadata.namespace.clone().unwrap_or_default(),
+                    o.metadata.name.clone().unwrap_or_default(),
+                );
+                match convert(o) {
+                    Ok(obj) => {
+                        known.insert(obj.object_ref());
+                        if errors.remove(&key).is_some()
+                            && tx
+                                .send(KindMsg::Errors(name, errors.values().cloned().collect()))
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
+                        KindMsg::Changed(vec![obj], Vec::new())
+                    }
+                    Err((r, m)) => {
+                        tracing::warn!(kind = name, object = %format!("{}/{}", r.namespace, r.name), error = %m, "object skipped");
+                        errors.insert(key, error_of(&r, m));
+                        if tx
+                            .send(KindMsg::Errors(name, errors.values().cloned().collect()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        // A previously good version is withdrawn: its current spec is unknown.
+                        let r = ObjectRef {
+                            kind: name,
+                            namespace: if name == "Namespace" {
+                                String::new()
+                            } else {
+                                r.namespace
+                            },
+                            name: r.name,
+                        };
+                        if !known.remove(&r) {
+                            continue;
+                        }
+                        KindMsg::Changed(Vec::new(), vec![r])
+                    }
+                }
+            }
+            Ok(Event::Delete(o)) => {
+                let ns = o.metadata.namespace.clone().unwrap_or_default();
+                let r = ObjectRef {
+                    kind: name,
+                    namespace: if name == "Namespace" {
+                        String::new()
+                    } else {
+                        ns.clone()
+                    },
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                };
+                if errors.remove(&(ns, r.name.clone())).is_some()
+                    && tx
+                        .send(KindMsg::Errors(name, errors.values().cloned().collect()))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                known.remove(&r);
+                KindMsg::Changed(Vec::new(), vec![r])
+            }
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ConfigSource for KubeSource {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn run(self: Box<Self>, tx: EventSender) -> anyhow::Result<()> {
+        let kinds = self.kinds();
+        let total = kinds.len();
+        let (ktx, mut krx) = mpsc::channel::<KindMsg>(256);
+        let mut tasks = Vec::new();
+        for k in kinds {
+            tasks.push(tokio::spawn(run_kind(k, ktx.clone(), self.metrics.clone())));
+        }
+        drop(ktx);
+        let mut listed: HashSet<&'static str> = HashSet::new();
+        let mut initial: Vec<Object> = Vec::new();
+        let mut held: Vec<SourceEvent> = Vec::new();
+        let mut errors: BTreeMap<&'static str, Vec<ManifestError>> = BTreeMap::new();
+        let mut synced = false;
+        while let Some(msg) = krx.recv().await {
+            let ev = match msg {
+                KindMsg::Errors(kind, e) => {
+                    errors.insert(kind, e);
+                    let all: Vec<ManifestError> = errors.values().flatten().cloned().collect();
+                    self.metrics.source_errors.set(all.len() as i64);
+                    SourceEvent::Errors(all)
+                }
+                KindMsg::Listed(kind, objs, gone) if !synced => {
+                    if listed.insert(kind) {
+                        initial.extend(objs);
+                    } else {
+                        // Re-listed before the others finished: replace its share.
+                        initial.retain(|o| o.object_ref().kind != kind);
+                        initial.extend(objs);
+                    }
+                    let _ = gone;
+                    if listed.len() < total {
+                        continue;
+                    }
+                    synced = true;
+                    tracing::info!(
+                        objects = initial.len(),
+                        "initial list of every kind complete"
+                    );
+                    tx.send(SourceEvent::Snapshot(std::mem::take(&mut initial)))
+                        .await?;
+                    for ev in held.drain(..) {
+                        tx.send(ev).await?;
+                    }
+                    continue;
+                }
+                KindMsg::Listed(_, objs, gone) => SourceEvent::Changes {
+                    apply: objs,
+                    delete: gone,
+                },
+                KindMsg::Changed(apply, delete) => SourceEvent::Changes { apply, delete },
+            };
+            if synced || matches!(ev, SourceEvent::Errors(_)) {
+                tx.send(ev).await?;
+            } else {
+                held.push(ev);
+            }
+        }
+        for t in tasks {
+            t.abort();
+        }
+        anyhow::bail!("every Kubernetes watcher ended")
+    }
+}
