@@ -4,6 +4,8 @@
 
 pub mod cluster;
 pub mod curl;
+pub mod kubeapi;
+pub mod kubemesh;
 pub mod netlab;
 pub mod process;
 pub mod standalone;

@@ -49,6 +49,8 @@ enum KindMsg {
     Errors(&'static str, Vec<ManifestError>),
 }
 
+/// Conversion problems of one kind, by (namespace, name).
+type Problems = BTreeMap<(String, String), ManifestError>;
 type Convert = fn(DynamicObject) -> Result<Object, (ObjectRef, String)>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send>>;
 
@@ -134,8 +136,8 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
         convert,
     } = k;
     let mut known: HashSet<ObjectRef> = HashSet::new();
-    let mut errors: BTreeMap<(String, String), ManifestError> = BTreeMap::new();
-    let mut listing: Option<(Vec<Object>, BTreeMap<(String, String), ManifestError>)> = None;
+    let mut errors: Problems = BTreeMap::new();
+    let mut listing: Option<(Vec<Object>, Problems)> = None;
     let error_of = |r: &ObjectRef, message: String| ManifestError {
         file: "kubernetes".into(),
         document: 0,

@@ -25,7 +25,9 @@ pub struct WorkloadSelector {
 /// Every CRD weft owns, as `(file name, YAML)`.
 pub fn all_crd_yaml() -> Vec<(&'static str, String)> {
     let render = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
-        let body = serde_yaml::to_string(&crd).unwrap_or_default();
+        let mut value = serde_json::to_value(&crd).unwrap_or_default();
+        strip_null_enum_values(&mut value);
+        let body = serde_yaml::to_string(&value).unwrap_or_default();
         format!("# Generated from the Rust types by `weft-control-plane crds`. Do not edit.\n{body}")
     };
     vec![
@@ -38,4 +40,20 @@ pub fn all_crd_yaml() -> Vec<(&'static str, String)> {
             render(WasmPlugin::crd()),
         ),
     ]
+}
+
+/// An optional enum field's schema lists `null` among its values (it is already
+/// `nullable`); API servers up to at least 1.20 reject such a CRD with a misleading
+/// error, so the value is dropped.
+fn strip_null_enum_values(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::Array(values)) = m.get_mut("enum") {
+                values.retain(|x| !x.is_null());
+            }
+            m.values_mut().for_each(strip_null_enum_values);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_null_enum_values),
+        _ => {}
+    }
 }

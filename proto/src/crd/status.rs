@@ -11,9 +11,8 @@ pub struct StatusCondition {
     pub type_: String,
     /// "True", "False" or "Unknown".
     pub status: String,
-    #[serde(default)]
+    /// CamelCase reason, e.g. `InvalidSelector` (required, as in metav1.Condition).
     pub reason: String,
-    #[serde(default)]
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
