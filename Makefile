@@ -43,9 +43,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-# Regenerate crds/ from the Rust types (a test fails when they drift).
+# Regenerate crds/ (and the chart's copy) from the Rust types (tests fail when they drift).
 crds:
 	$(CARGO) run -q -p weft-control-plane -- crds --out crds
+	cp crds/*.yaml charts/weft/crds/
 
 bench: setup plugins
 	$(CARGO) build --release --workspace --bins

@@ -8,6 +8,16 @@ set -euo pipefail
 
 cache="${WEFT_KUBE_CACHE:-$HOME/.cache/weft/kube}"
 bin="$cache/v1.20.2/kube-apiserver"
+mkdir -p "$cache"
+# Tests call this concurrently: one builds, the others wait and reuse.
+exec 9>"$cache/.lock"
+flock 9
+# etcd is needed to run the API server, built or cached.
+if ! command -v etcd >/dev/null; then
+  echo "build-apiserver: installing etcd-server" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+fi
 if [[ -x "$bin" ]]; then
   echo "$bin"
   exit 0
@@ -17,7 +27,6 @@ need=()
 [[ -x /usr/lib/go-1.19/bin/go ]] || need+=(golang-1.19-go)
 command -v rsync >/dev/null || need+=(rsync)
 command -v make >/dev/null || need+=(make)
-command -v etcd >/dev/null || need+=(etcd-server)
 [[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]] || need+=(golang-github-modern-go-reflect2-dev)
 command -v dpkg-source >/dev/null || need+=(dpkg-dev)
 if ((${#need[@]})); then

@@ -27,9 +27,13 @@ pub struct AdminState {
     pub proxy: Option<Arc<crate::proxy::state::ProxyState>>,
 }
 
-/// The scrape endpoint (`--metrics-addr`, default :15020): only `/metrics`.
+/// The public endpoint (`--metrics-addr`, default :15020): `/metrics` and `/healthz/ready`.
 pub fn metrics_router(s: AdminState) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(s)
+    // Readiness too: with hostNetwork, the kubelet probes this public port.
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz/ready", get(ready))
+        .with_state(s)
 }
 
 pub fn router(s: AdminState) -> Router {

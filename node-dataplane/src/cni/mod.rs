@@ -3,6 +3,7 @@
 //! (netns path, pod namespace/name/UID, IPs) over a unix socket, and passes the
 //! previous result through unchanged.
 
+pub mod install;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;

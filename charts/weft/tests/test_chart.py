@@ -1,0 +1,231 @@
+"""Tests of the weft Helm chart with the real Helm SDK (helm-python-sdk, Helm v4)
+and the Kubernetes OpenAPI schemas (kubernetes-validate).
+
+Run by `cargo test` (e2e/tests/helm_chart.rs), which prepares a virtualenv; by hand:
+    python -m unittest discover -s charts/weft/tests -v
+"""
+
+import json
+import pathlib
+import unittest
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+CHART = pathlib.Path(__file__).resolve().parent.parent
+REPO = CHART.parent.parent
+KUBE_VERSION = "1.30.0"
+# Kinds whose schemas are not Kubernetes' own (Prometheus Operator CRDs).
+NOT_IN_KUBERNETES = {"ServiceMonitor", "PodMonitor"}
+
+VARIATIONS = {
+    "defaults": {},
+    "monitoring-and-privileged": {
+        "controlPlane": {"replicas": 3, "podDisruptionBudget": {"enabled": False}},
+        "node": {"privileged": True, "loadBalancing": "round-robin"},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "podMonitor": {"enabled": True, "interval": "30s"},
+        "dashboards": {"enabled": False},
+    },
+    "custom-images-and-placement": {
+        "trustDomain": "prod.example.org",
+        "logFormat": "text",
+        "controlPlane": {
+            "image": {"repository": "registry.example.org/weft/cp", "tag": "1.2.3"},
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+            "svidTtl": "12h",
+        },
+        "node": {
+            "image": {"repository": "registry.example.org/weft/node", "tag": "1.2.3", "pullPolicy": "Always"},
+            "cniConfDir": "/etc/cni/multus/net.d",
+        },
+        "dashboards": {"namespace": "monitoring"},
+    },
+}
+
+
+def render(values):
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name="weft", namespace="weft-system", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append((path, doc))
+    return docs
+
+
+def leaf_paths(d, prefix=""):
+    for k, v in d.items():
+        p = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            yield from leaf_paths(v, p)
+        else:
+            yield p
+
+
+class ChartTests(unittest.TestCase):
+    def test_lint_is_clean(self):
+        for name, values in VARIATIONS.items():
+            r = helm.lint(str(CHART), values, strict=True, namespace="weft-system")
+            self.assertEqual(r["errors"], [], f"{name}: {r['messages']}")
+            self.assertEqual(r["messages"], [], f"{name}: {r['messages']}")
+
+    def test_every_manifest_validates_against_kubernetes_schemas(self):
+        for name, values in VARIATIONS.items():
+            docs = render(values)
+            self.assertGreater(len(docs), 8, name)
+            for path, doc in docs:
+                if doc["kind"] in NOT_IN_KUBERNETES:
+                    self.assertEqual(doc["apiVersion"], "monitoring.coreos.com/v1")
+                    continue
+                try:
+                    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    self.fail(f"{name}: {path} {doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.path)}")
+
+    def test_expected_objects_per_variation(self):
+        kinds = lambda docs: sorted({d["kind"] for _, d in docs})
+        default = render({})
+        self.assertEqual(
+            kinds(default),
+            ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Deployment",
+             "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"],
+        )
+        mon = render(VARIATIONS["monitoring-and-privileged"])
+        self.assertIn("ServiceMonitor", kinds(mon))
+        self.assertIn("PodMonitor", kinds(mon))
+        self.assertNotIn("PodDisruptionBudget", kinds(mon))
+        self.assertNotIn("ConfigMap", kinds(mon))
+        ds = next(d for _, d in mon if d["kind"] == "DaemonSet")
+        self.assertTrue(ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"])
+        self.assertIn("--lb=round-robin", ds["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    def test_images_and_settings_are_values(self):
+        docs = render(VARIATIONS["custom-images-and-placement"])
+        dep = next(d for _, d in docs if d["kind"] == "Deployment")
+        ds = next(d for _, d in docs if d["kind"] == "DaemonSet")
+        cp = dep["spec"]["template"]["spec"]
+        self.assertEqual(cp["containers"][0]["image"], "registry.example.org/weft/cp:1.2.3")
+        self.assertIn("--trust-domain=prod.example.org", cp["containers"][0]["args"])
+        self.assertIn("--svid-ttl=12h", cp["containers"][0]["args"])
+        self.assertEqual(cp["nodeSelector"], {"kubernetes.io/os": "linux"})
+        node = ds["spec"]["template"]["spec"]
+        self.assertEqual(node["containers"][0]["image"], "registry.example.org/weft/node:1.2.3")
+        self.assertEqual(node["initContainers"][0]["image"], "registry.example.org/weft/node:1.2.3")
+        self.assertEqual(node["containers"][0]["imagePullPolicy"], "Always")
+        cni = next(v for v in node["volumes"] if v["name"] == "cni-conf")
+        self.assertEqual(cni["hostPath"]["path"], "/etc/cni/multus/net.d")
+        for _, d in docs:
+            if d["kind"] == "ConfigMap":
+                self.assertEqual(d["metadata"]["namespace"], "monitoring")
+        # Defaults: the chart's appVersion as tag.
+        dep = next(d for _, d in render({}) if d["kind"] == "Deployment")
+        self.assertTrue(dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0"))
+
+    def test_control_plane_is_hardened(self):
+        docs = render({})
+        dep = next(d for _, d in docs if d["kind"] == "Deployment")
+        pod = dep["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        self.assertTrue(pod["securityContext"]["runAsNonRoot"])
+        self.assertTrue(c["securityContext"]["readOnlyRootFilesystem"])
+        self.assertFalse(c["securityContext"]["allowPrivilegeEscalation"])
+        self.assertEqual(c["securityContext"]["capabilities"]["drop"], ["ALL"])
+        self.assertIn("readinessProbe", c)
+        self.assertIn("livenessProbe", c)
+        self.assertEqual(dep["spec"]["replicas"], 2)
+        ds = next(d for _, d in docs if d["kind"] == "DaemonSet")
+        node = ds["spec"]["template"]["spec"]
+        self.assertTrue(node["hostNetwork"])
+        self.assertFalse(node["containers"][0]["securityContext"]["privileged"])
+        self.assertEqual(
+            sorted(node["containers"][0]["securityContext"]["capabilities"]["add"]),
+            ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"],
+        )
+        mounts = {m["name"] for m in node["containers"][0]["volumeMounts"]}
+        self.assertEqual(mounts, {"credentials", "run", "bpffs", "cgroup", "netns"})
+        token = node["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
+        self.assertEqual(token["audience"], "weft.dev/control-plane")
+        self.assertEqual(node["initContainers"][0]["command"], ["weft-cni", "install"])
+
+    def test_rbac_has_no_wildcards(self):
+        for name, values in VARIATIONS.items():
+            for _, d in render(values):
+                if d["kind"] not in ("ClusterRole", "Role"):
+                    continue
+                for rule in d["rules"]:
+                    for field in ("verbs", "resources", "apiGroups", "resourceNames"):
+                        self.assertNotIn("*", rule.get(field, []), f"{name}: {d['kind']} {d['metadata']['name']}: {rule}")
+                    self.assertNotIn("escalate", rule["verbs"])
+                    self.assertNotIn("impersonate", rule["verbs"])
+                    if "secrets" in rule["resources"]:
+                        self.assertEqual(d["kind"], "Role", "secrets only in the release namespace")
+
+    def test_crds_are_identical_to_the_repository(self):
+        chart_crds = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+        repo_crds = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+        self.assertEqual(chart_crds, repo_crds)
+        for n in repo_crds:
+            self.assertEqual(
+                (CHART / "crds" / n).read_bytes(), (REPO / "crds" / n).read_bytes(),
+                f"charts/weft/crds/{n} differs from crds/{n}: copy it (make crds does)",
+            )
+
+    def test_dashboards_are_configmaps_for_the_grafana_sidecar(self):
+        files = sorted((CHART / "dashboards").glob("*.json"))
+        cms = [d for _, d in render({}) if d["kind"] == "ConfigMap"]
+        self.assertEqual(len(cms), len(files))
+        for f, cm in zip(files, sorted(cms, key=lambda c: c["metadata"]["name"])):
+            self.assertEqual(cm["metadata"]["labels"]["grafana_dashboard"], "1")
+            self.assertEqual(json.loads(cm["data"][f.name]), json.loads(f.read_text()))
+
+    def test_schema_rejects_bad_values_readably(self):
+        cases = [
+            ({"node": {"loadBalancing": "random"}}, "/node/loadBalancing", "must be one of"),
+            ({"controlPlane": {"replicas": 0}}, "/controlPlane/replicas", "minimum"),
+            ({"controlPlane": {"replica": 2}}, "/controlPlane", "replica"),
+            ({"trustDomain": "Bad Domain"}, "/trustDomain", "pattern"),
+            ({"controlPlane": {"svidTtl": "one day"}}, "/controlPlane/svidTtl", "pattern"),
+        ]
+        with helm.Chart.load(str(CHART)) as chart:
+            chart.validate_schema({})
+            for values, where, what in cases:
+                with self.assertRaises(helm.HelmValuesError, msg=str(values)) as cm:
+                    chart.validate_schema(values)
+                msg = str(cm.exception)
+                self.assertIn(where, msg, msg)
+                self.assertIn(what, msg, msg)
+
+    def test_dashboards_are_generated_and_valid(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("gen", CHART / "dashboards" / "generate.py")
+        gen = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gen)
+        rendered = gen.render()
+        committed = {p.name: p.read_text() for p in (CHART / "dashboards").glob("*.json")}
+        self.assertEqual(sorted(committed), sorted(rendered))
+        for name, text in rendered.items():
+            self.assertEqual(committed[name], text, f"{name} is stale: run python3 charts/weft/dashboards/generate.py")
+            d = json.loads(text)
+            self.assertGreaterEqual(d["schemaVersion"], 36)
+            ids = [p["id"] for p in d["panels"]]
+            self.assertEqual(len(ids), len(set(ids)), f"{name}: panel ids not unique")
+            self.assertEqual(d["templating"]["list"][0]["type"], "datasource")
+            for p in d["panels"]:
+                self.assertTrue(p["targets"], f"{name}: panel {p['title']} has no query")
+                self.assertEqual(p["datasource"]["uid"], "${datasource}")
+
+    def test_readme_documents_every_value(self):
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        readme = (CHART / "README.md").read_text()
+        missing = [p for p in leaf_paths(values) if f"`{p}`" not in readme]
+        self.assertEqual(missing, [], "values not documented in charts/weft/README.md")
+
+
+if __name__ == "__main__":
+    unittest.main()
