@@ -27,6 +27,11 @@ use kube::CustomResource;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// CEL rule (Kubernetes 1.25+; older API servers ignore it): also reported in status.
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.action) || self.action != 'CUSTOM'",
+     "message": "spec.action CUSTOM (external authorizers) is not supported by weft: use ALLOW, DENY or AUDIT"}
+]))]
 pub struct AuthorizationPolicySpec {
     /// Workloads (in the policy's namespace) the policy applies to; all when absent.
     /// In the root namespace the policy applies mesh-wide.

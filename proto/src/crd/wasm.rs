@@ -27,6 +27,14 @@ use kube::CustomResource;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// CEL rules (Kubernetes 1.25+; older API servers ignore them): the control plane
+// validates the same things and reports them in status.
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.url.startsWith('file:///') || self.url.startsWith('http://') || self.url.startsWith('https://')",
+     "message": "spec.url must be file:///<absolute path>, http:// or https:// (oci:// is not supported yet)"},
+    {"rule": "!self.url.startsWith('http') || has(self.sha256)",
+     "message": "spec.sha256 is required for http(s) modules"}
+]))]
 pub struct WasmPluginSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
