@@ -10,6 +10,7 @@
 pub mod authz;
 pub mod crd;
 pub mod logging;
+pub mod mountinfo;
 pub mod protocol;
 pub mod resource;
 pub mod runtime;

@@ -1,29 +1,9 @@
-//! Finding the cgroup2 hierarchy and bpffs from /proc/self/mountinfo (never
-//! hard-coded: hybrid hosts mount cgroup2 at /sys/fs/cgroup/unified, pure cgroup2
-//! nodes at /sys/fs/cgroup).
+//! Finding the cgroup2 hierarchy and bpffs from /proc/self/mountinfo
+//! ([`weft_api::mountinfo`]), mounting bpffs when absent.
 
 use std::path::{Path, PathBuf};
 
-/// Mount points of `fstype` in a mountinfo text, in order.
-pub fn mounts_of(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // fields: id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-            let (pre, post) = line.split_once(" - ")?;
-            let fs = post.split_whitespace().next()?;
-            let mountpoint = pre.split_whitespace().nth(4)?;
-            (fs == fstype).then(|| PathBuf::from(unescape(mountpoint)))
-        })
-        .collect()
-}
-
-fn unescape(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
+pub use weft_api::mountinfo::mounts_of;
 
 /// The cgroup2 mount point of this host.
 pub fn cgroup2_root() -> std::io::Result<PathBuf> {

@@ -1,0 +1,160 @@
+//! The mesh's objects, from a manifest directory (offline) or a cluster
+//! (kubeconfig), fed into the control plane's own model: weftctl sees exactly the
+//! workloads, services and compiled policies the nodes would get.
+
+use anyhow::{bail, Context};
+use std::path::Path;
+use std::sync::Arc;
+use weft_api::pb::{self, resource::Kind};
+use weft_api::spiffe::TrustDomain;
+use weft_control_plane::config::directory::DirectoryReader;
+use weft_control_plane::config::{ManifestError, Object, SourceEvent};
+use weft_control_plane::model::{Model, ModelConfig};
+
+/// Where the objects come from.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Source {
+    /// A directory of manifests (offline; what `weft-control-plane run --config-dir` reads).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub dir: Option<std::path::PathBuf>,
+    /// Read the objects from a cluster (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    #[arg(long, default_value = weft_api::spiffe::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: TrustDomain,
+    #[arg(long, default_value = "weft-system")]
+    pub root_namespace: String,
+}
+
+/// The mesh as the model derives it.
+pub struct Mesh {
+    pub model: Arc<Model>,
+    pub objects: Vec<Object>,
+    pub errors: Vec<ManifestError>,
+}
+
+impl Mesh {
+    pub fn resources(&self) -> Vec<Arc<pb::Resource>> {
+        let st = self.model.read_state();
+        let mut v: Vec<_> = st.entries.values().map(|e| e.resource.clone()).collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    pub fn workloads(&self) -> Vec<pb::Workload> {
+        self.resources()
+            .iter()
+            .filter_map(|r| match &r.kind {
+                Some(Kind::Workload(w)) => Some(w.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn services(&self) -> Vec<pb::Service> {
+        self.resources()
+            .iter()
+            .filter_map(|r| match &r.kind {
+                Some(Kind::Service(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn policies(&self) -> Vec<pb::AuthorizationPolicy> {
+        self.resources()
+            .iter()
+            .filter_map(|r| match &r.kind {
+                Some(Kind::AuthorizationPolicy(p)) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub async fn load(src: &Source) -> anyhow::Result<Mesh> {
+    let (objects, errors) = match (&src.dir, &src.kubeconfig) {
+        (Some(dir), _) => read_dir(dir)?,
+        (None, kc) => (read_cluster(kc.as_deref()).await?, Vec::new()),
+    };
+    // Plugins are left out: resolving their modules could fetch over the network,
+    // and no weftctl command needs them.
+    let objects: Vec<Object> = objects
+        .into_iter()
+        .filter(|o| !matches!(o, Object::WasmPlugin(_)))
+        .collect();
+    let model = Model::new(ModelConfig {
+        trust_domain: src.trust_domain.clone(),
+        root_namespace: src.root_namespace.clone(),
+        trust_bundle_pem: String::new(),
+    });
+    model.apply(SourceEvent::Snapshot(objects.clone()));
+    Ok(Mesh {
+        model,
+        objects,
+        errors,
+    })
+}
+
+fn read_dir(dir: &Path) -> anyhow::Result<(Vec<Object>, Vec<ManifestError>)> {
+    if !dir.is_dir() {
+        bail!("--dir {}: not a directory", dir.display());
+    }
+    let mut reader = DirectoryReader::default();
+    let scan = reader
+        .scan(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .context("the directory could not be read")?;
+    let objects = match scan.event {
+        SourceEvent::Snapshot(o) => o,
+        SourceEvent::Changes { apply, .. } => apply,
+        SourceEvent::Errors(_) => Vec::new(),
+    };
+    Ok((objects, scan.errors))
+}
+
+async fn read_cluster(kubeconfig: Option<&Path>) -> anyhow::Result<Vec<Object>> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+    use kube::api::ListParams;
+    use kube::Api;
+    use weft_api::crd::AuthorizationPolicy;
+    let client = crate::kube_client(kubeconfig).await?;
+    let lp = ListParams::default();
+    let mut out = Vec::new();
+    for n in Api::<Namespace>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing namespaces")?
+    {
+        out.push(Object::Namespace(n));
+    }
+    for p in Api::<Pod>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing pods")?
+    {
+        out.push(Object::Pod(Box::new(p)));
+    }
+    for s in Api::<Service>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing services")?
+    {
+        out.push(Object::Service(s));
+    }
+    for s in Api::<ServiceAccount>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing service accounts")?
+    {
+        out.push(Object::ServiceAccount(s));
+    }
+    let policies = Api::<AuthorizationPolicy>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing AuthorizationPolicies (are weft's CRDs installed? `weftctl check`)")?;
+    for p in policies {
+        out.push(Object::AuthorizationPolicy(p));
+    }
+    Ok(out)
+}
