@@ -315,6 +315,40 @@ fn kube_mode_end_to_end() {
     )
     .unwrap();
 
+    // weftctl against the cluster: preflight passes; authz check reads the same
+    // objects from the API server.
+    let kc = m.api.kubeconfig();
+    let kc = kc.to_str().unwrap();
+    let weftctl = |args: &[&str]| {
+        let out = std::process::Command::new(weft_e2e::bin_path("weftctl").unwrap())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = weftctl(&["check", "--skip-host", "--kubeconfig", kc]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("leader cp-1"), "{out}");
+    assert!(out.contains("Kubernetes 1.20"), "{out}");
+    let (code, out) = weftctl(&[
+        "authz",
+        "check",
+        "--kubeconfig",
+        kc,
+        "--from",
+        "shop/web-1",
+        "--to",
+        "payments/ledger:9090",
+        "-o",
+        "json",
+    ]);
+    // ledger-1 was just un-enrolled: weft does not authorize its traffic any more.
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"enrolled\": false"), "{out}");
+
     // The API server restarts: the control plane keeps serving and picks up
     // changes made after it is back.
     m.api.stop_apiserver();
