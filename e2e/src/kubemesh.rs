@@ -392,13 +392,15 @@ impl KubeMesh {
             .unwrap_or_default()
     }
 
+    fn node_admin(&self, node: &str) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.nodes.get(node).map(|n| n.admin_port).unwrap_or(0)
+        )
+    }
+
     pub fn config_dump(&self, node: &str) -> anyhow::Result<serde_json::Value> {
-        let port = self.nodes.get(node).map(|n| n.admin_port).unwrap_or(0);
-        let (status, body) = http_get(&format!("127.0.0.1:{port}"), "/config_dump")?;
-        if status != 200 {
-            bail!("config_dump: HTTP {status}");
-        }
-        Ok(serde_json::from_str(&body)?)
+        crate::process::fetch_config_dump(&self.node_admin(node), node)
     }
 
     /// Waits until node `node`'s config dump satisfies `f`.
@@ -407,19 +409,15 @@ impl KubeMesh {
         node: &str,
         timeout: Duration,
         what: &str,
-        mut f: impl FnMut(&serde_json::Value) -> bool,
+        f: impl FnMut(&serde_json::Value) -> bool,
     ) -> anyhow::Result<serde_json::Value> {
-        wait_until(timeout, || self.config_dump(node).ok().filter(|d| f(d))).with_context(|| {
+        crate::process::wait_config_dump(&self.node_admin(node), node, timeout, what, f, || {
             let cps: Vec<String> = self
                 .control_planes
                 .keys()
                 .map(|n| format!("control plane {n} log:\n{}", self.cp_log(n)))
                 .collect();
-            format!(
-                "node {node}: {what} did not happen within {timeout:?}\nnode log:\n{}\n{}",
-                self.node_log(node),
-                cps.join("\n")
-            )
+            format!("node log:\n{}\n{}", self.node_log(node), cps.join("\n"))
         })
     }
 }

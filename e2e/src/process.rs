@@ -139,3 +139,32 @@ pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let body = resp.body_mut().read_to_string()?;
     Ok((status, body))
 }
+
+/// A node agent's `/config_dump` from its admin address.
+pub fn fetch_config_dump(admin: &str, node: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = http_get(admin, "/config_dump")?;
+    if status != 200 {
+        bail!("config_dump of {node}: HTTP {status}");
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Polls a node's config dump until `f` holds; on timeout the error carries `logs()`.
+pub fn wait_config_dump(
+    admin: &str,
+    node: &str,
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut(&serde_json::Value) -> bool,
+    logs: impl FnOnce() -> String,
+) -> anyhow::Result<serde_json::Value> {
+    wait_until(timeout, || {
+        fetch_config_dump(admin, node).ok().filter(|d| f(d))
+    })
+    .with_context(|| {
+        format!(
+            "node {node}: {what} did not happen within {timeout:?}\n{}",
+            logs()
+        )
+    })
+}

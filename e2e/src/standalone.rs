@@ -178,11 +178,7 @@ impl StandaloneMesh {
 
     /// `/config_dump` of a node.
     pub fn config_dump(&self, node: &str) -> anyhow::Result<serde_json::Value> {
-        let (status, body) = http_get(&self.node_admin(node), "/config_dump")?;
-        if status != 200 {
-            bail!("config_dump of {node}: HTTP {status}");
-        }
-        Ok(serde_json::from_str(&body)?)
+        crate::process::fetch_config_dump(&self.node_admin(node), node)
     }
 
     /// Waits until `f(config_dump)` holds on `node`.
@@ -191,11 +187,11 @@ impl StandaloneMesh {
         node: &str,
         timeout: Duration,
         what: &str,
-        mut f: impl FnMut(&serde_json::Value) -> bool,
+        f: impl FnMut(&serde_json::Value) -> bool,
     ) -> anyhow::Result<serde_json::Value> {
-        wait_until(timeout, || self.config_dump(node).ok().filter(|d| f(d))).with_context(|| {
+        crate::process::wait_config_dump(&self.node_admin(node), node, timeout, what, f, || {
             format!(
-                "node {node}: {what} did not happen within {timeout:?}\nnode log:\n{}\ncontrol plane log:\n{}",
+                "node log:\n{}\ncontrol plane log:\n{}",
                 self.node_log(node),
                 self.cp_log()
             )
