@@ -25,6 +25,21 @@ pub struct Finding {
     pub message: String,
 }
 
+fn warning(
+    code: &'static str,
+    object: impl Into<String>,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> Finding {
+    Finding {
+        level: Level::Warning,
+        code,
+        object: object.into(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
 fn policies(mesh: &Mesh) -> Vec<&AuthorizationPolicy> {
     mesh.objects
         .iter()
@@ -122,13 +137,12 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
         let (ns, name) = name_of(p);
         let obj = format!("AuthorizationPolicy {ns}/{name}");
         if !namespaces.contains(&ns) {
-            out.push(Finding {
-                level: Level::Warning,
-                code: "UnknownNamespace",
-                object: obj.clone(),
-                field: "metadata.namespace".into(),
-                message: format!("namespace {ns} does not exist"),
-            });
+            out.push(warning(
+                "UnknownNamespace",
+                obj.clone(),
+                "metadata.namespace",
+                format!("namespace {ns} does not exist"),
+            ));
         }
         if let Some((_, c)) = compiled
             .iter()
@@ -139,13 +153,12 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
                 .filter(|w| w.enrolled && c.applies_to_labels(&w.namespace, &w.labels))
                 .count();
             if selected == 0 {
-                out.push(Finding {
-                    level: Level::Warning,
-                    code: "SelectsNothing",
-                    object: obj.clone(),
-                    field: "spec.selector".into(),
-                    message: "selects no enrolled workload: it has no effect".into(),
-                });
+                out.push(warning(
+                    "SelectsNothing",
+                    obj.clone(),
+                    "spec.selector",
+                    "selects no enrolled workload: it has no effect",
+                ));
             }
         }
         for (i, r) in p.spec.rules.iter().enumerate() {
@@ -153,13 +166,12 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
                 let base = format!("spec.rules[{i}].from[{j}].source");
                 for n in f.source.namespaces.iter().chain(&f.source.not_namespaces) {
                     if !n.contains('*') && !namespaces.contains(n) {
-                        out.push(Finding {
-                            level: Level::Warning,
-                            code: "UnknownNamespace",
-                            object: obj.clone(),
-                            field: format!("{base}.namespaces"),
-                            message: format!("namespace {n} does not exist"),
-                        });
+                        out.push(warning(
+                            "UnknownNamespace",
+                            obj.clone(),
+                            format!("{base}.namespaces"),
+                            format!("namespace {n} does not exist"),
+                        ));
                     }
                 }
                 for pr in f.source.principals.iter().chain(&f.source.not_principals) {
@@ -169,23 +181,16 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
                             continue;
                         }
                         if !namespaces.contains(*pns) {
-                            out.push(Finding {
-                                level: Level::Warning,
-                                code: "UnknownNamespace",
-                                object: obj.clone(),
-                                field: format!("{base}.principals"),
-                                message: format!("{pr}: namespace {pns} does not exist"),
-                            });
+                            out.push(warning(
+                                "UnknownNamespace",
+                                obj.clone(),
+                                format!("{base}.principals"),
+                                format!("{pr}: namespace {pns} does not exist"),
+                            ));
                         } else if *psa != "default"
                             && !accounts.contains(&(pns.to_string(), psa.to_string()))
                         {
-                            out.push(Finding {
-                                level: Level::Warning,
-                                code: "UnknownServiceAccount",
-                                object: obj.clone(),
-                                field: format!("{base}.principals"),
-                                message: format!("{pr}: service account {pns}/{psa} does not exist and no pod uses it"),
-                            });
+                            out.push(warning("UnknownServiceAccount", obj.clone(), format!("{base}.principals"), format!("{pr}: service account {pns}/{psa} does not exist and no pod uses it")));
                         }
                     }
                 }
@@ -219,13 +224,7 @@ fn shadowing(ps: &[&AuthorizationPolicy]) -> Vec<Finding> {
             let b_action = b.spec.action.unwrap_or_default();
             let b_all = b.spec.rules.iter().any(matches_all);
             if b_action == Action::Deny && b_all && action == Action::Allow {
-                out.push(Finding {
-                    level: Level::Warning,
-                    code: "Shadowed",
-                    object: format!("AuthorizationPolicy {ns}/{name}"),
-                    field: "spec.rules".into(),
-                    message: format!("DENY policy {bns}/{bname} on the same workloads denies everything: this ALLOW policy never takes effect"),
-                });
+                out.push(warning("Shadowed", format!("AuthorizationPolicy {ns}/{name}"), "spec.rules", format!("DENY policy {bns}/{bname} on the same workloads denies everything: this ALLOW policy never takes effect")));
             }
             if b_action == Action::Allow
                 && b_all
@@ -233,25 +232,18 @@ fn shadowing(ps: &[&AuthorizationPolicy]) -> Vec<Finding> {
                 && !a.spec.rules.iter().any(matches_all)
                 && bname < name
             {
-                out.push(Finding {
-                    level: Level::Warning,
-                    code: "Shadowed",
-                    object: format!("AuthorizationPolicy {ns}/{name}"),
-                    field: "spec.rules".into(),
-                    message: format!("ALLOW policy {bns}/{bname} on the same workloads allows everything: this ALLOW policy adds nothing"),
-                });
+                out.push(warning("Shadowed", format!("AuthorizationPolicy {ns}/{name}"), "spec.rules", format!("ALLOW policy {bns}/{bname} on the same workloads allows everything: this ALLOW policy adds nothing")));
             }
         }
         // The same rule twice in one policy.
         for (i, r) in a.spec.rules.iter().enumerate() {
             if let Some(j) = a.spec.rules[..i].iter().position(|q| q == r) {
-                out.push(Finding {
-                    level: Level::Warning,
-                    code: "DuplicateRule",
-                    object: format!("AuthorizationPolicy {ns}/{name}"),
-                    field: format!("spec.rules[{i}]"),
-                    message: format!("identical to spec.rules[{j}]"),
-                });
+                out.push(warning(
+                    "DuplicateRule",
+                    format!("AuthorizationPolicy {ns}/{name}"),
+                    format!("spec.rules[{i}]"),
+                    format!("identical to spec.rules[{j}]"),
+                ));
             }
         }
     }

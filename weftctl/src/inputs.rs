@@ -41,34 +41,35 @@ impl Mesh {
         v
     }
 
-    pub fn workloads(&self) -> Vec<pb::Workload> {
+    fn of_kind<T>(&self, pick: impl Fn(&Kind) -> Option<&T>) -> Vec<T>
+    where
+        T: Clone,
+    {
         self.resources()
             .iter()
-            .filter_map(|r| match &r.kind {
-                Some(Kind::Workload(w)) => Some(w.clone()),
-                _ => None,
-            })
+            .filter_map(|r| r.kind.as_ref().and_then(&pick).cloned())
             .collect()
+    }
+
+    pub fn workloads(&self) -> Vec<pb::Workload> {
+        self.of_kind(|k| match k {
+            Kind::Workload(w) => Some(w),
+            _ => None,
+        })
     }
 
     pub fn services(&self) -> Vec<pb::Service> {
-        self.resources()
-            .iter()
-            .filter_map(|r| match &r.kind {
-                Some(Kind::Service(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .collect()
+        self.of_kind(|k| match k {
+            Kind::Service(s) => Some(s),
+            _ => None,
+        })
     }
 
     pub fn policies(&self) -> Vec<pb::AuthorizationPolicy> {
-        self.resources()
-            .iter()
-            .filter_map(|r| match &r.kind {
-                Some(Kind::AuthorizationPolicy(p)) => Some(p.clone()),
-                _ => None,
-            })
-            .collect()
+        self.of_kind(|k| match k {
+            Kind::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        })
     }
 }
 
