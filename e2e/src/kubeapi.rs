@@ -47,10 +47,6 @@ pub fn apiserver_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn pem_of(c: &rcgen::Certificate) -> String {
-    c.pem()
-}
-
 impl KubeApi {
     pub fn start() -> anyhow::Result<Self> {
         let binary = apiserver_binary()?;
@@ -77,8 +73,8 @@ impl KubeApi {
             .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
         let srv = srv_params.signed_by(&srv_key, &issuer)?;
         let sa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        std::fs::write(d.join("ca.crt"), pem_of(&ca))?;
-        std::fs::write(d.join("apiserver.crt"), pem_of(&srv))?;
+        std::fs::write(d.join("ca.crt"), ca.pem())?;
+        std::fs::write(d.join("apiserver.crt"), srv.pem())?;
         std::fs::write(d.join("apiserver.key"), srv_key.serialize_pem())?;
         std::fs::write(d.join("sa.key"), sa_key.serialize_pem())?;
         std::fs::write(d.join("sa.pub"), sa_key.public_key_pem())?;

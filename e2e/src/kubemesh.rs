@@ -19,7 +19,8 @@ use std::time::Duration;
 
 pub const NAMESPACE: &str = "weft-system";
 pub const NODE_SA: &str = "weft-node";
-pub const AUDIENCE: &str = "weft.dev/control-plane";
+/// The node-token audience the control plane expects by default.
+pub const AUDIENCE: &str = weft_control_plane::k8s::token_review::DEFAULT_AUDIENCE;
 
 pub struct ControlPlane {
     pub proc: Option<Proc>,

@@ -49,9 +49,9 @@ enum KindMsg {
     Errors(&'static str, Vec<ManifestError>),
 }
 
-/// Conversion problems of one kind, by (namespace, name).
-type Problems = BTreeMap<(String, String), ManifestError>;
-type Convert = fn(DynamicObject) -> Result<Object, (ObjectRef, String)>;
+/// Conversion problems of one kind, by object.
+type Problems = BTreeMap<ObjectRef, ManifestError>;
+type Convert = fn(DynamicObject) -> Result<Object, String>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send>>;
 
 /// A watcher of one kind as untyped objects, plus how to type them.
@@ -61,23 +61,29 @@ struct Kind {
     convert: Convert,
 }
 
-fn typed<K>(o: DynamicObject, wrap: fn(K) -> Object) -> Result<Object, (ObjectRef, String)>
+fn typed<K>(o: DynamicObject, wrap: fn(K) -> Object) -> Result<Object, String>
 where
     K: serde::de::DeserializeOwned,
 {
     let kind = o.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
-    let r = ObjectRef {
-        kind: "",
-        namespace: o.metadata.namespace.clone().unwrap_or_default(),
-        name: o.metadata.name.clone().unwrap_or_default(),
-    };
-    let value = serde_json::to_value(&o).map_err(|e| (r.clone(), e.to_string()))?;
+    let value = serde_json::to_value(&o).map_err(|e| e.to_string())?;
     serde_path_to_error::deserialize::<_, K>(value)
         .map(wrap)
-        .map_err(|e| {
-            let field = e.path().to_string();
-            (r, format!("{kind}: field {field}: {}", e.inner()))
-        })
+        .map_err(|e| format!("{kind}: field {}: {}", e.path(), e.inner()))
+}
+
+/// The model's reference to a watched object (cluster-scoped kinds have no namespace),
+/// the same as [`Object::object_ref`] gives once it is typed.
+fn ref_of(kind: &'static str, o: &DynamicObject) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: if kind == "Namespace" {
+            String::new()
+        } else {
+            o.metadata.namespace.clone().unwrap_or_default()
+        },
+        name: o.metadata.name.clone().unwrap_or_default(),
+    }
 }
 
 fn kind<K>(client: &Client, name: &'static str, convert: Convert) -> Kind
@@ -141,11 +147,13 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
     let error_of = |r: &ObjectRef, message: String| ManifestError {
         file: "kubernetes".into(),
         document: 0,
-        object: Some(format!("{name} {}/{}", r.namespace, r.name)),
+        object: Some(r.to_string()),
         field: None,
         message,
     };
     while let Some(ev) = stream.next().await {
+        // Set when this event changes the kind's conversion problems.
+        let errors_changed;
         let msg = match ev {
             Err(e) => {
                 metrics
@@ -161,10 +169,11 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
             }
             Ok(Event::InitApply(o)) => {
                 if let Some((objs, errs)) = listing.as_mut() {
+                    let r = ref_of(name, &o);
                     match convert(o) {
                         Ok(obj) => objs.push(obj),
-                        Err((r, m)) => {
-                            errs.insert((r.namespace.clone(), r.name.clone()), error_of(&r, m));
+                        Err(m) => {
+                            errs.insert(r.clone(), error_of(&r, m));
                         }
                     }
                 }
@@ -175,88 +184,48 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
                 let now: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
                 let gone: Vec<ObjectRef> = known.difference(&now).cloned().collect();
                 known = now;
-                let errors_changed = errs != errors;
+                errors_changed = errs != errors;
                 errors = errs;
-                if errors_changed
-                    && tx
-                        .send(KindMsg::Errors(name, errors.values().cloned().collect()))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                KindMsg::Listed(name, objs, gone)
+                Some(KindMsg::Listed(name, objs, gone))
             }
             Ok(Event::Apply(o)) => {
-                let key = (
-                    o.metadata.namespace.clone().unwrap_or_default(),
-                    o.metadata.name.clone().unwrap_or_default(),
-                );
+                let r = ref_of(name, &o);
                 match convert(o) {
                     Ok(obj) => {
-                        known.insert(obj.object_ref());
-                        if errors.remove(&key).is_some()
-                            && tx
-                                .send(KindMsg::Errors(name, errors.values().cloned().collect()))
-                                .await
-                                .is_err()
-                        {
-                            return;
-                        }
-                        KindMsg::Changed(vec![obj], Vec::new())
+                        known.insert(r.clone());
+                        errors_changed = errors.remove(&r).is_some();
+                        Some(KindMsg::Changed(vec![obj], Vec::new()))
                     }
-                    Err((r, m)) => {
-                        tracing::warn!(kind = name, object = %format!("{}/{}", r.namespace, r.name), error = %m, "object skipped");
-                        errors.insert(key, error_of(&r, m));
-                        if tx
-                            .send(KindMsg::Errors(name, errors.values().cloned().collect()))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
+                    Err(m) => {
+                        tracing::warn!(object = %r, error = %m, "object skipped");
+                        errors.insert(r.clone(), error_of(&r, m));
+                        errors_changed = true;
                         // A previously good version is withdrawn: its current spec is unknown.
-                        let r = ObjectRef {
-                            kind: name,
-                            namespace: if name == "Namespace" {
-                                String::new()
-                            } else {
-                                r.namespace
-                            },
-                            name: r.name,
-                        };
-                        if !known.remove(&r) {
-                            continue;
-                        }
-                        KindMsg::Changed(Vec::new(), vec![r])
+                        known
+                            .remove(&r)
+                            .then(|| KindMsg::Changed(Vec::new(), vec![r]))
                     }
                 }
             }
             Ok(Event::Delete(o)) => {
-                let ns = o.metadata.namespace.clone().unwrap_or_default();
-                let r = ObjectRef {
-                    kind: name,
-                    namespace: if name == "Namespace" {
-                        String::new()
-                    } else {
-                        ns.clone()
-                    },
-                    name: o.metadata.name.clone().unwrap_or_default(),
-                };
-                if errors.remove(&(ns, r.name.clone())).is_some()
-                    && tx
-                        .send(KindMsg::Errors(name, errors.values().cloned().collect()))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
+                let r = ref_of(name, &o);
+                errors_changed = errors.remove(&r).is_some();
                 known.remove(&r);
-                KindMsg::Changed(Vec::new(), vec![r])
+                Some(KindMsg::Changed(Vec::new(), vec![r]))
             }
         };
-        if tx.send(msg).await.is_err() {
+        if errors_changed
+            && tx
+                .send(KindMsg::Errors(name, errors.values().cloned().collect()))
+                .await
+                .is_err()
+        {
             return;
+        }
+        if let Some(msg) = msg {
+            if tx.send(msg).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -289,7 +258,8 @@ impl ConfigSource for KubeSource {
                     self.metrics.source_errors.set(all.len() as i64);
                     SourceEvent::Errors(all)
                 }
-                KindMsg::Listed(kind, objs, gone) if !synced => {
+                // Before the snapshot, deletions need no reporting: the snapshot replaces all.
+                KindMsg::Listed(kind, objs, _) if !synced => {
                     if listed.insert(kind) {
                         initial.extend(objs);
                     } else {
@@ -297,7 +267,6 @@ impl ConfigSource for KubeSource {
                         initial.retain(|o| o.object_ref().kind != kind);
                         initial.extend(objs);
                     }
-                    let _ = gone;
                     if listed.len() < total {
                         continue;
                     }

@@ -100,15 +100,16 @@ pub async fn run(client: Client, model: Arc<Model>, mut leader: LeaderWatch) {
             }
             continue;
         }
-        for (obj, st) in model.statuses() {
+        let current = model.statuses();
+        for (obj, st) in &current {
             let Some(ar) = api_resource(obj.kind) else {
                 continue;
             };
-            let cond = accepted_condition(obj.kind, &st);
+            let cond = accepted_condition(obj.kind, st);
             let now = k8s_openapi::jiff::Timestamp::now()
                 .strftime("%Y-%m-%dT%H:%M:%SZ")
                 .to_string();
-            let transition = match written.get(&obj) {
+            let transition = match written.get(obj) {
                 Some((c, _)) if *c == cond => continue,
                 Some((c, t)) if c.status == cond.status => t.clone(),
                 _ => now,
@@ -135,7 +136,7 @@ pub async fn run(client: Client, model: Arc<Model>, mut leader: LeaderWatch) {
             {
                 Ok(_) => {
                     tracing::debug!(object = %obj, reason = %cond.reason, "status written");
-                    written.insert(obj, (cond, transition));
+                    written.insert(obj.clone(), (cond, transition));
                 }
                 // Deleted meanwhile: the model will drop it.
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -144,7 +145,6 @@ pub async fn run(client: Client, model: Arc<Model>, mut leader: LeaderWatch) {
                 }
             }
         }
-        let current = model.statuses();
         written.retain(|k, _| current.contains_key(k));
         tokio::select! {
             _ = tokio::time::sleep(INTERVAL) => {}

@@ -41,7 +41,8 @@ pub async fn run(
         }
         let mut want: BTreeSet<String> = model.enrolled_namespaces().into_iter().collect();
         want.insert(own_namespace.clone());
-        for ns in want.difference(&published.clone()) {
+        let missing: Vec<String> = want.difference(&published).cloned().collect();
+        for ns in &missing {
             match apply(&client, ns, &bundle_pem).await {
                 Ok(()) => {
                     published.insert(ns.clone());
