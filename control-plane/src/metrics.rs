@@ -43,7 +43,9 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("weft_cp");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(weft_api::process_metrics::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("weft_cp");
         let m = Self {
             connected_nodes: Gauge::default(),
             pushes: Counter::default(),
@@ -117,7 +119,10 @@ impl Metrics {
             "Node agent requests refused by authentication, by reason",
             m.node_auth_refusals.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry: root,
+            ..m
+        }
     }
 
     pub fn refuse(&self, reason: &str) {

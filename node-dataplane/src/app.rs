@@ -34,12 +34,8 @@ pub struct CaptureSettings {
     pub cni_socket: PathBuf,
     /// Agent state (the pod registry survives restarts here).
     pub state_dir: PathBuf,
-    /// SO_MARK of the proxy's own sockets.
-    pub mark: u32,
-    /// How Service endpoints are chosen.
-    pub lb: crate::proxy::lb::LbPolicy,
-    /// Pooled HBONE connections without streams this long are closed.
-    pub hbone_idle_timeout: std::time::Duration,
+    /// The proxy's tunables (SO_MARK, load balancing, pool idle time, access log).
+    pub proxy: crate::proxy::state::ProxyOptions,
 }
 
 pub struct Running {
@@ -88,7 +84,7 @@ pub async fn start(
         let capture = crate::ebpf::Capture::install(crate::ebpf::CaptureOptions {
             cgroup: c.cgroup.clone(),
             pin_dir: c.bpf_dir.clone(),
-            proxy_mark: c.mark,
+            proxy_mark: c.proxy.mark,
             outbound_port: crate::pods::OUTBOUND_PORT,
         })
         .context("installing the eBPF capture programs")?;
@@ -115,22 +111,28 @@ pub async fn start(
         let proxy = crate::proxy::state::ProxyState::new(
             config.clone(),
             certs.clone(),
-            c.mark,
             metrics.clone(),
-            c.lb,
-            c.hbone_idle_timeout,
+            c.proxy,
             Some(plugin_registry(&s.control_plane, &c.state_dir, &config)?),
         );
         proxy_state = Some(proxy.clone());
         tokio::spawn(proxy.clone().recheck_forever());
         tokio::spawn(proxy.clone().reap_forever());
+        let capture = Arc::new(std::sync::Mutex::new(capture));
+        let inbound = Arc::new(std::sync::Mutex::new(inbound));
+        metrics.state.attach(crate::metrics::state::Sources {
+            pods: map.clone(),
+            capture: capture.clone(),
+            inbound: inbound.clone(),
+            plugins: proxy.plugins.clone(),
+        });
         let manager = crate::pods::PodManager {
             proxy,
             config: config.clone(),
             registry,
-            capture: Arc::new(std::sync::Mutex::new(capture)),
-            inbound: Arc::new(std::sync::Mutex::new(inbound)),
-            mark: c.mark,
+            capture,
+            inbound,
+            mark: c.proxy.mark,
             hint_path: c.cni_socket.parent().map(|d| d.join("enrollment.json")),
             pods: map.clone(),
             ready: ready.clone(),

@@ -1,10 +1,13 @@
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use weft_api::logging::{self, LogFormat};
 use weft_node::app::{self, CaptureSettings, Settings};
 use weft_node::certs::CertManagerSettings;
 use weft_node::control::channel::ControlPlaneTarget;
+use weft_node::proxy::access_log::AccessLogSettings;
+use weft_node::proxy::state::ProxyOptions;
 
 /// weft node agent.
 #[derive(Parser)]
@@ -19,70 +22,133 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once at startup; boxing the big variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Run {
-        /// This node's name (must match its credential).
-        #[arg(long, env = "WEFT_NODE_NAME")]
-        node: String,
-        /// Control plane gRPC address, e.g. https://127.0.0.1:15012.
-        #[arg(
-            long,
-            env = "WEFT_CONTROL_PLANE",
-            default_value = "https://127.0.0.1:15012"
-        )]
-        control_plane: String,
-        /// Name expected in the control plane's serving certificate.
-        #[arg(long, default_value = "weft-control-plane")]
-        server_name: String,
-        /// Directory with node.crt, node.key and ca.crt
-        /// (from `weft-control-plane node-credential`).
-        #[arg(long, env = "WEFT_CREDENTIAL_DIR")]
-        credential_dir: PathBuf,
-        /// Kubernetes mode: projected ServiceAccount token sent to the control plane
-        /// instead of a client certificate (only ca.crt is then read from --credential-dir).
-        #[arg(long, env = "WEFT_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
-        /// Admin HTTP address (localhost): /healthz/ready, /config_dump, /metrics.
-        #[arg(long, default_value = "127.0.0.1:15000")]
-        admin_addr: SocketAddr,
-        /// Prometheus scrape address (/metrics only); "off" disables it.
-        #[arg(long, default_value = "0.0.0.0:15020")]
-        metrics_addr: String,
-        /// Capture enrolled pods' traffic with eBPF (needs root and a CNI chain with weft-cni).
-        #[arg(long)]
-        capture: bool,
-        /// cgroup to attach the capture programs to [default: the cgroup2 root, from mountinfo].
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// bpffs directory for weft's pins [default: <bpffs>/weft].
-        #[arg(long)]
-        bpf_dir: Option<PathBuf>,
-        /// Socket the weft-cni plugin talks to.
-        #[arg(long, default_value = weft_node::cni::plugin::DEFAULT_SOCKET)]
-        cni_socket: PathBuf,
-        /// Agent state directory (pod registry).
-        #[arg(long, default_value = "/var/run/weft")]
-        state_dir: PathBuf,
-        /// SO_MARK of the proxy's own sockets (never captured).
-        #[arg(long, default_value_t = 0x5746)]
-        proxy_mark: u32,
-        /// Service load balancing: least-conn (power of two choices) or round-robin.
-        #[arg(long, value_enum, default_value_t = weft_node::proxy::lb::LbPolicy::LeastConn)]
-        lb: weft_node::proxy::lb::LbPolicy,
-        /// Close pooled HBONE connections idle this long.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        hbone_idle_timeout: std::time::Duration,
-    },
+    Run(Box<RunArgs>),
     /// Remove every eBPF program, link, pin and map weft installed.
     Uninstall {
         /// bpffs directory of weft's pins [default: <bpffs>/weft].
         #[arg(long)]
         bpf_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Toggle {
+    On,
+    Off,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name (must match its credential).
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    node: String,
+    /// Control plane gRPC address, e.g. https://127.0.0.1:15012.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:15012"
+    )]
+    control_plane: String,
+    /// Name expected in the control plane's serving certificate.
+    #[arg(long, default_value = "weft-control-plane")]
+    server_name: String,
+    /// Directory with node.crt, node.key and ca.crt
+    /// (from `weft-control-plane node-credential`).
+    #[arg(long, env = "WEFT_CREDENTIAL_DIR")]
+    credential_dir: PathBuf,
+    /// Kubernetes mode: projected ServiceAccount token sent to the control plane
+    /// instead of a client certificate (only ca.crt is then read from --credential-dir).
+    #[arg(long, env = "WEFT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Admin HTTP address (localhost): /healthz/ready, /config_dump, /metrics.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Prometheus scrape address (/metrics only); "off" disables it.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: String,
+    /// Capture enrolled pods' traffic with eBPF (needs root and a CNI chain with weft-cni).
+    #[arg(long)]
+    capture: bool,
+    /// cgroup to attach the capture programs to [default: the cgroup2 root, from mountinfo].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for weft's pins [default: <bpffs>/weft].
+    #[arg(long)]
+    bpf_dir: Option<PathBuf>,
+    /// Socket the weft-cni plugin talks to.
+    #[arg(long, default_value = weft_node::cni::plugin::DEFAULT_SOCKET)]
+    cni_socket: PathBuf,
+    /// Agent state directory (pod registry).
+    #[arg(long, default_value = "/var/run/weft")]
+    state_dir: PathBuf,
+    /// SO_MARK of the proxy's own sockets (never captured).
+    #[arg(long, default_value_t = 0x5746)]
+    proxy_mark: u32,
+    /// Service load balancing: least-conn (power of two choices) or round-robin.
+    #[arg(long, value_enum, default_value_t = weft_node::proxy::lb::LbPolicy::LeastConn)]
+    lb: weft_node::proxy::lb::LbPolicy,
+    /// Close pooled HBONE connections idle this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    hbone_idle_timeout: std::time::Duration,
+    /// Access log records (per connection and per L7 request, target weft::access).
+    #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_ACCESS_LOG")]
+    access_log: Toggle,
+    /// Access log records per second, per decision (allowed / denied); the rest
+    /// are dropped and counted in weft_node_access_log_dropped_total.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    access_log_rate: u32,
+}
+
+impl RunArgs {
+    fn settings(self) -> anyhow::Result<Settings> {
+        let capture = if self.capture {
+            let cgroup = match self.cgroup {
+                Some(c) => c,
+                None => weft_node::ebpf::cgroup::cgroup2_root().context("capture")?,
+            };
+            let bpf_dir = match self.bpf_dir {
+                Some(d) => d,
+                None => default_bpf_dir().context("capture")?,
+            };
+            Some(CaptureSettings {
+                cgroup,
+                bpf_dir,
+                cni_socket: self.cni_socket,
+                state_dir: self.state_dir,
+                proxy: ProxyOptions {
+                    mark: self.proxy_mark,
+                    lb: self.lb,
+                    hbone_idle: self.hbone_idle_timeout,
+                    access_log: AccessLogSettings {
+                        enabled: self.access_log == Toggle::On,
+                        rate: self.access_log_rate,
+                    },
+                },
+            })
+        } else {
+            None
+        };
+        let metrics_addr = match self.metrics_addr.as_str() {
+            "off" | "" => None,
+            a => Some(a.parse().with_context(|| format!("--metrics-addr {a:?}"))?),
+        };
+        Ok(Settings {
+            node: self.node,
+            control_plane: ControlPlaneTarget {
+                address: self.control_plane,
+                server_name: self.server_name,
+                credential_dir: self.credential_dir,
+                token_file: self.token_file,
+            },
+            admin_addr: self.admin_addr,
+            metrics_addr,
+            certs: CertManagerSettings::default(),
+            capture,
+        })
+    }
 }
 
 fn default_bpf_dir() -> std::io::Result<PathBuf> {
@@ -105,16 +171,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let worker_threads = cli.worker_threads;
-    let (
-        node,
-        control_plane,
-        server_name,
-        credential_dir,
-        token_file,
-        admin_addr,
-        metrics_addr,
-        capture,
-    ) = match cli.command {
+    let settings = match cli.command {
         Command::Uninstall { bpf_dir } => {
             let res = bpf_dir
                 .map(Ok)
@@ -139,80 +196,13 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
-        Command::Run {
-            node,
-            control_plane,
-            server_name,
-            credential_dir,
-            token_file,
-            admin_addr,
-            metrics_addr,
-            capture,
-            cgroup,
-            bpf_dir,
-            cni_socket,
-            state_dir,
-            proxy_mark,
-            lb,
-            hbone_idle_timeout,
-        } => {
-            let capture = if capture {
-                let resolved = cgroup
-                    .map(Ok)
-                    .unwrap_or_else(weft_node::ebpf::cgroup::cgroup2_root)
-                    .and_then(|c| Ok((c, bpf_dir.map(Ok).unwrap_or_else(default_bpf_dir)?)));
-                match resolved {
-                    Ok((cgroup, bpf_dir)) => Some(CaptureSettings {
-                        cgroup,
-                        bpf_dir,
-                        cni_socket,
-                        state_dir,
-                        mark: proxy_mark,
-                        lb,
-                        hbone_idle_timeout,
-                    }),
-                    Err(e) => {
-                        eprintln!("weft-node: error: capture: {e}");
-                        return std::process::ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                None
-            };
-            let metrics_addr = match metrics_addr.as_str() {
-                "off" | "" => None,
-                a => match a.parse() {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        eprintln!("weft-node: error: --metrics-addr {a:?}: {e}");
-                        return std::process::ExitCode::FAILURE;
-                    }
-                },
-            };
-            (
-                node,
-                control_plane,
-                server_name,
-                credential_dir,
-                token_file,
-                admin_addr,
-                metrics_addr,
-                capture,
-            )
-        }
-    };
-    let settings = Settings {
-        node,
-        control_plane: ControlPlaneTarget {
-            address: control_plane,
-            server_name,
-            credential_dir,
-            token_file,
+        Command::Run(args) => match args.settings() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("weft-node: error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
         },
-        admin_addr,
-        metrics_addr,
-        certs: CertManagerSettings::default(),
-        capture,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {

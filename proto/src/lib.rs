@@ -11,6 +11,7 @@ pub mod authz;
 pub mod crd;
 pub mod logging;
 pub mod mountinfo;
+pub mod process_metrics;
 pub mod protocol;
 pub mod resource;
 pub mod runtime;

@@ -92,6 +92,9 @@ impl CertManager {
                         slot.backoff.reset();
                         slot.renew_at = Instant::now() + self.renew_after(&cert);
                         self.metrics.cert_renewals.inc();
+                        if self.certs.get(id).is_some() {
+                            self.metrics.cert_rotations.inc();
+                        }
                         self.metrics
                             .cert_expiry
                             .get_or_create(&IdentityLabel {

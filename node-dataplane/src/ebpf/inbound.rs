@@ -149,6 +149,26 @@ impl Inbound {
         BpfHashMap::try_from(map).map_err(map_err("weft_inbound_pods"))
     }
 
+    /// Occupancy of the inbound maps.
+    pub fn occupancy(&self) -> Vec<super::occupancy::MapOccupancy> {
+        use super::occupancy::{hash, per_cpu_hash, sock_hash};
+        [
+            hash::<u32, InboundPod>(&self.ebpf, "weft_inbound_pods"),
+            sock_hash::<u32>(&self.ebpf, "weft_inbound_socks"),
+            per_cpu_hash::<u32, InboundStats>(&self.ebpf, "weft_inbound_stats_map"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// sk_lookup links attached (one per enrolled pod with an IPv4 address).
+    pub fn links(&self) -> usize {
+        std::fs::read_dir(&self.links_dir)
+            .map(|d| d.filter_map(Result::ok).count())
+            .unwrap_or(0)
+    }
+
     pub fn stats(&mut self, ip: Ipv4Addr) -> Result<InboundStats, CaptureError> {
         let name = "weft_inbound_stats_map";
         let map = self.ebpf.map_mut(name).ok_or(CaptureError::Map {

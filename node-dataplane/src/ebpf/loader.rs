@@ -273,6 +273,39 @@ impl Capture {
         (by_cookie, by_tuple)
     }
 
+    /// Occupancy of the capture maps (the settings array is left out).
+    pub fn occupancy(&self) -> Vec<super::occupancy::MapOccupancy> {
+        use super::maps::Tuple;
+        use super::occupancy::{hash, per_cpu_hash};
+        [
+            hash::<u64, WeftPod>(&self.ebpf, "weft_enrolled"),
+            hash::<u64, OrigDst>(&self.ebpf, "weft_orig_by_cookie"),
+            hash::<Tuple, OrigDst>(&self.ebpf, "weft_orig_by_tuple"),
+            per_cpu_hash::<u64, PodStats>(&self.ebpf, "weft_pod_stats_map"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Each capture program and whether it is attached: the pinned ones by their
+    /// pin (a link someone removed shows as detached), the getsockopt one by being
+    /// loaded in this agent, which owns its link.
+    pub fn programs(&self) -> Vec<(&'static str, bool)> {
+        let links = self.opts.pin_dir.join("links");
+        ALL_PROGRAMS
+            .iter()
+            .map(|name| {
+                let attached = if *name == "weft_getsockopt" {
+                    self.ebpf.program(name).is_some_and(|p| p.fd().is_ok())
+                } else {
+                    links.join(name).exists()
+                };
+                (*name, attached)
+            })
+            .collect()
+    }
+
     /// Detaches every program and removes every pin and map weft created under
     /// `pin_dir`. Safe to run when nothing is installed.
     pub fn uninstall(pin_dir: &Path) -> Result<(), CaptureError> {

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod inbound;
 pub mod loader;
 pub mod maps;
+pub mod occupancy;
 
 pub use inbound::Inbound;
 pub use loader::{Capture, CaptureError, CaptureOptions};

@@ -3,6 +3,7 @@
 //! identity, destination node) and multiplexed; a connection carrying
 //! `MAX_STREAMS_PER_CONN` streams makes the pool open another.
 
+use super::access_log::{ConnRecord, Verdict};
 use super::state::ProxyState;
 use super::tls;
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use weft_api::authz::Attributes;
 
 pub const HBONE_PORT: u16 = 15008;
@@ -289,6 +291,13 @@ async fn serve_conn(
         .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))
 }
 
+/// How an inbound stream ended: bytes copied (L4 only; L7 connections are logged
+/// per request) and a note for the access log.
+type StreamEnd = (Option<(u64, u64)>, Option<&'static str>);
+
+/// Access log note for a connection closed because a policy now denies it.
+pub const CLOSED_BY_POLICY: &str = "closed: denied by a policy change";
+
 fn status(code: http::StatusCode) -> http::Response<Empty<Bytes>> {
     let mut r = http::Response::new(Empty::new());
     *r.status_mut() = code;
@@ -338,7 +347,21 @@ async fn handle(
             .counters
             .hbone_in_denied
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%dst, peer = %principal, policy = ?decision.policy, reason = decision.reason, "connection denied");
+        tracing::debug!(%dst, peer = %principal, policy = ?decision.policy, reason = decision.reason, "connection denied");
+        state.access_log.connection(&ConnRecord {
+            reporter: "destination",
+            source_addr: peer,
+            destination_addr: dst,
+            source_identity: &format!("spiffe://{principal}"),
+            destination_identity: &target.workload.spiffe_id,
+            destination_workload: Some(&target.workload),
+            service: None,
+            mtls: true,
+            verdict: Verdict::Deny(decision.policy.as_deref()),
+            bytes: Some((0, 0)),
+            duration: Duration::ZERO,
+            error: Some(decision.reason),
+        });
         return status(http::StatusCode::FORBIDDEN);
     }
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
@@ -354,10 +377,12 @@ async fn handle(
         true,
     );
     l.source_principal = format!("spiffe://{principal}");
+    let policy = decision.policy;
     tokio::spawn(async move {
+        let started = Instant::now();
         let t = &state.metrics.traffic;
         t.opened.get_or_create(&l).inc();
-        let r = async {
+        let r: anyhow::Result<StreamEnd> = async {
             let up = hyper::upgrade::on(req).await?;
             if let Some(plan) = plan {
                 state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
@@ -373,9 +398,9 @@ async fn handle(
                 );
                 tokio::select! {
                     r = super::l7::serve(TokioIo::new(up), ctx) => r?,
-                    _ = reg.cancel.cancelled() => {}
+                    _ = reg.cancel.cancelled() => return Ok((None, Some(CLOSED_BY_POLICY))),
                 }
-                return Ok(());
+                return Ok((None, None));
             }
             let sock = target.netns.tcp_socket(dst.is_ipv6(), mark).await?;
             let mut app = tokio::net::TcpSocket::from_std_stream(sock.into())
@@ -387,22 +412,41 @@ async fn handle(
                     let (a, b) = r?;
                     t.sent.get_or_create(&l).inc_by(a);
                     t.received.get_or_create(&l).inc_by(b);
+                    Ok((Some((a, b)), None))
                 }
                 _ = reg.cancel.cancelled() => {
                     // Denied by a policy change: reset the application side; dropping
                     // the tunnel resets the stream.
                     let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
+                    Ok((None, Some(CLOSED_BY_POLICY)))
                 }
             }
-            Ok::<_, anyhow::Error>(())
         }
         .await;
         drop(reg);
         t.closed.get_or_create(&l).inc();
-        if let Err(e) = r {
-            t.failed.get_or_create(&l).inc();
-            tracing::debug!(%dst, error = %e, "HBONE stream ended with an error");
-        }
+        let (bytes, error) = match r {
+            Ok((bytes, note)) => (bytes, note.map(str::to_string)),
+            Err(e) => {
+                t.failed.get_or_create(&l).inc();
+                tracing::debug!(%dst, error = %e, "HBONE stream ended with an error");
+                (None, Some(format!("{e:#}")))
+            }
+        };
+        state.access_log.connection(&ConnRecord {
+            reporter: "destination",
+            source_addr: peer,
+            destination_addr: dst,
+            source_identity: &l.source_principal,
+            destination_identity: &target.workload.spiffe_id,
+            destination_workload: Some(&target.workload),
+            service: None,
+            mtls: true,
+            verdict: Verdict::Allow(policy.as_deref()),
+            bytes,
+            duration: started.elapsed(),
+            error: error.as_deref(),
+        });
     });
     status(http::StatusCode::OK)
 }

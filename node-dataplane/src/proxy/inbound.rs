@@ -5,9 +5,12 @@
 //! forwarded to the application from the pod's own IP, which the sk_lookup program
 //! leaves alone.
 
+use super::access_log::{ConnRecord, Verdict};
 use crate::netns::PodNetns;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Default, Debug)]
 pub struct InboundStats {
@@ -34,6 +37,7 @@ pub async fn serve(
         let stats = stats.clone();
         let authz = authz.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let r = async {
                 let dst = conn.local_addr()?;
                 if let Ok(mut l) = stats.last_dst.lock() {
@@ -41,6 +45,7 @@ pub async fn serve(
                 }
                 let mut reg = None;
                 let mut l7 = None;
+                let mut policy = None;
                 if let Some((state, workload)) = &authz {
                     let plan = state.l7_plan(workload, dst.port());
                     let attrs = weft_api::authz::Attributes {
@@ -54,7 +59,8 @@ pub async fn serve(
                     let d = state.authorize(workload, &attrs);
                     if !d.allowed {
                         state.counters.plaintext_in_denied.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(%peer, %dst, policy = ?d.policy, reason = d.reason, "plaintext connection denied");
+                        tracing::debug!(%peer, %dst, policy = ?d.policy, reason = d.reason, "plaintext connection denied");
+                        state.access_log.connection(&plaintext_record(peer, dst, workload, Verdict::Deny(d.policy.as_deref()), Some((0, 0)), Duration::ZERO, Some(d.reason)));
                         // Reset at once (RST, not FIN): SO_LINGER 0 on a non-blocking socket.
                         let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
                         return Ok(());
@@ -62,6 +68,7 @@ pub async fn serve(
                     if let Some(plan) = plan {
                         l7 = Some((plan, attrs.clone()));
                     }
+                    policy = d.policy;
                     reg = Some(state.conns.register(workload.clone(), attrs));
                 }
                 let metric = authz.as_ref().map(|(state, workload)| {
@@ -84,6 +91,8 @@ pub async fn serve(
                     if r.is_err() {
                         t.failed.get_or_create(l).inc();
                     }
+                    let error = r.as_ref().err().map(|e| format!("{e:#}"));
+                    state.access_log.connection(&plaintext_record(peer, dst, workload, Verdict::Allow(policy.as_deref()), None, started.elapsed(), error.as_deref()));
                     return r;
                 }
                 let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
@@ -106,7 +115,7 @@ pub async fn serve(
                         Ok(None)
                     }
                 };
-                if let Some((state, l)) = &metric {
+                if let (Some((state, l)), Some((_, workload))) = (&metric, &authz) {
                     let t = &state.metrics.traffic;
                     t.closed.get_or_create(l).inc();
                     match &done {
@@ -118,6 +127,13 @@ pub async fn serve(
                             t.failed.get_or_create(l).inc();
                         }
                     }
+                    let error = match &done {
+                        Ok(Some(_)) => None,
+                        Ok(None) => Some(super::hbone::CLOSED_BY_POLICY.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    let bytes = done.as_ref().ok().copied().flatten();
+                    state.access_log.connection(&plaintext_record(peer, dst, workload, Verdict::Allow(policy.as_deref()), bytes, started.elapsed(), error.as_deref()));
                 }
                 done.map(|_| ()).map_err(anyhow::Error::from)
             }
@@ -127,5 +143,31 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "inbound plaintext connection failed");
             }
         });
+    }
+}
+
+/// The access log record of a plaintext inbound connection (no peer identity).
+fn plaintext_record<'a>(
+    peer: SocketAddr,
+    dst: SocketAddr,
+    workload: &'a weft_api::pb::Workload,
+    verdict: Verdict<'a>,
+    bytes: Option<(u64, u64)>,
+    duration: Duration,
+    error: Option<&'a str>,
+) -> ConnRecord<'a> {
+    ConnRecord {
+        reporter: "destination",
+        source_addr: peer,
+        destination_addr: dst,
+        source_identity: "unknown",
+        destination_identity: &workload.spiffe_id,
+        destination_workload: Some(workload),
+        service: None,
+        mtls: false,
+        verdict,
+        bytes,
+        duration,
+        error,
     }
 }

@@ -1,5 +1,6 @@
 //! The node proxy's data path.
 
+pub mod access_log;
 pub mod conns;
 pub mod copy;
 pub mod hbone;

@@ -71,9 +71,18 @@ pub async fn serve_plain(
     .await
 }
 
+/// Where a connection goes after Service resolution.
+struct Resolved {
+    dst: SocketAddr,
+    /// Counts the connection against the endpoint (least-conn) while held.
+    _active: Option<super::lb::Active>,
+    /// `namespace/name` of the Service, when the client addressed one.
+    service: Option<String>,
+}
+
 /// A Service VIP:port becomes one of its ready endpoints (chosen by the node's
 /// balancer); anything else stays as it is.
-fn resolve(state: &ProxyState, dst: SocketAddr) -> (SocketAddr, Option<super::lb::Active>) {
+fn resolve(state: &ProxyState, dst: SocketAddr) -> Resolved {
     let snap = state.config.snapshot();
     if let Some(svc) = snap.service_by_vip(&dst.ip().to_string()) {
         let port = u32::from(dst.port());
@@ -87,79 +96,127 @@ fn resolve(state: &ProxyState, dst: SocketAddr) -> (SocketAddr, Option<super::lb
                 Some(SocketAddr::new(ip, u16::try_from(*t).ok()?))
             })
             .collect();
+        let service = Some(format!("{}/{}", svc.namespace, svc.name));
         if let Some((ep, active)) = state.balancer.pick(&eps) {
-            return (ep, Some(active));
+            return Resolved {
+                dst: ep,
+                _active: Some(active),
+                service,
+            };
         }
+        return Resolved {
+            dst,
+            _active: None,
+            service,
+        };
     }
-    (dst, None)
+    Resolved {
+        dst,
+        _active: None,
+        service: None,
+    }
 }
 
-async fn forward(mut conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Result<()> {
+async fn forward(conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Result<()> {
     let _ = conn.set_nodelay(true);
     let local = conn.local_addr()?;
     let orig = original_dst(&conn, local.is_ipv6())?;
     if let Ok(mut last) = ob.stats.last_orig_dst.lock() {
         *last = Some(orig);
     }
-    if let Some((state, source)) = &ob.mesh {
-        let (dst, _active) = resolve(state, orig);
-        if let Some(w) = state
-            .workload_by_ip(dst.ip())
-            .filter(|w| w.enrolled && !w.spiffe_id.is_empty())
-        {
-            let l = super::metrics::labels("source", Some(&source.workload), Some(&w), true);
+    let Some((state, source)) = &ob.mesh else {
+        return passthrough(conn, ob, orig).await.map(|_| ());
+    };
+    let started = std::time::Instant::now();
+    let client = conn.peer_addr().unwrap_or(local);
+    let to = resolve(state, orig);
+    let dest = state.workload_by_ip(to.dst.ip());
+    let meshed = dest
+        .as_ref()
+        .filter(|w| w.enrolled && !w.spiffe_id.is_empty());
+    let l = super::metrics::labels(
+        "source",
+        Some(&source.workload),
+        dest.as_deref(),
+        meshed.is_some(),
+    );
+    let result = match meshed {
+        Some(w) => tunnel(conn, ob, state, source, w, to.dst, &l).await,
+        None => {
+            state.counters.plaintext_out.fetch_add(1, Ordering::Relaxed);
             let t = &state.metrics.traffic;
-            let (mut tunnel, _guard) =
-                match super::hbone::open(state, source, &w, dst.ip(), dst).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        t.failed.get_or_create(&l).inc();
-                        return Err(e);
-                    }
-                };
-            ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
-            state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
             t.opened.get_or_create(&l).inc();
-            let copied = super::copy::bidirectional(&mut conn, &mut tunnel).await;
+            let r = passthrough(conn, ob, to.dst).await;
             t.closed.get_or_create(&l).inc();
-            let (a, b) = match copied {
+            match &r {
                 Ok((a, b)) => {
-                    t.sent.get_or_create(&l).inc_by(a);
-                    t.received.get_or_create(&l).inc_by(b);
-                    (a, b)
+                    t.sent.get_or_create(&l).inc_by(*a);
+                    t.received.get_or_create(&l).inc_by(*b);
                 }
-                Err(e) => {
+                Err(_) => {
                     t.failed.get_or_create(&l).inc();
-                    // The tunnel was reset (e.g. denied by a policy change): reset the
-                    // application's connection too instead of a graceful close.
-                    let _ =
-                        socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
-                    return Err(e.into());
                 }
-            };
+            }
+            r
+        }
+    };
+    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    state.access_log.connection(&super::access_log::ConnRecord {
+        reporter: "source",
+        source_addr: client,
+        destination_addr: to.dst,
+        source_identity: &source.workload.spiffe_id,
+        destination_identity: meshed.map_or("unknown", |w| w.spiffe_id.as_str()),
+        destination_workload: dest.as_deref(),
+        service: to.service.as_deref(),
+        mtls: meshed.is_some(),
+        verdict: super::access_log::Verdict::Unchecked,
+        bytes: result.as_ref().ok().copied(),
+        duration: started.elapsed(),
+        error: error.as_deref(),
+    });
+    result.map(|_| ())
+}
+
+/// An enrolled destination: the bytes go over HBONE (mTLS + HTTP/2 CONNECT).
+async fn tunnel(
+    mut conn: tokio::net::TcpStream,
+    ob: &Outbound,
+    state: &Arc<ProxyState>,
+    source: &LocalPod,
+    w: &Arc<weft_api::pb::Workload>,
+    dst: SocketAddr,
+    l: &super::metrics::TcpLabels,
+) -> anyhow::Result<(u64, u64)> {
+    let t = &state.metrics.traffic;
+    let (mut tunnel, _guard) = match super::hbone::open(state, source, w, dst.ip(), dst).await {
+        Ok(x) => x,
+        Err(e) => {
+            t.failed.get_or_create(l).inc();
+            return Err(e);
+        }
+    };
+    ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
+    state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
+    t.opened.get_or_create(l).inc();
+    let copied = super::copy::bidirectional(&mut conn, &mut tunnel).await;
+    t.closed.get_or_create(l).inc();
+    match copied {
+        Ok((a, b)) => {
+            t.sent.get_or_create(l).inc_by(a);
+            t.received.get_or_create(l).inc_by(b);
             ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
             ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
-            return Ok(());
+            Ok((a, b))
         }
-        state.counters.plaintext_out.fetch_add(1, Ordering::Relaxed);
-        let dest = state.workload_by_ip(dst.ip());
-        let l = super::metrics::labels("source", Some(&source.workload), dest.as_deref(), false);
-        let t = &state.metrics.traffic;
-        t.opened.get_or_create(&l).inc();
-        let r = passthrough(conn, ob, dst).await;
-        t.closed.get_or_create(&l).inc();
-        match &r {
-            Ok((a, b)) => {
-                t.sent.get_or_create(&l).inc_by(*a);
-                t.received.get_or_create(&l).inc_by(*b);
-            }
-            Err(_) => {
-                t.failed.get_or_create(&l).inc();
-            }
+        Err(e) => {
+            t.failed.get_or_create(l).inc();
+            // The tunnel was reset (e.g. denied by a policy change): reset the
+            // application's connection too instead of a graceful close.
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+            Err(e.into())
         }
-        return r.map(|_| ());
     }
-    passthrough(conn, ob, orig).await.map(|_| ())
 }
 
 async fn passthrough(

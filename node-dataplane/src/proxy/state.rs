@@ -57,28 +57,42 @@ pub struct ProxyState {
     compiled: std::sync::Mutex<Option<CompiledCache>>,
     /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
     pub plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
+    pub access_log: super::access_log::AccessLog,
+}
+
+/// The proxy's tunables.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    /// SO_MARK of the proxy's own sockets.
+    pub mark: u32,
+    /// How Service endpoints are chosen.
+    pub lb: super::lb::LbPolicy,
+    /// Pooled HBONE connections without streams this long are closed.
+    pub hbone_idle: std::time::Duration,
+    pub access_log: super::access_log::AccessLogSettings,
 }
 
 impl ProxyState {
     pub fn new(
         config: Arc<ConfigStore>,
         certs: Arc<CertStore>,
-        mark: u32,
         metrics: Arc<crate::metrics::Metrics>,
-        lb: super::lb::LbPolicy,
-        hbone_idle: std::time::Duration,
+        opts: ProxyOptions,
         plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
     ) -> Arc<Self> {
+        let access_log =
+            super::access_log::AccessLog::new(opts.access_log, metrics.access_log_dropped.clone());
         Arc::new(Self {
             config,
             certs,
-            mark,
-            pool: HbonePool::new(hbone_idle),
+            mark: opts.mark,
+            access_log,
+            pool: HbonePool::new(opts.hbone_idle),
             local: RwLock::new(HashMap::new()),
             counters: ProxyCounters::default(),
             conns: Arc::default(),
             metrics,
-            balancer: super::lb::Balancer::new(lb),
+            balancer: super::lb::Balancer::new(opts.lb),
             last_peer_serial: std::sync::Mutex::new(String::new()),
             compiled: std::sync::Mutex::new(None),
             plugins,

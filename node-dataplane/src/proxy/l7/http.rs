@@ -5,6 +5,7 @@
 
 use super::sniff::Protocol;
 use super::ConnCtx;
+use crate::proxy::access_log;
 use crate::wasm::abi::{HttpState, LocalReply};
 use crate::wasm::chain::{self, Ran};
 use bytes::Bytes;
@@ -152,9 +153,32 @@ pub async fn handle(
     let start = Instant::now();
     let method = method_label(req.method());
     let mut decided_by: Option<String> = None;
+    let log = ctx.state.access_log.active().then(|| {
+        (
+            req.method().as_str().to_string(),
+            access_log::cut(req.uri().path()).to_string(),
+            authority_of(&req),
+        )
+    });
     let resp = process(req, &ctx, proto, &mut decided_by).await;
     let code = resp.status().as_u16();
-    ctx.record_request(method, code, start.elapsed(), decided_by.as_deref());
+    let took = start.elapsed();
+    ctx.record_request(method, code, took, decided_by.as_deref());
+    if let Some((method, path, authority)) = log {
+        ctx.state.access_log.request(&access_log::RequestRecord {
+            source_addr: ctx.props.source,
+            destination_addr: ctx.dst,
+            source_identity: ctx.props.peer_id.as_deref().unwrap_or("unknown"),
+            destination_workload: &ctx.target.workload,
+            mtls: ctx.props.peer_id.is_some(),
+            method: &method,
+            path: &path,
+            authority: &authority,
+            response_code: code,
+            decided_by: decided_by.as_deref(),
+            duration: took,
+        });
+    }
     resp
 }
 
@@ -224,7 +248,7 @@ async fn process(
         };
         let d = ctx.state.authorize(&ctx.target.workload, &attrs);
         if !d.allowed {
-            tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
+            tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
             *decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));
             chain::finish(ran, &mut view);
             return reply(403, DENIED_BODY, &[]);

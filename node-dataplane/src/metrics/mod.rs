@@ -1,10 +1,17 @@
 //! Node metrics (Prometheus text format). Names are documented in docs/metrics.md.
+//!
+//! Counters the agent updates as things happen live here; [`state`] reads the
+//! rest (pods, eBPF, plugins) from their owners at scrape time.
 
+pub mod state;
+
+use crate::proxy::access_log::DroppedLabel;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabel {
@@ -17,17 +24,25 @@ pub struct Metrics {
     pub config_updates: Counter,
     pub nacks: Counter,
     pub cert_renewals: Counter,
+    pub cert_rotations: Counter,
     pub cert_errors: Counter,
     pub cert_expiry: Family<IdentityLabel, Gauge>,
     pub traffic: crate::proxy::metrics::TrafficMetrics,
+    pub state: Arc<state::StateCollector>,
+    pub access_log_dropped: Family<DroppedLabel, Counter>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         // Traffic metrics are `weft_*` (as dashboards expect); agent internals `weft_node_*`.
-        let mut registry = Registry::with_prefix("weft");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(weft_api::process_metrics::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("weft");
         let m = Self {
             registry: Registry::default(),
+            cert_rotations: Counter::default(),
+            state: Arc::default(),
+            access_log_dropped: Family::default(),
             control_plane_connected: Gauge::default(),
             config_updates: Counter::default(),
             nacks: Counter::default(),
@@ -36,7 +51,8 @@ impl Metrics {
             cert_expiry: Family::default(),
             traffic: Default::default(),
         };
-        m.traffic.register(&mut registry);
+        m.traffic.register(registry);
+        registry.register_collector(Box::new(m.state.clone()));
         let node = registry.sub_registry_with_prefix("node");
         node.register(
             "control_plane_connected",
@@ -59,6 +75,16 @@ impl Metrics {
             m.cert_renewals.clone(),
         );
         node.register(
+            "access_log_dropped",
+            "Access log records dropped by the rate limit, by decision",
+            m.access_log_dropped.clone(),
+        );
+        node.register(
+            "certificate_rotations",
+            "Workload certificates replaced before expiry by a renewed one",
+            m.cert_rotations.clone(),
+        );
+        node.register(
             "certificate_errors",
             "Failed certificate requests",
             m.cert_errors.clone(),
@@ -68,7 +94,10 @@ impl Metrics {
             "Expiry of each workload certificate held (unix time)",
             m.cert_expiry.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry: root,
+            ..m
+        }
     }
 
     pub fn encode(&self) -> String {

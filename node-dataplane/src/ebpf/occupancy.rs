@@ -1,0 +1,47 @@
+//! How full weft's eBPF maps are, for the node's metrics. Hash maps are counted by
+//! walking their keys (one syscall per entry), so the cost grows with occupancy, not
+//! capacity; a scrape every 15 s makes this negligible next to the traffic.
+
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, PerCpuHashMap, SockHash};
+use aya::{Ebpf, Pod};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapOccupancy {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+fn capacity(m: &MapData) -> u64 {
+    m.info().map(|i| u64::from(i.max_entries())).unwrap_or(0)
+}
+
+/// A `BPF_MAP_TYPE_HASH` or `LRU_HASH` map with key `K` and value `V`.
+pub fn hash<K: Pod, V: Pod>(ebpf: &Ebpf, map: &'static str) -> Option<MapOccupancy> {
+    let h = BpfHashMap::<&MapData, K, V>::try_from(ebpf.map(map)?).ok()?;
+    Some(MapOccupancy {
+        map,
+        entries: h.keys().filter(Result::is_ok).count() as u64,
+        capacity: capacity(h.map()),
+    })
+}
+
+/// A `BPF_MAP_TYPE_PERCPU_HASH` map.
+pub fn per_cpu_hash<K: Pod, V: Pod>(ebpf: &Ebpf, map: &'static str) -> Option<MapOccupancy> {
+    let h = PerCpuHashMap::<&MapData, K, V>::try_from(ebpf.map(map)?).ok()?;
+    Some(MapOccupancy {
+        map,
+        entries: h.keys().filter(Result::is_ok).count() as u64,
+        capacity: capacity(h.map()),
+    })
+}
+
+/// A `BPF_MAP_TYPE_SOCKHASH` map.
+pub fn sock_hash<K: Pod>(ebpf: &Ebpf, map: &'static str) -> Option<MapOccupancy> {
+    let h = SockHash::<&MapData, K>::try_from(ebpf.map(map)?).ok()?;
+    Some(MapOccupancy {
+        map,
+        entries: h.keys().filter(Result::is_ok).count() as u64,
+        capacity: capacity(h.map()),
+    })
+}
