@@ -41,6 +41,23 @@ pub struct Metrics {
     pub node_auth_refusals: Family<ReasonLabel, Counter>,
 }
 
+/// Reasons of `weft_cp_certificate_refusals_total` (see docs/metrics.md).
+pub const CERTIFICATE_REFUSAL_REASONS: &[&str] = &[
+    "unauthenticated",
+    "invalid_id",
+    "not_on_node",
+    "malformed_csr",
+    "bad_signature",
+    "key_type",
+    "san_mismatch",
+    "wrong_identity",
+    "internal",
+];
+
+/// Reasons of `weft_cp_node_auth_refusals_total`.
+pub const NODE_AUTH_REFUSAL_REASONS: &[&str] =
+    &["unauthenticated", "permission_denied", "unavailable"];
+
 impl Metrics {
     pub fn new() -> Self {
         let mut root = Registry::default();
@@ -119,6 +136,18 @@ impl Metrics {
             "Node agent requests refused by authentication, by reason",
             m.node_auth_refusals.clone(),
         );
+        // Every reason exported from the start (at 0), so that rates and alerts
+        // see a series before the first refusal.
+        for reason in CERTIFICATE_REFUSAL_REASONS {
+            let _ = m.cert_refusals.get_or_create(&ReasonLabel {
+                reason: (*reason).to_string(),
+            });
+        }
+        for reason in NODE_AUTH_REFUSAL_REASONS {
+            let _ = m.node_auth_refusals.get_or_create(&ReasonLabel {
+                reason: (*reason).to_string(),
+            });
+        }
         Self {
             registry: root,
             ..m

@@ -84,6 +84,7 @@ pub struct LocalCluster {
     fabric_worker: Option<PodNetns>,
     namespaces: BTreeMap<String, bool>,
     cp_args: Vec<String>,
+    agent_args: Vec<String>,
     /// The nodes' pins live in this cluster's own bpffs instance.
     bpffs: crate::netlab::PrivateBpffs,
 }
@@ -96,6 +97,16 @@ impl LocalCluster {
 
     /// Like [`new`](Self::new), with extra `weft-control-plane run` arguments.
     pub fn with_control_plane_args(nodes: &[&str], cp_args: &[&str]) -> anyhow::Result<Self> {
+        Self::with_args(nodes, cp_args, &[])
+    }
+
+    /// Like [`new`](Self::new), with extra `weft-control-plane run` and `weft-node run`
+    /// arguments.
+    pub fn with_args(
+        nodes: &[&str],
+        cp_args: &[&str],
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}", std::process::id() % 100000, n);
         let dir = tempfile::Builder::new().prefix("weft-cluster-").tempdir()?;
@@ -114,6 +125,7 @@ impl LocalCluster {
             fabric_worker: None,
             namespaces: BTreeMap::new(),
             cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             bpffs: crate::netlab::PrivateBpffs::new()?,
         };
         std::fs::create_dir_all(&c.cgroup_root)?;
@@ -239,6 +251,23 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The node's address on the fabric (its metrics are on `<ip>:15020`).
+    pub fn node_ip(&self, node: &str) -> Option<String> {
+        self.nodes
+            .get(node)
+            .map(|n| format!("10.200.0.{}", 10 + n.index))
+    }
+
+    /// The control plane's admin address (`/metrics`, `/debug/status`) on the fabric.
+    pub fn control_plane_admin(&self) -> String {
+        format!("{FABRIC_IP}:15014")
+    }
+
+    /// The fabric network namespace's path (to run tools in it with nsenter).
+    pub fn fabric_netns(&self) -> String {
+        format!("/var/run/netns/{}", self.fabric)
+    }
+
     pub fn config_dir(&self) -> PathBuf {
         self.dir.path().join("config")
     }
@@ -342,7 +371,10 @@ impl LocalCluster {
             // Short, so tests can see idle HBONE connections released.
             "--hbone-idle-timeout".into(),
             "2s".into(),
-        ];
+        ]
+        .into_iter()
+        .chain(self.agent_args.iter().cloned())
+        .collect();
         let mut cmd = Self::wrapped(&n.cgroup.join("agent"), &n.netns, &bin, &args);
         let log = n.dir.join(format!("agent-{}.log", n.agent_starts));
         n.agent = Some(Proc::spawn(&format!("agent {node}"), &mut cmd, &log)?);
@@ -389,7 +421,9 @@ impl LocalCluster {
         Ok((status, body))
     }
 
-    fn fabric_http(&self, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    /// HTTP GET from the fabric network (where the control plane listens and every
+    /// node is reachable at [`node_ip`](Self::node_ip)).
+    pub fn fabric_http(&self, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         Self::http_via(self.fabric_worker.as_ref().context("fabric")?, addr, path)
     }
 

@@ -8,6 +8,8 @@ pub mod kubeapi;
 pub mod kubemesh;
 pub mod netlab;
 pub mod process;
+pub mod prometheus;
+pub mod showcase;
 pub mod standalone;
 
 pub use process::{bin_path, free_port, http_get, plugin_path, wait_until, Proc};

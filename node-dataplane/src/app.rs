@@ -121,6 +121,7 @@ pub async fn start(
         let capture = Arc::new(std::sync::Mutex::new(capture));
         let inbound = Arc::new(std::sync::Mutex::new(inbound));
         metrics.state.attach(crate::metrics::state::Sources {
+            config: config.clone(),
             pods: map.clone(),
             capture: capture.clone(),
             inbound: inbound.clone(),

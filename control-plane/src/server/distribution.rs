@@ -104,6 +104,10 @@ struct NodeStream {
 impl NodeStream {
     async fn run(mut self, mut inbound: Streaming<pb::SubscribeRequest>) {
         self.sessions.connected(&self.node);
+        // A series per node from the start: dashboards and alerts see 0, not nothing.
+        let _ = self.metrics.nacks.get_or_create(&NodeLabel {
+            node: self.node.clone(),
+        });
         self.metrics
             .connected_nodes
             .set(self.sessions.count() as i64);
@@ -170,7 +174,7 @@ impl NodeStream {
                     }
                     Ok(Some(pb::SubscribeRequest { kind: Some(Req::Nack(n)) })) => {
                         tracing::warn!(node = %self.node, nonce = %n.nonce, reason = %n.reason, rejected = ?n.rejected_keys, "node rejected an update (NACK)");
-                        self.metrics.nacks.get_or_create(&NodeLabel { node: self.node.clone() }).inc();
+                        let _ = self.metrics.nacks.get_or_create(&NodeLabel { node: self.node.clone() }).inc();
                         self.sessions.nacked(&self.node, &n.reason);
                         // The node keeps its previous versions: forget what we sent, so a
                         // later (fixed) version of these resources is sent again.

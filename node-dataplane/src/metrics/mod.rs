@@ -94,6 +94,11 @@ impl Metrics {
             "Expiry of each workload certificate held (unix time)",
             m.cert_expiry.clone(),
         );
+        for decision in ["allow", "deny"] {
+            let _ = m
+                .access_log_dropped
+                .get_or_create(&DroppedLabel { decision });
+        }
         Self {
             registry: root,
             ..m

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// What the collector reads; set once the dataplane is up (nodes without capture
 /// export none of these metrics).
 pub struct Sources {
+    pub config: Arc<crate::config::ConfigStore>,
     pub pods: PodMap,
     pub capture: Arc<Mutex<Capture>>,
     pub inbound: Arc<Mutex<Inbound>>,
@@ -60,8 +61,10 @@ pub const PLUGIN_ERROR_KINDS: &[&str] = &[
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NamespaceLabel {
+struct PodLabels {
     namespace: String,
+    /// As in the traffic metrics: the `app` label, else the pod name.
+    workload: String,
 }
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProgramLabel {
@@ -138,19 +141,30 @@ impl Collector for StateCollector {
 
 impl StateCollector {
     fn encode_pods(&self, s: &Sources, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut by_ns: BTreeMap<String, i64> = BTreeMap::new();
+        let snap = s.config.snapshot();
+        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
         for p in s.pods.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            *by_ns.entry(p.sandbox.pod_namespace.clone()).or_default() += 1;
+            let workload = match snap.workloads.get(&p.workload_key) {
+                Some(w) => crate::proxy::metrics::workload_name(Some(w)).0,
+                None => p.sandbox.pod_name.clone(),
+            };
+            *counts
+                .entry((p.sandbox.pod_namespace.clone(), workload))
+                .or_default() += 1;
         }
-        let f = gauges(
-            by_ns
-                .into_iter()
-                .map(|(namespace, n)| (NamespaceLabel { namespace }, n)),
-        );
+        let f = gauges(counts.into_iter().map(|((namespace, workload), n)| {
+            (
+                PodLabels {
+                    namespace,
+                    workload,
+                },
+                n,
+            )
+        }));
         family(
             enc,
             "node_enrolled_pods",
-            "Pods on this node whose traffic the mesh captures, by namespace",
+            "Pods on this node whose traffic the mesh captures, by namespace and workload",
             &f,
         )
     }

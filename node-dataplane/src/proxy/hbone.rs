@@ -381,7 +381,7 @@ async fn handle(
     tokio::spawn(async move {
         let started = Instant::now();
         let t = &state.metrics.traffic;
-        t.opened.get_or_create(&l).inc();
+        t.open(&l);
         let r: anyhow::Result<StreamEnd> = async {
             let up = hyper::upgrade::on(req).await?;
             if let Some(plan) = plan {

@@ -74,7 +74,7 @@ pub async fn serve(
                 let metric = authz.as_ref().map(|(state, workload)| {
                     let src = state.workload_by_ip(peer.ip());
                     let l = super::metrics::labels("destination", src.as_deref(), Some(workload), false);
-                    state.metrics.traffic.opened.get_or_create(&l).inc();
+                    state.metrics.traffic.open(&l);
                     (state.clone(), l)
                 });
                 if let (Some((plan, attrs)), Some((state, workload)), Some((_, l))) = (l7, &authz, &metric) {

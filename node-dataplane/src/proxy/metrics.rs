@@ -81,6 +81,13 @@ impl Default for TrafficMetrics {
 }
 
 impl TrafficMetrics {
+    /// Counts a connection opened. Its `failed` series starts at 0 alongside, so
+    /// failure rates and dashboards see the connection's labels before any failure.
+    pub fn open(&self, l: &TcpLabels) {
+        self.opened.get_or_create(l).inc();
+        let _ = self.failed.get_or_create(l);
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "requests",

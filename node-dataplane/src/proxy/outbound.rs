@@ -145,7 +145,7 @@ async fn forward(conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Result<(
         None => {
             state.counters.plaintext_out.fetch_add(1, Ordering::Relaxed);
             let t = &state.metrics.traffic;
-            t.opened.get_or_create(&l).inc();
+            t.open(&l);
             let r = passthrough(conn, ob, to.dst).await;
             t.closed.get_or_create(&l).inc();
             match &r {
@@ -198,7 +198,7 @@ async fn tunnel(
     };
     ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
     state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
-    t.opened.get_or_create(l).inc();
+    t.open(l);
     let copied = super::copy::bidirectional(&mut conn, &mut tunnel).await;
     t.closed.get_or_create(l).inc();
     match copied {
