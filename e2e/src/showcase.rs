@@ -178,6 +178,21 @@ impl Showcase {
         // Certificates, policies and the plugin module reach the nodes shortly after
         // enrollment: wait for the flows that need each of them.
         s.cluster.wait_reachable("shop/web", LEDGER_VIP)?;
+        // The plugin's module is fetched from the control plane; until it is loaded the
+        // plugin (FAIL_CLOSE) answers 503.
+        wait_until(Duration::from_secs(20), || {
+            let d = s.cluster.config_dump("node-b").ok()?;
+            d["proxy"]["wasm_plugins"]
+                .as_array()?
+                .iter()
+                .any(|p| {
+                    p["plugin"] == "payments/private-gate"
+                        && p["load_error"].is_null()
+                        && !p["abi"].is_null()
+                })
+                .then_some(())
+        })
+        .context("the Wasm plugin payments/private-gate was not loaded on node-b")?;
         let api = s.api_url("/api/orders");
         wait_until(Duration::from_secs(20), || {
             let r = curl(&s.cluster, "shop/ops", &[], &s.api_url("/private/report")).ok()?;

@@ -194,170 +194,225 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-const LEDGER_POLICY: &str = r#"apiVersion: security.weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: ledger-allow-web, namespace: payments}
-spec:
-  selector: {matchLabels: {app: ledger}}
-  action: ALLOW
-  rules:
-    - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
-      to: [{operation: {ports: ["9090"]}}]
-"#;
+fn stopped() -> anyhow::Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        anyhow::bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn short(id: &str) -> &str {
+    id.strip_prefix("spiffe://cluster.local/").unwrap_or(id)
+}
+
+/// One access-log record, readably.
+fn describe(node: &str, r: &serde_json::Value) -> String {
+    let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+    let mtls = if r["mtls"] == true {
+        "mTLS"
+    } else {
+        "plaintext"
+    };
+    if r["kind"] == "request" {
+        let by = match r["decided_by"].as_str() {
+            Some(d) if d.starts_with("wasm:") => format!(", answered by plugin {}", &d[5..]),
+            Some("none") => ", denied: no ALLOW policy matched".into(),
+            Some(p) => format!(", denied by policy {p}"),
+            None => String::new(),
+        };
+        return format!(
+            "{node} proxy  {} {} from {} over {mtls} -> {}{by}",
+            s("method"),
+            s("path"),
+            short(&s("source_identity")),
+            r["response_code"]
+        );
+    }
+    let decision = match (r["decision"].as_str(), r["policy"].as_str()) {
+        (Some("allow"), Some(p)) => format!("allowed by {p}"),
+        (Some("allow"), None) => "allowed (no policy selects it)".into(),
+        (Some("deny"), Some(p)) => format!("DENIED by {p}"),
+        (Some("deny"), None) => "DENIED: no ALLOW policy matched".into(),
+        _ => "sent on; the destination's proxy authorizes".into(),
+    };
+    let bytes = match (r["sent_bytes"].as_u64(), r["received_bytes"].as_u64()) {
+        (Some(a), Some(b)) => format!(", {a} B sent, {b} B received"),
+        _ => String::new(),
+    };
+    let service = r["service"]
+        .as_str()
+        .map(|s| format!(" (Service {s})"))
+        .unwrap_or_default();
+    format!(
+        "{node} proxy  {} -> {}{service} over {}: {decision}{bytes}",
+        short(&s("source_identity")),
+        short(&s("destination_identity")),
+        if r["mtls"] == true {
+            "mTLS (HBONE :15008)"
+        } else {
+            "plaintext"
+        },
+    )
+}
 
 fn run_cluster(args: &Args) -> anyhow::Result<()> {
-    use weft_e2e::cluster::LocalCluster;
+    use weft_e2e::showcase::{Expect, Showcase};
     let t0 = Instant::now();
     section("weft local cluster demo");
-    println!(
-        "building 2 nodes (network namespaces), a control plane and one weft-node per node..."
-    );
-    let mut c = LocalCluster::new(&["node-a", "node-b"])?;
-    c.namespace("shop", true)?;
-    c.namespace("payments", true)?;
-    c.namespace("legacy", false)?;
-    c.write_manifest("policy.yaml", LEDGER_POLICY)?;
-    let app = weft_e2e::bin_path("weft-testapp")?;
-    let ledger_ip = c.add_pod("payments", "ledger", "node-b", &[("app", "ledger")])?;
-    c.add_pod("shop", "web", "node-a", &[("app", "web")])?;
-    c.add_pod(
-        "shop",
-        "debug",
-        "node-a",
-        &[("app", "debug"), ("weft.dev/mesh", "disabled")],
-    )?;
-    c.add_pod("legacy", "batch", "node-a", &[("app", "batch")])?;
-    let ledger = format!("{ledger_ip}:9090");
-    c.spawn_app("payments/ledger", &app, &["server", "--listen", &ledger])?;
-    for (node, pod) in [("node-a", "shop/web"), ("node-b", "payments/ledger")] {
-        weft_e2e::wait_until(Duration::from_secs(20), || c.enrolled_pod(node, pod))
-            .ok_or_else(|| anyhow::anyhow!("{pod} was not enrolled on {node}"))?;
-    }
-    weft_e2e::wait_until(Duration::from_secs(10), || {
-        c.run_app(
-            "shop/web",
-            &app,
-            &["client", "--connect", &ledger, "--bytes", "1"],
-        )
-        .ok()?
-        .0
-        .then_some(())
-    })
-    .ok_or_else(|| anyhow::anyhow!("ledger not reachable"))?;
+    println!("building 2 nodes (network namespaces), pods wired by the real bridge CNI plugin + weft-cni,");
+    println!("a control plane and one weft-node (eBPF capture + mTLS proxy) per node...");
+    let mut s = Showcase::start()?;
+    stopped()?;
     println!("ready in {:.1} s", t0.elapsed().as_secs_f64());
 
+    section("the mesh");
     for node in ["node-a", "node-b"] {
-        let d = c.config_dump(node)?;
-        section(node);
+        let d = s.cluster.config_dump(node)?;
+        println!("{node}:");
         if let Some(ws) = d["workloads"].as_object() {
             for w in ws.values().filter(|w| w["node"] == node) {
-                let state = if w["enrolled"] == true {
-                    "in mesh"
-                } else {
-                    "not in mesh"
-                };
                 println!(
-                    "  pod {:<18} {:<14} {:<12} {}",
+                    "  pod {:<16} {:<12} {}",
                     format!(
                         "{}/{}",
                         w["namespace"].as_str().unwrap_or(""),
                         w["name"].as_str().unwrap_or("")
                     ),
                     w["ips"][0].as_str().unwrap_or("-"),
-                    state,
-                    w["spiffe_id"]
-                        .as_str()
-                        .filter(|_| w["enrolled"] == true)
-                        .unwrap_or("")
+                    if w["enrolled"] == true {
+                        format!("in the mesh as {}", w["spiffe_id"].as_str().unwrap_or(""))
+                    } else {
+                        "not in the mesh (namespace not labelled weft.dev/mesh=enabled)".into()
+                    }
                 );
             }
         }
-        let pols = keys(&d, "policies");
+    }
+    println!("policies (payments):");
+    println!("  ledger-allow-web      ALLOW shop/sa/web to the ledger on 9090          (L4)");
+    println!("  api-allow-shop-reads  ALLOW GET from namespace shop to the api         (L7)");
+    println!("  api-deny-admin        DENY /admin and /admin/* on the api              (L7)");
+    println!("Wasm plugin payments/private-gate (examples/plugins/c/peer_gate.c) on the api:");
+    println!("  /private/* only for spiffe://cluster.local/ns/shop/sa/ops; adds x-weft-plugin");
+
+    section("flows");
+    let mut all_ok = true;
+    for (i, flow) in s.flows().iter().enumerate() {
+        stopped()?;
+        let o = s.run(flow)?;
+        let result = match (&flow.expect, &o.reply) {
+            (Expect::Status(_), Some(r)) => {
+                let body = r.body.lines().next().unwrap_or("").trim();
+                let header = r
+                    .header("x-weft-plugin")
+                    .map(|v| format!(" [x-weft-plugin: {v}]"))
+                    .unwrap_or_default();
+                format!("HTTP {} {body:?}{header}", r.status)
+            }
+            _ if o.delivered => "ALLOWED: 1 MiB delivered, checksum ok".into(),
+            _ => "DENIED: connection reset".into(),
+        };
+        all_ok &= o.as_expected();
         println!(
-            "  policies for local workloads: {}",
-            if pols.is_empty() {
-                "(none)".into()
+            "[{}] {}\n    => {result}{}",
+            i + 1,
+            flow.title,
+            if o.as_expected() {
+                ""
             } else {
-                pols.join(", ")
+                "   (NOT what the demo expects!)"
             }
         );
-        for id in cert_ids(&d) {
-            println!("  certificate held: {id}");
+        // Source side first, then the destination's connection and request records.
+        let mut records = o.records.clone();
+        records.sort_by_key(|(_, r)| (r["reporter"] != "source", r["kind"] == "request"));
+        for (node, r) in &records {
+            println!("    {}", describe(node, r));
         }
     }
 
-    section("flows to payments/ledger (node-b)");
-    for (pod, what) in [
-        ("shop/web", "enrolled"),
-        ("shop/debug", "opted out (weft.dev/mesh=disabled)"),
-        ("legacy/batch", "namespace not enrolled"),
-    ] {
-        let (ok, out, _) = c.run_app(
-            pod,
-            &app,
-            &["client", "--connect", &ledger, "--bytes", "1048576"],
-        )?;
-        let peer = out
-            .lines()
-            .find_map(|l| l.strip_prefix("peer="))
-            .unwrap_or("?");
-        let path = match c.enrolled_pod("node-a", pod) {
-            Some(p) if p["outbound"]["tunneled"].as_u64().unwrap_or(0) > 0 => {
-                "captured at node-a, sent over mTLS (HBONE) as spiffe://cluster.local/ns/shop/sa/web".to_string()
-            }
-            Some(_) => "captured at node-a".to_string(),
-            None => "plaintext, not captured at the source".to_string(),
-        };
-        let outcome = if ok {
-            format!("ALLOWED: 1 MiB delivered, checksum ok, app sees peer {peer}")
-        } else {
-            "DENIED at node-b by payments/ledger-allow-web (plaintext has no identity)".to_string()
-        };
-        println!("  {pod:<13} ({what})\n      {path}\n      {outcome}");
-    }
-    if let Ok(d) = c.config_dump("node-b") {
-        println!(
-            "  node-b: {} HBONE connections accepted, {} denied; {} plaintext connections denied",
-            d["proxy"]["hbone_in"],
-            d["proxy"]["hbone_in_denied"],
-            d["proxy"]["plaintext_in_denied"]
-        );
-    }
-    if let Ok((_, m)) = c.node_http("node-b", "/metrics") {
-        for l in m
-            .lines()
-            .filter(|l| l.starts_with("weft_authz_decisions_total"))
-        {
-            println!("  {l}");
+    section("where to look next");
+    let fab = s.cluster.fabric_netns();
+    let cp = s.cluster.control_plane_admin();
+    let weftctl = weft_e2e::bin_path("weftctl")?;
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={fab}"))
+        .arg("--")
+        .arg(&weftctl)
+        .args(["status", "--control-plane", &cp])
+        .output()?;
+    println!(
+        "$ weftctl status --control-plane {cp}\n{}",
+        String::from_utf8_lossy(&out.stdout).trim_end()
+    );
+    println!();
+    println!("The demo's networks live in network namespaces; reach them with nsenter:");
+    println!(
+        "  nsenter --net={fab} {} status --control-plane {cp}",
+        weftctl.display()
+    );
+    for node in ["node-a", "node-b"] {
+        if let Some(ip) = s.cluster.node_ip(node) {
+            println!(
+                "  nsenter --net={fab} curl -s http://{ip}:15020/metrics     # {node}'s metrics"
+            );
         }
     }
-    println!("\nEnrolled traffic is captured by eBPF (connect4 + sockops + getsockopt) into node-a's proxy and");
-    println!("crosses to node-b over mTLS (HBONE, HTTP/2 CONNECT on :15008) with both workloads' SPIFFE identities;");
-    println!("the ledger's AuthorizationPolicy is enforced at node-b.");
-    println!("Where to look next: docs/capture.md, docs/architecture.md, BENCHMARKS.md");
+    println!("  nsenter --net={fab} curl -s http://{cp}/metrics     # control plane");
+    let prom = match weft_e2e::prometheus::Prometheus::start(&s.cluster) {
+        Ok(p) => {
+            let q = "sum by (response_code) (weft_requests_total)";
+            let found = weft_e2e::wait_until(Duration::from_secs(15), || {
+                p.query(&s.cluster, q)
+                    .ok()
+                    .filter(|d| d["result"].as_array().is_some_and(|r| !r.is_empty()))
+            });
+            if let Some(d) = found {
+                println!("Prometheus ({}): {q}", weft_e2e::prometheus::LISTEN);
+                for r in d["result"].as_array().into_iter().flatten() {
+                    println!(
+                        "  response_code={} -> {}",
+                        r["metric"]["response_code"].as_str().unwrap_or("?"),
+                        r["value"][1].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            println!(
+                "  nsenter --net={fab} curl -s 'http://{}/api/v1/query?query=weft_tcp_connections_opened_total'",
+                weft_e2e::prometheus::LISTEN
+            );
+            Some(p)
+        }
+        Err(e) => {
+            println!("(Prometheus not started: {e:#})");
+            None
+        }
+    };
+    println!(
+        "Access logs: JSON lines with target weft::access in the agents' logs, {}/*/agent-1.log",
+        s.cluster.dir.path().join("nodes").display()
+    );
+    if !args.keep_running {
+        println!(
+            "(all of this is removed on exit; keep it up with: make demo DEMO_ARGS=--keep-running)"
+        );
+    }
+    println!("Docs: README.md, docs/operations.md (weftctl, troubleshooting), docs/metrics.md, charts/weft/dashboards");
     if args.keep_running {
         section("running: press Ctrl-C to stop");
-        println!(
-            "node agents listen on 127.0.0.1:15000 inside their node netns ({})",
-            c.nodes
-                .values()
-                .map(|n| n.netns.clone())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        println!(
-            "try: nsenter --net=/var/run/netns/{} curl -s 127.0.0.1:15000/config_dump",
-            c.nodes["node-a"].netns
-        );
         while !STOP.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
     section("cleaning up");
-    drop(c);
+    drop(prom);
+    drop(s);
     println!(
-        "removed every namespace, cgroup, eBPF program and pin the demo created ({:.1} s total)",
+        "removed every namespace, cgroup, eBPF program, pin and process the demo created ({:.1} s total)",
         t0.elapsed().as_secs_f64()
     );
+    if !all_ok {
+        anyhow::bail!("some flows did not behave as the demo expects (see above)");
+    }
     Ok(())
 }
