@@ -198,7 +198,6 @@ fn plugin_registry(
     state_dir: &std::path::Path,
     config: &Arc<ConfigStore>,
 ) -> anyhow::Result<Arc<crate::wasm::registry::PluginRegistry>> {
-    let engine = crate::wasm::engine::WasmEngine::new().context("starting the wasm engine")?;
     let target = target.clone();
     let fetch: crate::wasm::registry::FetchFn = Arc::new(move |sha: String| {
         let t = target.clone();
@@ -214,12 +213,8 @@ fn plugin_registry(
         .boxed()
     });
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let reg = crate::wasm::registry::PluginRegistry::new(
-        engine,
-        workers,
-        Some(state_dir.join("wasm")),
-        fetch,
-    );
+    let reg =
+        crate::wasm::registry::PluginRegistry::new(workers, Some(state_dir.join("wasm")), fetch);
     tokio::spawn(reg.clone().run(config.clone()));
     Ok(reg)
 }

@@ -115,7 +115,7 @@ pub struct Plugin {
     slots: Vec<Mutex<Slot>>,
     next: AtomicUsize,
     /// Keeps the engine (and its epoch ticker, which bounds callbacks) alive.
-    _engine: Arc<WasmEngine>,
+    _engine: Option<Arc<WasmEngine>>,
     /// FAIL_CLOSE: set after a runtime failure; every later request is refused.
     failed: Mutex<Option<WasmError>>,
     /// Built before its module arrived: replaced once it has.
@@ -130,7 +130,7 @@ impl Plugin {
     /// `module` is the module bytes (already checked against `spec.sha256`), or why
     /// they are not available.
     pub fn new(
-        engine: &Arc<WasmEngine>,
+        engine: Result<&Arc<WasmEngine>, WasmError>,
         spec: pb::WasmPlugin,
         module: Result<&[u8], WasmError>,
         workers: usize,
@@ -150,7 +150,8 @@ impl Plugin {
                 spec.max_cpu_millis_per_callback
             },
         };
-        let module = module.and_then(|bytes| {
+        let module = engine.clone().and_then(|engine| {
+            let bytes = module?;
             let m = engine.compile(&spec.sha256, bytes)?;
             let linker = super::abi::linker(engine.engine(), &m.module).map_err(WasmError::Abi)?;
             let pre = linker
@@ -179,7 +180,7 @@ impl Plugin {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            _engine: engine.clone(),
+            _engine: engine.ok().cloned(),
             failed: Mutex::new(None),
             waiting_for_module: false,
             stats: PluginStats::default(),

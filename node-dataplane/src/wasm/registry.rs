@@ -13,14 +13,16 @@ use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use weft_api::pb;
 
 /// Fetches a module's bytes by sha256.
 pub type FetchFn = Arc<dyn Fn(String) -> BoxFuture<'static, anyhow::Result<Vec<u8>>> + Send + Sync>;
 
 pub struct PluginRegistry {
-    engine: Arc<WasmEngine>,
+    /// Started with the first plugin: a node without plugins runs no compiler and
+    /// no epoch ticker.
+    engine: OnceLock<Result<Arc<WasmEngine>, WasmError>>,
     workers: usize,
     cache_dir: Option<PathBuf>,
     fetch: FetchFn,
@@ -32,14 +34,9 @@ pub struct PluginRegistry {
 }
 
 impl PluginRegistry {
-    pub fn new(
-        engine: Arc<WasmEngine>,
-        workers: usize,
-        cache_dir: Option<PathBuf>,
-        fetch: FetchFn,
-    ) -> Arc<Self> {
+    pub fn new(workers: usize, cache_dir: Option<PathBuf>, fetch: FetchFn) -> Arc<Self> {
         Arc::new(Self {
-            engine,
+            engine: OnceLock::new(),
             workers,
             cache_dir,
             fetch,
@@ -48,6 +45,20 @@ impl PluginRegistry {
             fetching: Mutex::new(HashSet::new()),
             fetched: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The shared engine, started on first use.
+    fn engine(&self) -> Result<&Arc<WasmEngine>, WasmError> {
+        self.engine
+            .get_or_init(|| {
+                let e = WasmEngine::new();
+                if let Err(err) = &e {
+                    tracing::error!(error = %err, "the wasm engine cannot start: every plugin fails closed");
+                }
+                e
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// All current plugins.
@@ -187,7 +198,7 @@ impl PluginRegistry {
                 Err(WasmError::Unavailable("the module is being fetched".into()))
             };
             let mut plugin = Plugin::new(
-                &self.engine,
+                self.engine(),
                 (**spec).clone(),
                 bytes.as_deref().map(Vec::as_slice).map_err(Clone::clone),
                 self.workers,

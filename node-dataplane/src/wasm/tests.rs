@@ -93,7 +93,7 @@ fn plugin(wat: &str, fail: &str) -> Plugin {
     // A distinct cache key per module text.
     let mut s = spec(fail);
     s.sha256 = format!("{:x}", text_key(wat));
-    Plugin::new(&engine, s, Ok(&bytes), 2)
+    Plugin::new(Ok(&engine), s, Ok(&bytes), 2)
 }
 
 fn text_key(s: &str) -> u64 {
@@ -319,7 +319,7 @@ fn missing_exports_and_abi_mismatch_are_load_errors() {
     let engine = WasmEngine::new().unwrap();
     let load = |wat: &str| {
         let bytes = wat::parse_str(wat).unwrap();
-        Plugin::new(&engine, spec("FAIL_CLOSE"), Ok(&bytes), 1)
+        Plugin::new(Ok(&engine), spec("FAIL_CLOSE"), Ok(&bytes), 1)
             .load_error()
             .cloned()
     };
@@ -348,13 +348,28 @@ fn missing_exports_and_abi_mismatch_are_load_errors() {
     assert!(
         matches!(load(foreign_import), Some(WasmError::Abi(m)) if m.contains("unknown import other.fn"))
     );
-    let garbage = Plugin::new(&engine, spec("FAIL_OPEN"), Ok(b"\0asm\x01\0\0\0\xff"), 1);
+    let garbage = Plugin::new(
+        Ok(&engine),
+        spec("FAIL_OPEN"),
+        Ok(b"\0asm\x01\0\0\0\xff"),
+        1,
+    );
     assert!(matches!(garbage.load_error(), Some(WasmError::Compile(_))));
     // A plugin that cannot load: FAIL_OPEN skips it, FAIL_CLOSE refuses with 503.
     let (o, _) = garbage.on_request(&mut request("/"), true);
     assert!(matches!(o, Outcome::Skipped));
-    let closed = Plugin::new(&engine, spec("FAIL_CLOSE"), Ok(b"junk"), 1);
+    let closed = Plugin::new(Ok(&engine), spec("FAIL_CLOSE"), Ok(b"junk"), 1);
     let (o, _) = closed.on_request(&mut request("/"), true);
+    assert!(matches!(o, Outcome::Reply(ref r) if r.status == 503));
+    // Without an engine (it could not start), a plugin cannot run: it fails closed too.
+    let no_engine = Plugin::new(
+        Err(WasmError::Engine("no epoch thread".into())),
+        spec("FAIL_CLOSE"),
+        Ok(b"junk"),
+        1,
+    );
+    assert!(matches!(no_engine.load_error(), Some(WasmError::Engine(_))));
+    let (o, _) = no_engine.on_request(&mut request("/"), true);
     assert!(matches!(o, Outcome::Reply(ref r) if r.status == 503));
 }
 
@@ -364,7 +379,7 @@ fn failed_reload_restarts_after_backoff() {
     let req = "(if (call $is_deny) (then (unreachable))) (i32.const 0)";
     let engine = WasmEngine::new().unwrap();
     let bytes = wat::parse_str(module(req, "(i32.const 0)", "")).unwrap();
-    let p = Plugin::new(&engine, spec("FAIL_RELOAD"), Ok(&bytes), 1);
+    let p = Plugin::new(Ok(&engine), spec("FAIL_RELOAD"), Ok(&bytes), 1);
     let (o, _) = p.on_request(&mut request("/deny"), true);
     assert!(matches!(o, Outcome::Reply(ref r) if r.status == 500));
     let (o, _) = p.on_request(&mut request("/ok"), true);
@@ -403,7 +418,7 @@ fn plugins_run_by_phase_then_priority() {
         s.phase = phase.into();
         s.priority = priority;
         Arc::new(Plugin::new(
-            &engine,
+            Ok(&engine),
             s,
             Err(WasmError::Unavailable("test".into())),
             1,
