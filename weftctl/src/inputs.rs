@@ -116,46 +116,49 @@ fn read_dir(dir: &Path) -> anyhow::Result<(Vec<Object>, Vec<ManifestError>)> {
 
 async fn read_cluster(kubeconfig: Option<&Path>) -> anyhow::Result<Vec<Object>> {
     use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
-    use kube::api::ListParams;
-    use kube::Api;
     use weft_api::crd::AuthorizationPolicy;
     let client = crate::kube_client(kubeconfig).await?;
-    let lp = ListParams::default();
     let mut out = Vec::new();
-    for n in Api::<Namespace>::all(client.clone())
-        .list(&lp)
-        .await
-        .context("listing namespaces")?
-    {
-        out.push(Object::Namespace(n));
-    }
-    for p in Api::<Pod>::all(client.clone())
-        .list(&lp)
-        .await
-        .context("listing pods")?
-    {
-        out.push(Object::Pod(Box::new(p)));
-    }
-    for s in Api::<Service>::all(client.clone())
-        .list(&lp)
-        .await
-        .context("listing services")?
-    {
-        out.push(Object::Service(s));
-    }
-    for s in Api::<ServiceAccount>::all(client.clone())
-        .list(&lp)
-        .await
-        .context("listing service accounts")?
-    {
-        out.push(Object::ServiceAccount(s));
-    }
-    let policies = Api::<AuthorizationPolicy>::all(client.clone())
-        .list(&lp)
-        .await
-        .context("listing AuthorizationPolicies (are weft's CRDs installed? `weftctl check`)")?;
-    for p in policies {
-        out.push(Object::AuthorizationPolicy(p));
-    }
+    out.extend(
+        list::<Namespace>(&client, "namespaces")
+            .await?
+            .map(Object::Namespace),
+    );
+    out.extend(
+        list::<Pod>(&client, "pods")
+            .await?
+            .map(|p| Object::Pod(Box::new(p))),
+    );
+    out.extend(
+        list::<Service>(&client, "services")
+            .await?
+            .map(Object::Service),
+    );
+    out.extend(
+        list::<ServiceAccount>(&client, "service accounts")
+            .await?
+            .map(Object::ServiceAccount),
+    );
+    out.extend(
+        list::<AuthorizationPolicy>(
+            &client,
+            "AuthorizationPolicies (are weft's CRDs installed? `weftctl check`)",
+        )
+        .await?
+        .map(Object::AuthorizationPolicy),
+    );
     Ok(out)
+}
+
+/// Every object of kind `K` in all namespaces.
+async fn list<K>(client: &kube::Client, what: &str) -> anyhow::Result<impl Iterator<Item = K>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let items = kube::Api::<K>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await
+        .with_context(|| format!("listing {what}"))?;
+    Ok(items.into_iter())
 }

@@ -95,20 +95,11 @@ enum AuthzCommand {
 
 /// A client from an explicit kubeconfig, else the usual inference.
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    use anyhow::Context;
-    let config = match kubeconfig {
-        Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p)
-                .with_context(|| format!("reading kubeconfig {}", p.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", p.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig found (give --kubeconfig, set KUBECONFIG, or use --dir)")?,
-    };
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    let client = weft_control_plane::k8s::client_from(kubeconfig).await;
+    match kubeconfig {
+        Some(_) => client,
+        None => client.map_err(|e| e.context("give --kubeconfig, set KUBECONFIG, or use --dir")),
+    }
 }
 
 enum Outcome {

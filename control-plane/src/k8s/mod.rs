@@ -28,8 +28,14 @@ pub struct KubeSettings {
 
 /// A client from the kubeconfig (when given) or the in-cluster environment.
 pub async fn client(s: &KubeSettings) -> anyhow::Result<kube::Client> {
+    client_from(s.kubeconfig.as_deref()).await
+}
+
+/// A client from `kubeconfig`, else the usual inference (KUBECONFIG, ~/.kube/config,
+/// in-cluster). Shared with weftctl.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
     use anyhow::Context;
-    let config = match &s.kubeconfig {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
