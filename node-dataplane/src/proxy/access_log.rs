@@ -108,8 +108,8 @@ pub struct ConnRecord<'a> {
     pub destination_identity: &'a str,
     /// The destination workload, if known (logged as `namespace/name`).
     pub destination_workload: Option<&'a pb::Workload>,
-    /// `namespace/name` of the Service the client addressed, if any.
-    pub service: Option<&'a str>,
+    /// The Service the client addressed, if any (logged as `namespace/name`).
+    pub service: Option<&'a pb::Service>,
     pub mtls: bool,
     pub verdict: Verdict<'a>,
     /// Bytes towards / from the destination (`None` when the connection was handled
@@ -195,7 +195,7 @@ impl AccessLog {
             source_identity = r.source_identity,
             destination_identity = r.destination_identity,
             destination_workload = %WorkloadName(r.destination_workload),
-            service = r.service,
+            service = r.service.map(|s| tracing::field::display(NsName(&s.namespace, &s.name))),
             mtls = r.mtls,
             decision = r.verdict.decision(),
             policy = r.verdict.policy(),
@@ -232,13 +232,22 @@ impl AccessLog {
     }
 }
 
-/// `namespace/name`, or `unknown`.
+/// `namespace/name`, formatted only when a record is written.
+struct NsName<'a>(&'a str, &'a str);
+
+impl std::fmt::Display for NsName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
+    }
+}
+
+/// A workload's `namespace/name`, or `unknown`.
 struct WorkloadName<'a>(Option<&'a pb::Workload>);
 
 impl std::fmt::Display for WorkloadName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Some(w) => write!(f, "{}/{}", w.namespace, w.name),
+            Some(w) => NsName(&w.namespace, &w.name).fmt(f),
             None => f.write_str("unknown"),
         }
     }

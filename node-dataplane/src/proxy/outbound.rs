@@ -77,7 +77,7 @@ struct Resolved {
     /// Counts the connection against the endpoint (least-conn) while held.
     _active: Option<super::lb::Active>,
     /// `namespace/name` of the Service, when the client addressed one.
-    service: Option<String>,
+    service: Option<Arc<weft_api::pb::Service>>,
 }
 
 /// A Service VIP:port becomes one of its ready endpoints (chosen by the node's
@@ -96,7 +96,7 @@ fn resolve(state: &ProxyState, dst: SocketAddr) -> Resolved {
                 Some(SocketAddr::new(ip, u16::try_from(*t).ok()?))
             })
             .collect();
-        let service = Some(format!("{}/{}", svc.namespace, svc.name));
+        let service = Some(svc.clone());
         if let Some((ep, active)) = state.balancer.pick(&eps) {
             return Resolved {
                 dst: ep,

@@ -153,27 +153,33 @@ pub async fn handle(
     let start = Instant::now();
     let method = method_label(req.method());
     let mut decided_by: Option<String> = None;
+    // Reference-counted clones: nothing is copied unless the record is written.
     let log = ctx.state.access_log.active().then(|| {
         (
-            req.method().as_str().to_string(),
-            access_log::cut(req.uri().path()).to_string(),
-            authority_of(&req),
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().get(http::header::HOST).cloned(),
         )
     });
     let resp = process(req, &ctx, proto, &mut decided_by).await;
     let code = resp.status().as_u16();
     let took = start.elapsed();
     ctx.record_request(method, code, took, decided_by.as_deref());
-    if let Some((method, path, authority)) = log {
+    if let Some((method, uri, host)) = log {
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or_default();
         ctx.state.access_log.request(&access_log::RequestRecord {
             source_addr: ctx.props.source,
             destination_addr: ctx.dst,
             source_identity: ctx.props.peer_id.as_deref().unwrap_or("unknown"),
             destination_workload: &ctx.target.workload,
             mtls: ctx.props.peer_id.is_some(),
-            method: &method,
-            path: &path,
-            authority: &authority,
+            method: method.as_str(),
+            path: uri.path(),
+            authority,
             response_code: code,
             decided_by: decided_by.as_deref(),
             duration: took,
