@@ -297,10 +297,15 @@ fn encode_plugins(
         &errors,
     )?;
     let to_i64 = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+    // One read of each plugin's instances for both gauges.
+    let instances: Vec<(PluginLabel, Vec<usize>)> = plugins
+        .iter()
+        .map(|p| (label(&p.id), p.instance_memory()))
+        .collect();
     let memory = gauges(
-        plugins
+        instances
             .iter()
-            .map(|p| (label(&p.id), to_i64(p.instance_memory().iter().sum()))),
+            .map(|(l, m)| (l.clone(), to_i64(m.iter().sum()))),
     );
     family(
         enc,
@@ -308,16 +313,12 @@ fn encode_plugins(
         "Linear memory of the plugin's live instances, summed",
         &memory,
     )?;
-    let instances = gauges(
-        plugins
-            .iter()
-            .map(|p| (label(&p.id), to_i64(p.instance_memory().len()))),
-    );
+    let live = gauges(instances.iter().map(|(l, m)| (l.clone(), to_i64(m.len()))));
     family(
         enc,
         "wasm_plugin_instances",
         "Live instances of the plugin (at most one per proxy worker thread)",
-        &instances,
+        &live,
     )?;
     let loaded = gauges(
         plugins
