@@ -669,13 +669,17 @@ impl LocalCluster {
     }
 
     /// Starts `program args` in the pod's netns and cgroup (killed on drop).
-    pub fn spawn_app(&mut self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<()> {
+    /// Starts `program args` in the pod's netns and cgroup; returns its PID (the
+    /// wrapper execs the program, so it is the program's own PID).
+    pub fn spawn_app(&mut self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<u32> {
         let p = self.pods.get(pod).context("no such pod")?;
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let mut cmd = Self::wrapped(&p.cgroup, &p.netns, program, &args);
         let log = self.dir.path().join(format!("app-{}.log", self.apps.len()));
-        self.apps.push(Proc::spawn(pod, &mut cmd, &log)?);
-        Ok(())
+        let proc = Proc::spawn(pod, &mut cmd, &log)?;
+        let pid = proc.pid();
+        self.apps.push(proc);
+        Ok(pid)
     }
 
     /// Runs `program args` in the pod's netns and cgroup to completion.

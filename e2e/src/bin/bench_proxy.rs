@@ -3,7 +3,10 @@
 //! enrolled pods on the same two nodes (client -> eBPF capture -> node-a proxy ->
 //! HBONE mTLS -> node-b proxy -> server). Reports iperf3 throughput with 1 and 8
 //! streams, 1 KiB request/response p50/p99 (unpinned, and with every process pinned
-//! to one core), connect + first byte p50, and the node agents' CPU and RSS.
+//! to one core: client, both agents, server), connect + first byte p50, and the node
+//! agents' CPU and RSS. A third mode runs the same path through two minimal relays
+//! (blocking copy threads, no TLS): the floor of any design with a user-space hop on
+//! each node.
 
 use clap::Parser;
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use weft_e2e::{bin_path, wait_until};
 
 #[derive(Parser)]
 struct Args {
-    /// Record a CPU profile of node-a's agent (perf, 99 Hz) during the weft RR run
-    /// and write the hottest symbols to this file.
+    /// Record a CPU profile of core 0 (perf, 999 Hz, 2 s) during the pinned weft RR
+    /// run and write the hottest symbols per process to this file.
     #[arg(long)]
     profile: Option<std::path::PathBuf>,
     /// Seconds per iperf3 run.
@@ -26,7 +29,8 @@ struct Args {
     cfb_count: usize,
 }
 
-fn iperf(c: &LocalCluster, pod: &str, ip: &str, streams: u32, secs: u32) -> anyhow::Result<f64> {
+fn iperf(c: &LocalCluster, pod: &str, to: &str, streams: u32, secs: u32) -> anyhow::Result<f64> {
+    let (ip, port) = to.rsplit_once(':').unwrap_or((to, "5201"));
     let (ok, out, err) = c.run_app(
         pod,
         std::path::Path::new("/usr/bin/iperf3"),
@@ -34,7 +38,7 @@ fn iperf(c: &LocalCluster, pod: &str, ip: &str, streams: u32, secs: u32) -> anyh
             "-c",
             ip,
             "-p",
-            "5201",
+            port,
             "-t",
             &secs.to_string(),
             "-P",
@@ -115,13 +119,14 @@ fn main() -> anyhow::Result<()> {
     let plain_ip = c.add_pod("plain", "server", "node-b", &[("app", "server")])?;
     c.add_pod("mesh", "client", "node-a", &[("app", "client")])?;
     c.add_pod("plain", "client", "node-a", &[("app", "client")])?;
+    let mut servers = Vec::new();
     for (pod, ip) in [("mesh/server", &mesh_ip), ("plain/server", &plain_ip)] {
         c.spawn_app(
             pod,
             std::path::Path::new("/usr/bin/iperf3"),
             &["-s", "-p", "5201"],
         )?;
-        c.spawn_app(pod, &app, &["echo", "--listen", &format!("{ip}:7000")])?;
+        servers.push(c.spawn_app(pod, &app, &["echo", "--listen", &format!("{ip}:7000")])?);
     }
     wait_until(Duration::from_secs(20), || {
         c.enrolled_pod("node-b", "mesh/server")
@@ -138,6 +143,39 @@ fn main() -> anyhow::Result<()> {
         })
         .ok_or_else(|| anyhow::anyhow!("{pod} cannot reach {dst}"))?;
     }
+    // The floor of any design with a user-space hop on each node: two minimal
+    // relays (blocking read/write threads, no TLS, no framing) on the same path as
+    // weft's (client pod loopback -> node-to-node -> server pod loopback).
+    for (listen, next) in [
+        ("127.0.0.1:15001".to_string(), format!("{plain_ip}:15008")),
+        ("127.0.0.1:15201".to_string(), format!("{plain_ip}:15202")),
+    ] {
+        servers.push(c.spawn_app(
+            "plain/client",
+            &app,
+            &["relay", "--listen", &listen, "--connect", &next],
+        )?);
+    }
+    for (listen, next) in [
+        (format!("{plain_ip}:15008"), format!("{plain_ip}:7000")),
+        (format!("{plain_ip}:15202"), format!("{plain_ip}:5201")),
+    ] {
+        servers.push(c.spawn_app(
+            "plain/server",
+            &app,
+            &["relay", "--listen", &listen, "--connect", &next],
+        )?);
+    }
+    wait_until(Duration::from_secs(10), || {
+        two(
+            &c,
+            "plain/client",
+            &["rr", "--connect", "127.0.0.1:15001", "--count", "10"],
+            None,
+        )
+        .ok()
+    })
+    .ok_or_else(|| anyhow::anyhow!("the relays do not reach the plain server"))?;
     let agents: Vec<u32> = c
         .nodes
         .values()
@@ -146,12 +184,29 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss: Vec<u64> = agents.iter().map(|p| usage(*p).1).collect();
 
+    // (name, client pod, iperf3 server, echo server)
     let modes = [
-        ("plain", "plain/client", plain_ip.clone()),
-        ("weft", "mesh/client", mesh_ip.clone()),
+        (
+            "plain",
+            "plain/client",
+            format!("{plain_ip}:5201"),
+            format!("{plain_ip}:7000"),
+        ),
+        (
+            "relays",
+            "plain/client",
+            "127.0.0.1:15201".into(),
+            "127.0.0.1:15001".into(),
+        ),
+        (
+            "weft",
+            "mesh/client",
+            format!("{mesh_ip}:5201"),
+            format!("{mesh_ip}:7000"),
+        ),
     ];
     let mut rows = Vec::new();
-    for (name, pod, ip) in &modes {
+    for (name, pod, ip, dst) in &modes {
         let before: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
         let t0 = Instant::now();
         let one = iperf(&c, pod, ip, 1, a.seconds)?;
@@ -165,30 +220,13 @@ fn main() -> anyhow::Result<()> {
             .sum::<f64>()
             / wall;
         let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
-        let dst = format!("{ip}:7000");
-        let perf_data = c.dir.path().join("agent.perf.data");
-        // Optional CPU profile of node-a's agent while the RR test runs.
-        let perf = match (&a.profile, *name == "weft") {
-            (Some(_), true) => Some(
-                std::process::Command::new("perf")
-                    .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o"])
-                    .arg(&perf_data)
-                    .arg("-p")
-                    .arg(agents[0].to_string())
-                    .args(["--", "sleep", "3"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()?,
-            ),
-            _ => None,
-        };
         let rr = two(
             &c,
             pod,
             &[
                 "rr",
                 "--connect",
-                &dst,
+                dst,
                 "--size",
                 "1024",
                 "--count",
@@ -196,31 +234,73 @@ fn main() -> anyhow::Result<()> {
             ],
             None,
         )?;
-        if let (Some(mut p), Some(out)) = (perf, &a.profile) {
-            p.wait()?;
-            let report = std::process::Command::new("perf")
-                .args(["report", "-i"])
-                .arg(&perf_data)
-                .args(["--stdio", "--no-children"])
-                .args([
-                    "--sort",
-                    "dso,symbol",
-                    "--percent-limit",
-                    "1.5",
-                    "-g",
-                    "none",
-                ])
-                .output()?;
-            std::fs::write(out, &report.stdout)?;
-        }
+        // Every process of the round trip on one core: client, both agents, server.
         pin_all(&agents, Some(0));
+        pin_all(&servers, Some(0));
+        // Kept next to the report for `perf report -i` by hand.
+        let perf_data = a
+            .profile
+            .as_ref()
+            .map(|p| p.with_extension("perf.data"))
+            .unwrap_or_default();
+        // Optional CPU profile of core 0 (where the pinned round trip runs).
+        let perf = match (&a.profile, *name == "weft") {
+            (Some(_), true) => Some(
+                std::process::Command::new("perf")
+                    .args([
+                        "record",
+                        "-e",
+                        "cpu-clock",
+                        "-F",
+                        "999",
+                        "-g",
+                        "-C",
+                        "0",
+                        "-o",
+                    ])
+                    .arg(&perf_data)
+                    .args(["--", "sleep", "2"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?,
+            ),
+            _ => None,
+        };
+        // With --profile: syscalls and context switches of the agents per round trip.
+        let stat_out = c.dir.path().join("agents.perf.stat");
+        let stat = match (&a.profile, *name == "weft") {
+            (Some(_), true) => Some(
+                std::process::Command::new("perf")
+                    .args([
+                        "stat",
+                        "-x",
+                        ",",
+                        "-e",
+                        "raw_syscalls:sys_enter,context-switches",
+                        "-p",
+                    ])
+                    .arg(
+                        agents
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )
+                    .arg("-o")
+                    .arg(&stat_out)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?,
+            ),
+            _ => None,
+        };
         let rr_pinned = two(
             &c,
             pod,
             &[
                 "rr",
                 "--connect",
-                &dst,
+                dst,
                 "--size",
                 "1024",
                 "--count",
@@ -228,17 +308,53 @@ fn main() -> anyhow::Result<()> {
             ],
             Some(0),
         )?;
+        if let (Some(mut p), Some(out)) = (perf, &a.profile) {
+            p.wait()?;
+            let mut per_rr = String::new();
+            if let Some(st) = stat {
+                // perf stat writes its counts when interrupted.
+                let _ = std::process::Command::new("kill")
+                    .args(["-INT", &st.id().to_string()])
+                    .status();
+                let _ = st.wait_with_output();
+                for line in std::fs::read_to_string(&stat_out)
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    let f: Vec<&str> = line.split(',').collect();
+                    if let (Some(v), Some(ev)) =
+                        (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2))
+                    {
+                        per_rr.push_str(&format!(
+                            "both agents, per pinned 1 KiB round trip: {:.1} {ev}\n",
+                            v / a.rr_count as f64
+                        ));
+                    }
+                }
+            }
+            // Time per process first, then the hottest symbols.
+            let mut text = per_rr.into_bytes();
+            for (sort, limit) in [
+                ("comm", "0.5"),
+                ("comm,dso", "0.5"),
+                ("comm,dso,symbol", "0.4"),
+            ] {
+                let report = std::process::Command::new("perf")
+                    .args(["report", "-i"])
+                    .arg(&perf_data)
+                    .args(["--stdio", "--no-children", "--sort", sort])
+                    .args(["--percent-limit", limit, "-g", "none"])
+                    .output()?;
+                text.extend_from_slice(&report.stdout);
+            }
+            std::fs::write(out, &text)?;
+        }
         pin_all(&agents, None);
+        pin_all(&servers, None);
         let cfb = two(
             &c,
             pod,
-            &[
-                "cfb",
-                "--connect",
-                &dst,
-                "--count",
-                &a.cfb_count.to_string(),
-            ],
+            &["cfb", "--connect", dst, "--count", &a.cfb_count.to_string()],
             None,
         )?;
         rows.push((
@@ -271,15 +387,18 @@ fn main() -> anyhow::Result<()> {
             rss.iter().max().copied().unwrap_or(0)
         );
     }
-    let (p, w) = (&rows[0], &rows[1]);
-    println!(
-        "ratios weft/plain: throughput x1 {:.2}, x8 {:.2}; added RR p50 {:+.1} us (pinned {:+.1} us); added connect+1B p50 {:+.1} us",
-        w.1 / p.1,
-        w.2 / p.2,
-        w.3 .0 - p.3 .0,
-        w.4 .0 - p.4 .0,
-        w.5 .0 - p.5 .0
-    );
+    let p = &rows[0];
+    for w in &rows[1..] {
+        println!(
+            "ratios {}/plain: throughput x1 {:.2}, x8 {:.2}; added RR p50 {:+.1} us (pinned {:+.1} us); added connect+1B p50 {:+.1} us",
+            w.0,
+            w.1 / p.1,
+            w.2 / p.2,
+            w.3 .0 - p.3 .0,
+            w.4 .0 - p.4 .0,
+            w.5 .0 - p.5 .0
+        );
+    }
     println!(
         "agent RSS idle: {:?} KiB (max {} KiB per node agent)",
         idle_rss,

@@ -38,6 +38,15 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Minimal TCP relay (the benchmarks' floor for a user-space hop): every accepted
+    /// connection is joined to a new connection to `connect` by two threads copying
+    /// with blocking reads and writes (no TLS, no framing, half-close propagated).
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        connect: SocketAddr,
+    },
     /// Request/response latency over one connection: prints `p50_us p99_us`.
     Rr {
         #[arg(long)]
@@ -168,6 +177,27 @@ fn echo(mut s: TcpStream) {
     }
 }
 
+/// Copies `from` to `to` until EOF, then half-closes `to`.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 128 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+fn relay(down: TcpStream, to: SocketAddr) -> std::io::Result<()> {
+    let up = TcpStream::connect(to)?;
+    down.set_nodelay(true)?;
+    up.set_nodelay(true)?;
+    let (down2, up2) = (down.try_clone()?, up.try_clone()?);
+    std::thread::spawn(move || pipe(down, up));
+    std::thread::spawn(move || pipe(up2, down2));
+    Ok(())
+}
+
 fn rr(addr: SocketAddr, size: usize, count: usize) -> std::io::Result<(f64, f64)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
@@ -265,6 +295,17 @@ fn main() {
             });
             for s in l.incoming().flatten() {
                 std::thread::spawn(move || echo(s));
+            }
+        }
+        Cmd::Relay { listen, connect } => {
+            let l = TcpListener::bind(listen).unwrap_or_else(|e| {
+                eprintln!("bind {listen}: {e}");
+                std::process::exit(1)
+            });
+            for s in l.incoming().flatten() {
+                if let Err(e) = relay(s, connect) {
+                    eprintln!("relay to {connect}: {e}");
+                }
             }
         }
         Cmd::Rr {
