@@ -669,6 +669,14 @@ impl LocalCluster {
     }
 
     /// Starts `program args` in the pod's netns and cgroup (killed on drop).
+    /// PIDs of the running node agents.
+    pub fn agent_pids(&self) -> Vec<u32> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.agent.as_ref().map(|p| p.pid()))
+            .collect()
+    }
+
     /// Starts `program args` in the pod's netns and cgroup; returns its PID (the
     /// wrapper execs the program, so it is the program's own PID).
     pub fn spawn_app(&mut self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<u32> {

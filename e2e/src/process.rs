@@ -5,8 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary. `WEFT_BIN_DIR` overrides; otherwise the target
-/// directory of the running executable (tests live in target/<profile>/deps).
+/// Pins every thread of each process to one CPU (`taskset -a`), or back to all
+/// CPUs with `None`. Benchmarks use it to run a whole round trip on one core.
+pub fn pin_cpu(pids: &[u32], cpu: Option<usize>) {
+    let mask = cpu
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "0-1023".into());
+    for pid in pids {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", &mask, &pid.to_string()])
+            .output();
+    }
+}
+
 /// An example Wasm plugin built by `make plugins` (`target/plugins/<name>.wasm`).
 pub fn plugin_path(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -19,6 +30,8 @@ pub fn plugin_path(name: &str) -> anyhow::Result<PathBuf> {
     bail!("plugin {name}.wasm not found under the target directory; build it first: make plugins (make test does)")
 }
 
+/// Path of a workspace binary. `WEFT_BIN_DIR` overrides; otherwise the target
+/// directory of the running executable (tests live in target/<profile>/deps).
 pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     if let Ok(dir) = std::env::var("WEFT_BIN_DIR") {
         return Ok(Path::new(&dir).join(name));

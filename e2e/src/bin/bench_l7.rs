@@ -6,7 +6,9 @@
 //! - L7 + C plugin: the same policy plus the C example plugin;
 //! - L7 + AssemblyScript plugin: the same policy plus the AssemblyScript one.
 //!
-//! Rounds are interleaved and the median per setup is reported: requests/s, p50 and
+//! `--pinned` runs wrk, both agents and the servers on CPU 0, so differences are
+//! CPU work rather than cross-CPU wake-ups. Rounds are interleaved and the median
+//! per setup is reported: requests/s, p50 and
 //! p99 latency, and the added p50 against L4 and against L7-policy-only. Then the
 //! plugins' instance memory from the node's /config_dump.
 
@@ -24,6 +26,11 @@ struct Args {
     seconds: u32,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Run every process of the request path (wrk, both node agents, the servers)
+    /// on CPU 0, so the differences between setups are CPU work, not cross-CPU
+    /// wake-up latency.
+    #[arg(long)]
+    pinned: bool,
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -45,11 +52,12 @@ fn us(v: &str) -> Option<f64> {
     })
 }
 
-fn wrk(c: &LocalCluster, url: &str, secs: u32) -> anyhow::Result<Run> {
-    let (ok, out, err) = c.run_app(
+fn wrk(c: &LocalCluster, url: &str, secs: u32, cpu: Option<usize>) -> anyhow::Result<Run> {
+    let (ok, out, err) = c.run_app_pinned(
         "bench/client",
         Path::new("/usr/bin/wrk"),
         &["-t1", "-c1", &format!("-d{secs}s"), "--latency", url],
+        cpu,
     )?;
     anyhow::ensure!(ok, "wrk: {err}{out}");
     anyhow::ensure!(!out.contains("Non-2xx"), "wrk saw errors: {out}");
@@ -169,14 +177,15 @@ fn main() -> anyhow::Result<()> {
     ];
     let app = bin_path("weft-testapp")?;
     let mut ips = Vec::new();
+    let mut servers = Vec::new();
     for (_, name, tier) in setups {
         let ip = c.add_pod("bench", name, "node-b", &[("app", name), ("tier", tier)])?;
         c.wait_enrolled("node-b", &format!("bench/{name}"))?;
-        c.spawn_app(
+        servers.push(c.spawn_app(
             &format!("bench/{name}"),
             &app,
             &["http", "--listen", "0.0.0.0:8080"],
-        )?;
+        )?);
         ips.push(ip);
     }
     c.add_pod("bench", "client", "node-a", &[("app", "client")])?;
@@ -203,10 +212,15 @@ fn main() -> anyhow::Result<()> {
         })
         .ok_or_else(|| anyhow::anyhow!("{name} not ready"))?;
     }
+    let cpu = args.pinned.then_some(0);
+    if args.pinned {
+        weft_e2e::process::pin_cpu(&c.agent_pids(), cpu);
+        weft_e2e::process::pin_cpu(&servers, cpu);
+    }
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); setups.len()];
     for round in 0..args.rounds {
         for (i, ip) in ips.iter().enumerate() {
-            let r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds)?;
+            let r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
             eprintln!(
                 "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us",
                 setups[i].0, r.rps, r.p50_us, r.p99_us
@@ -222,7 +236,12 @@ fn main() -> anyhow::Result<()> {
             p99_us: median(v.iter().map(|r| r.p99_us).collect()),
         })
         .collect();
-    println!("HTTP/1.1 keep-alive, 1 connection, node-a -> node-b over HBONE mTLS; median of {} x {} s runs", args.rounds, args.seconds);
+    println!(
+        "HTTP/1.1 keep-alive, 1 connection, node-a -> node-b over HBONE mTLS; median of {} x {} s runs{}",
+        args.rounds,
+        args.seconds,
+        if args.pinned { "; every process on CPU 0" } else { "" }
+    );
     println!("| setup | requests/s | p50 | p99 | p50 added vs L4 | p50 added vs L7 policy |");
     println!("|---|---|---|---|---|---|");
     for (i, r) in med.iter().enumerate() {

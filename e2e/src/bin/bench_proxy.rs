@@ -97,15 +97,50 @@ fn usage(pid: u32) -> (f64, u64) {
     (cpu, rss)
 }
 
-fn pin_all(pids: &[u32], cpu: Option<usize>) {
-    let mask = cpu
-        .map(|c| c.to_string())
-        .unwrap_or_else(|| "0-1023".into());
-    for pid in pids {
-        let _ = std::process::Command::new("taskset")
-            .args(["-a", "-p", "-c", &mask, &pid.to_string()])
-            .output();
+/// Starts `perf record` (cpu-clock, 999 Hz, call graphs) for `secs` seconds on the
+/// given CPUs (`-C`), or on all CPUs.
+fn perf_record(
+    data: &std::path::Path,
+    cpus: Option<&str>,
+    secs: u32,
+) -> anyhow::Result<std::process::Child> {
+    let mut cmd = std::process::Command::new("perf");
+    cmd.args(["record", "-e", "cpu-clock", "-F", "999", "-g"]);
+    match cpus {
+        Some(c) => cmd.args(["-C", c]),
+        None => cmd.arg("-a"),
+    };
+    Ok(cmd
+        .arg("-o")
+        .arg(data)
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?)
+}
+
+/// Waits for a `perf record` and appends its report (time per process, per process
+/// and DSO, then the hottest symbols) to `text`.
+fn perf_report(
+    mut rec: std::process::Child,
+    data: &std::path::Path,
+    text: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    rec.wait()?;
+    for (sort, limit) in [
+        ("comm", "0.5"),
+        ("comm,dso", "0.5"),
+        ("comm,dso,symbol", "0.4"),
+    ] {
+        let report = std::process::Command::new("perf")
+            .args(["report", "-i"])
+            .arg(data)
+            .args(["--stdio", "--no-children", "--sort", sort])
+            .args(["--percent-limit", limit, "-g", "none"])
+            .output()?;
+        text.extend_from_slice(&report.stdout);
     }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -176,11 +211,7 @@ fn main() -> anyhow::Result<()> {
         .ok()
     })
     .ok_or_else(|| anyhow::anyhow!("the relays do not reach the plain server"))?;
-    let agents: Vec<u32> = c
-        .nodes
-        .values()
-        .filter_map(|n| n.agent.as_ref().map(|p| p.pid()))
-        .collect();
+    let agents = c.agent_pids();
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss: Vec<u64> = agents.iter().map(|p| usage(*p).1).collect();
 
@@ -209,7 +240,23 @@ fn main() -> anyhow::Result<()> {
     for (name, pod, ip, dst) in &modes {
         let before: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
         let t0 = Instant::now();
+        // With --profile: both CPUs during weft's 1-stream iperf3 run.
+        let iperf_perf = match (&a.profile, *name == "weft") {
+            (Some(p), true) => {
+                let data = p.with_extension("iperf.perf.data");
+                Some((
+                    perf_record(&data, None, a.seconds.saturating_sub(1).max(1))?,
+                    data,
+                ))
+            }
+            _ => None,
+        };
         let one = iperf(&c, pod, ip, 1, a.seconds)?;
+        if let (Some((rec, data)), Some(p)) = (iperf_perf, &a.profile) {
+            let mut text = Vec::new();
+            perf_report(rec, &data, &mut text)?;
+            std::fs::write(p.with_extension("iperf.txt"), text)?;
+        }
         let eight = iperf(&c, pod, ip, 8, a.seconds)?;
         let wall = t0.elapsed().as_secs_f64();
         let after: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
@@ -235,8 +282,8 @@ fn main() -> anyhow::Result<()> {
             None,
         )?;
         // Every process of the round trip on one core: client, both agents, server.
-        pin_all(&agents, Some(0));
-        pin_all(&servers, Some(0));
+        weft_e2e::process::pin_cpu(&agents, Some(0));
+        weft_e2e::process::pin_cpu(&servers, Some(0));
         // Kept next to the report for `perf report -i` by hand.
         let perf_data = a
             .profile
@@ -245,25 +292,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_default();
         // Optional CPU profile of core 0 (where the pinned round trip runs).
         let perf = match (&a.profile, *name == "weft") {
-            (Some(_), true) => Some(
-                std::process::Command::new("perf")
-                    .args([
-                        "record",
-                        "-e",
-                        "cpu-clock",
-                        "-F",
-                        "999",
-                        "-g",
-                        "-C",
-                        "0",
-                        "-o",
-                    ])
-                    .arg(&perf_data)
-                    .args(["--", "sleep", "2"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()?,
-            ),
+            (Some(_), true) => Some(perf_record(&perf_data, Some("0"), 2)?),
             _ => None,
         };
         // With --profile: syscalls and context switches of the agents per round trip.
@@ -308,8 +337,7 @@ fn main() -> anyhow::Result<()> {
             ],
             Some(0),
         )?;
-        if let (Some(mut p), Some(out)) = (perf, &a.profile) {
-            p.wait()?;
+        if let (Some(rec), Some(out)) = (perf, &a.profile) {
             let mut per_rr = String::new();
             if let Some(st) = stat {
                 // perf stat writes its counts when interrupted.
@@ -332,25 +360,12 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
             }
-            // Time per process first, then the hottest symbols.
             let mut text = per_rr.into_bytes();
-            for (sort, limit) in [
-                ("comm", "0.5"),
-                ("comm,dso", "0.5"),
-                ("comm,dso,symbol", "0.4"),
-            ] {
-                let report = std::process::Command::new("perf")
-                    .args(["report", "-i"])
-                    .arg(&perf_data)
-                    .args(["--stdio", "--no-children", "--sort", sort])
-                    .args(["--percent-limit", limit, "-g", "none"])
-                    .output()?;
-                text.extend_from_slice(&report.stdout);
-            }
+            perf_report(rec, &perf_data, &mut text)?;
             std::fs::write(out, &text)?;
         }
-        pin_all(&agents, None);
-        pin_all(&servers, None);
+        weft_e2e::process::pin_cpu(&agents, None);
+        weft_e2e::process::pin_cpu(&servers, None);
         let cfb = two(
             &c,
             pod,
