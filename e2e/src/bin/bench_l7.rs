@@ -31,6 +31,41 @@ struct Args {
     /// wake-up latency.
     #[arg(long)]
     pinned: bool,
+    /// Count the node agents' syscalls and context switches per request (perf stat)
+    /// in each run.
+    #[arg(long)]
+    count_syscalls: bool,
+}
+
+/// Starts counting the agents' syscalls and context switches into `out`.
+fn perf_stat(pids: &[u32], out: &Path) -> anyhow::Result<std::process::Child> {
+    let pids: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+    Ok(std::process::Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches"])
+        .args(["-p", &pids.join(","), "-o"])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?)
+}
+
+/// Stops a `perf stat` and returns its counts: (syscalls, context switches).
+fn perf_stat_done(child: std::process::Child, out: &Path) -> (f64, f64) {
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait_with_output();
+    let mut counts = (0.0, 0.0);
+    for line in std::fs::read_to_string(out).unwrap_or_default().lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        let v = f.first().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        match f.get(2) {
+            Some(e) if e.starts_with("raw_syscalls") => counts.0 = v,
+            Some(e) if e.starts_with("context-switches") => counts.1 = v,
+            _ => {}
+        }
+    }
+    counts
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -220,9 +255,25 @@ fn main() -> anyhow::Result<()> {
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); setups.len()];
     for round in 0..args.rounds {
         for (i, ip) in ips.iter().enumerate() {
+            let stat_out = c.dir.path().join("agents.perf.stat");
+            let stat = match args.count_syscalls {
+                true => Some(perf_stat(&c.agent_pids(), &stat_out)?),
+                false => None,
+            };
             let r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
+            let per_request = stat
+                .map(|st| {
+                    let (sys, cs) = perf_stat_done(st, &stat_out);
+                    let n = r.rps * f64::from(args.seconds);
+                    format!(
+                        "  agents per request: {:.1} syscalls, {:.1} context switches",
+                        sys / n,
+                        cs / n
+                    )
+                })
+                .unwrap_or_default();
             eprintln!(
-                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us",
+                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us{per_request}",
                 setups[i].0, r.rps, r.p50_us, r.p99_us
             );
             runs[i].push(r);
