@@ -35,13 +35,23 @@ struct Args {
     /// in each run.
     #[arg(long)]
     count_syscalls: bool,
+    /// Record a CPU profile (perf, CPU 0, 999 Hz) of each setup's first run into
+    /// `<DIR>/<setup>.perf.data` (use with --pinned).
+    #[arg(long)]
+    profile: Option<std::path::PathBuf>,
 }
 
 /// Starts counting the agents' syscalls and context switches into `out`.
 fn perf_stat(pids: &[u32], out: &Path) -> anyhow::Result<std::process::Child> {
     let pids: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
     Ok(std::process::Command::new("perf")
-        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches"])
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches",
+        ])
         .args(["-p", &pids.join(","), "-o"])
         .arg(out)
         .stdout(std::process::Stdio::null())
@@ -260,7 +270,30 @@ fn main() -> anyhow::Result<()> {
                 true => Some(perf_stat(&c.agent_pids(), &stat_out)?),
                 false => None,
             };
+            let rec = match (&args.profile, round) {
+                (Some(dir), 0) => {
+                    std::fs::create_dir_all(dir)?;
+                    Some(
+                        std::process::Command::new("perf")
+                            .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-C", "0"])
+                            .arg("-o")
+                            .arg(dir.join(format!("{}.perf.data", setups[i].1)))
+                            .args([
+                                "--",
+                                "sleep",
+                                &args.seconds.saturating_sub(1).max(1).to_string(),
+                            ])
+                            .stdout(std::process::Stdio::null())
+                            .stderr(std::process::Stdio::null())
+                            .spawn()?,
+                    )
+                }
+                _ => None,
+            };
             let r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
+            if let Some(mut rec) = rec {
+                rec.wait()?;
+            }
             let per_request = stat
                 .map(|st| {
                     let (sys, cs) = perf_stat_done(st, &stat_out);

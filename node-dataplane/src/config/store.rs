@@ -23,11 +23,12 @@ pub struct StoreSnapshot {
     #[serde(skip)]
     pub versions: OrdMap<String, String>,
     /// Workload key by IP, and Service key by cluster IP: the proxy looks these up
-    /// on every connection.
+    /// on every connection, with the address it has (no formatting, and every
+    /// spelling of an IPv6 address finds the same entry).
     #[serde(skip)]
-    pub workload_by_ip: OrdMap<String, String>,
+    pub workload_by_ip: OrdMap<IpAddr, String>,
     #[serde(skip)]
-    pub service_by_vip: OrdMap<String, String>,
+    pub service_by_vip: OrdMap<IpAddr, String>,
     /// True once a complete view was received from the control plane.
     pub synced: bool,
     /// Sequence of the last applied update (per stream).
@@ -109,24 +110,26 @@ impl ConfigStore {
 }
 
 impl StoreSnapshot {
-    pub fn workload_by_ip(&self, ip: &str) -> Option<&Arc<pb::Workload>> {
-        self.workloads.get(self.workload_by_ip.get(ip)?)
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<pb::Workload>> {
+        self.workloads.get(self.workload_by_ip.get(&ip)?)
     }
 
-    pub fn service_by_vip(&self, ip: &str) -> Option<&Arc<pb::Service>> {
-        self.services.get(self.service_by_vip.get(ip)?)
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<pb::Service>> {
+        self.services.get(self.service_by_vip.get(&ip)?)
     }
 }
 
+/// Addresses of a resource's IP list (validated when received; anything that
+/// does not parse is not indexed).
+fn ips(values: &[String]) -> impl Iterator<Item = IpAddr> + '_ {
+    values.iter().filter_map(|v| v.parse().ok())
+}
+
 /// Removes `key`'s entries from an index (entries another key took over stay).
-fn unindex<'a>(
-    index: &mut OrdMap<String, String>,
-    key: &str,
-    values: impl Iterator<Item = &'a String>,
-) {
-    for v in values {
-        if index.get(v).is_some_and(|k| k == key) {
-            index.remove(v);
+fn unindex(index: &mut OrdMap<IpAddr, String>, key: &str, values: &[String]) {
+    for ip in ips(values) {
+        if index.get(&ip).is_some_and(|k| k == key) {
+            index.remove(&ip);
         }
     }
 }
@@ -137,19 +140,19 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
     match &r.kind {
         Some(Kind::Workload(w)) => {
             if let Some(old) = s.workloads.get(&k).cloned() {
-                unindex(&mut s.workload_by_ip, &k, old.ips.iter());
+                unindex(&mut s.workload_by_ip, &k, &old.ips);
             }
-            for ip in &w.ips {
-                s.workload_by_ip.insert(ip.clone(), k.clone());
+            for ip in ips(&w.ips) {
+                s.workload_by_ip.insert(ip, k.clone());
             }
             s.workloads.insert(k, Arc::new(w.clone()));
         }
         Some(Kind::Service(v)) => {
             if let Some(old) = s.services.get(&k).cloned() {
-                unindex(&mut s.service_by_vip, &k, old.cluster_ips.iter());
+                unindex(&mut s.service_by_vip, &k, &old.cluster_ips);
             }
-            for ip in &v.cluster_ips {
-                s.service_by_vip.insert(ip.clone(), k.clone());
+            for ip in ips(&v.cluster_ips) {
+                s.service_by_vip.insert(ip, k.clone());
             }
             s.services.insert(k, Arc::new(v.clone()));
         }
@@ -169,10 +172,10 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
 fn remove(s: &mut StoreSnapshot, k: &str) {
     s.versions.remove(k);
     if let Some(w) = s.workloads.remove(k) {
-        unindex(&mut s.workload_by_ip, k, w.ips.iter());
+        unindex(&mut s.workload_by_ip, k, &w.ips);
     }
     if let Some(v) = s.services.remove(k) {
-        unindex(&mut s.service_by_vip, k, v.cluster_ips.iter());
+        unindex(&mut s.service_by_vip, k, &v.cluster_ips);
     }
     s.policies.remove(k);
     s.plugins.remove(k);
@@ -218,6 +221,10 @@ fn validate(r: &pb::Resource) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     fn wl(key: &str, ip: &str) -> pb::Resource {
         weft_api::resource::make(
             key.into(),
@@ -259,11 +266,11 @@ mod tests {
             vec!["spiffe://td/ns/a/sa/w1", "spiffe://td/ns/a/sa/w2"]
         );
         assert_eq!(
-            snap.workload_by_ip("10.0.0.2").map(|w| w.name.as_str()),
+            snap.workload_by_ip(ip("10.0.0.2")).map(|w| w.name.as_str()),
             Some("w2")
         );
         assert_eq!(
-            snap.workload_by_ip("10.0.0.1").map(|w| w.name.as_str()),
+            snap.workload_by_ip(ip("10.0.0.1")).map(|w| w.name.as_str()),
             Some("w1"),
             "the rejected update did not touch the index"
         );
@@ -272,7 +279,7 @@ mod tests {
             ..Default::default()
         });
         assert!(!s.snapshot().workloads.contains_key("w2"));
-        assert!(s.snapshot().workload_by_ip("10.0.0.2").is_none());
+        assert!(s.snapshot().workload_by_ip(ip("10.0.0.2")).is_none());
         // An IP moving to another workload follows it.
         s.apply(&pb::ConfigUpdate {
             upserts: vec![wl("w3", "10.0.0.1")],
@@ -284,12 +291,41 @@ mod tests {
         });
         let snap = s.snapshot();
         assert_eq!(
-            snap.workload_by_ip("10.0.0.1").map(|w| w.name.as_str()),
+            snap.workload_by_ip(ip("10.0.0.1")).map(|w| w.name.as_str()),
             Some("w3")
         );
         assert_eq!(
-            snap.workload_by_ip("10.0.0.9").map(|w| w.name.as_str()),
+            snap.workload_by_ip(ip("10.0.0.9")).map(|w| w.name.as_str()),
             Some("w1")
         );
+    }
+
+    #[test]
+    fn addresses_are_found_whatever_their_spelling() {
+        let s = ConfigStore::new("n1");
+        let svc = weft_api::resource::make(
+            "ns/svc".into(),
+            Kind::Service(pb::Service {
+                name: "svc".into(),
+                cluster_ips: vec!["fd00:0:0::a".into()],
+                ..Default::default()
+            }),
+        );
+        let rej = s.apply(&pb::ConfigUpdate {
+            upserts: vec![wl("w6", "FD00::0:5"), svc],
+            initial: true,
+            ..Default::default()
+        });
+        assert!(rej.is_empty(), "{rej:?}");
+        let snap = s.snapshot();
+        assert_eq!(
+            snap.workload_by_ip(ip("fd00::5")).map(|w| w.name.as_str()),
+            Some("w6")
+        );
+        assert_eq!(
+            snap.service_by_vip(ip("fd00::a")).map(|v| v.name.as_str()),
+            Some("svc")
+        );
+        assert!(snap.service_by_vip(ip("fd00::b")).is_none());
     }
 }

@@ -84,7 +84,7 @@ struct Resolved {
 /// balancer); anything else stays as it is.
 fn resolve(state: &ProxyState, dst: SocketAddr) -> Resolved {
     let snap = state.config.snapshot();
-    if let Some(svc) = snap.service_by_vip(&dst.ip().to_string()) {
+    if let Some(svc) = snap.service_by_vip(dst.ip()) {
         let port = u32::from(dst.port());
         let eps: Vec<SocketAddr> = svc
             .endpoints

@@ -167,10 +167,7 @@ impl ProxyState {
 
     /// The workload with this IP, from the config (any node).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<pb::Workload>> {
-        self.config
-            .snapshot()
-            .workload_by_ip(&ip.to_string())
-            .cloned()
+        self.config.snapshot().workload_by_ip(ip).cloned()
     }
 
     /// The trust bundle roots (PEM) for this mesh.
