@@ -12,4 +12,3 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod state;
 pub mod tls;
-pub mod tunnel;
