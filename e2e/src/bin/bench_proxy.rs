@@ -27,6 +27,46 @@ struct Args {
     rr_count: usize,
     #[arg(long, default_value_t = 2000)]
     cfb_count: usize,
+    /// Rounds; the modes are interleaved within each round and every figure is the
+    /// median over the rounds (the host's noise moves between runs).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+/// One mode's measurements in one round.
+#[derive(Clone)]
+struct Row {
+    one: f64,
+    eight: f64,
+    rr: (f64, f64),
+    rr_pinned: (f64, f64),
+    cfb: (f64, f64),
+    cores: f64,
+    load_rss: Vec<u64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Median of each figure over the rounds (RSS: the largest).
+fn median_row(rows: &[Row]) -> Row {
+    let m = |f: fn(&Row) -> f64| median(rows.iter().map(f).collect());
+    Row {
+        one: m(|r| r.one),
+        eight: m(|r| r.eight),
+        rr: (m(|r| r.rr.0), m(|r| r.rr.1)),
+        rr_pinned: (m(|r| r.rr_pinned.0), m(|r| r.rr_pinned.1)),
+        cfb: (m(|r| r.cfb.0), m(|r| r.cfb.1)),
+        cores: m(|r| r.cores),
+        load_rss: rows
+            .iter()
+            .flat_map(|r| r.load_rss.iter().copied())
+            .max()
+            .into_iter()
+            .collect(),
+    }
 }
 
 fn iperf(c: &LocalCluster, pod: &str, to: &str, streams: u32, secs: u32) -> anyhow::Result<f64> {
@@ -236,154 +276,167 @@ fn main() -> anyhow::Result<()> {
             format!("{mesh_ip}:7000"),
         ),
     ];
-    let mut rows = Vec::new();
-    for (name, pod, ip, dst) in &modes {
-        let before: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
-        let t0 = Instant::now();
-        // With --profile: both CPUs during weft's 1-stream iperf3 run.
-        let iperf_perf = match (&a.profile, *name == "weft") {
-            (Some(p), true) => {
-                let data = p.with_extension("iperf.perf.data");
-                Some((
-                    perf_record(&data, None, a.seconds.saturating_sub(1).max(1))?,
-                    data,
-                ))
+    let mut per_mode: Vec<Vec<Row>> = vec![Vec::new(); modes.len()];
+    for round in 0..a.rounds.max(1) {
+        for (mi, (name, pod, ip, dst)) in modes.iter().enumerate() {
+            let before: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
+            let t0 = Instant::now();
+            // With --profile: both CPUs during weft's 1-stream iperf3 run.
+            let iperf_perf = match (&a.profile, *name == "weft" && round == 0) {
+                (Some(p), true) => {
+                    let data = p.with_extension("iperf.perf.data");
+                    Some((
+                        perf_record(&data, None, a.seconds.saturating_sub(1).max(1))?,
+                        data,
+                    ))
+                }
+                _ => None,
+            };
+            let one = iperf(&c, pod, ip, 1, a.seconds)?;
+            if let (Some((rec, data)), Some(p)) = (iperf_perf, &a.profile) {
+                let mut text = Vec::new();
+                perf_report(rec, &data, &mut text)?;
+                std::fs::write(p.with_extension("iperf.txt"), text)?;
             }
-            _ => None,
-        };
-        let one = iperf(&c, pod, ip, 1, a.seconds)?;
-        if let (Some((rec, data)), Some(p)) = (iperf_perf, &a.profile) {
-            let mut text = Vec::new();
-            perf_report(rec, &data, &mut text)?;
-            std::fs::write(p.with_extension("iperf.txt"), text)?;
-        }
-        let eight = iperf(&c, pod, ip, 8, a.seconds)?;
-        let wall = t0.elapsed().as_secs_f64();
-        let after: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
-        let cores: f64 = before
-            .iter()
-            .zip(&after)
-            .map(|(b, a)| a.0 - b.0)
-            .sum::<f64>()
-            / wall;
-        let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
-        let rr = two(
-            &c,
-            pod,
-            &[
-                "rr",
-                "--connect",
-                dst,
-                "--size",
-                "1024",
-                "--count",
-                &a.rr_count.to_string(),
-            ],
-            None,
-        )?;
-        // Every process of the round trip on one core: client, both agents, server.
-        weft_e2e::process::pin_cpu(&agents, Some(0));
-        weft_e2e::process::pin_cpu(&servers, Some(0));
-        // Kept next to the report for `perf report -i` by hand.
-        let perf_data = a
-            .profile
-            .as_ref()
-            .map(|p| p.with_extension("perf.data"))
-            .unwrap_or_default();
-        // Optional CPU profile of core 0 (where the pinned round trip runs).
-        let perf = match (&a.profile, *name == "weft") {
-            (Some(_), true) => Some(perf_record(&perf_data, Some("0"), 2)?),
-            _ => None,
-        };
-        // With --profile: syscalls and context switches of the agents per round trip.
-        let stat_out = c.dir.path().join("agents.perf.stat");
-        let stat = match (&a.profile, *name == "weft") {
-            (Some(_), true) => Some(
-                std::process::Command::new("perf")
-                    .args([
-                        "stat",
-                        "-x",
-                        ",",
-                        "-e",
-                        "raw_syscalls:sys_enter,context-switches",
-                        "-p",
-                    ])
-                    .arg(
-                        agents
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(","),
-                    )
-                    .arg("-o")
-                    .arg(&stat_out)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()?,
-            ),
-            _ => None,
-        };
-        let rr_pinned = two(
-            &c,
-            pod,
-            &[
-                "rr",
-                "--connect",
-                dst,
-                "--size",
-                "1024",
-                "--count",
-                &a.rr_count.to_string(),
-            ],
-            Some(0),
-        )?;
-        if let (Some(rec), Some(out)) = (perf, &a.profile) {
-            let mut per_rr = String::new();
-            if let Some(st) = stat {
-                // perf stat writes its counts when interrupted.
-                let _ = std::process::Command::new("kill")
-                    .args(["-INT", &st.id().to_string()])
-                    .status();
-                let _ = st.wait_with_output();
-                for line in std::fs::read_to_string(&stat_out)
-                    .unwrap_or_default()
-                    .lines()
-                {
-                    let f: Vec<&str> = line.split(',').collect();
-                    if let (Some(v), Some(ev)) =
-                        (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2))
+            let eight = iperf(&c, pod, ip, 8, a.seconds)?;
+            let wall = t0.elapsed().as_secs_f64();
+            let after: Vec<(f64, u64)> = agents.iter().map(|p| usage(*p)).collect();
+            let cores: f64 = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| a.0 - b.0)
+                .sum::<f64>()
+                / wall;
+            let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
+            let rr = two(
+                &c,
+                pod,
+                &[
+                    "rr",
+                    "--connect",
+                    dst,
+                    "--size",
+                    "1024",
+                    "--count",
+                    &a.rr_count.to_string(),
+                ],
+                None,
+            )?;
+            // Every process of the round trip on one core: client, both agents, server.
+            weft_e2e::process::pin_cpu(&agents, Some(0));
+            weft_e2e::process::pin_cpu(&servers, Some(0));
+            // Kept next to the report for `perf report -i` by hand.
+            let perf_data = a
+                .profile
+                .as_ref()
+                .map(|p| p.with_extension("perf.data"))
+                .unwrap_or_default();
+            // Optional CPU profile of core 0 (where the pinned round trip runs).
+            let perf = match (&a.profile, *name == "weft" && round == 0) {
+                (Some(_), true) => Some(perf_record(&perf_data, Some("0"), 2)?),
+                _ => None,
+            };
+            // With --profile: syscalls and context switches of the agents per round trip.
+            let stat_out = c.dir.path().join("agents.perf.stat");
+            let stat = match (&a.profile, *name == "weft" && round == 0) {
+                (Some(_), true) => Some(
+                    std::process::Command::new("perf")
+                        .args([
+                            "stat",
+                            "-x",
+                            ",",
+                            "-e",
+                            "raw_syscalls:sys_enter,context-switches",
+                            "-p",
+                        ])
+                        .arg(
+                            agents
+                                .iter()
+                                .map(|p| p.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        )
+                        .arg("-o")
+                        .arg(&stat_out)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()?,
+                ),
+                _ => None,
+            };
+            let rr_pinned = two(
+                &c,
+                pod,
+                &[
+                    "rr",
+                    "--connect",
+                    dst,
+                    "--size",
+                    "1024",
+                    "--count",
+                    &a.rr_count.to_string(),
+                ],
+                Some(0),
+            )?;
+            if let (Some(rec), Some(out)) = (perf, &a.profile) {
+                let mut per_rr = String::new();
+                if let Some(st) = stat {
+                    // perf stat writes its counts when interrupted.
+                    let _ = std::process::Command::new("kill")
+                        .args(["-INT", &st.id().to_string()])
+                        .status();
+                    let _ = st.wait_with_output();
+                    for line in std::fs::read_to_string(&stat_out)
+                        .unwrap_or_default()
+                        .lines()
                     {
-                        per_rr.push_str(&format!(
-                            "both agents, per pinned 1 KiB round trip: {:.1} {ev}\n",
-                            v / a.rr_count as f64
-                        ));
+                        let f: Vec<&str> = line.split(',').collect();
+                        if let (Some(v), Some(ev)) =
+                            (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2))
+                        {
+                            per_rr.push_str(&format!(
+                                "both agents, per pinned 1 KiB round trip: {:.1} {ev}\n",
+                                v / a.rr_count as f64
+                            ));
+                        }
                     }
                 }
+                let mut text = per_rr.into_bytes();
+                perf_report(rec, &perf_data, &mut text)?;
+                std::fs::write(out, &text)?;
             }
-            let mut text = per_rr.into_bytes();
-            perf_report(rec, &perf_data, &mut text)?;
-            std::fs::write(out, &text)?;
+            weft_e2e::process::pin_cpu(&agents, None);
+            weft_e2e::process::pin_cpu(&servers, None);
+            let cfb = two(
+                &c,
+                pod,
+                &["cfb", "--connect", dst, "--count", &a.cfb_count.to_string()],
+                None,
+            )?;
+            eprintln!(
+            "round {round} {name:<6} x1 {one:.2} Gb/s, x8 {eight:.2} Gb/s, RR p50 {:.1} us, pinned {:.1} us, connect+1B {:.1} us",
+            rr.0, rr_pinned.0, cfb.0
+        );
+            per_mode[mi].push(Row {
+                one,
+                eight,
+                rr,
+                rr_pinned,
+                cfb,
+                cores,
+                load_rss,
+            });
         }
-        weft_e2e::process::pin_cpu(&agents, None);
-        weft_e2e::process::pin_cpu(&servers, None);
-        let cfb = two(
-            &c,
-            pod,
-            &["cfb", "--connect", dst, "--count", &a.cfb_count.to_string()],
-            None,
-        )?;
-        rows.push((
-            name.to_string(),
-            one,
-            eight,
-            rr,
-            rr_pinned,
-            cfb,
-            cores,
-            load_rss,
-        ));
     }
-    println!("weft node proxy benchmark (2 nodes, 1 pod each; agents' CPU during the iperf3 runs)");
+    let rows: Vec<(String, Row)> = modes
+        .iter()
+        .zip(&per_mode)
+        .map(|((name, ..), rs)| (name.to_string(), median_row(rs)))
+        .collect();
+    println!(
+        "weft node proxy benchmark (2 nodes, 1 pod each; agents' CPU during the iperf3 runs; median of {} rounds)",
+        a.rounds.max(1)
+    );
     println!(
         "{:<6} {:>11} {:>11} {:>16} {:>16} {:>16} {:>15} {:>12}",
         "mode",
@@ -395,25 +448,33 @@ fn main() -> anyhow::Result<()> {
         "agents CPU",
         "agents RSS"
     );
-    for (name, one, eight, rr, rrp, cfb, cores, rss) in &rows {
+    for (name, r) in &rows {
         println!(
             "{:<6} {:>7.2} Gb/s {:>7.2} Gb/s {:>7.1}/{:>5.1} us {:>13.1} us {:>13.1} us {:>10.2} cores {:>9} KiB",
-            name, one, eight, rr.0, rr.1, rrp.0, cfb.0, cores,
-            rss.iter().max().copied().unwrap_or(0)
+            name, r.one, r.eight, r.rr.0, r.rr.1, r.rr_pinned.0, r.cfb.0, r.cores,
+            r.load_rss.iter().max().copied().unwrap_or(0)
         );
     }
-    let p = &rows[0];
-    for w in &rows[1..] {
+    let p = &rows[0].1;
+    for (name, w) in &rows[1..] {
         println!(
             "ratios {}/plain: throughput x1 {:.2}, x8 {:.2}; added RR p50 {:+.1} us (pinned {:+.1} us); added connect+1B p50 {:+.1} us",
-            w.0,
-            w.1 / p.1,
-            w.2 / p.2,
-            w.3 .0 - p.3 .0,
-            w.4 .0 - p.4 .0,
-            w.5 .0 - p.5 .0
+            name,
+            w.one / p.one,
+            w.eight / p.eight,
+            w.rr.0 - p.rr.0,
+            w.rr_pinned.0 - p.rr_pinned.0,
+            w.cfb.0 - p.cfb.0
         );
     }
+    // weft against the floor of two minimal relays (same path, same run).
+    let (f, w) = (&rows[1].1, &rows[2].1);
+    println!(
+        "weft/relays (the floor): throughput x1 {:.2}, x8 {:.2}; added pinned RR {:.2}x the relays'",
+        w.one / f.one,
+        w.eight / f.eight,
+        (w.rr_pinned.0 - p.rr_pinned.0) / (f.rr_pinned.0 - p.rr_pinned.0)
+    );
     println!(
         "agent RSS idle: {:?} KiB (max {} KiB per node agent)",
         idle_rss,
