@@ -51,7 +51,15 @@ enum KindMsg {
 
 /// Conversion problems of one kind, by object.
 type Problems = BTreeMap<ObjectRef, ManifestError>;
-type Convert = fn(DynamicObject) -> Result<Object, String>;
+type Convert = fn(DynamicObject) -> Result<Object, ConvertError>;
+
+/// Why an object did not convert: the field (a path such as `spec.rules[0].from`)
+/// when known, and what was wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+struct ConvertError {
+    field: Option<String>,
+    message: String,
+}
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send>>;
 
 /// A watcher of one kind as untyped objects, plus how to type them.
@@ -61,15 +69,20 @@ struct Kind {
     convert: Convert,
 }
 
-fn typed<K>(o: DynamicObject, wrap: fn(K) -> Object) -> Result<Object, String>
+fn typed<K>(o: DynamicObject, wrap: fn(K) -> Object) -> Result<Object, ConvertError>
 where
     K: serde::de::DeserializeOwned,
 {
-    let kind = o.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
-    let value = serde_json::to_value(&o).map_err(|e| e.to_string())?;
+    let value = serde_json::to_value(&o).map_err(|e| ConvertError {
+        field: None,
+        message: e.to_string(),
+    })?;
     serde_path_to_error::deserialize::<_, K>(value)
         .map(wrap)
-        .map_err(|e| format!("{kind}: field {}: {}", e.path(), e.inner()))
+        .map_err(|e| ConvertError {
+            field: Some(e.path().to_string()),
+            message: e.inner().to_string(),
+        })
 }
 
 /// The model's reference to a watched object (cluster-scoped kinds have no namespace),
@@ -144,12 +157,12 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
     let mut known: HashSet<ObjectRef> = HashSet::new();
     let mut errors: Problems = BTreeMap::new();
     let mut listing: Option<(Vec<Object>, Problems)> = None;
-    let error_of = |r: &ObjectRef, message: String| ManifestError {
+    let error_of = |r: &ObjectRef, e: ConvertError| ManifestError {
         file: "kubernetes".into(),
         document: 0,
         object: Some(r.to_string()),
-        field: None,
-        message,
+        field: e.field,
+        message: e.message,
     };
     while let Some(ev) = stream.next().await {
         // Set when this event changes the kind's conversion problems.
@@ -197,7 +210,7 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
                         Some(KindMsg::Changed(vec![obj], Vec::new()))
                     }
                     Err(m) => {
-                        tracing::warn!(object = %r, error = %m, "object skipped");
+                        tracing::warn!(object = %r, field = ?m.field, error = %m.message, "object skipped");
                         errors.insert(r.clone(), error_of(&r, m));
                         errors_changed = true;
                         // A previously good version is withdrawn: its current spec is unknown.
@@ -298,5 +311,120 @@ impl ConfigSource for KubeSource {
             t.abort();
         }
         anyhow::bail!("every Kubernetes watcher ended")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(name: &str, action: serde_json::Value) -> DynamicObject {
+        let ar = ApiResource::erase::<AuthorizationPolicy>(&());
+        let mut o = DynamicObject::new(name, &ar).within("shop");
+        o.data = json!({ "spec": { "action": action } });
+        o
+    }
+
+    fn convert(o: DynamicObject) -> Result<Object, ConvertError> {
+        typed(o, Object::AuthorizationPolicy)
+    }
+
+    fn names(objs: &[Object]) -> Vec<String> {
+        objs.iter().map(|o| o.object_ref().to_string()).collect()
+    }
+
+    /// (object, field) of each reported problem.
+    fn problems(errs: &[ManifestError]) -> Vec<(String, String)> {
+        errs.iter()
+            .map(|e| {
+                (
+                    e.object.clone().unwrap_or_default(),
+                    e.field.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn objects_that_do_not_convert_are_reported_by_name_and_field_and_skipped() {
+        let events = vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(policy("good", json!("ALLOW")))),
+            Ok(Event::InitApply(policy("bad", json!(42)))),
+            Ok(Event::InitDone),
+            // The good one breaks: its last version is withdrawn, not kept.
+            Ok(Event::Apply(policy("good", json!(["DENY"])))),
+            // The bad one is fixed.
+            Ok(Event::Apply(policy("bad", json!("DENY")))),
+        ];
+        let k = Kind {
+            name: "AuthorizationPolicy",
+            stream: futures::stream::iter(events).boxed(),
+            convert,
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        run_kind(k, tx, Arc::new(Metrics::new())).await;
+        let mut msgs = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m);
+        }
+        assert_eq!(
+            msgs.len(),
+            6,
+            "three events, each with problems and objects"
+        );
+        let bad = "AuthorizationPolicy shop/bad".to_string();
+        let good = "AuthorizationPolicy shop/good".to_string();
+        match &msgs[0] {
+            KindMsg::Errors("AuthorizationPolicy", e) => {
+                assert_eq!(problems(e), vec![(bad.clone(), "spec.action".into())]);
+                assert!(
+                    e[0].message.contains("invalid type: integer `42`"),
+                    "{}",
+                    e[0]
+                );
+                assert_eq!(
+                    e[0].to_string(),
+                    format!(
+                        "kubernetes document 0 ({bad}) field spec.action: {}",
+                        e[0].message
+                    )
+                );
+            }
+            _ => panic!("first: the listing's problems"),
+        }
+        match &msgs[1] {
+            KindMsg::Listed("AuthorizationPolicy", objs, gone) => {
+                assert_eq!(names(objs), vec![good.clone()]);
+                assert!(gone.is_empty());
+            }
+            _ => panic!("second: the listing without the bad object"),
+        }
+        match (&msgs[2], &msgs[3]) {
+            (KindMsg::Errors(_, e), KindMsg::Changed(up, removed)) => {
+                assert_eq!(
+                    problems(e),
+                    vec![
+                        (bad.clone(), "spec.action".into()),
+                        (good.clone(), "spec.action".into())
+                    ]
+                );
+                assert!(up.is_empty());
+                assert_eq!(
+                    removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    vec![good.clone()]
+                );
+            }
+            _ => panic!("then: the broken update is reported and the object withdrawn"),
+        }
+        match (&msgs[4], &msgs[5]) {
+            (KindMsg::Errors(_, e), KindMsg::Changed(up, removed)) => {
+                assert_eq!(problems(e), vec![(good.clone(), "spec.action".into())]);
+                assert_eq!(names(up), vec![bad.clone()]);
+                assert!(removed.is_empty());
+            }
+            _ => panic!("last: the fixed object is applied and its problem cleared"),
+        }
     }
 }
