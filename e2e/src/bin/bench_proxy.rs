@@ -137,6 +137,36 @@ fn usage(pid: u32) -> (f64, u64) {
     (cpu, rss)
 }
 
+/// Voluntary and involuntary context switches per thread name, summed over the
+/// threads of the given processes.
+fn switches(pids: &[u32]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut m = std::collections::BTreeMap::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let e: &mut (u64, u64) = m.entry(field("Name:")).or_default();
+            e.0 += field("voluntary_ctxt_switches:")
+                .parse::<u64>()
+                .unwrap_or(0);
+            e.1 += field("nonvoluntary_ctxt_switches:")
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    m
+}
+
 /// Starts `perf record` (cpu-clock, 999 Hz, call graphs) for `secs` seconds on the
 /// given CPUs (`-C`), or on all CPUs.
 fn perf_record(
@@ -364,6 +394,7 @@ fn main() -> anyhow::Result<()> {
                 ),
                 _ => None,
             };
+            let switches_before = switches(&agents);
             let rr_pinned = two(
                 &c,
                 pod,
@@ -400,6 +431,14 @@ fn main() -> anyhow::Result<()> {
                             ));
                         }
                     }
+                }
+                for (name, (v, n)) in switches(&agents) {
+                    let (v0, n0) = switches_before.get(&name).copied().unwrap_or_default();
+                    per_rr.push_str(&format!(
+                    "both agents' {name} threads, per pinned round trip: {:.2} voluntary, {:.2} involuntary context switches\n",
+                    (v - v0) as f64 / a.rr_count as f64,
+                    (n - n0) as f64 / a.rr_count as f64
+                ));
                 }
                 let mut text = per_rr.into_bytes();
                 perf_report(rec, &perf_data, &mut text)?;
