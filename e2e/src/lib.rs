@@ -7,6 +7,7 @@ pub mod curl;
 pub mod kubeapi;
 pub mod kubemesh;
 pub mod netlab;
+pub mod perf;
 pub mod process;
 pub mod prometheus;
 pub mod showcase;

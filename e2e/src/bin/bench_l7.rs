@@ -41,43 +41,6 @@ struct Args {
     profile: Option<std::path::PathBuf>,
 }
 
-/// Starts counting the agents' syscalls and context switches into `out`.
-fn perf_stat(pids: &[u32], out: &Path) -> anyhow::Result<std::process::Child> {
-    let pids: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
-    Ok(std::process::Command::new("perf")
-        .args([
-            "stat",
-            "-x",
-            ",",
-            "-e",
-            "raw_syscalls:sys_enter,context-switches",
-        ])
-        .args(["-p", &pids.join(","), "-o"])
-        .arg(out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?)
-}
-
-/// Stops a `perf stat` and returns its counts: (syscalls, context switches).
-fn perf_stat_done(child: std::process::Child, out: &Path) -> (f64, f64) {
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let _ = child.wait_with_output();
-    let mut counts = (0.0, 0.0);
-    for line in std::fs::read_to_string(out).unwrap_or_default().lines() {
-        let f: Vec<&str> = line.split(',').collect();
-        let v = f.first().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        match f.get(2) {
-            Some(e) if e.starts_with("raw_syscalls") => counts.0 = v,
-            Some(e) if e.starts_with("context-switches") => counts.1 = v,
-            _ => {}
-        }
-    }
-    counts
-}
-
 #[derive(Default, Clone, Copy, Debug)]
 struct Run {
     rps: f64,
@@ -267,26 +230,18 @@ fn main() -> anyhow::Result<()> {
         for (i, ip) in ips.iter().enumerate() {
             let stat_out = c.dir.path().join("agents.perf.stat");
             let stat = match args.count_syscalls {
-                true => Some(perf_stat(&c.agent_pids(), &stat_out)?),
+                true => Some(weft_e2e::perf::stat(&c.agent_pids(), &stat_out)?),
                 false => None,
             };
             let rec = match (&args.profile, round) {
                 (Some(dir), 0) => {
                     std::fs::create_dir_all(dir)?;
-                    Some(
-                        std::process::Command::new("perf")
-                            .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-C", "0"])
-                            .arg("-o")
-                            .arg(dir.join(format!("{}.perf.data", setups[i].1)))
-                            .args([
-                                "--",
-                                "sleep",
-                                &args.seconds.saturating_sub(1).max(1).to_string(),
-                            ])
-                            .stdout(std::process::Stdio::null())
-                            .stderr(std::process::Stdio::null())
-                            .spawn()?,
-                    )
+                    let data = dir.join(format!("{}.perf.data", setups[i].1));
+                    Some(weft_e2e::perf::record(
+                        &data,
+                        Some("0"),
+                        args.seconds.saturating_sub(1),
+                    )?)
                 }
                 _ => None,
             };
@@ -296,7 +251,7 @@ fn main() -> anyhow::Result<()> {
             }
             let per_request = stat
                 .map(|st| {
-                    let (sys, cs) = perf_stat_done(st, &stat_out);
+                    let (sys, cs) = weft_e2e::perf::stat_done(st, &stat_out);
                     let n = r.rps * f64::from(args.seconds);
                     format!(
                         "  agents per request: {:.1} syscalls, {:.1} context switches",

@@ -167,52 +167,6 @@ fn switches(pids: &[u32]) -> std::collections::BTreeMap<String, (u64, u64)> {
     m
 }
 
-/// Starts `perf record` (cpu-clock, 999 Hz, call graphs) for `secs` seconds on the
-/// given CPUs (`-C`), or on all CPUs.
-fn perf_record(
-    data: &std::path::Path,
-    cpus: Option<&str>,
-    secs: u32,
-) -> anyhow::Result<std::process::Child> {
-    let mut cmd = std::process::Command::new("perf");
-    cmd.args(["record", "-e", "cpu-clock", "-F", "999", "-g"]);
-    match cpus {
-        Some(c) => cmd.args(["-C", c]),
-        None => cmd.arg("-a"),
-    };
-    Ok(cmd
-        .arg("-o")
-        .arg(data)
-        .args(["--", "sleep", &secs.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?)
-}
-
-/// Waits for a `perf record` and appends its report (time per process, per process
-/// and DSO, then the hottest symbols) to `text`.
-fn perf_report(
-    mut rec: std::process::Child,
-    data: &std::path::Path,
-    text: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    rec.wait()?;
-    for (sort, limit) in [
-        ("comm", "0.5"),
-        ("comm,dso", "0.5"),
-        ("comm,dso,symbol", "0.4"),
-    ] {
-        let report = std::process::Command::new("perf")
-            .args(["report", "-i"])
-            .arg(data)
-            .args(["--stdio", "--no-children", "--sort", sort])
-            .args(["--percent-limit", limit, "-g", "none"])
-            .output()?;
-        text.extend_from_slice(&report.stdout);
-    }
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     require_root();
@@ -316,7 +270,7 @@ fn main() -> anyhow::Result<()> {
                 (Some(p), true) => {
                     let data = p.with_extension("iperf.perf.data");
                     Some((
-                        perf_record(&data, None, a.seconds.saturating_sub(1).max(1))?,
+                        weft_e2e::perf::record(&data, None, a.seconds.saturating_sub(1).max(1))?,
                         data,
                     ))
                 }
@@ -325,7 +279,7 @@ fn main() -> anyhow::Result<()> {
             let one = iperf(&c, pod, ip, 1, a.seconds)?;
             if let (Some((rec, data)), Some(p)) = (iperf_perf, &a.profile) {
                 let mut text = Vec::new();
-                perf_report(rec, &data, &mut text)?;
+                weft_e2e::perf::report(rec, &data, &mut text)?;
                 std::fs::write(p.with_extension("iperf.txt"), text)?;
             }
             let eight = iperf(&c, pod, ip, 8, a.seconds)?;
@@ -338,20 +292,20 @@ fn main() -> anyhow::Result<()> {
                 .sum::<f64>()
                 / wall;
             let load_rss: Vec<u64> = after.iter().map(|x| x.1).collect();
-            let rr = two(
-                &c,
-                pod,
-                &[
+            let rr_count = a.rr_count.to_string();
+            let round_trips = |cpu| {
+                let args = [
                     "rr",
                     "--connect",
                     dst,
                     "--size",
                     "1024",
                     "--count",
-                    &a.rr_count.to_string(),
-                ],
-                None,
-            )?;
+                    &rr_count,
+                ];
+                two(&c, pod, &args, cpu)
+            };
+            let rr = round_trips(None)?;
             // Every process of the round trip on one core: client, both agents, server.
             weft_e2e::process::pin_cpu(&agents, Some(0));
             weft_e2e::process::pin_cpu(&servers, Some(0));
@@ -363,74 +317,27 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_default();
             // Optional CPU profile of core 0 (where the pinned round trip runs).
             let perf = match (&a.profile, *name == "weft" && round == 0) {
-                (Some(_), true) => Some(perf_record(&perf_data, Some("0"), 2)?),
+                (Some(_), true) => Some(weft_e2e::perf::record(&perf_data, Some("0"), 2)?),
                 _ => None,
             };
             // With --profile: syscalls and context switches of the agents per round trip.
             let stat_out = c.dir.path().join("agents.perf.stat");
             let stat = match (&a.profile, *name == "weft" && round == 0) {
-                (Some(_), true) => Some(
-                    std::process::Command::new("perf")
-                        .args([
-                            "stat",
-                            "-x",
-                            ",",
-                            "-e",
-                            "raw_syscalls:sys_enter,context-switches",
-                            "-p",
-                        ])
-                        .arg(
-                            agents
-                                .iter()
-                                .map(|p| p.to_string())
-                                .collect::<Vec<_>>()
-                                .join(","),
-                        )
-                        .arg("-o")
-                        .arg(&stat_out)
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
-                        .spawn()?,
-                ),
+                (Some(_), true) => Some(weft_e2e::perf::stat(&agents, &stat_out)?),
                 _ => None,
             };
             let switches_before = switches(&agents);
-            let rr_pinned = two(
-                &c,
-                pod,
-                &[
-                    "rr",
-                    "--connect",
-                    dst,
-                    "--size",
-                    "1024",
-                    "--count",
-                    &a.rr_count.to_string(),
-                ],
-                Some(0),
-            )?;
+            let rr_pinned = round_trips(Some(0))?;
             if let (Some(rec), Some(out)) = (perf, &a.profile) {
                 let mut per_rr = String::new();
                 if let Some(st) = stat {
-                    // perf stat writes its counts when interrupted.
-                    let _ = std::process::Command::new("kill")
-                        .args(["-INT", &st.id().to_string()])
-                        .status();
-                    let _ = st.wait_with_output();
-                    for line in std::fs::read_to_string(&stat_out)
-                        .unwrap_or_default()
-                        .lines()
-                    {
-                        let f: Vec<&str> = line.split(',').collect();
-                        if let (Some(v), Some(ev)) =
-                            (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2))
-                        {
-                            per_rr.push_str(&format!(
-                                "both agents, per pinned 1 KiB round trip: {:.1} {ev}\n",
-                                v / a.rr_count as f64
-                            ));
-                        }
-                    }
+                    let (sys, cs) = weft_e2e::perf::stat_done(st, &stat_out);
+                    let n = a.rr_count as f64;
+                    per_rr.push_str(&format!(
+                        "both agents, per pinned 1 KiB round trip: {:.1} syscalls, {:.1} context switches\n",
+                        sys / n,
+                        cs / n
+                    ));
                 }
                 for (name, (v, n)) in switches(&agents) {
                     let (v0, n0) = switches_before.get(&name).copied().unwrap_or_default();
@@ -441,7 +348,7 @@ fn main() -> anyhow::Result<()> {
                 ));
                 }
                 let mut text = per_rr.into_bytes();
-                perf_report(rec, &perf_data, &mut text)?;
+                weft_e2e::perf::report(rec, &perf_data, &mut text)?;
                 std::fs::write(out, &text)?;
             }
             weft_e2e::process::pin_cpu(&agents, None);
