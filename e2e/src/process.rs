@@ -18,6 +18,28 @@ pub fn pin_cpu(pids: &[u32], cpu: Option<usize>) {
     }
 }
 
+/// CPU time (nanoseconds, from the scheduler's own accounting in
+/// `/proc/<pid>/task/*/schedstat`) of every thread of the given processes.
+/// Benchmarks divide its growth by the work done: a figure that the host's
+/// scheduling noise moves much less than latency.
+pub fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// An example Wasm plugin built by `make plugins` (`target/plugins/<name>.wasm`).
 pub fn plugin_path(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -46,6 +46,10 @@ struct Run {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Requests wrk completed.
+    requests: f64,
+    /// Both node agents' CPU time per request.
+    agents_cpu_us: f64,
 }
 
 fn us(v: &str) -> Option<f64> {
@@ -76,6 +80,7 @@ fn wrk(c: &LocalCluster, url: &str, secs: u32, cpu: Option<usize>) -> anyhow::Re
             ["50%", v] => r.p50_us = us(v).unwrap_or(0.0),
             ["99%", v] => r.p99_us = us(v).unwrap_or(0.0),
             ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
+            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0.0),
             _ => {}
         }
     }
@@ -245,7 +250,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
+            let cpu_before = weft_e2e::process::cpu_ns(&c.agent_pids());
+            let mut r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
+            let cpu_used = weft_e2e::process::cpu_ns(&c.agent_pids()).saturating_sub(cpu_before);
+            r.agents_cpu_us = cpu_used as f64 / 1000.0 / r.requests.max(1.0);
             if let Some(mut rec) = rec {
                 rec.wait()?;
             }
@@ -261,8 +269,8 @@ fn main() -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             eprintln!(
-                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us{per_request}",
-                setups[i].0, r.rps, r.p50_us, r.p99_us
+                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  agents' CPU {:>6.1} us/request{per_request}",
+                setups[i].0, r.rps, r.p50_us, r.p99_us, r.agents_cpu_us
             );
             runs[i].push(r);
         }
@@ -273,6 +281,8 @@ fn main() -> anyhow::Result<()> {
             rps: median(v.iter().map(|r| r.rps).collect()),
             p50_us: median(v.iter().map(|r| r.p50_us).collect()),
             p99_us: median(v.iter().map(|r| r.p99_us).collect()),
+            requests: median(v.iter().map(|r| r.requests).collect()),
+            agents_cpu_us: median(v.iter().map(|r| r.agents_cpu_us).collect()),
         })
         .collect();
     println!(
@@ -281,11 +291,11 @@ fn main() -> anyhow::Result<()> {
         args.seconds,
         if args.pinned { "; every process on CPU 0" } else { "" }
     );
-    println!("| setup | requests/s | p50 | p99 | p50 added vs L4 | p50 added vs L7 policy |");
-    println!("|---|---|---|---|---|---|");
+    println!("| setup | requests/s | p50 | p99 | p50 added vs L4 | p50 added vs L7 policy | agents' CPU per request | CPU added vs L4 |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (i, r) in med.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.1} us | {:.1} us | {:+.1} us | {} |",
+            "| {} | {:.0} | {:.1} us | {:.1} us | {:+.1} us | {} | {:.1} us | {:+.1} us |",
             setups[i].0,
             r.rps,
             r.p50_us,
@@ -295,7 +305,9 @@ fn main() -> anyhow::Result<()> {
                 format!("{:+.1} us", r.p50_us - med[1].p50_us)
             } else {
                 "".into()
-            }
+            },
+            r.agents_cpu_us,
+            r.agents_cpu_us - med[0].agents_cpu_us
         );
     }
     let dump = c.config_dump("node-b")?;
