@@ -18,26 +18,33 @@ pub fn pin_cpu(pids: &[u32], cpu: Option<usize>) {
     }
 }
 
-/// CPU time (nanoseconds, from the scheduler's own accounting in
-/// `/proc/<pid>/task/*/schedstat`) of every thread of the given processes.
-/// Benchmarks divide its growth by the work done: a figure that the host's
+/// CPU time (user + system, nanoseconds) of the given processes, threads that have
+/// exited included (`/proc/<pid>/stat`, in 10 ms ticks). Benchmarks divide its growth
+/// over a run of a few seconds by the work done: a figure that the host's
 /// scheduling noise moves much less than latency.
 pub fn cpu_ns(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            total += stat
-                .split_whitespace()
+    // USER_HZ, the unit of /proc/<pid>/stat's times, is 100 on Linux.
+    const NS_PER_TICK: u64 = 10_000_000;
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may contain spaces): utime is the
+            // 12th, stime the 13th.
+            let fields: Vec<&str> = stat
+                .rsplit(')')
                 .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let tick = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (tick(11) + tick(12)) * NS_PER_TICK
+        })
+        .sum()
 }
 
 /// An example Wasm plugin built by `make plugins` (`target/plugins/<name>.wasm`).

@@ -43,6 +43,9 @@ struct Row {
     cfb: (f64, f64),
     cores: f64,
     load_rss: Vec<u64>,
+    /// CPU time of the mode's proxies (weft: both agents; relays: the relays) per
+    /// pinned round trip.
+    proxy_cpu_us: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -60,6 +63,7 @@ fn median_row(rows: &[Row]) -> Row {
         rr_pinned: (m(|r| r.rr_pinned.0), m(|r| r.rr_pinned.1)),
         cfb: (m(|r| r.cfb.0), m(|r| r.cfb.1)),
         cores: m(|r| r.cores),
+        proxy_cpu_us: m(|r| r.proxy_cpu_us),
         load_rss: rows
             .iter()
             .flat_map(|r| r.load_rss.iter().copied())
@@ -110,21 +114,7 @@ fn two(
 
 /// (cpu seconds, rss KiB) of a process.
 fn usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let hz = 100.0; // USER_HZ on Linux
-    let cpu = (ticks(11) + ticks(12)) / hz;
+    let cpu = weft_e2e::process::cpu_ns(&[pid]) as f64 / 1e9;
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -202,6 +192,7 @@ fn main() -> anyhow::Result<()> {
         })
         .ok_or_else(|| anyhow::anyhow!("{pod} cannot reach {dst}"))?;
     }
+    let mut relays = Vec::new();
     // The floor of any design with a user-space hop on each node: two minimal
     // relays (blocking read/write threads, no TLS, no framing) on the same path as
     // weft's (client pod loopback -> node-to-node -> server pod loopback).
@@ -209,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         ("127.0.0.1:15001".to_string(), format!("{plain_ip}:15008")),
         ("127.0.0.1:15201".to_string(), format!("{plain_ip}:15202")),
     ] {
-        servers.push(c.spawn_app(
+        relays.push(c.spawn_app(
             "plain/client",
             &app,
             &["relay", "--listen", &listen, "--connect", &next],
@@ -219,7 +210,7 @@ fn main() -> anyhow::Result<()> {
         (format!("{plain_ip}:15008"), format!("{plain_ip}:7000")),
         (format!("{plain_ip}:15202"), format!("{plain_ip}:5201")),
     ] {
-        servers.push(c.spawn_app(
+        relays.push(c.spawn_app(
             "plain/server",
             &app,
             &["relay", "--listen", &listen, "--connect", &next],
@@ -309,6 +300,7 @@ fn main() -> anyhow::Result<()> {
             // Every process of the round trip on one core: client, both agents, server.
             weft_e2e::process::pin_cpu(&agents, Some(0));
             weft_e2e::process::pin_cpu(&servers, Some(0));
+            weft_e2e::process::pin_cpu(&relays, Some(0));
             // Kept next to the report for `perf report -i` by hand.
             let perf_data = a
                 .profile
@@ -327,7 +319,16 @@ fn main() -> anyhow::Result<()> {
                 _ => None,
             };
             let switches_before = switches(&agents);
+            let proxies: &[u32] = match *name {
+                "weft" => &agents,
+                "relays" => &relays,
+                _ => &[],
+            };
+            let proxy_cpu = weft_e2e::process::cpu_ns(proxies);
             let rr_pinned = round_trips(Some(0))?;
+            let proxy_cpu_us = weft_e2e::process::cpu_ns(proxies).saturating_sub(proxy_cpu) as f64
+                / 1000.0
+                / a.rr_count as f64;
             if let (Some(rec), Some(out)) = (perf, &a.profile) {
                 let mut per_rr = String::new();
                 if let Some(st) = stat {
@@ -353,6 +354,7 @@ fn main() -> anyhow::Result<()> {
             }
             weft_e2e::process::pin_cpu(&agents, None);
             weft_e2e::process::pin_cpu(&servers, None);
+            weft_e2e::process::pin_cpu(&relays, None);
             let cfb = two(
                 &c,
                 pod,
@@ -371,6 +373,7 @@ fn main() -> anyhow::Result<()> {
                 cfb,
                 cores,
                 load_rss,
+                proxy_cpu_us,
             });
         }
     }
@@ -415,6 +418,12 @@ fn main() -> anyhow::Result<()> {
     }
     // weft against the floor of two minimal relays (same path, same run).
     let (f, w) = (&rows[1].1, &rows[2].1);
+    println!(
+        "proxies' CPU per pinned 1 KiB round trip: relays {:.1} us, weft's agents {:.1} us ({:.2}x)",
+        f.proxy_cpu_us,
+        w.proxy_cpu_us,
+        w.proxy_cpu_us / f.proxy_cpu_us
+    );
     println!(
         "weft/relays (the floor): throughput x1 {:.2}, x8 {:.2}; added pinned RR {:.2}x the relays'",
         w.one / f.one,
