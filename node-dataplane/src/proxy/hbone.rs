@@ -6,13 +6,14 @@
 use super::access_log::{ConnRecord, Verdict};
 use super::state::ProxyState;
 use super::tls;
+use super::tunnel::{Tunnel, TunnelIo};
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::client::SendRequest;
+use h2::server::SendResponse;
+use h2::RecvStream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_api::authz::Attributes;
@@ -30,7 +31,9 @@ pub struct PoolKey {
 }
 
 struct Pooled {
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Bytes>,
+    /// Set when the connection has ended.
+    closed: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
     /// When the last stream ended (for idle reaping).
     idle_since: Mutex<Option<std::time::Instant>>,
@@ -87,12 +90,13 @@ impl HbonePool {
         for v in m.values_mut() {
             v.retain(|c| {
                 let mut idle = c.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+                let open = !c.closed.load(Ordering::Acquire);
                 if c.active.load(Ordering::Acquire) > 0 {
                     *idle = None;
-                    return !c.send.is_closed();
+                    return open;
                 }
                 let since = *idle.get_or_insert(now);
-                let keep = !c.send.is_closed() && now.duration_since(since) < self.idle_timeout;
+                let keep = open && now.duration_since(since) < self.idle_timeout;
                 closed += usize::from(!keep);
                 keep
             });
@@ -101,18 +105,18 @@ impl HbonePool {
         closed
     }
 
-    fn take(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+    fn take(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamGuard)> {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let v = m.get_mut(key)?;
-        v.retain(|c| !c.send.is_closed());
-        let c = v.iter().find(|c| {
-            c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONN && c.send.is_ready()
-        })?;
+        v.retain(|c| !c.closed.load(Ordering::Acquire));
+        let c = v
+            .iter()
+            .find(|c| c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONN)?;
         c.active.fetch_add(1, Ordering::AcqRel);
         Some((c.send.clone(), StreamGuard(c.active.clone())))
     }
 
-    fn put(&self, key: PoolKey, send: SendRequest<Empty<Bytes>>) -> StreamGuard {
+    fn put(&self, key: PoolKey, send: SendRequest<Bytes>, closed: Arc<AtomicBool>) -> StreamGuard {
         let active = Arc::new(AtomicUsize::new(1));
         self.conns
             .lock()
@@ -121,6 +125,7 @@ impl HbonePool {
             .or_default()
             .push(Pooled {
                 send,
+                closed,
                 active: active.clone(),
                 idle_since: Mutex::new(None),
             });
@@ -153,7 +158,7 @@ pub async fn open(
     dest: &weft_api::pb::Workload,
     dest_pod_ip: std::net::IpAddr,
     authority: SocketAddr,
-) -> anyhow::Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard)> {
+) -> anyhow::Result<(Tunnel, StreamGuard)> {
     let key = PoolKey {
         source_id: source.workload.spiffe_id.clone(),
         dest_id: dest.spiffe_id.clone(),
@@ -170,7 +175,7 @@ pub async fn open(
             state.pool.take(&key)
         }
     };
-    let (mut send, guard) = match taken {
+    let (send, guard) = match taken {
         Some(x) => x,
         None => {
             let cert = state.certs.get(&source.workload.spiffe_id).ok_or_else(|| {
@@ -192,32 +197,37 @@ pub async fn open(
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await?;
-            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(4 << 20)
+            let (send, conn) = h2::client::Builder::new()
+                .initial_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
                 .max_frame_size(MAX_FRAME)
-                .max_send_buf_size(1 << 20)
-                .handshake(TokioIo::new(tls))
+                .max_send_buffer_size(1 << 20)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
                 .await?;
+            let closed = Arc::new(AtomicBool::new(false));
+            let ended = closed.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "HBONE connection ended");
                 }
+                ended.store(true, Ordering::Release);
             });
-            let guard = state.pool.put(key, send.clone());
+            let guard = state.pool.put(key, send.clone(), closed);
             (send, guard)
         }
     };
     let req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(authority.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let resp = send.send_request(req).await?;
+        .body(())?;
+    let (resp, send) = send.ready().await?.send_request(req, false)?;
+    let resp = resp.await?;
     if resp.status() != http::StatusCode::OK {
         anyhow::bail!("HBONE CONNECT {authority} refused: {}", resp.status());
     }
-    let up = hyper::upgrade::on(resp).await?;
-    Ok((TokioIo::new(up), guard))
+    let recv = resp.into_body();
+    Ok((Tunnel { send, recv }, guard))
 }
 
 /// Serves HBONE on one in-pod :15008 listener. `owner` is the pod that owns the
@@ -274,21 +284,22 @@ async fn serve_conn(
         .unwrap_or(&peer_id)
         .to_string();
     let served_id = owner.workload.spiffe_id.clone();
-    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (state, principal, served_id) = (state.clone(), principal.clone(), served_id.clone());
-        async move {
-            Ok::<_, std::convert::Infallible>(handle(req, peer, principal, served_id, state).await)
-        }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let mut conn = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
-        .initial_stream_window_size(4 << 20)
+        .initial_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(MAX_FRAME)
-        .max_send_buf_size(1 << 20)
-        .serve_connection(TokioIo::new(tls), svc)
+        .max_send_buffer_size(1 << 20)
+        .handshake::<_, Bytes>(tls)
         .await
-        .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))
+        .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
+    // Accepting streams also drives the connection; each stream runs in its own task.
+    while let Some(stream) = conn.accept().await {
+        let (req, respond) =
+            stream.map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
+        handle(req, respond, peer, &principal, &served_id, &state);
+    }
+    Ok(())
 }
 
 /// How an inbound stream ended: bytes copied (L4 only; L7 connections are logged
@@ -298,38 +309,42 @@ type StreamEnd = (Option<(u64, u64)>, Option<&'static str>);
 /// Access log note for a connection closed because a policy now denies it.
 pub const CLOSED_BY_POLICY: &str = "closed: denied by a policy change";
 
-fn status(code: http::StatusCode) -> http::Response<Empty<Bytes>> {
-    let mut r = http::Response::new(Empty::new());
+/// Answers a CONNECT that is refused, ending the stream.
+fn refuse(mut respond: SendResponse<Bytes>, code: http::StatusCode) {
+    let mut r = http::Response::new(());
     *r.status_mut() = code;
-    r
+    let _ = respond.send_response(r, true);
 }
 
-async fn handle(
-    req: http::Request<hyper::body::Incoming>,
+/// Checks one CONNECT stream and, if allowed, starts its task.
+fn handle(
+    req: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    principal: String,
-    served_id: String,
-    state: Arc<ProxyState>,
-) -> http::Response<Empty<Bytes>> {
+    principal: &str,
+    served_id: &str,
+    state: &Arc<ProxyState>,
+) {
+    let (principal, served_id, state) = (principal.to_string(), served_id, state.clone());
     if req.method() != http::Method::CONNECT {
-        return status(http::StatusCode::METHOD_NOT_ALLOWED);
+        return refuse(respond, http::StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(dst) = req
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
-        return status(http::StatusCode::BAD_REQUEST);
+        return refuse(respond, http::StatusCode::BAD_REQUEST);
     };
     // Only to an enrolled workload on this node...
     let Some(target) = state.local_pod(dst.ip()) else {
         tracing::info!(%dst, peer = %principal, "HBONE CONNECT to a destination that is not a local enrolled workload");
-        return status(http::StatusCode::NOT_FOUND);
+        return refuse(respond, http::StatusCode::NOT_FOUND);
     };
     // ...whose identity is the one this TLS session presented to the client.
     if target.workload.spiffe_id != served_id {
         tracing::info!(%dst, peer = %principal, target = %target.workload.spiffe_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
-        return status(http::StatusCode::MISDIRECTED_REQUEST);
+        return refuse(respond, http::StatusCode::MISDIRECTED_REQUEST);
     }
     let plan = state.l7_plan(&target.workload, dst.port());
     let attrs = Attributes {
@@ -362,7 +377,7 @@ async fn handle(
             duration: Duration::ZERO,
             error: Some(decision.reason),
         });
-        return status(http::StatusCode::FORBIDDEN);
+        return refuse(respond, http::StatusCode::FORBIDDEN);
     }
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
     let mark = state.mark;
@@ -378,12 +393,24 @@ async fn handle(
     );
     l.source_principal = format!("spiffe://{principal}");
     let policy = decision.policy;
+    // Accepted: 200 now; the application connection is made in the stream's task
+    // (if it fails, the stream is reset).
+    let send = match respond.send_response(http::Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "HBONE stream ended before its response");
+            return;
+        }
+    };
+    let tunnel = Tunnel {
+        send,
+        recv: req.into_body(),
+    };
     tokio::spawn(async move {
         let started = Instant::now();
         let t = &state.metrics.traffic;
         t.open(&l);
         let r: anyhow::Result<StreamEnd> = async {
-            let up = hyper::upgrade::on(req).await?;
             if let Some(plan) = plan {
                 state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
                 let ctx = super::l7::ConnCtx::new(
@@ -397,7 +424,7 @@ async fn handle(
                     l.clone(),
                 );
                 tokio::select! {
-                    r = super::l7::serve(TokioIo::new(up), ctx) => r?,
+                    r = super::l7::serve(TunnelIo::new(tunnel), ctx) => r?,
                     _ = reg.cancel.cancelled() => return Ok((None, Some(CLOSED_BY_POLICY))),
                 }
                 return Ok((None, None));
@@ -406,10 +433,10 @@ async fn handle(
             let mut app = tokio::net::TcpSocket::from_std_stream(sock.into())
                 .connect(dst)
                 .await?;
-            let mut tunnel = TokioIo::new(up);
             tokio::select! {
-                r = super::copy::bidirectional(&mut tunnel, &mut app) => {
-                    let (a, b) = r?;
+                r = super::tunnel::copy(&mut app, tunnel) => {
+                    // (to the tunnel, to the application)
+                    let (b, a) = r?;
                     t.sent.get_or_create(&l).inc_by(a);
                     t.received.get_or_create(&l).inc_by(b);
                     Ok((Some((a, b)), None))
@@ -448,5 +475,4 @@ async fn handle(
             error: error.as_deref(),
         });
     });
-    status(http::StatusCode::OK)
 }

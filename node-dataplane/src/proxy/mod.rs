@@ -12,3 +12,4 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod state;
 pub mod tls;
+pub mod tunnel;

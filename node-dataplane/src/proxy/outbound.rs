@@ -189,7 +189,7 @@ async fn tunnel(
     l: &super::metrics::TcpLabels,
 ) -> anyhow::Result<(u64, u64)> {
     let t = &state.metrics.traffic;
-    let (mut tunnel, _guard) = match super::hbone::open(state, source, w, dst.ip(), dst).await {
+    let (tunnel, _guard) = match super::hbone::open(state, source, w, dst.ip(), dst).await {
         Ok(x) => x,
         Err(e) => {
             t.failed.get_or_create(l).inc();
@@ -199,7 +199,7 @@ async fn tunnel(
     ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
     state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
     t.open(l);
-    let copied = super::copy::bidirectional(&mut conn, &mut tunnel).await;
+    let copied = super::tunnel::copy(&mut conn, tunnel).await;
     t.closed.get_or_create(l).inc();
     match copied {
         Ok((a, b)) => {
