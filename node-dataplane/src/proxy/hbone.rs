@@ -325,7 +325,6 @@ fn handle(
     served_id: &str,
     state: &Arc<ProxyState>,
 ) {
-    let (principal, served_id, state) = (principal.to_string(), served_id, state.clone());
     if req.method() != http::Method::CONNECT {
         return refuse(respond, http::StatusCode::METHOD_NOT_ALLOWED);
     }
@@ -351,7 +350,7 @@ fn handle(
         source_ip: Some(peer.ip()),
         destination_ip: Some(dst.ip()),
         destination_port: dst.port(),
-        principal: Some(principal.clone()),
+        principal: Some(principal.to_string()),
         request: None,
         // Parsed as HTTP: L7 fields are checked per request.
         l7_pending: plan.as_ref().is_some_and(super::l7::L7Plan::parses_http),
@@ -382,7 +381,7 @@ fn handle(
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
     let mark = state.mark;
     let attrs_l7 = attrs.clone();
-    let principal_l7 = principal.clone();
+    let principal_l7 = principal.to_string();
     let reg = state.conns.register(target.workload.clone(), attrs);
     let source = state.workload_by_ip(peer.ip());
     let mut l = super::metrics::labels(
@@ -406,6 +405,7 @@ fn handle(
         send,
         recv: req.into_body(),
     };
+    let state = state.clone();
     tokio::spawn(async move {
         let started = Instant::now();
         let t = &state.metrics.traffic;
