@@ -211,4 +211,115 @@ impl ProxyState {
         self.record_decision(&d);
         d
     }
+
+    /// Decides one HTTP request to the local workload `dst` (not counted: the
+    /// caller counts it). `attrs(headers)` builds the request's attributes; `headers`
+    /// says whether an applicable policy reads request headers, so they are only
+    /// collected when one does.
+    pub fn decide_request(
+        &self,
+        dst: &pb::Workload,
+        attrs: impl FnOnce(bool) -> Attributes,
+    ) -> Decision {
+        let compiled = self.compiled_policies();
+        let applicable = || {
+            compiled
+                .iter()
+                .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels))
+        };
+        let attrs = attrs(applicable().any(|p| p.reads_request_headers()));
+        authz::evaluate(applicable(), &attrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::authz::Request;
+
+    fn state_with(policy: pb::AuthorizationPolicy) -> (Arc<ProxyState>, pb::Workload) {
+        let w = pb::Workload {
+            name: "web".into(),
+            namespace: "shop".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ..Default::default()
+        };
+        let config = ConfigStore::new("node-a");
+        let rejected = config.apply(&pb::ConfigUpdate {
+            upserts: vec![pb::Resource {
+                key: "AuthorizationPolicy/shop/p".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::AuthorizationPolicy(policy)),
+            }],
+            ..Default::default()
+        });
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let opts = ProxyOptions {
+            mark: 0,
+            lb: Default::default(),
+            hbone_idle: std::time::Duration::from_secs(1),
+            access_log: Default::default(),
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        (
+            ProxyState::new(config, Default::default(), metrics, opts, None),
+            w,
+        )
+    }
+
+    fn deny(rule: pb::Rule) -> pb::AuthorizationPolicy {
+        pb::AuthorizationPolicy {
+            name: "p".into(),
+            namespace: "shop".into(),
+            action: pb::authorization_policy::Action::Deny as i32,
+            rules: vec![rule],
+            ..Default::default()
+        }
+    }
+
+    /// Decides a GET / carrying `x-evil: 1`, with the headers only if asked for.
+    fn decide(state: &ProxyState, w: &pb::Workload) -> (bool, bool) {
+        let mut asked = false;
+        let d = state.decide_request(w, |with_headers| {
+            asked = with_headers;
+            Attributes {
+                request: Some(Request {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers: if with_headers {
+                        vec![("x-evil".into(), "1".into())]
+                    } else {
+                        Vec::new()
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        });
+        (asked, d.allowed)
+    }
+
+    #[test]
+    fn request_headers_are_collected_only_when_a_policy_reads_them() {
+        let header_rule = pb::Rule {
+            when: vec![pb::Condition {
+                key: "request.headers[x-evil]".into(),
+                values: vec!["*".into()],
+                not_values: vec![],
+            }],
+            ..Default::default()
+        };
+        let (state, w) = state_with(deny(header_rule));
+        assert_eq!(decide(&state, &w), (true, false));
+
+        let path_rule = pb::Rule {
+            to: vec![pb::Operation {
+                paths: vec!["/admin".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (state, w) = state_with(deny(path_rule));
+        assert_eq!(decide(&state, &w), (false, true));
+    }
 }

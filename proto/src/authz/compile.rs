@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 pub struct CompiledPolicy {
     pub name: String,
     pub namespace: String,
+    /// `namespace/name`, as decisions and metrics name the policy.
+    id: String,
     pub action: Action,
     pub mesh_wide: bool,
     pub selector: BTreeMap<String, String>,
@@ -222,6 +224,7 @@ pub fn compile(p: &pb::AuthorizationPolicy) -> CompiledPolicy {
         Err(e) => (Vec::new(), Some(e)),
     };
     CompiledPolicy {
+        id: format!("{}/{}", p.namespace, p.name),
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         action,
@@ -233,8 +236,17 @@ pub fn compile(p: &pb::AuthorizationPolicy) -> CompiledPolicy {
 }
 
 impl CompiledPolicy {
-    pub fn id(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    /// `namespace/name`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Does any rule read request headers (`when: request.headers[...]`)? Only
+    /// then does a request's evaluation need its headers.
+    pub fn reads_request_headers(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.when.iter().any(|c| matches!(c.key, Key::Header(_))))
     }
 
     /// Does the policy apply to a workload in `namespace` with `labels`?

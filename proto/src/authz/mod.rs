@@ -94,18 +94,18 @@ pub fn evaluate<'a>(
         match p.action {
             Action::Deny => {
                 if let (Some(r), None) = (hit, &denied_by) {
-                    denied_by = Some((p.id(), r));
+                    denied_by = Some((p.id().to_string(), r));
                 }
             }
             Action::Allow => {
                 allow_policies += 1;
                 if let (Some(r), None) = (hit, &allowed_by) {
-                    allowed_by = Some((p.id(), r));
+                    allowed_by = Some((p.id().to_string(), r));
                 }
             }
             Action::Audit => {
                 if hit.is_some() {
-                    audited.push(p.id());
+                    audited.push(p.id().to_string());
                 }
             }
         }

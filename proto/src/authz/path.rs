@@ -36,6 +36,34 @@ impl NormalizedPath {
     pub fn path_and_query(&self) -> String {
         format!("{}{}", self.path, self.query)
     }
+
+    /// Is `target` exactly this path and query (nothing was normalized)?
+    pub fn is(&self, target: &str) -> bool {
+        target.len() == self.path.len() + self.query.len()
+            && target.starts_with(&self.path)
+            && target.ends_with(&self.query)
+    }
+}
+
+/// Is an origin-form path already normal: no escapes, no control bytes, no empty,
+/// `.` or `..` segments (a trailing `/` is kept as is)? Most requests' are, and
+/// they skip the general algorithm, which would return them unchanged.
+fn already_normal(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    if b.iter().any(|&c| c == b'%' || c < 0x20 || c == 0x7f) {
+        return false;
+    }
+    let segments = &raw[1..];
+    let last = segments.matches('/').count();
+    segments.split('/').enumerate().all(|(i, seg)| match seg {
+        "." | ".." => false,
+        // Only the last segment may be empty (`/` or a trailing slash).
+        "" => i == last,
+        _ => true,
+    })
 }
 
 fn unreserved(b: u8) -> bool {
@@ -53,12 +81,17 @@ pub fn normalize(target: &str) -> Result<NormalizedPath, PathError> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    if !raw.starts_with('/') {
+    if !raw.starts_with('/') || already_normal(raw) {
         return Ok(NormalizedPath {
             path: raw.to_string(),
             query: query.to_string(),
         });
     }
+    normalize_origin_form(raw, query)
+}
+
+/// The general algorithm for an origin-form path (steps 2-4).
+fn normalize_origin_form(raw: &str, query: &str) -> Result<NormalizedPath, PathError> {
     // 2. Decode unreserved escapes; canonicalize the others.
     let bytes = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
@@ -176,6 +209,45 @@ mod tests {
         assert_eq!(p.path, "/a/b");
         assert_eq!(p.query, "?x=/../y");
         assert_eq!(p.path_and_query(), "/a/b?x=/../y");
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_general_algorithm() {
+        // Every path of up to 7 characters over an alphabet that makes escapes,
+        // dot segments and slash runs: where the fast path answers, the general
+        // algorithm must give the same path.
+        let alphabet = [b'/', b'.', b'a', b'%', b'6', b'1'];
+        let mut fast = 0;
+        for len in 1..=7u32 {
+            for mut k in 0..alphabet.len().pow(len) {
+                let mut raw = vec![b'/'];
+                for _ in 0..len {
+                    raw.push(alphabet[k % alphabet.len()]);
+                    k /= alphabet.len();
+                }
+                let raw = String::from_utf8(raw).unwrap();
+                if already_normal(&raw) {
+                    fast += 1;
+                    let general = normalize_origin_form(&raw, "").unwrap();
+                    assert_eq!(general.path, raw, "{raw}");
+                }
+            }
+        }
+        assert!(fast > 1000, "the fast path was taken {fast} times");
+        for p in ["/", "/a", "/a/", "/api/items", "/a.b/c..d/.e"] {
+            assert!(already_normal(p), "{p}");
+        }
+        for p in ["//", "/./a", "/a/..", "/a//b", "/%61", "/a\u{1}"] {
+            assert!(!already_normal(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn is_compares_path_and_query_without_building_them() {
+        let p = normalize("/a/b?x=1").unwrap();
+        assert!(p.is("/a/b?x=1"));
+        assert!(!p.is("/a/b?x=2"));
+        assert!(!normalize("//a/b?x=1").unwrap().is("//a/b?x=1"));
     }
 
     #[test]

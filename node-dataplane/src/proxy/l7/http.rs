@@ -194,21 +194,22 @@ async fn process(
     proto: Protocol,
     decided_by: &mut Option<String>,
 ) -> http::Response<RespBody> {
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let normalized = match path::normalize(&target) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::info!(dst = %ctx.dst, error = %e, "request refused: malformed path");
-            return reply(400, "malformed request path\n", &[]);
+    let normalized = {
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match path::normalize(target) {
+            Ok(p) if p.is(target) => p,
+            Ok(p) => {
+                if !set_path(&mut req, &p.path_and_query()) {
+                    return reply(400, "malformed request path\n", &[]);
+                }
+                p
+            }
+            Err(e) => {
+                tracing::info!(dst = %ctx.dst, error = %e, "request refused: malformed path");
+                return reply(400, "malformed request path\n", &[]);
+            }
         }
     };
-    if normalized.path_and_query() != target && !set_path(&mut req, &normalized.path_and_query()) {
-        return reply(400, "malformed request path\n", &[]);
-    }
     let authority = authority_of(&req);
     let has_plugins = !ctx.plan.plugins.is_empty();
     let mut view = HttpState {
@@ -225,7 +226,7 @@ async fn process(
     // Plugins are in phase order: those before weft's authorization come first.
     let plugins = &ctx.plan.plugins;
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
-    let mut path_now = normalized.path.clone();
+    let mut path_now = normalized.path;
     if !before.is_empty() {
         if let Some((r, plugin)) = chain::run_request(before, &mut view, end_of_stream, &mut ran) {
             *decided_by = Some(format!("wasm:{plugin}"));
@@ -233,7 +234,10 @@ async fn process(
         }
         // A plugin may have rewritten the path: normalize and authorize the new one.
         if let Some((_, p)) = view.request.iter().find(|(k, _)| k == ":path") {
-            if *p != normalized.path_and_query() {
+            if !(p.len() == path_now.len() + normalized.query.len()
+                && p.starts_with(&path_now)
+                && p.ends_with(&normalized.query))
+            {
                 match path::normalize(p) {
                     Ok(n) if set_path(&mut req, &n.path_and_query()) => path_now = n.path,
                     _ => return reply(400, "malformed request path\n", &[]),
@@ -243,16 +247,22 @@ async fn process(
         apply_headers(req.headers_mut(), &view.request);
     }
     if ctx.plan.authz_http {
-        let attrs = Attributes {
-            request: Some(Request {
-                method: req.method().as_str().to_string(),
-                path: path_now.clone(),
-                host: authority.clone(),
-                headers: pairs(req.headers()).collect(),
-            }),
-            ..ctx.attrs.clone()
-        };
-        let d = ctx.state.authorize(&ctx.target.workload, &attrs);
+        let d = ctx
+            .state
+            .decide_request(&ctx.target.workload, |with_headers| Attributes {
+                request: Some(Request {
+                    method: req.method().as_str().to_string(),
+                    path: path_now.clone(),
+                    host: authority.clone(),
+                    headers: if with_headers {
+                        pairs(req.headers()).collect()
+                    } else {
+                        Vec::new()
+                    },
+                }),
+                ..ctx.attrs.clone()
+            });
+        ctx.count_decision(&d);
         if !d.allowed {
             tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
             *decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));

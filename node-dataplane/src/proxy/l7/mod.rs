@@ -72,7 +72,14 @@ pub struct ConnCtx {
     /// Metric handles of this connection by (method, code): label sets are built
     /// once per connection, not per request.
     pub handles: std::sync::Mutex<Vec<RequestHandles>>,
+    /// Authorization decision counters of this connection by (allowed, policy).
+    decisions: std::sync::Mutex<Vec<DecisionCounter>>,
 }
+
+type DecisionCounter = (
+    (bool, Option<String>),
+    prometheus_client::metrics::counter::Counter,
+);
 
 type RequestHandles = (
     (&'static str, u16),
@@ -111,6 +118,30 @@ impl ConnCtx {
             plan,
             labels,
             handles: Default::default(),
+            decisions: Default::default(),
+        }
+    }
+
+    /// Counts a request's authorization decision, as [`ProxyState::authorize`]
+    /// does for connections; the counter is looked up once per connection.
+    pub fn count_decision(&self, d: &weft_api::authz::Decision) {
+        let mut counters = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = counters
+            .iter()
+            .find(|((allowed, policy), _)| *allowed == d.allowed && *policy == d.policy);
+        match hit {
+            Some((_, c)) => {
+                c.inc();
+            }
+            None => {
+                let l = super::metrics::AuthzLabels {
+                    decision: if d.allowed { "allow" } else { "deny" },
+                    policy: d.policy.clone().unwrap_or_else(|| "none".into()),
+                };
+                let c = self.state.metrics.traffic.authz.get_or_create(&l).clone();
+                c.inc();
+                counters.push(((d.allowed, d.policy.clone()), c));
+            }
         }
     }
 

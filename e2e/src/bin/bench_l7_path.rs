@@ -1,0 +1,428 @@
+//! The L7 path's own cost, in process and on one thread, without the network, the
+//! other node or TLS: an HTTP/1.1 keep-alive client writes into an in-memory pipe,
+//! the node proxy's destination side serves it, and its upstream connection goes
+//! over loopback TCP to a small HTTP server in the same runtime.
+//!
+//! - `l4`: the proxy copies bytes (what weft does without L7 rules);
+//! - `l7`: the proxy runs `proxy::l7::serve` with an ALLOW policy on method and
+//!   path, exactly as on the destination node (parse, normalize, authorize, forward,
+//!   metrics, access log);
+//! - `direct`: the client talks to the server with no proxy (reference).
+//!
+//! The process's CPU time per request, and the difference `l7 - l4`, are the L7
+//! path's cost with nothing else on the machine in the way. Under
+//! `valgrind --tool=callgrind` the instruction counts of two request counts give an
+//! exact per-request figure: `--requests` sets it.
+
+use clap::{Parser, ValueEnum};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_api::authz::Attributes;
+use weft_api::pb;
+use weft_node::config::ConfigStore;
+use weft_node::netns::PodNetns;
+use weft_node::proxy::l7::{self, ConnCtx};
+use weft_node::proxy::state::{LocalPod, ProxyOptions, ProxyState};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Mode {
+    Direct,
+    L4,
+    L7,
+    /// Through an in-memory HTTP/2 CONNECT tunnel (HBONE without TLS), copied.
+    HboneL4,
+    /// Through the tunnel, served at L7 on the destination side.
+    HboneL7,
+    All,
+}
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, value_enum, default_value_t = Mode::All)]
+    mode: Mode,
+    /// Requests per mode (after 1,000 warm-up requests).
+    #[arg(long, default_value_t = 50_000)]
+    requests: u64,
+    /// Rounds per mode (interleaved); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Access log as in production (rate-limited records); off to see its share.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+}
+
+// The node agent's allocator, so allocation costs are the agent's.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+const WORKLOAD: &str = "Workload/bench/server";
+const PRINCIPAL: &str = "td.local/ns/bench/sa/client";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let app = start_app().await?;
+    let state = proxy_state(app, args.access_log)?;
+    let netns = Arc::new(PodNetns::open("/proc/self/ns/net")?);
+    let modes: Vec<Mode> = match args.mode {
+        Mode::All => vec![
+            Mode::Direct,
+            Mode::L4,
+            Mode::L7,
+            Mode::HboneL4,
+            Mode::HboneL7,
+        ],
+        m => vec![m],
+    };
+    let mut cpu: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let mut wall: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    for round in 0..args.rounds {
+        for &m in &modes {
+            let (c, w) = measure(m, app, &state, &netns, args.requests).await?;
+            println!(
+                "round {}: {:<6} {:>7.2} us CPU/request, {:>7.2} us/request",
+                round + 1,
+                name(m),
+                c,
+                w
+            );
+            cpu.entry(name(m)).or_default().push(c);
+            wall.entry(name(m)).or_default().push(w);
+        }
+    }
+    println!(
+        "\nmedians over {} rounds of {} requests:",
+        args.rounds, args.requests
+    );
+    for &m in &modes {
+        println!(
+            "{:<6} {:>7.2} us CPU/request  {:>7.2} us/request",
+            name(m),
+            median(&cpu[name(m)]),
+            median(&wall[name(m)])
+        );
+    }
+    for (l4, l7) in [("l4", "l7"), ("hbone-l4", "hbone-l7")] {
+        if let (Some(a), Some(b)) = (cpu.get(l4), cpu.get(l7)) {
+            println!(
+                "{l7} adds {:.2} us CPU per request over {l4}",
+                median(b) - median(a)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn name(m: Mode) -> &'static str {
+    match m {
+        Mode::Direct => "direct",
+        Mode::L4 => "l4",
+        Mode::L7 => "l7",
+        Mode::HboneL4 => "hbone-l4",
+        Mode::HboneL7 => "hbone-l7",
+        Mode::All => "all",
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The process's CPU time (user + system).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// A minimal HTTP/1.1 application answering every request with 200 and a short body.
+async fn start_app() -> anyhow::Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        bytes::Bytes::from_static(b"hello from the app\n"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A node's proxy state holding the server workload and an ALLOW policy on method
+/// and path for it (so requests are parsed and authorized).
+fn proxy_state(app: SocketAddr, access_log: bool) -> anyhow::Result<Arc<ProxyState>> {
+    let config = ConfigStore::new("node-b");
+    let workload = pb::Workload {
+        uid: "server-uid".into(),
+        name: "server".into(),
+        namespace: "bench".into(),
+        service_account: "server".into(),
+        node: "node-b".into(),
+        ips: vec![app.ip().to_string()],
+        enrolled: true,
+        spiffe_id: "spiffe://td.local/ns/bench/sa/server".into(),
+        labels: [("app".to_string(), "server".to_string())].into(),
+        ..Default::default()
+    };
+    let policy = pb::AuthorizationPolicy {
+        name: "l7-allow".into(),
+        namespace: "bench".into(),
+        selector: [("app".to_string(), "server".to_string())].into(),
+        action: pb::authorization_policy::Action::Allow as i32,
+        rules: vec![pb::Rule {
+            to: vec![pb::Operation {
+                methods: vec!["GET".into()],
+                paths: vec!["/api/*".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        mesh_wide: false,
+    };
+    let rejected = config.apply(&pb::ConfigUpdate {
+        initial: true,
+        upserts: vec![
+            pb::Resource {
+                key: WORKLOAD.into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::Workload(workload)),
+            },
+            pb::Resource {
+                key: "AuthorizationPolicy/bench/l7-allow".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::AuthorizationPolicy(policy)),
+            },
+        ],
+        ..Default::default()
+    });
+    anyhow::ensure!(rejected.is_empty(), "config rejected: {rejected:?}");
+    let opts = ProxyOptions {
+        mark: 0,
+        lb: Default::default(),
+        hbone_idle: Duration::from_secs(60),
+        access_log: weft_node::proxy::access_log::AccessLogSettings {
+            enabled: access_log,
+            rate: 100,
+        },
+    };
+    Ok(ProxyState::new(
+        config,
+        Default::default(),
+        Arc::new(weft_node::metrics::Metrics::new()),
+        opts,
+        None,
+    ))
+}
+
+/// Runs warm-up plus `n` requests through `mode`; returns (CPU us, wall us) per request.
+async fn measure(
+    mode: Mode,
+    app: SocketAddr,
+    state: &Arc<ProxyState>,
+    netns: &Arc<PodNetns>,
+    n: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let mut send = match mode {
+        Mode::Direct => {
+            let s = tokio::net::TcpStream::connect(app).await?;
+            s.set_nodelay(true)?;
+            client(s).await?
+        }
+        Mode::L4 => {
+            let (down, proxy_end) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(async move {
+                let mut proxy_end = proxy_end;
+                if let Ok(mut up) = tokio::net::TcpStream::connect(app).await {
+                    let _ = up.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut proxy_end, &mut up).await;
+                }
+            });
+            client(down).await?
+        }
+        Mode::L7 => {
+            let (down, proxy_end) = tokio::io::duplex(64 * 1024);
+            let ctx = l7_ctx(state, netns, app)?;
+            tokio::spawn(async move {
+                if let Err(e) = l7::serve(proxy_end, ctx).await {
+                    eprintln!("l7::serve: {e:#}");
+                }
+            });
+            client(down).await?
+        }
+        Mode::HboneL4 | Mode::HboneL7 => {
+            let l7 = mode == Mode::HboneL7;
+            let ctx = if l7 {
+                Some(l7_ctx(state, netns, app)?)
+            } else {
+                None
+            };
+            let tunnel = hbone_pair(app, ctx).await?;
+            // The source side: the client's TCP connection copied into the tunnel.
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            tokio::spawn(async move {
+                if let Ok((mut s, _)) = l.accept().await {
+                    let _ = s.set_nodelay(true);
+                    let _ = weft_node::proxy::tunnel::copy(&mut s, tunnel).await;
+                }
+            });
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            client(s).await?
+        }
+        Mode::All => unreachable!("expanded by the caller"),
+    };
+    for _ in 0..1000 {
+        request(&mut send).await?;
+    }
+    let (c0, t0) = (cpu_time(), Instant::now());
+    for _ in 0..n {
+        request(&mut send).await?;
+    }
+    let (c, t) = (cpu_time() - c0, t0.elapsed());
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    Ok((per(c), per(t)))
+}
+
+fn l7_ctx(
+    state: &Arc<ProxyState>,
+    netns: &Arc<PodNetns>,
+    app: SocketAddr,
+) -> anyhow::Result<ConnCtx> {
+    let snap = state.config.snapshot();
+    let workload = snap
+        .workloads
+        .get(WORKLOAD)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no workload"))?;
+    let plan = state
+        .l7_plan(&workload, app.port())
+        .ok_or_else(|| anyhow::anyhow!("the policy does not make the port L7"))?;
+    let peer: SocketAddr = "127.0.0.2:40000".parse()?;
+    let attrs = Attributes {
+        source_ip: Some(peer.ip()),
+        destination_ip: Some(app.ip()),
+        destination_port: app.port(),
+        principal: Some(PRINCIPAL.into()),
+        request: None,
+        l7_pending: true,
+    };
+    let labels = weft_node::proxy::metrics::labels("destination", None, Some(&workload), true);
+    Ok(ConnCtx::new(
+        state.clone(),
+        LocalPod {
+            workload,
+            netns: netns.clone(),
+        },
+        app,
+        peer,
+        attrs,
+        Some(format!("spiffe://{PRINCIPAL}")),
+        plan,
+        labels,
+    ))
+}
+
+/// An HTTP/2 CONNECT stream between a source and a destination side over an
+/// in-memory pipe (HBONE without TLS). The destination side serves the stream at L4
+/// (copy to the app) or, given a context, at L7. Returns the source side's tunnel.
+async fn hbone_pair(
+    app: SocketAddr,
+    ctx: Option<ConnCtx>,
+) -> anyhow::Result<weft_node::proxy::tunnel::Tunnel> {
+    use weft_node::proxy::tunnel::{Tunnel, TunnelIo};
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let Ok(mut conn) = h2::server::handshake(b).await else {
+            return;
+        };
+        let Some(Ok((req, mut respond))) = conn.accept().await else {
+            return;
+        };
+        tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
+        let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        let t = Tunnel {
+            send,
+            recv: req.into_body(),
+        };
+        match ctx {
+            Some(ctx) => {
+                if let Err(e) = l7::serve(TunnelIo::new(t), ctx).await {
+                    eprintln!("l7::serve: {e:#}");
+                }
+            }
+            None => {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(app).await {
+                    let _ = up.set_nodelay(true);
+                    let _ = weft_node::proxy::tunnel::copy(&mut up, t).await;
+                }
+            }
+        }
+    });
+    let (mut send, conn) = h2::client::handshake(a).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(app.to_string())
+        .body(())?;
+    let (resp, stream) = send.send_request(req, false)?;
+    let resp = resp.await?;
+    anyhow::ensure!(resp.status() == 200, "CONNECT: {}", resp.status());
+    Ok(Tunnel {
+        send: stream,
+        recv: resp.into_body(),
+    })
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>;
+
+async fn client<S>(io: S) -> anyhow::Result<Sender>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+async fn request(send: &mut Sender) -> anyhow::Result<()> {
+    let req = http::Request::get("/api/items?id=7")
+        .header(http::header::HOST, "server.bench.svc")
+        .header(http::header::USER_AGENT, "weft-bench")
+        .body(Empty::new())?;
+    send.ready().await?;
+    let resp = send.send_request(req).await?;
+    anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(body.len() == 19, "body {} bytes", body.len());
+    Ok(())
+}
