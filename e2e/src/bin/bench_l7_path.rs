@@ -7,7 +7,10 @@
 //! - `l7`: the proxy runs `proxy::l7::serve` with an ALLOW policy on method and
 //!   path, exactly as on the destination node (parse, normalize, authorize, forward,
 //!   metrics, access log);
-//! - `direct`: the client talks to the server with no proxy (reference).
+//! - `direct`: the client talks to the server with no proxy (reference);
+//! - `hbone-l4`, `hbone-l7`: the same behind an HTTP/2 CONNECT tunnel over an
+//!   in-memory pipe (HBONE without TLS), as the destination node receives it;
+//! - `l7-c`: `l7` plus the C example plugin.
 //!
 //! The process's CPU time per request, and the difference `l7 - l4`, are the L7
 //! path's cost with nothing else on the machine in the way. Under
@@ -37,6 +40,9 @@ enum Mode {
     HboneL4,
     /// Through the tunnel, served at L7 on the destination side.
     HboneL7,
+    /// `l7` plus the C example plugin (`make plugins` builds it).
+    #[value(name = "l7-c")]
+    L7C,
     All,
 }
 
@@ -50,6 +56,11 @@ struct Args {
     /// Rounds per mode (interleaved); the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Count instructions instead (exact, unlike CPU time on a shared host): runs
+    /// this benchmark under `valgrind --tool=callgrind` with 1,000 and 3,000
+    /// requests per mode and prints the difference per request.
+    #[arg(long)]
+    instructions: bool,
     /// Access log as in production (rate-limited records); off to see its share.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
@@ -64,6 +75,9 @@ const PRINCIPAL: &str = "td.local/ns/bench/sa/client";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.instructions {
+        return count_instructions(&args);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -81,6 +95,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Mode::L7,
             Mode::HboneL4,
             Mode::HboneL7,
+            Mode::L7C,
         ],
         m => vec![m],
     };
@@ -112,11 +127,59 @@ async fn run(args: Args) -> anyhow::Result<()> {
             median(&wall[name(m)])
         );
     }
-    for (l4, l7) in [("l4", "l7"), ("hbone-l4", "hbone-l7")] {
+    for (l4, l7) in [("l4", "l7"), ("hbone-l4", "hbone-l7"), ("l7", "l7-c")] {
         if let (Some(a), Some(b)) = (cpu.get(l4), cpu.get(l7)) {
             println!(
                 "{l7} adds {:.2} us CPU per request over {l4}",
                 median(b) - median(a)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Instructions per request of each mode, from two callgrind runs of this binary.
+fn count_instructions(args: &Args) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let modes: Vec<Mode> = match args.mode {
+        Mode::All => vec![
+            Mode::Direct,
+            Mode::L4,
+            Mode::L7,
+            Mode::HboneL4,
+            Mode::HboneL7,
+            Mode::L7C,
+        ],
+        m => vec![m],
+    };
+    let collected = |m: Mode, requests: u64| -> anyhow::Result<u64> {
+        let out = std::process::Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&exe)
+            .args(["--mode", name(m), "--rounds", "1", "--requests"])
+            .arg(requests.to_string())
+            .args(["--access-log", &args.access_log.to_string()])
+            .output()
+            .map_err(|e| anyhow::anyhow!("running valgrind (apt-get install valgrind): {e}"))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "{} under callgrind: {err}", name(m));
+        err.lines()
+            .find_map(|l| l.split("Collected :").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no instruction count from callgrind: {err}"))
+    };
+    let mut per: HashMap<&'static str, u64> = HashMap::new();
+    println!("instructions per request (callgrind, 3,000 minus 1,000 requests):");
+    for &m in &modes {
+        let n = (collected(m, 3000)? - collected(m, 1000)?) / 2000;
+        println!("{:<9} {n:>7}", name(m));
+        per.insert(name(m), n);
+    }
+    for (a, b) in [("l4", "l7"), ("hbone-l4", "hbone-l7"), ("l7", "l7-c")] {
+        if let (Some(x), Some(y)) = (per.get(a), per.get(b)) {
+            println!(
+                "{b} adds {} instructions per request over {a}",
+                *y as i64 - *x as i64
             );
         }
     }
@@ -130,6 +193,7 @@ fn name(m: Mode) -> &'static str {
         Mode::L7 => "l7",
         Mode::HboneL4 => "hbone-l4",
         Mode::HboneL7 => "hbone-l7",
+        Mode::L7C => "l7-c",
         Mode::All => "all",
     }
 }
@@ -262,9 +326,12 @@ async fn measure(
             });
             client(down).await?
         }
-        Mode::L7 => {
+        Mode::L7 | Mode::L7C => {
             let (down, proxy_end) = tokio::io::duplex(64 * 1024);
-            let ctx = l7_ctx(state, netns, app)?;
+            let mut ctx = l7_ctx(state, netns, app)?;
+            if mode == Mode::L7C {
+                ctx.plan.plugins = vec![c_plugin()?];
+            }
             tokio::spawn(async move {
                 if let Err(e) = l7::serve(proxy_end, ctx).await {
                     eprintln!("l7::serve: {e:#}");
@@ -399,6 +466,23 @@ async fn hbone_pair(
         send: stream,
         recv: resp.into_body(),
     })
+}
+
+/// The C example plugin, configured to let the client through and add its header.
+fn c_plugin() -> anyhow::Result<Arc<weft_node::wasm::plugin::Plugin>> {
+    let bytes = std::fs::read(weft_e2e::plugin_path("peer_gate_c")?)?;
+    let engine = weft_node::wasm::engine::WasmEngine::new()?;
+    let spec = pb::WasmPlugin {
+        name: "c".into(),
+        namespace: "bench".into(),
+        sha256: "c".into(),
+        plugin_name: "c".into(),
+        plugin_config: r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"c"}"#.into(),
+        ..Default::default()
+    };
+    let p = weft_node::wasm::plugin::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
+    anyhow::ensure!(p.load_error().is_none(), "{:?}", p.load_error());
+    Ok(Arc::new(p))
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>;

@@ -52,6 +52,10 @@ pub struct HttpState {
     pub response: Vec<(String, String)>,
     pub props: Option<Arc<ConnProps>>,
     pub local_reply: Option<LocalReply>,
+    /// A plugin changed the request (response) headers since the host last
+    /// cleared the flag: only then are they written back to the message.
+    pub request_changed: bool,
+    pub response_changed: bool,
 }
 
 /// Memory cap, recording whether the plugin hit it.
@@ -130,6 +134,16 @@ impl HostState {
             MAP_RESPONSE_HEADERS => Some(&mut self.http.response),
             _ => None,
         }
+    }
+
+    /// The map of type `t`, to be changed: marks it changed.
+    fn map_mut(&mut self, t: i32) -> Option<&mut Vec<(String, String)>> {
+        match t {
+            MAP_REQUEST_HEADERS => self.http.request_changed = true,
+            MAP_RESPONSE_HEADERS => self.http.response_changed = true,
+            _ => return None,
+        }
+        self.map(t)
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
@@ -500,7 +514,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(pairs) = parse_pairs(&bytes) else {
                 return BAD_ARGUMENT;
             };
-            let Some(map) = c.data_mut().map(t) else {
+            let Some(map) = c.data_mut().map_mut(t) else {
                 return BAD_ARGUMENT;
             };
             *map = pairs
@@ -526,7 +540,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     return BAD_ARGUMENT;
                 }
                 let k = k.to_ascii_lowercase();
-                let Some(map) = c.data_mut().map(t) else {
+                let Some(map) = c.data_mut().map_mut(t) else {
                     return BAD_ARGUMENT;
                 };
                 if mode == 1 {
@@ -559,7 +573,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return INVALID_MEMORY_ACCESS;
             };
             let k = k.to_ascii_lowercase();
-            let Some(map) = c.data_mut().map(t) else {
+            let Some(map) = c.data_mut().map_mut(t) else {
                 return BAD_ARGUMENT;
             };
             map.retain(|(x, _)| *x != k);

@@ -86,10 +86,24 @@ fn response_view<B>(resp: &http::Response<B>) -> Vec<(String, String)> {
     v
 }
 
-/// Applies the plugins' view of the headers back onto a header map.
+/// Applies the plugins' view of the headers back onto a header map. When the view
+/// is the map's fields in order plus new ones at the end (a plugin added headers),
+/// only those are appended; otherwise the map is rebuilt from the view.
 fn apply_headers(map: &mut http::HeaderMap, view: &[(String, String)]) {
-    map.clear();
-    for (k, v) in view.iter().filter(|(k, _)| !k.starts_with(':')) {
+    fn field(p: &&(String, String)) -> bool {
+        !p.0.starts_with(':')
+    }
+    let mut fields = view.iter().filter(field);
+    let unchanged_prefix = map.iter().all(|(k, v)| {
+        fields
+            .next()
+            .is_some_and(|(vk, vv)| vk == k.as_str() && vv.as_bytes() == v.as_bytes())
+    });
+    if !unchanged_prefix {
+        map.clear();
+        fields = view.iter().filter(field);
+    }
+    for (k, v) in fields {
         if let (Ok(k), Ok(v)) = (
             http::HeaderName::from_bytes(k.as_bytes()),
             http::HeaderValue::from_str(v),
@@ -244,7 +258,9 @@ async fn process(
                 }
             }
         }
-        apply_headers(req.headers_mut(), &view.request);
+        if std::mem::take(&mut view.request_changed) {
+            apply_headers(req.headers_mut(), &view.request);
+        }
     }
     if ctx.plan.authz_http {
         let d = ctx
@@ -275,7 +291,9 @@ async fn process(
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
         }
-        apply_headers(req.headers_mut(), &view.request);
+        if std::mem::take(&mut view.request_changed) {
+            apply_headers(req.headers_mut(), &view.request);
+        }
     }
     // Forward. An upgrade (WebSocket...) is spliced after the 101.
     let downstream_upgrade = req
@@ -307,13 +325,16 @@ async fn process(
     }
     if !ran.entries.is_empty() {
         view.response = response_view(&resp);
+        view.response_changed = false;
         let eos = hyper::body::Body::is_end_stream(resp.body());
         if let Some((r, plugin)) = chain::run_response(&ran, &mut view, eos) {
             *decided_by = Some(format!("wasm:{plugin}"));
             chain::finish(ran, &mut view);
             return local(r);
         }
-        apply_headers(resp.headers_mut(), &view.response);
+        if view.response_changed {
+            apply_headers(resp.headers_mut(), &view.response);
+        }
         chain::finish(ran, &mut view);
     }
     resp.map(Either::Left)
@@ -334,4 +355,72 @@ fn finish_local(
     apply_headers(resp.headers_mut(), &view.response);
     chain::finish(ran, &mut view);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    fn view(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn fields(m: &http::HeaderMap) -> Vec<(String, String)> {
+        pairs(m).collect()
+    }
+
+    #[test]
+    fn applied_headers_equal_the_plugins_view() {
+        let before = [
+            ("content-type", "text/plain"),
+            ("set-cookie", "a"),
+            ("set-cookie", "b"),
+        ];
+        let cases: [&[(&str, &str)]; 5] = [
+            // unchanged
+            &before,
+            // a header added at the end
+            &[
+                ("content-type", "text/plain"),
+                ("set-cookie", "a"),
+                ("set-cookie", "b"),
+                ("x-added", "1"),
+            ],
+            // a value replaced
+            &[
+                ("content-type", "text/html"),
+                ("set-cookie", "a"),
+                ("set-cookie", "b"),
+            ],
+            // a header removed from the middle, one added
+            &[
+                ("content-type", "text/plain"),
+                ("set-cookie", "b"),
+                ("x-added", "1"),
+            ],
+            // everything removed
+            &[],
+        ];
+        for want in cases {
+            let mut m = map(&before);
+            let mut v = view(&[(":status", "200")]);
+            v.extend(view(want));
+            apply_headers(&mut m, &v);
+            assert_eq!(fields(&m), view(want), "{want:?}");
+        }
+    }
 }
