@@ -61,8 +61,10 @@ struct Args {
     /// requests per mode and prints the difference per request.
     #[arg(long)]
     instructions: bool,
-    /// Access log as in production (rate-limited records); off to see its share.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Access log records (stderr). They are rate-limited per second, so their
+    /// share per request depends on the request rate (under callgrind, every
+    /// request would be logged): off by default.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     access_log: bool,
 }
 
@@ -78,6 +80,10 @@ fn main() -> anyhow::Result<()> {
     if args.instructions {
         return count_instructions(&args);
     }
+    // The agent's logging (info): without a subscriber, `tracing` hands every
+    // disabled span to `log` (kube-client turns that feature on), which costs
+    // thousands of instructions per request in h2 that the agent does not pay.
+    weft_api::logging::init(weft_api::logging::LogFormat::Text);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
