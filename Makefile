@@ -55,6 +55,7 @@ bench: setup plugins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-proxy
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7 -- --pinned
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7-path -- --instructions
 
 clean:
 	$(CARGO) clean
