@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build plugins demo test lint fmt crds bench clean
+.PHONY: all setup build plugins demo test lint fmt crds bench images clean
 
 all: build
 
@@ -47,6 +47,12 @@ fmt:
 crds:
 	$(CARGO) run -q -p weft-control-plane -- crds --out crds
 	cp crds/*.yaml charts/weft/crds/
+
+# Container images as OCI archives in target/images/ (no container engine needed;
+# push with skopeo, see README.md "Installing on Kubernetes").
+images: setup
+	$(CARGO) build --release --workspace --bins
+	images/build
 
 bench: setup plugins
 	$(CARGO) build --release --workspace --bins
