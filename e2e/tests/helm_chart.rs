@@ -46,7 +46,14 @@ fn helm_chart_lints_renders_and_validates() {
         std::fs::write(&stamp, &wanted).unwrap();
     }
     let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft/tests");
+    // The suite's binaries, to check the rendered command lines against.
+    let bin_dir = weft_e2e::bin_path("weft-node")
+        .expect("weft-node binary")
+        .parent()
+        .expect("binary directory")
+        .to_path_buf();
     run(Command::new(&python)
         .args(["-m", "unittest", "discover", "-v", "-s"])
-        .arg(&tests));
+        .arg(&tests)
+        .env("WEFT_BIN_DIR", &bin_dir));
 }

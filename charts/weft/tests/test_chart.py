@@ -6,7 +6,9 @@ Run by `cargo test` (e2e/tests/helm_chart.rs), which prepares a virtualenv; by h
 """
 
 import json
+import os
 import pathlib
+import subprocess
 import unittest
 
 import helm_python as helm
@@ -46,6 +48,10 @@ VARIATIONS = {
 }
 
 
+# The binary each workload's image runs when a container sets no `command`.
+ENTRYPOINT = {"DaemonSet": "weft-node", "Deployment": "weft-control-plane"}
+
+
 def render(values):
     with helm.Chart.load(str(CHART)) as chart:
         out = chart.render(values, name="weft", namespace="weft-system", is_install=True)
@@ -69,6 +75,33 @@ def leaf_paths(d, prefix=""):
 
 
 class ChartTests(unittest.TestCase):
+    def test_binaries_accept_every_container_command_line(self):
+        """Every container's command line, as rendered, is accepted by the binary it
+        runs: with `--help` appended, the binary exits 0 only after parsing every
+        argument before it. (The chart once passed `--bin-dir=...` to an installer
+        that only took `--bin-dir ...`.)"""
+        bin_dir = os.environ.get("WEFT_BIN_DIR")
+        self.assertTrue(bin_dir, "set WEFT_BIN_DIR to the built binaries (e2e/tests/helm_chart.rs does)")
+        checked = 0
+        for name, values in VARIATIONS.items():
+            for _, d in render(values):
+                if d["kind"] not in ENTRYPOINT:
+                    continue
+                spec = d["spec"]["template"]["spec"]
+                for c in spec.get("initContainers", []) + spec["containers"]:
+                    argv = (c.get("command") or [ENTRYPOINT[d["kind"]]]) + c.get("args", [])
+                    r = subprocess.run(
+                        [os.path.join(bin_dir, argv[0])] + argv[1:] + ["--help"],
+                        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                    )
+                    self.assertEqual(
+                        r.returncode, 0,
+                        f"{name}: {d['kind']} container {c['name']}: {' '.join(argv)}\n{r.stderr}",
+                    )
+                    checked += 1
+        # Per variation: the node's installer and agent, the control plane.
+        self.assertEqual(checked, 3 * len(VARIATIONS))
+
     def test_lint_is_clean(self):
         for name, values in VARIATIONS.items():
             r = helm.lint(str(CHART), values, strict=True, namespace="weft-system")

@@ -7,34 +7,43 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `weft-cni install`: copies this binary into the host's CNI bin directory and
+/// chains it after the cluster network plugin in the first `.conflist`.
+#[derive(clap::Parser, Debug)]
+#[command(name = "weft-cni install", version)]
+struct InstallArgs {
+    /// The host's CNI bin directory, as mounted in this container.
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The host's CNI configuration directory, as mounted in this container.
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The node agent's CNI socket, as the plugin will see it on the host.
+    #[arg(long, default_value = weft_node::cni::plugin::DEFAULT_SOCKET)]
+    socket: String,
+    /// How long to wait for the cluster network plugin's `.conflist`.
+    #[arg(long, default_value_t = 300)]
+    wait_seconds: u64,
+}
+
 fn install(args: &[String]) -> i32 {
-    let mut bin_dir = PathBuf::from("/host/opt/cni/bin");
-    let mut conf_dir = PathBuf::from("/host/etc/cni/net.d");
-    let mut socket = weft_node::cni::plugin::DEFAULT_SOCKET.to_string();
-    let mut wait = Duration::from_secs(300);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let Some(value) = it.next() else {
-            eprintln!("weft-cni install: {flag} needs a value");
-            return 2;
-        };
-        match flag.as_str() {
-            "--bin-dir" => bin_dir = value.into(),
-            "--conf-dir" => conf_dir = value.into(),
-            "--socket" => socket = value.clone(),
-            "--wait-seconds" => match value.parse() {
-                Ok(s) => wait = Duration::from_secs(s),
-                Err(e) => {
-                    eprintln!("weft-cni install: --wait-seconds {value:?}: {e}");
-                    return 2;
-                }
-            },
-            other => {
-                eprintln!("weft-cni install: unknown flag {other} (known: --bin-dir, --conf-dir, --socket, --wait-seconds)");
-                return 2;
-            }
+    use clap::Parser;
+    let a = match InstallArgs::try_parse_from(
+        std::iter::once("weft-cni install".to_string()).chain(args.iter().cloned()),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            // --help and --version print and succeed; bad flags print and fail.
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
         }
-    }
+    };
+    let (bin_dir, conf_dir, socket, wait) = (
+        a.bin_dir,
+        a.conf_dir,
+        a.socket,
+        Duration::from_secs(a.wait_seconds),
+    );
     let me = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
