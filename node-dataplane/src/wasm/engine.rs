@@ -1,14 +1,97 @@
 //! The shared wasmtime engine: one per process, with an epoch ticker that bounds
 //! the time of every plugin callback, and compiled modules cached by sha256.
+//!
+//! The ticker advances the epoch every millisecond while plugin code may run. After
+//! a second with no plugin code running it parks, so an idle node does not wake up
+//! a thousand times a second; the next call into plugin code wakes it before the
+//! call starts.
 
 use super::WasmError;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 use wasmtime::{Config, Engine, Module, OptLevel};
 
 /// How often the epoch advances: a callback's deadline is counted in these ticks.
 pub const TICK: Duration = Duration::from_millis(1);
+
+/// Ticks with no plugin code running after which the ticker parks (1 s).
+const PARK_AFTER_TICKS: u32 = 1000;
+
+/// Whether the epoch must advance: calls into plugin code in progress, and how long
+/// none has been.
+#[derive(Default)]
+pub struct Ticker {
+    running: AtomicUsize,
+    idle_ticks: AtomicU32,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+/// Plugin code may run while this lives (see [`Ticker::enter`]).
+pub struct Running<'a>(&'a Ticker);
+
+impl Ticker {
+    /// Marks plugin code as running (instantiation or a callback) until the guard
+    /// drops, waking the ticker first if it is parked, so the call's deadline ticks.
+    pub fn enter(&self) -> Running<'_> {
+        // With `park`: each side writes its flag, then reads the other's (all SeqCst),
+        // so at least one of them sees the other: either this call wakes the ticker or
+        // the ticker sees the call and does not park.
+        self.running.fetch_add(1, SeqCst);
+        // Calls shorter than a tick are never seen running: they count as activity.
+        self.idle_ticks.store(0, SeqCst);
+        if self.parked.load(SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.parked.store(false, SeqCst);
+            self.wake.notify_one();
+        }
+        Running(self)
+    }
+
+    /// Is the ticker asleep (no plugin code ran for a while)?
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(SeqCst)
+    }
+
+    /// Called by the ticker after each tick: parks while no plugin code runs, once
+    /// none has for [`PARK_AFTER_TICKS`]. Returns false when the engine is gone.
+    fn park_if_idle(&self) -> bool {
+        if self.running.load(SeqCst) > 0 {
+            self.idle_ticks.store(0, SeqCst);
+            return true;
+        }
+        if self.idle_ticks.fetch_add(1, SeqCst) + 1 < PARK_AFTER_TICKS {
+            return true;
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.parked.store(true, SeqCst);
+        if self.running.load(SeqCst) > 0 {
+            self.parked.store(false, SeqCst);
+            return true;
+        }
+        while self.parked.load(SeqCst) && !self.stop.load(SeqCst) {
+            g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        self.idle_ticks.store(0, SeqCst);
+        !self.stop.load(SeqCst)
+    }
+
+    fn stop(&self) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.stop.store(true, SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, SeqCst);
+    }
+}
 
 pub use weft_api::wasm_abi::AbiVersion;
 
@@ -21,7 +104,14 @@ pub struct CompiledModule {
 
 pub struct WasmEngine {
     engine: Engine,
+    ticker: Arc<Ticker>,
     modules: Mutex<HashMap<String, Weak<CompiledModule>>>,
+}
+
+impl Drop for WasmEngine {
+    fn drop(&mut self) {
+        self.ticker.stop();
+    }
 }
 
 impl WasmEngine {
@@ -36,9 +126,11 @@ impl WasmEngine {
         let engine = Engine::new(&cfg).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
         let me = Arc::new(Self {
             engine,
+            ticker: Arc::default(),
             modules: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&me);
+        let ticker = me.ticker.clone();
         std::thread::Builder::new()
             .name("wasm-epoch".into())
             .spawn(move || loop {
@@ -47,6 +139,9 @@ impl WasmEngine {
                     Some(e) => e.engine.increment_epoch(),
                     None => return,
                 }
+                if !ticker.park_if_idle() {
+                    return;
+                }
             })
             .map_err(|e| WasmError::Engine(format!("epoch thread: {e}")))?;
         Ok(me)
@@ -54,6 +149,11 @@ impl WasmEngine {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The epoch ticker: plugin code must run inside [`Ticker::enter`].
+    pub fn ticker(&self) -> &Arc<Ticker> {
+        &self.ticker
     }
 
     /// Compiles `bytes` (once per sha256 while any plugin uses it) and checks the

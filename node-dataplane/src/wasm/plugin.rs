@@ -115,7 +115,7 @@ pub struct Plugin {
     slots: Vec<Mutex<Slot>>,
     next: AtomicUsize,
     /// Keeps the engine (and its epoch ticker, which bounds callbacks) alive.
-    _engine: Option<Arc<WasmEngine>>,
+    engine: Option<Arc<WasmEngine>>,
     /// FAIL_CLOSE: set after a runtime failure; every later request is refused.
     failed: Mutex<Option<WasmError>>,
     /// Built before its module arrived: replaced once it has.
@@ -180,7 +180,7 @@ impl Plugin {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            _engine: engine.ok().cloned(),
+            engine: engine.ok().cloned(),
             failed: Mutex::new(None),
             waiting_for_module: false,
             stats: PluginStats::default(),
@@ -191,6 +191,11 @@ impl Plugin {
     /// The ABI version the module was built for.
     pub fn abi(&self) -> Option<super::engine::AbiVersion> {
         self.module.as_ref().ok().map(|(m, _)| m.abi)
+    }
+
+    /// The epoch ticker of the plugin's engine.
+    pub fn engine_ticker(&self) -> Option<Arc<super::engine::Ticker>> {
+        self.engine.as_ref().map(|e| e.ticker().clone())
     }
 
     /// Why the plugin cannot run at all, if so.
@@ -261,7 +266,12 @@ impl Plugin {
                 .module
                 .as_ref()
                 .map_err(|e| self.unavailable(&e.to_string()))?;
-            match Vm::start(pre, &self.settings) {
+            let ticker = self
+                .engine
+                .as_ref()
+                .map(|e| e.ticker().clone())
+                .ok_or_else(|| self.unavailable("no wasm engine"))?;
+            match Vm::start(pre, &self.settings, ticker) {
                 Ok(vm) => {
                     if slot.generation > 0 {
                         self.stats.restarts.fetch_add(1, Ordering::Relaxed);

@@ -197,6 +197,35 @@ fn infinite_loop_is_stopped_at_the_deadline() {
 }
 
 #[test]
+fn the_epoch_ticker_parks_when_idle_and_still_bounds_the_next_callback() {
+    // The plugin's first instance starts (plugin code runs), then nothing runs.
+    let p = plugin(&module(LOOP, "(i32.const 0)", ""), "FAIL_OPEN");
+    let ticker = p.engine_ticker().expect("engine");
+    let t = std::time::Instant::now();
+    while !ticker.is_parked() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "the ticker did not park after 5 s without plugin code"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // An infinite loop now: the call wakes the ticker, so its deadline still fires
+    // (in a thread, so that a regression fails instead of hanging the suite).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = Arc::new(p);
+    let p2 = p.clone();
+    std::thread::spawn(move || {
+        let (o, _) = p2.on_request(&mut request("/"), true);
+        let _ = tx.send(o);
+    });
+    let o = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the looping callback was not stopped: the parked ticker never woke");
+    assert!(matches!(o, Outcome::Skipped), "{o:?}");
+    assert_eq!(p.stats.errors.lock().unwrap()["deadline"], 1);
+}
+
+#[test]
 fn memory_bomb_is_capped() {
     let bomb =
         "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (i32.const 0)";

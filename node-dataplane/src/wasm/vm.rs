@@ -3,8 +3,9 @@
 //! memory, `proc_exit`) poisons the instance: the owner drops it.
 
 use super::abi::{HostState, HttpState, ProcExit};
-use super::engine::TICK;
+use super::engine::{Ticker, TICK};
 use super::WasmError;
+use std::sync::Arc;
 use wasmtime::{Extern, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
 
 /// The root context's id; HTTP contexts are numbered from 2.
@@ -39,6 +40,8 @@ pub struct Vm {
     next_ctx: i32,
     deadline_ticks: u64,
     max_memory: u64,
+    /// Keeps the epoch advancing while this instance runs code.
+    ticker: Arc<Ticker>,
     /// HTTP contexts created and not yet deleted.
     pub live_contexts: usize,
 }
@@ -60,13 +63,21 @@ fn typed<P: WasmParams, R: WasmResults>(
 impl Vm {
     /// Instantiates, runs `_initialize`/`_start`, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
-    pub fn start(pre: &InstancePre<HostState>, s: &VmSettings) -> Result<Vm, WasmError> {
+    pub fn start(
+        pre: &InstancePre<HostState>,
+        s: &VmSettings,
+        ticker: Arc<Ticker>,
+    ) -> Result<Vm, WasmError> {
         let mut store = Store::new(pre.module().engine(), HostState::new(s));
         store.limiter(|h| &mut h.limits);
         let deadline_ticks = (s.deadline_ms.max(1) * 1000 / TICK.as_micros() as u64).max(1);
+        // A module's start function runs during instantiation: bounded like a callback.
+        let running = ticker.enter();
         store.set_epoch_deadline(deadline_ticks);
         store.epoch_deadline_trap();
-        let inst = pre.instantiate(&mut store).map_err(|e| {
+        let inst = pre.instantiate(&mut store);
+        drop(running);
+        let inst = inst.map_err(|e| {
             if store.data().limits.exceeded {
                 WasmError::Memory(s.max_memory)
             } else {
@@ -103,6 +114,7 @@ impl Vm {
             next_ctx: ROOT_CTX + 1,
             deadline_ticks,
             max_memory: s.max_memory,
+            ticker,
             live_contexts: 0,
         };
         if let Some(f) = init {
@@ -130,9 +142,11 @@ impl Vm {
         f: &TypedFunc<P, R>,
         p: P,
     ) -> Result<R, WasmError> {
+        let running = self.ticker.enter();
         self.store.set_epoch_deadline(self.deadline_ticks);
-        f.call(&mut self.store, p)
-            .map_err(|e| self.classify(what, e))
+        let r = f.call(&mut self.store, p);
+        drop(running);
+        r.map_err(|e| self.classify(what, e))
     }
 
     fn classify(&self, what: &'static str, e: wasmtime::Error) -> WasmError {
