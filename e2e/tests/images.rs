@@ -31,6 +31,23 @@ fn config(archive: &Path) -> serde_json::Value {
     serde_json::from_str(&json).expect("image config JSON")
 }
 
+/// The image runs `entrypoint` as `user` on linux/amd64.
+fn check_config(archive: &Path, entrypoint: &str, user: &str) {
+    let c = config(archive);
+    let what = archive.display();
+    assert_eq!(
+        c["config"]["Entrypoint"],
+        serde_json::json!([entrypoint]),
+        "{what}"
+    );
+    assert_eq!(c["config"]["User"], user, "{what}");
+    assert_eq!(
+        (c["os"].as_str(), c["architecture"].as_str()),
+        (Some("linux"), Some("amd64")),
+        "{what}"
+    );
+}
+
 /// Unpacks the image into `dir` and returns its root filesystem.
 fn unpack(archive: &Path, tag: &str, dir: &Path) -> PathBuf {
     let layout = dir.join("layout");
@@ -72,16 +89,8 @@ fn images_hold_what_the_chart_runs() {
         .arg(&out));
 
     let node = out.join(format!("weft-node-{tag}.oci.tar"));
-    let c = config(&node);
-    assert_eq!(
-        c["config"]["Entrypoint"],
-        serde_json::json!(["/usr/local/bin/weft-node"])
-    );
-    assert_eq!(c["config"]["User"], "0:0");
-    assert_eq!(
-        (c["os"].as_str(), c["architecture"].as_str()),
-        (Some("linux"), Some("amd64"))
-    );
+    // The agent runs as root (eBPF, netns), as the chart's securityContext says.
+    check_config(&node, "/usr/local/bin/weft-node", "0:0");
     let rootfs = unpack(&node, tag, &tmp.path().join("node"));
     let path = [("PATH", "/usr/local/bin")];
     assert!(in_root(&rootfs, &path, &["weft-node", "--version"]).starts_with("weft-node "));
@@ -101,13 +110,8 @@ fn images_hold_what_the_chart_runs() {
     assert!(version.contains("\"supportedVersions\""), "{version}");
 
     let cp = out.join(format!("weft-control-plane-{tag}.oci.tar"));
-    let c = config(&cp);
-    assert_eq!(
-        c["config"]["Entrypoint"],
-        serde_json::json!(["/usr/local/bin/weft-control-plane"])
-    );
     // The chart runs the control plane as 65532 (runAsUser) with its state on a volume.
-    assert_eq!(c["config"]["User"], "65532:65532");
+    check_config(&cp, "/usr/local/bin/weft-control-plane", "65532:65532");
     let rootfs = unpack(&cp, tag, &tmp.path().join("cp"));
     assert!(
         in_root(&rootfs, &path, &["weft-control-plane", "--version"])

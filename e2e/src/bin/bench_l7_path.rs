@@ -94,17 +94,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let app = start_app().await?;
     let state = proxy_state(app, args.access_log)?;
     let netns = Arc::new(PodNetns::open("/proc/self/ns/net")?);
-    let modes: Vec<Mode> = match args.mode {
-        Mode::All => vec![
-            Mode::Direct,
-            Mode::L4,
-            Mode::L7,
-            Mode::HboneL4,
-            Mode::HboneL7,
-            Mode::L7C,
-        ],
-        m => vec![m],
-    };
+    let modes = selected(args.mode);
     let mut cpu: HashMap<&'static str, Vec<f64>> = HashMap::new();
     let mut wall: HashMap<&'static str, Vec<f64>> = HashMap::new();
     for round in 0..args.rounds {
@@ -147,17 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// Instructions per request of each mode, from two callgrind runs of this binary.
 fn count_instructions(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let modes: Vec<Mode> = match args.mode {
-        Mode::All => vec![
-            Mode::Direct,
-            Mode::L4,
-            Mode::L7,
-            Mode::HboneL4,
-            Mode::HboneL7,
-            Mode::L7C,
-        ],
-        m => vec![m],
-    };
+    let modes = selected(args.mode);
     let collected = |m: Mode, requests: u64| -> anyhow::Result<u64> {
         let out = std::process::Command::new("valgrind")
             .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
@@ -190,6 +170,21 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The modes `m` stands for (`all`: every one, in the order they are reported).
+fn selected(m: Mode) -> Vec<Mode> {
+    match m {
+        Mode::All => vec![
+            Mode::Direct,
+            Mode::L4,
+            Mode::L7,
+            Mode::HboneL4,
+            Mode::HboneL7,
+            Mode::L7C,
+        ],
+        m => vec![m],
+    }
 }
 
 fn name(m: Mode) -> &'static str {
