@@ -38,7 +38,7 @@ impl Ticker {
     /// Marks plugin code as running (instantiation or a callback) until the guard
     /// drops, waking the ticker first if it is parked, so the call's deadline ticks.
     pub fn enter(&self) -> Running<'_> {
-        // With `park`: each side writes its flag, then reads the other's (all SeqCst),
+        // With `park_if_idle`: each side writes its flag, then reads the other's (SeqCst),
         // so at least one of them sees the other: either this call wakes the ticker or
         // the ticker sees the call and does not park.
         self.running.fetch_add(1, SeqCst);
