@@ -10,6 +10,9 @@
 //! - `direct`: the client talks to the server with no proxy (reference);
 //! - `hbone-l4`, `hbone-l7`: the same behind an HTTP/2 CONNECT tunnel over an
 //!   in-memory pipe (HBONE without TLS), as the destination node receives it;
+//! - `mtls-l4`, `mtls-l7`: the tunnel over the agent's mTLS (TLS 1.3, SVIDs from a
+//!   control-plane CA), so `mtls-l4 - direct` is the data path's user-space work per
+//!   round trip (both nodes' proxies), without the kernel's;
 //! - `l7-c`: `l7` plus the C example plugin.
 //!
 //! The process's CPU time per request, and the difference `l7 - l4`, are the L7
@@ -40,6 +43,13 @@ enum Mode {
     HboneL4,
     /// Through the tunnel, served at L7 on the destination side.
     HboneL7,
+    /// `hbone-l4` over the agent's mTLS (TLS 1.3, SVIDs from a control-plane CA):
+    /// the node-to-node data path's user-space work without the kernel's.
+    #[value(name = "mtls-l4")]
+    MtlsL4,
+    /// `hbone-l7` over the agent's mTLS.
+    #[value(name = "mtls-l7")]
+    MtlsL7,
     /// `l7` plus the C example plugin (`make plugins` builds it).
     #[value(name = "l7-c")]
     L7C,
@@ -123,7 +133,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             median(&wall[name(m)])
         );
     }
-    for (l4, l7) in [("l4", "l7"), ("hbone-l4", "hbone-l7"), ("l7", "l7-c")] {
+    for (l4, l7) in [
+        ("l4", "l7"),
+        ("hbone-l4", "hbone-l7"),
+        ("mtls-l4", "mtls-l7"),
+        ("direct", "mtls-l4"),
+        ("l7", "l7-c"),
+    ] {
         if let (Some(a), Some(b)) = (cpu.get(l4), cpu.get(l7)) {
             println!(
                 "{l7} adds {:.2} us CPU per request over {l4}",
@@ -161,7 +177,13 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
         println!("{:<9} {n:>7}", name(m));
         per.insert(name(m), n);
     }
-    for (a, b) in [("l4", "l7"), ("hbone-l4", "hbone-l7"), ("l7", "l7-c")] {
+    for (a, b) in [
+        ("l4", "l7"),
+        ("hbone-l4", "hbone-l7"),
+        ("mtls-l4", "mtls-l7"),
+        ("direct", "mtls-l4"),
+        ("l7", "l7-c"),
+    ] {
         if let (Some(x), Some(y)) = (per.get(a), per.get(b)) {
             println!(
                 "{b} adds {} instructions per request over {a}",
@@ -181,6 +203,8 @@ fn selected(m: Mode) -> Vec<Mode> {
             Mode::L7,
             Mode::HboneL4,
             Mode::HboneL7,
+            Mode::MtlsL4,
+            Mode::MtlsL7,
             Mode::L7C,
         ],
         m => vec![m],
@@ -194,6 +218,8 @@ fn name(m: Mode) -> &'static str {
         Mode::L7 => "l7",
         Mode::HboneL4 => "hbone-l4",
         Mode::HboneL7 => "hbone-l7",
+        Mode::MtlsL4 => "mtls-l4",
+        Mode::MtlsL7 => "mtls-l7",
         Mode::L7C => "l7-c",
         Mode::All => "all",
     }
@@ -340,14 +366,18 @@ async fn measure(
             });
             client(down).await?
         }
-        Mode::HboneL4 | Mode::HboneL7 => {
-            let l7 = mode == Mode::HboneL7;
+        Mode::HboneL4 | Mode::HboneL7 | Mode::MtlsL4 | Mode::MtlsL7 => {
+            let l7 = matches!(mode, Mode::HboneL7 | Mode::MtlsL7);
             let ctx = if l7 {
                 Some(l7_ctx(state, netns, app)?)
             } else {
                 None
             };
-            let tunnel = hbone_pair(app, ctx).await?;
+            let tls = match mode {
+                Mode::MtlsL4 | Mode::MtlsL7 => Some(mtls()?),
+                _ => None,
+            };
+            let tunnel = hbone_pair(app, ctx, tls.as_ref()).await?;
             // The source side: the client's TCP connection copied into the tunnel.
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = l.local_addr()?;
@@ -414,45 +444,128 @@ fn l7_ctx(
     ))
 }
 
-/// An HTTP/2 CONNECT stream between a source and a destination side over an
-/// in-memory pipe (HBONE without TLS). The destination side serves the stream at L4
-/// (copy to the app) or, given a context, at L7. Returns the source side's tunnel.
+/// The agent's mTLS configs for a client and a server workload, with SVIDs signed
+/// by a control-plane CA made for the run.
+struct Mtls {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn mtls() -> anyhow::Result<Mtls> {
+    use weft_control_plane::identity::ca::{Ca, CaOptions};
+    use weft_node::certs::{zeroizing::Secret, WorkloadCert};
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::load_or_create(&CaOptions {
+        state_dir: dir.path().to_path_buf(),
+        trust_domain: weft_api::spiffe::TrustDomain::new("td.local")?,
+        svid_ttl: Duration::from_secs(3600),
+        user_cert: None,
+        user_key: None,
+        user_bundle: None,
+    })?;
+    let svid = |id: &str| -> anyhow::Result<WorkloadCert> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into()?)];
+        let csr = p.serialize_request(&key)?;
+        let issued = ca.sign_svid(csr.der(), &weft_api::spiffe::SpiffeId::parse(id)?)?;
+        Ok(WorkloadCert {
+            spiffe_id: id.into(),
+            serial: issued.serial_hex,
+            not_before: std::time::SystemTime::now(),
+            not_after: issued.not_after,
+            chain_pem: issued.chain_pem,
+            trust_bundle_pem: ca.bundle_pem().into(),
+            key_pem: Secret(key.serialize_pem()),
+        })
+    };
+    let server_id = "spiffe://td.local/ns/bench/sa/server";
+    let (client, server) = (svid(&format!("spiffe://{PRINCIPAL}"))?, svid(server_id)?);
+    Ok(Mtls {
+        client: weft_node::proxy::tls::client_config(&client, ca.bundle_pem(), server_id)?,
+        server: weft_node::proxy::tls::server_config(&server, ca.bundle_pem())?,
+    })
+}
+
+/// An HBONE tunnel (HTTP/2 CONNECT, the agent's HTTP/2 settings) between a source
+/// and a destination side over an in-memory pipe, with the agent's mTLS if given.
+/// The destination side serves the stream at L4 (copy to the app) or, given a
+/// context, at L7. Returns the source side's tunnel.
 async fn hbone_pair(
     app: SocketAddr,
     ctx: Option<ConnCtx>,
+    tls: Option<&Mtls>,
 ) -> anyhow::Result<weft_node::proxy::tunnel::Tunnel> {
-    use weft_node::proxy::tunnel::{Tunnel, TunnelIo};
     let (a, b) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        let Ok(mut conn) = h2::server::handshake(b).await else {
-            return;
-        };
-        let Some(Ok((req, mut respond))) = conn.accept().await else {
-            return;
-        };
-        tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
-        let Ok(send) = respond.send_response(http::Response::new(()), false) else {
-            return;
-        };
-        let t = Tunnel {
-            send,
-            recv: req.into_body(),
-        };
-        match ctx {
-            Some(ctx) => {
-                if let Err(e) = l7::serve(TunnelIo::new(t), ctx).await {
-                    eprintln!("l7::serve: {e:#}");
+    match tls {
+        None => {
+            tokio::spawn(serve_hbone(b, app, ctx));
+            open_hbone(a, app).await
+        }
+        Some(m) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(m.server.clone());
+            tokio::spawn(async move {
+                match acceptor.accept(b).await {
+                    Ok(s) => serve_hbone(s, app, ctx).await,
+                    Err(e) => eprintln!("TLS accept: {e}"),
                 }
-            }
-            None => {
-                if let Ok(mut up) = tokio::net::TcpStream::connect(app).await {
-                    let _ = up.set_nodelay(true);
-                    let _ = weft_node::proxy::tunnel::copy(&mut up, t).await;
-                }
+            });
+            let name = rustls::pki_types::ServerName::IpAddress(app.ip().into());
+            let s = tokio_rustls::TlsConnector::from(m.client.clone())
+                .connect(name, a)
+                .await?;
+            open_hbone(s, app).await
+        }
+    }
+}
+
+/// The destination side of [`hbone_pair`].
+async fn serve_hbone<T>(io: T, app: SocketAddr, ctx: Option<ConnCtx>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use weft_node::proxy::tunnel::{Tunnel, TunnelIo};
+    let Ok(mut conn) = weft_node::proxy::hbone::h2_server()
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+    else {
+        return;
+    };
+    let Some(Ok((req, mut respond))) = conn.accept().await else {
+        return;
+    };
+    tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
+    let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+        return;
+    };
+    let t = Tunnel {
+        send,
+        recv: req.into_body(),
+    };
+    match ctx {
+        Some(ctx) => {
+            if let Err(e) = l7::serve(TunnelIo::new(t), ctx).await {
+                eprintln!("l7::serve: {e:#}");
             }
         }
-    });
-    let (mut send, conn) = h2::client::handshake(a).await?;
+        None => {
+            if let Ok(mut up) = tokio::net::TcpStream::connect(app).await {
+                let _ = up.set_nodelay(true);
+                let _ = weft_node::proxy::tunnel::copy(&mut up, t).await;
+            }
+        }
+    }
+}
+
+/// The source side of [`hbone_pair`]: one CONNECT stream to `app`.
+async fn open_hbone<T>(io: T, app: SocketAddr) -> anyhow::Result<weft_node::proxy::tunnel::Tunnel>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = weft_node::proxy::hbone::h2_client()
+        .handshake::<_, bytes::Bytes>(io)
+        .await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -463,7 +576,7 @@ async fn hbone_pair(
     let (resp, stream) = send.send_request(req, false)?;
     let resp = resp.await?;
     anyhow::ensure!(resp.status() == 200, "CONNECT: {}", resp.status());
-    Ok(Tunnel {
+    Ok(weft_node::proxy::tunnel::Tunnel {
         send: stream,
         recv: resp.into_body(),
     })

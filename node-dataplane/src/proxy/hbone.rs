@@ -23,6 +23,29 @@ pub const MAX_STREAMS_PER_CONN: usize = 100;
 /// Large HTTP/2 DATA frames: fewer frames (and TLS records) per byte in bulk transfers.
 const MAX_FRAME: u32 = 256 << 10;
 
+/// HTTP/2 settings of the HBONE client side (the source node): large windows and
+/// frames for bulk streams, no server push.
+pub fn h2_client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(1 << 20)
+        .enable_push(false);
+    b
+}
+
+/// HTTP/2 settings of the HBONE server side (the destination node).
+pub fn h2_server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(1 << 20);
+    b
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
     pub source_id: String,
@@ -197,14 +220,7 @@ pub async fn open(
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await?;
-            let (send, conn) = h2::client::Builder::new()
-                .initial_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20)
-                .max_frame_size(MAX_FRAME)
-                .max_send_buffer_size(1 << 20)
-                .enable_push(false)
-                .handshake::<_, Bytes>(tls)
-                .await?;
+            let (send, conn) = h2_client().handshake::<_, Bytes>(tls).await?;
             let closed = Arc::new(AtomicBool::new(false));
             let ended = closed.clone();
             tokio::spawn(async move {
@@ -284,12 +300,7 @@ async fn serve_conn(
         .unwrap_or(&peer_id)
         .to_string();
     let served_id = owner.workload.spiffe_id.clone();
-    let mut conn = h2::server::Builder::new()
-        .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
-        .initial_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
-        .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(1 << 20)
+    let mut conn = h2_server()
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
