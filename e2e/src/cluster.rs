@@ -668,7 +668,6 @@ impl LocalCluster {
         &self.pods[key]
     }
 
-    /// Starts `program args` in the pod's netns and cgroup (killed on drop).
     /// PIDs of the running node agents.
     pub fn agent_pids(&self) -> Vec<u32> {
         self.nodes

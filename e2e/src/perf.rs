@@ -1,7 +1,14 @@
-//! linux-perf helpers for the benchmarks: CPU profiles and syscall counts.
+//! Helpers for the benchmarks: linux-perf CPU profiles and syscall counts, and the
+//! median they report over rounds.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+/// The median of a benchmark's rounds (the upper middle value; 0 when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
 
 /// Starts `perf record` (cpu-clock, 999 Hz, call graphs) for `secs` seconds on the
 /// given CPUs (`-C`), or on all CPUs.
@@ -57,9 +64,10 @@ pub fn stat(pids: &[u32], out: &Path) -> anyhow::Result<Child> {
 /// Stops a `perf stat` (it writes its counts when interrupted) and returns
 /// (syscalls, context switches).
 pub fn stat_done(child: Child, out: &Path) -> (f64, f64) {
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
     let _ = child.wait_with_output();
     let mut counts = (0.0, 0.0);
     for line in std::fs::read_to_string(out).unwrap_or_default().lines() {

@@ -60,6 +60,7 @@ struct ConvertError {
     field: Option<String>,
     message: String,
 }
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send>>;
 
 /// A watcher of one kind as untyped objects, plus how to type them.

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;
+use weft_e2e::perf::median;
 use weft_e2e::{bin_path, plugin_path, wait_until};
 
 #[derive(Parser)]
@@ -86,11 +87,6 @@ fn wrk(c: &LocalCluster, url: &str, secs: u32, cpu: Option<usize>) -> anyhow::Re
     }
     anyhow::ensure!(r.rps > 0.0 && r.p50_us > 0.0, "unparsed wrk output: {out}");
     Ok(r)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 const POLICY: &str = r#"apiVersion: security.weft.dev/v1alpha1

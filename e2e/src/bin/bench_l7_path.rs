@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_api::authz::Attributes;
 use weft_api::pb;
+use weft_e2e::perf::median;
 use weft_node::config::ConfigStore;
 use weft_node::netns::PodNetns;
 use weft_node::proxy::l7::{self, ConnCtx};
@@ -129,8 +130,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "{:<6} {:>7.2} us CPU/request  {:>7.2} us/request",
             name(m),
-            median(&cpu[name(m)]),
-            median(&wall[name(m)])
+            median(cpu[name(m)].clone()),
+            median(wall[name(m)].clone())
         );
     }
     for (l4, l7) in [
@@ -143,7 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let (Some(a), Some(b)) = (cpu.get(l4), cpu.get(l7)) {
             println!(
                 "{l7} adds {:.2} us CPU per request over {l4}",
-                median(b) - median(a)
+                median(b.clone()) - median(a.clone())
             );
         }
     }
@@ -223,12 +224,6 @@ fn name(m: Mode) -> &'static str {
         Mode::L7C => "l7-c",
         Mode::All => "all",
     }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// The process's CPU time (user + system).

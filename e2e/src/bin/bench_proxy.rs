@@ -12,6 +12,7 @@ use clap::Parser;
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;
+use weft_e2e::perf::median;
 use weft_e2e::{bin_path, wait_until};
 
 #[derive(Parser)]
@@ -46,11 +47,6 @@ struct Row {
     /// CPU time of the mode's proxies (weft: both agents; relays: the relays) per
     /// pinned round trip.
     proxy_cpu_us: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Median of each figure over the rounds (RSS: the largest).

@@ -392,7 +392,6 @@ fn handle(
     state.counters.hbone_in.fetch_add(1, Ordering::Relaxed);
     let mark = state.mark;
     let attrs_l7 = attrs.clone();
-    let principal_l7 = principal.to_string();
     let reg = state.conns.register(target.workload.clone(), attrs);
     let source = state.workload_by_ip(peer.ip());
     let mut l = super::metrics::labels(
@@ -430,7 +429,7 @@ fn handle(
                     dst,
                     peer,
                     attrs_l7,
-                    Some(format!("spiffe://{principal_l7}")),
+                    Some(l.source_principal.clone()),
                     plan,
                     l.clone(),
                 );

@@ -202,12 +202,7 @@ impl ProxyState {
     /// Authorizes a connection to the local workload `dst`.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
         let compiled = self.compiled_policies();
-        let d = authz::evaluate(
-            compiled
-                .iter()
-                .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels)),
-            attrs,
-        );
+        let d = authz::evaluate(applicable(&compiled, dst), attrs);
         self.record_decision(&d);
         d
     }
@@ -222,14 +217,19 @@ impl ProxyState {
         attrs: impl FnOnce(bool) -> Attributes,
     ) -> Decision {
         let compiled = self.compiled_policies();
-        let applicable = || {
-            compiled
-                .iter()
-                .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels))
-        };
-        let attrs = attrs(applicable().any(|p| p.reads_request_headers()));
-        authz::evaluate(applicable(), &attrs)
+        let attrs = attrs(applicable(&compiled, dst).any(|p| p.reads_request_headers()));
+        authz::evaluate(applicable(&compiled, dst), &attrs)
     }
+}
+
+/// The policies in `compiled` that apply to the workload `dst`.
+fn applicable<'a>(
+    compiled: &'a [CompiledPolicy],
+    dst: &'a pb::Workload,
+) -> impl Iterator<Item = &'a CompiledPolicy> + 'a {
+    compiled
+        .iter()
+        .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels))
 }
 
 #[cfg(test)]
