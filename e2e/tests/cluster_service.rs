@@ -120,8 +120,40 @@ fn load_balancing_across_three_endpoints_is_even() {
 fn two_hundred_concurrent_long_lived_connections_for_thirty_seconds() {
     require_root();
     let app = bin_path("weft-testapp").unwrap();
-    let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+    // The agents also give back their code pages every second (default: every
+    // minute), so the 30 s below run while the proxy's code is unmapped and mapped
+    // again about 30 times.
+    let mut c =
+        LocalCluster::with_args(&["node-a", "node-b"], &[], &["--release-code-pages", "1s"])
+            .unwrap();
     let dst = c.mesh_pair().unwrap();
+    for node in ["node-a", "node-b"] {
+        let line = wait_until(Duration::from_secs(20), || {
+            c.agent_log(node)
+                .lines()
+                .find(|l| l.contains("gave back startup code pages"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("{node}: no code pages given back: {}", c.agent_log(node)));
+        // `name=1.5` in text logs, `"name":"1.5"` in JSON ones.
+        let field = |name: &str| -> f64 {
+            let rest = line
+                .split_once(&format!("{name}="))
+                .or_else(|| line.split_once(&format!("\"{name}\":\"")))
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .1;
+            let v: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            v.parse().unwrap_or_else(|_| panic!("{name} in {line}"))
+        };
+        eprintln!("{node}: {line}");
+        assert!(
+            field("released_mib") > 0.0 && field("rss_after_mib") < field("rss_before_mib"),
+            "{node}: {line}"
+        );
+    }
     let fds = |node: &str| -> usize {
         let pid = c.nodes[node].agent.as_ref().map(|p| p.pid()).unwrap_or(0);
         // The agent runs under `sh -c ... exec nsenter ... exec weft-node`: same pid.

@@ -22,6 +22,9 @@ pub struct Settings {
     pub certs: CertManagerSettings,
     /// Transparent capture (eBPF + CNI); `None` runs config and certificates only.
     pub capture: Option<CaptureSettings>,
+    /// How often to give back code pages not run since the last time (see
+    /// [`crate::memory`]); the first time is once the agent is ready. `None`: never.
+    pub release_code_pages: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,7 +154,7 @@ pub async fn start(
         config: config.clone(),
         certs: certs.clone(),
         metrics,
-        dataplane_ready,
+        dataplane_ready: dataplane_ready.clone(),
         pods: pods.clone(),
         proxy: proxy_state,
     };
@@ -165,6 +168,13 @@ pub async fn start(
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
+    }
+    if let Some(every) = s.release_code_pages {
+        tokio::spawn(release_code_pages(
+            every,
+            config.clone(),
+            dataplane_ready.clone(),
+        ));
     }
     let router = admin::router(admin_state);
     tracing::info!(node = %s.node, control_plane = %s.control_plane.address, admin = %admin_addr, "node agent started");
@@ -218,3 +228,63 @@ fn plugin_registry(
     tokio::spawn(reg.clone().run(config.clone()));
     Ok(reg)
 }
+
+/// Once the agent is ready (first config applied, capture set up) and has settled,
+/// and then every `every`, unmaps the code pages it does not run (see
+/// [`crate::memory`]).
+async fn release_code_pages(
+    every: std::time::Duration,
+    config: Arc<ConfigStore>,
+    dataplane_ready: Option<Arc<AtomicBool>>,
+) {
+    let mut versions = config.watch();
+    while !config.snapshot().synced {
+        if versions.changed().await.is_err() {
+            return;
+        }
+    }
+    if let Some(r) = dataplane_ready {
+        while !r.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    // Let the startup work that follows readiness (SVIDs, pod set-up) finish.
+    tokio::time::sleep(STARTUP_SETTLE).await;
+    let mut first = true;
+    loop {
+        let before = crate::memory::rss_bytes().unwrap_or(0);
+        let t = std::time::Instant::now();
+        match tokio::task::spawn_blocking(crate::memory::release_code_pages).await {
+            Ok(Ok(r)) => {
+                let took = t.elapsed();
+                let after = crate::memory::rss_bytes().unwrap_or(0);
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                if first {
+                    tracing::info!(
+                        released_mib = format_args!("{:.1}", mib(r.bytes)),
+                        rss_before_mib = format_args!("{:.1}", mib(before)),
+                        rss_after_mib = format_args!("{:.1}", mib(after)),
+                        took_us = took.as_micros(),
+                        "gave back startup code pages"
+                    );
+                } else {
+                    tracing::debug!(
+                        released = r.bytes,
+                        rss_after = after,
+                        took_us = took.as_micros(),
+                        "gave back code pages"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give back code pages; not trying again");
+                return;
+            }
+            Err(_) => return,
+        }
+        first = false;
+        tokio::time::sleep(every).await;
+    }
+}
+
+const STARTUP_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);

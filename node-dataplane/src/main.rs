@@ -100,6 +100,24 @@ struct RunArgs {
     /// are dropped and counted in weft_node_access_log_dropped_total.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     access_log_rate: u32,
+    /// Give back the code pages startup ran once the agent is ready, then every
+    /// interval those mapped since ("off": never); pages map again on use.
+    #[arg(long, default_value = "1m", value_parser = parse_interval, env = "WEFT_RELEASE_CODE_PAGES")]
+    release_code_pages: Interval,
+}
+
+#[derive(Clone, Copy)]
+struct Interval(Option<std::time::Duration>);
+
+fn parse_interval(s: &str) -> Result<Interval, String> {
+    if s == "off" {
+        return Ok(Interval(None));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= std::time::Duration::from_secs(1) => Ok(Interval(Some(d))),
+        Ok(_) => Err("must be at least 1s, or \"off\"".into()),
+        Err(e) => Err(format!("{e} (a duration such as 10m, or \"off\")")),
+    }
 }
 
 impl RunArgs {
@@ -147,6 +165,7 @@ impl RunArgs {
             metrics_addr,
             certs: CertManagerSettings::default(),
             capture,
+            release_code_pages: self.release_code_pages.0,
         })
     }
 }

@@ -1,0 +1,234 @@
+//! Giving startup-only code pages back once the agent is up.
+//!
+//! Starting the agent runs a lot of code exactly once: argument parsing, loading the
+//! eBPF programs (parsing the kernel's BTF), the first control-plane sync. The pages
+//! of the binary holding that code stay mapped, and counted in the agent's RSS, for
+//! the life of the process, although an idle agent never runs them again. The
+//! kernel's fault-around makes it worse: every code fault maps up to 16 neighbouring
+//! pages.
+//!
+//! [`release_code_pages`] unmaps the read-only, file-backed pages of the process (its
+//! code and constants) with `MADV_DONTNEED`. They stay in the page cache, and the
+//! next access to any of them maps it again from there (a minor fault, no I/O), so
+//! the agent afterwards holds only the code it really runs. Pages the process has
+//! written to (copy-on-write pages of a private mapping, such as relocated data
+//! made read-only by RELRO) are anonymous memory whose contents exist nowhere else:
+//! they are found through `/proc/self/pagemap` and never touched.
+
+use std::io::{self, Read, Seek, SeekFrom};
+
+/// What [`release_code_pages`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// Read-only file mappings looked at.
+    pub mappings: usize,
+    /// Resident file pages unmapped, in bytes.
+    pub bytes: u64,
+    /// Resident pages kept because the process wrote to them (anonymous), in bytes.
+    pub kept_bytes: u64,
+}
+
+/// A read-only private mapping of a regular file, from `/proc/self/maps`.
+#[derive(Debug, PartialEq, Eq)]
+struct Mapping {
+    start: usize,
+    end: usize,
+}
+
+/// Parses the lines of `/proc/<pid>/maps` that are read-only (no `w`), private, and
+/// backed by a file path (not `[heap]`, `[vdso]`, anonymous or device memory).
+fn read_only_file_mappings(maps: &str) -> Vec<Mapping> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let (_offset, _dev, inode) = (f.next()?, f.next()?, f.next()?);
+            let path = f.next()?;
+            if perms.len() != 4 || perms.as_bytes()[1] == b'w' || !perms.ends_with('p') {
+                return None;
+            }
+            if inode == "0" || !path.starts_with('/') || path.starts_with("/dev/") {
+                return None;
+            }
+            let (s, e) = range.split_once('-')?;
+            Some(Mapping {
+                start: usize::from_str_radix(s, 16).ok()?,
+                end: usize::from_str_radix(e, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+const PRESENT: u64 = 1 << 63;
+const SWAPPED: u64 = 1 << 62;
+const FILE_OR_SHARED: u64 = 1 << 61;
+
+/// Whether a page with this pagemap entry may be unmapped without losing data:
+/// not resident at all, or resident and backed by the file (never written).
+fn droppable(entry: u64) -> bool {
+    if entry & SWAPPED != 0 {
+        return false;
+    }
+    entry & PRESENT == 0 || entry & FILE_OR_SHARED != 0
+}
+
+/// Unmaps the resident, never-written pages of every read-only private file mapping
+/// of this process (see the module docs). Safe to call at any time: an unmapped page
+/// is mapped again from the page cache on its next access.
+pub fn release_code_pages() -> io::Result<Released> {
+    let page = page_size();
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut out = Released::default();
+    let mut entries = Vec::new();
+    for m in read_only_file_mappings(&maps) {
+        out.mappings += 1;
+        let pages = (m.end - m.start) / page;
+        entries.resize(pages * 8, 0u8);
+        pagemap.seek(SeekFrom::Start((m.start / page) as u64 * 8))?;
+        pagemap.read_exact(&mut entries)?;
+        let mut run_start: Option<usize> = None;
+        for i in 0..=pages {
+            let entry = (i < pages).then(|| {
+                let b: [u8; 8] = entries[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]);
+                u64::from_le_bytes(b)
+            });
+            match entry {
+                Some(e) if droppable(e) => {
+                    if e & PRESENT != 0 {
+                        out.bytes += page as u64;
+                    }
+                    run_start.get_or_insert(i);
+                }
+                _ => {
+                    if let Some(e) = entry {
+                        if e & PRESENT != 0 {
+                            out.kept_bytes += page as u64;
+                        }
+                    }
+                    if let Some(s) = run_start.take() {
+                        dont_need(m.start + s * page, (i - s) * page)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn dont_need(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: `addr..addr + len` lies inside a read-only private file mapping of this
+    // process, and every resident page in it is an unmodified page of the file
+    // (checked in pagemap just before; nothing writes to read-only mappings). After
+    // MADV_DONTNEED the next access maps the same bytes again from the file, so no
+    // memory the program can observe changes.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|p| *p > 0).unwrap_or(4096)
+}
+
+/// Resident set size of this process in bytes, from `/proc/self/statm`.
+pub fn rss_bytes() -> io::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/self/statm"))?;
+    Ok(pages * page_size() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_read_only_private_file_mappings_are_candidates() {
+        let maps = "\
+5581d1a00000-5581d1c00000 r--p 00000000 08:01 1234 /usr/bin/weft-node
+5581d1c00000-5581d2a00000 r-xp 00200000 08:01 1234 /usr/bin/weft-node
+5581d2a00000-5581d2b00000 r--p 01000000 08:01 1234 /usr/bin/weft-node
+5581d2b00000-5581d2c00000 rw-p 01100000 08:01 1234 /usr/bin/weft-node
+5581d3000000-5581d3100000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000001000 r--s 00000000 00:05 77 /dev/shm/x
+7f0000002000-7f0000003000 r--s 00000000 08:01 99 /var/lib/shared
+7f0000004000-7f0000005000 r--p 00000000 00:0f 88 /dev/zero
+7f0000006000-7f0000007000 r-xp 00000000 00:00 0
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
+";
+        assert_eq!(
+            read_only_file_mappings(maps),
+            vec![
+                Mapping {
+                    start: 0x5581d1a00000,
+                    end: 0x5581d1c00000
+                },
+                Mapping {
+                    start: 0x5581d1c00000,
+                    end: 0x5581d2a00000
+                },
+                Mapping {
+                    start: 0x5581d2a00000,
+                    end: 0x5581d2b00000
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn written_and_swapped_pages_are_never_dropped() {
+        assert!(droppable(0), "not resident");
+        assert!(
+            droppable(PRESENT | FILE_OR_SHARED | 0x1234),
+            "clean file page"
+        );
+        assert!(
+            !droppable(PRESENT | 0x1234),
+            "copy-on-write (anonymous) page"
+        );
+        assert!(!droppable(SWAPPED), "swapped-out anonymous page");
+    }
+
+    /// Unmapping this test binary's own code and constants while it runs: RSS drops,
+    /// and code and constants keep working, because they fault back in from the file.
+    #[test]
+    fn released_code_pages_leave_rss_and_still_run() {
+        static TABLE: [u64; 4096] = {
+            let mut t = [0u64; 4096];
+            let mut i = 0;
+            while i < t.len() {
+                t[i] = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                i += 1;
+            }
+            t
+        };
+        let sum = |t: &[u64]| t.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        let before_sum = sum(std::hint::black_box(&TABLE));
+        let before = rss_bytes().unwrap();
+        let r = release_code_pages().unwrap();
+        let after = rss_bytes().unwrap();
+        assert!(r.mappings >= 2, "{r:?}");
+        assert!(r.bytes > 0, "{r:?}");
+        assert!(
+            after < before,
+            "RSS did not drop: {before} -> {after} ({r:?})"
+        );
+        assert_eq!(sum(std::hint::black_box(&TABLE)), before_sum);
+        // Relocated, RELRO-protected data (a vtable behind a trait object) survives.
+        let d: Box<dyn std::fmt::Display> = Box::new(42);
+        assert_eq!(d.to_string(), "42");
+        assert!(
+            r.kept_bytes > 0,
+            "RELRO pages were counted as written: {r:?}"
+        );
+    }
+}
