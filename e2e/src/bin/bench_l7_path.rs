@@ -77,6 +77,10 @@ struct Args {
     /// request would be logged): off by default.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     access_log: bool,
+    /// AuthorizationPolicies in other namespaces, as a mesh has: each selects an
+    /// `app` in its own namespace and applies nowhere near the benchmark's server.
+    #[arg(long, default_value_t = 0)]
+    other_policies: usize,
 }
 
 // The node agent's allocator, so allocation costs are the agent's.
@@ -103,7 +107,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let app = start_app().await?;
-    let state = proxy_state(app, args.access_log)?;
+    let state = proxy_state(app, args.access_log, args.other_policies)?;
     let netns = Arc::new(PodNetns::open("/proc/self/ns/net")?);
     let modes = selected(args.mode);
     let mut cpu: HashMap<&'static str, Vec<f64>> = HashMap::new();
@@ -162,6 +166,7 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
             .args(["--mode", name(m), "--rounds", "1", "--requests"])
             .arg(requests.to_string())
             .args(["--access-log", &args.access_log.to_string()])
+            .args(["--other-policies", &args.other_policies.to_string()])
             .output()
             .map_err(|e| anyhow::anyhow!("running valgrind (apt-get install valgrind): {e}"))?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -259,7 +264,11 @@ async fn start_app() -> anyhow::Result<SocketAddr> {
 
 /// A node's proxy state holding the server workload and an ALLOW policy on method
 /// and path for it (so requests are parsed and authorized).
-fn proxy_state(app: SocketAddr, access_log: bool) -> anyhow::Result<Arc<ProxyState>> {
+fn proxy_state(
+    app: SocketAddr,
+    access_log: bool,
+    other_policies: usize,
+) -> anyhow::Result<Arc<ProxyState>> {
     let config = ConfigStore::new("node-b");
     let workload = pb::Workload {
         uid: "server-uid".into(),
@@ -288,9 +297,24 @@ fn proxy_state(app: SocketAddr, access_log: bool) -> anyhow::Result<Arc<ProxySta
         }],
         mesh_wide: false,
     };
+    let others = (0..other_policies).map(|i| {
+        let ns = format!("other-{i}");
+        pb::Resource {
+            key: format!("AuthorizationPolicy/{ns}/allow"),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::AuthorizationPolicy(
+                pb::AuthorizationPolicy {
+                    name: "allow".into(),
+                    namespace: ns,
+                    selector: [("app".to_string(), "server".to_string())].into(),
+                    ..policy.clone()
+                },
+            )),
+        }
+    });
     let rejected = config.apply(&pb::ConfigUpdate {
         initial: true,
-        upserts: vec![
+        upserts: [
             pb::Resource {
                 key: WORKLOAD.into(),
                 version: "1".into(),
@@ -299,9 +323,12 @@ fn proxy_state(app: SocketAddr, access_log: bool) -> anyhow::Result<Arc<ProxySta
             pb::Resource {
                 key: "AuthorizationPolicy/bench/l7-allow".into(),
                 version: "1".into(),
-                kind: Some(pb::resource::Kind::AuthorizationPolicy(policy)),
+                kind: Some(pb::resource::Kind::AuthorizationPolicy(policy.clone())),
             },
-        ],
+        ]
+        .into_iter()
+        .chain(others)
+        .collect(),
         ..Default::default()
     });
     anyhow::ensure!(rejected.is_empty(), "config rejected: {rejected:?}");

@@ -10,6 +10,7 @@ pub mod lb;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod policies;
 pub mod state;
 pub mod tls;
 pub mod tunnel;

@@ -2,6 +2,7 @@
 //! network namespaces, the HBONE connection pool and counters.
 
 use super::hbone::HbonePool;
+use super::policies::{Applicable, CompiledPolicies};
 use crate::certs::CertStore;
 use crate::config::ConfigStore;
 use crate::netns::PodNetns;
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use weft_api::authz::{self, Attributes, CompiledPolicy, Decision};
+use weft_api::authz::{self, Attributes, Decision};
 use weft_api::pb;
 
 /// A local enrolled pod, as the proxy needs it.
@@ -37,7 +38,7 @@ pub struct ProxyCounters {
 /// Policies compiled from a given policy map (compared by identity, O(1)).
 type CompiledCache = (
     imbl::OrdMap<String, Arc<pb::AuthorizationPolicy>>,
-    Arc<Vec<CompiledPolicy>>,
+    Arc<CompiledPolicies>,
 );
 
 pub struct ProxyState {
@@ -181,7 +182,7 @@ impl ProxyState {
     }
 
     /// The node's policies, compiled once per change of the policy set.
-    pub(crate) fn compiled_policies(&self) -> Arc<Vec<CompiledPolicy>> {
+    pub(crate) fn compiled_policies(&self) -> Arc<CompiledPolicies> {
         let snap = self.config.snapshot();
         let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((policies, compiled)) = cache.as_ref() {
@@ -189,12 +190,9 @@ impl ProxyState {
                 return compiled.clone();
             }
         }
-        let compiled = Arc::new(
-            snap.policies
-                .values()
-                .map(|p| authz::compile(p))
-                .collect::<Vec<_>>(),
-        );
+        let compiled = Arc::new(CompiledPolicies::new(
+            snap.policies.values().map(|p| authz::compile(p)).collect(),
+        ));
         *cache = Some((snap.policies.clone(), compiled.clone()));
         compiled
     }
@@ -202,7 +200,7 @@ impl ProxyState {
     /// Authorizes a connection to the local workload `dst`.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
         let compiled = self.compiled_policies();
-        let d = authz::evaluate(applicable(&compiled, dst), attrs);
+        let d = authz::evaluate(compiled.applicable(dst), attrs);
         self.record_decision(&d);
         d
     }
@@ -210,26 +208,23 @@ impl ProxyState {
     /// Decides one HTTP request to the local workload `dst` (not counted: the
     /// caller counts it). `attrs(headers)` builds the request's attributes; `headers`
     /// says whether an applicable policy reads request headers, so they are only
-    /// collected when one does.
+    /// collected when one does. `cache` holds the policies applicable to `dst` between
+    /// requests (one per connection), recomputed when the policy set changes.
     pub fn decide_request(
         &self,
         dst: &pb::Workload,
+        cache: &std::sync::Mutex<Option<Applicable>>,
         attrs: impl FnOnce(bool) -> Attributes,
     ) -> Decision {
         let compiled = self.compiled_policies();
-        let attrs = attrs(applicable(&compiled, dst).any(|p| p.reads_request_headers()));
-        authz::evaluate(applicable(&compiled, dst), &attrs)
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        let applicable = match cache.take() {
+            Some(a) if a.is_from(&compiled) => cache.insert(a),
+            _ => cache.insert(compiled.applicable_to(dst)),
+        };
+        let attrs = attrs(applicable.iter().any(|p| p.reads_request_headers()));
+        authz::evaluate(applicable.iter(), &attrs)
     }
-}
-
-/// The policies in `compiled` that apply to the workload `dst`.
-fn applicable<'a>(
-    compiled: &'a [CompiledPolicy],
-    dst: &'a pb::Workload,
-) -> impl Iterator<Item = &'a CompiledPolicy> + 'a {
-    compiled
-        .iter()
-        .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels))
 }
 
 #[cfg(test)]
@@ -279,8 +274,16 @@ mod tests {
 
     /// Decides a GET / carrying `x-evil: 1`, with the headers only if asked for.
     fn decide(state: &ProxyState, w: &pb::Workload) -> (bool, bool) {
+        decide_with(state, w, &Default::default())
+    }
+
+    fn decide_with(
+        state: &ProxyState,
+        w: &pb::Workload,
+        cache: &std::sync::Mutex<Option<Applicable>>,
+    ) -> (bool, bool) {
         let mut asked = false;
-        let d = state.decide_request(w, |with_headers| {
+        let d = state.decide_request(w, cache, |with_headers| {
             asked = with_headers;
             Attributes {
                 request: Some(Request {
@@ -321,5 +324,51 @@ mod tests {
         };
         let (state, w) = state_with(deny(path_rule));
         assert_eq!(decide(&state, &w), (false, true));
+    }
+
+    /// A connection keeps the policies applicable to its workload between requests;
+    /// a policy change made while it is open applies to its next request.
+    #[test]
+    fn a_connections_cached_policies_follow_policy_changes() {
+        let allow_get = pb::AuthorizationPolicy {
+            name: "p".into(),
+            namespace: "shop".into(),
+            rules: vec![pb::Rule {
+                to: vec![pb::Operation {
+                    methods: vec!["GET".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (state, w) = state_with(allow_get);
+        let cache = Default::default();
+        assert_eq!(decide_with(&state, &w, &cache), (false, true));
+        assert_eq!(decide_with(&state, &w, &cache), (false, true));
+        // Same key: the ALLOW on GET becomes a DENY on headers.
+        let rejected = state.config.apply(&pb::ConfigUpdate {
+            upserts: vec![pb::Resource {
+                key: "AuthorizationPolicy/shop/p".into(),
+                version: "2".into(),
+                kind: Some(pb::resource::Kind::AuthorizationPolicy(deny(pb::Rule {
+                    when: vec![pb::Condition {
+                        key: "request.headers[x-evil]".into(),
+                        values: vec!["*".into()],
+                        not_values: vec![],
+                    }],
+                    ..Default::default()
+                }))),
+            }],
+            ..Default::default()
+        });
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(decide_with(&state, &w, &cache), (true, false));
+        // And removing it leaves no policy: allowed, headers not needed.
+        state.config.apply(&pb::ConfigUpdate {
+            removals: vec!["AuthorizationPolicy/shop/p".into()],
+            ..Default::default()
+        });
+        assert_eq!(decide_with(&state, &w, &cache), (false, true));
     }
 }

@@ -53,17 +53,42 @@ fn already_normal(raw: &str) -> bool {
     if b.first() != Some(&b'/') {
         return false;
     }
-    if b.iter().any(|&c| c == b'%' || c < 0x20 || c == 0x7f) {
-        return false;
+    // One pass; `seg` is where the current segment starts (just after its `/`).
+    let mut seg = 1;
+    for i in 1..=b.len() {
+        let c = b.get(i).copied();
+        match c {
+            Some(b'%') => return false,
+            Some(c) if c < 0x20 || c == 0x7f => return false,
+            Some(b'/') | None => {
+                let s = &b[seg..i];
+                // Only the last segment may be empty (`/` or a trailing slash).
+                if s == b"." || s == b".." || (s.is_empty() && c.is_some()) {
+                    return false;
+                }
+                seg = i + 1;
+            }
+            _ => {}
+        }
     }
-    let segments = &raw[1..];
-    let last = segments.matches('/').count();
-    segments.split('/').enumerate().all(|(i, seg)| match seg {
-        "." | ".." => false,
-        // Only the last segment may be empty (`/` or a trailing slash).
-        "" => i == last,
-        _ => true,
-    })
+    true
+}
+
+/// Splits a request target into its path and its query (with the `?`), dropping a
+/// fragment: the first `?` or `#` ends the path, and a `#` ends the query.
+fn split_target(target: &str) -> (&str, &str) {
+    let b = target.as_bytes();
+    let Some(p) = b.iter().position(|&c| c == b'?' || c == b'#') else {
+        return (target, "");
+    };
+    if b[p] == b'#' {
+        return (&target[..p], "");
+    }
+    let q = b[p..]
+        .iter()
+        .position(|&c| c == b'#')
+        .map_or(b.len(), |q| p + q);
+    (&target[..p], &target[p..q])
 }
 
 fn unreserved(b: u8) -> bool {
@@ -76,11 +101,7 @@ fn hex(b: u8) -> Option<u8> {
 
 /// Normalizes a request target (`/a/b?q`).
 pub fn normalize(target: &str) -> Result<NormalizedPath, PathError> {
-    let (rest, _fragment) = target.split_once('#').unwrap_or((target, ""));
-    let (raw, query) = match rest.find('?') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
+    let (raw, query) = split_target(target);
     if !raw.starts_with('/') || already_normal(raw) {
         return Ok(NormalizedPath {
             path: raw.to_string(),
@@ -240,6 +261,34 @@ mod tests {
         for p in ["//", "/./a", "/a/..", "/a//b", "/%61", "/a\u{1}"] {
             assert!(!already_normal(p), "{p}");
         }
+    }
+
+    #[test]
+    fn the_target_splits_at_the_first_query_or_fragment_mark() {
+        // Against the definition: drop the fragment (from the first `#`), then the
+        // query starts at the first `?` of what is left. Every target of up to 6
+        // characters over `/ ? # a`.
+        let reference = |t: &str| {
+            let rest = t.split_once('#').map_or(t, |(r, _)| r);
+            match rest.find('?') {
+                Some(i) => (rest[..i].to_string(), rest[i..].to_string()),
+                None => (rest.to_string(), String::new()),
+            }
+        };
+        let alphabet = ['/', '?', '#', 'a'];
+        for len in 0..=6u32 {
+            for mut k in 0..alphabet.len().pow(len) {
+                let mut t = String::new();
+                for _ in 0..len {
+                    t.push(alphabet[k % alphabet.len()]);
+                    k /= alphabet.len();
+                }
+                let (p, q) = split_target(&t);
+                assert_eq!((p.to_string(), q.to_string()), reference(&t), "{t:?}");
+            }
+        }
+        assert_eq!(split_target("/a?x=1#f?y"), ("/a", "?x=1"));
+        assert_eq!(split_target("/a#f?y"), ("/a", ""));
     }
 
     #[test]

@@ -265,18 +265,20 @@ async fn process(
     if ctx.plan.authz_http {
         let d = ctx
             .state
-            .decide_request(&ctx.target.workload, |with_headers| Attributes {
-                request: Some(Request {
-                    method: req.method().as_str().to_string(),
-                    path: path_now.clone(),
-                    host: authority.clone(),
-                    headers: if with_headers {
-                        pairs(req.headers()).collect()
-                    } else {
-                        Vec::new()
-                    },
-                }),
-                ..ctx.attrs.clone()
+            .decide_request(&ctx.target.workload, &ctx.applicable, |with_headers| {
+                Attributes {
+                    request: Some(Request {
+                        method: req.method().as_str().to_string(),
+                        path: path_now.clone(),
+                        host: authority.clone(),
+                        headers: if with_headers {
+                            pairs(req.headers()).collect()
+                        } else {
+                            Vec::new()
+                        },
+                    }),
+                    ..ctx.attrs.clone()
+                }
             });
         ctx.count_decision(&d);
         if !d.allowed {

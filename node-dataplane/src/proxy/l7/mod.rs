@@ -74,6 +74,8 @@ pub struct ConnCtx {
     pub handles: std::sync::Mutex<Vec<RequestHandles>>,
     /// Authorization decision counters of this connection by (allowed, policy).
     decisions: std::sync::Mutex<Vec<DecisionCounter>>,
+    /// The policies applicable to `target`, kept across requests.
+    pub applicable: std::sync::Mutex<Option<crate::proxy::policies::Applicable>>,
 }
 
 type DecisionCounter = (
@@ -119,6 +121,7 @@ impl ConnCtx {
             labels,
             handles: Default::default(),
             decisions: Default::default(),
+            applicable: Default::default(),
         }
     }
 
@@ -269,8 +272,8 @@ impl ProxyState {
     pub fn l7_plan(&self, w: &pb::Workload, port: u16) -> Option<L7Plan> {
         let authz_http = self
             .compiled_policies()
-            .iter()
-            .any(|p| p.applies_to_labels(&w.namespace, &w.labels) && p.needs_http(port));
+            .applicable(w)
+            .any(|p| p.needs_http(port));
         let plugins = self
             .plugins
             .as_ref()
