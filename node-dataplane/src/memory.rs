@@ -35,7 +35,7 @@ struct Mapping {
     end: usize,
 }
 
-/// Parses the lines of `/proc/<pid>/maps` that are read-only (no `w`), private, and
+/// Parses the lines of `/proc/<pid>/maps` that are readable, not writable, private, and
 /// backed by a file path (not `[heap]`, `[vdso]`, anonymous or device memory).
 fn read_only_file_mappings(maps: &str) -> Vec<Mapping> {
     maps.lines()
@@ -45,7 +45,8 @@ fn read_only_file_mappings(maps: &str) -> Vec<Mapping> {
             let perms = f.next()?;
             let (_offset, _dev, inode) = (f.next()?, f.next()?, f.next()?);
             let path = f.next()?;
-            if perms.len() != 4 || perms.as_bytes()[1] == b'w' || !perms.ends_with('p') {
+            let p = perms.as_bytes();
+            if p.len() != 4 || p[0] != b'r' || p[1] == b'w' || p[3] != b'p' {
                 return None;
             }
             if inode == "0" || !path.starts_with('/') || path.starts_with("/dev/") {
@@ -163,6 +164,7 @@ mod tests {
 7f0000002000-7f0000003000 r--s 00000000 08:01 99 /var/lib/shared
 7f0000004000-7f0000005000 r--p 00000000 00:0f 88 /dev/zero
 7f0000006000-7f0000007000 r-xp 00000000 00:00 0
+7f0000008000-7f0000009000 ---p 00000000 00:01 5 /memfd:wasm-image (deleted)
 7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
 ";
         assert_eq!(
