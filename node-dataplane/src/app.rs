@@ -230,8 +230,7 @@ fn plugin_registry(
 }
 
 /// Once the agent is ready (first config applied, capture set up) and has settled,
-/// and then every `every`, unmaps the code pages it does not run (see
-/// [`crate::memory`]).
+/// gives back its code pages, then again every `every` (see [`crate::memory`]).
 async fn release_code_pages(
     every: std::time::Duration,
     config: Arc<ConfigStore>,
@@ -250,41 +249,7 @@ async fn release_code_pages(
     }
     // Let the startup work that follows readiness (SVIDs, pod set-up) finish.
     tokio::time::sleep(STARTUP_SETTLE).await;
-    let mut first = true;
-    loop {
-        let before = crate::memory::rss_bytes().unwrap_or(0);
-        let t = std::time::Instant::now();
-        match tokio::task::spawn_blocking(crate::memory::release_code_pages).await {
-            Ok(Ok(r)) => {
-                let took = t.elapsed();
-                let after = crate::memory::rss_bytes().unwrap_or(0);
-                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-                if first {
-                    tracing::info!(
-                        released_mib = format_args!("{:.1}", mib(r.bytes)),
-                        rss_before_mib = format_args!("{:.1}", mib(before)),
-                        rss_after_mib = format_args!("{:.1}", mib(after)),
-                        took_us = took.as_micros(),
-                        "gave back startup code pages"
-                    );
-                } else {
-                    tracing::debug!(
-                        released = r.bytes,
-                        rss_after = after,
-                        took_us = took.as_micros(),
-                        "gave back code pages"
-                    );
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not give back code pages; not trying again");
-                return;
-            }
-            Err(_) => return,
-        }
-        first = false;
-        tokio::time::sleep(every).await;
-    }
+    crate::memory::release_code_pages_every(every).await;
 }
 
 const STARTUP_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);

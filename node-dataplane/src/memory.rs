@@ -129,6 +129,45 @@ fn walk(release: bool) -> io::Result<Released> {
     Ok(out)
 }
 
+/// Calls [`release_code_pages`] now and then every `every`, logging the first
+/// result (info) and the later ones (debug). Returns only if it fails.
+pub async fn release_code_pages_every(every: std::time::Duration) {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut first = true;
+    loop {
+        let before = rss_bytes().unwrap_or(0);
+        let t = std::time::Instant::now();
+        let r = match tokio::task::spawn_blocking(release_code_pages).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give back code pages; not trying again");
+                return;
+            }
+            Err(_) => return,
+        };
+        let took_us = t.elapsed().as_micros();
+        let after = rss_bytes().unwrap_or(0);
+        if first {
+            tracing::info!(
+                released_mib = format_args!("{:.1}", mib(r.bytes)),
+                rss_before_mib = format_args!("{:.1}", mib(before)),
+                rss_after_mib = format_args!("{:.1}", mib(after)),
+                took_us,
+                "gave back startup code pages"
+            );
+        } else {
+            tracing::debug!(
+                released = r.bytes,
+                rss_after = after,
+                took_us,
+                "gave back code pages"
+            );
+        }
+        first = false;
+        tokio::time::sleep(every).await;
+    }
+}
+
 fn dont_need(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: `addr..addr + len` lies inside a read-only private file mapping of this
     // process, and every resident page in it is an unmodified page of the file

@@ -60,21 +60,22 @@ impl CompiledPolicies {
         &'a self,
         dst: &'a pb::Workload,
     ) -> impl Iterator<Item = &'a CompiledPolicy> + 'a {
-        self.by_namespace
-            .get(dst.namespace.as_str())
-            .unwrap_or(&self.mesh_wide)
+        self.candidates(&dst.namespace)
             .iter()
             .map(|&i| &self.all[i])
             .filter(|p| p.applies_to_labels(&dst.namespace, &dst.labels))
+    }
+
+    /// Indices of the policies that can apply in `namespace`, before selectors.
+    fn candidates(&self, namespace: &str) -> &[usize] {
+        self.by_namespace.get(namespace).unwrap_or(&self.mesh_wide)
     }
 
     /// [`applicable`](Self::applicable), kept for reuse while this policy set is
     /// current (a connection's requests all go to the same workload).
     pub fn applicable_to(self: &Arc<Self>, dst: &pb::Workload) -> Applicable {
         let idx = self
-            .by_namespace
-            .get(dst.namespace.as_str())
-            .unwrap_or(&self.mesh_wide)
+            .candidates(&dst.namespace)
             .iter()
             .copied()
             .filter(|&i| self.all[i].applies_to_labels(&dst.namespace, &dst.labels))
