@@ -240,7 +240,7 @@ async fn process(
     // Plugins are in phase order: those before weft's authorization come first.
     let plugins = &ctx.plan.plugins;
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
-    let mut path_now = normalized.path;
+    let mut rewritten = None;
     if !before.is_empty() {
         if let Some((r, plugin)) = chain::run_request(before, &mut view, end_of_stream, &mut ran) {
             *decided_by = Some(format!("wasm:{plugin}"));
@@ -248,12 +248,9 @@ async fn process(
         }
         // A plugin may have rewritten the path: normalize and authorize the new one.
         if let Some((_, p)) = view.request.iter().find(|(k, _)| k == ":path") {
-            if !(p.len() == path_now.len() + normalized.query.len()
-                && p.starts_with(&path_now)
-                && p.ends_with(&normalized.query))
-            {
+            if !normalized.is(p) {
                 match path::normalize(p) {
-                    Ok(n) if set_path(&mut req, &n.path_and_query()) => path_now = n.path,
+                    Ok(n) if set_path(&mut req, &n.path_and_query()) => rewritten = Some(n.path),
                     _ => return reply(400, "malformed request path\n", &[]),
                 }
             }
@@ -262,6 +259,7 @@ async fn process(
             apply_headers(req.headers_mut(), &view.request);
         }
     }
+    let path_now = rewritten.unwrap_or(normalized.path);
     if ctx.plan.authz_http {
         let d = ctx
             .state
