@@ -114,6 +114,7 @@ fn plugin(name: &str, app: &str, module: &Path) -> String {
 /// headers (it adds a header), done/log/delete. Returns (p50, p99) in microseconds.
 fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usize)> {
     use weft_node::wasm::abi::{ConnProps, HttpState};
+    use weft_node::wasm::headers::Headers;
     let engine = weft_node::wasm::engine::WasmEngine::new()?;
     let bytes = std::fs::read(module)?;
     let spec = weft_api::pb::WasmPlugin {
@@ -134,27 +135,28 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
     let mut lat = Vec::new();
     for i in 0..30_000 {
         let t = std::time::Instant::now();
-        let mut http = HttpState {
-            request: vec![
-                (":method".into(), "GET".into()),
-                (":path".into(), "/bench".into()),
-                (":authority".into(), "10.244.2.2:8080".into()),
-                (":scheme".into(), "http".into()),
-                ("user-agent".into(), "wrk".into()),
-            ],
+        let mut fields = http::HeaderMap::new();
+        fields.append("user-agent", http::HeaderValue::from_static("wrk"));
+        let mut http = Box::new(HttpState {
+            request: Headers::request(
+                &http::Method::GET,
+                "/bench".into(),
+                "10.244.2.2:8080".into(),
+                "http",
+                fields,
+            ),
             props: Some(props.clone()),
             ..Default::default()
-        };
+        });
         let (o, h) = p.on_request(&mut http, true);
         anyhow::ensure!(
             matches!(o, weft_node::wasm::plugin::Outcome::Continue),
             "{o:?}"
         );
         let h = h.ok_or_else(|| anyhow::anyhow!("no context"))?;
-        http.response = vec![
-            (":status".into(), "200".into()),
-            ("content-length".into(), "10".into()),
-        ];
+        let mut fields = http::HeaderMap::new();
+        fields.append("content-length", http::HeaderValue::from_static("10"));
+        http.response = Headers::response(http::StatusCode::OK, fields);
         anyhow::ensure!(p.on_response(h, &mut http, false).is_none());
         p.finish(h, &mut http);
         if i >= 5_000 {

@@ -7,6 +7,7 @@
 //! map-valued properties are serialized as `u32 count, count x (u32 key_len, u32
 //! value_len), then key\0value\0 per pair`.
 
+use super::headers::{self, Headers, Refused};
 use super::vm::VmSettings;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,16 +47,12 @@ pub struct LocalReply {
 /// Per-request state visible to the plugin during one callback.
 #[derive(Debug, Default)]
 pub struct HttpState {
-    /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`) first.
-    pub request: Vec<(String, String)>,
-    /// Response headers, `:status` first.
-    pub response: Vec<(String, String)>,
+    /// The request's headers: `:method`, `:path`, `:authority`, `:scheme`, then its fields.
+    pub request: Headers,
+    /// The response's headers: `:status`, then its fields.
+    pub response: Headers,
     pub props: Option<Arc<ConnProps>>,
     pub local_reply: Option<LocalReply>,
-    /// A plugin changed the request (response) headers since the host last
-    /// cleared the flag: only then are they written back to the message.
-    pub request_changed: bool,
-    pub response_changed: bool,
 }
 
 /// Memory cap, recording whether the plugin hit it.
@@ -104,7 +101,8 @@ pub struct HostState {
     pub root_id: String,
     pub vm_config: Vec<u8>,
     pub plugin_config: Vec<u8>,
-    pub http: HttpState,
+    /// The request being handled, swapped in for each callback (a pointer swap).
+    pub http: Box<HttpState>,
     /// The instance's memory and allocator, looked up once after instantiation.
     pub memory: Option<wasmtime::Memory>,
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
@@ -122,13 +120,13 @@ impl HostState {
             root_id: s.root_id.clone(),
             vm_config: Vec::new(),
             plugin_config: s.plugin_config.clone(),
-            http: HttpState::default(),
+            http: Box::default(),
             memory: None,
             alloc: None,
         }
     }
 
-    fn map(&mut self, t: i32) -> Option<&mut Vec<(String, String)>> {
+    fn map(&mut self, t: i32) -> Option<&mut Headers> {
         match t {
             MAP_REQUEST_HEADERS => Some(&mut self.http.request),
             MAP_RESPONSE_HEADERS => Some(&mut self.http.response),
@@ -136,105 +134,82 @@ impl HostState {
         }
     }
 
-    /// The map of type `t`, to be changed: marks it changed.
-    fn map_mut(&mut self, t: i32) -> Option<&mut Vec<(String, String)>> {
-        match t {
-            MAP_REQUEST_HEADERS => self.http.request_changed = true,
-            MAP_RESPONSE_HEADERS => self.http.response_changed = true,
-            _ => return None,
-        }
-        self.map(t)
-    }
-
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+    /// The property at `path`, copied out for the guest.
+    fn property(&self, path: &[&[u8]]) -> Option<Copied> {
         let props = self.http.props.as_deref();
-        let header = |name: &str| {
+        let req = |name: &str| {
             self.http
                 .request
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_bytes().to_vec())
+                .pseudo(name)
+                .map(|v| Copied::of(v.as_bytes()))
         };
+        let int = |v: u16| Copied::of(&i64::from(v).to_le_bytes());
+        let text = |v: &dyn std::fmt::Display| Copied::of(v.to_string().as_bytes());
         Some(match path {
-            ["plugin_name"] => self.plugin_name.as_bytes().to_vec(),
-            ["plugin_root_id"] => self.root_id.as_bytes().to_vec(),
-            ["plugin_vm_id"] => Vec::new(),
-            ["connection", "uri_san_peer_certificate"] => {
-                props?.peer_id.as_ref()?.as_bytes().to_vec()
+            [b"plugin_name"] => Copied::of(self.plugin_name.as_bytes()),
+            [b"plugin_root_id"] => Copied::of(self.root_id.as_bytes()),
+            [b"plugin_vm_id"] => Copied::of(b""),
+            [b"connection", b"uri_san_peer_certificate"] => {
+                Copied::of(props?.peer_id.as_ref()?.as_bytes())
             }
-            ["connection", "mtls"] => vec![u8::from(props?.peer_id.is_some())],
-            ["source", "address"] => props?.source.to_string().into_bytes(),
-            ["source", "port"] => i64::from(props?.source.port()).to_le_bytes().to_vec(),
-            ["destination", "address"] => props?.destination.to_string().into_bytes(),
-            ["destination", "port"] => i64::from(props?.destination.port()).to_le_bytes().to_vec(),
-            ["request", "path"] => header(":path")?,
-            ["request", "url_path"] => {
-                let p = header(":path")?;
-                let end = p.iter().position(|b| *b == b'?').unwrap_or(p.len());
-                p[..end].to_vec()
+            [b"connection", b"mtls"] => Copied::of(&[u8::from(props?.peer_id.is_some())]),
+            [b"source", b"address"] => text(&props?.source),
+            [b"source", b"port"] => int(props?.source.port()),
+            [b"destination", b"address"] => text(&props?.destination),
+            [b"destination", b"port"] => int(props?.destination.port()),
+            [b"request", b"path"] => req(":path")?,
+            [b"request", b"url_path"] => {
+                let p = self.http.request.pseudo(":path")?;
+                Copied::of(p.split('?').next().unwrap_or_default().as_bytes())
             }
-            ["request", "method"] => header(":method")?,
-            ["request", "host"] => header(":authority")?,
-            ["request", "scheme"] => header(":scheme")?,
-            ["request", "headers"] => serialize_pairs(
-                self.http
-                    .request
-                    .iter()
-                    .filter(|(k, _)| !k.starts_with(':')),
-            ),
-            ["response", "code"] => {
-                let s = self.http.response.iter().find(|(k, _)| k == ":status")?;
-                s.1.parse::<i64>().ok()?.to_le_bytes().to_vec()
+            [b"request", b"method"] => req(":method")?,
+            [b"request", b"host"] => req(":authority")?,
+            [b"request", b"scheme"] => req(":scheme")?,
+            [b"request", b"headers"] => {
+                let fields = &self.http.request.fields;
+                let pairs = || {
+                    fields
+                        .iter()
+                        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
+                };
+                let mut out = Vec::new();
+                headers::serialize(pairs, &mut out);
+                Copied::Heap(out)
+            }
+            [b"response", b"code"] => {
+                let s = self.http.response.pseudo(":status")?;
+                int(s.parse::<u16>().ok()?)
             }
             _ => return None,
         })
     }
 }
 
-/// Serializes header pairs in the Proxy-Wasm map format.
-pub fn serialize_pairs<'a>(pairs: impl Iterator<Item = &'a (String, String)> + Clone) -> Vec<u8> {
-    let n = pairs.clone().count();
-    let mut out = Vec::new();
-    out.extend_from_slice(&(n as u32).to_le_bytes());
-    for (k, v) in pairs.clone() {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
+/// Bytes copied out of the host state before the guest allocates room for them:
+/// on the stack when small, as almost every header value and property is.
+pub enum Copied {
+    Inline([u8; 128], usize),
+    Heap(Vec<u8>),
 }
 
-/// Parses the Proxy-Wasm map format; `None` if malformed.
-pub fn parse_pairs(b: &[u8]) -> Option<Vec<(String, String)>> {
-    let u32_at = |i: usize| -> Option<usize> {
-        Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize)
-    };
-    let n = u32_at(0)?;
-    if n > 10_000 {
-        return None;
+impl Copied {
+    pub fn of(b: &[u8]) -> Self {
+        match b.len() {
+            n @ 0..=128 => {
+                let mut buf = [0; 128];
+                buf[..n].copy_from_slice(b);
+                Copied::Inline(buf, n)
+            }
+            _ => Copied::Heap(b.to_vec()),
+        }
     }
-    let mut sizes = Vec::with_capacity(n);
-    for i in 0..n {
-        sizes.push((u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?));
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Copied::Inline(b, n) => &b[..*n],
+            Copied::Heap(v) => v,
+        }
     }
-    let mut at = 4 + 8 * n;
-    let mut out = Vec::with_capacity(n);
-    for (kl, vl) in sizes {
-        let k = b.get(at..at + kl)?;
-        at += kl + 1;
-        let v = b.get(at..at + vl)?;
-        at += vl + 1;
-        out.push((
-            String::from_utf8_lossy(k).into_owned(),
-            String::from_utf8_lossy(v).into_owned(),
-        ));
-    }
-    Some(out)
 }
 
 type C<'a> = Caller<'a, HostState>;
@@ -251,14 +226,51 @@ fn memory(c: &mut C<'_>) -> Option<wasmtime::Memory> {
 
 fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Option<Vec<u8>> {
     let m = memory(c)?;
-    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
-    m.data(&*c)
-        .get(ptr..ptr.checked_add(len)?)
-        .map(<[u8]>::to_vec)
+    slice(m.data(&*c), ptr, len).map(<[u8]>::to_vec)
 }
 
 fn read_string(c: &mut C<'_>, ptr: i32, len: i32) -> Option<String> {
     read(c, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// `len` bytes of guest memory at `ptr`, if all of them are inside it.
+fn slice(mem: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    mem.get(ptr..ptr.checked_add(len)?)
+}
+
+/// The guest's memory and the host state, borrowed together, so host functions
+/// read their arguments in place instead of copying them.
+fn memory_and_state<'a>(c: &'a mut C<'_>) -> Option<(&'a mut [u8], &'a mut HostState)> {
+    let m = memory(c)?;
+    Some(m.data_and_store_mut(c))
+}
+
+/// Runs `f` on the header map of type `t` with `n` arguments read in place from
+/// guest memory (pointer, length pairs); maps a refused change to BAD_ARGUMENT.
+fn with_map<const N: usize>(
+    c: &mut C<'_>,
+    t: i32,
+    args: [(i32, i32); N],
+    f: impl FnOnce(&mut Headers, [&[u8]; N]) -> Result<(), Refused>,
+) -> i32 {
+    let Some((mem, st)) = memory_and_state(c) else {
+        return INVALID_MEMORY_ACCESS;
+    };
+    let mut read = [&[][..]; N];
+    for (slot, (p, l)) in read.iter_mut().zip(args) {
+        match slice(mem, p, l) {
+            Some(b) => *slot = b,
+            None => return INVALID_MEMORY_ACCESS,
+        }
+    }
+    let Some(map) = st.map(t) else {
+        return BAD_ARGUMENT;
+    };
+    match f(map, read) {
+        Ok(()) => OK,
+        Err(_) => BAD_ARGUMENT,
+    }
 }
 
 fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> bool {
@@ -281,7 +293,9 @@ fn write_u32(c: &mut C<'_>, ptr: i32, v: u32) -> bool {
 /// Allocates `bytes.len()` in the guest, copies, writes (ptr, len). Returns a status
 /// or an error (a trap inside the guest allocator).
 fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasmtime::Result<i32> {
-    let alloc = match c.data().alloc.clone() {
+    // Taken out for the call (no clone of the function's type on the hot path) and
+    // put back whatever the call does.
+    let alloc = match c.data_mut().alloc.take() {
         Some(a) => a,
         None => {
             let f = c
@@ -294,7 +308,9 @@ fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasm
             f.typed::<i32, i32>(&*c)?
         }
     };
-    let ptr = alloc.call(&mut *c, bytes.len() as i32)?;
+    let ptr = alloc.call(&mut *c, bytes.len() as i32);
+    c.data_mut().alloc = Some(alloc);
+    let ptr = ptr?;
     if ptr == 0 && !bytes.is_empty() {
         return Ok(INVALID_MEMORY_ACCESS);
     }
@@ -408,20 +424,28 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_property",
         |mut c: C<'_>, pp: i32, pl: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
-            let Some(path) = read(&mut c, pp, pl) else {
+            let Some((mem, st)) = memory_and_state(&mut c) else {
                 return Ok(INVALID_MEMORY_ACCESS);
             };
-            let path = String::from_utf8_lossy(&path).into_owned();
+            let Some(path) = slice(mem, pp, pl) else {
+                return Ok(INVALID_MEMORY_ACCESS);
+            };
             // Segments are NUL-separated (the ABI); dotted paths, which some SDKs
             // pass, are accepted too. A trailing NUL is tolerated.
-            let path = path.trim_end_matches('\0');
-            let segs: Vec<&str> = if path.contains('\0') {
-                path.split('\0').collect()
-            } else {
-                path.split('.').collect()
-            };
-            match c.data().property(&segs) {
-                Some(v) => return_bytes(&mut c, &v, rp, rl),
+            let end = path.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            let path = &path[..end];
+            let sep = if path.contains(&0) { 0 } else { b'.' };
+            let mut segs = [&[][..]; 4];
+            let mut n = 0;
+            for seg in path.split(|b| *b == sep) {
+                if n == segs.len() {
+                    return Ok(NOT_FOUND);
+                }
+                segs[n] = seg;
+                n += 1;
+            }
+            match st.property(&segs[..n]) {
+                Some(v) => return_bytes(&mut c, v.as_bytes(), rp, rl),
                 None => Ok(NOT_FOUND),
             }
         },
@@ -465,15 +489,20 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
-            let Some(key) = read_string(&mut c, kp, kl) else {
+            let Some((mem, st)) = memory_and_state(&mut c) else {
                 return Ok(INVALID_MEMORY_ACCESS);
             };
-            let key = key.to_ascii_lowercase();
-            let Some(map) = c.data_mut().map(t) else {
+            let Some(key) = slice(mem, kp, kl) else {
+                return Ok(INVALID_MEMORY_ACCESS);
+            };
+            let Some(map) = st.map(t) else {
                 return Ok(BAD_ARGUMENT);
             };
-            match map.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) {
-                Some(v) => return_bytes(&mut c, v.as_bytes(), rp, rl),
+            match map.get(key) {
+                Some(v) => {
+                    let v = Copied::of(v.as_bytes());
+                    return_bytes(&mut c, v.as_bytes(), rp, rl)
+                }
                 None => Ok(NOT_FOUND),
             }
         },
@@ -485,7 +514,8 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(map) = c.data_mut().map(t) else {
                 return Ok(BAD_ARGUMENT);
             };
-            let bytes = serialize_pairs(map.iter());
+            let mut bytes = Vec::new();
+            map.serialize(&mut bytes);
             return_bytes(&mut c, &bytes, rp, rl)
         },
     )?;
@@ -496,7 +526,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(map) = c.data_mut().map(t) else {
                 return BAD_ARGUMENT;
             };
-            let n = serialize_pairs(map.iter()).len() as u32;
+            let n = map.serialized_len() as u32;
             if write_u32(&mut c, rp, n) {
                 OK
             } else {
@@ -508,76 +538,33 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: C<'_>, t: i32, p: i32, len: i32| {
-            let Some(bytes) = read(&mut c, p, len) else {
-                return INVALID_MEMORY_ACCESS;
-            };
-            let Some(pairs) = parse_pairs(&bytes) else {
-                return BAD_ARGUMENT;
-            };
-            let Some(map) = c.data_mut().map_mut(t) else {
-                return BAD_ARGUMENT;
-            };
-            *map = pairs
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect();
-            OK
+            with_map(&mut c, t, [(p, len)], |map, [bytes]| {
+                let pairs = headers::parse(bytes).ok_or(Refused::Invalid)?;
+                map.set_pairs(pairs.into_iter())
+            })
         },
     )?;
-    for (name, mode) in [
-        ("proxy_add_header_map_value", 0u8),
-        ("proxy_replace_header_map_value", 1u8),
-    ] {
-        l.func_wrap(
-            "env",
-            name,
-            move |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
-                let (Some(k), Some(v)) = (read_string(&mut c, kp, kl), read_string(&mut c, vp, vl))
-                else {
-                    return INVALID_MEMORY_ACCESS;
-                };
-                if !valid_header(&k, &v) {
-                    return BAD_ARGUMENT;
-                }
-                let k = k.to_ascii_lowercase();
-                let Some(map) = c.data_mut().map_mut(t) else {
-                    return BAD_ARGUMENT;
-                };
-                if mode == 1 {
-                    if let Some(pos) = map.iter().position(|(x, _)| *x == k) {
-                        map[pos].1 = v;
-                        map.retain({
-                            let mut seen = false;
-                            move |(x, _)| {
-                                if *x != k {
-                                    return true;
-                                }
-                                let keep = !seen;
-                                seen = true;
-                                keep
-                            }
-                        });
-                        return OK;
-                    }
-                }
-                map.push((k, v));
-                OK
-            },
-        )?;
-    }
+    l.func_wrap(
+        "env",
+        "proxy_add_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+            with_map(&mut c, t, [(kp, kl), (vp, vl)], |map, [k, v]| map.add(k, v))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_replace_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+            with_map(&mut c, t, [(kp, kl), (vp, vl)], |map, [k, v]| {
+                map.replace(k, v)
+            })
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32| {
-            let Some(k) = read_string(&mut c, kp, kl) else {
-                return INVALID_MEMORY_ACCESS;
-            };
-            let k = k.to_ascii_lowercase();
-            let Some(map) = c.data_mut().map_mut(t) else {
-                return BAD_ARGUMENT;
-            };
-            map.retain(|(x, _)| *x != k);
-            OK
+            with_map(&mut c, t, [(kp, kl)], |map, [k]| map.remove(k))
         },
     )?;
     l.func_wrap(
@@ -602,8 +589,16 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let headers = if hdrs.is_empty() {
                 Vec::new()
             } else {
-                match parse_pairs(&hdrs) {
-                    Some(h) => h,
+                match headers::parse(&hdrs) {
+                    Some(h) => h
+                        .into_iter()
+                        .map(|(k, v)| {
+                            (
+                                String::from_utf8_lossy(k).into_owned(),
+                                String::from_utf8_lossy(v).into_owned(),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
                     None => return BAD_ARGUMENT,
                 }
             };

@@ -26,7 +26,7 @@ pub struct Ran {
 /// locally. Returns that reply, if any.
 pub fn run_request(
     plugins: &[Arc<Plugin>],
-    http: &mut HttpState,
+    http: &mut Box<HttpState>,
     end_of_stream: bool,
     ran: &mut Ran,
 ) -> Option<(LocalReply, String)> {
@@ -47,7 +47,7 @@ pub fn run_request(
 /// response with a local reply.
 pub fn run_response(
     ran: &Ran,
-    http: &mut HttpState,
+    http: &mut Box<HttpState>,
     end_of_stream: bool,
 ) -> Option<(LocalReply, String)> {
     for (p, h) in ran.entries.iter().rev() {
@@ -59,7 +59,7 @@ pub fn run_response(
 }
 
 /// Ends every context (`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`).
-pub fn finish(ran: Ran, http: &mut HttpState) {
+pub fn finish(ran: Ran, http: &mut Box<HttpState>) {
     for (p, h) in ran.entries {
         p.finish(h, http);
     }

@@ -2,6 +2,7 @@
 //!
 //! - [`engine`]: the engine, its epoch ticker and the compiled-module cache;
 //! - [`abi`]: the host functions plugins import (`env.proxy_*`, WASI stubs);
+//! - [`headers`]: a message's headers as plugins see and change them;
 //! - [`vm`]: one plugin instance (a Store) and its lifecycle calls, each with a CPU
 //!   deadline and a memory cap;
 //! - [`plugin`]: a configured plugin (one instance per proxy worker), its fail
@@ -11,6 +12,7 @@
 pub mod abi;
 pub mod chain;
 pub mod engine;
+pub mod headers;
 pub mod plugin;
 pub mod registry;
 #[cfg(test)]

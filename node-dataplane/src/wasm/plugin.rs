@@ -291,7 +291,7 @@ impl Plugin {
     /// was created, the handle for the later callbacks.
     pub fn on_request(
         &self,
-        http: &mut HttpState,
+        http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> (Outcome, Option<Handle>) {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -345,7 +345,7 @@ impl Plugin {
     pub fn on_response(
         &self,
         h: Handle,
-        http: &mut HttpState,
+        http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> Option<LocalReply> {
         let mut slot = self.slots[h.slot].lock().unwrap_or_else(|p| p.into_inner());
@@ -364,7 +364,7 @@ impl Plugin {
     }
 
     /// Ends a request's context; recycles an instance that grew too much.
-    pub fn finish(&self, h: Handle, http: &mut HttpState) {
+    pub fn finish(&self, h: Handle, http: &mut Box<HttpState>) {
         let mut slot = self.slots[h.slot].lock().unwrap_or_else(|p| p.into_inner());
         if slot.generation != h.generation {
             return;

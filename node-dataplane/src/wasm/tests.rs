@@ -3,6 +3,7 @@
 
 use super::abi::{ConnProps, HttpState};
 use super::engine::WasmEngine;
+use super::headers::Headers;
 use super::plugin::{Outcome, Plugin};
 use super::WasmError;
 use std::sync::atomic::Ordering;
@@ -103,25 +104,31 @@ fn text_key(s: &str) -> u64 {
     h.finish()
 }
 
-fn request(path: &str) -> HttpState {
-    HttpState {
-        request: vec![
-            (":method".into(), "GET".into()),
-            (":path".into(), path.into()),
-            (":authority".into(), "svc".into()),
-            (":scheme".into(), "http".into()),
-        ],
+fn request(path: &str) -> Box<HttpState> {
+    Box::new(HttpState {
+        request: Headers::request(
+            &http::Method::GET,
+            path.into(),
+            "svc".into(),
+            "http",
+            http::HeaderMap::new(),
+        ),
         props: Some(Arc::new(ConnProps {
             source: "10.0.0.1:40000".parse().unwrap(),
             destination: "10.0.0.2:8080".parse().unwrap(),
             peer_id: Some("spiffe://td/ns/a/sa/b".into()),
         })),
         ..Default::default()
-    }
+    })
 }
 
-fn header<'a>(h: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    h.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str())
+fn ok_response() -> Headers {
+    Headers::response(http::StatusCode::OK, http::HeaderMap::new())
+}
+
+fn header(h: &Headers, k: &str) -> Option<String> {
+    h.get(k.as_bytes())
+        .map(|v| String::from_utf8(v.as_bytes().to_vec()).unwrap())
 }
 
 #[test]
@@ -144,16 +151,19 @@ fn local_reply_header_rewrite_properties_and_config() {
         let (o, h) = p.on_request(&mut http, true);
         assert!(matches!(o, Outcome::Continue), "{o:?}");
         let h = h.unwrap();
-        http.response = vec![(":status".into(), "200".into())];
+        http.response = ok_response();
         assert!(p.on_response(h, &mut http, false).is_none());
-        assert_eq!(header(&http.response, "x-wat"), Some("yes"));
+        assert_eq!(header(&http.response, "x-wat").as_deref(), Some("yes"));
         assert_eq!(
-            header(&http.response, "x-peer"),
+            header(&http.response, "x-peer").as_deref(),
             Some("spiffe://td/ns/a/sa/b")
         );
-        assert_eq!(header(&http.response, "x-config"), Some(r#"{"k":"v"}"#));
+        assert_eq!(
+            header(&http.response, "x-config").as_deref(),
+            Some(r#"{"k":"v"}"#)
+        );
         // proxy_call_foreign_function is linked but UNIMPLEMENTED (12 -> "2").
-        assert_eq!(header(&http.response, "x-unimpl"), Some("2"));
+        assert_eq!(header(&http.response, "x-unimpl").as_deref(), Some("2"));
         p.finish(h, &mut http);
     }
     assert!(p.stats.errors.lock().unwrap().is_empty());
@@ -313,7 +323,7 @@ fn trap_in_each_callback() {
         let (o, h) = p.on_request(&mut http, true);
         let mut failed = matches!(o, Outcome::Reply(ref r) if r.status >= 500);
         if let Some(h) = h {
-            http.response = vec![(":status".into(), "200".into())];
+            http.response = ok_response();
             if let Some(r) = p.on_response(h, &mut http, true) {
                 failed |= r.status >= 500;
             }
@@ -464,4 +474,96 @@ fn plugins_run_by_phase_then_priority() {
     let ids: Vec<&str> = v.iter().map(|p| p.spec.name.as_str()).collect();
     assert_eq!(ids, ["authn", "authz-high", "authz-low", "stats", "none"]);
     assert!(v[2].phase.before_authz() && !v[3].phase.before_authz());
+}
+
+/// Changes a plugin makes through every header-map call, and the statuses it gets:
+/// on the request it replaces `:path`, adds a second `:path`, removes `:method`,
+/// replaces `x-in`, removes `User-Agent`, reads all pairs, their size, and sets
+/// them back; on the response it sets `:status` to 99, then to 503. Each status
+/// is recorded as a digit in an `x-status` header.
+const HEADER_CALLS: &str = r#"(module
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_size" (func $size (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 0) ":path")
+  (data (i32.const 16) "/rewritten")
+  (data (i32.const 32) ":method")
+  (data (i32.const 48) "x-in")
+  (data (i32.const 64) "v")
+  (data (i32.const 80) "User-Agent")
+  (data (i32.const 96) "x-status")
+  (data (i32.const 112) ":status")
+  (data (i32.const 128) "503")
+  (data (i32.const 144) "99")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $digit (param $at i32) (param $v i32)
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $v))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $digit (i32.const 1000) (call $replace (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 10)))
+    (call $digit (i32.const 1001) (call $add (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 10)))
+    (call $digit (i32.const 1002) (call $remove (i32.const 0) (i32.const 32) (i32.const 7)))
+    (call $digit (i32.const 1003) (call $replace (i32.const 0) (i32.const 48) (i32.const 4) (i32.const 64) (i32.const 1)))
+    (call $digit (i32.const 1004) (call $remove (i32.const 0) (i32.const 80) (i32.const 10)))
+    (call $digit (i32.const 1005) (call $pairs (i32.const 0) (i32.const 200) (i32.const 204)))
+    (call $digit (i32.const 1006) (call $size (i32.const 0) (i32.const 208)))
+    (call $digit (i32.const 1007) (i32.ne (i32.load (i32.const 204)) (i32.load (i32.const 208))))
+    (call $digit (i32.const 1008) (call $set (i32.const 0) (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (drop (call $add (i32.const 0) (i32.const 96) (i32.const 8) (i32.const 1000) (i32.const 9)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (call $digit (i32.const 1100) (call $replace (i32.const 2) (i32.const 112) (i32.const 7) (i32.const 144) (i32.const 2)))
+    (call $digit (i32.const 1101) (call $replace (i32.const 2) (i32.const 112) (i32.const 7) (i32.const 128) (i32.const 3)))
+    (drop (call $add (i32.const 2) (i32.const 96) (i32.const 8) (i32.const 1100) (i32.const 2)))
+    (i32.const 0)))"#;
+
+#[test]
+fn header_map_calls_change_the_message_and_refuse_what_it_cannot_carry() {
+    let p = plugin(HEADER_CALLS, "FAIL_CLOSE");
+    assert!(p.load_error().is_none(), "{:?}", p.load_error());
+    let mut http = request("/original");
+    http.request
+        .fields
+        .append("user-agent", "curl".parse().unwrap());
+    http.request.fields.append("x-in", "old".parse().unwrap());
+    let (o, h) = p.on_request(&mut http, true);
+    assert!(matches!(o, Outcome::Continue), "{o:?}");
+    // replace :path OK; add :path and remove :method BAD_ARGUMENT (2); the rest OK,
+    // and the size the plugin read equals the pairs' length.
+    assert_eq!(
+        header(&http.request, "x-status").as_deref(),
+        Some("022000000")
+    );
+    assert_eq!(http.request.pseudo(":path"), Some("/rewritten"));
+    assert_eq!(http.request.pseudo(":method"), Some("GET"));
+    let fields: Vec<(String, String)> = http
+        .request
+        .fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("x-in".to_string(), "v".to_string()),
+            ("x-status".to_string(), "022000000".to_string())
+        ]
+    );
+    http.response = ok_response();
+    assert!(p.on_response(h.unwrap(), &mut http, false).is_none());
+    // :status 99 is refused, 503 accepted.
+    assert_eq!(header(&http.response, "x-status").as_deref(), Some("20"));
+    assert_eq!(http.response.pseudo(":status"), Some("503"));
+    p.finish(h.unwrap(), &mut http);
+    assert!(p.stats.errors.lock().unwrap().is_empty());
 }

@@ -30,20 +30,67 @@ pub enum Action {
 
 pub struct Vm {
     store: Store<HostState>,
+    exports: Exports,
+    memory: wasmtime::Memory,
+    next_ctx: i32,
+    /// Bounds each call into the instance.
+    limit: CallLimit,
+    /// HTTP contexts created and not yet deleted.
+    pub live_contexts: usize,
+}
+
+/// The lifecycle functions the instance exports, checked once at start.
+struct Exports {
     on_context_create: TypedFunc<(i32, i32), ()>,
     on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
-    memory: wasmtime::Memory,
-    next_ctx: i32,
+}
+
+/// The CPU deadline and memory cap of each call into an instance.
+struct CallLimit {
     deadline_ticks: u64,
     max_memory: u64,
     /// Keeps the epoch advancing while this instance runs code.
     ticker: Arc<Ticker>,
-    /// HTTP contexts created and not yet deleted.
-    pub live_contexts: usize,
+}
+
+impl CallLimit {
+    /// Calls `f` under the deadline. The exports live apart from the store, so a
+    /// call borrows them instead of cloning each function's type.
+    fn call<P: WasmParams, R: WasmResults>(
+        &self,
+        store: &mut Store<HostState>,
+        what: &'static str,
+        f: &TypedFunc<P, R>,
+        p: P,
+    ) -> Result<R, WasmError> {
+        let running = self.ticker.enter();
+        store.set_epoch_deadline(self.deadline_ticks);
+        let r = f.call(&mut *store, p);
+        drop(running);
+        r.map_err(|e| self.classify(store, what, e))
+    }
+
+    fn classify(
+        &self,
+        store: &Store<HostState>,
+        what: &'static str,
+        e: wasmtime::Error,
+    ) -> WasmError {
+        if store.data().limits.exceeded {
+            return WasmError::Memory(self.max_memory);
+        }
+        if let Some(ProcExit(code)) = e.downcast_ref::<ProcExit>() {
+            return WasmError::Exit(*code);
+        }
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return WasmError::Deadline(self.deadline_ticks * TICK.as_millis() as u64, what);
+        }
+        WasmError::Trap(what, format!("{e:#}"))
+    }
 }
 
 fn typed<P: WasmParams, R: WasmResults>(
@@ -102,64 +149,43 @@ impl Vm {
         };
         let on_vm_start = typed::<(i32, i32), i32>(&mut store, &inst, "proxy_on_vm_start")?;
         let on_configure = typed::<(i32, i32), i32>(&mut store, &inst, "proxy_on_configure")?;
-        let mut vm = Vm {
+        let exports = Exports {
             on_request_headers: typed(&mut store, &inst, "proxy_on_request_headers")?,
             on_response_headers: typed(&mut store, &inst, "proxy_on_response_headers")?,
             on_done: typed(&mut store, &inst, "proxy_on_done")?,
             on_log: typed(&mut store, &inst, "proxy_on_log")?,
             on_delete: typed(&mut store, &inst, "proxy_on_delete")?,
-            store,
             on_context_create,
-            memory,
-            next_ctx: ROOT_CTX + 1,
+        };
+        let limit = CallLimit {
             deadline_ticks,
             max_memory: s.max_memory,
             ticker,
-            live_contexts: 0,
         };
         if let Some(f) = init {
-            vm.call("_initialize", &f, ())?;
+            limit.call(&mut store, "_initialize", &f, ())?;
         }
-        let create = vm.on_context_create.clone();
-        vm.call("proxy_on_context_create", &create, (ROOT_CTX, 0))?;
+        let create = &exports.on_context_create;
+        limit.call(&mut store, "proxy_on_context_create", create, (ROOT_CTX, 0))?;
         if let Some(f) = on_vm_start {
-            if vm.call("proxy_on_vm_start", &f, (ROOT_CTX, 0))? == 0 {
+            if limit.call(&mut store, "proxy_on_vm_start", &f, (ROOT_CTX, 0))? == 0 {
                 return Err(WasmError::Configure);
             }
         }
         if let Some(f) = on_configure {
             let n = s.plugin_config.len() as i32;
-            if vm.call("proxy_on_configure", &f, (ROOT_CTX, n))? == 0 {
+            if limit.call(&mut store, "proxy_on_configure", &f, (ROOT_CTX, n))? == 0 {
                 return Err(WasmError::Configure);
             }
         }
-        Ok(vm)
-    }
-
-    fn call<P: WasmParams, R: WasmResults>(
-        &mut self,
-        what: &'static str,
-        f: &TypedFunc<P, R>,
-        p: P,
-    ) -> Result<R, WasmError> {
-        let running = self.ticker.enter();
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        let r = f.call(&mut self.store, p);
-        drop(running);
-        r.map_err(|e| self.classify(what, e))
-    }
-
-    fn classify(&self, what: &'static str, e: wasmtime::Error) -> WasmError {
-        if self.store.data().limits.exceeded {
-            return WasmError::Memory(self.max_memory);
-        }
-        if let Some(ProcExit(code)) = e.downcast_ref::<ProcExit>() {
-            return WasmError::Exit(*code);
-        }
-        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return WasmError::Deadline(self.deadline_ticks * TICK.as_millis() as u64, what);
-        }
-        WasmError::Trap(what, format!("{e:#}"))
+        Ok(Vm {
+            store,
+            exports,
+            memory,
+            next_ctx: ROOT_CTX + 1,
+            limit,
+            live_contexts: 0,
+        })
     }
 
     /// Linear memory in use, in bytes.
@@ -171,8 +197,13 @@ impl Vm {
     pub fn create_context(&mut self) -> Result<i32, WasmError> {
         let id = self.next_ctx;
         self.next_ctx = self.next_ctx.checked_add(1).unwrap_or(ROOT_CTX + 1);
-        let f = self.on_context_create.clone();
-        self.call("proxy_on_context_create", &f, (id, ROOT_CTX))?;
+        let f = &self.exports.on_context_create;
+        self.limit.call(
+            &mut self.store,
+            "proxy_on_context_create",
+            f,
+            (id, ROOT_CTX),
+        )?;
         self.live_contexts += 1;
         Ok(id)
     }
@@ -180,18 +211,24 @@ impl Vm {
     fn headers_call(
         &mut self,
         what: &'static str,
-        f: Option<TypedFunc<(i32, i32, i32), i32>>,
+        response: bool,
         ctx: i32,
-        http: &mut HttpState,
-        count: usize,
+        http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> Result<Action, WasmError> {
+        let e = &self.exports;
+        let (f, count) = if response {
+            (&e.on_response_headers, http.response.len())
+        } else {
+            (&e.on_request_headers, http.request.len())
+        };
         let Some(f) = f else {
             return Ok(Action::Continue);
         };
-        self.store.data_mut().http = std::mem::take(http);
-        let r = self.call(what, &f, (ctx, count as i32, i32::from(end_of_stream)));
-        *http = std::mem::take(&mut self.store.data_mut().http);
+        let args = (ctx, count as i32, i32::from(end_of_stream));
+        std::mem::swap(http, &mut self.store.data_mut().http);
+        let r = self.limit.call(&mut self.store, what, f, args);
+        std::mem::swap(http, &mut self.store.data_mut().http);
         Ok(if r? == 1 {
             Action::Pause
         } else {
@@ -202,42 +239,39 @@ impl Vm {
     pub fn request_headers(
         &mut self,
         ctx: i32,
-        http: &mut HttpState,
+        http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> Result<Action, WasmError> {
-        let n = http.request.len();
-        let f = self.on_request_headers.clone();
-        self.headers_call("proxy_on_request_headers", f, ctx, http, n, end_of_stream)
+        self.headers_call("proxy_on_request_headers", false, ctx, http, end_of_stream)
     }
 
     pub fn response_headers(
         &mut self,
         ctx: i32,
-        http: &mut HttpState,
+        http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> Result<Action, WasmError> {
-        let n = http.response.len();
-        let f = self.on_response_headers.clone();
-        self.headers_call("proxy_on_response_headers", f, ctx, http, n, end_of_stream)
+        self.headers_call("proxy_on_response_headers", true, ctx, http, end_of_stream)
     }
 
     /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
-    pub fn finish(&mut self, ctx: i32, http: &mut HttpState) -> Result<(), WasmError> {
+    pub fn finish(&mut self, ctx: i32, http: &mut Box<HttpState>) -> Result<(), WasmError> {
         self.live_contexts = self.live_contexts.saturating_sub(1);
-        self.store.data_mut().http = std::mem::take(http);
+        std::mem::swap(http, &mut self.store.data_mut().http);
+        let (store, e, limit) = (&mut self.store, &self.exports, &self.limit);
         let r = (|| {
-            if let Some(f) = self.on_done.clone() {
-                self.call("proxy_on_done", &f, ctx)?;
+            if let Some(f) = &e.on_done {
+                limit.call(store, "proxy_on_done", f, ctx)?;
             }
-            if let Some(f) = self.on_log.clone() {
-                self.call("proxy_on_log", &f, ctx)?;
+            if let Some(f) = &e.on_log {
+                limit.call(store, "proxy_on_log", f, ctx)?;
             }
-            if let Some(f) = self.on_delete.clone() {
-                self.call("proxy_on_delete", &f, ctx)?;
+            if let Some(f) = &e.on_delete {
+                limit.call(store, "proxy_on_delete", f, ctx)?;
             }
             Ok(())
         })();
-        *http = std::mem::take(&mut self.store.data_mut().http);
+        std::mem::swap(http, &mut self.store.data_mut().http);
         r
     }
 }

@@ -34,7 +34,10 @@ pub struct NormalizedPath {
 impl NormalizedPath {
     /// Path and query, as forwarded to the application.
     pub fn path_and_query(&self) -> String {
-        format!("{}{}", self.path, self.query)
+        let mut s = String::with_capacity(self.path.len() + self.query.len());
+        s.push_str(&self.path);
+        s.push_str(&self.query);
+        s
     }
 
     /// Is `target` exactly this path and query (nothing was normalized)?

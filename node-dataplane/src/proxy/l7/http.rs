@@ -8,6 +8,7 @@ use super::ConnCtx;
 use crate::proxy::access_log;
 use crate::wasm::abi::{HttpState, LocalReply};
 use crate::wasm::chain::{self, Ran};
+use crate::wasm::headers::Headers;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -50,24 +51,6 @@ fn local(r: LocalReply) -> http::Response<RespBody> {
     reply(r.status, r.body, &r.headers)
 }
 
-/// The request as plugins see it: pseudo-headers first, then lower-case headers.
-fn plugin_view(
-    req: &http::Request<Incoming>,
-    authority: &str,
-    path: &str,
-) -> Vec<(String, String)> {
-    let mut v = Vec::with_capacity(req.headers().len() + 4);
-    v.push((":method".into(), req.method().as_str().to_string()));
-    v.push((":path".into(), path.to_string()));
-    v.push((":authority".into(), authority.to_string()));
-    v.push((
-        ":scheme".into(),
-        req.uri().scheme_str().unwrap_or("http").to_string(),
-    ));
-    v.extend(pairs(req.headers()));
-    v
-}
-
 /// A header map as (lower-case name, value) pairs.
 fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
     map.iter().map(|(k, v)| {
@@ -78,37 +61,13 @@ fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
     })
 }
 
-/// A response as plugins see it: `:status` first, then the headers.
-fn response_view<B>(resp: &http::Response<B>) -> Vec<(String, String)> {
-    let mut v = Vec::with_capacity(resp.headers().len() + 1);
-    v.push((":status".into(), resp.status().as_str().to_string()));
-    v.extend(pairs(resp.headers()));
-    v
-}
-
-/// Applies the plugins' view of the headers back onto a header map. When the view
-/// is the map's fields in order plus new ones at the end (a plugin added headers),
-/// only those are appended; otherwise the map is rebuilt from the view.
-fn apply_headers(map: &mut http::HeaderMap, view: &[(String, String)]) {
-    fn field(p: &&(String, String)) -> bool {
-        !p.0.starts_with(':')
-    }
-    let mut fields = view.iter().filter(field);
-    let unchanged_prefix = map.iter().all(|(k, v)| {
-        fields
-            .next()
-            .is_some_and(|(vk, vv)| vk == k.as_str() && vv.as_bytes() == v.as_bytes())
-    });
-    if !unchanged_prefix {
-        map.clear();
-        fields = view.iter().filter(field);
-    }
-    for (k, v) in fields {
-        if let (Ok(k), Ok(v)) = (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            http::HeaderValue::from_str(v),
-        ) {
-            map.append(k, v);
+/// The response's fields back from its plugins, with the status they set.
+fn restore_response<B>(resp: &mut http::Response<B>, view: &mut Headers) {
+    *resp.headers_mut() = view.take_fields();
+    // `Headers` only accepts a final status (200-599) as `:status`.
+    if let Some(s) = view.pseudo(":status") {
+        if let Ok(code) = http::StatusCode::from_bytes(s.as_bytes()) {
+            *resp.status_mut() = code;
         }
     }
 }
@@ -225,16 +184,17 @@ async fn process(
         }
     };
     let authority = authority_of(&req);
-    let has_plugins = !ctx.plan.plugins.is_empty();
-    let mut view = HttpState {
-        request: if has_plugins {
-            plugin_view(&req, &authority, &normalized.path_and_query())
-        } else {
-            Vec::new()
-        },
+    // Boxed: each plugin callback swaps it into the plugin's store.
+    let mut view = Box::new(HttpState {
         props: Some(ctx.props.clone()),
         ..Default::default()
-    };
+    });
+    if !ctx.plan.plugins.is_empty() {
+        // The fields are moved in while plugins run (no copy); see `Headers`.
+        let scheme = req.uri().scheme_str().unwrap_or("http");
+        let (method, pq) = (req.method(), normalized.path_and_query());
+        view.request = Headers::request(method, pq, authority.clone(), scheme, Default::default());
+    }
     let mut ran = Ran::default();
     let end_of_stream = hyper::body::Body::is_end_stream(req.body());
     // Plugins are in phase order: those before weft's authorization come first.
@@ -242,21 +202,21 @@ async fn process(
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
     let mut rewritten = None;
     if !before.is_empty() {
-        if let Some((r, plugin)) = chain::run_request(before, &mut view, end_of_stream, &mut ran) {
+        view.request.fields = std::mem::take(req.headers_mut());
+        let replied = chain::run_request(before, &mut view, end_of_stream, &mut ran);
+        *req.headers_mut() = view.request.take_fields();
+        if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
         }
         // A plugin may have rewritten the path: normalize and authorize the new one.
-        if let Some((_, p)) = view.request.iter().find(|(k, _)| k == ":path") {
+        if let Some(p) = view.request.pseudo(":path") {
             if !normalized.is(p) {
                 match path::normalize(p) {
                     Ok(n) if set_path(&mut req, &n.path_and_query()) => rewritten = Some(n.path),
                     _ => return reply(400, "malformed request path\n", &[]),
                 }
             }
-        }
-        if std::mem::take(&mut view.request_changed) {
-            apply_headers(req.headers_mut(), &view.request);
         }
     }
     let path_now = rewritten.unwrap_or(normalized.path);
@@ -287,12 +247,12 @@ async fn process(
         }
     }
     if !after.is_empty() {
-        if let Some((r, plugin)) = chain::run_request(after, &mut view, end_of_stream, &mut ran) {
+        view.request.fields = std::mem::take(req.headers_mut());
+        let replied = chain::run_request(after, &mut view, end_of_stream, &mut ran);
+        *req.headers_mut() = view.request.take_fields();
+        if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
-        }
-        if std::mem::take(&mut view.request_changed) {
-            apply_headers(req.headers_mut(), &view.request);
         }
     }
     // Forward. An upgrade (WebSocket...) is spliced after the 101.
@@ -324,16 +284,14 @@ async fn process(
         }
     }
     if !ran.entries.is_empty() {
-        view.response = response_view(&resp);
-        view.response_changed = false;
+        view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
         let eos = hyper::body::Body::is_end_stream(resp.body());
-        if let Some((r, plugin)) = chain::run_response(&ran, &mut view, eos) {
+        let replied = chain::run_response(&ran, &mut view, eos);
+        restore_response(&mut resp, &mut view.response);
+        if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
             chain::finish(ran, &mut view);
             return local(r);
-        }
-        if view.response_changed {
-            apply_headers(resp.headers_mut(), &view.response);
         }
         chain::finish(ran, &mut view);
     }
@@ -346,81 +304,13 @@ fn finish_local(
     ctx: &ConnCtx,
     r: LocalReply,
     ran: Ran,
-    mut view: HttpState,
+    mut view: Box<HttpState>,
 ) -> http::Response<RespBody> {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
-    view.response = response_view(&resp);
+    view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
     let _ = chain::run_response(&ran, &mut view, true);
-    apply_headers(resp.headers_mut(), &view.response);
+    restore_response(&mut resp, &mut view.response);
     chain::finish(ran, &mut view);
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> http::HeaderMap {
-        let mut m = http::HeaderMap::new();
-        for (k, v) in pairs {
-            m.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                http::HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        m
-    }
-
-    fn view(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn fields(m: &http::HeaderMap) -> Vec<(String, String)> {
-        pairs(m).collect()
-    }
-
-    #[test]
-    fn applied_headers_equal_the_plugins_view() {
-        let before = [
-            ("content-type", "text/plain"),
-            ("set-cookie", "a"),
-            ("set-cookie", "b"),
-        ];
-        let cases: [&[(&str, &str)]; 5] = [
-            // unchanged
-            &before,
-            // a header added at the end
-            &[
-                ("content-type", "text/plain"),
-                ("set-cookie", "a"),
-                ("set-cookie", "b"),
-                ("x-added", "1"),
-            ],
-            // a value replaced
-            &[
-                ("content-type", "text/html"),
-                ("set-cookie", "a"),
-                ("set-cookie", "b"),
-            ],
-            // a header removed from the middle, one added
-            &[
-                ("content-type", "text/plain"),
-                ("set-cookie", "b"),
-                ("x-added", "1"),
-            ],
-            // everything removed
-            &[],
-        ];
-        for want in cases {
-            let mut m = map(&before);
-            let mut v = view(&[(":status", "200")]);
-            v.extend(view(want));
-            apply_headers(&mut m, &v);
-            assert_eq!(fields(&m), view(want), "{want:?}");
-        }
-    }
 }

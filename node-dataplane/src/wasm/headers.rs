@@ -1,0 +1,427 @@
+//! A message's headers as plugins see them: its pseudo-headers first (`:method`,
+//! `:path`, `:authority`, `:scheme` for a request, `:status` for a response), then
+//! its fields.
+//!
+//! The fields are the message's own [`http::HeaderMap`], moved in while its
+//! plugins run and moved back after, so a plugin reads and changes the message
+//! itself and nothing is copied unless it asks for it. Names are matched
+//! case-insensitively and stored in lower case. A change that would not be a valid
+//! HTTP field, or that would add, remove or invent a pseudo-header, is refused
+//! and leaves the headers as they were.
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use std::borrow::Cow;
+
+/// Why a plugin's change to a header map was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a valid field name or value, or a pseudo-header this message lacks.
+    Invalid,
+    /// A pseudo-header can only be replaced: not added a second time or removed.
+    Pseudo,
+}
+
+/// A message's pseudo-headers and fields; see the module documentation.
+#[derive(Debug, Default)]
+pub struct Headers {
+    pseudo: Vec<(&'static str, Cow<'static, str>)>,
+    /// The message's fields.
+    pub fields: HeaderMap,
+}
+
+/// A value found in a header map: a field's or a pseudo-header's.
+#[derive(Debug, Clone)]
+pub enum Value {
+    Field(HeaderValue),
+    Pseudo(Cow<'static, str>),
+}
+
+impl Value {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Value::Field(v) => v.as_bytes(),
+            Value::Pseudo(v) => v.as_bytes(),
+        }
+    }
+}
+
+/// The pseudo-header names a request or response has, in the order plugins see them.
+const REQUEST_PSEUDO: [&str; 4] = [":method", ":path", ":authority", ":scheme"];
+
+impl Headers {
+    /// A request's headers.
+    pub fn request(
+        method: &http::Method,
+        path: String,
+        authority: String,
+        scheme: &str,
+        fields: HeaderMap,
+    ) -> Self {
+        let method = match *method {
+            http::Method::GET => Cow::Borrowed("GET"),
+            http::Method::POST => Cow::Borrowed("POST"),
+            http::Method::PUT => Cow::Borrowed("PUT"),
+            http::Method::DELETE => Cow::Borrowed("DELETE"),
+            http::Method::HEAD => Cow::Borrowed("HEAD"),
+            ref m => Cow::Owned(m.as_str().to_string()),
+        };
+        let scheme = match scheme {
+            "http" => Cow::Borrowed("http"),
+            "https" => Cow::Borrowed("https"),
+            s => Cow::Owned(s.to_string()),
+        };
+        let values = [method, Cow::Owned(path), Cow::Owned(authority), scheme];
+        Self {
+            pseudo: REQUEST_PSEUDO.into_iter().zip(values).collect(),
+            fields,
+        }
+    }
+
+    /// A response's headers.
+    pub fn response(status: http::StatusCode, fields: HeaderMap) -> Self {
+        Self {
+            pseudo: vec![(":status", Cow::Owned(status.as_str().to_string()))],
+            fields,
+        }
+    }
+
+    /// Hands the fields back to the message.
+    pub fn take_fields(&mut self) -> HeaderMap {
+        std::mem::take(&mut self.fields)
+    }
+
+    /// Number of entries, pseudo-headers included (each value of a field counts).
+    pub fn len(&self) -> usize {
+        self.pseudo.len() + self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A pseudo-header's value.
+    pub fn pseudo(&self, name: &str) -> Option<&str> {
+        self.pseudo
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    fn pseudo_slot(&mut self, name: &[u8]) -> Option<(&'static str, &mut Cow<'static, str>)> {
+        self.pseudo
+            .iter_mut()
+            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+            .map(|(k, v)| (*k, v))
+    }
+
+    /// The first value of `name` (any case).
+    pub fn get(&self, name: &[u8]) -> Option<Value> {
+        if name.first() == Some(&b':') {
+            return self
+                .pseudo
+                .iter()
+                .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+                .map(|(_, v)| Value::Pseudo(v.clone()));
+        }
+        // A `&str` key is lower-cased on the stack by the map, not allocated.
+        let name = std::str::from_utf8(name).ok()?;
+        self.fields.get(name).cloned().map(Value::Field)
+    }
+
+    /// Every entry, pseudo-headers first.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let pseudo = self
+            .pseudo
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()));
+        let fields = self
+            .fields
+            .iter()
+            .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()));
+        pseudo.chain(fields)
+    }
+
+    /// Appends a field value.
+    pub fn add(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refused> {
+        if name.first() == Some(&b':') {
+            return Err(Refused::Pseudo);
+        }
+        let (name, value) = field(name, value)?;
+        self.fields.append(name, value);
+        Ok(())
+    }
+
+    /// Sets `name` to `value`, replacing every value it had.
+    pub fn replace(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refused> {
+        if name.first() == Some(&b':') {
+            let (name, slot) = self.pseudo_slot(name).ok_or(Refused::Invalid)?;
+            *slot = Cow::Owned(pseudo_value(name, value)?);
+            return Ok(());
+        }
+        let (name, value) = field(name, value)?;
+        self.fields.insert(name, value);
+        Ok(())
+    }
+
+    /// Removes every value of a field.
+    pub fn remove(&mut self, name: &[u8]) -> Result<(), Refused> {
+        if name.first() == Some(&b':') {
+            return Err(Refused::Pseudo);
+        }
+        if let Ok(name) = std::str::from_utf8(name) {
+            self.fields.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole map: fields become exactly `pairs`' fields; each pseudo-header
+    /// in `pairs` replaces this message's, and pseudo-headers `pairs` leaves out keep
+    /// their values (a message cannot lose its path or status). Nothing changes if
+    /// any pair is refused.
+    pub fn set_pairs<'a>(
+        &mut self,
+        pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<(), Refused> {
+        let mut fields = HeaderMap::new();
+        let mut pseudo = self.pseudo.clone();
+        for (k, v) in pairs {
+            if k.first() == Some(&b':') {
+                let slot = pseudo
+                    .iter_mut()
+                    .find(|(n, _)| n.as_bytes().eq_ignore_ascii_case(k))
+                    .ok_or(Refused::Invalid)?;
+                slot.1 = Cow::Owned(pseudo_value(slot.0, v)?);
+            } else {
+                let (k, v) = field(k, v)?;
+                fields.append(k, v);
+            }
+        }
+        self.pseudo = pseudo;
+        self.fields = fields;
+        Ok(())
+    }
+
+    /// Length of [`Headers::serialize`]'s output.
+    pub fn serialized_len(&self) -> usize {
+        serialized_len(self.iter())
+    }
+
+    /// The Proxy-Wasm map format of every entry.
+    pub fn serialize(&self, out: &mut Vec<u8>) {
+        serialize(|| self.iter(), out)
+    }
+}
+
+fn field(name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), Refused> {
+    // `from_bytes` lower-cases the name.
+    let name = HeaderName::from_bytes(name).map_err(|_| Refused::Invalid)?;
+    let value = HeaderValue::from_bytes(value).map_err(|_| Refused::Invalid)?;
+    Ok((name, value))
+}
+
+/// A new value for the pseudo-header `name`: the rule of a field value (no control
+/// characters), UTF-8, and for `:status` a final status, 200-599.
+fn pseudo_value(name: &str, value: &[u8]) -> Result<String, Refused> {
+    HeaderValue::from_bytes(value).map_err(|_| Refused::Invalid)?;
+    let value = String::from_utf8(value.to_vec()).map_err(|_| Refused::Invalid)?;
+    if name == ":status" && !matches!(value.parse::<u16>(), Ok(200..=599)) {
+        return Err(Refused::Invalid);
+    }
+    Ok(value)
+}
+
+/// Length of the Proxy-Wasm map format of `pairs`: `u32 count`, then `u32 key_len,
+/// u32 value_len` per pair, then `key\0value\0` per pair.
+pub fn serialized_len<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> usize {
+    pairs.fold(4, |n, (k, v)| n + 8 + k.len() + v.len() + 2)
+}
+
+/// Appends the Proxy-Wasm map format of the pairs `pairs()` yields (it is walked
+/// three times) to `out`.
+pub fn serialize<'a, I>(pairs: impl Fn() -> I, out: &mut Vec<u8>)
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
+    out.reserve(serialized_len(pairs()));
+    out.extend_from_slice(&(pairs().count() as u32).to_le_bytes());
+    for (k, v) in pairs() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs() {
+        out.extend_from_slice(k);
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+}
+
+/// Parses the Proxy-Wasm map format into borrowed pairs; `None` if malformed.
+pub fn parse(b: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let u32_at = |i: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(b.get(i..i.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(0)?;
+    if n > 10_000 {
+        return None;
+    }
+    let mut at = 4 + 8 * n;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let (kl, vl) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
+        let k = b.get(at..at.checked_add(kl)?)?;
+        at += kl + 1;
+        let v = b.get(at..at.checked_add(vl)?)?;
+        at += vl + 1;
+        out.push((k, v));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Headers {
+        let mut f = HeaderMap::new();
+        f.append("user-agent", HeaderValue::from_static("curl"));
+        f.append("x-a", HeaderValue::from_static("1"));
+        f.append("x-a", HeaderValue::from_static("2"));
+        Headers::request(
+            &http::Method::GET,
+            "/p?q".into(),
+            "svc:80".into(),
+            "http",
+            f,
+        )
+    }
+
+    fn entries(h: &Headers) -> Vec<(String, String)> {
+        h.iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8(k.to_vec()).unwrap(),
+                    String::from_utf8(v.to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_request_shows_pseudo_headers_first_then_its_fields() {
+        let h = request();
+        assert_eq!(
+            entries(&h),
+            pairs(&[
+                (":method", "GET"),
+                (":path", "/p?q"),
+                (":authority", "svc:80"),
+                (":scheme", "http"),
+                ("user-agent", "curl"),
+                ("x-a", "1"),
+                ("x-a", "2"),
+            ])
+        );
+        assert_eq!(h.len(), 7);
+        assert_eq!(h.get(b":PATH").unwrap().as_bytes(), b"/p?q");
+        assert_eq!(h.get(b"X-A").unwrap().as_bytes(), b"1");
+        assert!(h.get(b"x-none").is_none());
+        assert!(h.get(b":status").is_none());
+        let r = Headers::response(http::StatusCode::NOT_FOUND, HeaderMap::new());
+        assert_eq!(entries(&r), pairs(&[(":status", "404")]));
+    }
+
+    #[test]
+    fn changes_apply_to_the_fields_in_lower_case() {
+        let mut h = request();
+        h.add(b"X-New", b"v").unwrap();
+        h.replace(b"x-a", b"3").unwrap();
+        h.remove(b"User-Agent").unwrap();
+        h.replace(b":path", b"/other").unwrap();
+        // A removal may reorder the fields (the map swaps the last one in).
+        let mut got = entries(&h);
+        got[4..].sort();
+        assert_eq!(
+            got,
+            pairs(&[
+                (":method", "GET"),
+                (":path", "/other"),
+                (":authority", "svc:80"),
+                (":scheme", "http"),
+                ("x-a", "3"),
+                ("x-new", "v"),
+            ])
+        );
+        assert_eq!(h.pseudo(":path"), Some("/other"));
+        let f = h.take_fields();
+        assert_eq!(f.get("x-new").unwrap(), "v");
+        assert!(h.fields.is_empty());
+    }
+
+    #[test]
+    fn invalid_changes_are_refused_and_change_nothing() {
+        let mut h = request();
+        let before = entries(&h);
+        assert_eq!(h.add(b"bad name", b"v"), Err(Refused::Invalid));
+        assert_eq!(h.add(b"x-ok", b"line\nbreak"), Err(Refused::Invalid));
+        assert_eq!(h.add(b":path", b"/x"), Err(Refused::Pseudo));
+        assert_eq!(h.remove(b":path"), Err(Refused::Pseudo));
+        assert_eq!(h.replace(b":status", b"200"), Err(Refused::Invalid));
+        let mut r = Headers::response(http::StatusCode::OK, HeaderMap::new());
+        for bad in [&b"101"[..], b"600", b"20", b"abc"] {
+            assert_eq!(r.replace(b":status", bad), Err(Refused::Invalid));
+        }
+        r.replace(b":status", b"503").unwrap();
+        assert_eq!(r.pseudo(":status"), Some("503"));
+        assert_eq!(h.replace(b":path", b"/a\r\n"), Err(Refused::Invalid));
+        assert_eq!(h.replace(b":path", b"/\xff"), Err(Refused::Invalid));
+        let bad = [(&b"x-fine"[..], &b"1"[..]), (b"bad name", b"2")];
+        assert_eq!(h.set_pairs(bad.into_iter()), Err(Refused::Invalid));
+        let bad = [(&b":bogus"[..], &b"1"[..])];
+        assert_eq!(h.set_pairs(bad.into_iter()), Err(Refused::Invalid));
+        assert_eq!(entries(&h), before);
+    }
+
+    #[test]
+    fn set_pairs_replaces_the_fields_and_keeps_omitted_pseudo_headers() {
+        let mut h = request();
+        let new = [(&b"X-Only"[..], &b"1"[..]), (b":path", b"/new")];
+        h.set_pairs(new.into_iter()).unwrap();
+        assert_eq!(
+            entries(&h),
+            pairs(&[
+                (":method", "GET"),
+                (":path", "/new"),
+                (":authority", "svc:80"),
+                (":scheme", "http"),
+                ("x-only", "1"),
+            ])
+        );
+    }
+
+    #[test]
+    fn the_map_format_round_trips_and_rejects_truncation() {
+        let h = request();
+        let mut out = Vec::new();
+        h.serialize(&mut out);
+        assert_eq!(out.len(), h.serialized_len());
+        let parsed = parse(&out).unwrap();
+        let back: Vec<_> = h.iter().collect();
+        assert_eq!(parsed, back);
+        for cut in 0..out.len() - 1 {
+            // Every prefix lacks a terminator or a value: malformed, or fewer bytes
+            // than the header claims.
+            if let Some(p) = parse(&out[..cut]) {
+                panic!("prefix of {cut} bytes parsed as {p:?}");
+            }
+        }
+        assert!(parse(&u32::MAX.to_le_bytes()).is_none());
+    }
+}
