@@ -314,13 +314,24 @@ fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasm
     if ptr == 0 && !bytes.is_empty() {
         return Ok(INVALID_MEMORY_ACCESS);
     }
-    if !write(c, ptr, bytes)
-        || !write_u32(c, ptr_ptr, ptr as u32)
-        || !write_u32(c, len_ptr, bytes.len() as u32)
-    {
+    let Some(m) = memory(c) else {
         return Ok(INVALID_MEMORY_ACCESS);
-    }
-    Ok(OK)
+    };
+    let mem = m.data_mut(&mut *c);
+    let mut put = |at: i32, b: &[u8]| {
+        let at = at as u32 as usize;
+        match at.checked_add(b.len()).and_then(|end| mem.get_mut(at..end)) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    };
+    let written = put(ptr, bytes)
+        && put(ptr_ptr, &(ptr as u32).to_le_bytes())
+        && put(len_ptr, &(bytes.len() as u32).to_le_bytes());
+    Ok(if written { OK } else { INVALID_MEMORY_ACCESS })
 }
 
 /// Defines every host function this host implements, then links the rest of the

@@ -7,7 +7,7 @@
 //! call starts.
 
 use super::WasmError;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
@@ -100,6 +100,8 @@ pub struct CompiledModule {
     pub module: Module,
     pub sha256: String,
     pub abi: AbiVersion,
+    /// Exported functions that do nothing (see [`super::noop`]).
+    pub no_ops: HashSet<String>,
 }
 
 pub struct WasmEngine {
@@ -166,10 +168,13 @@ impl WasmEngine {
         let module =
             Module::new(&self.engine, bytes).map_err(|e| WasmError::Compile(format!("{e:#}")))?;
         let abi = check_exports(&module)?;
+        let no_ops = super::noop::no_op_exports(bytes)
+            .map_err(|e| WasmError::Compile(format!("reading the module's code: {e}")))?;
         let m = Arc::new(CompiledModule {
             module,
             sha256: sha256.to_string(),
             abi,
+            no_ops,
         });
         cache.retain(|_, w| w.strong_count() > 0);
         cache.insert(sha256.to_string(), Arc::downgrade(&m));

@@ -25,9 +25,29 @@ pub enum Refused {
 /// A message's pseudo-headers and fields; see the module documentation.
 #[derive(Debug, Default)]
 pub struct Headers {
-    pseudo: Vec<(&'static str, Cow<'static, str>)>,
+    pseudo: Pseudo,
     /// The message's fields.
     pub fields: HeaderMap,
+}
+
+/// A message's pseudo-headers, in place (a request has four, a response one).
+#[derive(Debug, Clone, Default)]
+struct Pseudo {
+    entries: [(&'static str, Cow<'static, str>); 4],
+    len: usize,
+}
+
+impl std::ops::Deref for Pseudo {
+    type Target = [(&'static str, Cow<'static, str>)];
+    fn deref(&self) -> &Self::Target {
+        &self.entries[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Pseudo {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.entries[..self.len]
+    }
 }
 
 /// A value found in a header map: a field's or a pseudo-header's.
@@ -71,9 +91,15 @@ impl Headers {
             "https" => Cow::Borrowed("https"),
             s => Cow::Owned(s.to_string()),
         };
-        let values = [method, Cow::Owned(path), Cow::Owned(authority), scheme];
+        let [m, p, a, s] = REQUEST_PSEUDO;
+        let entries = [
+            (m, method),
+            (p, Cow::Owned(path)),
+            (a, Cow::Owned(authority)),
+            (s, scheme),
+        ];
         Self {
-            pseudo: REQUEST_PSEUDO.into_iter().zip(values).collect(),
+            pseudo: Pseudo { entries, len: 4 },
             fields,
         }
     }
@@ -81,7 +107,15 @@ impl Headers {
     /// A response's headers.
     pub fn response(status: http::StatusCode, fields: HeaderMap) -> Self {
         Self {
-            pseudo: vec![(":status", Cow::Owned(status.as_str().to_string()))],
+            pseudo: Pseudo {
+                entries: [
+                    (":status", Cow::Owned(status.as_str().to_string())),
+                    Default::default(),
+                    Default::default(),
+                    Default::default(),
+                ],
+                len: 1,
+            },
             fields,
         }
     }

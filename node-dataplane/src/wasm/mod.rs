@@ -3,6 +3,7 @@
 //! - [`engine`]: the engine, its epoch ticker and the compiled-module cache;
 //! - [`abi`]: the host functions plugins import (`env.proxy_*`, WASI stubs);
 //! - [`headers`]: a message's headers as plugins see and change them;
+//! - [`noop`]: exported callbacks that do nothing, which the host does not call;
 //! - [`vm`]: one plugin instance (a Store) and its lifecycle calls, each with a CPU
 //!   deadline and a memory cap;
 //! - [`plugin`]: a configured plugin (one instance per proxy worker), its fail
@@ -13,6 +14,7 @@ pub mod abi;
 pub mod chain;
 pub mod engine;
 pub mod headers;
+pub mod noop;
 pub mod plugin;
 pub mod registry;
 #[cfg(test)]

@@ -262,7 +262,7 @@ impl Plugin {
                     return Err(self.unavailable("plugin is restarting after a failure"));
                 }
             }
-            let (_, pre) = self
+            let (m, pre) = self
                 .module
                 .as_ref()
                 .map_err(|e| self.unavailable(&e.to_string()))?;
@@ -271,7 +271,7 @@ impl Plugin {
                 .as_ref()
                 .map(|e| e.ticker().clone())
                 .ok_or_else(|| self.unavailable("no wasm engine"))?;
-            match Vm::start(pre, &self.settings, ticker) {
+            match Vm::start(pre, &m.no_ops, &self.settings, ticker) {
                 Ok(vm) => {
                     if slot.generation > 0 {
                         self.stats.restarts.fetch_add(1, Ordering::Relaxed);

@@ -5,6 +5,7 @@
 use super::abi::{HostState, HttpState, ProcExit};
 use super::engine::{Ticker, TICK};
 use super::WasmError;
+use std::collections::HashSet;
 use std::sync::Arc;
 use wasmtime::{Extern, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
 
@@ -40,8 +41,9 @@ pub struct Vm {
 }
 
 /// The lifecycle functions the instance exports, checked once at start.
+/// A callback that does nothing ([`super::noop`]) is left out: not called.
 struct Exports {
-    on_context_create: TypedFunc<(i32, i32), ()>,
+    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
     on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_done: Option<TypedFunc<i32, i32>>,
@@ -107,11 +109,24 @@ fn typed<P: WasmParams, R: WasmResults>(
     }
 }
 
+/// [`typed`], or `None` for a callback in `no_ops`, after checking its signature.
+fn callback<P: WasmParams, R: WasmResults>(
+    store: &mut Store<HostState>,
+    inst: &wasmtime::Instance,
+    name: &'static str,
+    no_ops: &HashSet<String>,
+) -> Result<Option<TypedFunc<P, R>>, WasmError> {
+    let f = typed(store, inst, name)?;
+    Ok(f.filter(|_| !no_ops.contains(name)))
+}
+
 impl Vm {
     /// Instantiates, runs `_initialize`/`_start`, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
+    /// Callbacks named in `no_ops` do nothing and are never called.
     pub fn start(
         pre: &InstancePre<HostState>,
+        no_ops: &HashSet<String>,
         s: &VmSettings,
         ticker: Arc<Ticker>,
     ) -> Result<Vm, WasmError> {
@@ -143,6 +158,8 @@ impl Vm {
         store.data_mut().alloc = alloc;
         let on_context_create = typed(&mut store, &inst, "proxy_on_context_create")?
             .ok_or_else(|| WasmError::Abi("missing export proxy_on_context_create".into()))?;
+        let on_context_create =
+            Some(on_context_create).filter(|_| !no_ops.contains("proxy_on_context_create"));
         let init = match typed::<(), ()>(&mut store, &inst, "_initialize")? {
             Some(f) => Some(f),
             None => typed::<(), ()>(&mut store, &inst, "_start")?,
@@ -152,9 +169,9 @@ impl Vm {
         let exports = Exports {
             on_request_headers: typed(&mut store, &inst, "proxy_on_request_headers")?,
             on_response_headers: typed(&mut store, &inst, "proxy_on_response_headers")?,
-            on_done: typed(&mut store, &inst, "proxy_on_done")?,
-            on_log: typed(&mut store, &inst, "proxy_on_log")?,
-            on_delete: typed(&mut store, &inst, "proxy_on_delete")?,
+            on_done: callback(&mut store, &inst, "proxy_on_done", no_ops)?,
+            on_log: callback(&mut store, &inst, "proxy_on_log", no_ops)?,
+            on_delete: callback(&mut store, &inst, "proxy_on_delete", no_ops)?,
             on_context_create,
         };
         let limit = CallLimit {
@@ -165,8 +182,9 @@ impl Vm {
         if let Some(f) = init {
             limit.call(&mut store, "_initialize", &f, ())?;
         }
-        let create = &exports.on_context_create;
-        limit.call(&mut store, "proxy_on_context_create", create, (ROOT_CTX, 0))?;
+        if let Some(f) = &exports.on_context_create {
+            limit.call(&mut store, "proxy_on_context_create", f, (ROOT_CTX, 0))?;
+        }
         if let Some(f) = on_vm_start {
             if limit.call(&mut store, "proxy_on_vm_start", &f, (ROOT_CTX, 0))? == 0 {
                 return Err(WasmError::Configure);
@@ -197,13 +215,11 @@ impl Vm {
     pub fn create_context(&mut self) -> Result<i32, WasmError> {
         let id = self.next_ctx;
         self.next_ctx = self.next_ctx.checked_add(1).unwrap_or(ROOT_CTX + 1);
-        let f = &self.exports.on_context_create;
-        self.limit.call(
-            &mut self.store,
-            "proxy_on_context_create",
-            f,
-            (id, ROOT_CTX),
-        )?;
+        if let Some(f) = &self.exports.on_context_create {
+            let create = "proxy_on_context_create";
+            self.limit
+                .call(&mut self.store, create, f, (id, ROOT_CTX))?;
+        }
         self.live_contexts += 1;
         Ok(id)
     }
