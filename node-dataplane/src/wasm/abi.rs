@@ -103,6 +103,9 @@ pub struct HostState {
     pub plugin_config: Vec<u8>,
     /// The request being handled, swapped in for each callback (a pointer swap).
     pub http: Box<HttpState>,
+    /// When the call into the instance in progress started, and how long it may run.
+    pub call_started: std::time::Instant,
+    pub deadline: std::time::Duration,
     /// The instance's memory and allocator, looked up once after instantiation.
     pub memory: Option<wasmtime::Memory>,
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
@@ -121,6 +124,8 @@ impl HostState {
             vm_config: Vec::new(),
             plugin_config: s.plugin_config.clone(),
             http: Box::default(),
+            call_started: std::time::Instant::now(),
+            deadline: std::time::Duration::from_millis(s.deadline_ms.max(1)),
             memory: None,
             alloc: None,
         }

@@ -183,6 +183,11 @@ fn infinite_loop_is_stopped_at_the_deadline() {
         let t = std::time::Instant::now();
         let (o, _) = p.on_request(&mut request("/"), true);
         let took = t.elapsed();
+        // Never before its 20 ms deadline: a tick only makes the call check its time.
+        assert!(
+            took >= std::time::Duration::from_millis(20),
+            "{fail}: stopped after {took:?}, before its deadline"
+        );
         assert!(
             took < std::time::Duration::from_millis(500),
             "{fail}: {took:?}"

@@ -3,11 +3,14 @@
 //! memory, `proc_exit`) poisons the instance: the owner drops it.
 
 use super::abi::{HostState, HttpState, ProcExit};
-use super::engine::{Ticker, TICK};
+use super::engine::Ticker;
 use super::WasmError;
 use std::collections::HashSet;
 use std::sync::Arc;
-use wasmtime::{Extern, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
+use std::time::Instant;
+use wasmtime::{
+    Extern, InstancePre, Store, Trap, TypedFunc, UpdateDeadline, WasmParams, WasmResults,
+};
 
 /// The root context's id; HTTP contexts are numbered from 2.
 pub const ROOT_CTX: i32 = 1;
@@ -53,7 +56,7 @@ struct Exports {
 
 /// The CPU deadline and memory cap of each call into an instance.
 struct CallLimit {
-    deadline_ticks: u64,
+    deadline_ms: u64,
     max_memory: u64,
     /// Keeps the epoch advancing while this instance runs code.
     ticker: Arc<Ticker>,
@@ -70,7 +73,7 @@ impl CallLimit {
         p: P,
     ) -> Result<R, WasmError> {
         let running = self.ticker.enter();
-        store.set_epoch_deadline(self.deadline_ticks);
+        start_call(store);
         let r = f.call(&mut *store, p);
         drop(running);
         r.map_err(|e| self.classify(store, what, e))
@@ -89,10 +92,17 @@ impl CallLimit {
             return WasmError::Exit(*code);
         }
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return WasmError::Deadline(self.deadline_ticks * TICK.as_millis() as u64, what);
+            return WasmError::Deadline(self.deadline_ms, what);
         }
         WasmError::Trap(what, format!("{e:#}"))
     }
+}
+
+/// Starts the clock of a call into the instance: its deadline counts from now, and
+/// the next epoch tick makes it check.
+fn start_call(store: &mut Store<HostState>) {
+    store.data_mut().call_started = Instant::now();
+    store.set_epoch_deadline(1);
 }
 
 fn typed<P: WasmParams, R: WasmResults>(
@@ -132,11 +142,19 @@ impl Vm {
     ) -> Result<Vm, WasmError> {
         let mut store = Store::new(pre.module().engine(), HostState::new(s));
         store.limiter(|h| &mut h.limits);
-        let deadline_ticks = (s.deadline_ms.max(1) * 1000 / TICK.as_micros() as u64).max(1);
+        let deadline_ms = s.deadline_ms.max(1);
         // A module's start function runs during instantiation: bounded like a callback.
         let running = ticker.enter();
-        store.set_epoch_deadline(deadline_ticks);
-        store.epoch_deadline_trap();
+        // At each epoch tick a running call checks its own time (see `engine`).
+        store.epoch_deadline_callback(|ctx| {
+            let h = ctx.data();
+            Ok(if h.call_started.elapsed() >= h.deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Continue(1)
+            })
+        });
+        start_call(&mut store);
         let inst = pre.instantiate(&mut store);
         drop(running);
         let inst = inst.map_err(|e| {
@@ -175,7 +193,7 @@ impl Vm {
             on_context_create,
         };
         let limit = CallLimit {
-            deadline_ticks,
+            deadline_ms,
             max_memory: s.max_memory,
             ticker,
         };
