@@ -184,26 +184,26 @@ async fn process(
         }
     };
     let authority = authority_of(&req);
-    // Boxed: each plugin callback swaps it into the plugin's store.
-    let mut view = Box::new(HttpState {
-        props: Some(ctx.props.clone()),
-        ..Default::default()
-    });
-    if !ctx.plan.plugins.is_empty() {
-        // The fields are moved in while plugins run (no copy); see `Headers`.
+    // Only with plugins; boxed: each callback swaps it into the plugin's store. The
+    // fields are moved in while plugins run (no copy); see `Headers`.
+    let mut view = (!ctx.plan.plugins.is_empty()).then(|| {
         let scheme = req.uri().scheme_str().unwrap_or("http");
         let (method, pq) = (req.method(), normalized.path_and_query());
-        view.request = Headers::request(method, pq, authority.clone(), scheme, Default::default());
-    }
+        Box::new(HttpState {
+            request: Headers::request(method, pq, authority.clone(), scheme, Default::default()),
+            props: Some(ctx.props.clone()),
+            ..Default::default()
+        })
+    });
     let mut ran = Ran::default();
     let end_of_stream = hyper::body::Body::is_end_stream(req.body());
     // Plugins are in phase order: those before weft's authorization come first.
     let plugins = &ctx.plan.plugins;
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
     let mut rewritten = None;
-    if !before.is_empty() {
+    if let (false, Some(view)) = (before.is_empty(), view.as_mut()) {
         view.request.fields = std::mem::take(req.headers_mut());
-        let replied = chain::run_request(before, &mut view, end_of_stream, &mut ran);
+        let replied = chain::run_request(before, view, end_of_stream, &mut ran);
         *req.headers_mut() = view.request.take_fields();
         if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
@@ -214,7 +214,11 @@ async fn process(
             if !normalized.is(p) {
                 match path::normalize(p) {
                     Ok(n) if set_path(&mut req, &n.path_and_query()) => rewritten = Some(n.path),
-                    _ => return reply(400, "malformed request path\n", &[]),
+                    _ => {
+                        // The plugins' contexts end here too.
+                        chain::finish(ran, view);
+                        return reply(400, "malformed request path\n", &[]);
+                    }
                 }
             }
         }
@@ -242,13 +246,13 @@ async fn process(
         if !d.allowed {
             tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
             *decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));
-            chain::finish(ran, &mut view);
+            end(ran, &mut view);
             return reply(403, DENIED_BODY, &[]);
         }
     }
-    if !after.is_empty() {
+    if let (false, Some(view)) = (after.is_empty(), view.as_mut()) {
         view.request.fields = std::mem::take(req.headers_mut());
-        let replied = chain::run_request(after, &mut view, end_of_stream, &mut ran);
+        let replied = chain::run_request(after, view, end_of_stream, &mut ran);
         *req.headers_mut() = view.request.take_fields();
         if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
@@ -264,7 +268,7 @@ async fn process(
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
-            chain::finish(ran, &mut view);
+            end(ran, &mut view);
             return reply(
                 503,
                 "upstream connect error or disconnect/reset before headers\n",
@@ -283,19 +287,26 @@ async fn process(
             });
         }
     }
-    if !ran.entries.is_empty() {
+    if let (false, Some(view)) = (ran.entries.is_empty(), view.as_mut()) {
         view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
         let eos = hyper::body::Body::is_end_stream(resp.body());
-        let replied = chain::run_response(&ran, &mut view, eos);
+        let replied = chain::run_response(&ran, view, eos);
         restore_response(&mut resp, &mut view.response);
         if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
-            chain::finish(ran, &mut view);
+            chain::finish(ran, view);
             return local(r);
         }
-        chain::finish(ran, &mut view);
+        chain::finish(ran, view);
     }
     resp.map(Either::Left)
+}
+
+/// Ends the contexts of the plugins that saw the request, if any ran.
+fn end(ran: Ran, view: &mut Option<Box<HttpState>>) {
+    if let Some(v) = view {
+        chain::finish(ran, v);
+    }
 }
 
 /// A plugin replied locally: run the response callbacks of the plugins that saw the
@@ -304,13 +315,13 @@ fn finish_local(
     ctx: &ConnCtx,
     r: LocalReply,
     ran: Ran,
-    mut view: Box<HttpState>,
+    view: &mut Box<HttpState>,
 ) -> http::Response<RespBody> {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
     view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
-    let _ = chain::run_response(&ran, &mut view, true);
+    let _ = chain::run_response(&ran, view, true);
     restore_response(&mut resp, &mut view.response);
-    chain::finish(ran, &mut view);
+    chain::finish(ran, view);
     resp
 }
