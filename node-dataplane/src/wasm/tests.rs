@@ -21,6 +21,11 @@ fn module(req: &str, resp: &str, extra: &str) -> String {
   (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_call_foreign_function" (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_size" (func $size (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 4096))
@@ -33,6 +38,15 @@ fn module(req: &str, resp: &str, extra: &str) -> String {
   (data (i32.const 144) "x-peer")
   (data (i32.const 160) "x-config")
   (data (i32.const 176) "x-unimpl")
+  (data (i32.const 512) "/rewritten") ;; from here: HEADER_CALLS_*
+  (data (i32.const 528) ":method")
+  (data (i32.const 544) "x-in")
+  (data (i32.const 560) "v")
+  (data (i32.const 576) "User-Agent")
+  (data (i32.const 592) "x-status")
+  (data (i32.const 608) ":status")
+  (data (i32.const 624) "503")
+  (data (i32.const 640) "99")
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
     (local $p i32)
@@ -486,55 +500,38 @@ fn plugins_run_by_phase_then_priority() {
 /// replaces `x-in`, removes `User-Agent`, reads all pairs, their size, and sets
 /// them back; on the response it sets `:status` to 99, then to 503. Each status
 /// is recorded as a digit in an `x-status` header.
-const HEADER_CALLS: &str = r#"(module
-  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
-  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
-  (import "env" "proxy_set_header_map_pairs" (func $set (param i32 i32 i32) (result i32)))
-  (import "env" "proxy_get_header_map_size" (func $size (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 4096))
-  (data (i32.const 0) ":path")
-  (data (i32.const 16) "/rewritten")
-  (data (i32.const 32) ":method")
-  (data (i32.const 48) "x-in")
-  (data (i32.const 64) "v")
-  (data (i32.const 80) "User-Agent")
-  (data (i32.const 96) "x-status")
-  (data (i32.const 112) ":status")
-  (data (i32.const 128) "503")
-  (data (i32.const 144) "99")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
+const HEADER_CALLS_REQUEST: &str = r#"
+    (call $digit (i32.const 1000) (call $replace (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 512) (i32.const 10)))
+    (call $digit (i32.const 1001) (call $add (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 512) (i32.const 10)))
+    (call $digit (i32.const 1002) (call $remove (i32.const 0) (i32.const 528) (i32.const 7)))
+    (call $digit (i32.const 1003) (call $replace (i32.const 0) (i32.const 544) (i32.const 4) (i32.const 560) (i32.const 1)))
+    (call $digit (i32.const 1004) (call $remove (i32.const 0) (i32.const 576) (i32.const 10)))
+    (call $digit (i32.const 1005) (call $pairs (i32.const 0) (i32.const 700) (i32.const 704)))
+    (call $digit (i32.const 1006) (call $size (i32.const 0) (i32.const 708)))
+    (call $digit (i32.const 1007) (i32.ne (i32.load (i32.const 704)) (i32.load (i32.const 708))))
+    (call $digit (i32.const 1008) (call $set (i32.const 0) (i32.load (i32.const 700)) (i32.load (i32.const 704))))
+    (drop (call $add (i32.const 0) (i32.const 592) (i32.const 8) (i32.const 1000) (i32.const 9)))
+    (i32.const 0)"#;
+
+const HEADER_CALLS_RESPONSE: &str = r#"
+    (call $digit (i32.const 1100) (call $replace (i32.const 2) (i32.const 608) (i32.const 7) (i32.const 640) (i32.const 2)))
+    (call $digit (i32.const 1101) (call $replace (i32.const 2) (i32.const 608) (i32.const 7) (i32.const 624) (i32.const 3)))
+    (drop (call $add (i32.const 2) (i32.const 592) (i32.const 8) (i32.const 1100) (i32.const 2)))
+    (i32.const 0)"#;
+
+/// The digit writer the two bodies above use.
+const HEADER_CALLS_EXTRA: &str = r#"
   (func $digit (param $at i32) (param $v i32)
-    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $v))))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (call $digit (i32.const 1000) (call $replace (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 10)))
-    (call $digit (i32.const 1001) (call $add (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 10)))
-    (call $digit (i32.const 1002) (call $remove (i32.const 0) (i32.const 32) (i32.const 7)))
-    (call $digit (i32.const 1003) (call $replace (i32.const 0) (i32.const 48) (i32.const 4) (i32.const 64) (i32.const 1)))
-    (call $digit (i32.const 1004) (call $remove (i32.const 0) (i32.const 80) (i32.const 10)))
-    (call $digit (i32.const 1005) (call $pairs (i32.const 0) (i32.const 200) (i32.const 204)))
-    (call $digit (i32.const 1006) (call $size (i32.const 0) (i32.const 208)))
-    (call $digit (i32.const 1007) (i32.ne (i32.load (i32.const 204)) (i32.load (i32.const 208))))
-    (call $digit (i32.const 1008) (call $set (i32.const 0) (i32.load (i32.const 200)) (i32.load (i32.const 204))))
-    (drop (call $add (i32.const 0) (i32.const 96) (i32.const 8) (i32.const 1000) (i32.const 9)))
-    (i32.const 0))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (call $digit (i32.const 1100) (call $replace (i32.const 2) (i32.const 112) (i32.const 7) (i32.const 144) (i32.const 2)))
-    (call $digit (i32.const 1101) (call $replace (i32.const 2) (i32.const 112) (i32.const 7) (i32.const 128) (i32.const 3)))
-    (drop (call $add (i32.const 2) (i32.const 96) (i32.const 8) (i32.const 1100) (i32.const 2)))
-    (i32.const 0)))"#;
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $v))))"#;
 
 #[test]
 fn header_map_calls_change_the_message_and_refuse_what_it_cannot_carry() {
-    let p = plugin(HEADER_CALLS, "FAIL_CLOSE");
+    let wat = module(
+        HEADER_CALLS_REQUEST,
+        HEADER_CALLS_RESPONSE,
+        HEADER_CALLS_EXTRA,
+    );
+    let p = plugin(&wat, "FAIL_CLOSE");
     assert!(p.load_error().is_none(), "{:?}", p.load_error());
     let mut http = request("/original");
     http.request
