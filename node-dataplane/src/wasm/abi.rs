@@ -244,6 +244,12 @@ fn slice(mem: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {
     mem.get(ptr..ptr.checked_add(len)?)
 }
 
+/// `slice`, to write into.
+fn slice_mut(mem: &mut [u8], ptr: i32, len: usize) -> Option<&mut [u8]> {
+    let ptr = ptr as u32 as usize;
+    mem.get_mut(ptr..ptr.checked_add(len)?)
+}
+
 /// The guest's memory and the host state, borrowed together, so host functions
 /// read their arguments in place instead of copying them.
 fn memory_and_state<'a>(c: &'a mut C<'_>) -> Option<(&'a mut [u8], &'a mut HostState)> {
@@ -324,14 +330,9 @@ fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasm
     };
     let mem = m.data_mut(&mut *c);
     let mut put = |at: i32, b: &[u8]| {
-        let at = at as u32 as usize;
-        match at.checked_add(b.len()).and_then(|end| mem.get_mut(at..end)) {
-            Some(dst) => {
-                dst.copy_from_slice(b);
-                true
-            }
-            None => false,
-        }
+        slice_mut(mem, at, b.len())
+            .map(|dst| dst.copy_from_slice(b))
+            .is_some()
     };
     let written = put(ptr, bytes)
         && put(ptr_ptr, &(ptr as u32).to_le_bytes())
@@ -514,11 +515,8 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(map) = st.map(t) else {
                 return Ok(BAD_ARGUMENT);
             };
-            match map.get(key) {
-                Some(v) => {
-                    let v = Copied::of(v.as_bytes());
-                    return_bytes(&mut c, v.as_bytes(), rp, rl)
-                }
+            match map.get(key).map(Copied::of) {
+                Some(v) => return_bytes(&mut c, v.as_bytes(), rp, rl),
                 None => Ok(NOT_FOUND),
             }
         },
@@ -627,7 +625,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 body,
                 headers: headers
                     .into_iter()
-                    .filter(|(k, v)| valid_header(k, v))
+                    .filter(|(k, v)| headers::field(k.as_bytes(), v.as_bytes()).is_ok())
                     .map(|(k, v)| (k.to_ascii_lowercase(), v))
                     .collect(),
             });
@@ -635,11 +633,6 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     define_wasi(l)
-}
-
-/// A header a plugin adds must be a valid HTTP field (and not a pseudo-header).
-fn valid_header(k: &str, v: &str) -> bool {
-    http::HeaderName::from_bytes(k.as_bytes()).is_ok() && http::HeaderValue::from_str(v).is_ok()
 }
 
 fn define_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {

@@ -37,6 +37,14 @@ struct Pseudo {
     len: usize,
 }
 
+impl Pseudo {
+    /// Where the pseudo-header `name` (any case) is.
+    fn position(&self, name: &[u8]) -> Option<usize> {
+        self.iter()
+            .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+    }
+}
+
 impl std::ops::Deref for Pseudo {
     type Target = [(&'static str, Cow<'static, str>)];
     fn deref(&self) -> &Self::Target {
@@ -47,22 +55,6 @@ impl std::ops::Deref for Pseudo {
 impl std::ops::DerefMut for Pseudo {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.entries[..self.len]
-    }
-}
-
-/// A value found in a header map: a field's or a pseudo-header's.
-#[derive(Debug, Clone)]
-pub enum Value {
-    Field(HeaderValue),
-    Pseudo(Cow<'static, str>),
-}
-
-impl Value {
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Value::Field(v) => v.as_bytes(),
-            Value::Pseudo(v) => v.as_bytes(),
-        }
     }
 }
 
@@ -143,24 +135,20 @@ impl Headers {
     }
 
     fn pseudo_slot(&mut self, name: &[u8]) -> Option<(&'static str, &mut Cow<'static, str>)> {
-        self.pseudo
-            .iter_mut()
-            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
-            .map(|(k, v)| (*k, v))
+        let i = self.pseudo.position(name)?;
+        let (k, v) = &mut self.pseudo[i];
+        Some((*k, v))
     }
 
     /// The first value of `name` (any case).
-    pub fn get(&self, name: &[u8]) -> Option<Value> {
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
         if name.first() == Some(&b':') {
-            return self
-                .pseudo
-                .iter()
-                .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
-                .map(|(_, v)| Value::Pseudo(v.clone()));
+            let i = self.pseudo.position(name)?;
+            return Some(self.pseudo[i].1.as_bytes());
         }
         // A `&str` key is lower-cased on the stack by the map, not allocated.
         let name = std::str::from_utf8(name).ok()?;
-        self.fields.get(name).cloned().map(Value::Field)
+        self.fields.get(name).map(HeaderValue::as_bytes)
     }
 
     /// Every entry, pseudo-headers first.
@@ -221,10 +209,8 @@ impl Headers {
         let mut pseudo = self.pseudo.clone();
         for (k, v) in pairs {
             if k.first() == Some(&b':') {
-                let slot = pseudo
-                    .iter_mut()
-                    .find(|(n, _)| n.as_bytes().eq_ignore_ascii_case(k))
-                    .ok_or(Refused::Invalid)?;
+                let i = pseudo.position(k).ok_or(Refused::Invalid)?;
+                let slot = &mut pseudo[i];
                 slot.1 = Cow::Owned(pseudo_value(slot.0, v)?);
             } else {
                 let (k, v) = field(k, v)?;
@@ -247,7 +233,8 @@ impl Headers {
     }
 }
 
-fn field(name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), Refused> {
+/// A valid HTTP field from a plugin's name and value.
+pub fn field(name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), Refused> {
     // `from_bytes` lower-cases the name.
     let name = HeaderName::from_bytes(name).map_err(|_| Refused::Invalid)?;
     let value = HeaderValue::from_bytes(value).map_err(|_| Refused::Invalid)?;
@@ -364,8 +351,8 @@ mod tests {
             ])
         );
         assert_eq!(h.len(), 7);
-        assert_eq!(h.get(b":PATH").unwrap().as_bytes(), b"/p?q");
-        assert_eq!(h.get(b"X-A").unwrap().as_bytes(), b"1");
+        assert_eq!(h.get(b":PATH"), Some(&b"/p?q"[..]));
+        assert_eq!(h.get(b"X-A"), Some(&b"1"[..]));
         assert!(h.get(b"x-none").is_none());
         assert!(h.get(b":status").is_none());
         let r = Headers::response(http::StatusCode::NOT_FOUND, HeaderMap::new());

@@ -267,9 +267,7 @@ impl Plugin {
                 .as_ref()
                 .map_err(|e| self.unavailable(&e.to_string()))?;
             let ticker = self
-                .engine
-                .as_ref()
-                .map(|e| e.ticker().clone())
+                .engine_ticker()
                 .ok_or_else(|| self.unavailable("no wasm engine"))?;
             match Vm::start(pre, &m.no_ops, &self.settings, ticker) {
                 Ok(vm) => {

@@ -142,7 +142,7 @@ fn ok_response() -> Headers {
 
 fn header(h: &Headers, k: &str) -> Option<String> {
     h.get(k.as_bytes())
-        .map(|v| String::from_utf8(v.as_bytes().to_vec()).unwrap())
+        .map(|v| String::from_utf8(v.to_vec()).unwrap())
 }
 
 #[test]

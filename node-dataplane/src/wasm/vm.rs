@@ -56,7 +56,6 @@ struct Exports {
 
 /// The CPU deadline and memory cap of each call into an instance.
 struct CallLimit {
-    deadline_ms: u64,
     max_memory: u64,
     /// Keeps the epoch advancing while this instance runs code.
     ticker: Arc<Ticker>,
@@ -92,7 +91,7 @@ impl CallLimit {
             return WasmError::Exit(*code);
         }
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return WasmError::Deadline(self.deadline_ms, what);
+            return WasmError::Deadline(store.data().deadline.as_millis() as u64, what);
         }
         WasmError::Trap(what, format!("{e:#}"))
     }
@@ -142,7 +141,6 @@ impl Vm {
     ) -> Result<Vm, WasmError> {
         let mut store = Store::new(pre.module().engine(), HostState::new(s));
         store.limiter(|h| &mut h.limits);
-        let deadline_ms = s.deadline_ms.max(1);
         // A module's start function runs during instantiation: bounded like a callback.
         let running = ticker.enter();
         // At each epoch tick a running call checks its own time (see `engine`).
@@ -193,7 +191,6 @@ impl Vm {
             on_context_create,
         };
         let limit = CallLimit {
-            deadline_ms,
             max_memory: s.max_memory,
             ticker,
         };

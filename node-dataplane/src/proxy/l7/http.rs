@@ -61,15 +61,40 @@ fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
     })
 }
 
-/// The response's fields back from its plugins, with the status they set.
-fn restore_response<B>(resp: &mut http::Response<B>, view: &mut Headers) {
-    *resp.headers_mut() = view.take_fields();
+/// Runs `plugins`' request callbacks on the request's own fields, moved into the
+/// plugins' view and back. Returns a local reply, if one sent it.
+fn run_request_plugins(
+    plugins: &[Arc<crate::wasm::plugin::Plugin>],
+    view: &mut Box<HttpState>,
+    req: &mut http::Request<Incoming>,
+    end_of_stream: bool,
+    ran: &mut Ran,
+) -> Option<(LocalReply, String)> {
+    view.request.fields = std::mem::take(req.headers_mut());
+    let replied = chain::run_request(plugins, view, end_of_stream, ran);
+    *req.headers_mut() = view.request.take_fields();
+    replied
+}
+
+/// Runs the response callbacks of the plugins that saw the request on the
+/// response's own fields, and applies the status they set. Returns a local reply,
+/// if one sent it.
+fn run_response_plugins<B>(
+    ran: &Ran,
+    view: &mut Box<HttpState>,
+    resp: &mut http::Response<B>,
+    end_of_stream: bool,
+) -> Option<(LocalReply, String)> {
+    view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
+    let replied = chain::run_response(ran, view, end_of_stream);
+    *resp.headers_mut() = view.response.take_fields();
     // `Headers` only accepts a final status (200-599) as `:status`.
-    if let Some(s) = view.pseudo(":status") {
+    if let Some(s) = view.response.pseudo(":status") {
         if let Ok(code) = http::StatusCode::from_bytes(s.as_bytes()) {
             *resp.status_mut() = code;
         }
     }
+    replied
 }
 
 fn authority_of(req: &http::Request<Incoming>) -> String {
@@ -202,9 +227,7 @@ async fn process(
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
     let mut rewritten = None;
     if let (false, Some(view)) = (before.is_empty(), view.as_mut()) {
-        view.request.fields = std::mem::take(req.headers_mut());
-        let replied = chain::run_request(before, view, end_of_stream, &mut ran);
-        *req.headers_mut() = view.request.take_fields();
+        let replied = run_request_plugins(before, view, &mut req, end_of_stream, &mut ran);
         if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
@@ -251,9 +274,7 @@ async fn process(
         }
     }
     if let (false, Some(view)) = (after.is_empty(), view.as_mut()) {
-        view.request.fields = std::mem::take(req.headers_mut());
-        let replied = chain::run_request(after, view, end_of_stream, &mut ran);
-        *req.headers_mut() = view.request.take_fields();
+        let replied = run_request_plugins(after, view, &mut req, end_of_stream, &mut ran);
         if let Some((r, plugin)) = replied {
             *decided_by = Some(format!("wasm:{plugin}"));
             return finish_local(ctx, r, ran, view);
@@ -288,11 +309,8 @@ async fn process(
         }
     }
     if let (false, Some(view)) = (ran.entries.is_empty(), view.as_mut()) {
-        view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
         let eos = hyper::body::Body::is_end_stream(resp.body());
-        let replied = chain::run_response(&ran, view, eos);
-        restore_response(&mut resp, &mut view.response);
-        if let Some((r, plugin)) = replied {
+        if let Some((r, plugin)) = run_response_plugins(&ran, view, &mut resp, eos) {
             *decided_by = Some(format!("wasm:{plugin}"));
             chain::finish(ran, view);
             return local(r);
@@ -319,9 +337,7 @@ fn finish_local(
 ) -> http::Response<RespBody> {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
-    view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
-    let _ = chain::run_response(&ran, view, true);
-    restore_response(&mut resp, &mut view.response);
+    let _ = run_response_plugins(&ran, view, &mut resp, true);
     chain::finish(ran, view);
     resp
 }
