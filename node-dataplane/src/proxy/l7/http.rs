@@ -1,9 +1,9 @@
-//! Per-request processing of a parsed HTTP connection on the destination side:
-//! path normalization, Wasm plugins (AUTHN/AUTHZ phases), L7 authorization,
-//! plugins of the later phases, forwarding to the application, response plugins,
-//! and per-request metrics.
+//! Per-request processing on the destination side, on the request and response
+//! heads: path normalization, Wasm plugins (AUTHN/AUTHZ phases), L7 authorization,
+//! plugins of the later phases, response plugins, and per-request metrics and
+//! access log. Shared by the HTTP/1 proxy ([`super::h1`]) and the HTTP/2 one
+//! (hyper, [`serve_h2_request`]); neither body is touched here.
 
-use super::sniff::Protocol;
 use super::ConnCtx;
 use crate::proxy::access_log;
 use crate::wasm::abi::{HttpState, LocalReply};
@@ -12,9 +12,8 @@ use crate::wasm::headers::Headers;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use weft_api::authz::{path, Attributes, Request};
 
 pub type RespBody = Either<Incoming, Full<Bytes>>;
@@ -22,12 +21,17 @@ pub type RespBody = Either<Incoming, Full<Bytes>>;
 /// The body of a 403 from weft's L7 authorization (Istio's text).
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
-fn reply(
-    status: u16,
-    body: impl Into<Bytes>,
-    headers: &[(String, String)],
-) -> http::Response<RespBody> {
-    let mut r = http::Response::new(Either::Right(Full::new(body.into())));
+/// The body of the reply when the application cannot be reached or closes before
+/// answering (Envoy's text).
+pub const UPSTREAM_FAILED_BODY: &str =
+    "upstream connect error or disconnect/reset before headers\n";
+
+/// A response weft writes itself (denied, malformed, a plugin's local reply).
+pub type LocalResponse = http::Response<Bytes>;
+
+/// A local response: `status`, `body` as text/plain unless `headers` say otherwise.
+pub fn reply(status: u16, body: impl Into<Bytes>, headers: &[(String, String)]) -> LocalResponse {
+    let mut r = http::Response::new(body.into());
     *r.status_mut() =
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
@@ -47,7 +51,7 @@ fn reply(
     r
 }
 
-fn local(r: LocalReply) -> http::Response<RespBody> {
+fn local(r: LocalReply) -> LocalResponse {
     reply(r.status, r.body, &r.headers)
 }
 
@@ -63,10 +67,10 @@ fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
 
 /// Runs `plugins`' request callbacks on the request's own fields, moved into the
 /// plugins' view and back. Returns a local reply, if one sent it.
-fn run_request_plugins(
+fn run_request_plugins<B>(
     plugins: &[Arc<crate::wasm::plugin::Plugin>],
     view: &mut Box<HttpState>,
-    req: &mut http::Request<Incoming>,
+    req: &mut http::Request<B>,
     end_of_stream: bool,
     ran: &mut Ran,
 ) -> Option<(LocalReply, String)> {
@@ -97,7 +101,7 @@ fn run_response_plugins<B>(
     replied
 }
 
-fn authority_of(req: &http::Request<Incoming>) -> String {
+fn authority_of<B>(req: &http::Request<B>) -> String {
     req.uri()
         .authority()
         .map(|a| a.as_str().to_string())
@@ -111,7 +115,7 @@ fn authority_of(req: &http::Request<Incoming>) -> String {
 }
 
 /// Sets the request's path (keeping scheme and authority of an absolute URI).
-fn set_path(req: &mut http::Request<Incoming>, path_and_query: &str) -> bool {
+fn set_path<B>(req: &mut http::Request<B>, path_and_query: &str) -> bool {
     let mut parts = req.uri().clone().into_parts();
     match path_and_query.parse() {
         Ok(pq) => parts.path_and_query = Some(pq),
@@ -127,7 +131,7 @@ fn set_path(req: &mut http::Request<Incoming>, path_and_query: &str) -> bool {
 }
 
 /// A bounded method label.
-fn method_label(m: &http::Method) -> &'static str {
+pub fn method_label(m: &http::Method) -> &'static str {
     match *m {
         http::Method::GET => "GET",
         http::Method::POST => "POST",
@@ -142,73 +146,148 @@ fn method_label(m: &http::Method) -> &'static str {
     }
 }
 
-/// Handles one request end to end.
-pub async fn handle(
-    req: http::Request<Incoming>,
-    ctx: Arc<ConnCtx>,
-    proto: Protocol,
-) -> http::Response<RespBody> {
-    let start = Instant::now();
-    let method = method_label(req.method());
-    let mut decided_by: Option<String> = None;
-    // Reference-counted clones: nothing is copied unless the record is written.
-    let log = ctx.state.access_log.active().then(|| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().get(http::header::HOST).cloned(),
-        )
-    });
-    let resp = process(req, &ctx, proto, &mut decided_by).await;
-    let code = resp.status().as_u16();
-    let took = start.elapsed();
-    ctx.record_request(method, code, took, decided_by.as_deref());
-    if let Some((method, uri, host)) = log {
-        let authority = uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
-            .unwrap_or_default();
-        ctx.state.access_log.request(&access_log::RequestRecord {
-            source_addr: ctx.props.source,
-            destination_addr: ctx.dst,
-            source_identity: ctx.props.peer_id.as_deref().unwrap_or("unknown"),
-            destination_workload: &ctx.target.workload,
-            mtls: ctx.props.peer_id.is_some(),
-            method: method.as_str(),
-            path: uri.path(),
-            authority,
-            response_code: code,
-            decided_by: decided_by.as_deref(),
-            duration: took,
-        });
-    }
-    resp
+/// One request's bookkeeping from its head to its response head: timing, the
+/// bounded method label, what decided it locally, and what the access log needs.
+pub struct Exchange {
+    start: Instant,
+    method: &'static str,
+    pub decided_by: Option<String>,
+    /// Reference-counted clones: nothing is copied unless the record is written.
+    log: Option<(http::Method, http::Uri, Option<http::HeaderValue>)>,
 }
 
-async fn process(
-    mut req: http::Request<Incoming>,
-    ctx: &Arc<ConnCtx>,
-    proto: Protocol,
-    decided_by: &mut Option<String>,
-) -> http::Response<RespBody> {
+impl Exchange {
+    pub fn begin<B>(req: &http::Request<B>, ctx: &ConnCtx) -> Self {
+        Self::begin_at(req, ctx, Instant::now())
+    }
+
+    /// As [`Exchange::begin`], for a request whose first byte arrived at `start`.
+    pub fn begin_at<B>(req: &http::Request<B>, ctx: &ConnCtx, start: Instant) -> Self {
+        Self {
+            start,
+            method: method_label(req.method()),
+            decided_by: None,
+            log: ctx.state.access_log.active().then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().get(http::header::HOST).cloned(),
+                )
+            }),
+        }
+    }
+
+    /// Records the request's metrics (and access log record) with response `code`.
+    pub fn end(self, ctx: &ConnCtx, code: u16) {
+        let took: Duration = self.start.elapsed();
+        ctx.record_request(self.method, code, took, self.decided_by.as_deref());
+        if let Some((method, uri, host)) = self.log {
+            let authority = uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
+                .unwrap_or_default();
+            ctx.state.access_log.request(&access_log::RequestRecord {
+                source_addr: ctx.props.source,
+                destination_addr: ctx.dst,
+                source_identity: ctx.props.peer_id.as_deref().unwrap_or("unknown"),
+                destination_workload: &ctx.target.workload,
+                mtls: ctx.props.peer_id.is_some(),
+                method: method.as_str(),
+                path: uri.path(),
+                authority,
+                response_code: code,
+                decided_by: self.decided_by.as_deref(),
+                duration: took,
+            });
+        }
+    }
+}
+
+/// A request allowed through: the plugins that saw it, whose response callbacks
+/// and end run later.
+pub struct Pending {
+    ran: Ran,
+    view: Option<Box<HttpState>>,
+}
+
+impl Pending {
+    /// Will any plugin see the response (so its headers must be parsed into a map)?
+    pub fn sees_response(&self) -> bool {
+        self.view.is_some() && !self.ran.entries.is_empty()
+    }
+
+    /// The response head from the application: runs the response callbacks (which
+    /// may change its status and headers) and ends the plugins' contexts. Returns
+    /// the local reply that replaces the response, if a plugin sent one.
+    pub fn on_response<B>(
+        mut self,
+        resp: &mut http::Response<B>,
+        end_of_stream: bool,
+        x: &mut Exchange,
+    ) -> Option<LocalResponse> {
+        let ran = std::mem::take(&mut self.ran);
+        let (false, Some(mut view)) = (ran.entries.is_empty(), self.view.take()) else {
+            return None;
+        };
+        let replied = run_response_plugins(&ran, &mut view, resp, end_of_stream);
+        chain::finish(ran, &mut view);
+        replied.map(|(r, plugin)| {
+            x.decided_by = Some(format!("wasm:{plugin}"));
+            local(r)
+        })
+    }
+
+    /// The application could not be reached or did not answer: ends the plugins'
+    /// contexts; returns the 503 to send.
+    pub fn upstream_failed(self) -> LocalResponse {
+        drop(self);
+        reply(503, UPSTREAM_FAILED_BODY, &[])
+    }
+}
+
+/// A request abandoned (its connection failed, or the client went away) still ends
+/// the contexts of the plugins that saw it.
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let ran = std::mem::take(&mut self.ran);
+        end(ran, &mut self.view);
+    }
+}
+
+/// What the request head decided.
+pub enum Verdict {
+    /// Forward the (possibly rewritten) request to the application.
+    Forward(Pending),
+    /// Answer with this instead (denied, malformed path, a plugin's local reply).
+    Reply(LocalResponse),
+}
+
+/// Normalizes, runs the request plugins and authorizes one request head.
+/// `end_of_stream`: the request has no body.
+pub fn on_request<B>(
+    req: &mut http::Request<B>,
+    end_of_stream: bool,
+    ctx: &ConnCtx,
+    x: &mut Exchange,
+) -> Verdict {
     let normalized = {
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         match path::normalize(target) {
             Ok(p) if p.is(target) => p,
             Ok(p) => {
-                if !set_path(&mut req, &p.path_and_query()) {
-                    return reply(400, "malformed request path\n", &[]);
+                if !set_path(req, &p.path_and_query()) {
+                    return Verdict::Reply(reply(400, "malformed request path\n", &[]));
                 }
                 p
             }
             Err(e) => {
                 tracing::info!(dst = %ctx.dst, error = %e, "request refused: malformed path");
-                return reply(400, "malformed request path\n", &[]);
+                return Verdict::Reply(reply(400, "malformed request path\n", &[]));
             }
         }
     };
-    let authority = authority_of(&req);
+    let authority = authority_of(req);
     // Only with plugins; boxed: each callback swaps it into the plugin's store. The
     // fields are moved in while plugins run (no copy); see `Headers`.
     let mut view = (!ctx.plan.plugins.is_empty()).then(|| {
@@ -221,26 +300,25 @@ async fn process(
         })
     });
     let mut ran = Ran::default();
-    let end_of_stream = hyper::body::Body::is_end_stream(req.body());
     // Plugins are in phase order: those before weft's authorization come first.
     let plugins = &ctx.plan.plugins;
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
     let mut rewritten = None;
     if let (false, Some(view)) = (before.is_empty(), view.as_mut()) {
-        let replied = run_request_plugins(before, view, &mut req, end_of_stream, &mut ran);
+        let replied = run_request_plugins(before, view, req, end_of_stream, &mut ran);
         if let Some((r, plugin)) = replied {
-            *decided_by = Some(format!("wasm:{plugin}"));
-            return finish_local(ctx, r, ran, view);
+            x.decided_by = Some(format!("wasm:{plugin}"));
+            return Verdict::Reply(finish_local(ctx, r, ran, view));
         }
         // A plugin may have rewritten the path: normalize and authorize the new one.
         if let Some(p) = view.request.pseudo(":path") {
             if !normalized.is(p) {
                 match path::normalize(p) {
-                    Ok(n) if set_path(&mut req, &n.path_and_query()) => rewritten = Some(n.path),
+                    Ok(n) if set_path(req, &n.path_and_query()) => rewritten = Some(n.path),
                     _ => {
                         // The plugins' contexts end here too.
                         chain::finish(ran, view);
-                        return reply(400, "malformed request path\n", &[]);
+                        return Verdict::Reply(reply(400, "malformed request path\n", &[]));
                     }
                 }
             }
@@ -268,56 +346,19 @@ async fn process(
         ctx.count_decision(&d);
         if !d.allowed {
             tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
-            *decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));
+            x.decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));
             end(ran, &mut view);
-            return reply(403, DENIED_BODY, &[]);
+            return Verdict::Reply(reply(403, DENIED_BODY, &[]));
         }
     }
     if let (false, Some(view)) = (after.is_empty(), view.as_mut()) {
-        let replied = run_request_plugins(after, view, &mut req, end_of_stream, &mut ran);
+        let replied = run_request_plugins(after, view, req, end_of_stream, &mut ran);
         if let Some((r, plugin)) = replied {
-            *decided_by = Some(format!("wasm:{plugin}"));
-            return finish_local(ctx, r, ran, view);
+            x.decided_by = Some(format!("wasm:{plugin}"));
+            return Verdict::Reply(finish_local(ctx, r, ran, view));
         }
     }
-    // Forward. An upgrade (WebSocket...) is spliced after the 101.
-    let downstream_upgrade = req
-        .headers()
-        .contains_key(http::header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut req));
-    let mut resp = match ctx.upstream.send(req, proto).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
-            end(ran, &mut view);
-            return reply(
-                503,
-                "upstream connect error or disconnect/reset before headers\n",
-                &[],
-            );
-        }
-    };
-    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = downstream_upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                    let _ = crate::proxy::copy::bidirectional(&mut d, &mut u).await;
-                }
-            });
-        }
-    }
-    if let (false, Some(view)) = (ran.entries.is_empty(), view.as_mut()) {
-        let eos = hyper::body::Body::is_end_stream(resp.body());
-        if let Some((r, plugin)) = run_response_plugins(&ran, view, &mut resp, eos) {
-            *decided_by = Some(format!("wasm:{plugin}"));
-            chain::finish(ran, view);
-            return local(r);
-        }
-        chain::finish(ran, view);
-    }
-    resp.map(Either::Left)
+    Verdict::Forward(Pending { ran, view })
 }
 
 /// Ends the contexts of the plugins that saw the request, if any ran.
@@ -334,10 +375,40 @@ fn finish_local(
     r: LocalReply,
     ran: Ran,
     view: &mut Box<HttpState>,
-) -> http::Response<RespBody> {
+) -> LocalResponse {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
     let _ = run_response_plugins(&ran, view, &mut resp, true);
     chain::finish(ran, view);
+    resp
+}
+
+/// Handles one HTTP/2 request end to end (hyper's server and client carry the
+/// streams and bodies).
+pub async fn serve_h2_request(
+    mut req: http::Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> http::Response<RespBody> {
+    let mut x = Exchange::begin(&req, &ctx);
+    let eos = hyper::body::Body::is_end_stream(req.body());
+    let resp = match on_request(&mut req, eos, &ctx, &mut x) {
+        Verdict::Reply(r) => r.map(|b| Either::Right(Full::new(b))),
+        Verdict::Forward(pending) => match ctx.upstream.send_h2(req).await {
+            Ok(mut resp) => {
+                let eos = hyper::body::Body::is_end_stream(resp.body());
+                match pending.on_response(&mut resp, eos, &mut x) {
+                    Some(r) => r.map(|b| Either::Right(Full::new(b))),
+                    None => resp.map(Either::Left),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
+                pending
+                    .upstream_failed()
+                    .map(|b| Either::Right(Full::new(b)))
+            }
+        },
+    };
+    x.end(&ctx, resp.status().as_u16());
     resp
 }

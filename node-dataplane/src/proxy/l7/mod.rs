@@ -11,6 +11,7 @@
 //! matches it and a DENY rule with L7 fields always does, and a plugin that does not
 //! fail open refuses it. Never more permissive than the policy.
 
+pub mod h1;
 pub mod http;
 pub mod sniff;
 pub mod upstream;
@@ -195,6 +196,12 @@ where
         Declared::Opaque => (Protocol::Opaque, Default::default()),
         Declared::Unknown => sniff::sniff(&mut io, SNIFF_TIMEOUT).await?,
     };
+    if proto == Protocol::Http1 {
+        let ctx = Arc::new(ctx);
+        return h1::serve(prefix, io, ctx.clone())
+            .await
+            .map_err(|e| e.context(format!("HTTP/1 connection to {}", ctx.dst)));
+    }
     let io = sniff::Rewind::new(prefix, io);
     if proto == Protocol::Opaque {
         return serve_opaque(io, ctx).await;
@@ -204,39 +211,13 @@ where
         let ctx = ctx.clone();
         hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
-            async move { Ok::<_, std::convert::Infallible>(http::handle(req, ctx, proto).await) }
+            async move { Ok::<_, std::convert::Infallible>(http::serve_h2_request(req, ctx).await) }
         })
     };
-    let io = TokioIo::new(io);
-    let r = match proto {
-        Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, svc)
-            .await
-            .map_err(anyhow::Error::from),
-        _ => {
-            let server = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(io, svc)
-                .with_upgrades();
-            // The first upstream connection is driven in this task, next to the
-            // downstream one: a request and its response cross no task boundary.
-            // (If the app closes it, later requests reconnect on a spawned task.)
-            match ctx.upstream.open_h1().await {
-                Ok(upstream) => {
-                    tokio::pin!(server, upstream);
-                    let mut upstream_done = false;
-                    loop {
-                        tokio::select! {
-                            r = &mut server => break r.map_err(anyhow::Error::from),
-                            _ = &mut upstream, if !upstream_done => upstream_done = true,
-                        }
-                    }
-                }
-                Err(_) => server.await.map_err(anyhow::Error::from),
-            }
-        }
-    };
-    r.map_err(|e| e.context(format!("HTTP connection to {}", ctx.dst)))
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await
+        .map_err(|e| anyhow::Error::from(e).context(format!("HTTP/2 connection to {}", ctx.dst)))
 }
 
 /// Not HTTP on a port with L7 rules or plugins: authorize without a request

@@ -1,0 +1,594 @@
+//! HTTP/1.x message heads: parsing (httparse) with the checks a proxy in front of
+//! an application must make (RFC 9112), and writing them in canonical form.
+//!
+//! Heads are always re-written, never forwarded as received: the application and
+//! the client see CRLF line ends, single spaces and lower-case field names, whatever
+//! leniency the parser allowed. Requests whose framing is ambiguous are refused:
+//! both `Transfer-Encoding` and `Content-Length`, a transfer coding other than a
+//! final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing or non-numeric
+//! `Content-Length` values, and a missing or repeated `Host` in HTTP/1.1 (the host
+//! is an authorization attribute).
+
+use super::body::Framing;
+use crate::proxy::l7::http::LocalResponse;
+use bytes::BytesMut;
+use std::mem::MaybeUninit;
+
+/// Largest head accepted (request line or status line and fields).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most fields in a head.
+pub const MAX_FIELDS: usize = 100;
+
+/// A head that cannot be proxied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("malformed head: {0}")]
+    Malformed(String),
+    #[error("head larger than {MAX_HEAD} bytes or with more than {MAX_FIELDS} fields")]
+    TooLarge,
+}
+
+fn malformed(why: impl Into<String>) -> HeadError {
+    HeadError::Malformed(why.into())
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Method, target, version and fields (the body is forwarded separately).
+    pub req: http::Request<()>,
+    pub body: Framing,
+    /// The client keeps the connection open after this exchange.
+    pub keep_alive: bool,
+    /// An upgrade (`Connection: upgrade` with `Upgrade`) or `CONNECT`: after a 101
+    /// (or a 2xx to CONNECT) the connection carries another protocol.
+    pub upgrade: bool,
+    /// The head's length as received.
+    pub len: usize,
+}
+
+/// What the framing and connection fields of a head say.
+#[derive(Default)]
+struct Fields {
+    content_length: Option<u64>,
+    /// `Transfer-Encoding` seen; its last coding is `chunked`; `chunked` codings.
+    te: bool,
+    te_chunked_last: bool,
+    te_chunked: usize,
+    close: bool,
+    keep_alive: bool,
+    conn_upgrade: bool,
+    upgrade: bool,
+    hosts: usize,
+}
+
+impl Fields {
+    fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, HeadError> {
+        let mut f = Fields::default();
+        for h in fields {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                for v in tokens(h.value) {
+                    let n = parse_length(v)
+                        .ok_or_else(|| malformed("Content-Length is not a number"))?;
+                    if f.content_length.is_some_and(|m| m != n) {
+                        return Err(malformed("differing Content-Length values"));
+                    }
+                    f.content_length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                f.te = true;
+                for v in tokens(h.value) {
+                    let chunked = v.eq_ignore_ascii_case(b"chunked");
+                    f.te_chunked += usize::from(chunked);
+                    f.te_chunked_last = chunked;
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for v in tokens(h.value) {
+                    f.close |= v.eq_ignore_ascii_case(b"close");
+                    f.keep_alive |= v.eq_ignore_ascii_case(b"keep-alive");
+                    f.conn_upgrade |= v.eq_ignore_ascii_case(b"upgrade");
+                }
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                f.upgrade = true;
+            } else if name.eq_ignore_ascii_case(b"host") {
+                f.hosts += 1;
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether the sender keeps the connection open, for `version` (0: HTTP/1.0).
+    fn persistent(&self, version: u8) -> bool {
+        !self.close && (version >= 1 || self.keep_alive)
+    }
+}
+
+/// The comma-separated elements of a field value, trimmed; empty ones skipped.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn version(v: Option<u8>) -> http::Version {
+    match v {
+        Some(0) => http::Version::HTTP_10,
+        _ => http::Version::HTTP_11,
+    }
+}
+
+fn parse_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        e => malformed(e.to_string()),
+    }
+}
+
+/// The fields of a head as a map. `head` is a copy of `buf[..n]`, the bytes the
+/// fields were parsed from; values share its memory (one allocation per head).
+fn field_map(
+    buf: &[u8],
+    head: &bytes::Bytes,
+    fields: &[httparse::Header<'_>],
+) -> Result<http::HeaderMap, HeadError> {
+    let base = buf.as_ptr() as usize;
+    let mut map = http::HeaderMap::with_capacity(fields.len());
+    for h in fields {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| malformed(format!("invalid field name {:?}", h.name)))?;
+        let at = h.value.as_ptr() as usize - base;
+        let value = http::HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
+            .map_err(|_| malformed(format!("invalid value of field {:?}", h.name)))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Parses the request head at the start of `buf` and removes it from `buf`.
+/// `Ok(None)`: more bytes are needed.
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut r = httparse::Request::new(&mut []);
+    let n = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let f = Fields::scan(r.headers)?;
+    let v = r.version.unwrap_or(1);
+    let method = http::Method::from_bytes(r.method.unwrap_or_default().as_bytes())
+        .map_err(|_| malformed("invalid method"))?;
+    let uri: http::Uri = r
+        .path
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| malformed("invalid request target"))?;
+    let body = if f.te {
+        if v == 0 {
+            return Err(malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if f.content_length.is_some() {
+            return Err(malformed("both Transfer-Encoding and Content-Length"));
+        }
+        if !f.te_chunked_last || f.te_chunked != 1 {
+            return Err(malformed("Transfer-Encoding other than a final chunked"));
+        }
+        Framing::Chunked
+    } else {
+        match f.content_length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    if v >= 1 && f.hosts != 1 {
+        return Err(malformed(if f.hosts == 0 {
+            "no Host in an HTTP/1.1 request"
+        } else {
+            "more than one Host"
+        }));
+    }
+    let http_version = version(r.version);
+    let head = bytes::Bytes::copy_from_slice(&buf[..n]);
+    let map = field_map(buf, &head, r.headers)?;
+    let mut req = http::Request::new(());
+    let upgrade = method == http::Method::CONNECT || (f.upgrade && f.conn_upgrade);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = http_version;
+    *req.headers_mut() = map;
+    let keep_alive = f.persistent(v);
+    bytes::Buf::advance(buf, n);
+    Ok(Some(RequestHead {
+        req,
+        body,
+        keep_alive,
+        upgrade,
+        len: n,
+    }))
+}
+
+/// Writes a request head: request line, fields, empty line.
+pub fn write_request<B>(req: &http::Request<B>, out: &mut Vec<u8>) {
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let uri = req.uri();
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    } else if req.method() == http::Method::CONNECT && uri.path_and_query().is_none() {
+        out.extend_from_slice(uri.authority().map_or("", |a| a.as_str()).as_bytes());
+    } else {
+        out.extend_from_slice(uri.to_string().as_bytes());
+    }
+    out.extend_from_slice(version_str(req.version()));
+    write_fields(req.headers(), out);
+}
+
+fn version_str(v: http::Version) -> &'static [u8] {
+    if v == http::Version::HTTP_10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    }
+}
+
+fn write_fields(map: &http::HeaderMap, out: &mut Vec<u8>) {
+    for (k, v) in map {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_status(v: &[u8], code: u16, reason: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(v);
+    out.push(b' ');
+    let mut digits = [b'0'; 3];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = b'0' + (code / 10u16.pow(2 - i as u32) % 10) as u8;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a response head (a plugin may have changed it): status line, fields.
+pub fn write_response<B>(resp: &http::Response<B>, out: &mut Vec<u8>) {
+    let s = resp.status();
+    let v = &version_str(resp.version())[1..9];
+    write_status(v, s.as_u16(), s.canonical_reason().unwrap_or(""), out);
+    write_fields(resp.headers(), out);
+}
+
+/// Writes a local response whole: `Content-Length` set to its body, `Connection:
+/// close` if `close`, no body bytes for a response to HEAD.
+pub fn write_local(r: &LocalResponse, head_request: bool, close: bool, out: &mut Vec<u8>) {
+    let s = r.status();
+    write_status(
+        b"HTTP/1.1",
+        s.as_u16(),
+        s.canonical_reason().unwrap_or(""),
+        out,
+    );
+    for (k, v) in r.headers() {
+        if k != http::header::CONTENT_LENGTH && k != http::header::CONNECTION {
+            out.extend_from_slice(k.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(r.body().len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_request {
+        out.extend_from_slice(r.body());
+    }
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub body: Framing,
+    /// The application keeps its connection open after this exchange.
+    pub keep_alive: bool,
+    /// The head, re-written (when no plugin needs the parsed form).
+    pub out: Vec<u8>,
+    /// The parsed head (when a plugin sees the response).
+    pub parsed: Option<http::Response<()>>,
+}
+
+/// Parses the response head at the start of `buf` and removes it from `buf`.
+/// `head_request`: it answers a HEAD (no body, whatever the fields say);
+/// `connect`: it answers a CONNECT (a 2xx starts a tunnel); `parse`: build the
+/// parsed form for plugins instead of writing the head out. `Ok(None)`: more bytes
+/// are needed.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    head_request: bool,
+    connect: bool,
+    parse: bool,
+) -> Result<Option<ResponseHead>, HeadError> {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut r = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let status = r.code.unwrap_or_default();
+    if !(100..=999).contains(&status) {
+        return Err(malformed("invalid status code"));
+    }
+    let f = Fields::scan(r.headers)?;
+    let v = r.version.unwrap_or(1);
+    let body = if head_request
+        || (100..200).contains(&status)
+        || status == 204
+        || status == 304
+        || (connect && (200..300).contains(&status))
+    {
+        Framing::Empty
+    } else if f.te {
+        if f.content_length.is_some() {
+            return Err(malformed("both Transfer-Encoding and Content-Length"));
+        }
+        if f.te_chunked_last {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match f.content_length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let keep_alive = f.persistent(v) && body != Framing::UntilClose;
+    let (out, parsed) = if parse {
+        let code =
+            http::StatusCode::from_u16(status).map_err(|_| malformed("invalid status code"))?;
+        let version = version(r.version);
+        let head = bytes::Bytes::copy_from_slice(&buf[..n]);
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = code;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = field_map(buf, &head, r.headers)?;
+        (Vec::with_capacity(n + 64), Some(resp))
+    } else {
+        let mut out = Vec::with_capacity(n + 16);
+        write_status(
+            if v == 0 { b"HTTP/1.0" } else { b"HTTP/1.1" },
+            status,
+            r.reason.unwrap_or(""),
+            &mut out,
+        );
+        for h in r.headers.iter() {
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        (out, None)
+    };
+    bytes::Buf::advance(buf, n);
+    Ok(Some(ResponseHead {
+        status,
+        body,
+        keep_alive,
+        out,
+        parsed,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(&mut BytesMut::from(raw))
+    }
+
+    fn refused(raw: &str) -> String {
+        match request(raw) {
+            Err(HeadError::Malformed(why)) => why,
+            other => panic!("{raw:?} accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_framing_and_connection() {
+        let h =
+            request("POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello")
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            (h.body, h.keep_alive, h.upgrade),
+            (Framing::Length(5), true, false)
+        );
+        assert_eq!(h.req.uri().path_and_query().unwrap().as_str(), "/a?b=1");
+        assert_eq!(h.req.headers()["x-a"], "1");
+        let h = request(
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.body, h.keep_alive), (Framing::Chunked, false));
+        let h = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!((h.body, h.keep_alive), (Framing::Empty, false));
+        let h = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
+        let h = request("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.upgrade);
+        let h = request(
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.body, Framing::Length(3));
+        assert!(request("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn ambiguous_or_malformed_requests_are_refused() {
+        for (raw, why) in [
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", "both Transfer-Encoding and Content-Length"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding other than a final chunked"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "Transfer-Encoding other than a final chunked"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding other than a final chunked"),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding in an HTTP/1.0 request"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "differing Content-Length values"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n", "Content-Length is not a number"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", "Content-Length is not a number"),
+            ("GET / HTTP/1.1\r\n\r\n", "no Host in an HTTP/1.1 request"),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
+        ] {
+            assert_eq!(refused(raw), why, "{raw:?}");
+        }
+        // httparse's own refusals: whitespace before the colon, a bad name, obs-fold.
+        for raw in [
+            "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHo(st: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nX: a\x00\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            refused(raw);
+        }
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            "a: b\r\n".repeat(MAX_FIELDS)
+        );
+        assert_eq!(request(&many).unwrap_err(), HeadError::TooLarge);
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(request(&long).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn heads_are_written_canonically() {
+        let mut buf = BytesMut::from("GET /x HTTP/1.1\nHost:  x \nX-Y: z\n\nNEXT");
+        let h = parse_request(&mut buf).unwrap().unwrap();
+        assert_eq!(&buf[..], b"NEXT");
+        let mut out = Vec::new();
+        write_request(&h.req, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /x HTTP/1.1\r\nhost: x\r\nx-y: z\r\n\r\n"
+        );
+
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\nContent-Length: 2\nX-App: t\n\nhi");
+        let r = parse_response(&mut buf, false, false, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.status, r.body, r.keep_alive),
+            (200, Framing::Length(2), true)
+        );
+        assert_eq!(
+            String::from_utf8(r.out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: t\r\n\r\n"
+        );
+        assert_eq!(&buf[..], b"hi");
+
+        let mut out = Vec::new();
+        let local = crate::proxy::l7::http::reply(403, "RBAC: access denied", &[]);
+        write_local(&local, false, true, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 19\r\nconnection: close\r\n\r\nRBAC: access denied"
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let parse = |raw: &str, head: bool, connect: bool| {
+            parse_response(&mut BytesMut::from(raw), head, connect, true)
+                .map(|r| r.map(|r| (r.body, r.keep_alive)))
+        };
+        let ok = |raw: &str| parse(raw, false, false).unwrap().unwrap();
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 304 Not Modified\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(ok("HTTP/1.1 100 Continue\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+            (Framing::Empty, false)
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false)
+                .unwrap()
+                .unwrap(),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\n\r\n", false, true)
+                .unwrap()
+                .unwrap(),
+            (Framing::Empty, true)
+        );
+        assert!(parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+            false,
+            false
+        )
+        .is_err());
+        assert!(parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false,
+            false
+        )
+        .is_err());
+        assert!(parse("HTTP/1.1 099 X\r\n\r\n", false, false).is_err());
+    }
+}

@@ -1,0 +1,445 @@
+//! HTTP/1.x on the destination side, proxied by weft itself rather than by a
+//! hyper server and client pair: one task per connection reads each request head,
+//! runs it through [`super::http::on_request`] (normalization, plugins,
+//! authorization), writes it to the application in canonical form, forwards the
+//! body unchanged once its framing has been checked ([`body`]), and does the same
+//! with the response.
+//!
+//! - Keep-alive and pipelining: requests are answered in order on one connection
+//!   to the application, kept open across requests.
+//! - The request body streams to the application while its response is read, so
+//!   `Expect: 100-continue` and early responses work; interim (1xx) responses are
+//!   forwarded. A response that ends before its request body has been forwarded
+//!   ends the client's connection after it (there is no way to skip the rest).
+//! - Upgrades (`Connection: upgrade` answered with 101, or `CONNECT` answered with
+//!   2xx) hand both connections to a byte copy.
+//! - A malformed or ambiguous request head is answered with 400 (431 when too
+//!   large) and the connection closed; see [`head`] for what is refused.
+//! - A request answered locally (403, a plugin's reply) keeps the connection open
+//!   when its body has already arrived whole (or it has none); otherwise the answer
+//!   says `Connection: close`.
+//! - The application's connection is reconnected when it closes; an idempotent
+//!   request without a body that finds a reused connection closed before any
+//!   response byte is sent once more on a new one (RFC 9112 section 9.3.1).
+
+pub mod body;
+pub mod head;
+
+use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict};
+use super::ConnCtx;
+use body::{forward, ForwardError, Framing, READ_CHUNK};
+use bytes::{Buf, BytesMut};
+use head::{HeadError, RequestHead, ResponseHead};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+
+/// The connection to the application, and the bytes read from it not yet used.
+struct Upstream {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// Serves one HTTP/1.x connection; `prefix`: its bytes already read (sniffing).
+pub async fn serve<S>(prefix: BytesMut, io: S, ctx: Arc<ConnCtx>) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut dr, mut dw) = tokio::io::split(io);
+    let mut dbuf = prefix;
+    let mut up: Option<Upstream> = None;
+    loop {
+        let Some(head) = read_request_head(&mut dr, &mut dbuf, &mut dw).await? else {
+            return Ok(());
+        };
+        match exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &ctx).await? {
+            Next::Request => {}
+            Next::Close => {
+                let _ = dw.shutdown().await;
+                return Ok(());
+            }
+            Next::Splice(mut upstream) => {
+                // Bytes each side sent after the upgrade's head go first.
+                if !upstream.buf.is_empty() {
+                    dw.write_all(&upstream.buf).await?;
+                }
+                if !dbuf.is_empty() {
+                    upstream.stream.write_all(&dbuf).await?;
+                }
+                let mut down = dr.unsplit(dw);
+                crate::proxy::copy::bidirectional(&mut down, &mut upstream.stream).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What follows an exchange on the client's connection.
+enum Next {
+    Request,
+    Close,
+    /// The connection was upgraded: copy bytes to and from this one.
+    Splice(Upstream),
+}
+
+/// Reads the next request head. `None`: the client closed the connection (or sent
+/// a head that could not be proxied, which was answered).
+async fn read_request_head<S: AsyncRead + AsyncWrite>(
+    dr: &mut ReadHalf<S>,
+    dbuf: &mut BytesMut,
+    dw: &mut WriteHalf<S>,
+) -> anyhow::Result<Option<RequestHead>> {
+    loop {
+        if !dbuf.is_empty() {
+            match head::parse_request(dbuf) {
+                Ok(Some(h)) => return Ok(Some(h)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "HTTP/1 request refused");
+                    let (status, body) = match e {
+                        HeadError::TooLarge => (431, "request header fields too large\n"),
+                        HeadError::Malformed(_) => (400, "malformed request\n"),
+                    };
+                    let r = super::http::reply(status, body, &[]);
+                    let mut out = Vec::new();
+                    head::write_local(&r, false, true, &mut out);
+                    let _ = dw.write_all(&out).await;
+                    let _ = dw.shutdown().await;
+                    return Ok(None);
+                }
+            }
+        }
+        if dbuf.capacity() - dbuf.len() < 1024 {
+            dbuf.reserve(READ_CHUNK);
+        }
+        if dr.read_buf(dbuf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// RFC 9110 section 9.2.2.
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
+/// One request and its response.
+async fn exchange<S: AsyncRead + AsyncWrite>(
+    head: RequestHead,
+    dr: &mut ReadHalf<S>,
+    dbuf: &mut BytesMut,
+    dw: &mut WriteHalf<S>,
+    up: &mut Option<Upstream>,
+    ctx: &ConnCtx,
+) -> anyhow::Result<Next> {
+    let RequestHead {
+        mut req,
+        body,
+        keep_alive,
+        upgrade,
+        len,
+    } = head;
+    let mut x = Exchange::begin(&req, ctx);
+    let head_request = req.method() == http::Method::HEAD;
+    let mut pending = match on_request(&mut req, body == Framing::Empty, ctx, &mut x) {
+        Verdict::Forward(p) => Some(p),
+        Verdict::Reply(r) => {
+            // The body is not forwarded: skipped if it is all here, else the
+            // connection closes after the answer.
+            let skipped = match body {
+                Framing::Empty => true,
+                Framing::Length(n) if n <= dbuf.len() as u64 => {
+                    dbuf.advance(n as usize);
+                    true
+                }
+                _ => false,
+            };
+            let close = !keep_alive || !skipped;
+            answer_locally(dw, &r, head_request, close).await?;
+            x.end(ctx, r.status().as_u16());
+            return Ok(if close { Next::Close } else { Next::Request });
+        }
+    };
+    let mut out = Vec::with_capacity(len + 64);
+    head::write_request(&req, &mut out);
+    let connect = req.method() == http::Method::CONNECT;
+    let mut retried = false;
+    loop {
+        let reused = up.is_some();
+        let conn = match up {
+            Some(c) => c,
+            None => match ctx.upstream.connect().await {
+                Ok(stream) => up.insert(Upstream {
+                    stream,
+                    buf: BytesMut::with_capacity(READ_CHUNK),
+                }),
+                Err(e) => {
+                    tracing::debug!(dst = %ctx.dst, error = %e, "connecting to the application failed");
+                    return fail(pending, dw, ctx, x, head_request).await;
+                }
+            },
+        };
+        let (mut ur, mut uw) = conn.stream.split();
+        let ubuf = &mut conn.buf;
+        // The body streams up while the response is awaited.
+        let (sent, received) = {
+            let send = forward(&mut *dr, &mut *dbuf, &mut uw, &mut out, body);
+            let recv = respond(
+                &mut ur,
+                ubuf,
+                &mut *dw,
+                &mut pending,
+                &mut x,
+                Asked {
+                    head_request,
+                    connect,
+                    upgrade,
+                },
+            );
+            tokio::pin!(send, recv);
+            let mut sent = None;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut send, if sent.is_none() => sent = Some(r),
+                    r = &mut recv => break (sent, r),
+                }
+                if let Some(Err(ForwardError::Read(_) | ForwardError::Body(_))) = &sent {
+                    break (sent, Err(Failure::Broken));
+                }
+            }
+        };
+        if let Some(Err(e @ (ForwardError::Read(_) | ForwardError::Body(_)))) = &sent {
+            // The client's body broke off or is malformed: the application holds
+            // part of a request; both connections end.
+            tracing::debug!(dst = %ctx.dst, error = %e, "request body not forwarded");
+            *up = None;
+            return Ok(Next::Close);
+        }
+        let body_sent = matches!(sent, Some(Ok(())));
+        match received {
+            Ok(resp) => {
+                x.end(ctx, resp.status);
+                let reusable = resp.keep_alive && resp.complete && body_sent;
+                if resp.upgraded {
+                    return Ok(match up.take() {
+                        Some(u) => Next::Splice(u),
+                        None => Next::Close,
+                    });
+                }
+                if !reusable || up.as_ref().is_some_and(|u| !u.buf.is_empty()) {
+                    *up = None;
+                }
+                return Ok(
+                    if keep_alive && resp.complete && resp.keep_alive_down && body_sent {
+                        Next::Request
+                    } else {
+                        Next::Close
+                    },
+                );
+            }
+            Err(Failure::NoResponse)
+                if reused && !retried && body == Framing::Empty && idempotent(req.method()) =>
+            {
+                // The application closed the idle connection as the request went.
+                *up = None;
+                retried = true;
+            }
+            Err(Failure::NoResponse) => {
+                *up = None;
+                return fail(pending, dw, ctx, x, head_request).await;
+            }
+            Err(Failure::Malformed(e)) => {
+                tracing::debug!(dst = %ctx.dst, error = %e, "malformed response from the application");
+                *up = None;
+                drop(pending.take());
+                let r = super::http::reply(502, "malformed response from upstream\n", &[]);
+                answer_locally(dw, &r, head_request, true).await?;
+                x.end(ctx, 502);
+                return Ok(Next::Close);
+            }
+            Err(Failure::Broken) => {
+                *up = None;
+                return Ok(Next::Close);
+            }
+        }
+    }
+}
+
+/// The application could not be reached or closed without answering: 503, and the
+/// client's connection closes (its request may have been partly sent).
+async fn fail<S: AsyncRead + AsyncWrite>(
+    pending: Option<Pending>,
+    dw: &mut WriteHalf<S>,
+    ctx: &ConnCtx,
+    x: Exchange,
+    head_request: bool,
+) -> anyhow::Result<Next> {
+    let r = match pending {
+        Some(p) => p.upstream_failed(),
+        None => super::http::reply(503, super::http::UPSTREAM_FAILED_BODY, &[]),
+    };
+    answer_locally(dw, &r, head_request, true).await?;
+    x.end(ctx, r.status().as_u16());
+    Ok(Next::Close)
+}
+
+async fn answer_locally<W: AsyncWrite + Unpin>(
+    dw: &mut W,
+    r: &LocalResponse,
+    head_request: bool,
+    close: bool,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(128 + r.body().len());
+    head::write_local(r, head_request, close, &mut out);
+    dw.write_all(&out).await?;
+    dw.flush().await
+}
+
+/// What the request asked for that shapes its response.
+#[derive(Clone, Copy)]
+struct Asked {
+    /// A HEAD: the response has no body.
+    head_request: bool,
+    /// A CONNECT: a 2xx starts a tunnel.
+    connect: bool,
+    /// An upgrade: a 101 may answer it.
+    upgrade: bool,
+}
+
+/// How a response was forwarded.
+struct Forwarded {
+    status: u16,
+    /// The application's connection can carry another request.
+    keep_alive: bool,
+    /// The client's connection can (a plugin's reply that replaced the response
+    /// leaves the application's body unread).
+    keep_alive_down: bool,
+    /// The body was forwarded whole.
+    complete: bool,
+    upgraded: bool,
+}
+
+#[derive(Debug)]
+enum Failure {
+    /// The application closed (or reset) the connection before any response byte.
+    NoResponse,
+    /// Its response head cannot be proxied.
+    Malformed(String),
+    /// Either connection failed after the response head was forwarded.
+    Broken,
+}
+
+/// Reads the response (forwarding interim 1xx heads), runs the plugins that saw
+/// the request on its head, and forwards it with its body.
+async fn respond<W: AsyncWrite + Unpin>(
+    ur: &mut tokio::net::tcp::ReadHalf<'_>,
+    ubuf: &mut BytesMut,
+    dw: &mut W,
+    pending: &mut Option<Pending>,
+    x: &mut Exchange,
+    asked: Asked,
+) -> Result<Forwarded, Failure> {
+    let Asked {
+        head_request,
+        connect,
+        upgrade,
+    } = asked;
+    let sees = pending.as_ref().is_some_and(Pending::sees_response);
+    let mut got_any = !ubuf.is_empty();
+    let head: ResponseHead = loop {
+        if !ubuf.is_empty() {
+            match head::parse_response(ubuf, head_request, connect, sees) {
+                Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                    let mut out = h.out;
+                    if let Some(p) = &h.parsed {
+                        head::write_response(p, &mut out);
+                    }
+                    dw.write_all(&out).await.map_err(|_| Failure::Broken)?;
+                    dw.flush().await.map_err(|_| Failure::Broken)?;
+                    continue;
+                }
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => return Err(Failure::Malformed(e.to_string())),
+            }
+        }
+        if ubuf.capacity() - ubuf.len() < 1024 {
+            ubuf.reserve(READ_CHUNK);
+        }
+        match ur.read_buf(ubuf).await {
+            Ok(0) | Err(_) if !got_any => return Err(Failure::NoResponse),
+            Ok(0) => return Err(Failure::Malformed("closed within the head".into())),
+            Err(e) => return Err(Failure::Malformed(e.to_string())),
+            Ok(_) => got_any = true,
+        }
+    };
+    let upgraded = head.status == 101 || (connect && (200..300).contains(&head.status));
+    if head.status == 101 && !upgrade {
+        return Err(Failure::Malformed(
+            "101 to a request that asked for no upgrade".into(),
+        ));
+    }
+    let ResponseHead {
+        mut status,
+        body,
+        keep_alive,
+        mut out,
+        parsed,
+    } = head;
+    if let (Some(mut resp), Some(p)) = (parsed, pending.take()) {
+        if let Some(r) = p.on_response(&mut resp, body == Framing::Empty, x) {
+            // A plugin replaced the response: the application's body is left unread.
+            let mut local = Vec::new();
+            head::write_local(&r, head_request, true, &mut local);
+            dw.write_all(&local).await.map_err(|_| Failure::Broken)?;
+            dw.flush().await.map_err(|_| Failure::Broken)?;
+            return Ok(Forwarded {
+                status: r.status().as_u16(),
+                keep_alive: false,
+                keep_alive_down: false,
+                complete: true,
+                upgraded: false,
+            });
+        }
+        status = resp.status().as_u16();
+        head::write_response(&resp, &mut out);
+    }
+    drop(pending.take());
+    if upgraded {
+        dw.write_all(&out).await.map_err(|_| Failure::Broken)?;
+        dw.flush().await.map_err(|_| Failure::Broken)?;
+        return Ok(Forwarded {
+            status,
+            keep_alive: false,
+            keep_alive_down: false,
+            complete: true,
+            upgraded: true,
+        });
+    }
+    let complete = match forward(ur, ubuf, dw, &mut out, body).await {
+        Ok(()) => body != Framing::UntilClose,
+        Err(e) => {
+            tracing::debug!(error = %e, "response body not forwarded whole");
+            return Err(Failure::Broken);
+        }
+    };
+    Ok(Forwarded {
+        status,
+        keep_alive,
+        keep_alive_down: true,
+        complete,
+        upgraded: false,
+    })
+}
+
+#[cfg(test)]
+mod tests;
