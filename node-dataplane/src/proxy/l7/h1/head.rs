@@ -206,7 +206,15 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let head = bytes::Bytes::copy_from_slice(&buf[..n]);
     let map = field_map(buf, &head, r.headers)?;
     let mut req = http::Request::new(());
-    let upgrade = method == http::Method::CONNECT || (f.upgrade && f.conn_upgrade);
+    let mut map = map;
+    let mut upgrade = method == http::Method::CONNECT || (f.upgrade && f.conn_upgrade);
+    if upgrade && wants_h2c(&map) {
+        // HTTP/2 streams after a 101 would bypass per-request authorization: the
+        // request goes on as HTTP/1.1 (servers may ignore the offer, RFC 9113 3.1).
+        map.remove(http::header::UPGRADE);
+        map.remove("http2-settings");
+        upgrade = false;
+    }
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = http_version;
@@ -220,6 +228,14 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         upgrade,
         len: n,
     }))
+}
+
+/// Does the request offer an upgrade to HTTP/2 over cleartext?
+fn wants_h2c(map: &http::HeaderMap) -> bool {
+    map.get_all(http::header::UPGRADE)
+        .iter()
+        .flat_map(|v| tokens(v.as_bytes()))
+        .any(|t| t.eq_ignore_ascii_case(b"h2c"))
 }
 
 /// Writes a request head: request line, fields, empty line.
@@ -349,6 +365,8 @@ pub fn parse_response(
     }
     let f = Fields::scan(r.headers)?;
     let v = r.version.unwrap_or(1);
+    // The body's first bytes, already read, join the head in one write.
+    let body_start = (buf.len() - n).min(super::body::READ_CHUNK);
     let body = if head_request
         || (100..200).contains(&status)
         || status == 204
@@ -382,9 +400,9 @@ pub fn parse_response(
         *resp.status_mut() = code;
         *resp.version_mut() = version;
         *resp.headers_mut() = field_map(buf, &head, r.headers)?;
-        (Vec::with_capacity(n + 64), Some(resp))
+        (Vec::with_capacity(n + 64 + body_start), Some(resp))
     } else {
-        let mut out = Vec::with_capacity(n + 16);
+        let mut out = Vec::with_capacity(n + 16 + body_start);
         write_status(
             if v == 0 { b"HTTP/1.0" } else { b"HTTP/1.1" },
             status,

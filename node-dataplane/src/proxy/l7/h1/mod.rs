@@ -168,7 +168,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             return Ok(if close { Next::Close } else { Next::Request });
         }
     };
-    let mut out = Vec::with_capacity(len + 64);
+    let mut out = Vec::with_capacity(len + 64 + dbuf.len().min(READ_CHUNK));
     head::write_request(&req, &mut out);
     let connect = req.method() == http::Method::CONNECT;
     let mut retried = false;
