@@ -150,6 +150,8 @@ pub fn method_label(m: &http::Method) -> &'static str {
 /// bounded method label, what decided it locally, and what the access log needs.
 pub struct Exchange {
     start: Instant,
+    /// When the response head went out, if that was before [`Exchange::end`].
+    head_out: Option<Duration>,
     method: &'static str,
     pub decided_by: Option<String>,
     /// Reference-counted clones: nothing is copied unless the record is written.
@@ -157,14 +159,11 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// Starts the bookkeeping of `req`, whose head has just been read.
     pub fn begin<B>(req: &http::Request<B>, ctx: &ConnCtx) -> Self {
-        Self::begin_at(req, ctx, Instant::now())
-    }
-
-    /// As [`Exchange::begin`], for a request whose first byte arrived at `start`.
-    pub fn begin_at<B>(req: &http::Request<B>, ctx: &ConnCtx, start: Instant) -> Self {
         Self {
-            start,
+            start: Instant::now(),
+            head_out: None,
             method: method_label(req.method()),
             decided_by: None,
             log: ctx.state.access_log.active().then(|| {
@@ -177,9 +176,16 @@ impl Exchange {
         }
     }
 
-    /// Records the request's metrics (and access log record) with response `code`.
+    /// The response head is being written (its body may stream for long after):
+    /// the request's duration ends here.
+    pub fn head_out(&mut self) {
+        self.head_out.get_or_insert_with(|| self.start.elapsed());
+    }
+
+    /// Records the request's metrics (and access log record) with response `code`;
+    /// its duration runs from the request head in to the response head out.
     pub fn end(self, ctx: &ConnCtx, code: u16) {
-        let took: Duration = self.start.elapsed();
+        let took: Duration = self.head_out.unwrap_or_else(|| self.start.elapsed());
         ctx.record_request(self.method, code, took, self.decided_by.as_deref());
         if let Some((method, uri, host)) = self.log {
             let authority = uri

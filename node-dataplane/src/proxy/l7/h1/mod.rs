@@ -414,6 +414,7 @@ async fn respond<W: AsyncWrite + Unpin>(
         head::write_response(&resp, &mut out);
     }
     drop(pending.take());
+    x.head_out();
     if upgraded {
         dw.write_all(&out).await.map_err(|_| Failure::Broken)?;
         dw.flush().await.map_err(|_| Failure::Broken)?;
