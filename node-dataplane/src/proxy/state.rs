@@ -227,6 +227,19 @@ impl ProxyState {
     }
 }
 
+/// A node's proxy state over `config`, with default options, for tests.
+#[cfg(test)]
+pub(crate) fn test_state(config: Arc<ConfigStore>) -> Arc<ProxyState> {
+    let opts = ProxyOptions {
+        mark: 0,
+        lb: Default::default(),
+        hbone_idle: std::time::Duration::from_secs(60),
+        access_log: Default::default(),
+    };
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    ProxyState::new(config, Default::default(), metrics, opts, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,17 +262,7 @@ mod tests {
             ..Default::default()
         });
         assert!(rejected.is_empty(), "{rejected:?}");
-        let opts = ProxyOptions {
-            mark: 0,
-            lb: Default::default(),
-            hbone_idle: std::time::Duration::from_secs(1),
-            access_log: Default::default(),
-        };
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        (
-            ProxyState::new(config, Default::default(), metrics, opts, None),
-            w,
-        )
+        (test_state(config), w)
     }
 
     fn deny(rule: pb::Rule) -> pb::AuthorizationPolicy {

@@ -127,10 +127,15 @@ fn version(v: Option<u8>) -> http::Version {
     }
 }
 
-fn parse_error(e: httparse::Error) -> HeadError {
-    match e {
-        httparse::Error::TooManyHeaders => HeadError::TooLarge,
-        e => malformed(e.to_string()),
+/// The length of a complete head from httparse's answer over `read` bytes;
+/// `None`: more bytes are needed.
+fn head_len(parsed: httparse::Result<usize>, read: usize) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if read >= MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(malformed(e.to_string())),
     }
 }
 
@@ -159,15 +164,13 @@ fn field_map(
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut r = httparse::Request::new(&mut []);
-    let n = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut r,
         buf,
         &mut storage,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_error(e)),
+    );
+    let Some(n) = head_len(parsed, buf.len())? else {
+        return Ok(None);
     };
     let f = Fields::scan(r.headers)?;
     let v = r.version.unwrap_or(1);
@@ -349,15 +352,13 @@ pub fn parse_response(
 ) -> Result<Option<ResponseHead>, HeadError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut r = httparse::Response::new(&mut []);
-    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut r,
         buf,
         &mut storage,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_error(e)),
+    );
+    let Some(n) = head_len(parsed, buf.len())? else {
+        return Ok(None);
     };
     let status = r.code.unwrap_or_default();
     if !(100..=999).contains(&status) {
@@ -556,33 +557,33 @@ mod tests {
             parse_response(&mut BytesMut::from(raw), head, connect, true)
                 .map(|r| r.map(|r| (r.body, r.keep_alive)))
         };
-        let ok = |raw: &str| parse(raw, false, false).unwrap().unwrap();
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            (Framing::Chunked, true)
-        );
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            (Framing::UntilClose, false)
-        );
-        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
-        assert_eq!(
-            ok("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            ok("HTTP/1.1 304 Not Modified\r\n\r\n"),
-            (Framing::Empty, true)
-        );
-        assert_eq!(ok("HTTP/1.1 100 Continue\r\n\r\n"), (Framing::Empty, true));
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
-            (Framing::Empty, false)
-        );
-        assert_eq!(
-            ok("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
-            (Framing::Length(1), false)
-        );
+        for (raw, want) in [
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                (Framing::Chunked, true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                (Framing::UntilClose, false),
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", (Framing::UntilClose, false)),
+            (
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                (Framing::Empty, true),
+            ),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", (Framing::Empty, true)),
+            ("HTTP/1.1 100 Continue\r\n\r\n", (Framing::Empty, true)),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                (Framing::Empty, false),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                (Framing::Length(1), false),
+            ),
+        ] {
+            assert_eq!(parse(raw, false, false).unwrap().unwrap(), want, "{raw:?}");
+        }
         assert_eq!(
             parse("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false)
                 .unwrap()

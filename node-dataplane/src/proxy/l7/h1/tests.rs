@@ -4,7 +4,7 @@
 
 use crate::netns::PodNetns;
 use crate::proxy::l7::ConnCtx;
-use crate::proxy::state::{LocalPod, ProxyOptions, ProxyState};
+use crate::proxy::state::LocalPod;
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,14 +60,7 @@ fn proxy(app: SocketAddr) -> DuplexStream {
         ..Default::default()
     });
     assert!(rejected.is_empty(), "{rejected:?}");
-    let opts = ProxyOptions {
-        mark: 0,
-        lb: Default::default(),
-        hbone_idle: Duration::from_secs(60),
-        access_log: Default::default(),
-    };
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let state = ProxyState::new(config, Default::default(), metrics, opts, None);
+    let state = crate::proxy::state::test_state(config);
     let workload = state
         .config
         .snapshot()
