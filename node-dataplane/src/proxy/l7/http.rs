@@ -243,13 +243,6 @@ impl Pending {
             local(r)
         })
     }
-
-    /// The application could not be reached or did not answer: ends the plugins'
-    /// contexts; returns the 503 to send.
-    pub fn upstream_failed(self) -> LocalResponse {
-        drop(self);
-        reply(503, UPSTREAM_FAILED_BODY, &[])
-    }
 }
 
 /// A request abandoned (its connection failed, or the client went away) still ends
@@ -409,9 +402,8 @@ pub async fn serve_h2_request(
             }
             Err(e) => {
                 tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
-                pending
-                    .upstream_failed()
-                    .map(|b| Either::Right(Full::new(b)))
+                drop(pending); // ends the plugins' contexts
+                reply(503, UPSTREAM_FAILED_BODY, &[]).map(|b| Either::Right(Full::new(b)))
             }
         },
     };

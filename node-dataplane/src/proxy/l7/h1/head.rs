@@ -253,36 +253,44 @@ pub fn write_request<B>(req: &http::Request<B>, out: &mut Vec<u8>) {
     } else {
         out.extend_from_slice(uri.to_string().as_bytes());
     }
-    out.extend_from_slice(version_str(req.version()));
+    out.push(b' ');
+    out.extend_from_slice(version_name(req.version()));
+    out.extend_from_slice(b"\r\n");
     write_fields(req.headers(), out);
 }
 
-fn version_str(v: http::Version) -> &'static [u8] {
+fn version_name(v: http::Version) -> &'static [u8] {
     if v == http::Version::HTTP_10 {
-        b" HTTP/1.0\r\n"
+        b"HTTP/1.0"
     } else {
-        b" HTTP/1.1\r\n"
+        b"HTTP/1.1"
     }
 }
 
+/// One field line.
+fn write_field(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Every field of `map`, then the empty line that ends a head.
 fn write_fields(map: &http::HeaderMap, out: &mut Vec<u8>) {
     for (k, v) in map {
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(k.as_str().as_bytes(), v.as_bytes(), out);
     }
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_status(v: &[u8], code: u16, reason: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(v);
+fn write_status(v: http::Version, code: u16, reason: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(version_name(v));
     out.push(b' ');
-    let mut digits = [b'0'; 3];
-    for (i, d) in digits.iter_mut().enumerate() {
-        *d = b'0' + (code / 10u16.pow(2 - i as u32) % 10) as u8;
-    }
-    out.extend_from_slice(&digits);
+    out.extend_from_slice(&[
+        b'0' + (code / 100 % 10) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]);
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -291,8 +299,12 @@ fn write_status(v: &[u8], code: u16, reason: &str, out: &mut Vec<u8>) {
 /// Writes a response head (a plugin may have changed it): status line, fields.
 pub fn write_response<B>(resp: &http::Response<B>, out: &mut Vec<u8>) {
     let s = resp.status();
-    let v = &version_str(resp.version())[1..9];
-    write_status(v, s.as_u16(), s.canonical_reason().unwrap_or(""), out);
+    write_status(
+        resp.version(),
+        s.as_u16(),
+        s.canonical_reason().unwrap_or(""),
+        out,
+    );
     write_fields(resp.headers(), out);
 }
 
@@ -301,24 +313,23 @@ pub fn write_response<B>(resp: &http::Response<B>, out: &mut Vec<u8>) {
 pub fn write_local(r: &LocalResponse, head_request: bool, close: bool, out: &mut Vec<u8>) {
     let s = r.status();
     write_status(
-        b"HTTP/1.1",
+        http::Version::HTTP_11,
         s.as_u16(),
         s.canonical_reason().unwrap_or(""),
         out,
     );
     for (k, v) in r.headers() {
         if k != http::header::CONTENT_LENGTH && k != http::header::CONNECTION {
-            out.extend_from_slice(k.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            write_field(k.as_str().as_bytes(), v.as_bytes(), out);
         }
     }
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(r.body().len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    write_field(
+        b"content-length",
+        r.body().len().to_string().as_bytes(),
+        out,
+    );
     if close {
-        out.extend_from_slice(b"connection: close\r\n");
+        write_field(b"connection", b"close", out);
     }
     out.extend_from_slice(b"\r\n");
     if !head_request {
@@ -404,17 +415,9 @@ pub fn parse_response(
         (Vec::with_capacity(n + 64 + body_start), Some(resp))
     } else {
         let mut out = Vec::with_capacity(n + 16 + body_start);
-        write_status(
-            if v == 0 { b"HTTP/1.0" } else { b"HTTP/1.1" },
-            status,
-            r.reason.unwrap_or(""),
-            &mut out,
-        );
+        write_status(version(r.version), status, r.reason.unwrap_or(""), &mut out);
         for h in r.headers.iter() {
-            out.extend_from_slice(h.name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b"\r\n");
+            write_field(h.name.as_bytes(), h.value, &mut out);
         }
         out.extend_from_slice(b"\r\n");
         (out, None)

@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::TcpStream;
 
 /// The connection to the application, and the bytes read from it not yet used.
-struct Upstream {
+struct AppConn {
     stream: TcpStream,
     buf: BytesMut,
 }
@@ -47,7 +47,7 @@ where
 {
     let (mut dr, mut dw) = tokio::io::split(io);
     let mut dbuf = prefix;
-    let mut up: Option<Upstream> = None;
+    let mut up: Option<AppConn> = None;
     loop {
         let Some(head) = read_request_head(&mut dr, &mut dbuf, &mut dw).await? else {
             return Ok(());
@@ -58,16 +58,16 @@ where
                 let _ = dw.shutdown().await;
                 return Ok(());
             }
-            Next::Splice(mut upstream) => {
+            Next::Splice(mut app) => {
                 // Bytes each side sent after the upgrade's head go first.
-                if !upstream.buf.is_empty() {
-                    dw.write_all(&upstream.buf).await?;
+                if !app.buf.is_empty() {
+                    dw.write_all(&app.buf).await?;
                 }
                 if !dbuf.is_empty() {
-                    upstream.stream.write_all(&dbuf).await?;
+                    app.stream.write_all(&dbuf).await?;
                 }
                 let mut down = dr.unsplit(dw);
-                crate::proxy::copy::bidirectional(&mut down, &mut upstream.stream).await?;
+                crate::proxy::copy::bidirectional(&mut down, &mut app.stream).await?;
                 return Ok(());
             }
         }
@@ -79,7 +79,7 @@ enum Next {
     Request,
     Close,
     /// The connection was upgraded: copy bytes to and from this one.
-    Splice(Upstream),
+    Splice(AppConn),
 }
 
 /// Reads the next request head. `None`: the client closed the connection (or sent
@@ -101,9 +101,7 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
                         HeadError::Malformed(_) => (400, "malformed request\n"),
                     };
                     let r = super::http::reply(status, body, &[]);
-                    let mut out = Vec::new();
-                    head::write_local(&r, false, true, &mut out);
-                    let _ = dw.write_all(&out).await;
+                    let _ = answer_locally(dw, &r, false, true).await;
                     let _ = dw.shutdown().await;
                     return Ok(None);
                 }
@@ -137,7 +135,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     dr: &mut ReadHalf<S>,
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
-    up: &mut Option<Upstream>,
+    up: &mut Option<AppConn>,
     ctx: &ConnCtx,
 ) -> anyhow::Result<Next> {
     let RequestHead {
@@ -177,7 +175,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
         let conn = match up {
             Some(c) => c,
             None => match ctx.upstream.connect().await {
-                Ok(stream) => up.insert(Upstream {
+                Ok(stream) => up.insert(AppConn {
                     stream,
                     buf: BytesMut::with_capacity(READ_CHUNK),
                 }),
@@ -283,10 +281,8 @@ async fn fail<S: AsyncRead + AsyncWrite>(
     x: Exchange,
     head_request: bool,
 ) -> anyhow::Result<Next> {
-    let r = match pending {
-        Some(p) => p.upstream_failed(),
-        None => super::http::reply(503, super::http::UPSTREAM_FAILED_BODY, &[]),
-    };
+    drop(pending); // ends the plugins' contexts
+    let r = super::http::reply(503, super::http::UPSTREAM_FAILED_BODY, &[]);
     answer_locally(dw, &r, head_request, true).await?;
     x.end(ctx, r.status().as_u16());
     Ok(Next::Close)
