@@ -19,6 +19,7 @@ use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;
 use weft_e2e::perf::median;
 use weft_e2e::{bin_path, plugin_path, wait_until};
+use weft_node::proxy::l7::fields::Fields;
 
 #[derive(Parser)]
 struct Args {
@@ -135,8 +136,8 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
     let mut lat = Vec::new();
     for i in 0..30_000 {
         let t = std::time::Instant::now();
-        let mut fields = http::HeaderMap::new();
-        fields.append("user-agent", http::HeaderValue::from_static("wrk"));
+        let mut fields = Fields::default();
+        fields.append(b"user-agent", b"wrk")?;
         let mut http = Box::new(HttpState {
             request: Headers::request(
                 &http::Method::GET,
@@ -154,9 +155,9 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
             "{o:?}"
         );
         let h = h.ok_or_else(|| anyhow::anyhow!("no context"))?;
-        let mut fields = http::HeaderMap::new();
-        fields.append("content-length", http::HeaderValue::from_static("10"));
-        http.response = Headers::response(http::StatusCode::OK, fields);
+        let mut fields = Fields::default();
+        fields.append(b"content-length", b"10")?;
+        http.response = Headers::response(200, fields);
         anyhow::ensure!(p.on_response(h, &mut http, false).is_none());
         p.finish(h, &mut http);
         if i >= 5_000 {

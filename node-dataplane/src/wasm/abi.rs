@@ -9,6 +9,7 @@
 
 use super::headers::{self, Headers, Refused};
 use super::vm::VmSettings;
+use crate::proxy::l7::fields::{valid_name, valid_value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
@@ -172,11 +173,7 @@ impl HostState {
             [b"request", b"scheme"] => req(":scheme")?,
             [b"request", b"headers"] => {
                 let fields = &self.http.request.fields;
-                let pairs = || {
-                    fields
-                        .iter()
-                        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
-                };
+                let pairs = || fields.iter();
                 let mut out = Vec::new();
                 headers::serialize(pairs, &mut out);
                 Copied::Heap(out)
@@ -625,7 +622,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 body,
                 headers: headers
                     .into_iter()
-                    .filter(|(k, v)| headers::field(k.as_bytes(), v.as_bytes()).is_ok())
+                    .filter(|(k, v)| valid_name(k.as_bytes()) && valid_value(v.as_bytes()))
                     .map(|(k, v)| (k.to_ascii_lowercase(), v))
                     .collect(),
             });

@@ -2,15 +2,15 @@
 //! `:path`, `:authority`, `:scheme` for a request, `:status` for a response), then
 //! its fields.
 //!
-//! The fields are the message's own [`http::HeaderMap`], moved in while its
-//! plugins run and moved back after, so a plugin reads and changes the message
-//! itself and nothing is copied unless it asks for it. Names are matched
-//! case-insensitively and stored in lower case. A change that would not be a valid
+//! The fields are the message's own [`Fields`] (an HTTP/1 message's, or a copy of
+//! an HTTP/2 message's map), moved in while its plugins run and moved back after,
+//! so a plugin reads and changes the message itself and nothing is copied unless
+//! it asks for it. Names are matched case-insensitively and stored in lower case;
+//! fields keep their order, also when one is replaced or removed. A change that would not be a valid
 //! HTTP field, or that would add, remove or invent a pseudo-header, is refused
 //! and leaves the headers as they were.
 
-use http::header::{HeaderName, HeaderValue};
-use http::HeaderMap;
+use crate::proxy::l7::fields::{valid_value, Fields};
 use std::borrow::Cow;
 
 /// Why a plugin's change to a header map was refused.
@@ -27,7 +27,7 @@ pub enum Refused {
 pub struct Headers {
     pseudo: Pseudo,
     /// The message's fields.
-    pub fields: HeaderMap,
+    pub fields: Fields,
 }
 
 /// A message's pseudo-headers, in place (a request has four, a response one).
@@ -68,7 +68,7 @@ impl Headers {
         path: String,
         authority: String,
         scheme: &str,
-        fields: HeaderMap,
+        fields: Fields,
     ) -> Self {
         let method = match *method {
             http::Method::GET => Cow::Borrowed("GET"),
@@ -97,11 +97,11 @@ impl Headers {
     }
 
     /// A response's headers.
-    pub fn response(status: http::StatusCode, fields: HeaderMap) -> Self {
+    pub fn response(status: u16, fields: Fields) -> Self {
         Self {
             pseudo: Pseudo {
                 entries: [
-                    (":status", Cow::Owned(status.as_str().to_string())),
+                    (":status", status_text(status)),
                     Default::default(),
                     Default::default(),
                     Default::default(),
@@ -113,7 +113,7 @@ impl Headers {
     }
 
     /// Hands the fields back to the message.
-    pub fn take_fields(&mut self) -> HeaderMap {
+    pub fn take_fields(&mut self) -> Fields {
         std::mem::take(&mut self.fields)
     }
 
@@ -146,9 +146,7 @@ impl Headers {
             let i = self.pseudo.position(name)?;
             return Some(self.pseudo[i].1.as_bytes());
         }
-        // A `&str` key is lower-cased on the stack by the map, not allocated.
-        let name = std::str::from_utf8(name).ok()?;
-        self.fields.get(name).map(HeaderValue::as_bytes)
+        self.fields.get(name)
     }
 
     /// Every entry, pseudo-headers first.
@@ -157,11 +155,7 @@ impl Headers {
             .pseudo
             .iter()
             .map(|(k, v)| (k.as_bytes(), v.as_bytes()));
-        let fields = self
-            .fields
-            .iter()
-            .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()));
-        pseudo.chain(fields)
+        pseudo.chain(self.fields.iter())
     }
 
     /// Appends a field value.
@@ -169,9 +163,9 @@ impl Headers {
         if name.first() == Some(&b':') {
             return Err(Refused::Pseudo);
         }
-        let (name, value) = field(name, value)?;
-        self.fields.append(name, value);
-        Ok(())
+        self.fields
+            .append(name, value)
+            .map_err(|_| Refused::Invalid)
     }
 
     /// Sets `name` to `value`, replacing every value it had.
@@ -181,9 +175,9 @@ impl Headers {
             *slot = Cow::Owned(pseudo_value(name, value)?);
             return Ok(());
         }
-        let (name, value) = field(name, value)?;
-        self.fields.insert(name, value);
-        Ok(())
+        self.fields
+            .insert(name, value)
+            .map_err(|_| Refused::Invalid)
     }
 
     /// Removes every value of a field.
@@ -191,9 +185,7 @@ impl Headers {
         if name.first() == Some(&b':') {
             return Err(Refused::Pseudo);
         }
-        if let Ok(name) = std::str::from_utf8(name) {
-            self.fields.remove(name);
-        }
+        self.fields.remove(name);
         Ok(())
     }
 
@@ -205,7 +197,7 @@ impl Headers {
         &mut self,
         pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<(), Refused> {
-        let mut fields = HeaderMap::new();
+        let mut fields = Fields::default();
         let mut pseudo = self.pseudo.clone();
         for (k, v) in pairs {
             if k.first() == Some(&b':') {
@@ -213,12 +205,11 @@ impl Headers {
                 let slot = &mut pseudo[i];
                 slot.1 = Cow::Owned(pseudo_value(slot.0, v)?);
             } else {
-                let (k, v) = field(k, v)?;
-                fields.append(k, v);
+                fields.append(k, v).map_err(|_| Refused::Invalid)?;
             }
         }
         self.pseudo = pseudo;
-        self.fields = fields;
+        self.fields.replace_all(fields);
         Ok(())
     }
 
@@ -233,18 +224,29 @@ impl Headers {
     }
 }
 
-/// A valid HTTP field from a plugin's name and value.
-pub fn field(name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), Refused> {
-    // `from_bytes` lower-cases the name.
-    let name = HeaderName::from_bytes(name).map_err(|_| Refused::Invalid)?;
-    let value = HeaderValue::from_bytes(value).map_err(|_| Refused::Invalid)?;
-    Ok((name, value))
+/// A status code's text: a constant for the common ones.
+fn status_text(status: u16) -> Cow<'static, str> {
+    match status {
+        200 => Cow::Borrowed("200"),
+        204 => Cow::Borrowed("204"),
+        301 => Cow::Borrowed("301"),
+        302 => Cow::Borrowed("302"),
+        304 => Cow::Borrowed("304"),
+        400 => Cow::Borrowed("400"),
+        403 => Cow::Borrowed("403"),
+        404 => Cow::Borrowed("404"),
+        500 => Cow::Borrowed("500"),
+        503 => Cow::Borrowed("503"),
+        s => Cow::Owned(s.to_string()),
+    }
 }
 
 /// A new value for the pseudo-header `name`: the rule of a field value (no control
 /// characters), UTF-8, and for `:status` a final status, 200-599.
 fn pseudo_value(name: &str, value: &[u8]) -> Result<String, Refused> {
-    HeaderValue::from_bytes(value).map_err(|_| Refused::Invalid)?;
+    if !valid_value(value) {
+        return Err(Refused::Invalid);
+    }
     let value = String::from_utf8(value.to_vec()).map_err(|_| Refused::Invalid)?;
     if name == ":status" && !matches!(value.parse::<u16>(), Ok(200..=599)) {
         return Err(Refused::Invalid);
@@ -305,10 +307,10 @@ mod tests {
     use super::*;
 
     fn request() -> Headers {
-        let mut f = HeaderMap::new();
-        f.append("user-agent", HeaderValue::from_static("curl"));
-        f.append("x-a", HeaderValue::from_static("1"));
-        f.append("x-a", HeaderValue::from_static("2"));
+        let mut f = Fields::default();
+        f.append(b"user-agent", b"curl").unwrap();
+        f.append(b"x-a", b"1").unwrap();
+        f.append(b"x-a", b"2").unwrap();
         Headers::request(
             &http::Method::GET,
             "/p?q".into(),
@@ -355,7 +357,7 @@ mod tests {
         assert_eq!(h.get(b"X-A"), Some(&b"1"[..]));
         assert!(h.get(b"x-none").is_none());
         assert!(h.get(b":status").is_none());
-        let r = Headers::response(http::StatusCode::NOT_FOUND, HeaderMap::new());
+        let r = Headers::response(404, Fields::default());
         assert_eq!(entries(&r), pairs(&[(":status", "404")]));
     }
 
@@ -366,11 +368,9 @@ mod tests {
         h.replace(b"x-a", b"3").unwrap();
         h.remove(b"User-Agent").unwrap();
         h.replace(b":path", b"/other").unwrap();
-        // A removal may reorder the fields (the map swaps the last one in).
-        let mut got = entries(&h);
-        got[4..].sort();
+        // The fields keep their order: `x-a` replaced in place, `x-new` last.
         assert_eq!(
-            got,
+            entries(&h),
             pairs(&[
                 (":method", "GET"),
                 (":path", "/other"),
@@ -382,7 +382,7 @@ mod tests {
         );
         assert_eq!(h.pseudo(":path"), Some("/other"));
         let f = h.take_fields();
-        assert_eq!(f.get("x-new").unwrap(), "v");
+        assert_eq!(f.get(b"x-new"), Some(&b"v"[..]));
         assert!(h.fields.is_empty());
     }
 
@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(h.add(b":path", b"/x"), Err(Refused::Pseudo));
         assert_eq!(h.remove(b":path"), Err(Refused::Pseudo));
         assert_eq!(h.replace(b":status", b"200"), Err(Refused::Invalid));
-        let mut r = Headers::response(http::StatusCode::OK, HeaderMap::new());
+        let mut r = Headers::response(200, Fields::default());
         for bad in [&b"101"[..], b"600", b"20", b"abc"] {
             assert_eq!(r.replace(b":status", bad), Err(Refused::Invalid));
         }

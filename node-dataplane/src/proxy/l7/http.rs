@@ -4,6 +4,7 @@
 //! access log. Shared by the HTTP/1 proxy ([`super::h1`]) and the HTTP/2 one
 //! (hyper, [`serve_h2_request`]); neither body is touched here.
 
+use super::fields::Fields;
 use super::ConnCtx;
 use crate::proxy::access_log;
 use crate::wasm::abi::{HttpState, LocalReply};
@@ -55,79 +56,165 @@ fn local(r: LocalReply) -> LocalResponse {
     reply(r.status, r.body, &r.headers)
 }
 
-/// A header map as (lower-case name, value) pairs.
-fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
-    map.iter().map(|(k, v)| {
-        (
-            k.as_str().to_string(),
-            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-        )
-    })
+/// A request head as the shared steps see it: an HTTP/1 head parsed by weft
+/// ([`super::h1::head::Request`]) or an HTTP/2 request from hyper.
+pub trait RequestMessage {
+    fn method(&self) -> &http::Method;
+    /// The target's path and query (`/` when it has none, as a CONNECT's).
+    fn path_and_query(&self) -> &str;
+    /// Sets the path and query, keeping the scheme and authority of an absolute
+    /// target. `false`: not a valid target; nothing changed.
+    fn set_path_and_query(&mut self, pq: &str) -> bool;
+    /// The target's authority, else the `Host` field, else empty.
+    fn authority(&self) -> &str;
+    fn scheme(&self) -> &str;
+    /// The fields, lent to plugins; [`RequestMessage::return_fields`] gives them back.
+    fn lend_fields(&mut self) -> Fields;
+    fn return_fields(&mut self, fields: Fields);
+    /// Every field as (lower-case name, value), for authorization.
+    fn field_pairs(&self) -> Vec<(String, String)>;
 }
 
-/// Runs `plugins`' request callbacks on the request's own fields, moved into the
-/// plugins' view and back. Returns a local reply, if one sent it.
-fn run_request_plugins<B>(
+/// A response head as the shared steps see it.
+pub trait ResponseMessage {
+    fn status(&self) -> u16;
+    /// Sets a final status (200-599, as plugins may set).
+    fn set_status(&mut self, status: u16);
+    fn lend_fields(&mut self) -> Fields;
+    fn return_fields(&mut self, fields: Fields);
+}
+
+fn pair(k: &[u8], v: &[u8]) -> (String, String) {
+    (
+        String::from_utf8_lossy(k).into_owned(),
+        String::from_utf8_lossy(v).into_owned(),
+    )
+}
+
+/// An HTTP/2 message's map is copied for plugins and rebuilt only if they changed it.
+fn return_to_map(map: &mut http::HeaderMap, fields: Fields) {
+    if fields.changed() {
+        *map = fields.to_map();
+    }
+}
+
+impl<B> RequestMessage for http::Request<B> {
+    fn method(&self) -> &http::Method {
+        self.method()
+    }
+
+    fn path_and_query(&self) -> &str {
+        self.uri().path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    fn set_path_and_query(&mut self, pq: &str) -> bool {
+        match with_path(self.uri(), pq) {
+            Some(u) => {
+                *self.uri_mut() = u;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn authority(&self) -> &str {
+        self.uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                self.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or_default()
+    }
+
+    fn scheme(&self) -> &str {
+        self.uri().scheme_str().unwrap_or("http")
+    }
+
+    fn lend_fields(&mut self) -> Fields {
+        Fields::from_map(self.headers())
+    }
+
+    fn return_fields(&mut self, fields: Fields) {
+        return_to_map(self.headers_mut(), fields)
+    }
+
+    fn field_pairs(&self) -> Vec<(String, String)> {
+        self.headers()
+            .iter()
+            .map(|(k, v)| pair(k.as_str().as_bytes(), v.as_bytes()))
+            .collect()
+    }
+}
+
+impl<B> ResponseMessage for http::Response<B> {
+    fn status(&self) -> u16 {
+        self.status().as_u16()
+    }
+
+    fn set_status(&mut self, status: u16) {
+        if let Ok(s) = http::StatusCode::from_u16(status) {
+            *self.status_mut() = s;
+        }
+    }
+
+    fn lend_fields(&mut self) -> Fields {
+        Fields::from_map(self.headers())
+    }
+
+    fn return_fields(&mut self, fields: Fields) {
+        return_to_map(self.headers_mut(), fields)
+    }
+}
+
+/// Fields as (lower-case name, value) pairs, for authorization.
+pub fn field_pairs(fields: &Fields) -> Vec<(String, String)> {
+    fields.iter().map(|(k, v)| pair(k, v)).collect()
+}
+
+/// Runs `plugins`' request callbacks on the request's own fields, lent to the
+/// plugins' view. Returns a local reply, if one sent it.
+fn run_request_plugins(
     plugins: &[Arc<crate::wasm::plugin::Plugin>],
     view: &mut Box<HttpState>,
-    req: &mut http::Request<B>,
+    req: &mut impl RequestMessage,
     end_of_stream: bool,
     ran: &mut Ran,
 ) -> Option<(LocalReply, String)> {
-    view.request.fields = std::mem::take(req.headers_mut());
+    view.request.fields = req.lend_fields();
     let replied = chain::run_request(plugins, view, end_of_stream, ran);
-    *req.headers_mut() = view.request.take_fields();
+    req.return_fields(view.request.take_fields());
     replied
 }
 
 /// Runs the response callbacks of the plugins that saw the request on the
 /// response's own fields, and applies the status they set. Returns a local reply,
 /// if one sent it.
-fn run_response_plugins<B>(
+fn run_response_plugins(
     ran: &Ran,
     view: &mut Box<HttpState>,
-    resp: &mut http::Response<B>,
+    resp: &mut impl ResponseMessage,
     end_of_stream: bool,
 ) -> Option<(LocalReply, String)> {
-    view.response = Headers::response(resp.status(), std::mem::take(resp.headers_mut()));
+    view.response = Headers::response(resp.status(), resp.lend_fields());
     let replied = chain::run_response(ran, view, end_of_stream);
-    *resp.headers_mut() = view.response.take_fields();
+    resp.return_fields(view.response.take_fields());
     // `Headers` only accepts a final status (200-599) as `:status`.
-    if let Some(s) = view.response.pseudo(":status") {
-        if let Ok(code) = http::StatusCode::from_bytes(s.as_bytes()) {
-            *resp.status_mut() = code;
+    if let Some(code) = view.response.pseudo(":status").and_then(|s| s.parse().ok()) {
+        if code != resp.status() {
+            resp.set_status(code);
         }
     }
     replied
 }
 
-fn authority_of<B>(req: &http::Request<B>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
-}
-
-/// Sets the request's path (keeping scheme and authority of an absolute URI).
-fn set_path<B>(req: &mut http::Request<B>, path_and_query: &str) -> bool {
-    let mut parts = req.uri().clone().into_parts();
-    match path_and_query.parse() {
-        Ok(pq) => parts.path_and_query = Some(pq),
-        Err(_) => return false,
-    }
-    match http::Uri::from_parts(parts) {
-        Ok(u) => {
-            *req.uri_mut() = u;
-            true
-        }
-        Err(_) => false,
-    }
+/// `uri` with another path and query (keeping its scheme and authority).
+pub fn with_path(uri: &http::Uri, path_and_query: &str) -> Option<http::Uri> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// A bounded method label.
@@ -154,24 +241,26 @@ pub struct Exchange {
     head_out: Option<Duration>,
     method: &'static str,
     pub decided_by: Option<String>,
-    /// Reference-counted clones: nothing is copied unless the record is written.
-    log: Option<(http::Method, http::Uri, Option<http::HeaderValue>)>,
+    /// Method, path (no query) and authority as received, when access logging is on.
+    log: Option<Box<(http::Method, String, String)>>,
 }
 
 impl Exchange {
     /// Starts the bookkeeping of `req`, whose head has just been read.
-    pub fn begin<B>(req: &http::Request<B>, ctx: &ConnCtx) -> Self {
+    pub fn begin(req: &impl RequestMessage, ctx: &ConnCtx) -> Self {
         Self {
             start: Instant::now(),
             head_out: None,
             method: method_label(req.method()),
             decided_by: None,
             log: ctx.state.access_log.active().then(|| {
-                (
+                let pq = req.path_and_query();
+                let path = pq.split(['?', '#']).next().unwrap_or_default();
+                Box::new((
                     req.method().clone(),
-                    req.uri().clone(),
-                    req.headers().get(http::header::HOST).cloned(),
-                )
+                    path.to_string(),
+                    req.authority().to_string(),
+                ))
             }),
         }
     }
@@ -187,12 +276,8 @@ impl Exchange {
     pub fn end(self, ctx: &ConnCtx, code: u16) {
         let took: Duration = self.head_out.unwrap_or_else(|| self.start.elapsed());
         ctx.record_request(self.method, code, took, self.decided_by.as_deref());
-        if let Some((method, uri, host)) = self.log {
-            let authority = uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
-                .unwrap_or_default();
+        if let Some(log) = self.log {
+            let (method, path, authority) = &*log;
             ctx.state.access_log.request(&access_log::RequestRecord {
                 source_addr: ctx.props.source,
                 destination_addr: ctx.dst,
@@ -200,7 +285,7 @@ impl Exchange {
                 destination_workload: &ctx.target.workload,
                 mtls: ctx.props.peer_id.is_some(),
                 method: method.as_str(),
-                path: uri.path(),
+                path,
                 authority,
                 response_code: code,
                 decided_by: self.decided_by.as_deref(),
@@ -218,7 +303,7 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Will any plugin see the response (so its headers must be parsed into a map)?
+    /// Will any plugin see the response (so its fields must be parsed)?
     pub fn sees_response(&self) -> bool {
         self.view.is_some() && !self.ran.entries.is_empty()
     }
@@ -226,9 +311,9 @@ impl Pending {
     /// The response head from the application: runs the response callbacks (which
     /// may change its status and headers) and ends the plugins' contexts. Returns
     /// the local reply that replaces the response, if a plugin sent one.
-    pub fn on_response<B>(
+    pub fn on_response(
         mut self,
-        resp: &mut http::Response<B>,
+        resp: &mut impl ResponseMessage,
         end_of_stream: bool,
         x: &mut Exchange,
     ) -> Option<LocalResponse> {
@@ -264,18 +349,18 @@ pub enum Verdict {
 
 /// Normalizes, runs the request plugins and authorizes one request head.
 /// `end_of_stream`: the request has no body.
-pub fn on_request<B>(
-    req: &mut http::Request<B>,
+pub fn on_request(
+    req: &mut impl RequestMessage,
     end_of_stream: bool,
     ctx: &ConnCtx,
     x: &mut Exchange,
 ) -> Verdict {
     let normalized = {
-        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let target = req.path_and_query();
         match path::normalize(target) {
             Ok(p) if p.is(target) => p,
             Ok(p) => {
-                if !set_path(req, &p.path_and_query()) {
+                if !req.set_path_and_query(&p.path_and_query()) {
                     return Verdict::Reply(reply(400, "malformed request path\n", &[]));
                 }
                 p
@@ -286,11 +371,11 @@ pub fn on_request<B>(
             }
         }
     };
-    let authority = authority_of(req);
+    let authority = req.authority().to_string();
     // Only with plugins; boxed: each callback swaps it into the plugin's store. The
     // fields are moved in while plugins run (no copy); see `Headers`.
     let mut view = (!ctx.plan.plugins.is_empty()).then(|| {
-        let scheme = req.uri().scheme_str().unwrap_or("http");
+        let scheme = req.scheme();
         let (method, pq) = (req.method(), normalized.path_and_query());
         Box::new(HttpState {
             request: Headers::request(method, pq, authority.clone(), scheme, Default::default()),
@@ -313,7 +398,9 @@ pub fn on_request<B>(
         if let Some(p) = view.request.pseudo(":path") {
             if !normalized.is(p) {
                 match path::normalize(p) {
-                    Ok(n) if set_path(req, &n.path_and_query()) => rewritten = Some(n.path),
+                    Ok(n) if req.set_path_and_query(&n.path_and_query()) => {
+                        rewritten = Some(n.path)
+                    }
                     _ => {
                         // The plugins' contexts end here too.
                         chain::finish(ran, view);
@@ -334,7 +421,7 @@ pub fn on_request<B>(
                         path: path_now.clone(),
                         host: authority.clone(),
                         headers: if with_headers {
-                            pairs(req.headers()).collect()
+                            req.field_pairs()
                         } else {
                             Vec::new()
                         },

@@ -11,6 +11,7 @@
 //! matches it and a DENY rule with L7 fields always does, and a plugin that does not
 //! fail open refuses it. Never more permissive than the policy.
 
+pub mod fields;
 pub mod h1;
 pub mod http;
 pub mod sniff;

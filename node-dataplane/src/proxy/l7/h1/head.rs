@@ -2,15 +2,17 @@
 //! an application must make (RFC 9112), and writing them in canonical form.
 //!
 //! Heads are always re-written, never forwarded as received: the application and
-//! the client see CRLF line ends, single spaces and lower-case field names, whatever
-//! leniency the parser allowed. Requests whose framing is ambiguous are refused:
+//! the client see CRLF line ends and single spaces whatever leniency the parser
+//! allowed, and request field names in lower case (a response's keep the
+//! application's case unless a plugin saw it). Requests whose framing is ambiguous are refused:
 //! both `Transfer-Encoding` and `Content-Length`, a transfer coding other than a
 //! final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing or non-numeric
 //! `Content-Length` values, and a missing or repeated `Host` in HTTP/1.1 (the host
 //! is an authorization attribute).
 
 use super::body::Framing;
-use crate::proxy::l7::http::LocalResponse;
+use crate::proxy::l7::fields::{self, Fields};
+use crate::proxy::l7::http::{LocalResponse, RequestMessage, ResponseMessage};
 use bytes::BytesMut;
 use std::mem::MaybeUninit;
 
@@ -32,11 +34,147 @@ fn malformed(why: impl Into<String>) -> HeadError {
     HeadError::Malformed(why.into())
 }
 
+/// A request's target as received. Origin-form (`/path?query`), which almost every
+/// request has, is kept as text; the other forms (absolute, a CONNECT's authority,
+/// `*`) are parsed.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Origin(String),
+    Uri(http::Uri),
+}
+
+/// Is `t` an origin-form target the `http` crate would accept as is: a `/`, then
+/// path bytes and a query without the characters that must be percent-encoded
+/// (`<`, `>`, and in the path a backtick), and no fragment (a request target has
+/// none, RFC 9112 section 3.2)?
+fn valid_origin(t: &str) -> bool {
+    let b = t.as_bytes();
+    if b.first() != Some(&b'/') || b.len() >= u16::MAX as usize {
+        return false;
+    }
+    let mut query = false;
+    b.iter().all(|&c| match c {
+        b'?' => {
+            query = true;
+            true
+        }
+        b'#' | b'<' | b'>' => false,
+        b'`' => query,
+        b'"' => !query,
+        0x21..=0x7e | 0x80..=0xff => true,
+        _ => false,
+    })
+}
+
+/// A request head: method, target, version and fields.
+#[derive(Debug)]
+pub struct Request {
+    pub method: http::Method,
+    pub target: Target,
+    pub version: http::Version,
+    pub fields: Fields,
+}
+
+/// A value as `http::HeaderValue::to_str` accepts it: visible ASCII.
+fn visible_ascii(v: &[u8]) -> Option<&str> {
+    v.iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten()
+}
+
+impl RequestMessage for Request {
+    fn method(&self) -> &http::Method {
+        &self.method
+    }
+
+    fn path_and_query(&self) -> &str {
+        match &self.target {
+            Target::Origin(t) => t,
+            Target::Uri(u) => u.path_and_query().map_or("/", |p| p.as_str()),
+        }
+    }
+
+    fn set_path_and_query(&mut self, pq: &str) -> bool {
+        match &mut self.target {
+            Target::Origin(t) if valid_origin(pq) => {
+                pq.clone_into(t);
+                true
+            }
+            Target::Origin(_) => false,
+            Target::Uri(u) => match crate::proxy::l7::http::with_path(u, pq) {
+                Some(n) => {
+                    *u = n;
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    fn authority(&self) -> &str {
+        if let Target::Uri(u) = &self.target {
+            if let Some(a) = u.authority() {
+                return a.as_str();
+            }
+        }
+        self.fields
+            .get(b"host")
+            .and_then(visible_ascii)
+            .unwrap_or_default()
+    }
+
+    fn scheme(&self) -> &str {
+        match &self.target {
+            Target::Uri(u) => u.scheme_str().unwrap_or("http"),
+            Target::Origin(_) => "http",
+        }
+    }
+
+    fn lend_fields(&mut self) -> Fields {
+        std::mem::take(&mut self.fields)
+    }
+
+    fn return_fields(&mut self, fields: Fields) {
+        self.fields = fields;
+    }
+
+    fn field_pairs(&self) -> Vec<(String, String)> {
+        crate::proxy::l7::http::field_pairs(&self.fields)
+    }
+}
+
+/// A response head, when plugins see it: status, version and fields.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub version: http::Version,
+    pub fields: Fields,
+}
+
+impl ResponseMessage for Response {
+    fn status(&self) -> u16 {
+        self.status
+    }
+
+    fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    fn lend_fields(&mut self) -> Fields {
+        std::mem::take(&mut self.fields)
+    }
+
+    fn return_fields(&mut self, fields: Fields) {
+        self.fields = fields;
+    }
+}
+
 /// A parsed request head.
 #[derive(Debug)]
 pub struct RequestHead {
     /// Method, target, version and fields (the body is forwarded separately).
-    pub req: http::Request<()>,
+    pub req: Request,
     pub body: Framing,
     /// The client keeps the connection open after this exchange.
     pub keep_alive: bool,
@@ -49,7 +187,7 @@ pub struct RequestHead {
 
 /// What the framing and connection fields of a head say.
 #[derive(Default)]
-struct Fields {
+struct Semantics {
     content_length: Option<u64>,
     /// `Transfer-Encoding` seen; its last coding is `chunked`; `chunked` codings.
     te: bool,
@@ -62,9 +200,9 @@ struct Fields {
     hosts: usize,
 }
 
-impl Fields {
+impl Semantics {
     fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, HeadError> {
-        let mut f = Fields::default();
+        let mut f = Semantics::default();
         for h in fields {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
@@ -139,26 +277,6 @@ fn head_len(parsed: httparse::Result<usize>, read: usize) -> Result<Option<usize
     }
 }
 
-/// The fields of a head as a map. `head` is a copy of `buf[..n]`, the bytes the
-/// fields were parsed from; values share its memory (one allocation per head).
-fn field_map(
-    buf: &[u8],
-    head: &bytes::Bytes,
-    fields: &[httparse::Header<'_>],
-) -> Result<http::HeaderMap, HeadError> {
-    let base = buf.as_ptr() as usize;
-    let mut map = http::HeaderMap::with_capacity(fields.len());
-    for h in fields {
-        let name = http::HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| malformed(format!("invalid field name {:?}", h.name)))?;
-        let at = h.value.as_ptr() as usize - base;
-        let value = http::HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
-            .map_err(|_| malformed(format!("invalid value of field {:?}", h.name)))?;
-        map.append(name, value);
-    }
-    Ok(map)
-}
-
 /// Parses the request head at the start of `buf` and removes it from `buf`.
 /// `Ok(None)`: more bytes are needed.
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
@@ -172,15 +290,19 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let Some(n) = head_len(parsed, buf.len())? else {
         return Ok(None);
     };
-    let f = Fields::scan(r.headers)?;
+    let f = Semantics::scan(r.headers)?;
     let v = r.version.unwrap_or(1);
     let method = http::Method::from_bytes(r.method.unwrap_or_default().as_bytes())
         .map_err(|_| malformed("invalid method"))?;
-    let uri: http::Uri = r
-        .path
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| malformed("invalid request target"))?;
+    let target = match r.path.unwrap_or_default() {
+        t if t.starts_with('/') => {
+            if !valid_origin(t) {
+                return Err(malformed("invalid request target"));
+            }
+            Target::Origin(t.to_string())
+        }
+        t => Target::Uri(t.parse().map_err(|_| malformed("invalid request target"))?),
+    };
     let body = if f.te {
         if v == 0 {
             return Err(malformed("Transfer-Encoding in an HTTP/1.0 request"));
@@ -205,23 +327,21 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
             "more than one Host"
         }));
     }
-    let http_version = version(r.version);
-    let head = bytes::Bytes::copy_from_slice(&buf[..n]);
-    let map = field_map(buf, &head, r.headers)?;
-    let mut req = http::Request::new(());
-    let mut map = map;
+    let mut fields = Fields::from_head(&buf[..n], r.headers);
     let mut upgrade = method == http::Method::CONNECT || (f.upgrade && f.conn_upgrade);
-    if upgrade && wants_h2c(&map) {
+    if upgrade && wants_h2c(&fields) {
         // HTTP/2 streams after a 101 would bypass per-request authorization: the
         // request goes on as HTTP/1.1 (servers may ignore the offer, RFC 9113 3.1).
-        map.remove(http::header::UPGRADE);
-        map.remove("http2-settings");
+        fields.remove(b"upgrade");
+        fields.remove(b"http2-settings");
         upgrade = false;
     }
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = http_version;
-    *req.headers_mut() = map;
+    let req = Request {
+        method,
+        target,
+        version: version(r.version),
+        fields,
+    };
     let keep_alive = f.persistent(v);
     bytes::Buf::advance(buf, n);
     Ok(Some(RequestHead {
@@ -234,29 +354,34 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
 }
 
 /// Does the request offer an upgrade to HTTP/2 over cleartext?
-fn wants_h2c(map: &http::HeaderMap) -> bool {
-    map.get_all(http::header::UPGRADE)
-        .iter()
-        .flat_map(|v| tokens(v.as_bytes()))
+fn wants_h2c(fields: &Fields) -> bool {
+    fields
+        .get_all(b"upgrade")
+        .flat_map(tokens)
         .any(|t| t.eq_ignore_ascii_case(b"h2c"))
 }
 
 /// Writes a request head: request line, fields, empty line.
-pub fn write_request<B>(req: &http::Request<B>, out: &mut Vec<u8>) {
-    out.extend_from_slice(req.method().as_str().as_bytes());
+pub fn write_request(req: &Request, out: &mut Vec<u8>) {
+    out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let uri = req.uri();
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
-    } else if req.method() == http::Method::CONNECT && uri.path_and_query().is_none() {
-        out.extend_from_slice(uri.authority().map_or("", |a| a.as_str()).as_bytes());
-    } else {
-        out.extend_from_slice(uri.to_string().as_bytes());
+    match &req.target {
+        Target::Origin(t) => out.extend_from_slice(t.as_bytes()),
+        Target::Uri(uri) if uri.scheme().is_none() && uri.authority().is_none() => {
+            out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes())
+        }
+        Target::Uri(uri)
+            if req.method == http::Method::CONNECT && uri.path_and_query().is_none() =>
+        {
+            out.extend_from_slice(uri.authority().map_or("", |a| a.as_str()).as_bytes())
+        }
+        Target::Uri(uri) => out.extend_from_slice(uri.to_string().as_bytes()),
     }
     out.push(b' ');
-    out.extend_from_slice(version_name(req.version()));
+    out.extend_from_slice(version_name(req.version));
     out.extend_from_slice(b"\r\n");
-    write_fields(req.headers(), out);
+    req.fields.write(out);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn version_name(v: http::Version) -> &'static [u8] {
@@ -267,21 +392,7 @@ fn version_name(v: http::Version) -> &'static [u8] {
     }
 }
 
-/// One field line.
-fn write_field(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Every field of `map`, then the empty line that ends a head.
-fn write_fields(map: &http::HeaderMap, out: &mut Vec<u8>) {
-    for (k, v) in map {
-        write_field(k.as_str().as_bytes(), v.as_bytes(), out);
-    }
-    out.extend_from_slice(b"\r\n");
-}
+use fields::write_line as write_field;
 
 fn write_status(v: http::Version, code: u16, reason: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(version_name(v));
@@ -297,15 +408,13 @@ fn write_status(v: http::Version, code: u16, reason: &str, out: &mut Vec<u8>) {
 }
 
 /// Writes a response head (a plugin may have changed it): status line, fields.
-pub fn write_response<B>(resp: &http::Response<B>, out: &mut Vec<u8>) {
-    let s = resp.status();
-    write_status(
-        resp.version(),
-        s.as_u16(),
-        s.canonical_reason().unwrap_or(""),
-        out,
-    );
-    write_fields(resp.headers(), out);
+pub fn write_response(resp: &Response, out: &mut Vec<u8>) {
+    let reason = http::StatusCode::from_u16(resp.status)
+        .ok()
+        .and_then(|s| s.canonical_reason());
+    write_status(resp.version, resp.status, reason.unwrap_or(""), out);
+    resp.fields.write(out);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes a local response whole: `Content-Length` set to its body, `Connection:
@@ -347,7 +456,7 @@ pub struct ResponseHead {
     /// The head, re-written (when no plugin needs the parsed form).
     pub out: Vec<u8>,
     /// The parsed head (when a plugin sees the response).
-    pub parsed: Option<http::Response<()>>,
+    pub parsed: Option<Response>,
 }
 
 /// Parses the response head at the start of `buf` and removes it from `buf`.
@@ -375,7 +484,7 @@ pub fn parse_response(
     if !(100..=999).contains(&status) {
         return Err(malformed("invalid status code"));
     }
-    let f = Fields::scan(r.headers)?;
+    let f = Semantics::scan(r.headers)?;
     let v = r.version.unwrap_or(1);
     // The body's first bytes, already read, join the head in one write.
     let body_start = (buf.len() - n).min(super::body::READ_CHUNK);
@@ -404,14 +513,11 @@ pub fn parse_response(
     };
     let keep_alive = f.persistent(v) && body != Framing::UntilClose;
     let (out, parsed) = if parse {
-        let code =
-            http::StatusCode::from_u16(status).map_err(|_| malformed("invalid status code"))?;
-        let version = version(r.version);
-        let head = bytes::Bytes::copy_from_slice(&buf[..n]);
-        let mut resp = http::Response::new(());
-        *resp.status_mut() = code;
-        *resp.version_mut() = version;
-        *resp.headers_mut() = field_map(buf, &head, r.headers)?;
+        let resp = Response {
+            status,
+            version: version(r.version),
+            fields: Fields::from_head(&buf[..n], r.headers),
+        };
         (Vec::with_capacity(n + 64 + body_start), Some(resp))
     } else {
         let mut out = Vec::with_capacity(n + 16 + body_start);
@@ -457,8 +563,8 @@ mod tests {
             (h.body, h.keep_alive, h.upgrade),
             (Framing::Length(5), true, false)
         );
-        assert_eq!(h.req.uri().path_and_query().unwrap().as_str(), "/a?b=1");
-        assert_eq!(h.req.headers()["x-a"], "1");
+        assert_eq!(h.req.path_and_query(), "/a?b=1");
+        assert_eq!(h.req.fields.get(b"x-a"), Some(&b"1"[..]));
         let h = request(
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
         )
@@ -482,6 +588,61 @@ mod tests {
         .unwrap();
         assert_eq!(h.body, Framing::Length(3));
         assert!(request("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn request_targets_in_each_form() {
+        let target = |raw: &str| {
+            let h = request(raw).unwrap().unwrap();
+            let mut out = Vec::new();
+            write_request(&h.req, &mut out);
+            let line = String::from_utf8(out).unwrap();
+            let line = line.split("\r\n").next().unwrap().to_string();
+            (
+                h.req.path_and_query().to_string(),
+                h.req.authority().to_string(),
+                line,
+            )
+        };
+        let t = |pq: &str, a: &str, line: &str| (pq.to_string(), a.to_string(), line.to_string());
+        assert_eq!(
+            target("GET /a/{\"x\"}?q=` HTTP/1.1\r\nHost: svc:80\r\n\r\n"),
+            t("/a/{\"x\"}?q=`", "svc:80", "GET /a/{\"x\"}?q=` HTTP/1.1")
+        );
+        assert_eq!(
+            target("GET http://other:81/p?q HTTP/1.1\r\nHost: svc\r\n\r\n"),
+            t("/p?q", "other:81", "GET http://other:81/p?q HTTP/1.1")
+        );
+        assert_eq!(
+            target("CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n"),
+            t("/", "db:5432", "CONNECT db:5432 HTTP/1.1")
+        );
+        assert_eq!(
+            target("OPTIONS * HTTP/1.1\r\nHost: svc\r\n\r\n"),
+            t("*", "svc", "OPTIONS * HTTP/1.1")
+        );
+        // A Host that is not visible ASCII is no authority.
+        assert_eq!(target("GET / HTTP/1.1\r\nHost: \u{e9}\r\n\r\n").1, "");
+        // A fragment, or characters that must be percent-encoded, are refused.
+        for raw in [
+            "GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a<b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a?b>c HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a`b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a?\"b HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert_eq!(refused(raw), "invalid request target", "{raw:?}");
+        }
+        // A new path and query must be a valid origin-form target.
+        let mut h = request("GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.req.set_path_and_query("/a b"));
+        assert!(!h.req.set_path_and_query("a"));
+        assert!(!h.req.set_path_and_query("/a#b"));
+        assert_eq!(h.req.path_and_query(), "/a");
+        assert!(h.req.set_path_and_query("/b?c=`d`"));
+        assert_eq!(h.req.path_and_query(), "/b?c=`d`");
     }
 
     #[test]

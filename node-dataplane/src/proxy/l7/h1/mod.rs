@@ -146,7 +146,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
         len,
     } = head;
     let mut x = Exchange::begin(&req, ctx);
-    let head_request = req.method() == http::Method::HEAD;
+    let head_request = req.method == http::Method::HEAD;
     let mut pending = match on_request(&mut req, body == Framing::Empty, ctx, &mut x) {
         Verdict::Forward(p) => Some(p),
         Verdict::Reply(r) => {
@@ -168,7 +168,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     };
     let mut out = Vec::with_capacity(len + 64 + dbuf.len().min(READ_CHUNK));
     head::write_request(&req, &mut out);
-    let connect = req.method() == http::Method::CONNECT;
+    let connect = req.method == http::Method::CONNECT;
     let mut retried = false;
     loop {
         let reused = up.is_some();
@@ -245,7 +245,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                 );
             }
             Err(Failure::NoResponse)
-                if reused && !retried && body == Framing::Empty && idempotent(req.method()) =>
+                if reused && !retried && body == Framing::Empty && idempotent(&req.method) =>
             {
                 // The application closed the idle connection as the request went.
                 *up = None;
@@ -406,7 +406,7 @@ async fn respond<W: AsyncWrite + Unpin>(
                 upgraded: false,
             });
         }
-        status = resp.status().as_u16();
+        status = resp.status;
         head::write_response(&resp, &mut out);
     }
     drop(pending.take());
