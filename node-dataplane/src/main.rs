@@ -93,6 +93,10 @@ struct RunArgs {
     /// Close pooled HBONE connections idle this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     hbone_idle_timeout: std::time::Duration,
+    /// An HTTP/1 request head (on a port parsed at L7) must arrive whole this long
+    /// after its first bytes, or the client gets 408 and the connection closes.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    http1_head_timeout: std::time::Duration,
     /// Access log records (per connection and per L7 request, target weft::access).
     #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_ACCESS_LOG")]
     access_log: Toggle,
@@ -104,6 +108,14 @@ struct RunArgs {
     /// interval those mapped since ("off": never); pages map again on use.
     #[arg(long, default_value = "1m", value_parser = parse_interval, env = "WEFT_RELEASE_CODE_PAGES")]
     release_code_pages: Interval,
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".into()),
+        Err(e) => Err(format!("{e} (a duration such as 30s)")),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -140,6 +152,7 @@ impl RunArgs {
                     mark: self.proxy_mark,
                     lb: self.lb,
                     hbone_idle: self.hbone_idle_timeout,
+                    http1_head_timeout: self.http1_head_timeout,
                     access_log: AccessLogSettings {
                         enabled: self.access_log == Toggle::On,
                         rate: self.access_log_rate,

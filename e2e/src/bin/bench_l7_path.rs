@@ -346,6 +346,7 @@ fn proxy_state(
         mark: 0,
         lb: Default::default(),
         hbone_idle: Duration::from_secs(60),
+        http1_head_timeout: Duration::from_secs(30),
         access_log: weft_node::proxy::access_log::AccessLogSettings {
             enabled: access_log,
             rate: 100,

@@ -59,6 +59,8 @@ pub struct ProxyState {
     /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
     pub plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
     pub access_log: super::access_log::AccessLog,
+    /// See [`ProxyOptions::http1_head_timeout`].
+    pub http1_head_timeout: std::time::Duration,
 }
 
 /// The proxy's tunables.
@@ -70,6 +72,8 @@ pub struct ProxyOptions {
     pub lb: super::lb::LbPolicy,
     /// Pooled HBONE connections without streams this long are closed.
     pub hbone_idle: std::time::Duration,
+    /// An HTTP/1 request head must arrive whole this long after its first bytes.
+    pub http1_head_timeout: std::time::Duration,
     pub access_log: super::access_log::AccessLogSettings,
 }
 
@@ -87,6 +91,7 @@ impl ProxyState {
             config,
             certs,
             mark: opts.mark,
+            http1_head_timeout: opts.http1_head_timeout,
             access_log,
             pool: HbonePool::new(opts.hbone_idle),
             local: RwLock::new(HashMap::new()),
@@ -230,12 +235,23 @@ impl ProxyState {
 /// A node's proxy state over `config`, with default options, for tests.
 #[cfg(test)]
 pub(crate) fn test_state(config: Arc<ConfigStore>) -> Arc<ProxyState> {
-    let opts = ProxyOptions {
+    test_state_with(config, |_| {})
+}
+
+/// [`test_state`] with options changed by `f`.
+#[cfg(test)]
+pub(crate) fn test_state_with(
+    config: Arc<ConfigStore>,
+    f: impl FnOnce(&mut ProxyOptions),
+) -> Arc<ProxyState> {
+    let mut opts = ProxyOptions {
         mark: 0,
         lb: Default::default(),
         hbone_idle: std::time::Duration::from_secs(60),
+        http1_head_timeout: std::time::Duration::from_secs(30),
         access_log: Default::default(),
     };
+    f(&mut opts);
     let metrics = Arc::new(crate::metrics::Metrics::new());
     ProxyState::new(config, Default::default(), metrics, opts, None)
 }

@@ -14,7 +14,11 @@
 //! - Upgrades (`Connection: upgrade` answered with 101, or `CONNECT` answered with
 //!   2xx) hand both connections to a byte copy.
 //! - A malformed or ambiguous request head is answered with 400 (431 when too
-//!   large) and the connection closed; see [`head`] for what is refused.
+//!   large) and the connection closed; see [`head`] for what is refused. A head
+//!   that has not arrived whole within the head timeout of its first bytes is
+//!   answered with 408 and the connection closed (a connection idle between
+//!   requests has no limit, as at L4). The timer is armed only while a head is
+//!   incomplete, so a head that arrives in one read costs none.
 //! - A request answered locally (403, a plugin's reply) keeps the connection open
 //!   when its body has already arrived whole (or it has none); otherwise the answer
 //!   says `Connection: close`.
@@ -49,7 +53,8 @@ where
     let mut dbuf = prefix;
     let mut up: Option<AppConn> = None;
     loop {
-        let Some(head) = read_request_head(&mut dr, &mut dbuf, &mut dw).await? else {
+        let timeout = ctx.state.http1_head_timeout;
+        let Some(head) = read_request_head(&mut dr, &mut dbuf, &mut dw, timeout).await? else {
             return Ok(());
         };
         match exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &ctx).await? {
@@ -83,12 +88,15 @@ enum Next {
 }
 
 /// Reads the next request head. `None`: the client closed the connection (or sent
-/// a head that could not be proxied, which was answered).
+/// a head that could not be proxied, or not in time, which was answered).
+/// `timeout`: how long a head may take to arrive whole once its first bytes have.
 async fn read_request_head<S: AsyncRead + AsyncWrite>(
     dr: &mut ReadHalf<S>,
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
+    timeout: std::time::Duration,
 ) -> anyhow::Result<Option<RequestHead>> {
+    let mut deadline = None;
     loop {
         if !dbuf.is_empty() {
             match head::parse_request(dbuf) {
@@ -100,9 +108,7 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
                         HeadError::TooLarge => (431, "request header fields too large\n"),
                         HeadError::Malformed(_) => (400, "malformed request\n"),
                     };
-                    let r = super::http::reply(status, body, &[]);
-                    let _ = answer_locally(dw, &r, false, true).await;
-                    let _ = dw.shutdown().await;
+                    refuse(dw, status, body).await;
                     return Ok(None);
                 }
             }
@@ -110,10 +116,31 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
         if dbuf.capacity() - dbuf.len() < 1024 {
             dbuf.reserve(READ_CHUNK);
         }
-        if dr.read_buf(dbuf).await? == 0 {
+        let read = if dbuf.is_empty() {
+            // Idle between requests: no limit.
+            dr.read_buf(dbuf).await?
+        } else {
+            let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+            match tokio::time::timeout_at(at, dr.read_buf(dbuf)).await {
+                Ok(read) => read?,
+                Err(_) => {
+                    tracing::debug!(after = ?timeout, "HTTP/1 request head not received in time");
+                    refuse(dw, 408, "request head not received in time\n").await;
+                    return Ok(None);
+                }
+            }
+        };
+        if read == 0 {
             return Ok(None);
         }
     }
+}
+
+/// Answers a request head that cannot be proxied and closes the connection.
+async fn refuse<S: AsyncRead + AsyncWrite>(dw: &mut WriteHalf<S>, status: u16, body: &str) {
+    let r = super::http::reply(status, body.to_string(), &[]);
+    let _ = answer_locally(dw, &r, false, true).await;
+    let _ = dw.shutdown().await;
 }
 
 /// RFC 9110 section 9.2.2.

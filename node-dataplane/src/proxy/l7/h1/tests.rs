@@ -17,6 +17,11 @@ use weft_api::pb;
 /// The proxy in front of `app`, with an ALLOW policy on paths `/ok*` (so requests
 /// are parsed and everything else is denied). Returns the client's end.
 fn proxy(app: SocketAddr) -> DuplexStream {
+    proxy_with(app, Duration::from_secs(30))
+}
+
+/// [`proxy`] with this HTTP/1 head timeout.
+fn proxy_with(app: SocketAddr, head_timeout: Duration) -> DuplexStream {
     let config = crate::config::ConfigStore::new("node-b");
     let workload = pb::Workload {
         uid: "web-uid".into(),
@@ -60,7 +65,8 @@ fn proxy(app: SocketAddr) -> DuplexStream {
         ..Default::default()
     });
     assert!(rejected.is_empty(), "{rejected:?}");
-    let state = crate::proxy::state::test_state(config);
+    let state =
+        crate::proxy::state::test_state_with(config, |o| o.http1_head_timeout = head_timeout);
     let workload = state
         .config
         .snapshot()
@@ -407,4 +413,44 @@ async fn an_early_response_ends_the_connection_after_it() {
         read_to_end(&mut client).await,
         "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
     );
+}
+
+#[tokio::test]
+async fn a_head_must_arrive_in_time_but_an_idle_connection_may_wait() {
+    let (l, addr) = app().await;
+    let timeout = Duration::from_millis(200);
+    // Idle for longer than the timeout, then a whole request: served.
+    let mut client = proxy_with(addr, timeout);
+    tokio::time::sleep(timeout * 2).await;
+    client
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut s = accept(&l).await;
+    read_until(&mut s, "\r\n\r\n").await;
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "\r\n\r\n").await;
+    // A head that starts and stalls: 408 after the timeout, then the connection
+    // closes; nothing of it reaches the app.
+    let started = std::time::Instant::now();
+    client
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: w")
+        .await
+        .unwrap();
+    let got = read_to_end(&mut client).await;
+    let took = started.elapsed();
+    assert_eq!(
+        got,
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 34\r\n\
+         connection: close\r\n\r\nrequest head not received in time\n"
+    );
+    assert!(took >= timeout, "answered after {took:?}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the app's connection ends")
+        .unwrap();
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest));
 }
