@@ -13,10 +13,18 @@
 //! value (no control characters other than tab): parsed heads were checked by the
 //! parser, and [`Fields::append`] and [`Fields::insert`] check what plugins add.
 
-/// A name or value that is not a valid field: nothing was changed.
+/// Why a field was not added: nothing was changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("not a valid field name or value")]
-pub struct InvalidField;
+pub enum FieldError {
+    #[error("not a valid field name or value")]
+    Invalid,
+    #[error("the fields would exceed {MAX_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Most bytes a message's fields may hold, replaced values included (plugins add
+/// to the buffer; this bounds what a plugin can make the host hold).
+pub const MAX_BYTES: usize = 1 << 20;
 
 /// One field line: where its name and value are in the buffer.
 #[derive(Debug, Clone, Copy)]
@@ -190,11 +198,20 @@ impl Fields {
         });
     }
 
-    /// Appends a field (its name in lower case).
-    pub fn append(&mut self, name: &[u8], value: &[u8]) -> Result<(), InvalidField> {
+    /// Checks a field a plugin adds.
+    fn check(&self, name: &[u8], value: &[u8]) -> Result<(), FieldError> {
         if !valid_name(name) || !valid_value(value) {
-            return Err(InvalidField);
+            return Err(FieldError::Invalid);
         }
+        if self.buf.len() + name.len() + value.len() > MAX_BYTES {
+            return Err(FieldError::TooLarge);
+        }
+        Ok(())
+    }
+
+    /// Appends a field (its name in lower case).
+    pub fn append(&mut self, name: &[u8], value: &[u8]) -> Result<(), FieldError> {
+        self.check(name, value)?;
         self.push(name, value);
         self.changed = true;
         Ok(())
@@ -202,10 +219,8 @@ impl Fields {
 
     /// Sets `name` to `value`: the first line of `name` takes the value (keeping its
     /// place) and the others are removed; appended if there was none.
-    pub fn insert(&mut self, name: &[u8], value: &[u8]) -> Result<(), InvalidField> {
-        if !valid_name(name) || !valid_value(value) {
-            return Err(InvalidField);
-        }
+    pub fn insert(&mut self, name: &[u8], value: &[u8]) -> Result<(), FieldError> {
+        self.check(name, value)?;
         let first = self
             .lines
             .iter()
@@ -362,8 +377,8 @@ mod tests {
             (b"ok", b"nul\0"),
             (b"ok", b"del\x7f"),
         ] {
-            assert_eq!(f.append(k, v), Err(InvalidField), "{k:?} {v:?}");
-            assert_eq!(f.insert(k, v), Err(InvalidField), "{k:?} {v:?}");
+            assert_eq!(f.append(k, v), Err(FieldError::Invalid), "{k:?} {v:?}");
+            assert_eq!(f.insert(k, v), Err(FieldError::Invalid), "{k:?} {v:?}");
         }
         assert!(!f.changed());
         assert_eq!(f.len(), 4);
@@ -371,6 +386,21 @@ mod tests {
         f.append(b"x-t", b"a\tb \xff").unwrap();
         f.append(b"x-e", b"").unwrap();
         assert_eq!(f.len(), 6);
+    }
+
+    #[test]
+    fn the_buffer_is_bounded_replaced_values_included() {
+        let mut f = parsed(HEAD);
+        let big = vec![b'v'; MAX_BYTES / 4];
+        for _ in 0..3 {
+            f.insert(b"x-big", &big).unwrap();
+        }
+        // One line, but the replaced values still count.
+        assert_eq!(f.get_all(b"x-big").count(), 1);
+        assert_eq!(f.insert(b"x-big", &big), Err(FieldError::TooLarge));
+        assert_eq!(f.append(b"x-other", &big), Err(FieldError::TooLarge));
+        f.append(b"x-small", b"1").unwrap();
+        assert_eq!(f.get(b"x-big").map(<[u8]>::len), Some(MAX_BYTES / 4));
     }
 
     #[test]

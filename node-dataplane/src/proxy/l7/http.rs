@@ -241,8 +241,9 @@ pub struct Exchange {
     head_out: Option<Duration>,
     method: &'static str,
     pub decided_by: Option<String>,
-    /// Method, path (no query) and authority as received, when access logging is on.
-    log: Option<Box<(http::Method, String, String)>>,
+    /// When access logging is on: the method, and the path (no query) and authority
+    /// as received, in one string (one allocation), split at the index.
+    log: Option<(http::Method, String, usize)>,
 }
 
 impl Exchange {
@@ -256,11 +257,11 @@ impl Exchange {
             log: ctx.state.access_log.active().then(|| {
                 let pq = req.path_and_query();
                 let path = pq.split(['?', '#']).next().unwrap_or_default();
-                Box::new((
-                    req.method().clone(),
-                    path.to_string(),
-                    req.authority().to_string(),
-                ))
+                let authority = req.authority();
+                let mut text = String::with_capacity(path.len() + authority.len());
+                text.push_str(path);
+                text.push_str(authority);
+                (req.method().clone(), text, path.len())
             }),
         }
     }
@@ -276,8 +277,8 @@ impl Exchange {
     pub fn end(self, ctx: &ConnCtx, code: u16) {
         let took: Duration = self.head_out.unwrap_or_else(|| self.start.elapsed());
         ctx.record_request(self.method, code, took, self.decided_by.as_deref());
-        if let Some(log) = self.log {
-            let (method, path, authority) = &*log;
+        if let Some((method, text, split)) = &self.log {
+            let (path, authority) = text.split_at(*split);
             ctx.state.access_log.request(&access_log::RequestRecord {
                 source_addr: ctx.props.source,
                 destination_addr: ctx.dst,

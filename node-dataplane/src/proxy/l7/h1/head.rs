@@ -605,22 +605,26 @@ mod tests {
             )
         };
         let t = |pq: &str, a: &str, line: &str| (pq.to_string(), a.to_string(), line.to_string());
-        assert_eq!(
-            target("GET /a/{\"x\"}?q=` HTTP/1.1\r\nHost: svc:80\r\n\r\n"),
-            t("/a/{\"x\"}?q=`", "svc:80", "GET /a/{\"x\"}?q=` HTTP/1.1")
-        );
-        assert_eq!(
-            target("GET http://other:81/p?q HTTP/1.1\r\nHost: svc\r\n\r\n"),
-            t("/p?q", "other:81", "GET http://other:81/p?q HTTP/1.1")
-        );
-        assert_eq!(
-            target("CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n"),
-            t("/", "db:5432", "CONNECT db:5432 HTTP/1.1")
-        );
-        assert_eq!(
-            target("OPTIONS * HTTP/1.1\r\nHost: svc\r\n\r\n"),
-            t("*", "svc", "OPTIONS * HTTP/1.1")
-        );
+        for (raw, want) in [
+            (
+                "GET /a/{\"x\"}?q=` HTTP/1.1\r\nHost: svc:80\r\n\r\n",
+                t("/a/{\"x\"}?q=`", "svc:80", "GET /a/{\"x\"}?q=` HTTP/1.1"),
+            ),
+            (
+                "GET http://other:81/p?q HTTP/1.1\r\nHost: svc\r\n\r\n",
+                t("/p?q", "other:81", "GET http://other:81/p?q HTTP/1.1"),
+            ),
+            (
+                "CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n",
+                t("/", "db:5432", "CONNECT db:5432 HTTP/1.1"),
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: svc\r\n\r\n",
+                t("*", "svc", "OPTIONS * HTTP/1.1"),
+            ),
+        ] {
+            assert_eq!(target(raw), want, "{raw:?}");
+        }
         // A Host that is not visible ASCII is no authority.
         assert_eq!(target("GET / HTTP/1.1\r\nHost: \u{e9}\r\n\r\n").1, "");
         // A fragment, or characters that must be percent-encoded, are refused.

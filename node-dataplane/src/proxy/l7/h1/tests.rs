@@ -145,6 +145,23 @@ async fn accept(l: &TcpListener) -> TcpStream {
         .0
 }
 
+/// Sends `GET path` on `client`, answers it with an empty 200 on a new connection
+/// from the proxy to `l`, and reads the answer; returns the app's connection.
+async fn get_ok(client: &mut DuplexStream, l: &TcpListener, path: &str) -> TcpStream {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+    client.write_all(req.as_bytes()).await.unwrap();
+    let mut s = accept(l).await;
+    assert_eq!(
+        read_until(&mut s, "\r\n\r\n").await,
+        format!("GET {path} HTTP/1.1\r\nhost: web\r\n\r\n")
+    );
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(client, "\r\n\r\n").await;
+    s
+}
+
 #[tokio::test]
 async fn chunked_and_pipelined_requests_reach_the_app_in_order_and_canonical() {
     let (l, addr) = app().await;
@@ -367,16 +384,7 @@ async fn the_app_closing_its_connection_is_survived() {
     );
     // A non-idempotent request is not sent twice: 503.
     let mut client = proxy(addr);
-    client
-        .write_all(b"GET /ok/4 HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let mut s = accept(&l).await;
-    read_until(&mut s, "\r\n\r\n").await;
-    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut client, "\r\n\r\n").await;
+    let s = get_ok(&mut client, &l, "/ok/4").await;
     drop(s);
     tokio::time::sleep(Duration::from_millis(50)).await;
     client
@@ -422,16 +430,7 @@ async fn a_head_must_arrive_in_time_but_an_idle_connection_may_wait() {
     // Idle for longer than the timeout, then a whole request: served.
     let mut client = proxy_with(addr, timeout);
     tokio::time::sleep(timeout * 2).await;
-    client
-        .write_all(b"GET /ok HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let mut s = accept(&l).await;
-    read_until(&mut s, "\r\n\r\n").await;
-    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut client, "\r\n\r\n").await;
+    let mut s = get_ok(&mut client, &l, "/ok").await;
     // A head that starts and stalls: 408 after the timeout, then the connection
     // closes; nothing of it reaches the app.
     let started = std::time::Instant::now();
