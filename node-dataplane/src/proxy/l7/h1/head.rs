@@ -4,11 +4,11 @@
 //! Heads are always re-written, never forwarded as received: the application and
 //! the client see CRLF line ends and single spaces whatever leniency the parser
 //! allowed, and request field names in lower case (a response's keep the
-//! application's case unless a plugin saw it). Requests whose framing is ambiguous are refused:
-//! both `Transfer-Encoding` and `Content-Length`, a transfer coding other than a
-//! final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing or non-numeric
-//! `Content-Length` values, and a missing or repeated `Host` in HTTP/1.1 (the host
-//! is an authorization attribute).
+//! application's case unless a plugin saw it). Requests whose framing is ambiguous
+//! are refused: both `Transfer-Encoding` and `Content-Length`, a transfer coding
+//! other than a final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing or
+//! non-numeric `Content-Length` values, and a missing or repeated `Host` in HTTP/1.1
+//! (the host is an authorization attribute).
 
 use super::body::Framing;
 use crate::proxy::l7::fields::{self, Fields};
