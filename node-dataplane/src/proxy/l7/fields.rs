@@ -158,7 +158,7 @@ impl Fields {
     }
 
     fn name(&self, l: &Line) -> &[u8] {
-        &self.buf[l.name as usize..(l.name + l.name_len) as usize]
+        name_of(&self.buf, l)
     }
 
     fn value(&self, l: &Line) -> &[u8] {
@@ -268,6 +268,7 @@ impl Fields {
     }
 }
 
+/// A line's name in `buf` (a free function, for closures that borrow the lines).
 fn name_of<'a>(buf: &'a [u8], l: &Line) -> &'a [u8] {
     &buf[l.name as usize..(l.name + l.name_len) as usize]
 }
