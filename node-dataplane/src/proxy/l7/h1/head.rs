@@ -6,9 +6,10 @@
 //! allowed, and request field names in lower case (a response's keep the
 //! application's case unless a plugin saw it). Requests whose framing is ambiguous
 //! are refused: both `Transfer-Encoding` and `Content-Length`, a transfer coding
-//! other than a final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing or
-//! non-numeric `Content-Length` values, and a missing or repeated `Host` in HTTP/1.1
-//! (the host is an authorization attribute).
+//! other than a final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing,
+//! non-numeric or listed (`3, 3`) `Content-Length` values, and a missing or repeated
+//! `Host` in HTTP/1.1 (the host is an authorization attribute). Repeated equal
+//! `Content-Length` fields reach the application as one.
 
 use super::body::Framing;
 use crate::proxy::l7::fields::{self, Fields};
@@ -189,6 +190,9 @@ pub struct RequestHead {
 #[derive(Default)]
 struct Semantics {
     content_length: Option<u64>,
+    /// `Content-Length` came as anything but one field of plain digits (a list of
+    /// equal values, repeated fields, leading zeros, whitespace).
+    content_length_uncanonical: bool,
     /// `Transfer-Encoding` seen; its last coding is `chunked`; `chunked` codings.
     te: bool,
     te_chunked_last: bool,
@@ -206,14 +210,20 @@ impl Semantics {
         for h in fields {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
-                for v in tokens(h.value) {
-                    let n = parse_length(v)
-                        .ok_or_else(|| malformed("Content-Length is not a number"))?;
-                    if f.content_length.is_some_and(|m| m != n) {
-                        return Err(malformed("differing Content-Length values"));
-                    }
-                    f.content_length = Some(n);
+                // A list (`42, 42`) may stand for one value (RFC 9110 8.6), but
+                // common servers refuse it: so does weft.
+                if h.value.contains(&b',') {
+                    return Err(malformed("Content-Length is a list"));
                 }
+                let n = parse_length(h.value.trim_ascii())
+                    .ok_or_else(|| malformed("Content-Length is not a number"))?;
+                f.content_length_uncanonical |= f.content_length.is_some()
+                    || h.value.len() > 1 && h.value[0] == b'0'
+                    || !h.value.iter().all(u8::is_ascii_digit);
+                if f.content_length.is_some_and(|m| m != n) {
+                    return Err(malformed("differing Content-Length values"));
+                }
+                f.content_length = Some(n);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 f.te = true;
                 for v in tokens(h.value) {
@@ -328,6 +338,14 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         }));
     }
     let mut fields = Fields::from_head(&buf[..n], r.headers);
+    if let (Some(len), true) = (f.content_length, f.content_length_uncanonical) {
+        // Repeated equal fields or leading zeros: the application gets one value of
+        // plain digits, so no parser after weft can read them differently.
+        let len = len.to_string();
+        fields
+            .insert(b"content-length", len.as_bytes())
+            .map_err(|_| malformed("Content-Length"))?;
+    }
     let mut upgrade = method == http::Method::CONNECT || (f.upgrade && f.conn_upgrade);
     if upgrade && wants_h2c(&fields) {
         // HTTP/2 streams after a 101 would bypass per-request authorization: the
@@ -581,12 +599,21 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(h.upgrade);
-        let h = request(
-            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n",
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.body, Framing::Length(3));
+        // Repeated equal values and leading zeros reach the application as one
+        // value of plain digits, in the first one's place.
+        for raw in [
+            "GET / HTTP/1.1\r\nContent-Length: 3\r\nHost: x\r\nContent-Length: 3\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 003\r\nHost: x\r\n\r\n",
+        ] {
+            let h = request(raw).unwrap().unwrap();
+            assert_eq!(h.body, Framing::Length(3));
+            let mut out = Vec::new();
+            write_request(&h.req, &mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                "GET / HTTP/1.1\r\ncontent-length: 3\r\nhost: x\r\n\r\n"
+            );
+        }
         assert!(request("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
     }
 
@@ -659,6 +686,7 @@ mod tests {
             ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding in an HTTP/1.0 request"),
             ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "differing Content-Length values"),
             ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n", "Content-Length is not a number"),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\n", "Content-Length is a list"),
             ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", "Content-Length is not a number"),
             ("GET / HTTP/1.1\r\n\r\n", "no Host in an HTTP/1.1 request"),
             ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),

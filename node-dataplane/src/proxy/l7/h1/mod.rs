@@ -466,4 +466,6 @@ async fn respond<W: AsyncWrite + Unpin>(
 }
 
 #[cfg(test)]
+mod differential;
+#[cfg(test)]
 mod tests;

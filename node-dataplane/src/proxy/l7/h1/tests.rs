@@ -22,18 +22,6 @@ fn proxy(app: SocketAddr) -> DuplexStream {
 
 /// [`proxy`] with this HTTP/1 head timeout.
 fn proxy_with(app: SocketAddr, head_timeout: Duration) -> DuplexStream {
-    let config = crate::config::ConfigStore::new("node-b");
-    let workload = pb::Workload {
-        uid: "web-uid".into(),
-        name: "web".into(),
-        namespace: "shop".into(),
-        service_account: "web".into(),
-        node: "node-b".into(),
-        ips: vec![app.ip().to_string()],
-        enrolled: true,
-        labels: [("app".to_string(), "web".to_string())].into(),
-        ..Default::default()
-    };
     let policy = pb::AuthorizationPolicy {
         name: "ok".into(),
         namespace: "shop".into(),
@@ -48,6 +36,30 @@ fn proxy_with(app: SocketAddr, head_timeout: Duration) -> DuplexStream {
         }],
         mesh_wide: false,
     };
+    proxy_with_policy(app, head_timeout, policy)
+}
+
+/// The proxy in front of `app` (workload `shop/web`, labels `app=web`) with this
+/// HTTP/1 head timeout and this policy, which must have an L7 field so that
+/// requests are parsed. Returns the client's end.
+pub(super) fn proxy_with_policy(
+    app: SocketAddr,
+    head_timeout: Duration,
+    policy: pb::AuthorizationPolicy,
+) -> DuplexStream {
+    let config = crate::config::ConfigStore::new("node-b");
+    let workload = pb::Workload {
+        uid: "web-uid".into(),
+        name: "web".into(),
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        node: "node-b".into(),
+        ips: vec![app.ip().to_string()],
+        enrolled: true,
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    };
+    let key = format!("AuthorizationPolicy/shop/{}", policy.name);
     let rejected = config.apply(&pb::ConfigUpdate {
         initial: true,
         upserts: vec![
@@ -57,7 +69,7 @@ fn proxy_with(app: SocketAddr, head_timeout: Duration) -> DuplexStream {
                 kind: Some(pb::resource::Kind::Workload(workload)),
             },
             pb::Resource {
-                key: "AuthorizationPolicy/shop/ok".into(),
+                key,
                 version: "1".into(),
                 kind: Some(pb::resource::Kind::AuthorizationPolicy(policy)),
             },
