@@ -56,7 +56,10 @@ struct Seen {
 type Log = Arc<Mutex<Vec<Seen>>>;
 
 /// Serves HTTP/1 on `io` with hyper's defaults, recording every request into `log`
-/// and answering each with a small 200. Returns how the connection ended.
+/// and answering each with a small 200 marked `x-app`. `half_close`: serve the
+/// requests already received after the client's EOF (hyper otherwise drops
+/// pipelined requests that arrive together with it). Returns how the connection
+/// ended.
 async fn serve_recording<IO>(io: IO, log: Log, half_close: bool) -> Result<(), hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

@@ -211,7 +211,7 @@ impl Semantics {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
                 // A list (`42, 42`) may stand for one value (RFC 9110 8.6), but
-                // common servers refuse it: so does weft.
+                // hyper, for one, refuses it: so does weft.
                 if h.value.contains(&b',') {
                     return Err(malformed("Content-Length is a list"));
                 }
