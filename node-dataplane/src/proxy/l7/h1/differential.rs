@@ -27,7 +27,7 @@
 //! `WEFT_H1_DIFF_CASES` sets the number of streams (default 1,500); a failure
 //! prints the case's seed and bytes.
 
-use super::tests::proxy_with_policy;
+use super::tests::{path_policy, proxy_with_policy};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -164,20 +164,7 @@ async fn through_weft(input: &[u8]) -> (Vec<Seen>, Vec<String>, Vec<u8>) {
 /// A DENY rule on a path the generator never uses: every request is parsed and
 /// authorized at L7, and allowed.
 fn deny_policy() -> pb::AuthorizationPolicy {
-    pb::AuthorizationPolicy {
-        name: "never".into(),
-        namespace: "shop".into(),
-        selector: [("app".to_string(), "web".to_string())].into(),
-        action: pb::authorization_policy::Action::Deny as i32,
-        rules: vec![pb::Rule {
-            to: vec![pb::Operation {
-                paths: vec!["/never*".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        mesh_wide: false,
-    }
+    path_policy("never", pb::authorization_policy::Action::Deny, "/never*")
 }
 
 /// The request hyper parsed from the client's bytes, as weft forwards it: the

@@ -22,21 +22,30 @@ fn proxy(app: SocketAddr) -> DuplexStream {
 
 /// [`proxy`] with this HTTP/1 head timeout.
 fn proxy_with(app: SocketAddr, head_timeout: Duration) -> DuplexStream {
-    let policy = pb::AuthorizationPolicy {
-        name: "ok".into(),
+    let policy = path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*");
+    proxy_with_policy(app, head_timeout, policy)
+}
+
+/// A policy on `shop/web` with one rule: `action` for requests to `path`.
+pub(super) fn path_policy(
+    name: &str,
+    action: pb::authorization_policy::Action,
+    path: &str,
+) -> pb::AuthorizationPolicy {
+    pb::AuthorizationPolicy {
+        name: name.into(),
         namespace: "shop".into(),
         selector: [("app".to_string(), "web".to_string())].into(),
-        action: pb::authorization_policy::Action::Allow as i32,
+        action: action as i32,
         rules: vec![pb::Rule {
             to: vec![pb::Operation {
-                paths: vec!["/ok*".into()],
+                paths: vec![path.into()],
                 ..Default::default()
             }],
             ..Default::default()
         }],
         mesh_wide: false,
-    };
-    proxy_with_policy(app, head_timeout, policy)
+    }
 }
 
 /// The proxy in front of `app` (workload `shop/web`, labels `app=web`) with this
