@@ -170,11 +170,14 @@ fn deny_policy() -> pb::AuthorizationPolicy {
 /// The request hyper parsed from the client's bytes, as weft forwards it: the
 /// target's path normalized, `Content-Length` as one value of plain digits.
 /// `None`: weft refuses the path.
-fn as_forwarded(s: &Seen) -> Option<Seen> {
-    let mut s = s.clone();
+fn as_forwarded(meant: &Seen) -> Option<Seen> {
+    let mut s = meant.clone();
     if let Some(i) = s.fields.iter().position(|(k, _)| k == "content-length") {
-        let v = String::from_utf8_lossy(&s.fields[i].1).into_owned();
-        let n: u64 = v.split(',').next()?.trim().parse().ok()?;
+        let n: u64 = std::str::from_utf8(&s.fields[i].1)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         s.fields[i].1 = n.to_string().into_bytes();
         let mut at = 0;
         s.fields.retain(|(k, _)| {
@@ -182,25 +185,17 @@ fn as_forwarded(s: &Seen) -> Option<Seen> {
             at - 1 == i || k != "content-length"
         });
     }
-    let s = &s;
     let uri: http::Uri = s.target.parse().ok()?;
-    let Some(pq) = uri.path_and_query() else {
-        return Some(s.clone());
-    };
-    if !pq.as_str().starts_with('/') {
-        return Some(s.clone());
+    if let Some(pq) = uri.path_and_query().filter(|p| p.as_str().starts_with('/')) {
+        let n = weft_api::authz::path::normalize(pq.as_str())
+            .ok()?
+            .path_and_query();
+        s.target = match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(a)) => format!("{scheme}://{a}{n}"),
+            _ => n,
+        };
     }
-    let n = weft_api::authz::path::normalize(pq.as_str())
-        .ok()?
-        .path_and_query();
-    let target = match (uri.scheme_str(), uri.authority()) {
-        (Some(scheme), Some(a)) => format!("{scheme}://{a}{n}"),
-        _ => n,
-    };
-    Some(Seen {
-        target,
-        ..s.clone()
-    })
+    Some(s)
 }
 
 fn pick<'a, T: ?Sized>(rng: &mut StdRng, xs: &[&'a T]) -> &'a T {
