@@ -1,7 +1,7 @@
 //! Differential test of weft's HTTP/1 request handling against hyper's parser.
 //!
 //! Generated request streams (one to three pipelined requests built from framing,
-//! target and field variants, about a third with one byte changed, inserted or
+//! target and field variants, about a quarter with one byte changed, inserted or
 //! removed, or cut short) are sent twice:
 //!
 //! - through weft's L7 proxy to a hyper HTTP/1 server standing in for the
