@@ -305,6 +305,7 @@ pub fn parse(b: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::l7::fields::tests::{owned as pairs, text};
 
     fn request() -> Headers {
         let mut f = Fields::default();
@@ -321,20 +322,7 @@ mod tests {
     }
 
     fn entries(h: &Headers) -> Vec<(String, String)> {
-        h.iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8(k.to_vec()).unwrap(),
-                    String::from_utf8(v.to_vec()).unwrap(),
-                )
-            })
-            .collect()
-    }
-
-    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        text(h.iter())
     }
 
     #[test]

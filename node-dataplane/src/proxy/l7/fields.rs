@@ -282,7 +282,7 @@ pub fn write_line(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::mem::MaybeUninit;
 
@@ -297,7 +297,14 @@ mod tests {
     }
 
     fn lines(f: &Fields) -> Vec<(String, String)> {
-        f.iter()
+        text(f.iter())
+    }
+
+    /// Byte pairs (fields, or a plugin's view of headers) as text, to compare.
+    pub(crate) fn text<'a>(
+        pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Vec<(String, String)> {
+        pairs
             .map(|(k, v)| {
                 (
                     String::from_utf8(k.to_vec()).unwrap(),
@@ -307,7 +314,8 @@ mod tests {
             .collect()
     }
 
-    fn owned(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    /// Pairs of text, owned, to compare with [`text`].
+    pub(crate) fn owned(p: &[(&str, &str)]) -> Vec<(String, String)> {
         p.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
