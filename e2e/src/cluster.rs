@@ -668,6 +668,15 @@ impl LocalCluster {
         &self.pods[key]
     }
 
+    /// The PID of `node`'s agent.
+    pub fn agent_pid(&self, node: &str) -> anyhow::Result<u32> {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.agent.as_ref())
+            .map(|p| p.pid())
+            .with_context(|| format!("node {node} has no running agent"))
+    }
+
     /// PIDs of the running node agents.
     pub fn agent_pids(&self) -> Vec<u32> {
         self.nodes

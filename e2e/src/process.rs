@@ -18,6 +18,26 @@ pub fn pin_cpu(pids: &[u32], cpu: Option<usize>) {
     }
 }
 
+/// The numeric fields of `/proc/<pid>/stat` after the command name (which may
+/// contain spaces): index 0 is the state field (the 3rd in proc(5)'s numbering),
+/// which does not parse and reads as 0.
+fn stat_fields(pid: u32) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect()
+}
+
+/// The sum over `pids` of `/proc/<pid>/stat` field `n` (proc(5)'s numbering).
+fn stat_sum(pids: &[u32], n: usize) -> u64 {
+    pids.iter()
+        .map(|&pid| stat_fields(pid).get(n - 3).copied().unwrap_or(0))
+        .sum()
+}
+
 /// CPU time (user + system, nanoseconds) of the given processes, threads that have
 /// exited included (`/proc/<pid>/stat`, in 10 ms ticks). Benchmarks divide its growth
 /// over a run of a few seconds by the work done: a figure that the host's
@@ -25,26 +45,14 @@ pub fn pin_cpu(pids: &[u32], cpu: Option<usize>) {
 pub fn cpu_ns(pids: &[u32]) -> u64 {
     // USER_HZ, the unit of /proc/<pid>/stat's times, is 100 on Linux.
     const NS_PER_TICK: u64 = 10_000_000;
-    pids.iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Fields after the command name (which may contain spaces): utime is the
-            // 12th, stime the 13th.
-            let fields: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            let tick = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            (tick(11) + tick(12)) * NS_PER_TICK
-        })
-        .sum()
+    // utime and stime are fields 14 and 15.
+    (stat_sum(pids, 14) + stat_sum(pids, 15)) * NS_PER_TICK
+}
+
+/// Minor page faults of the given processes so far (field 10 of `/proc/<pid>/stat`):
+/// memory the allocator gave back to the kernel and touches again shows up here.
+pub fn minor_faults(pids: &[u32]) -> u64 {
+    stat_sum(pids, 10)
 }
 
 /// An example Wasm plugin built by `make plugins` (`target/plugins/<name>.wasm`).

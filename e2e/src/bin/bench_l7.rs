@@ -7,7 +7,10 @@
 //! - L7 + AssemblyScript plugin: the same policy plus the AssemblyScript one.
 //!
 //! `--pinned` runs wrk, both agents and the servers on CPU 0, so differences are
-//! CPU work rather than cross-CPU wake-ups. Rounds are interleaved and the median
+//! CPU work rather than cross-CPU wake-ups. `--split` runs node-b's agent (where
+//! the L7 work happens) alone on CPU 1 and everything else on CPU 0, as on a node
+//! whose proxy has a core of its own: its caches are not shared with the client,
+//! the application and the other agent. Rounds are interleaved and the median
 //! per setup is reported: requests/s, p50 and
 //! p99 latency, and the added p50 against L4 and against L7-policy-only. Then the
 //! plugins' instance memory from the node's /config_dump.
@@ -31,8 +34,12 @@ struct Args {
     /// Run every process of the request path (wrk, both node agents, the servers)
     /// on CPU 0, so the differences between setups are CPU work, not cross-CPU
     /// wake-up latency.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "split")]
     pinned: bool,
+    /// Run node-b's agent alone on CPU 1 and every other process of the request
+    /// path on CPU 0: the destination proxy keeps its own core and caches.
+    #[arg(long)]
+    split: bool,
     /// Count the node agents' syscalls and context switches per request (perf stat)
     /// in each run.
     #[arg(long)]
@@ -52,6 +59,23 @@ struct Run {
     requests: f64,
     /// Both node agents' CPU time per request.
     agents_cpu_us: f64,
+    /// Both node agents' minor page faults per request.
+    agents_faults: f64,
+}
+
+/// The per-round differences `a - b` of `f`: median [25th-75th percentile], in us.
+fn paired(a: &[Run], b: &[Run], f: impl Fn(&Run) -> f64) -> String {
+    let mut d: Vec<f64> = a.iter().zip(b).map(|(a, b)| f(a) - f(b)).collect();
+    if d.is_empty() {
+        return "n/a".into();
+    }
+    d.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        d.get(((d.len() - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    format!("{:+.1} us [{:+.1} to {:+.1}]", at(0.5), at(0.25), at(0.75))
 }
 
 fn us(v: &str) -> Option<f64> {
@@ -224,14 +248,20 @@ fn main() -> anyhow::Result<()> {
         })
         .ok_or_else(|| anyhow::anyhow!("{name} not ready"))?;
     }
-    let cpu = args.pinned.then_some(0);
-    if args.pinned {
+    let cpu = (args.pinned || args.split).then_some(0);
+    if args.pinned || args.split {
         weft_e2e::process::pin_cpu(&c.agent_pids(), cpu);
         weft_e2e::process::pin_cpu(&servers, cpu);
     }
+    if args.split {
+        weft_e2e::process::pin_cpu(&[c.agent_pid("node-b")?], Some(1));
+    }
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); setups.len()];
     for round in 0..args.rounds {
-        for (i, ip) in ips.iter().enumerate() {
+        // Each round starts with a different setup, so no setup always runs first
+        // or after the same one.
+        for i in (0..setups.len()).map(|k| (k + round) % setups.len()) {
+            let ip = &ips[i];
             let stat_out = c.dir.path().join("agents.perf.stat");
             let stat = match args.count_syscalls {
                 true => Some(weft_e2e::perf::stat(&c.agent_pids(), &stat_out)?),
@@ -249,10 +279,14 @@ fn main() -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let cpu_before = weft_e2e::process::cpu_ns(&c.agent_pids());
+            let agents = c.agent_pids();
+            let cpu_before = weft_e2e::process::cpu_ns(&agents);
+            let faults_before = weft_e2e::process::minor_faults(&agents);
             let mut r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
-            let cpu_used = weft_e2e::process::cpu_ns(&c.agent_pids()).saturating_sub(cpu_before);
+            let cpu_used = weft_e2e::process::cpu_ns(&agents).saturating_sub(cpu_before);
+            let faults = weft_e2e::process::minor_faults(&agents).saturating_sub(faults_before);
             r.agents_cpu_us = cpu_used as f64 / 1000.0 / r.requests.max(1.0);
+            r.agents_faults = faults as f64 / r.requests.max(1.0);
             if let Some(mut rec) = rec {
                 rec.wait()?;
             }
@@ -268,8 +302,8 @@ fn main() -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             eprintln!(
-                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  agents' CPU {:>6.1} us/request{per_request}",
-                setups[i].0, r.rps, r.p50_us, r.p99_us, r.agents_cpu_us
+                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  agents' CPU {:>6.1} us/request, {:.3} page faults/request{per_request}",
+                setups[i].0, r.rps, r.p50_us, r.p99_us, r.agents_cpu_us, r.agents_faults
             );
             runs[i].push(r);
         }
@@ -282,32 +316,37 @@ fn main() -> anyhow::Result<()> {
             p99_us: median(v.iter().map(|r| r.p99_us).collect()),
             requests: median(v.iter().map(|r| r.requests).collect()),
             agents_cpu_us: median(v.iter().map(|r| r.agents_cpu_us).collect()),
+            agents_faults: median(v.iter().map(|r| r.agents_faults).collect()),
         })
         .collect();
     println!(
         "HTTP/1.1 keep-alive, 1 connection, node-a -> node-b over HBONE mTLS; median of {} x {} s runs{}",
         args.rounds,
         args.seconds,
-        if args.pinned { "; every process on CPU 0" } else { "" }
+        match (args.pinned, args.split) {
+            (true, _) => "; every process on CPU 0",
+            (_, true) => "; node-b's agent on CPU 1, every other process on CPU 0",
+            _ => "",
+        }
     );
-    println!("| setup | requests/s | p50 | p99 | p50 added vs L4 | p50 added vs L7 policy | agents' CPU per request | CPU added vs L4 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| setup | requests/s | p50 | p99 | agents' CPU per request |");
+    println!("|---|---|---|---|---|");
     for (i, r) in med.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.1} us | {:.1} us | {:+.1} us | {} | {:.1} us | {:+.1} us |",
-            setups[i].0,
-            r.rps,
-            r.p50_us,
-            r.p99_us,
-            r.p50_us - med[0].p50_us,
-            if i >= 2 {
-                format!("{:+.1} us", r.p50_us - med[1].p50_us)
-            } else {
-                "".into()
-            },
-            r.agents_cpu_us,
-            r.agents_cpu_us - med[0].agents_cpu_us
+            "| {} | {:.0} | {:.1} us | {:.1} us | {:.1} us |",
+            setups[i].0, r.rps, r.p50_us, r.p99_us, r.agents_cpu_us
         );
+    }
+    println!(
+        "\nAdded cost, paired within each round (so drift between rounds cancels): median [25th-75th percentile] over {} rounds",
+        args.rounds
+    );
+    println!("| setup | against | p50 added | agents' CPU added |");
+    println!("|---|---|---|---|");
+    for (i, base) in [(1, 0), (2, 0), (3, 0), (2, 1), (3, 1)] {
+        let p50 = paired(&runs[i], &runs[base], |r| r.p50_us);
+        let cpu = paired(&runs[i], &runs[base], |r| r.agents_cpu_us);
+        println!("| {} | {} | {p50} | {cpu} |", setups[i].0, setups[base].0);
     }
     let dump = c.config_dump("node-b")?;
     if let Some(plugins) = dump["proxy"]["wasm_plugins"].as_array() {

@@ -82,6 +82,12 @@ struct Args {
     /// `app` in its own namespace and applies nowhere near the benchmark's server.
     #[arg(long, default_value_t = 0)]
     other_policies: usize,
+    /// Before each timed request, write one byte in every cache line of a buffer of
+    /// this many KiB, evicting the CPU's caches as the other processes sharing a
+    /// node's core do between two requests (0: caches stay warm). Every mode pays
+    /// the same eviction, so the differences between modes remain the proxy's.
+    #[arg(long, default_value_t = 0)]
+    evict_kib: usize,
 }
 
 // The node agent's allocator, so allocation costs are the agent's.
@@ -116,7 +122,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut wall: HashMap<&'static str, Vec<f64>> = HashMap::new();
     for round in 0..args.rounds {
         for &m in &modes {
-            let r = measure(m, app, &state, &netns, args.requests).await?;
+            let r = measure(m, app, &state, &netns, args.requests, args.evict_kib).await?;
             println!(
                 "round {}: {:<6} {:>7.2} us CPU/request ({:>7.2} process), {:>7.2} us/request",
                 round + 1,
@@ -375,7 +381,9 @@ async fn measure(
     state: &Arc<ProxyState>,
     netns: &Arc<PodNetns>,
     n: u64,
+    evict_kib: usize,
 ) -> anyhow::Result<Measured> {
+    let mut evict = vec![0u8; evict_kib * 1024];
     let mut send = match mode {
         Mode::Direct => {
             let s = tokio::net::TcpStream::connect(app).await?;
@@ -438,6 +446,10 @@ async fn measure(
     }
     let ((c0, p0), t0) = (cpu_time(), Instant::now());
     for _ in 0..n {
+        for line in evict.chunks_mut(64) {
+            line[0] = line[0].wrapping_add(1);
+        }
+        std::hint::black_box(&mut evict);
         request(&mut send).await?;
     }
     let ((c, p), t) = (cpu_time(), t0.elapsed());
