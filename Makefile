@@ -60,7 +60,7 @@ bench: setup plugins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-capture -- --rounds 6
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-proxy
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7
-	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7 -- --pinned
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7 -- --pinned --rounds 9 --seconds 2
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7-path -- --instructions
 
 clean:

@@ -31,10 +31,17 @@ fn stat_fields(pid: u32) -> Vec<u64> {
         .collect()
 }
 
-/// The sum over `pids` of `/proc/<pid>/stat` field `n` (proc(5)'s numbering).
-fn stat_sum(pids: &[u32], n: usize) -> u64 {
+/// The sum over `pids` of the `/proc/<pid>/stat` fields `fields` (proc(5)'s
+/// numbering, 3 or more), each process's read once.
+fn stat_sum(pids: &[u32], fields: &[usize]) -> u64 {
     pids.iter()
-        .map(|&pid| stat_fields(pid).get(n - 3).copied().unwrap_or(0))
+        .map(|&pid| {
+            let values = stat_fields(pid);
+            fields
+                .iter()
+                .map(|&n| values.get(n - 3).copied().unwrap_or(0))
+                .sum::<u64>()
+        })
         .sum()
 }
 
@@ -46,13 +53,13 @@ pub fn cpu_ns(pids: &[u32]) -> u64 {
     // USER_HZ, the unit of /proc/<pid>/stat's times, is 100 on Linux.
     const NS_PER_TICK: u64 = 10_000_000;
     // utime and stime are fields 14 and 15.
-    (stat_sum(pids, 14) + stat_sum(pids, 15)) * NS_PER_TICK
+    stat_sum(pids, &[14, 15]) * NS_PER_TICK
 }
 
 /// Minor page faults of the given processes so far (field 10 of `/proc/<pid>/stat`):
 /// memory the allocator gave back to the kernel and touches again shows up here.
 pub fn minor_faults(pids: &[u32]) -> u64 {
-    stat_sum(pids, 10)
+    stat_sum(pids, &[10])
 }
 
 /// An example Wasm plugin built by `make plugins` (`target/plugins/<name>.wasm`).

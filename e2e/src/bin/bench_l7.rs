@@ -10,9 +10,11 @@
 //! CPU work rather than cross-CPU wake-ups. `--split` runs node-b's agent (where
 //! the L7 work happens) alone on CPU 1 and everything else on CPU 0, as on a node
 //! whose proxy has a core of its own: its caches are not shared with the client,
-//! the application and the other agent. Rounds are interleaved and the median
-//! per setup is reported: requests/s, p50 and
-//! p99 latency, and the added p50 against L4 and against L7-policy-only. Then the
+//! the application and the other agent. Rounds are interleaved, each starting
+//! with a different setup. Reported: the median per setup of requests/s, p50 and
+//! p99 latency and the agents' CPU per request; then the p50 and CPU each setup
+//! adds over L4 and over L7-policy-only as per-round paired differences (median
+//! and quartiles), which cancel the host's drift between rounds; then the
 //! plugins' instance memory from the node's /config_dump.
 
 use clap::Parser;
