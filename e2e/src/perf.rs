@@ -1,13 +1,20 @@
 //! Helpers for the benchmarks: linux-perf CPU profiles and syscall counts, and the
-//! median they report over rounds.
+//! median and quartiles they report over rounds.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// The median of a benchmark's rounds (the upper middle value; 0 when empty).
-pub fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(v: Vec<f64>) -> f64 {
+    quantile(v, 0.5)
+}
+
+/// The value a fraction `q` (0 to 1) of the way through the sorted rounds, rounded
+/// to the nearest one (0.5: the median, as [`median`] gives it); 0 when empty.
+pub fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let at = (v.len().saturating_sub(1) as f64 * q).round() as usize;
+    v.get(at).copied().unwrap_or(0.0)
 }
 
 /// Starts `perf record` (cpu-clock, 999 Hz, call graphs) for `secs` seconds on the

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;
-use weft_e2e::perf::median;
+use weft_e2e::perf::{median, quantile};
 use weft_e2e::{bin_path, plugin_path, wait_until};
 use weft_node::proxy::l7::fields::Fields;
 
@@ -67,16 +67,11 @@ struct Run {
 
 /// The per-round differences `a - b` of `f`: median [25th-75th percentile], in us.
 fn paired(a: &[Run], b: &[Run], f: impl Fn(&Run) -> f64) -> String {
-    let mut d: Vec<f64> = a.iter().zip(b).map(|(a, b)| f(a) - f(b)).collect();
+    let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| f(a) - f(b)).collect();
     if d.is_empty() {
         return "n/a".into();
     }
-    d.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        d.get(((d.len() - 1) as f64 * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let at = |q| quantile(d.clone(), q);
     format!("{:+.1} us [{:+.1} to {:+.1}]", at(0.5), at(0.25), at(0.75))
 }
 
