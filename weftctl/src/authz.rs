@@ -200,7 +200,7 @@ pub fn check(mesh: &Mesh, a: &CheckArgs) -> anyhow::Result<(Report, bool)> {
         rows.push(vec![
             dst.clone(),
             if d.allowed { "ALLOW" } else { "DENY" }.into(),
-            d.policy.clone().unwrap_or_else(|| "-".into()),
+            d.policy.as_deref().unwrap_or("-").to_string(),
             d.rule
                 .map(|r| format!("spec.rules[{r}]"))
                 .unwrap_or_else(|| "-".into()),
@@ -210,7 +210,7 @@ pub fn check(mesh: &Mesh, a: &CheckArgs) -> anyhow::Result<(Report, bool)> {
             "destination": dst,
             "enrolled": true,
             "allowed": d.allowed,
-            "policy": d.policy,
+            "policy": d.policy.as_deref(),
             "rule": d.rule,
             "reason": d.reason,
             "audited_by": d.audited,

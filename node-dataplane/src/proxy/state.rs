@@ -9,7 +9,7 @@ use crate::netns::PodNetns;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use weft_api::authz::{self, Attributes, Decision};
 use weft_api::pb;
 
@@ -109,7 +109,7 @@ impl ProxyState {
     pub fn record_decision(&self, d: &Decision) {
         let l = super::metrics::AuthzLabels {
             decision: if d.allowed { "allow" } else { "deny" },
-            policy: d.policy.clone().unwrap_or_else(|| "none".into()),
+            policy: d.policy.as_deref().unwrap_or("none").to_string(),
         };
         self.metrics.traffic.authz.get_or_create(&l).inc();
     }
@@ -211,24 +211,61 @@ impl ProxyState {
     }
 
     /// Decides one HTTP request to the local workload `dst` (not counted: the
-    /// caller counts it). `attrs(headers)` builds the request's attributes; `headers`
-    /// says whether an applicable policy reads request headers, so they are only
-    /// collected when one does. `cache` holds the policies applicable to `dst` between
-    /// requests (one per connection), recomputed when the policy set changes.
+    /// caller counts it). `conn` is what the connection's requests reuse (see
+    /// [`RequestAuthz`]); `fill(request, headers)` writes this request's attributes
+    /// into an emptied request (nothing of the previous request's is left), and
+    /// `headers` says whether an applicable policy reads request headers, so they
+    /// are only collected when one does.
     pub fn decide_request(
         &self,
         dst: &pb::Workload,
-        cache: &std::sync::Mutex<Option<Applicable>>,
-        attrs: impl FnOnce(bool) -> Attributes,
+        conn: &Mutex<RequestAuthz>,
+        fill: impl FnOnce(&mut authz::Request, bool),
     ) -> Decision {
         let compiled = self.compiled_policies();
-        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-        let applicable = match cache.take() {
-            Some(a) if a.is_from(&compiled) => cache.insert(a),
-            _ => cache.insert(compiled.applicable_to(dst)),
+        let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+        let RequestAuthz { applicable, attrs } = &mut *conn;
+        let applicable = match applicable.take() {
+            Some(a) if a.is_from(&compiled) => applicable.insert(a),
+            _ => applicable.insert(compiled.applicable_to(dst)),
         };
-        let attrs = attrs(applicable.iter().any(|p| p.reads_request_headers()));
-        authz::evaluate(applicable.iter(), &attrs)
+        let headers = applicable.iter().any(|p| p.reads_request_headers());
+        let request = attrs.request.get_or_insert_with(Default::default);
+        let authz::Request {
+            method,
+            path,
+            host,
+            headers: fields,
+        } = request;
+        method.clear();
+        path.clear();
+        host.clear();
+        fields.clear();
+        fill(request, headers);
+        authz::evaluate(applicable.iter(), attrs)
+    }
+}
+
+/// What one connection's requests reuse to be authorized: the policies applicable
+/// to its workload (kept while the policy set is current), and its attributes,
+/// whose request part each request overwrites in place (no allocation per request
+/// once the strings have grown to fit).
+pub struct RequestAuthz {
+    applicable: Option<Applicable>,
+    attrs: Attributes,
+}
+
+impl RequestAuthz {
+    /// For a connection with attributes `attrs` (its request part is replaced).
+    pub fn new(attrs: Attributes) -> Self {
+        Self {
+            applicable: None,
+            attrs: Attributes {
+                request: None,
+                l7_pending: false,
+                ..attrs
+            },
+        }
     }
 }
 
@@ -259,7 +296,6 @@ pub(crate) fn test_state_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_api::authz::Request;
 
     fn state_with(policy: pb::AuthorizationPolicy) -> (Arc<ProxyState>, pb::Workload) {
         let w = pb::Workload {
@@ -293,29 +329,21 @@ mod tests {
 
     /// Decides a GET / carrying `x-evil: 1`, with the headers only if asked for.
     fn decide(state: &ProxyState, w: &pb::Workload) -> (bool, bool) {
-        decide_with(state, w, &Default::default())
+        decide_with(state, w, &Mutex::new(RequestAuthz::new(Default::default())))
     }
 
     fn decide_with(
         state: &ProxyState,
         w: &pb::Workload,
-        cache: &std::sync::Mutex<Option<Applicable>>,
+        conn: &Mutex<RequestAuthz>,
     ) -> (bool, bool) {
         let mut asked = false;
-        let d = state.decide_request(w, cache, |with_headers| {
+        let d = state.decide_request(w, conn, |r, with_headers| {
             asked = with_headers;
-            Attributes {
-                request: Some(Request {
-                    method: "GET".into(),
-                    path: "/".into(),
-                    headers: if with_headers {
-                        vec![("x-evil".into(), "1".into())]
-                    } else {
-                        Vec::new()
-                    },
-                    ..Default::default()
-                }),
-                ..Default::default()
+            r.method.push_str("GET");
+            r.path.push('/');
+            if with_headers {
+                r.headers.push(("x-evil".into(), "1".into()));
             }
         });
         (asked, d.allowed)
@@ -345,6 +373,50 @@ mod tests {
         assert_eq!(decide(&state, &w), (false, true));
     }
 
+    /// A connection's requests share one set of attributes, overwritten per
+    /// request: nothing of one request's (path, host, headers) is left for the next.
+    #[test]
+    fn a_requests_attributes_never_carry_over_to_the_next() {
+        let mut p = deny(pb::Rule {
+            when: vec![pb::Condition {
+                key: "request.headers[x-evil]".into(),
+                values: vec!["*".into()],
+                not_values: vec![],
+            }],
+            ..Default::default()
+        });
+        p.rules.push(pb::Rule {
+            to: vec![pb::Operation {
+                hosts: vec!["admin.example".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let (state, w) = state_with(p);
+        let conn = Mutex::new(RequestAuthz::new(Default::default()));
+        let d = state.decide_request(&w, &conn, |r, with_headers| {
+            assert!(with_headers);
+            r.method.push_str("POST");
+            r.path.push_str("/admin");
+            r.host.push_str("admin.example");
+            r.headers.push(("x-evil".into(), "1".into()));
+        });
+        assert_eq!((d.allowed, d.rule), (false, Some(0)));
+        let d = state.decide_request(&w, &conn, |r, _| r.method.push_str("GET"));
+        assert!(d.allowed, "{d:?}");
+        let conn = conn.lock().unwrap();
+        let r = conn.attrs.request.as_ref().unwrap();
+        assert_eq!(
+            (
+                r.method.as_str(),
+                r.path.as_str(),
+                r.host.as_str(),
+                r.headers.len()
+            ),
+            ("GET", "", "", 0)
+        );
+    }
+
     /// A connection keeps the policies applicable to its workload between requests;
     /// a policy change made while it is open applies to its next request.
     #[test]
@@ -362,7 +434,7 @@ mod tests {
             ..Default::default()
         };
         let (state, w) = state_with(allow_get);
-        let cache = Default::default();
+        let cache = Mutex::new(RequestAuthz::new(Default::default()));
         assert_eq!(decide_with(&state, &w, &cache), (false, true));
         assert_eq!(decide_with(&state, &w, &cache), (false, true));
         // Same key: the ALLOW on GET becomes a DENY on headers.

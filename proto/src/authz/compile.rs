@@ -11,7 +11,7 @@ pub struct CompiledPolicy {
     pub name: String,
     pub namespace: String,
     /// `namespace/name`, as decisions and metrics name the policy.
-    id: String,
+    id: std::sync::Arc<str>,
     pub action: Action,
     pub mesh_wide: bool,
     pub selector: BTreeMap<String, String>,
@@ -224,7 +224,7 @@ pub fn compile(p: &pb::AuthorizationPolicy) -> CompiledPolicy {
         Err(e) => (Vec::new(), Some(e)),
     };
     CompiledPolicy {
-        id: format!("{}/{}", p.namespace, p.name),
+        id: format!("{}/{}", p.namespace, p.name).into(),
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         action,
@@ -239,6 +239,11 @@ impl CompiledPolicy {
     /// `namespace/name`.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// [`id`](Self::id), shared.
+    pub fn shared_id(&self) -> std::sync::Arc<str> {
+        self.id.clone()
     }
 
     /// Does any rule read request headers (`when: request.headers[...]`)? Only

@@ -18,6 +18,7 @@ pub use compile::{compile, CompiledPolicy};
 pub use matchers::StringMatch;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// What is known about a connection (and, at L7, its request).
 #[derive(Debug, Clone, Default)]
@@ -72,7 +73,8 @@ pub struct Decision {
     pub allowed: bool,
     /// `namespace/name` of the deciding policy; `None` when no policy decided
     /// (allowed: no ALLOW policy applies) or when no ALLOW policy matched (denied).
-    pub policy: Option<String>,
+    /// Shared with the compiled policy (deciding allocates nothing).
+    pub policy: Option<Arc<str>>,
     /// Index of the matching rule in that policy.
     pub rule: Option<usize>,
     /// Matching AUDIT policies (logged, never deciding).
@@ -94,13 +96,13 @@ pub fn evaluate<'a>(
         match p.action {
             Action::Deny => {
                 if let (Some(r), None) = (hit, &denied_by) {
-                    denied_by = Some((p.id().to_string(), r));
+                    denied_by = Some((p.shared_id(), r));
                 }
             }
             Action::Allow => {
                 allow_policies += 1;
                 if let (Some(r), None) = (hit, &allowed_by) {
-                    allowed_by = Some((p.id().to_string(), r));
+                    allowed_by = Some((p.shared_id(), r));
                 }
             }
             Action::Audit => {

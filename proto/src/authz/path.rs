@@ -104,14 +104,36 @@ fn hex(b: u8) -> Option<u8> {
 
 /// Normalizes a request target (`/a/b?q`).
 pub fn normalize(target: &str) -> Result<NormalizedPath, PathError> {
+    Ok(normalize_if_needed(target)?.unwrap_or_else(|| {
+        let (path, query) = split_target(target);
+        NormalizedPath {
+            path: path.to_string(),
+            query: query.to_string(),
+        }
+    }))
+}
+
+/// [`normalize`] without building anything for a target that normalization leaves
+/// as it is (most are): `None` then, and the path to match is [`path_of`] the
+/// target, the query the rest of it. The request path does not allocate for them.
+pub fn normalize_if_needed(target: &str) -> Result<Option<NormalizedPath>, PathError> {
     let (raw, query) = split_target(target);
     if !raw.starts_with('/') || already_normal(raw) {
-        return Ok(NormalizedPath {
+        // A dropped fragment still changes the target.
+        if raw.len() + query.len() == target.len() {
+            return Ok(None);
+        }
+        return Ok(Some(NormalizedPath {
             path: raw.to_string(),
             query: query.to_string(),
-        });
+        }));
     }
-    normalize_origin_form(raw, query)
+    normalize_origin_form(raw, query).map(Some)
+}
+
+/// The path of a request target: what comes before its query or fragment.
+pub fn path_of(target: &str) -> &str {
+    split_target(target).0
 }
 
 /// The general algorithm for an origin-form path (steps 2-4).
@@ -300,6 +322,27 @@ mod tests {
         assert!(p.is("/a/b?x=1"));
         assert!(!p.is("/a/b?x=2"));
         assert!(!normalize("//a/b?x=1").unwrap().is("//a/b?x=1"));
+    }
+
+    #[test]
+    fn only_targets_that_change_are_built() {
+        for t in ["/a/b?x=1", "/", "/a/", "*", "/a?x=/../y", "/caf\u{e9}?q"] {
+            assert_eq!(normalize_if_needed(t), Ok(None), "{t}");
+            assert!(normalize(t).unwrap().is(t), "{t}");
+            assert_eq!(path_of(t), normalize(t).unwrap().path, "{t}");
+        }
+        for (t, want) in [
+            ("//a?x=1", "/a?x=1"),
+            ("/a#f", "/a"),
+            ("/a?x#f", "/a?x"),
+            ("/%61", "/a"),
+            ("*#f", "*"),
+        ] {
+            let n = normalize_if_needed(t).unwrap().unwrap();
+            assert_eq!(n.path_and_query(), want, "{t}");
+            assert_eq!(n, normalize(t).unwrap(), "{t}");
+        }
+        assert_eq!(normalize_if_needed("/a%zz"), Err(PathError::BadEscape(2)));
     }
 
     #[test]

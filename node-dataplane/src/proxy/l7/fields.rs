@@ -93,10 +93,22 @@ impl Fields {
     /// The fields httparse found in `head` (the slices in `parsed` point into it):
     /// one copy of the head, names lower-cased in place.
     pub fn from_head(head: &[u8], parsed: &[httparse::Header<'_>]) -> Self {
+        Self::from_head_reusing(Self::default(), head, parsed)
+    }
+
+    /// [`Fields::from_head`] in the buffers of `old` (a previous message's fields,
+    /// whose content is dropped), so a connection's heads need no allocation once
+    /// its buffers have grown to fit.
+    pub fn from_head_reusing(old: Fields, head: &[u8], parsed: &[httparse::Header<'_>]) -> Self {
         let base = head.as_ptr() as usize;
-        let mut buf = Vec::with_capacity(head.len() + SPARE);
+        let Fields {
+            mut buf, mut lines, ..
+        } = old;
+        buf.clear();
+        lines.clear();
+        buf.reserve(head.len() + SPARE);
         buf.extend_from_slice(head);
-        let mut lines = Vec::with_capacity(parsed.len() + 2);
+        lines.reserve(parsed.len() + 2);
         for h in parsed {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
@@ -113,6 +125,20 @@ impl Fields {
             lines,
             changed: false,
         }
+    }
+
+    /// Most bytes of buffer a connection keeps between messages for
+    /// [`Fields::from_head_reusing`]; larger ones (a plugin grew them) are dropped.
+    pub const KEPT: usize = 16 * 1024;
+
+    /// These fields' buffers, to reuse for the next message's, unless either holds
+    /// more than [`Fields::KEPT`] bytes (then empty ones).
+    pub fn into_spare(self) -> Fields {
+        let lines = self.lines.capacity() * std::mem::size_of::<Line>();
+        if self.buf.capacity() > Self::KEPT || lines > Self::KEPT {
+            return Fields::default();
+        }
+        self
     }
 
     /// A copy of an `http::HeaderMap`'s fields, in its order.

@@ -15,7 +15,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_api::authz::{path, Attributes, Request};
+use weft_api::authz::path;
 
 pub type RespBody = Either<Incoming, Full<Bytes>>;
 
@@ -356,39 +356,43 @@ pub fn on_request(
     ctx: &ConnCtx,
     x: &mut Exchange,
 ) -> Verdict {
-    let normalized = {
-        let target = req.path_and_query();
-        match path::normalize(target) {
-            Ok(p) if p.is(target) => p,
-            Ok(p) => {
-                if !req.set_path_and_query(&p.path_and_query()) {
-                    return Verdict::Reply(reply(400, "malformed request path\n", &[]));
-                }
-                p
-            }
-            Err(e) => {
-                tracing::info!(dst = %ctx.dst, error = %e, "request refused: malformed path");
+    // Most targets are already normal: nothing is built or changed for them.
+    match path::normalize_if_needed(req.path_and_query()) {
+        Ok(None) => {}
+        Ok(Some(n)) => {
+            if !req.set_path_and_query(&n.path_and_query()) {
                 return Verdict::Reply(reply(400, "malformed request path\n", &[]));
             }
         }
-    };
-    let authority = req.authority().to_string();
+        Err(e) => {
+            tracing::info!(dst = %ctx.dst, error = %e, "request refused: malformed path");
+            return Verdict::Reply(reply(400, "malformed request path\n", &[]));
+        }
+    }
+    // From here the request's target is normalized (plugins' rewrites included), so
+    // the path to authorize is its path, `path::path_of(req.path_and_query())`.
+    let plugins = &ctx.plan.plugins;
+    // The authority as the client sent it (a plugin may change the Host field);
+    // copied only when plugins run.
+    let authority = (!plugins.is_empty()).then(|| req.authority().to_string());
     // Only with plugins; boxed: each callback swaps it into the plugin's store. The
     // fields are moved in while plugins run (no copy); see `Headers`.
-    let mut view = (!ctx.plan.plugins.is_empty()).then(|| {
-        let scheme = req.scheme();
-        let (method, pq) = (req.method(), normalized.path_and_query());
+    let mut view = authority.as_ref().map(|authority| {
         Box::new(HttpState {
-            request: Headers::request(method, pq, authority.clone(), scheme, Default::default()),
+            request: Headers::request(
+                req.method(),
+                req.path_and_query().to_string(),
+                authority.clone(),
+                req.scheme(),
+                Default::default(),
+            ),
             props: Some(ctx.props.clone()),
             ..Default::default()
         })
     });
     let mut ran = Ran::default();
     // Plugins are in phase order: those before weft's authorization come first.
-    let plugins = &ctx.plan.plugins;
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
-    let mut rewritten = None;
     if let (false, Some(view)) = (before.is_empty(), view.as_mut()) {
         let replied = run_request_plugins(before, view, req, end_of_stream, &mut ran);
         if let Some((r, plugin)) = replied {
@@ -397,43 +401,33 @@ pub fn on_request(
         }
         // A plugin may have rewritten the path: normalize and authorize the new one.
         if let Some(p) = view.request.pseudo(":path") {
-            if !normalized.is(p) {
-                match path::normalize(p) {
-                    Ok(n) if req.set_path_and_query(&n.path_and_query()) => {
-                        rewritten = Some(n.path)
-                    }
-                    _ => {
-                        // The plugins' contexts end here too.
-                        chain::finish(ran, view);
-                        return Verdict::Reply(reply(400, "malformed request path\n", &[]));
-                    }
+            if p != req.path_and_query() {
+                let set =
+                    path::normalize(p).is_ok_and(|n| req.set_path_and_query(&n.path_and_query()));
+                if !set {
+                    // The plugins' contexts end here too.
+                    chain::finish(ran, view);
+                    return Verdict::Reply(reply(400, "malformed request path\n", &[]));
                 }
             }
         }
     }
-    let path_now = rewritten.unwrap_or(normalized.path);
     if ctx.plan.authz_http {
         let d = ctx
             .state
-            .decide_request(&ctx.target.workload, &ctx.applicable, |with_headers| {
-                Attributes {
-                    request: Some(Request {
-                        method: req.method().as_str().to_string(),
-                        path: path_now.clone(),
-                        host: authority.clone(),
-                        headers: if with_headers {
-                            req.field_pairs()
-                        } else {
-                            Vec::new()
-                        },
-                    }),
-                    ..ctx.attrs.clone()
+            .decide_request(&ctx.target.workload, &ctx.authz, |r, with_headers| {
+                r.method.push_str(req.method().as_str());
+                r.path.push_str(path::path_of(req.path_and_query()));
+                r.host
+                    .push_str(authority.as_deref().unwrap_or_else(|| req.authority()));
+                if with_headers {
+                    r.headers = req.field_pairs();
                 }
             });
         ctx.count_decision(&d);
         if !d.allowed {
-            tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path_now, policy = ?d.policy, reason = d.reason, "request denied");
-            x.decided_by = Some(d.policy.unwrap_or_else(|| "none".into()));
+            tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path::path_of(req.path_and_query()), policy = ?d.policy, reason = d.reason, "request denied");
+            x.decided_by = Some(d.policy.as_deref().unwrap_or("none").to_string());
             end(ran, &mut view);
             return Verdict::Reply(reply(403, DENIED_BODY, &[]));
         }

@@ -17,7 +17,7 @@ pub mod http;
 pub mod sniff;
 pub mod upstream;
 
-use super::state::{LocalPod, ProxyState};
+use super::state::{LocalPod, ProxyState, RequestAuthz};
 use crate::wasm::abi::ConnProps;
 use crate::wasm::plugin::{FailStrategy, Plugin};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -76,12 +76,12 @@ pub struct ConnCtx {
     pub handles: std::sync::Mutex<Vec<RequestHandles>>,
     /// Authorization decision counters of this connection by (allowed, policy).
     decisions: std::sync::Mutex<Vec<DecisionCounter>>,
-    /// The policies applicable to `target`, kept across requests.
-    pub applicable: std::sync::Mutex<Option<crate::proxy::policies::Applicable>>,
+    /// What its requests' authorization reuses.
+    pub authz: std::sync::Mutex<RequestAuthz>,
 }
 
 type DecisionCounter = (
-    (bool, Option<String>),
+    (bool, Option<Arc<str>>),
     prometheus_client::metrics::counter::Counter,
 );
 
@@ -105,15 +105,17 @@ impl ConnCtx {
         plan: L7Plan,
         labels: super::metrics::TcpLabels,
     ) -> Self {
+        let attrs = Attributes {
+            l7_pending: false,
+            ..attrs
+        };
         Self {
             upstream: upstream::Upstream::new(target.netns.clone(), dst, state.mark),
             state,
             target,
             dst,
-            attrs: Attributes {
-                l7_pending: false,
-                ..attrs
-            },
+            authz: std::sync::Mutex::new(RequestAuthz::new(attrs.clone())),
+            attrs,
             props: Arc::new(ConnProps {
                 source: peer,
                 destination: dst,
@@ -123,7 +125,6 @@ impl ConnCtx {
             labels,
             handles: Default::default(),
             decisions: Default::default(),
-            applicable: Default::default(),
         }
     }
 
@@ -141,7 +142,7 @@ impl ConnCtx {
             None => {
                 let l = super::metrics::AuthzLabels {
                     decision: if d.allowed { "allow" } else { "deny" },
-                    policy: d.policy.clone().unwrap_or_else(|| "none".into()),
+                    policy: d.policy.as_deref().unwrap_or("none").to_string(),
                 };
                 let c = self.state.metrics.traffic.authz.get_or_create(&l).clone();
                 c.inc();

@@ -287,9 +287,34 @@ fn head_len(parsed: httparse::Result<usize>, read: usize) -> Result<Option<usize
     }
 }
 
-/// Parses the request head at the start of `buf` and removes it from `buf`.
-/// `Ok(None)`: more bytes are needed.
-pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+/// What a connection's request heads reuse: the buffers of a previous head's
+/// fields and origin-form target, given back by [`Spare::keep`] once that head has
+/// been written, so that heads need no allocation once the buffers fit them.
+#[derive(Default)]
+pub struct Spare {
+    fields: Fields,
+    target: String,
+}
+
+impl Spare {
+    /// Takes the buffers of `req`, which has been written (its fields and an
+    /// origin-form target are left empty), unless they are too large to keep.
+    pub fn keep(&mut self, req: &mut Request) {
+        self.fields = std::mem::take(&mut req.fields).into_spare();
+        if let Target::Origin(t) = &mut req.target {
+            if t.capacity() <= Fields::KEPT {
+                self.target = std::mem::take(t);
+            }
+        }
+    }
+}
+
+/// Parses the request head at the start of `buf` and removes it from `buf`, in
+/// buffers taken from `spare`. `Ok(None)`: more bytes are needed.
+pub fn parse_request(
+    buf: &mut BytesMut,
+    spare: &mut Spare,
+) -> Result<Option<RequestHead>, HeadError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut r = httparse::Request::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -309,7 +334,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
             if !valid_origin(t) {
                 return Err(malformed("invalid request target"));
             }
-            Target::Origin(t.to_string())
+            let mut target = std::mem::take(&mut spare.target);
+            target.clear();
+            target.push_str(t);
+            Target::Origin(target)
         }
         t => Target::Uri(t.parse().map_err(|_| malformed("invalid request target"))?),
     };
@@ -337,7 +365,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
             "more than one Host"
         }));
     }
-    let mut fields = Fields::from_head(&buf[..n], r.headers);
+    let old = std::mem::take(&mut spare.fields);
+    let mut fields = Fields::from_head_reusing(old, &buf[..n], r.headers);
     if let (Some(len), true) = (f.content_length, f.content_length_uncanonical) {
         // Repeated equal fields or leading zeros: the application gets one value of
         // plain digits, so no parser after weft can read them differently.
@@ -471,22 +500,22 @@ pub struct ResponseHead {
     pub body: Framing,
     /// The application keeps its connection open after this exchange.
     pub keep_alive: bool,
-    /// The head, re-written (when no plugin needs the parsed form).
-    pub out: Vec<u8>,
-    /// The parsed head (when a plugin sees the response).
+    /// The parsed head (when a plugin sees the response; the head was not written).
     pub parsed: Option<Response>,
 }
 
 /// Parses the response head at the start of `buf` and removes it from `buf`.
 /// `head_request`: it answers a HEAD (no body, whatever the fields say);
 /// `connect`: it answers a CONNECT (a 2xx starts a tunnel); `parse`: build the
-/// parsed form for plugins instead of writing the head out. `Ok(None)`: more bytes
-/// are needed.
+/// parsed form for plugins instead of writing the head out. A complete head is
+/// re-written into `out` (emptied first; left empty with `parse`), with room for
+/// the body's first bytes. `Ok(None)`: more bytes are needed.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
     connect: bool,
     parse: bool,
+    out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, HeadError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut r = httparse::Response::new(&mut []);
@@ -530,28 +559,28 @@ pub fn parse_response(
         }
     };
     let keep_alive = f.persistent(v) && body != Framing::UntilClose;
-    let (out, parsed) = if parse {
-        let resp = Response {
+    out.clear();
+    let parsed = if parse {
+        out.reserve(n + 64 + body_start);
+        Some(Response {
             status,
             version: version(r.version),
             fields: Fields::from_head(&buf[..n], r.headers),
-        };
-        (Vec::with_capacity(n + 64 + body_start), Some(resp))
+        })
     } else {
-        let mut out = Vec::with_capacity(n + 16 + body_start);
-        write_status(version(r.version), status, r.reason.unwrap_or(""), &mut out);
+        out.reserve(n + 16 + body_start);
+        write_status(version(r.version), status, r.reason.unwrap_or(""), out);
         for h in r.headers.iter() {
-            write_field(h.name.as_bytes(), h.value, &mut out);
+            write_field(h.name.as_bytes(), h.value, out);
         }
         out.extend_from_slice(b"\r\n");
-        (out, None)
+        None
     };
     bytes::Buf::advance(buf, n);
     Ok(Some(ResponseHead {
         status,
         body,
         keep_alive,
-        out,
         parsed,
     }))
 }
@@ -561,7 +590,7 @@ mod tests {
     use super::*;
 
     fn request(raw: &str) -> Result<Option<RequestHead>, HeadError> {
-        parse_request(&mut BytesMut::from(raw))
+        parse_request(&mut BytesMut::from(raw), &mut Spare::default())
     }
 
     fn refused(raw: &str) -> String {
@@ -715,7 +744,9 @@ mod tests {
     #[test]
     fn heads_are_written_canonically() {
         let mut buf = BytesMut::from("GET /x HTTP/1.1\nHost:  x \nX-Y: z\n\nNEXT");
-        let h = parse_request(&mut buf).unwrap().unwrap();
+        let h = parse_request(&mut buf, &mut Spare::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(&buf[..], b"NEXT");
         let mut out = Vec::new();
         write_request(&h.req, &mut out);
@@ -725,7 +756,8 @@ mod tests {
         );
 
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\nContent-Length: 2\nX-App: t\n\nhi");
-        let r = parse_response(&mut buf, false, false, false)
+        let mut out = b"left over".to_vec();
+        let r = parse_response(&mut buf, false, false, false, &mut out)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -733,7 +765,7 @@ mod tests {
             (200, Framing::Length(2), true)
         );
         assert_eq!(
-            String::from_utf8(r.out).unwrap(),
+            String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: t\r\n\r\n"
         );
         assert_eq!(&buf[..], b"hi");
@@ -747,11 +779,43 @@ mod tests {
         );
     }
 
+    /// A connection's heads reuse the previous head's buffers: nothing of that
+    /// head (fields, target, a plugin's change) is left in the next.
+    #[test]
+    fn reused_buffers_carry_nothing_over() {
+        let mut spare = Spare::default();
+        let mut buf = BytesMut::from(
+            "GET /first/long/path?q=1 HTTP/1.1\r\nHost: a\r\nX-One: 1\r\nX-Two: 2\r\n\r\n\
+             POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n",
+        );
+        let mut first = parse_request(&mut buf, &mut spare).unwrap().unwrap();
+        first.req.fields.append(b"x-plugin", b"added").unwrap();
+        let mut out = Vec::new();
+        write_request(&first.req, &mut out);
+        spare.keep(&mut first.req);
+        assert!(first.req.fields.is_empty());
+        let second = parse_request(&mut buf, &mut spare).unwrap().unwrap();
+        assert!(!second.req.fields.changed());
+        out.clear();
+        write_request(&second.req, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /b HTTP/1.1\r\nhost: b\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert!(buf.is_empty());
+    }
+
     #[test]
     fn response_framing() {
         let parse = |raw: &str, head: bool, connect: bool| {
-            parse_response(&mut BytesMut::from(raw), head, connect, true)
-                .map(|r| r.map(|r| (r.body, r.keep_alive)))
+            parse_response(
+                &mut BytesMut::from(raw),
+                head,
+                connect,
+                true,
+                &mut Vec::new(),
+            )
+            .map(|r| r.map(|r| (r.body, r.keep_alive)))
         };
         for (raw, want) in [
             (

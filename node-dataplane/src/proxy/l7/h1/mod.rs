@@ -38,10 +38,23 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-/// The connection to the application, and the bytes read from it not yet used.
+/// The connection to the application, the bytes read from it not yet used, and
+/// the buffer its response heads are re-written into (reused across responses).
 struct AppConn {
     stream: TcpStream,
     buf: BytesMut,
+    out: Vec<u8>,
+}
+
+/// Most bytes a connection's head buffers keep between requests; larger ones (a
+/// plugin grew a head) are dropped.
+const KEPT: usize = 16 * 1024;
+
+/// Drops `out` if it has grown past [`KEPT`].
+fn trim(out: &mut Vec<u8>) {
+    if out.capacity() > KEPT {
+        *out = Vec::new();
+    }
 }
 
 /// Serves one HTTP/1.x connection; `prefix`: its bytes already read (sniffing).
@@ -52,13 +65,27 @@ where
     let (mut dr, mut dw) = tokio::io::split(io);
     let mut dbuf = prefix;
     let mut up: Option<AppConn> = None;
+    // Reused across requests: the request heads' buffers and what they are
+    // re-written into.
+    let mut spare = head::Spare::default();
+    let mut out = Vec::new();
     loop {
         let timeout = ctx.state.http1_head_timeout;
-        let Some(head) = read_request_head(&mut dr, &mut dbuf, &mut dw, timeout).await? else {
+        let read = read_request_head(&mut dr, &mut dbuf, &mut dw, timeout, &mut spare).await?;
+        let Some(head) = read else {
             return Ok(());
         };
-        match exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &ctx).await? {
-            Next::Request => {}
+        let mut bufs = Bufs {
+            spare: &mut spare,
+            out: &mut out,
+        };
+        match exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &mut bufs, &ctx).await? {
+            Next::Request => {
+                trim(&mut out);
+                if let Some(u) = &mut up {
+                    trim(&mut u.out);
+                }
+            }
             Next::Close => {
                 let _ = dw.shutdown().await;
                 return Ok(());
@@ -79,6 +106,13 @@ where
     }
 }
 
+/// What a connection's request heads reuse.
+struct Bufs<'a> {
+    spare: &'a mut head::Spare,
+    /// The request head, re-written, and the body's first bytes.
+    out: &'a mut Vec<u8>,
+}
+
 /// What follows an exchange on the client's connection.
 enum Next {
     Request,
@@ -95,11 +129,12 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
     timeout: std::time::Duration,
+    spare: &mut head::Spare,
 ) -> anyhow::Result<Option<RequestHead>> {
     let mut deadline = None;
     loop {
         if !dbuf.is_empty() {
-            match head::parse_request(dbuf) {
+            match head::parse_request(dbuf, spare) {
                 Ok(Some(h)) => return Ok(Some(h)),
                 Ok(None) => {}
                 Err(e) => {
@@ -163,6 +198,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
     up: &mut Option<AppConn>,
+    bufs: &mut Bufs<'_>,
     ctx: &ConnCtx,
 ) -> anyhow::Result<Next> {
     let RequestHead {
@@ -193,8 +229,12 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             return Ok(if close { Next::Close } else { Next::Request });
         }
     };
-    let mut out = Vec::with_capacity(len + 64 + dbuf.len().min(READ_CHUNK));
-    head::write_request(&req, &mut out);
+    let out = &mut *bufs.out;
+    out.clear();
+    out.reserve(len + 64 + dbuf.len().min(READ_CHUNK));
+    head::write_request(&req, out);
+    // Written: what is left of it that is used below is its method.
+    bufs.spare.keep(&mut req);
     let connect = req.method == http::Method::CONNECT;
     let mut retried = false;
     loop {
@@ -205,6 +245,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                 Ok(stream) => up.insert(AppConn {
                     stream,
                     buf: BytesMut::with_capacity(READ_CHUNK),
+                    out: Vec::new(),
                 }),
                 Err(e) => {
                     tracing::debug!(dst = %ctx.dst, error = %e, "connecting to the application failed");
@@ -213,13 +254,14 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             },
         };
         let (mut ur, mut uw) = conn.stream.split();
-        let ubuf = &mut conn.buf;
+        let (ubuf, uout) = (&mut conn.buf, &mut conn.out);
         // The body streams up while the response is awaited.
         let (sent, received) = {
-            let send = forward(&mut *dr, &mut *dbuf, &mut uw, &mut out, body);
+            let send = forward(&mut *dr, &mut *dbuf, &mut uw, &mut *out, body);
             let recv = respond(
                 &mut ur,
                 ubuf,
+                uout,
                 &mut *dw,
                 &mut pending,
                 &mut x,
@@ -366,6 +408,7 @@ enum Failure {
 async fn respond<W: AsyncWrite + Unpin>(
     ur: &mut tokio::net::tcp::ReadHalf<'_>,
     ubuf: &mut BytesMut,
+    out: &mut Vec<u8>,
     dw: &mut W,
     pending: &mut Option<Pending>,
     x: &mut Exchange,
@@ -380,13 +423,12 @@ async fn respond<W: AsyncWrite + Unpin>(
     let mut got_any = !ubuf.is_empty();
     let head: ResponseHead = loop {
         if !ubuf.is_empty() {
-            match head::parse_response(ubuf, head_request, connect, sees) {
+            match head::parse_response(ubuf, head_request, connect, sees, out) {
                 Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
-                    let mut out = h.out;
                     if let Some(p) = &h.parsed {
-                        head::write_response(p, &mut out);
+                        head::write_response(p, out);
                     }
-                    dw.write_all(&out).await.map_err(|_| Failure::Broken)?;
+                    dw.write_all(out).await.map_err(|_| Failure::Broken)?;
                     dw.flush().await.map_err(|_| Failure::Broken)?;
                     continue;
                 }
@@ -415,7 +457,6 @@ async fn respond<W: AsyncWrite + Unpin>(
         mut status,
         body,
         keep_alive,
-        mut out,
         parsed,
     } = head;
     if let (Some(mut resp), Some(p)) = (parsed, pending.take()) {
@@ -434,12 +475,12 @@ async fn respond<W: AsyncWrite + Unpin>(
             });
         }
         status = resp.status;
-        head::write_response(&resp, &mut out);
+        head::write_response(&resp, out);
     }
     drop(pending.take());
     x.head_out();
     if upgraded {
-        dw.write_all(&out).await.map_err(|_| Failure::Broken)?;
+        dw.write_all(out).await.map_err(|_| Failure::Broken)?;
         dw.flush().await.map_err(|_| Failure::Broken)?;
         return Ok(Forwarded {
             status,
@@ -449,7 +490,7 @@ async fn respond<W: AsyncWrite + Unpin>(
             upgraded: true,
         });
     }
-    let complete = match forward(ur, ubuf, dw, &mut out, body).await {
+    let complete = match forward(ur, ubuf, dw, out, body).await {
         Ok(()) => body != Framing::UntilClose,
         Err(e) => {
             tracing::debug!(error = %e, "response body not forwarded whole");
