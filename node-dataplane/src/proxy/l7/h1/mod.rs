@@ -255,22 +255,20 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
         };
         let (mut ur, mut uw) = conn.stream.split();
         let (ubuf, uout) = (&mut conn.buf, &mut conn.out);
-        // The body streams up while the response is awaited.
-        let (sent, received) = {
+        let asked = Asked {
+            head_request,
+            connect,
+            upgrade,
+        };
+        let (sent, received) = if body == Framing::Empty {
+            // No body: the head goes alone, then the response is awaited.
+            let sent = forward(&mut *dr, &mut *dbuf, &mut uw, &mut *out, body).await;
+            let received = respond(&mut ur, ubuf, uout, &mut *dw, &mut pending, &mut x, asked);
+            (Some(sent), received.await)
+        } else {
+            // The body streams up while the response is awaited.
             let send = forward(&mut *dr, &mut *dbuf, &mut uw, &mut *out, body);
-            let recv = respond(
-                &mut ur,
-                ubuf,
-                uout,
-                &mut *dw,
-                &mut pending,
-                &mut x,
-                Asked {
-                    head_request,
-                    connect,
-                    upgrade,
-                },
-            );
+            let recv = respond(&mut ur, ubuf, uout, &mut *dw, &mut pending, &mut x, asked);
             tokio::pin!(send, recv);
             let mut sent = None;
             loop {
