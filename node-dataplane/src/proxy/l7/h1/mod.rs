@@ -29,6 +29,7 @@
 pub mod body;
 pub mod head;
 
+use super::fields::Fields;
 use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict};
 use super::ConnCtx;
 use body::{forward, ForwardError, Framing, READ_CHUNK};
@@ -46,13 +47,10 @@ struct AppConn {
     out: Vec<u8>,
 }
 
-/// Most bytes a connection's head buffers keep between requests; larger ones (a
-/// plugin grew a head) are dropped.
-const KEPT: usize = 16 * 1024;
-
-/// Drops `out` if it has grown past [`KEPT`].
+/// Drops `out` if it has grown past what a connection keeps between requests
+/// ([`Fields::KEPT`], as for the heads' fields; a plugin grew a head).
 fn trim(out: &mut Vec<u8>) {
-    if out.capacity() > KEPT {
+    if out.capacity() > Fields::KEPT {
         *out = Vec::new();
     }
 }
