@@ -100,7 +100,6 @@ impl Fields {
     /// whose content is dropped), so a connection's heads need no allocation once
     /// its buffers have grown to fit.
     pub fn from_head_reusing(old: Fields, head: &[u8], parsed: &[httparse::Header<'_>]) -> Self {
-        let base = head.as_ptr() as usize;
         let Fields {
             mut buf, mut lines, ..
         } = old;
@@ -110,14 +109,13 @@ impl Fields {
         buf.extend_from_slice(head);
         lines.reserve(parsed.len() + 2);
         for h in parsed {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            buf[name..name + h.name.len()].make_ascii_lowercase();
+            let s = Span::of(head, h);
+            buf[s.name..s.name + s.name_len].make_ascii_lowercase();
             lines.push(Line {
-                name: name as u32,
-                name_len: h.name.len() as u32,
-                value: value as u32,
-                value_len: h.value.len() as u32,
+                name: s.name as u32,
+                name_len: s.name_len as u32,
+                value: s.value as u32,
+                value_len: s.value_len as u32,
             });
         }
         Self {
@@ -304,6 +302,19 @@ pub struct Span {
     pub name_len: usize,
     pub value: usize,
     pub value_len: usize,
+}
+
+impl Span {
+    /// Where the field `h` that httparse found in `head` is (its slices point into it).
+    pub fn of(head: &[u8], h: &httparse::Header<'_>) -> Self {
+        let base = head.as_ptr() as usize;
+        Span {
+            name: h.name.as_ptr() as usize - base,
+            name_len: h.name.len(),
+            value: h.value.as_ptr() as usize - base,
+            value_len: h.value.len(),
+        }
+    }
 }
 
 /// Writes the field lines whose names and values are `spans` of `buf`, as

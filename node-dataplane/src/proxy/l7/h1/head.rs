@@ -594,14 +594,9 @@ pub fn parse_response(
     } else {
         out.reserve(n + 16 + body_start);
         write_status(version(r.version), status, r.reason.unwrap_or(""), out);
-        let base = buf.as_ptr() as usize;
-        let spans = r.headers.iter().map(|h| fields::Span {
-            name: h.name.as_ptr() as usize - base,
-            name_len: h.name.len(),
-            value: h.value.as_ptr() as usize - base,
-            value_len: h.value.len(),
-        });
-        fields::write_spans(&buf[..n], spans, out);
+        let head = &buf[..n];
+        let spans = r.headers.iter().map(|h| fields::Span::of(head, h));
+        fields::write_spans(head, spans, out);
         out.extend_from_slice(b"\r\n");
         None
     };

@@ -63,23 +63,16 @@ where
     let (mut dr, mut dw) = tokio::io::split(io);
     let mut dbuf = prefix;
     let mut up: Option<AppConn> = None;
-    // Reused across requests: the request heads' buffers and what they are
-    // re-written into.
-    let mut spare = head::Spare::default();
-    let mut out = Vec::new();
+    let mut bufs = Bufs::default();
     loop {
         let timeout = ctx.state.http1_head_timeout;
-        let read = read_request_head(&mut dr, &mut dbuf, &mut dw, timeout, &mut spare).await?;
-        let Some(head) = read else {
+        let read = read_request_head(&mut dr, &mut dbuf, &mut dw, timeout, &mut bufs.spare);
+        let Some(head) = read.await? else {
             return Ok(());
-        };
-        let mut bufs = Bufs {
-            spare: &mut spare,
-            out: &mut out,
         };
         match exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &mut bufs, &ctx).await? {
             Next::Request => {
-                trim(&mut out);
+                trim(&mut bufs.out);
                 if let Some(u) = &mut up {
                     trim(&mut u.out);
                 }
@@ -104,11 +97,13 @@ where
     }
 }
 
-/// What a connection's request heads reuse.
-struct Bufs<'a> {
-    spare: &'a mut head::Spare,
+/// What a connection's request heads reuse across requests.
+#[derive(Default)]
+struct Bufs {
+    /// The buffers of the previous head's fields and target.
+    spare: head::Spare,
     /// The request head, re-written, and the body's first bytes.
-    out: &'a mut Vec<u8>,
+    out: Vec<u8>,
 }
 
 /// What follows an exchange on the client's connection.
@@ -196,7 +191,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
     up: &mut Option<AppConn>,
-    bufs: &mut Bufs<'_>,
+    bufs: &mut Bufs,
     ctx: &ConnCtx,
 ) -> anyhow::Result<Next> {
     let RequestHead {
@@ -227,7 +222,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             return Ok(if close { Next::Close } else { Next::Request });
         }
     };
-    let out = &mut *bufs.out;
+    let out = &mut bufs.out;
     out.clear();
     out.reserve(len + 64 + dbuf.len().min(READ_CHUNK));
     head::write_request(&req, out);
