@@ -346,7 +346,12 @@ impl LocalCluster {
 
     /// (Re)starts the node agent in its node netns and agent cgroup.
     pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
-        let bin = bin_path("weft-node")?;
+        self.start_agent_with(node, &bin_path("weft-node")?)
+    }
+
+    /// (Re)starts the node agent from the `weft-node` binary `bin` (benchmarks
+    /// comparing two builds).
+    pub fn start_agent_with(&mut self, node: &str, bin: &Path) -> anyhow::Result<()> {
         let n = self.nodes.get_mut(node).context("no such node")?;
         n.agent_starts += 1;
         let args: Vec<String> = vec![
@@ -375,7 +380,7 @@ impl LocalCluster {
         .into_iter()
         .chain(self.agent_args.iter().cloned())
         .collect();
-        let mut cmd = Self::wrapped(&n.cgroup.join("agent"), &n.netns, &bin, &args);
+        let mut cmd = Self::wrapped(&n.cgroup.join("agent"), &n.netns, bin, &args);
         let log = n.dir.join(format!("agent-{}.log", n.agent_starts));
         n.agent = Some(Proc::spawn(&format!("agent {node}"), &mut cmd, &log)?);
         Ok(())

@@ -47,9 +47,15 @@ struct Args {
     #[arg(long)]
     count_syscalls: bool,
     /// Record a CPU profile (perf, CPU 0, 999 Hz) of each setup's first run into
-    /// `<DIR>/<setup>.perf.data` (use with --pinned).
+    /// `<DIR>/<setup>.perf.data` (use with --pinned; the default agent binary only).
     #[arg(long)]
     profile: Option<std::path::PathBuf>,
+    /// A second `weft-node` binary to compare with the default one: every round
+    /// runs each setup with both, restarting both agents in between (the default
+    /// binary first in even rounds), and the report adds what the second binary
+    /// changes, paired within each round.
+    #[arg(long)]
+    compare_agent: Option<std::path::PathBuf>,
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -63,6 +69,34 @@ struct Run {
     agents_cpu_us: f64,
     /// Both node agents' minor page faults per request.
     agents_faults: f64,
+}
+
+/// Waits until each setup answers as configured (the plugins add their header).
+fn ready(c: &LocalCluster, names: &[&str], ips: &[String]) -> anyhow::Result<()> {
+    for (name, ip) in names.iter().zip(ips) {
+        let url = format!("http://{ip}:8080/bench");
+        wait_until(Duration::from_secs(30), || {
+            let r = weft_e2e::curl::curl(c, "bench/client", &[], &url).ok()?;
+            let want = match *name {
+                "c" | "as" => r.header("x-weft-plugin") == Some(name),
+                _ => true,
+            };
+            (r.status == 200 && want).then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("{name} not ready"))?;
+    }
+    Ok(())
+}
+
+/// Pins the agents as `--pinned` or `--split` asks (again after a restart).
+fn pin_agents(c: &LocalCluster, args: &Args) -> anyhow::Result<()> {
+    if args.pinned || args.split {
+        weft_e2e::process::pin_cpu(&c.agent_pids(), Some(0));
+    }
+    if args.split {
+        weft_e2e::process::pin_cpu(&[c.agent_pid("node-b")?], Some(1));
+    }
+    Ok(())
 }
 
 /// The per-round differences `a - b` of `f`: median [25th-75th percentile], in us.
@@ -232,79 +266,86 @@ fn main() -> anyhow::Result<()> {
         ]
         .join("---\n"),
     )?;
-    // Ready when each setup answers as configured (plugins add their header).
-    for ((_, name, _), ip) in setups.iter().zip(&ips) {
-        let url = format!("http://{ip}:8080/bench");
-        wait_until(Duration::from_secs(30), || {
-            let r = weft_e2e::curl::curl(&c, "bench/client", &[], &url).ok()?;
-            let want = match *name {
-                "c" | "as" => r.header("x-weft-plugin") == Some(name),
-                _ => true,
-            };
-            (r.status == 200 && want).then_some(())
-        })
-        .ok_or_else(|| anyhow::anyhow!("{name} not ready"))?;
-    }
+    let names: Vec<&str> = setups.iter().map(|s| s.1).collect();
+    ready(&c, &names, &ips)?;
     let cpu = (args.pinned || args.split).then_some(0);
     if args.pinned || args.split {
-        weft_e2e::process::pin_cpu(&c.agent_pids(), cpu);
         weft_e2e::process::pin_cpu(&servers, cpu);
     }
-    if args.split {
-        weft_e2e::process::pin_cpu(&[c.agent_pid("node-b")?], Some(1));
-    }
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); setups.len()];
+    pin_agents(&c, &args)?;
+    let binaries: Vec<std::path::PathBuf> = std::iter::once(bin_path("weft-node")?)
+        .chain(args.compare_agent.clone())
+        .collect();
+    let mut running = 0;
+    // runs[b][i]: binary b, setup i.
+    let mut all_runs: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); setups.len()]; binaries.len()];
     for round in 0..args.rounds {
-        // Each round starts with a different setup, so no setup always runs first
-        // or after the same one.
-        for i in (0..setups.len()).map(|k| (k + round) % setups.len()) {
-            let ip = &ips[i];
-            let stat_out = c.dir.path().join("agents.perf.stat");
-            let stat = match args.count_syscalls {
-                true => Some(weft_e2e::perf::stat(&c.agent_pids(), &stat_out)?),
-                false => None,
-            };
-            let rec = match (&args.profile, round) {
-                (Some(dir), 0) => {
-                    std::fs::create_dir_all(dir)?;
-                    let data = dir.join(format!("{}.perf.data", setups[i].1));
-                    Some(weft_e2e::perf::record(
-                        &data,
-                        Some("0"),
-                        args.seconds.saturating_sub(1),
-                    )?)
+        for k in 0..binaries.len() {
+            let b = (k + round) % binaries.len();
+            if b != running {
+                for node in ["node-a", "node-b"] {
+                    c.kill_agent(node);
+                    c.start_agent_with(node, &binaries[b])?;
+                    c.wait_agent_ready(node, Duration::from_secs(30))?;
                 }
-                _ => None,
-            };
-            let agents = c.agent_pids();
-            let cpu_before = weft_e2e::process::cpu_ns(&agents);
-            let faults_before = weft_e2e::process::minor_faults(&agents);
-            let mut r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
-            let cpu_used = weft_e2e::process::cpu_ns(&agents).saturating_sub(cpu_before);
-            let faults = weft_e2e::process::minor_faults(&agents).saturating_sub(faults_before);
-            r.agents_cpu_us = cpu_used as f64 / 1000.0 / r.requests.max(1.0);
-            r.agents_faults = faults as f64 / r.requests.max(1.0);
-            if let Some(mut rec) = rec {
-                rec.wait()?;
+                ready(&c, &names, &ips)?;
+                pin_agents(&c, &args)?;
+                running = b;
             }
-            let per_request = stat
-                .map(|st| {
-                    let (sys, cs) = weft_e2e::perf::stat_done(st, &stat_out);
-                    let n = r.rps * f64::from(args.seconds);
-                    format!(
-                        "  agents per request: {:.1} syscalls, {:.1} context switches",
-                        sys / n,
-                        cs / n
-                    )
-                })
-                .unwrap_or_default();
-            eprintln!(
-                "round {round} {:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  agents' CPU {:>6.1} us/request, {:.3} page faults/request{per_request}",
+            let runs = &mut all_runs[b];
+            // Each round starts with a different setup, so no setup always runs first
+            // or after the same one.
+            for i in (0..setups.len()).map(|k| (k + round) % setups.len()) {
+                let ip = &ips[i];
+                let stat_out = c.dir.path().join("agents.perf.stat");
+                let stat = match args.count_syscalls {
+                    true => Some(weft_e2e::perf::stat(&c.agent_pids(), &stat_out)?),
+                    false => None,
+                };
+                let rec = match (&args.profile, round) {
+                    (Some(dir), 0) if b == 0 => {
+                        std::fs::create_dir_all(dir)?;
+                        let data = dir.join(format!("{}.perf.data", setups[i].1));
+                        Some(weft_e2e::perf::record(
+                            &data,
+                            Some("0"),
+                            args.seconds.saturating_sub(1),
+                        )?)
+                    }
+                    _ => None,
+                };
+                let agents = c.agent_pids();
+                let cpu_before = weft_e2e::process::cpu_ns(&agents);
+                let faults_before = weft_e2e::process::minor_faults(&agents);
+                let mut r = wrk(&c, &format!("http://{ip}:8080/bench"), args.seconds, cpu)?;
+                let cpu_used = weft_e2e::process::cpu_ns(&agents).saturating_sub(cpu_before);
+                let faults = weft_e2e::process::minor_faults(&agents).saturating_sub(faults_before);
+                r.agents_cpu_us = cpu_used as f64 / 1000.0 / r.requests.max(1.0);
+                r.agents_faults = faults as f64 / r.requests.max(1.0);
+                if let Some(mut rec) = rec {
+                    rec.wait()?;
+                }
+                let per_request = stat
+                    .map(|st| {
+                        let (sys, cs) = weft_e2e::perf::stat_done(st, &stat_out);
+                        let n = r.rps * f64::from(args.seconds);
+                        format!(
+                            "  agents per request: {:.1} syscalls, {:.1} context switches",
+                            sys / n,
+                            cs / n
+                        )
+                    })
+                    .unwrap_or_default();
+                eprintln!(
+                "round {round} {}{:<36} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  agents' CPU {:>6.1} us/request, {:.3} page faults/request{per_request}",
+                if b > 0 { "[compared agent] " } else { "" },
                 setups[i].0, r.rps, r.p50_us, r.p99_us, r.agents_cpu_us, r.agents_faults
             );
-            runs[i].push(r);
+                runs[i].push(r);
+            }
         }
     }
+    let runs = &all_runs[0];
     let med: Vec<Run> = runs
         .iter()
         .map(|v| Run {
@@ -344,6 +385,33 @@ fn main() -> anyhow::Result<()> {
         let p50 = paired(&runs[i], &runs[base], |r| r.p50_us);
         let cpu = paired(&runs[i], &runs[base], |r| r.agents_cpu_us);
         println!("| {} | {} | {p50} | {cpu} |", setups[i].0, setups[base].0);
+    }
+    if let (Some(other), Some(second)) = (&args.compare_agent, all_runs.get(1)) {
+        println!(
+            "\n{} minus the default weft-node, paired within each round: median [25th-75th percentile] over {} rounds",
+            other.display(),
+            args.rounds
+        );
+        println!("| setup | p50 | agents' CPU | p50 added over L4, default / compared | over L7 policy, default / compared |");
+        println!("|---|---|---|---|---|");
+        for (i, setup) in setups.iter().enumerate() {
+            let p50 = paired(&second[i], &runs[i], |r| r.p50_us);
+            let cpu = paired(&second[i], &runs[i], |r| r.agents_cpu_us);
+            let over = |base: usize| match i > base {
+                true => format!(
+                    "{} / {}",
+                    paired(&runs[i], &runs[base], |r| r.p50_us),
+                    paired(&second[i], &second[base], |r| r.p50_us)
+                ),
+                false => String::new(),
+            };
+            println!(
+                "| {} | {p50} | {cpu} | {} | {} |",
+                setup.0,
+                over(0),
+                over(1)
+            );
+        }
     }
     let dump = c.config_dump("node-b")?;
     if let Some(plugins) = dump["proxy"]["wasm_plugins"].as_array() {
