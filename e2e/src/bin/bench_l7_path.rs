@@ -238,7 +238,7 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
     ] {
         if let (Some(x), Some(y)) = (per.get(a), per.get(b)) {
             println!(
-                "{b} adds {} instructions per request over {a}, and {} code lines and {} code pages it does not run",
+                "{b} adds {} instructions per request over {a}, on {} code lines and {} code pages that {a} does not run",
                 y.0 as i64 - x.0 as i64,
                 y.1.difference(&x.1).count(),
                 y.2.difference(&x.2).count()
@@ -742,4 +742,36 @@ async fn request(send: &mut Sender) -> anyhow::Result<()> {
     let body = resp.into_body().collect().await?.to_bytes();
     anyhow::ensure!(body.len() == 19, "body {} bytes", body.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::executed_at;
+
+    #[test]
+    fn executed_at_sums_own_costs_and_skips_calls_inclusive_costs() {
+        let text = "\
+events: Ir
+ob=/bin/x
+fl=???
+fn=f
+0x1000 0 3
+0x1004 0 2
+cob=/lib/libc.so.6
+cfn=memcpy
+calls=2 0x9000 0
+0x1004 0 500
+0x1008 0 1
+ob=???
+fn=g
+0x2000 0 7
+0x1000 0 4
+";
+        let at = executed_at(text);
+        assert_eq!(at.get(&0x1000), Some(&7));
+        assert_eq!(at.get(&0x1004), Some(&2));
+        assert_eq!(at.get(&0x1008), Some(&1));
+        assert_eq!(at.get(&0x2000), Some(&7));
+        assert_eq!(at.len(), 4);
+    }
 }
