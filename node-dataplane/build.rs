@@ -1,15 +1,16 @@
-//! Compiles the eBPF programs in ../ebpf with clang (-target bpf) and embeds them.
+//! Compiles the eBPF programs in ../ebpf with clang (-target bpf) and embeds them,
+//! and links weft-node with its hot code layout (link/README.md).
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    hot_text();
     let root =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("../ebpf");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("out dir"));
     println!("cargo:rerun-if-changed={}", root.join("src").display());
     println!("cargo:rerun-if-changed={}", root.join("include").display());
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
-    hot_text();
     let programs: &[&str] = &["capture", "inbound"];
     for prog in programs {
         let src = root.join("src").join(format!("{prog}.c"));
