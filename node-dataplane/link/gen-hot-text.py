@@ -2,10 +2,10 @@
 """Regenerates hot-text.ld: the functions the node agent runs for every request,
 placed together at the start of its code (see README.md in this directory).
 
-Runs `weft-bench-l7-path` under callgrind for each in-process request path, once
-with 1,000 requests and once with 3,000. An instruction whose count grew by at
-least 3/4 of a run per request is on the per-request path; the function holding it
-(from `nm`) is hot. Each hot function becomes one input-section pattern with its
+Runs `weft-bench-l7-path --instructions --hot-code` for each in-process request
+path: it finds, with callgrind, the code run on every request (see that option).
+The function holding such code (from `nm`) is hot; code outside the benchmark's
+functions (libc, a plugin's compiled code) is left out. Each hot function becomes one input-section pattern with its
 symbol hash replaced by `*`, so the script keeps matching after a rebuild, a new
 toolchain, or for the same generic function instantiated with the agent's own
 stream types instead of the benchmark's in-memory ones.
@@ -25,35 +25,20 @@ import sys
 import tempfile
 
 MODES = ["l4", "l7", "l7-c", "hbone-l4", "hbone-l7", "mtls-l4", "mtls-l7"]
-RUNS = (1000, 3000)
 MAX_INSTANCES = 3
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hot-text.ld")
 
 
-def callgrind(binary, mode, requests, out):
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", "--dump-instr=yes", "--compress-pos=no",
-         "--compress-strings=no", f"--callgrind-out-file={out}", binary,
-         "--mode", mode, "--rounds", "1", "--requests", str(requests)],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def costs(path, binary):
-    """Instructions executed per address of `binary` (calls' inclusive costs skipped)."""
-    counts = collections.Counter()
-    obj, after_call = None, False
-    with open(path) as f:
+def hot_code(binary, mode, out):
+    """The code `binary --instructions` found run on every request of `mode`:
+    instructions executed at each such address in its 3,000-request run."""
+    subprocess.run([binary, "--instructions", "--mode", mode, "--hot-code", out],
+                   check=True, stdout=subprocess.DEVNULL)
+    counts = {}
+    with open(out) as f:
         for line in f:
-            if line.startswith("ob="):
-                obj = line[3:].strip()
-            elif line.startswith("calls="):
-                after_call = True
-            elif line.startswith("0x"):
-                if after_call:
-                    after_call = False
-                elif obj == binary:
-                    fields = line.split()
-                    counts[int(fields[0], 16)] += int(fields[-1])
+            _, addr, count = line.split()
+            counts[int(addr, 16)] = int(count)
     return counts
 
 
@@ -97,18 +82,11 @@ def main():
     ordered, seen = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
-            (few, many) = RUNS
-            runs = {}
-            for n in RUNS:
-                out = os.path.join(tmp, f"{mode}.{n}")
-                callgrind(binary, mode, n, out)
-                runs[n] = costs(out, binary)
             hot = collections.Counter()
-            for addr, c in runs[many].items():
-                if c - runs[few].get(addr, 0) >= (many - few) * 3 // 4:
-                    i = bisect.bisect_right(starts, addr) - 1
-                    if i >= 0 and addr < syms[i][0] + syms[i][1]:
-                        hot[syms[i][2]] += c
+            for addr, c in hot_code(binary, mode, os.path.join(tmp, mode)).items():
+                i = bisect.bisect_right(starts, addr) - 1
+                if i >= 0 and addr < syms[i][0] + syms[i][1]:
+                    hot[syms[i][2]] += c
             added = 0
             for name, _ in hot.most_common():
                 p = pattern(name, agent_counts)

@@ -73,6 +73,11 @@ struct Args {
     /// requests per mode and prints the difference per request.
     #[arg(long)]
     instructions: bool,
+    /// With `--instructions`: also write the code run on every request to this
+    /// file, a line per address: mode, address (hex), instructions executed there
+    /// in the 3,000-request run. `node-dataplane/link/gen-hot-text.py` reads it.
+    #[arg(long)]
+    hot_code: Option<std::path::PathBuf>,
     /// Access log records (stderr). They are rate-limited per second, so their
     /// share per request depends on the request rate (under callgrind, every
     /// request would be logged): off by default.
@@ -208,6 +213,7 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
         })
     };
     let mut per: HashMap<&'static str, (u64, HashSet<u64>, HashSet<u64>)> = HashMap::new();
+    let mut hot_code = String::new();
     println!("per request (callgrind, 3,000 minus 1,000 requests): instructions, and the code run on every request");
     for &m in &modes {
         let (few, many) = (profile(m, 1000)?, profile(m, 3000)?);
@@ -219,6 +225,10 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
             .filter(|(a, c)| **c - few.at.get(*a).copied().unwrap_or(0).min(**c) >= 1500)
             .map(|(a, _)| *a)
             .collect();
+        for a in &hot {
+            let at = many.at.get(a).copied().unwrap_or(0);
+            hot_code.push_str(&format!("{} {a:x} {at}\n", name(m)));
+        }
         let distinct = |shift: u32| hot.iter().map(|a| a >> shift).collect::<HashSet<u64>>();
         let code = (n, distinct(6), distinct(12));
         println!(
@@ -228,6 +238,10 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
             code.2.len()
         );
         per.insert(name(m), code);
+    }
+    if let Some(path) = &args.hot_code {
+        std::fs::write(path, hot_code)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
     for (a, b) in [
         ("l4", "l7"),
