@@ -3,9 +3,10 @@
 placed together at the start of its code (see README.md in this directory).
 
 Runs `weft-bench-l7-path --instructions --hot-code` for each in-process request
-path: it finds, with callgrind, the code run on every request (see that option).
-The function holding such code (from `nm`) is hot; code outside the benchmark's
-functions (libc, a plugin's compiled code) is left out. Each hot function becomes one input-section pattern with its
+path: it finds, with callgrind, the benchmark binary's code run on every request,
+at its addresses in the binary (see that option; libc and a plugin's compiled code
+are not in the binary). The function holding such code (from `nm`) is hot. Each
+hot function becomes one input-section pattern with its
 symbol hash replaced by `*`, so the script keeps matching after a rebuild, a new
 toolchain, or for the same generic function instantiated with the agent's own
 stream types instead of the benchmark's in-memory ones.

@@ -73,11 +73,16 @@ struct Args {
     /// requests per mode and prints the difference per request.
     #[arg(long)]
     instructions: bool,
-    /// With `--instructions`: also write the code run on every request to this
-    /// file, a line per address: mode, address (hex), instructions executed there
-    /// in the 3,000-request run. `node-dataplane/link/gen-hot-text.py` reads it.
+    /// With `--instructions`: also write this binary's code run on every request
+    /// to this file, a line per address: mode, address (hex, as in the binary and
+    /// `nm`, not where it was loaded), instructions executed there in the
+    /// 3,000-request run. `node-dataplane/link/gen-hot-text.py` reads it.
     #[arg(long)]
     hot_code: Option<std::path::PathBuf>,
+    /// Print where this binary's code was loaded (`code: bias B start S end E`,
+    /// hex) on stderr first: `--instructions` passes it to the runs it profiles.
+    #[arg(long, hide = true)]
+    report_code: bool,
     /// Access log records (stderr). They are rate-limited per second, so their
     /// share per request depends on the request rate (under callgrind, every
     /// request would be logged): off by default.
@@ -104,6 +109,13 @@ const PRINCIPAL: &str = "td.local/ns/bench/sa/client";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.report_code {
+        let c = loaded_code().ok_or_else(|| anyhow::anyhow!("no executable segment found"))?;
+        eprintln!(
+            "code: bias {:x} start {:x} end {:x}",
+            c.bias, c.start, c.end
+        );
+    }
     if args.instructions {
         return count_instructions(&args);
     }
@@ -176,6 +188,77 @@ async fn run(args: Args) -> anyhow::Result<()> {
 struct Profile {
     instructions: u64,
     at: HashMap<u64, u64>,
+    /// Where the profiled run's own code was: valgrind loads a position-independent
+    /// executable elsewhere than the kernel does, so its addresses are translated.
+    code: Code,
+}
+
+/// Where this executable's code was loaded: its load bias (runtime address minus
+/// the address in the binary) and its executable segments' runtime range.
+#[derive(Debug, PartialEq, Eq)]
+struct Code {
+    bias: u64,
+    start: u64,
+    end: u64,
+}
+
+impl Code {
+    fn holds(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+}
+
+/// This process's executable code ([`Code`]), from the dynamic loader: the first
+/// object `dl_iterate_phdr` reports is the executable.
+fn loaded_code() -> Option<Code> {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid record whose `dlpi_phdr` points at
+        // `dlpi_phnum` program headers; `data` is the `Option<Code>` below.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Option<Code>)) };
+        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) };
+        let exec = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0);
+        let start = exec.clone().map(|p| p.p_vaddr).min();
+        let end = exec.map(|p| p.p_vaddr + p.p_memsz).max();
+        if let (Some(start), Some(end)) = (start, end) {
+            let bias = info.dlpi_addr;
+            *out = Some(Code {
+                bias,
+                start: bias + start,
+                end: bias + end,
+            });
+        }
+        1
+    }
+    let mut code: Option<Code> = None;
+    // SAFETY: `first` only reads the records it is given and writes `code`.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(first),
+            &mut code as *mut Option<Code> as *mut libc::c_void,
+        )
+    };
+    code
+}
+
+/// Parses what `--report-code` prints after `code: `.
+fn parse_code(line: &str) -> Option<Code> {
+    let mut f = line.split_whitespace();
+    let mut field = |name: &str| {
+        (f.next()? == name)
+            .then_some(())
+            .and_then(|_| u64::from_str_radix(f.next()?, 16).ok())
+    };
+    Some(Code {
+        bias: field("bias")?,
+        start: field("start")?,
+        end: field("end")?,
+    })
 }
 
 /// Instructions per request of each mode, from two callgrind runs of this binary,
@@ -193,6 +276,7 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
             .arg("--compress-strings=no")
             .arg(format!("--callgrind-out-file={}", file.display()))
             .arg(&exe)
+            .arg("--report-code")
             .args(["--mode", name(m), "--rounds", "1", "--requests"])
             .arg(requests.to_string())
             .args(["--access-log", &args.access_log.to_string()])
@@ -206,10 +290,18 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
             .find_map(|l| l.split("Collected :").nth(1))
             .and_then(|n| n.trim().parse().ok())
             .ok_or_else(|| anyhow::anyhow!("no instruction count from callgrind: {err}"))?;
+        let code = err
+            .lines()
+            .find_map(|l| l.strip_prefix("code: "))
+            .and_then(parse_code)
+            .ok_or_else(|| {
+                anyhow::anyhow!("the profiled run did not say where its code is: {err}")
+            })?;
         let text = std::fs::read_to_string(&file)?;
         Ok(Profile {
             instructions,
             at: executed_at(&text),
+            code,
         })
     };
     let mut per: HashMap<&'static str, (u64, HashSet<u64>, HashSet<u64>)> = HashMap::new();
@@ -225,9 +317,9 @@ fn count_instructions(args: &Args) -> anyhow::Result<()> {
             .filter(|(a, c)| **c - few.at.get(*a).copied().unwrap_or(0).min(**c) >= 1500)
             .map(|(a, _)| *a)
             .collect();
-        for a in &hot {
+        for a in hot.iter().filter(|a| many.code.holds(**a)) {
             let at = many.at.get(a).copied().unwrap_or(0);
-            hot_code.push_str(&format!("{} {a:x} {at}\n", name(m)));
+            hot_code.push_str(&format!("{} {:x} {at}\n", name(m), a - many.code.bias));
         }
         let distinct = |shift: u32| hot.iter().map(|a| a >> shift).collect::<HashSet<u64>>();
         let code = (n, distinct(6), distinct(12));
@@ -760,7 +852,27 @@ async fn request(send: &mut Sender) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::executed_at;
+    use super::{executed_at, loaded_code, parse_code, Code};
+
+    #[test]
+    fn loaded_code_holds_this_binarys_functions_and_round_trips() {
+        let code = loaded_code().expect("the executable has code");
+        let f = parse_code as *const () as u64;
+        assert!(code.holds(f), "{f:x} not in {code:?}");
+        assert!(
+            !code.holds(&code as *const Code as u64),
+            "a stack address is not code"
+        );
+        // In the binary, code starts after the ELF header: below the bias, nothing.
+        assert!(code.start - code.bias > 0);
+        let line = format!(
+            "bias {:x} start {:x} end {:x}",
+            code.bias, code.start, code.end
+        );
+        assert_eq!(parse_code(&line), Some(code));
+        assert_eq!(parse_code("bias 1 start 2"), None);
+        assert_eq!(parse_code("start 1 bias 2 end 3"), None);
+    }
 
     #[test]
     fn executed_at_sums_own_costs_and_skips_calls_inclusive_costs() {
