@@ -2,21 +2,30 @@
 """Regenerates hot-text.ld: the functions the node agent runs for every request,
 placed together at the start of its code (see README.md in this directory).
 
-Runs `weft-bench-l7-path --instructions --hot-code` for each in-process request
-path: it finds, with callgrind, the benchmark binary's code run on every request,
-at its addresses in the binary (see that option; libc and a plugin's compiled code
-are not in the binary). The function holding such code (from `nm`) is hot. Each
-hot function becomes one input-section pattern with its
-symbol hash replaced by `*`, so the script keeps matching after a rebuild, a new
-toolchain, or for the same generic function instantiated with the agent's own
-stream types instead of the benchmark's in-memory ones.
+Two sources, the agent's own first:
+
+- `--agent-profile`: `perf record` profiles of the node agents under load
+  (`weft-bench-l7 --profile DIR`). The functions of `weft-node` that hold 99.5% of
+  its samples there, hottest first, each by its exact symbol. Only these name the
+  agent's own instances of generic code (tokio's task harness and scheduler, h2's
+  connection, rustls' streams over TCP), which the benchmark below instantiates
+  with other types.
+- `weft-bench-l7-path --instructions --hot-code`, for each in-process request path:
+  callgrind finds every function of the benchmark binary run on every request,
+  including the small ones a sampling profile misses. Each becomes a pattern with
+  its symbol's hash replaced by `*`, so it keeps matching after a rebuild or a
+  toolchain update; a generic function with more than 3 instances in `weft-node`
+  (such as `Arc::drop_slow`) keeps its exact symbol instead, which matches only if
+  the agent instantiates it with the same types.
 
 Usage (root, from the repository root, after `make bench`):
-    python3 node-dataplane/link/gen-hot-text.py [BENCH_BINARY [AGENT_BINARY]]
+    target/release/weft-bench-l7 --rounds 1 --seconds 10 --pinned --profile /tmp/weft-profile
+    python3 node-dataplane/link/gen-hot-text.py --agent-profile /tmp/weft-profile/*.perf.data
 
-BENCH_BINARY defaults to target/release/weft-bench-l7-path, AGENT_BINARY to
-target/release/weft-node (read only to count a pattern's matches).
+--bench defaults to target/release/weft-bench-l7-path, --agent to
+target/release/weft-node (the binary the profiles sampled).
 """
+import argparse
 import bisect
 import collections
 import os
@@ -27,6 +36,8 @@ import tempfile
 
 MODES = ["l4", "l7", "l7-c", "hbone-l4", "hbone-l7", "mtls-l4", "mtls-l7"]
 MAX_INSTANCES = 3
+# The agent's functions holding this share of its samples in the profiles.
+AGENT_SHARE = 0.995
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hot-text.ld")
 
 
@@ -73,14 +84,49 @@ def pattern(name, agent_counts):
     return ".text." + w
 
 
+def agent_hot(agent, profiles):
+    """The agent's functions holding AGENT_SHARE of its samples in `profiles`
+    (perf.data files), hottest first."""
+    samples = collections.Counter()
+    name = os.path.basename(agent)
+    for data in profiles:
+        out = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,dso",
+                              "--no-demangle", "-G"],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) == 3 and f[2].strip("()").endswith("/" + name) and f[1] != "[unknown]":
+                samples[f[1]] += 1
+    total, acc, hot = sum(samples.values()), 0, []
+    for sym, n in samples.most_common():
+        if acc >= AGENT_SHARE * total:
+            break
+        acc += n
+        hot.append(sym)
+    print(f"agent profiles: {total} samples in {name}, {len(hot)} functions hold "
+          f"{acc / max(total, 1):.1%} of them", file=sys.stderr)
+    return hot
+
+
 def main():
-    binary = os.path.realpath(sys.argv[1] if len(sys.argv) > 1 else "target/release/weft-bench-l7-path")
-    agent = os.path.realpath(sys.argv[2] if len(sys.argv) > 2 else "target/release/weft-node")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", default="target/release/weft-bench-l7-path")
+    ap.add_argument("--agent", default="target/release/weft-node")
+    ap.add_argument("--agent-profile", nargs="*", default=[],
+                    help="perf.data files of the node agents under load")
+    args = ap.parse_args()
+    binary = os.path.realpath(args.bench)
+    agent = os.path.realpath(args.agent)
     syms = symbols(binary)
     agent_counts = collections.Counter(
         wildcard(re.sub(r"\.llvm\.\d+$", "", s[2])) for s in symbols(agent))
     starts = [s[0] for s in syms]
     ordered, seen = [], set()
+    for name in agent_hot(agent, args.agent_profile):
+        p = pattern(name, agent_counts)
+        if p not in seen:
+            seen.add(p)
+            ordered.append(p)
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
             hot = collections.Counter()
@@ -98,8 +144,9 @@ def main():
                 added += 1
             print(f"{mode}: {len(hot)} functions per request, {added} new patterns", file=sys.stderr)
     with open(OUT, "w") as f:
-        f.write("/* Generated by gen-hot-text.py from the in-process request paths of\n"
-                "   weft-bench-l7-path; do not edit. See README.md in this directory. */\n")
+        f.write("/* Generated by gen-hot-text.py from profiles of the node agent under load\n"
+                "   and the in-process request paths of weft-bench-l7-path; do not edit.\n"
+                "   See README.md in this directory. */\n")
         f.write("SECTIONS\n{\n  .text.hot : {\n")
         for p in ordered:
             f.write(f"    *({p})\n")
