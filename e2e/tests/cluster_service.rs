@@ -201,40 +201,4 @@ fn two_hundred_concurrent_long_lived_connections_for_thirty_seconds() {
         "connections left open: {}",
         d["proxy"]
     );
-    // All of the above ran with each agent's per-request code on a huge page
-    // (--huge-code, on by default), and it is still there after 30 releases of
-    // the code pages.
-    for node in ["node-a", "node-b"] {
-        let log = c.agent_log(node);
-        assert!(
-            log.lines()
-                .any(|l| l.contains("per-request code copied onto huge pages")
-                    && (l.contains("huge_page_bytes=2097152")
-                        || l.contains("\"huge_page_bytes\":2097152"))),
-            "{node}: per-request code not on a huge page: {log}"
-        );
-        let pid = c.nodes[node].agent.as_ref().map(|p| p.pid()).unwrap_or(0);
-        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-        let huge_code_kib: u64 = smaps
-            .split_inclusive('\n')
-            .scan(false, |exec_anon, line| {
-                let mut f = line.split_whitespace();
-                if let (Some(range), Some(perms)) = (f.next(), f.next()) {
-                    if range.contains('-') && !range.ends_with(':') {
-                        // A mapping's first line: anonymous when it names no file.
-                        *exec_anon = perms == "r-xp" && f.nth(2) == Some("0") && f.next().is_none();
-                        return Some(0);
-                    }
-                }
-                Some(match (line.strip_prefix("AnonHugePages:"), *exec_anon) {
-                    (Some(v), true) => v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0),
-                    _ => 0,
-                })
-            })
-            .sum();
-        assert_eq!(
-            huge_code_kib, 2048,
-            "{node}: executable huge pages in {smaps}"
-        );
-    }
 }

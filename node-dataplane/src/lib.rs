@@ -9,7 +9,6 @@ pub mod cni;
 pub mod config;
 pub mod control;
 pub mod ebpf;
-pub mod huge_code;
 pub mod memory;
 pub mod metrics;
 pub mod netns;

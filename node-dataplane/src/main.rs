@@ -108,10 +108,6 @@ struct RunArgs {
     /// interval those mapped since ("off": never); pages map again on use.
     #[arg(long, default_value = "1m", value_parser = parse_interval, env = "WEFT_RELEASE_CODE_PAGES")]
     release_code_pages: Interval,
-    /// Run the per-request code from a 2 MiB huge page (fewer TLB misses; +2 MiB
-    /// RSS). Turn off to profile the agent: profilers cannot name functions there.
-    #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_HUGE_CODE")]
-    huge_code: Toggle,
 }
 
 fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
@@ -187,30 +183,6 @@ impl RunArgs {
     }
 }
 
-/// Moves the per-request code onto a huge page (`--huge-code`), before the runtime's
-/// threads start. Not being able to is logged, never fatal.
-fn hot_code(toggle: Toggle) {
-    if toggle == Toggle::Off {
-        return;
-    }
-    use weft_node::huge_code::{map_hot_code_huge, HugeCode};
-    match map_hot_code_huge() {
-        Ok(HugeCode::Mapped { start, len, huge }) => tracing::info!(
-            start = format!("{start:#x}"),
-            bytes = len,
-            huge_page_bytes = huge,
-            "per-request code copied onto huge pages"
-        ),
-        Ok(HugeCode::NoHugePage) => tracing::info!(
-            "per-request code stays on 4 KiB pages: the kernel gave no transparent huge page (see /sys/kernel/mm/transparent_hugepage/enabled)"
-        ),
-        Ok(HugeCode::NoHotSection) => {
-            tracing::info!("per-request code stays on 4 KiB pages: this binary has no .text.hot section")
-        }
-        Err(e) => tracing::warn!(error = %e, "per-request code stays on 4 KiB pages"),
-    }
-}
-
 fn default_bpf_dir() -> std::io::Result<PathBuf> {
     Ok(weft_node::ebpf::cgroup::bpffs()?.join("weft"))
 }
@@ -256,16 +228,13 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
-        Command::Run(args) => {
-            hot_code(args.huge_code);
-            match args.settings() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("weft-node: error: {e:#}");
-                    return std::process::ExitCode::FAILURE;
-                }
+        Command::Run(args) => match args.settings() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("weft-node: error: {e:#}");
+                return std::process::ExitCode::FAILURE;
             }
-        }
+        },
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {

@@ -50,7 +50,6 @@ struct Args {
     count_syscalls: bool,
     /// Record a CPU profile (perf, CPU 0, 999 Hz) of each setup's first run into
     /// `<DIR>/<setup>.perf.data` (use with --pinned; the default agent binary only).
-    /// The agents then run with `--huge-code off`, so perf can name their functions.
     #[arg(long)]
     profile: Option<std::path::PathBuf>,
     /// A second `weft-node` binary to compare with the default one: every round
@@ -237,13 +236,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     require_root();
-    // A profile needs the agents' code where perf can name it: not copied onto a
-    // huge page (docs/operations.md).
-    let agent_args: &[&str] = match args.profile {
-        Some(_) => &["--huge-code", "off"],
-        None => &[],
-    };
-    let mut c = LocalCluster::with_args(&["node-a", "node-b"], &[], agent_args)?;
+    let mut c = LocalCluster::new(&["node-a", "node-b"])?;
     c.namespace("bench", true)?;
     let setups = [
         ("L4 (no L7 policy)", "l4", "none"),

@@ -32,7 +32,6 @@ use weft_api::authz::Attributes;
 use weft_api::pb;
 use weft_e2e::perf::median;
 use weft_node::config::ConfigStore;
-use weft_node::huge_code::{executable_code, LoadedCode};
 use weft_node::netns::PodNetns;
 use weft_node::proxy::l7::{self, ConnCtx};
 use weft_node::proxy::state::{LocalPod, ProxyOptions, ProxyState};
@@ -111,7 +110,7 @@ const PRINCIPAL: &str = "td.local/ns/bench/sa/client";
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.report_code {
-        let c = executable_code().ok_or_else(|| anyhow::anyhow!("no executable segment found"))?;
+        let c = loaded_code().ok_or_else(|| anyhow::anyhow!("no executable segment found"))?;
         eprintln!(
             "code: bias {:x} start {:x} end {:x}",
             c.bias, c.start, c.end
@@ -191,18 +190,71 @@ struct Profile {
     at: HashMap<u64, u64>,
     /// Where the profiled run's own code was: valgrind loads a position-independent
     /// executable elsewhere than the kernel does, so its addresses are translated.
-    code: LoadedCode,
+    code: Code,
+}
+
+/// Where this executable's code was loaded: its load bias (runtime address minus
+/// the address in the binary) and its executable segments' runtime range.
+#[derive(Debug, PartialEq, Eq)]
+struct Code {
+    bias: u64,
+    start: u64,
+    end: u64,
+}
+
+impl Code {
+    fn holds(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+}
+
+/// This process's executable code ([`Code`]), from the dynamic loader: the first
+/// object `dl_iterate_phdr` reports is the executable.
+fn loaded_code() -> Option<Code> {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid record whose `dlpi_phdr` points at
+        // `dlpi_phnum` program headers; `data` is the `Option<Code>` below.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Option<Code>)) };
+        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) };
+        let exec = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0);
+        let start = exec.clone().map(|p| p.p_vaddr).min();
+        let end = exec.map(|p| p.p_vaddr + p.p_memsz).max();
+        if let (Some(start), Some(end)) = (start, end) {
+            let bias = info.dlpi_addr;
+            *out = Some(Code {
+                bias,
+                start: bias + start,
+                end: bias + end,
+            });
+        }
+        1
+    }
+    let mut code: Option<Code> = None;
+    // SAFETY: `first` only reads the records it is given and writes `code`.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(first),
+            &mut code as *mut Option<Code> as *mut libc::c_void,
+        )
+    };
+    code
 }
 
 /// Parses what `--report-code` prints after `code: `.
-fn parse_code(line: &str) -> Option<LoadedCode> {
+fn parse_code(line: &str) -> Option<Code> {
     let mut f = line.split_whitespace();
     let mut field = |name: &str| {
         (f.next()? == name)
             .then_some(())
             .and_then(|_| u64::from_str_radix(f.next()?, 16).ok())
     };
-    Some(LoadedCode {
+    Some(Code {
         bias: field("bias")?,
         start: field("start")?,
         end: field("end")?,
@@ -800,12 +852,19 @@ async fn request(send: &mut Sender) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{executable_code, executed_at, parse_code};
+    use super::{executed_at, loaded_code, parse_code, Code};
 
     #[test]
-    fn the_reported_code_range_round_trips() {
-        let code = executable_code().expect("the executable has code");
-        assert!(code.holds(parse_code as *const () as u64), "{code:?}");
+    fn loaded_code_holds_this_binarys_functions_and_round_trips() {
+        let code = loaded_code().expect("the executable has code");
+        let f = parse_code as *const () as u64;
+        assert!(code.holds(f), "{f:x} not in {code:?}");
+        assert!(
+            !code.holds(&code as *const Code as u64),
+            "a stack address is not code"
+        );
+        // In the binary, code starts after the ELF header: below the bias, nothing.
+        assert!(code.start - code.bias > 0);
         let line = format!(
             "bias {:x} start {:x} end {:x}",
             code.bias, code.start, code.end
