@@ -6,20 +6,22 @@ Two sources, the agent's own first:
 
 - `--agent-profile`: `perf record` profiles of the node agents under load
   (`weft-bench-l7 --profile DIR`). The functions of `weft-node` that hold 99.5% of
-  its samples there, hottest first, each by its exact symbol. Only these name the
-  agent's own instances of generic code (tokio's task harness and scheduler, h2's
-  connection, rustls' streams over TCP), which the benchmark below instantiates
-  with other types.
+  its samples there, hottest first. Only these name the agent's own instances of
+  generic code (tokio's task harness and scheduler, h2's connection, rustls'
+  streams over TCP), which the benchmark below instantiates with other types.
 - `weft-bench-l7-path --instructions --hot-code`, for each in-process request path:
   callgrind finds every function of the benchmark binary run on every request,
-  including the small ones a sampling profile misses. Each becomes a pattern with
-  its symbol's hash replaced by `*`, so it keeps matching after a rebuild or a
-  toolchain update; a generic function with more than 3 instances in `weft-node`
-  (such as `Arc::drop_slow`) keeps its exact symbol instead, which matches only if
-  the agent instantiates it with the same types.
+  including the small ones a sampling profile misses.
+
+Each function becomes a pattern with its symbol's hash replaced by `*`, so it keeps
+matching after a rebuild or a toolchain update. A generic function with more than 3
+instances in `weft-node` (such as `Arc::drop_slow`) keeps its exact symbol instead,
+so its cold instances stay out: from a profile, that is the agent's own instance;
+from the benchmark, it matches only if the agent instantiates the function with the
+same types.
 
 Usage (root, from the repository root, after `make bench`):
-    target/release/weft-bench-l7 --rounds 1 --seconds 10 --pinned --profile /tmp/weft-profile
+    WEFT_WORKER_THREADS=1 target/release/weft-bench-l7 --rounds 1 --seconds 10 --pinned --profile /tmp/weft-profile
     python3 node-dataplane/link/gen-hot-text.py --agent-profile /tmp/weft-profile/*.perf.data
 
 --bench defaults to target/release/weft-bench-l7-path, --agent to
