@@ -275,6 +275,10 @@ pub enum ForwardError {
     Read(std::io::Error),
     #[error("{0}")]
     Body(#[from] BodyError),
+    /// The body is malformed within its first bytes: nothing was written, not
+    /// even the head.
+    #[error("{0} (nothing forwarded)")]
+    Unsent(BodyError),
     /// Writing to the receiver failed.
     #[error("writing the body: {0}")]
     Write(std::io::Error),
@@ -302,7 +306,11 @@ where
     let mut scan = Scanner::new(framing);
     let mut head_written = head.is_empty();
     loop {
-        let (n, done) = scan.scan(buf)?;
+        let (n, done) = match scan.scan(buf) {
+            Ok(r) => r,
+            Err(e) if !head_written => return Err(ForwardError::Unsent(e)),
+            Err(e) => return Err(e.into()),
+        };
         if head_written {
             if n > 0 {
                 dst.write_all(&buf[..n])
@@ -480,6 +488,23 @@ mod tests {
         assert!(
             matches!(r, Err(ForwardError::Body(BodyError::Truncated))),
             "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_malformed_in_its_first_bytes_forwards_nothing() {
+        let (_client, mut src) = tokio::io::duplex(1024);
+        let (mut dst, mut sink) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::from(&b"3\r\nabc\r\nzz\r\n"[..]);
+        let mut head = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        let r = forward(&mut src, &mut buf, &mut dst, &mut head, Framing::Chunked).await;
+        assert!(matches!(r, Err(ForwardError::Unsent(_))), "{r:?}");
+        drop(dst);
+        let mut got = Vec::new();
+        sink.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got.is_empty(),
+            "nothing written, not even the head: {got:?}"
         );
     }
 }

@@ -163,7 +163,7 @@ async fn through_weft(input: &[u8]) -> (Vec<Seen>, Vec<String>, Vec<u8>) {
 
 /// A DENY rule on a path the generator never uses: every request is parsed and
 /// authorized at L7, and allowed.
-fn deny_policy() -> pb::AuthorizationPolicy {
+pub(super) fn deny_policy() -> pb::AuthorizationPolicy {
     path_policy("never", pb::authorization_policy::Action::Deny, "/never*")
 }
 
@@ -198,7 +198,7 @@ fn as_forwarded(meant: &Seen) -> Option<Seen> {
     Some(s)
 }
 
-fn pick<'a, T: ?Sized>(rng: &mut StdRng, xs: &[&'a T]) -> &'a T {
+pub(super) fn pick<'a, T: ?Sized>(rng: &mut StdRng, xs: &[&'a T]) -> &'a T {
     xs[rng.random_range(0..xs.len())]
 }
 
@@ -368,7 +368,7 @@ fn request(rng: &mut StdRng, out: &mut Vec<u8>) {
 
 /// `body` in chunked coding: chunk sizes in either case, sometimes with leading
 /// zeros, extensions or trailers.
-fn chunked(rng: &mut StdRng, body: &[u8], eol: &[u8]) -> Vec<u8> {
+pub(super) fn chunked(rng: &mut StdRng, body: &[u8], eol: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {

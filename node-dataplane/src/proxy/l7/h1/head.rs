@@ -9,7 +9,9 @@
 //! other than a final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing,
 //! non-numeric or listed (`3, 3`) `Content-Length` values, and a missing or repeated
 //! `Host` in HTTP/1.1 (the host is an authorization attribute). Repeated equal
-//! `Content-Length` fields reach the application as one.
+//! `Content-Length` fields reach the application as one. Responses whose framing is
+//! ambiguous (both `Transfer-Encoding` and `Content-Length`, `Transfer-Encoding` in
+//! HTTP/1.0, bad `Content-Length` values) get the client a 502 instead.
 
 use super::body::Framing;
 use crate::proxy::l7::fields::{self, Fields};
@@ -567,6 +569,10 @@ pub fn parse_response(
     {
         Framing::Empty
     } else if f.te {
+        if v == 0 {
+            // RFC 9112, 6.1: faulty framing.
+            return Err(malformed("Transfer-Encoding in an HTTP/1.0 response"));
+        }
         if f.content_length.is_some() {
             return Err(malformed("both Transfer-Encoding and Content-Length"));
         }
@@ -932,5 +938,13 @@ mod tests {
         )
         .is_err());
         assert!(parse("HTTP/1.1 099 X\r\n\r\n", false, false).is_err());
+        // RFC 9112, 6.1 (found by the response differential test).
+        let e = parse(
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("HTTP/1.0 response"), "{e}");
     }
 }

@@ -270,12 +270,18 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                     r = &mut send, if sent.is_none() => sent = Some(r),
                     r = &mut recv => break (sent, r),
                 }
-                if let Some(Err(ForwardError::Read(_) | ForwardError::Body(_))) = &sent {
+                if let Some(Err(
+                    ForwardError::Read(_) | ForwardError::Body(_) | ForwardError::Unsent(_),
+                )) = &sent
+                {
                     break (sent, Err(Failure::Broken));
                 }
             }
         };
-        if let Some(Err(e @ (ForwardError::Read(_) | ForwardError::Body(_)))) = &sent {
+        if let Some(Err(
+            e @ (ForwardError::Read(_) | ForwardError::Body(_) | ForwardError::Unsent(_)),
+        )) = &sent
+        {
             // The client's body broke off or is malformed: the application holds
             // part of a request; both connections end.
             tracing::debug!(dst = %ctx.dst, error = %e, "request body not forwarded");
@@ -483,6 +489,9 @@ async fn respond<W: AsyncWrite + Unpin>(
     }
     let complete = match forward(ur, ubuf, dw, out, body).await {
         Ok(()) => body != Framing::UntilClose,
+        // Nothing reached the client yet: it gets a 502 instead of a closed
+        // connection.
+        Err(ForwardError::Unsent(e)) => return Err(Failure::Malformed(e.to_string())),
         Err(e) => {
             tracing::debug!(error = %e, "response body not forwarded whole");
             return Err(Failure::Broken);
@@ -499,5 +508,7 @@ async fn respond<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod differential;
+#[cfg(test)]
+mod differential_response;
 #[cfg(test)]
 mod tests;
