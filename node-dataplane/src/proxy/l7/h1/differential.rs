@@ -208,25 +208,33 @@ fn stream(rng: &mut StdRng) -> Vec<u8> {
     for _ in 0..rng.random_range(1..=3) {
         request(rng, &mut out);
     }
-    if rng.random_bool(0.25) && !out.is_empty() {
-        let at = rng.random_range(0..out.len());
-        let b = *pick(
-            rng,
-            &[
-                &b' ', &b'\t', &b'\r', &b'\n', &b':', &b';', &b',', &b'0', &b'9', &b'a', &b'F',
-                &b'"', &0u8, &0x7fu8, &0xffu8,
-            ],
-        );
-        match rng.random_range(0..4) {
-            0 => out[at] = b,
-            1 => out.insert(at, b),
-            2 => {
-                out.remove(at);
-            }
-            _ => out.truncate(at),
-        }
+    if rng.random_bool(0.25) {
+        corrupt(rng, &mut out);
     }
     out
+}
+
+/// Changes, inserts or removes one byte of `out` somewhere, or cuts it short there.
+pub(super) fn corrupt(rng: &mut StdRng, out: &mut Vec<u8>) {
+    if out.is_empty() {
+        return;
+    }
+    let at = rng.random_range(0..out.len());
+    let b = *pick(
+        rng,
+        &[
+            &b' ', &b'\t', &b'\r', &b'\n', &b':', &b';', &b',', &b'0', &b'9', &b'a', &b'F', &b'"',
+            &0u8, &0x7fu8, &0xffu8,
+        ],
+    );
+    match rng.random_range(0..4) {
+        0 => out[at] = b,
+        1 => out.insert(at, b),
+        2 => {
+            out.remove(at);
+        }
+        _ => out.truncate(at),
+    }
 }
 
 /// Appends one request with a random method, target, version, fields and framing.
@@ -308,23 +316,7 @@ fn request(rng: &mut StdRng, out: &mut Vec<u8>) {
             payload = body;
         }
         6 => {
-            let v = pick(
-                rng,
-                &[
-                    "0{n}",
-                    "{n}, {n}",
-                    "{n},{m}",
-                    "+{n}",
-                    " {n} ",
-                    "{n}x",
-                    "-1",
-                    "99999999999999999999",
-                ],
-            );
-            let v = v
-                .replace("{n}", &len.to_string())
-                .replace("{m}", &(len + 1).to_string());
-            fields.push(("Content-Length", v));
+            fields.push(("Content-Length", odd_content_length(rng, len)));
             payload = body;
         }
         7..=9 => {
@@ -332,18 +324,7 @@ fn request(rng: &mut StdRng, out: &mut Vec<u8>) {
             payload = chunked(rng, &body, eol);
         }
         10 => {
-            let te = pick(
-                rng,
-                &[
-                    "Chunked",
-                    "gzip, chunked",
-                    "chunked, gzip",
-                    "chunked, chunked",
-                    "identity",
-                    "chunked\t",
-                ],
-            );
-            fields.push(("Transfer-Encoding", te.into()));
+            fields.push(("Transfer-Encoding", odd_transfer_encoding(rng).into()));
             payload = chunked(rng, &body, eol);
         }
         _ => {
@@ -352,18 +333,62 @@ fn request(rng: &mut StdRng, out: &mut Vec<u8>) {
             payload = chunked(rng, &body, eol);
         }
     }
-    // Fields in a random order, so framing fields are not always last.
+    write_fields(rng, &mut fields, eol, out);
+    out.extend_from_slice(eol);
+    out.extend_from_slice(&payload);
+}
+
+/// Writes `fields` in a random order (so framing fields are not always last), each
+/// `name: value` or, sometimes, `name:value`.
+pub(super) fn write_fields(
+    rng: &mut StdRng,
+    fields: &mut [(&str, String)],
+    eol: &[u8],
+    out: &mut Vec<u8>,
+) {
     for i in (1..fields.len()).rev() {
         fields.swap(i, rng.random_range(0..=i));
     }
-    for (k, v) in &fields {
+    for (k, v) in fields.iter() {
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(if rng.random_bool(0.9) { b": " } else { b":" });
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(eol);
     }
-    out.extend_from_slice(eol);
-    out.extend_from_slice(&payload);
+}
+
+/// A `Content-Length` value for a body of `len` bytes that is not plain digits.
+pub(super) fn odd_content_length(rng: &mut StdRng, len: usize) -> String {
+    let v = pick(
+        rng,
+        &[
+            "0{n}",
+            "{n}, {n}",
+            "{n},{m}",
+            "+{n}",
+            " {n} ",
+            "{n}x",
+            "-1",
+            "99999999999999999999",
+        ],
+    );
+    v.replace("{n}", &len.to_string())
+        .replace("{m}", &(len + 1).to_string())
+}
+
+/// A `Transfer-Encoding` value other than a plain `chunked`.
+pub(super) fn odd_transfer_encoding(rng: &mut StdRng) -> &'static str {
+    pick(
+        rng,
+        &[
+            "Chunked",
+            "gzip, chunked",
+            "chunked, gzip",
+            "chunked, chunked",
+            "identity",
+            "chunked\t",
+        ],
+    )
 }
 
 /// `body` in chunked coding: chunk sizes in either case, sometimes with leading

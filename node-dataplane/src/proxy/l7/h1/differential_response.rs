@@ -23,7 +23,9 @@
 //! `WEFT_H1_DIFF_CASES` sets the number of cases (default 1,500); a failure prints
 //! the case's seed and bytes.
 
-use super::differential::{chunked, deny_policy, pick};
+use super::differential::{
+    chunked, corrupt, deny_policy, odd_content_length, odd_transfer_encoding, pick, write_fields,
+};
 use super::tests::proxy_with_policy;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -73,25 +75,7 @@ fn case(rng: &mut StdRng) -> Case {
     }
     if rng.random_bool(0.25) {
         let which = rng.random_range(0..n);
-        let out = &mut answers[which];
-        if !out.is_empty() {
-            let at = rng.random_range(0..out.len());
-            let b = *pick(
-                rng,
-                &[
-                    &b' ', &b'\t', &b'\r', &b'\n', &b':', &b';', &b',', &b'0', &b'9', &b'a', &b'F',
-                    &b'"', &0u8, &0x7fu8, &0xffu8,
-                ],
-            );
-            match rng.random_range(0..4) {
-                0 => out[at] = b,
-                1 => out.insert(at, b),
-                2 => {
-                    out.remove(at);
-                }
-                _ => out.truncate(at),
-            }
-        }
+        corrupt(rng, &mut answers[which]);
     }
     Case { methods, answers }
 }
@@ -167,14 +151,7 @@ fn response(rng: &mut StdRng, head_request: bool, last: bool) -> Vec<u8> {
             payload = body;
         }
         5 => {
-            let v = pick(
-                rng,
-                &["0{n}", "{n}, {n}", "{n},{m}", "+{n}", " {n} ", "{n}x", "-1"],
-            );
-            let v = v
-                .replace("{n}", &len.to_string())
-                .replace("{m}", &(len + 1).to_string());
-            fields.push(("Content-Length", v));
+            fields.push(("Content-Length", odd_content_length(rng, len)));
             payload = body;
         }
         6..=8 => {
@@ -182,11 +159,7 @@ fn response(rng: &mut StdRng, head_request: bool, last: bool) -> Vec<u8> {
             payload = chunked(rng, &body, eol);
         }
         9 => {
-            let te = pick(
-                rng,
-                &["Chunked", "gzip, chunked", "chunked, gzip", "identity"],
-            );
-            fields.push(("Transfer-Encoding", te.into()));
+            fields.push(("Transfer-Encoding", odd_transfer_encoding(rng).into()));
             payload = chunked(rng, &body, eol);
         }
         10 => {
@@ -205,15 +178,7 @@ fn response(rng: &mut StdRng, head_request: bool, last: bool) -> Vec<u8> {
             fields.retain(|(k, _)| *k != "Transfer-Encoding");
         }
     }
-    for i in (1..fields.len()).rev() {
-        fields.swap(i, rng.random_range(0..=i));
-    }
-    for (k, v) in &fields {
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(if rng.random_bool(0.9) { b": " } else { b":" });
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(eol);
-    }
+    write_fields(rng, &mut fields, eol, &mut out);
     out.extend_from_slice(eol);
     out.extend_from_slice(&payload);
     out
