@@ -278,10 +278,18 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                 }
             }
         };
-        if let Some(Err(
-            e @ (ForwardError::Read(_) | ForwardError::Body(_) | ForwardError::Unsent(_)),
-        )) = &sent
-        {
+        if let Some(Err(ForwardError::Unsent(e))) = &sent {
+            // The body is malformed in its first bytes, so nothing reached the
+            // application (the body is scanned before any response is awaited):
+            // the client learns why, and its connection closes.
+            tracing::debug!(dst = %ctx.dst, error = %e, "request body malformed");
+            drop(pending.take());
+            let r = super::http::reply(400, "malformed request body\n", &[]);
+            answer_locally(dw, &r, head_request, true).await?;
+            x.end(ctx, 400);
+            return Ok(Next::Close);
+        }
+        if let Some(Err(e @ (ForwardError::Read(_) | ForwardError::Body(_)))) = &sent {
             // The client's body broke off or is malformed: the application holds
             // part of a request; both connections end.
             tracing::debug!(dst = %ctx.dst, error = %e, "request body not forwarded");
