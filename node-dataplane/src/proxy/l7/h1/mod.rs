@@ -242,7 +242,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                 }),
                 Err(e) => {
                     tracing::debug!(dst = %ctx.dst, error = %e, "connecting to the application failed");
-                    return fail(pending, dw, ctx, x, head_request).await;
+                    return close_with(UPSTREAM_FAILED, pending, dw, ctx, x, head_request).await;
                 }
             },
         };
@@ -283,11 +283,8 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             // application (the body is scanned before any response is awaited):
             // the client learns why, and its connection closes.
             tracing::debug!(dst = %ctx.dst, error = %e, "request body malformed");
-            drop(pending.take());
-            let r = super::http::reply(400, "malformed request body\n", &[]);
-            answer_locally(dw, &r, head_request, true).await?;
-            x.end(ctx, 400);
-            return Ok(Next::Close);
+            let own = (400, "malformed request body\n");
+            return close_with(own, pending, dw, ctx, x, head_request).await;
         }
         if let Some(Err(e @ (ForwardError::Read(_) | ForwardError::Body(_)))) = &sent {
             // The client's body broke off or is malformed: the application holds
@@ -327,16 +324,13 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             }
             Err(Failure::NoResponse) => {
                 *up = None;
-                return fail(pending, dw, ctx, x, head_request).await;
+                return close_with(UPSTREAM_FAILED, pending, dw, ctx, x, head_request).await;
             }
             Err(Failure::Malformed(e)) => {
                 tracing::debug!(dst = %ctx.dst, error = %e, "malformed response from the application");
                 *up = None;
-                drop(pending.take());
-                let r = super::http::reply(502, "malformed response from upstream\n", &[]);
-                answer_locally(dw, &r, head_request, true).await?;
-                x.end(ctx, 502);
-                return Ok(Next::Close);
+                let own = (502, "malformed response from upstream\n");
+                return close_with(own, pending, dw, ctx, x, head_request).await;
             }
             Err(Failure::Broken) => {
                 *up = None;
@@ -346,9 +340,14 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     }
 }
 
-/// The application could not be reached or closed without answering: 503, and the
-/// client's connection closes (its request may have been partly sent).
-async fn fail<S: AsyncRead + AsyncWrite>(
+/// The application could not be reached or closed without answering (its request
+/// may have been partly sent).
+const UPSTREAM_FAILED: (u16, &str) = (503, super::http::UPSTREAM_FAILED_BODY);
+
+/// Ends the exchange with weft's own answer, `(status, body)`, and the client's
+/// connection with it.
+async fn close_with<S: AsyncRead + AsyncWrite>(
+    (status, body): (u16, &'static str),
     pending: Option<Pending>,
     dw: &mut WriteHalf<S>,
     ctx: &ConnCtx,
@@ -356,9 +355,9 @@ async fn fail<S: AsyncRead + AsyncWrite>(
     head_request: bool,
 ) -> anyhow::Result<Next> {
     drop(pending); // ends the plugins' contexts
-    let r = super::http::reply(503, super::http::UPSTREAM_FAILED_BODY, &[]);
+    let r = super::http::reply(status, body, &[]);
     answer_locally(dw, &r, head_request, true).await?;
-    x.end(ctx, r.status().as_u16());
+    x.end(ctx, status);
     Ok(Next::Close)
 }
 
