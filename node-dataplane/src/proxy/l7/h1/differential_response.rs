@@ -194,14 +194,16 @@ async fn application(listener: TcpListener, answers: Arc<Mutex<Vec<Vec<u8>>>>) {
             let mut buf = Vec::new();
             loop {
                 // A request head (the requests have no body).
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let end = loop {
+                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
                     let mut chunk = [0u8; 1024];
                     match s.read(&mut chunk).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
-                }
-                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                };
                 buf.drain(..end);
                 let next = {
                     let mut a = answers.lock().unwrap();
