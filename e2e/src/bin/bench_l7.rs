@@ -198,8 +198,8 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
         let mut http = Box::new(HttpState {
             request: Headers::request(
                 &http::Method::GET,
-                "/bench".into(),
-                "10.244.2.2:8080".into(),
+                "/bench",
+                "10.244.2.2:8080",
                 "http",
                 fields,
             ),

@@ -58,9 +58,10 @@ pub fn run_response(
     None
 }
 
-/// Ends every context (`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`).
-pub fn finish(ran: Ran, http: &mut Box<HttpState>) {
-    for (p, h) in ran.entries {
+/// Ends every context (`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`) and
+/// empties `ran`, keeping its buffer for the next request.
+pub fn finish(ran: &mut Ran, http: &mut Box<HttpState>) {
+    for (p, h) in ran.entries.drain(..) {
         p.finish(h, http);
     }
 }

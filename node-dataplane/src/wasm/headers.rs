@@ -65,35 +65,36 @@ impl Headers {
     /// A request's headers.
     pub fn request(
         method: &http::Method,
-        path: String,
-        authority: String,
+        path: &str,
+        authority: &str,
         scheme: &str,
         fields: Fields,
     ) -> Self {
-        let method = match *method {
-            http::Method::GET => Cow::Borrowed("GET"),
-            http::Method::POST => Cow::Borrowed("POST"),
-            http::Method::PUT => Cow::Borrowed("PUT"),
-            http::Method::DELETE => Cow::Borrowed("DELETE"),
-            http::Method::HEAD => Cow::Borrowed("HEAD"),
-            ref m => Cow::Owned(m.as_str().to_string()),
-        };
-        let scheme = match scheme {
-            "http" => Cow::Borrowed("http"),
-            "https" => Cow::Borrowed("https"),
-            s => Cow::Owned(s.to_string()),
-        };
-        let [m, p, a, s] = REQUEST_PSEUDO;
-        let entries = [
-            (m, method),
-            (p, Cow::Owned(path)),
-            (a, Cow::Owned(authority)),
-            (s, scheme),
-        ];
-        Self {
-            pseudo: Pseudo { entries, len: 4 },
+        let mut h = Self {
             fields,
+            ..Self::default()
+        };
+        h.set_request(method, path, authority, scheme);
+        h
+    }
+
+    /// Makes these the pseudo-headers of a request, as [`Headers::request`] does,
+    /// in the buffers an earlier request's values left (a connection's requests
+    /// reuse one set of headers). The fields are left as they are.
+    pub fn set_request(
+        &mut self,
+        method: &http::Method,
+        path: &str,
+        authority: &str,
+        scheme: &str,
+    ) {
+        let values = [method.as_str(), path, authority, scheme];
+        for (i, (name, value)) in REQUEST_PSEUDO.into_iter().zip(values).enumerate() {
+            let (k, v) = &mut self.pseudo.entries[i];
+            *k = name;
+            set_value(v, value, i == 1 || i == 2);
         }
+        self.pseudo.len = 4;
     }
 
     /// A response's headers.
@@ -241,6 +242,31 @@ fn status_text(status: u16) -> Cow<'static, str> {
     }
 }
 
+/// Sets a pseudo-header's value: kept in its own buffer (reused) when `owned` or
+/// when it already has one; a constant otherwise (the method and scheme are
+/// usually one of a few).
+fn set_value(slot: &mut Cow<'static, str>, value: &str, owned: bool) {
+    match slot {
+        Cow::Owned(s) => {
+            s.clear();
+            s.push_str(value);
+        }
+        _ if owned => *slot = Cow::Owned(value.to_string()),
+        _ => {
+            *slot = match value {
+                "GET" => Cow::Borrowed("GET"),
+                "POST" => Cow::Borrowed("POST"),
+                "PUT" => Cow::Borrowed("PUT"),
+                "DELETE" => Cow::Borrowed("DELETE"),
+                "HEAD" => Cow::Borrowed("HEAD"),
+                "http" => Cow::Borrowed("http"),
+                "https" => Cow::Borrowed("https"),
+                v => Cow::Owned(v.to_string()),
+            }
+        }
+    }
+}
+
 /// A new value for the pseudo-header `name`: the rule of a field value (no control
 /// characters), UTF-8, and for `:status` a final status, 200-599.
 fn pseudo_value(name: &str, value: &[u8]) -> Result<String, Refused> {
@@ -312,13 +338,7 @@ mod tests {
         f.append(b"user-agent", b"curl").unwrap();
         f.append(b"x-a", b"1").unwrap();
         f.append(b"x-a", b"2").unwrap();
-        Headers::request(
-            &http::Method::GET,
-            "/p?q".into(),
-            "svc:80".into(),
-            "http",
-            f,
-        )
+        Headers::request(&http::Method::GET, "/p?q", "svc:80", "http", f)
     }
 
     fn entries(h: &Headers) -> Vec<(String, String)> {

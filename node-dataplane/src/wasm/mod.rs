@@ -18,7 +18,7 @@ pub mod noop;
 pub mod plugin;
 pub mod registry;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub mod vm;
 
 use thiserror::Error;

@@ -12,7 +12,7 @@ use weft_api::pb;
 
 /// A plugin module: `req` and `resp` are the bodies of the request/response headers
 /// callbacks (returning an i32 action); `extra` adds functions/exports.
-fn module(req: &str, resp: &str, extra: &str) -> String {
+pub(crate) fn module(req: &str, resp: &str, extra: &str) -> String {
     format!(
         r#"(module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
@@ -103,11 +103,17 @@ fn spec(fail: &str) -> pb::WasmPlugin {
 }
 
 fn plugin(wat: &str, fail: &str) -> Plugin {
+    plugin_in_phase(wat, fail, "")
+}
+
+/// [`plugin`] in this phase (`AUTHN`, `AUTHZ`, `STATS` or unspecified).
+pub(crate) fn plugin_in_phase(wat: &str, fail: &str, phase: &str) -> Plugin {
     let engine = WasmEngine::new().unwrap();
     let bytes = wat::parse_str(wat).unwrap();
     // A distinct cache key per module text.
     let mut s = spec(fail);
     s.sha256 = format!("{:x}", text_key(wat));
+    s.phase = phase.into();
     Plugin::new(Ok(&engine), s, Ok(&bytes), 2)
 }
 
@@ -120,13 +126,7 @@ fn text_key(s: &str) -> u64 {
 
 fn request(path: &str) -> Box<HttpState> {
     Box::new(HttpState {
-        request: Headers::request(
-            &http::Method::GET,
-            path.into(),
-            "svc".into(),
-            "http",
-            Default::default(),
-        ),
+        request: Headers::request(&http::Method::GET, path, "svc", "http", Default::default()),
         props: Some(Arc::new(ConnProps {
             source: "10.0.0.1:40000".parse().unwrap(),
             destination: "10.0.0.2:8080".parse().unwrap(),

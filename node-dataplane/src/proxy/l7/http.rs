@@ -296,17 +296,51 @@ impl Exchange {
     }
 }
 
-/// A request allowed through: the plugins that saw it, whose response callbacks
-/// and end run later.
-pub struct Pending {
+/// One request's plugin run: the plugins' view of its headers, and the plugins
+/// that saw it. A connection keeps one between its requests
+/// ([`ConnCtx::take_run`]), so that a request with plugins allocates none of it.
+#[derive(Default)]
+pub struct PluginRun {
+    view: Box<HttpState>,
     ran: Ran,
-    view: Option<Box<HttpState>>,
+    /// The request's authority as the client sent it (a plugin may change the
+    /// Host field): what authorization matches.
+    authority: String,
 }
 
-impl Pending {
+impl ConnCtx {
+    /// The connection's spare plugin run, or a new one when it is in use (HTTP/2
+    /// requests run concurrently) or none was kept yet.
+    fn take_run(&self) -> PluginRun {
+        let spare = self.runs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        spare.unwrap_or_default()
+    }
+
+    /// Ends the contexts of the plugins that saw the request, if any ran, and keeps
+    /// the run for the connection's next request. Nothing of the request stays in
+    /// it: its response's headers and a local reply are dropped, its request's
+    /// pseudo-headers are overwritten by the next request's.
+    fn end_run(&self, mut run: PluginRun) {
+        chain::finish(&mut run.ran, &mut run.view);
+        let v = &mut run.view;
+        v.local_reply = None;
+        v.response = Headers::default();
+        v.request.fields = Default::default();
+        *self.runs.lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
+    }
+}
+
+/// A request allowed through: the plugins that saw it, whose response callbacks
+/// and end run later.
+pub struct Pending<'a> {
+    run: Option<PluginRun>,
+    ctx: &'a ConnCtx,
+}
+
+impl Pending<'_> {
     /// Will any plugin see the response (so its fields must be parsed)?
     pub fn sees_response(&self) -> bool {
-        self.view.is_some() && !self.ran.entries.is_empty()
+        self.run.as_ref().is_some_and(|r| !r.ran.entries.is_empty())
     }
 
     /// The response head from the application: runs the response callbacks (which
@@ -318,12 +352,11 @@ impl Pending {
         end_of_stream: bool,
         x: &mut Exchange,
     ) -> Option<LocalResponse> {
-        let ran = std::mem::take(&mut self.ran);
-        let (false, Some(mut view)) = (ran.entries.is_empty(), self.view.take()) else {
-            return None;
-        };
-        let replied = run_response_plugins(&ran, &mut view, resp, end_of_stream);
-        chain::finish(ran, &mut view);
+        let mut run = self.run.take()?;
+        let replied = (!run.ran.entries.is_empty())
+            .then(|| run_response_plugins(&run.ran, &mut run.view, resp, end_of_stream))
+            .flatten();
+        self.ctx.end_run(run);
         replied.map(|(r, plugin)| {
             x.decided_by = Some(format!("wasm:{plugin}"));
             local(r)
@@ -333,29 +366,30 @@ impl Pending {
 
 /// A request abandoned (its connection failed, or the client went away) still ends
 /// the contexts of the plugins that saw it.
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        let ran = std::mem::take(&mut self.ran);
-        end(ran, &mut self.view);
+        if let Some(run) = self.run.take() {
+            self.ctx.end_run(run);
+        }
     }
 }
 
 /// What the request head decided.
-pub enum Verdict {
+pub enum Verdict<'a> {
     /// Forward the (possibly rewritten) request to the application.
-    Forward(Pending),
+    Forward(Pending<'a>),
     /// Answer with this instead (denied, malformed path, a plugin's local reply).
     Reply(LocalResponse),
 }
 
 /// Normalizes, runs the request plugins and authorizes one request head.
 /// `end_of_stream`: the request has no body.
-pub fn on_request(
+pub fn on_request<'a>(
     req: &mut impl RequestMessage,
     end_of_stream: bool,
-    ctx: &ConnCtx,
+    ctx: &'a ConnCtx,
     x: &mut Exchange,
-) -> Verdict {
+) -> Verdict<'a> {
     // Most targets are already normal: nothing is built or changed for them.
     match path::normalize_if_needed(req.path_and_query()) {
         Ok(None) => {}
@@ -372,41 +406,35 @@ pub fn on_request(
     // From here the request's target is normalized (plugins' rewrites included), so
     // the path to authorize is its path, `path::path_of(req.path_and_query())`.
     let plugins = &ctx.plan.plugins;
-    // The authority as the client sent it (a plugin may change the Host field);
-    // copied only when plugins run.
-    let authority = (!plugins.is_empty()).then(|| req.authority().to_string());
-    // Only with plugins; boxed: each callback swaps it into the plugin's store. The
-    // fields are moved in while plugins run (no copy); see `Headers`.
-    let mut view = authority.as_ref().map(|authority| {
-        Box::new(HttpState {
-            request: Headers::request(
-                req.method(),
-                req.path_and_query().to_string(),
-                authority.clone(),
-                req.scheme(),
-                Default::default(),
-            ),
-            props: Some(ctx.props.clone()),
-            ..Default::default()
-        })
-    });
-    let mut ran = Ran::default();
     // Plugins are in phase order: those before weft's authorization come first.
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
-    if let (false, Some(view)) = (before.is_empty(), view.as_mut()) {
-        let replied = run_request_plugins(before, view, req, end_of_stream, &mut ran);
-        if let Some((r, plugin)) = replied {
+    // Only with plugins; each callback swaps the view into the plugin's store. The
+    // fields are moved in while plugins run (no copy); see `Headers`.
+    let mut run = (!plugins.is_empty()).then(|| {
+        let mut run = ctx.take_run();
+        run.authority.clear();
+        run.authority.push_str(req.authority());
+        let (method, pq) = (req.method(), req.path_and_query());
+        let v = &mut run.view;
+        v.request
+            .set_request(method, pq, &run.authority, req.scheme());
+        v.props.get_or_insert_with(|| ctx.props.clone());
+        run
+    });
+    if let (false, Some(r)) = (before.is_empty(), run.as_mut()) {
+        let replied = run_request_plugins(before, &mut r.view, req, end_of_stream, &mut r.ran);
+        if let Some((reply, plugin)) = replied {
             x.decided_by = Some(format!("wasm:{plugin}"));
-            return Verdict::Reply(finish_local(ctx, r, ran, view));
+            return Verdict::Reply(finish_local(ctx, reply, run));
         }
         // A plugin may have rewritten the path: normalize and authorize the new one.
-        if let Some(p) = view.request.pseudo(":path") {
+        if let Some(p) = r.view.request.pseudo(":path") {
             if p != req.path_and_query() {
                 let set =
                     path::normalize(p).is_ok_and(|n| req.set_path_and_query(&n.path_and_query()));
                 if !set {
                     // The plugins' contexts end here too.
-                    chain::finish(ran, view);
+                    end(ctx, run);
                     return Verdict::Reply(reply(400, "malformed request path\n", &[]));
                 }
             }
@@ -418,8 +446,8 @@ pub fn on_request(
             .decide_request(&ctx.target.workload, &ctx.authz, |r, with_headers| {
                 r.method.push_str(req.method().as_str());
                 r.path.push_str(path::path_of(req.path_and_query()));
-                r.host
-                    .push_str(authority.as_deref().unwrap_or_else(|| req.authority()));
+                let client = run.as_ref().map(|r| r.authority.as_str());
+                r.host.push_str(client.unwrap_or_else(|| req.authority()));
                 if with_headers {
                     r.headers = req.field_pairs();
                 }
@@ -428,39 +456,36 @@ pub fn on_request(
         if !d.allowed {
             tracing::debug!(dst = %ctx.dst, peer = ?ctx.attrs.principal, method = %req.method(), path = %path::path_of(req.path_and_query()), policy = ?d.policy, reason = d.reason, "request denied");
             x.decided_by = Some(d.policy.as_deref().unwrap_or("none").to_string());
-            end(ran, &mut view);
+            end(ctx, run);
             return Verdict::Reply(reply(403, DENIED_BODY, &[]));
         }
     }
-    if let (false, Some(view)) = (after.is_empty(), view.as_mut()) {
-        let replied = run_request_plugins(after, view, req, end_of_stream, &mut ran);
-        if let Some((r, plugin)) = replied {
+    if let (false, Some(r)) = (after.is_empty(), run.as_mut()) {
+        let replied = run_request_plugins(after, &mut r.view, req, end_of_stream, &mut r.ran);
+        if let Some((reply, plugin)) = replied {
             x.decided_by = Some(format!("wasm:{plugin}"));
-            return Verdict::Reply(finish_local(ctx, r, ran, view));
+            return Verdict::Reply(finish_local(ctx, reply, run));
         }
     }
-    Verdict::Forward(Pending { ran, view })
+    Verdict::Forward(Pending { run, ctx })
 }
 
-/// Ends the contexts of the plugins that saw the request, if any ran.
-fn end(ran: Ran, view: &mut Option<Box<HttpState>>) {
-    if let Some(v) = view {
-        chain::finish(ran, v);
+/// Ends the plugins' run of a request answered without its response, if any ran.
+fn end(ctx: &ConnCtx, run: Option<PluginRun>) {
+    if let Some(run) = run {
+        ctx.end_run(run);
     }
 }
 
 /// A plugin replied locally: run the response callbacks of the plugins that saw the
 /// request, then end their contexts.
-fn finish_local(
-    ctx: &ConnCtx,
-    r: LocalReply,
-    ran: Ran,
-    view: &mut Box<HttpState>,
-) -> LocalResponse {
+fn finish_local(ctx: &ConnCtx, r: LocalReply, run: Option<PluginRun>) -> LocalResponse {
     tracing::debug!(dst = %ctx.dst, status = r.status, details = %r.details, "wasm plugin replied locally");
     let mut resp = local(r);
-    let _ = run_response_plugins(&ran, view, &mut resp, true);
-    chain::finish(ran, view);
+    if let Some(mut run) = run {
+        let _ = run_response_plugins(&run.ran, &mut run.view, &mut resp, true);
+        ctx.end_run(run);
+    }
     resp
 }
 

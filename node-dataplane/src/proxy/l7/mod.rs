@@ -78,6 +78,8 @@ pub struct ConnCtx {
     decisions: std::sync::Mutex<Vec<DecisionCounter>>,
     /// What its requests' authorization reuses.
     pub authz: std::sync::Mutex<RequestAuthz>,
+    /// What its requests' plugin runs reuse ([`http::PluginRun`]).
+    runs: std::sync::Mutex<Option<http::PluginRun>>,
 }
 
 type DecisionCounter = (
@@ -125,6 +127,7 @@ impl ConnCtx {
             labels,
             handles: Default::default(),
             decisions: Default::default(),
+            runs: Default::default(),
         }
     }
 

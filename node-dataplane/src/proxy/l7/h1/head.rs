@@ -533,14 +533,15 @@ pub struct ResponseHead {
 /// Parses the response head at the start of `buf` and removes it from `buf`.
 /// `head_request`: it answers a HEAD (no body, whatever the fields say);
 /// `connect`: it answers a CONNECT (a 2xx starts a tunnel); `parse`: build the
-/// parsed form for plugins instead of writing the head out. A complete head is
+/// parsed form for plugins instead of writing the head out, its fields in the
+/// buffers of these (an earlier response's, [`Fields::into_spare`]). A complete head is
 /// re-written into `out` (emptied first; left empty with `parse`), with room for
 /// the body's first bytes. `Ok(None)`: more bytes are needed.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
     connect: bool,
-    parse: bool,
+    parse: Option<&mut Fields>,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, HeadError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
@@ -590,12 +591,13 @@ pub fn parse_response(
     };
     let keep_alive = f.persistent(v) && body != Framing::UntilClose;
     out.clear();
-    let parsed = if parse {
+    let parsed = if let Some(spare) = parse {
         out.reserve(n + 64 + body_start);
+        let spare = std::mem::take(spare);
         Some(Response {
             status,
             version: version(r.version),
-            fields: Fields::from_head(&buf[..n], r.headers),
+            fields: Fields::from_head_reusing(spare, &buf[..n], r.headers),
         })
     } else {
         out.reserve(n + 16 + body_start);
@@ -787,7 +789,7 @@ mod tests {
 
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\nContent-Length: 2\nX-App: t\n\nhi");
         let mut out = b"left over".to_vec();
-        let r = parse_response(&mut buf, false, false, false, &mut out)
+        let r = parse_response(&mut buf, false, false, None, &mut out)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -881,7 +883,7 @@ mod tests {
                 &mut BytesMut::from(raw),
                 head,
                 connect,
-                true,
+                Some(&mut Fields::default()),
                 &mut Vec::new(),
             )
             .map(|r| r.map(|r| (r.body, r.keep_alive)))

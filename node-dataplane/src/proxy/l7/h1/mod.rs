@@ -39,12 +39,14 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-/// The connection to the application, the bytes read from it not yet used, and
-/// the buffer its response heads are re-written into (reused across responses).
+/// The connection to the application, the bytes read from it not yet used, the
+/// buffer its response heads are re-written into, and the buffers of the fields of
+/// its responses that plugins see (both reused across responses).
 struct AppConn {
     stream: TcpStream,
     buf: BytesMut,
     out: Vec<u8>,
+    fields: Fields,
 }
 
 /// Drops `out` if it has grown past what a connection keeps between requests
@@ -239,6 +241,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                     stream,
                     buf: BytesMut::with_capacity(READ_CHUNK),
                     out: Vec::new(),
+                    fields: Fields::default(),
                 }),
                 Err(e) => {
                     tracing::debug!(dst = %ctx.dst, error = %e, "connecting to the application failed");
@@ -247,7 +250,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             },
         };
         let (mut ur, mut uw) = conn.stream.split();
-        let (ubuf, uout) = (&mut conn.buf, &mut conn.out);
+        let (ubuf, uout) = (&mut conn.buf, (&mut conn.out, &mut conn.fields));
         let asked = Asked {
             head_request,
             connect,
@@ -348,7 +351,7 @@ const UPSTREAM_FAILED: (u16, &str) = (503, super::http::UPSTREAM_FAILED_BODY);
 /// connection with it.
 async fn close_with<S: AsyncRead + AsyncWrite>(
     (status, body): (u16, &'static str),
-    pending: Option<Pending>,
+    pending: Option<Pending<'_>>,
     dw: &mut WriteHalf<S>,
     ctx: &ConnCtx,
     x: Exchange,
@@ -412,9 +415,9 @@ enum Failure {
 async fn respond<W: AsyncWrite + Unpin>(
     ur: &mut tokio::net::tcp::ReadHalf<'_>,
     ubuf: &mut BytesMut,
-    out: &mut Vec<u8>,
+    (out, spare): (&mut Vec<u8>, &mut Fields),
     dw: &mut W,
-    pending: &mut Option<Pending>,
+    pending: &mut Option<Pending<'_>>,
     x: &mut Exchange,
     asked: Asked,
 ) -> Result<Forwarded, Failure> {
@@ -427,7 +430,8 @@ async fn respond<W: AsyncWrite + Unpin>(
     let mut got_any = !ubuf.is_empty();
     let head: ResponseHead = loop {
         if !ubuf.is_empty() {
-            match head::parse_response(ubuf, head_request, connect, sees, out) {
+            let parse = sees.then_some(&mut *spare);
+            match head::parse_response(ubuf, head_request, connect, parse, out) {
                 Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                     if let Some(p) = &h.parsed {
                         head::write_response(p, out);
@@ -480,6 +484,7 @@ async fn respond<W: AsyncWrite + Unpin>(
         }
         status = resp.status;
         head::write_response(&resp, out);
+        *spare = resp.fields.into_spare();
     }
     drop(pending.take());
     x.head_out();

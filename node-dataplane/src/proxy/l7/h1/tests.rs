@@ -56,6 +56,16 @@ pub(super) fn proxy_with_policy(
     head_timeout: Duration,
     policy: pb::AuthorizationPolicy,
 ) -> DuplexStream {
+    proxy_with_plugins(app, head_timeout, policy, Vec::new())
+}
+
+/// [`proxy_with_policy`] with these Wasm plugins too (in this order).
+fn proxy_with_plugins(
+    app: SocketAddr,
+    head_timeout: Duration,
+    policy: pb::AuthorizationPolicy,
+    plugins: Vec<Arc<crate::wasm::plugin::Plugin>>,
+) -> DuplexStream {
     let config = crate::config::ConfigStore::new("node-b");
     let workload = pb::Workload {
         uid: "web-uid".into(),
@@ -95,7 +105,8 @@ pub(super) fn proxy_with_policy(
         .get("Workload/web-uid")
         .cloned()
         .expect("workload");
-    let plan = state.l7_plan(&workload, app.port()).expect("an L7 plan");
+    let mut plan = state.l7_plan(&workload, app.port()).expect("an L7 plan");
+    plan.plugins = plugins;
     let peer: SocketAddr = "127.0.0.2:40000".parse().unwrap();
     let attrs = Attributes {
         source_ip: Some(peer.ip()),
@@ -479,4 +490,64 @@ async fn a_head_must_arrive_in_time_but_an_idle_connection_may_wait() {
         .expect("the app's connection ends")
         .unwrap();
     assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest));
+}
+
+#[tokio::test]
+async fn a_connections_requests_reuse_the_plugins_view_and_none_sees_another() {
+    // An AUTHZ-phase plugin: replies 500 if it finds a response's `:status` while a
+    // request runs (it could only be an earlier exchange's), rewrites /deny to
+    // /rewritten, adds `x-in: <:path as it sees it>` to the request and
+    // `x-wat: yes` to the response.
+    let wat = crate::wasm::tests::module(
+        r#"
+    (if (i32.eqz (call $get (i32.const 2) (i32.const 608) (i32.const 7) (i32.const 200) (i32.const 204)))
+      (then (drop (call $reply (i32.const 500) (i32.const 64) (i32.const 13) (i32.const 64) (i32.const 13) (i32.const 0) (i32.const 0) (i32.const -1)))))
+    (if (call $is_deny)
+      (then (drop (call $replace (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 512) (i32.const 10)))))
+    (drop (call $get (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 200) (i32.const 204)))
+    (drop (call $add (i32.const 0) (i32.const 544) (i32.const 4) (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0)"#,
+        r#"
+    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 5) (i32.const 48) (i32.const 3)))
+    (i32.const 0)"#,
+        "",
+    );
+    let plugin = crate::wasm::tests::plugin_in_phase(&wat, "FAIL_CLOSE", "AUTHZ");
+    assert!(plugin.load_error().is_none(), "{:?}", plugin.load_error());
+    let (l, addr) = app().await;
+    let policy = path_policy("all", pb::authorization_policy::Action::Allow, "/*");
+    let mut client = proxy_with_plugins(
+        addr,
+        Duration::from_secs(30),
+        policy,
+        vec![Arc::new(plugin)],
+    );
+    let mut s = None;
+    for (path, app_sees) in [
+        ("/deny", "/rewritten"),
+        ("/ok", "/ok"),
+        ("/deny", "/rewritten"),
+        ("/ok/2", "/ok/2"),
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+        client.write_all(req.as_bytes()).await.unwrap();
+        // One connection to the application for all four.
+        let app_conn = match &mut s {
+            Some(c) => c,
+            None => s.insert(accept(&l).await),
+        };
+        assert_eq!(
+            read_until(app_conn, "\r\n\r\n").await,
+            format!("GET {app_sees} HTTP/1.1\r\nhost: web\r\nx-in: {app_sees}\r\n\r\n")
+        );
+        app_conn
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_until(&mut client, "\r\n\r\nok").await,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-wat: yes\r\n\r\nok",
+            "{path}"
+        );
+    }
 }
