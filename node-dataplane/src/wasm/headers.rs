@@ -99,18 +99,23 @@ impl Headers {
 
     /// A response's headers.
     pub fn response(status: u16, fields: Fields) -> Self {
-        Self {
-            pseudo: Pseudo {
-                entries: [
-                    (":status", status_text(status)),
-                    Default::default(),
-                    Default::default(),
-                    Default::default(),
-                ],
-                len: 1,
-            },
-            fields,
-        }
+        let mut h = Self::default();
+        h.set_response(status, fields);
+        h
+    }
+
+    /// Makes these a response's headers, as [`Headers::response`] does, in place.
+    pub fn set_response(&mut self, status: u16, fields: Fields) {
+        self.pseudo.entries[0] = (":status", status_text(status));
+        self.pseudo.len = 1;
+        self.fields = fields;
+    }
+
+    /// Empties these headers: no pseudo-header, no field (until the next
+    /// [`Headers::set_request`] or [`Headers::set_response`]).
+    pub fn clear(&mut self) {
+        self.pseudo.len = 0;
+        self.fields = Fields::default();
     }
 
     /// Hands the fields back to the message.

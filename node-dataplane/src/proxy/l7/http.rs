@@ -9,7 +9,6 @@ use super::ConnCtx;
 use crate::proxy::access_log;
 use crate::wasm::abi::{HttpState, LocalReply};
 use crate::wasm::chain::{self, Ran};
-use crate::wasm::headers::Headers;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -198,7 +197,8 @@ fn run_response_plugins(
     resp: &mut impl ResponseMessage,
     end_of_stream: bool,
 ) -> Option<(LocalReply, String)> {
-    view.response = Headers::response(resp.status(), resp.lend_fields());
+    view.response
+        .set_response(resp.status(), resp.lend_fields());
     let replied = chain::run_response(ran, view, end_of_stream);
     resp.return_fields(view.response.take_fields());
     // `Headers` only accepts a final status (200-599) as `:status`.
@@ -324,7 +324,7 @@ impl ConnCtx {
         chain::finish(&mut run.ran, &mut run.view);
         let v = &mut run.view;
         v.local_reply = None;
-        v.response = Headers::default();
+        v.response.clear();
         v.request.fields = Default::default();
         *self.runs.lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
     }
