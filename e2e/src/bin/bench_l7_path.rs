@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_api::authz::Attributes;
 use weft_api::pb;
-use weft_e2e::perf::median;
+use weft_e2e::perf::{median, quantile};
 use weft_node::config::ConfigStore;
 use weft_node::netns::PodNetns;
 use weft_node::proxy::l7::{self, ConnCtx};
@@ -60,12 +60,15 @@ enum Mode {
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, value_enum, default_value_t = Mode::All)]
-    mode: Mode,
+    /// The modes to run, comma-separated (`all`: every one).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    mode: Vec<Mode>,
     /// Requests per mode (after 1,000 warm-up requests).
     #[arg(long, default_value_t = 50_000)]
     requests: u64,
-    /// Rounds per mode (interleaved); the median is reported.
+    /// Rounds per mode (interleaved, each round starting with the next mode); the
+    /// median is reported, and each "adds" figure is the median of the per-round
+    /// differences, with their quartiles.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Count instructions instead (exact, unlike CPU time on a shared host): runs
@@ -133,12 +136,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let app = start_app().await?;
     let state = proxy_state(app, args.access_log, args.other_policies)?;
     let netns = Arc::new(PodNetns::open("/proc/self/ns/net")?);
-    let modes = selected(args.mode);
+    let modes = selected(&args.mode);
     let mut cpu: HashMap<&'static str, Vec<f64>> = HashMap::new();
     let mut process: HashMap<&'static str, Vec<f64>> = HashMap::new();
     let mut wall: HashMap<&'static str, Vec<f64>> = HashMap::new();
     for round in 0..args.rounds {
-        for &m in &modes {
+        // A different mode goes first each round: none always runs first or
+        // always after the same one.
+        let n = modes.len();
+        for &m in modes.iter().cycle().skip(round % n).take(n) {
             let r = measure(m, app, &state, &netns, args.requests, args.evict_kib).await?;
             println!(
                 "round {}: {:<6} {:>7.2} us CPU/request ({:>7.2} process), {:>7.2} us/request",
@@ -174,9 +180,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ("l7", "l7-c"),
     ] {
         if let (Some(a), Some(b)) = (cpu.get(l4), cpu.get(l7)) {
+            // Rounds run minutes apart on a drifting host: each round's difference.
+            let d: Vec<f64> = b.iter().zip(a).map(|(b, a)| b - a).collect();
             println!(
-                "{l7} adds {:.2} us CPU per request over {l4}",
-                median(b.clone()) - median(a.clone())
+                "{l7} adds {:.2} us CPU per request over {l4} [{:.2} to {:.2}]",
+                median(d.clone()),
+                quantile(d.clone(), 0.25),
+                quantile(d, 0.75)
             );
         }
     }
@@ -267,7 +277,7 @@ fn parse_code(line: &str) -> Option<Code> {
 /// are cold at each request, those cost more than the instructions themselves.
 fn count_instructions(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let modes = selected(args.mode);
+    let modes = selected(&args.mode);
     let dir = tempfile::tempdir()?;
     let profile = |m: Mode, requests: u64| -> anyhow::Result<Profile> {
         let file = dir.path().join(format!("{}.{requests}", name(m)));
@@ -380,8 +390,21 @@ fn executed_at(text: &str) -> HashMap<u64, u64> {
     at
 }
 
-/// The modes `m` stands for (`all`: every one, in the order they are reported).
-fn selected(m: Mode) -> Vec<Mode> {
+/// The modes `ms` stand for, each once (`all`: every one, in the order they are
+/// reported).
+fn selected(ms: &[Mode]) -> Vec<Mode> {
+    let mut out: Vec<Mode> = Vec::new();
+    for &m in ms {
+        for m in one(m) {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+fn one(m: Mode) -> Vec<Mode> {
     match m {
         Mode::All => vec![
             Mode::Direct,
@@ -852,7 +875,19 @@ async fn request(send: &mut Sender) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{executed_at, loaded_code, parse_code, Code};
+    use super::{executed_at, loaded_code, parse_code, selected, Code, Mode};
+
+    #[test]
+    fn modes_are_expanded_and_run_once_each() {
+        assert_eq!(
+            selected(&[Mode::L7C, Mode::L7, Mode::L7C]),
+            vec![Mode::L7C, Mode::L7]
+        );
+        let all = selected(&[Mode::L4, Mode::All]);
+        assert_eq!(all.len(), 8);
+        assert_eq!(all[..2], [Mode::L4, Mode::Direct]);
+        assert!(!all.contains(&Mode::All));
+    }
 
     #[test]
     fn loaded_code_holds_this_binarys_functions_and_round_trips() {
