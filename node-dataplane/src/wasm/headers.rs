@@ -89,12 +89,23 @@ impl Headers {
         scheme: &str,
     ) {
         let values = [method.as_str(), path, authority, scheme];
-        for (i, (name, value)) in REQUEST_PSEUDO.into_iter().zip(values).enumerate() {
-            let (k, v) = &mut self.pseudo.entries[i];
+        let named = REQUEST_PSEUDO.into_iter().zip(values);
+        for ((k, v), (name, value)) in self.pseudo.entries.iter_mut().zip(named) {
             *k = name;
-            set_value(v, value, i == 1 || i == 2);
+            // The path and authority vary from request to request; the method and
+            // scheme are usually one of a few constants.
+            set_value(v, value, matches!(name, ":path" | ":authority"));
         }
         self.pseudo.len = 4;
+    }
+
+    /// Bytes held by the pseudo-headers' own buffers (kept by [`Headers::set_request`]).
+    pub fn pseudo_capacity(&self) -> usize {
+        let owned = |v: &Cow<'static, str>| match v {
+            Cow::Owned(s) => s.capacity(),
+            Cow::Borrowed(_) => 0,
+        };
+        self.pseudo.entries.iter().map(|(_, v)| owned(v)).sum()
     }
 
     /// A response's headers.
@@ -348,6 +359,29 @@ mod tests {
 
     fn entries(h: &Headers) -> Vec<(String, String)> {
         text(h.iter())
+    }
+
+    #[test]
+    fn set_request_overwrites_every_pseudo_header_in_the_buffers_it_has() {
+        let mut h = request();
+        h.replace(b":method", b"PURGE").unwrap();
+        let long = format!("/{}", "a".repeat(999));
+        h.set_request(&http::Method::POST, &long, "b:81", "https");
+        let path_buf = h.get(b":path").unwrap().as_ptr();
+        let held = h.pseudo_capacity();
+        assert!(held >= 1000 + 4 + 4, "{held}");
+        h.set_request(&http::Method::GET, "/x", "c", "http");
+        let pseudo: Vec<_> = entries(&h).into_iter().take(4).collect();
+        let want = [
+            (":method", "GET"),
+            (":path", "/x"),
+            (":authority", "c"),
+            (":scheme", "http"),
+        ];
+        assert_eq!(pseudo, want.map(|(k, v)| (k.to_string(), v.to_string())));
+        // The path went into the buffer the long one left; nothing new was held.
+        assert_eq!(h.get(b":path").unwrap().as_ptr(), path_buf);
+        assert_eq!(h.pseudo_capacity(), held);
     }
 
     #[test]

@@ -319,9 +319,14 @@ impl ConnCtx {
     /// Ends the contexts of the plugins that saw the request, if any ran, and keeps
     /// the run for the connection's next request. Nothing of the request stays in
     /// it: its response's headers and a local reply are dropped, its request's
-    /// pseudo-headers are overwritten by the next request's.
+    /// pseudo-headers are overwritten by the next request's. A run whose buffers a
+    /// long target or authority grew past [`Fields::KEPT`] is dropped instead.
     fn end_run(&self, mut run: PluginRun) {
         chain::finish(&mut run.ran, &mut run.view);
+        let held = run.authority.capacity() + run.view.request.pseudo_capacity();
+        if held > Fields::KEPT {
+            return;
+        }
         let v = &mut run.view;
         v.local_reply = None;
         v.response.clear();
