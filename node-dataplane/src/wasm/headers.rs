@@ -40,8 +40,12 @@ struct Pseudo {
 impl Pseudo {
     /// Where the pseudo-header `name` (any case) is.
     fn position(&self, name: &[u8]) -> Option<usize> {
-        self.iter()
-            .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+        // Plugins almost always ask in lower case, as the names are kept.
+        let exact = self.iter().position(|(k, _)| k.as_bytes() == name);
+        exact.or_else(|| {
+            self.iter()
+                .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+        })
     }
 }
 
@@ -88,14 +92,14 @@ impl Headers {
         authority: &str,
         scheme: &str,
     ) {
-        let values = [method.as_str(), path, authority, scheme];
-        let named = REQUEST_PSEUDO.into_iter().zip(values);
-        for ((k, v), (name, value)) in self.pseudo.entries.iter_mut().zip(named) {
-            *k = name;
-            // The path and authority vary from request to request; the method and
-            // scheme are usually one of a few constants.
-            set_value(v, value, matches!(name, ":path" | ":authority"));
-        }
+        let [(mk, mv), (pk, pv), (ak, av), (sk, sv)] = &mut self.pseudo.entries;
+        [*mk, *pk, *ak, *sk] = REQUEST_PSEUDO;
+        // The path and authority vary from request to request, so they keep buffers;
+        // the method and scheme are usually one of a few constants.
+        set_value(mv, method.as_str(), false);
+        set_value(pv, path, true);
+        set_value(av, authority, true);
+        set_value(sv, scheme, false);
         self.pseudo.len = 4;
     }
 
@@ -263,6 +267,8 @@ fn status_text(status: u16) -> Cow<'static, str> {
 /// usually one of a few).
 fn set_value(slot: &mut Cow<'static, str>, value: &str, owned: bool) {
     match slot {
+        // The same constant as the last request's (its method, its scheme).
+        Cow::Borrowed(b) if *b == value => {}
         Cow::Owned(s) => {
             s.clear();
             s.push_str(value);

@@ -16,7 +16,7 @@ use super::abi::{HostState, HttpState, LocalReply};
 use super::engine::{CompiledModule, WasmEngine};
 use super::vm::{Action, Vm, VmSettings};
 use super::WasmError;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_api::pb;
@@ -118,6 +118,8 @@ pub struct Plugin {
     engine: Option<Arc<WasmEngine>>,
     /// FAIL_CLOSE: set after a runtime failure; every later request is refused.
     failed: Mutex<Option<WasmError>>,
+    /// `failed` is set: requests check this flag, not the lock.
+    has_failed: AtomicBool,
     /// Built before its module arrived: replaced once it has.
     pub waiting_for_module: bool,
     pub stats: PluginStats,
@@ -182,6 +184,7 @@ impl Plugin {
             next: AtomicUsize::new(0),
             engine: engine.ok().cloned(),
             failed: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
             waiting_for_module: false,
             stats: PluginStats::default(),
             spec,
@@ -236,6 +239,7 @@ impl Plugin {
         match self.fail {
             FailStrategy::Close => {
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                self.has_failed.store(true, Ordering::Release);
                 self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
                 Outcome::Reply(error_reply(500, &self.id, &e.to_string()))
             }
@@ -293,17 +297,13 @@ impl Plugin {
         end_of_stream: bool,
     ) -> (Outcome, Option<Handle>) {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        if let Some(e) = self
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        let failed = self.has_failed.load(Ordering::Acquire).then(|| {
+            let e = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            e.as_ref().map(|e| format!("failed earlier: {e}"))
+        });
+        if let Some(why) = failed.flatten() {
             self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
-            return (
-                Outcome::Reply(error_reply(503, &self.id, &format!("failed earlier: {e}"))),
-                None,
-            );
+            return (Outcome::Reply(error_reply(503, &self.id, &why)), None);
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[i].lock().unwrap_or_else(|p| p.into_inner());
