@@ -433,8 +433,9 @@ async fn respond<W: AsyncWrite + Unpin>(
             let parse = sees.then_some(&mut *spare);
             match head::parse_response(ubuf, head_request, connect, parse, out) {
                 Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
-                    if let Some(p) = &h.parsed {
-                        head::write_response(p, out);
+                    if let Some(p) = h.parsed {
+                        head::write_response(&p, out);
+                        *spare = p.fields.into_spare();
                     }
                     dw.write_all(out).await.map_err(|_| Failure::Broken)?;
                     dw.flush().await.map_err(|_| Failure::Broken)?;

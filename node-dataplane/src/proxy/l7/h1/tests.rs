@@ -554,4 +554,20 @@ async fn a_connections_requests_reuse_the_plugins_view_and_none_sees_another() {
             &path[..path.len().min(20)]
         );
     }
+    // An interim response goes out as it came, and the plugin sees the final one.
+    client
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let app_conn = s.as_mut().expect("the application's connection");
+    read_until(app_conn, "\r\n\r\n").await;
+    app_conn
+        .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut client, "\r\n\r\nok").await,
+        "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+         HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-wat: yes\r\n\r\nok"
+    );
 }
