@@ -101,14 +101,35 @@ fn pin_agents(c: &LocalCluster, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The per-round differences `a - b` of `f`.
+fn diffs(a: &[Run], b: &[Run], f: impl Fn(&Run) -> f64) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| f(a) - f(b)).collect()
+}
+
 /// The per-round differences `a - b` of `f`: median [25th-75th percentile], in us.
 fn paired(a: &[Run], b: &[Run], f: impl Fn(&Run) -> f64) -> String {
-    let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| f(a) - f(b)).collect();
+    let d = diffs(a, b, f);
     if d.is_empty() {
         return "n/a".into();
     }
     let at = |q| quantile(d.clone(), q);
     format!("{:+.1} us [{:+.1} to {:+.1}]", at(0.5), at(0.25), at(0.75))
+}
+
+/// The latency targets: (setup, the setup it is compared with, the most
+/// its p50 may add over that one, in us), as indices into the setups.
+const TARGETS: [(usize, usize, f64); 2] = [(1, 0, 10.0), (2, 1, 2.0)];
+
+/// The most linear memory one plugin instance may use (2 MB).
+const MAX_INSTANCE_MEMORY: f64 = 2_000_000.0;
+
+/// Whether a measured figure is within its target; `None` without a measurement.
+fn verdict(measured: Option<f64>, max: f64) -> &'static str {
+    match measured {
+        Some(v) if v <= max => "met",
+        Some(_) => "not met",
+        None => "not measured",
+    }
 }
 
 fn us(v: &str) -> Option<f64> {
@@ -388,6 +409,18 @@ fn main() -> anyhow::Result<()> {
         let cpu = paired(&runs[i], &runs[base], |r| r.agents_cpu_us);
         println!("| {} | {} | {p50} | {cpu} |", setups[i].0, setups[base].0);
     }
+    println!("\nTargets (the median of the paired p50 differences above):");
+    for (i, base, max) in TARGETS {
+        let d = diffs(&runs[i], &runs[base], |r| r.p50_us);
+        let measured = (!d.is_empty()).then(|| median(d));
+        println!(
+            "- {} adds <= {max} us p50 over {}: {} ({})",
+            setups[i].0,
+            setups[base].0,
+            measured.map_or("n/a".into(), |v| format!("{v:+.1} us")),
+            verdict(measured, max)
+        );
+    }
     if let (Some(other), Some(second)) = (&args.compare_agent, all_runs.get(1)) {
         println!(
             "\n{} minus the default weft-node, paired within each round: median [25th-75th percentile] over {} rounds",
@@ -418,11 +451,44 @@ fn main() -> anyhow::Result<()> {
     let dump = c.config_dump("node-b")?;
     if let Some(plugins) = dump["proxy"]["wasm_plugins"].as_array() {
         for p in plugins {
+            // One figure per instance (one per worker thread that ran the plugin).
+            let largest = p["instance_memory_bytes"]
+                .as_array()
+                .and_then(|v| v.iter().filter_map(|m| m.as_f64()).reduce(f64::max));
             println!(
-                "plugin {}: instance linear memory {:?} bytes, calls {}",
-                p["plugin"], p["instance_memory_bytes"], p["calls"]
+                "plugin {}: instance linear memory {:?} bytes, calls {}; <= 2 MB per instance: {}",
+                p["plugin"],
+                p["instance_memory_bytes"],
+                p["calls"],
+                verdict(largest, MAX_INSTANCE_MEMORY)
             );
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_is_met_up_to_and_including_its_bound() {
+        assert_eq!(verdict(Some(-1.0), 2.0), "met");
+        assert_eq!(verdict(Some(2.0), 2.0), "met");
+        assert_eq!(verdict(Some(2.1), 2.0), "not met");
+        assert_eq!(verdict(None, 2.0), "not measured");
+    }
+
+    #[test]
+    fn differences_pair_the_rounds_in_order() {
+        let run = |p50_us| Run {
+            p50_us,
+            ..Run::default()
+        };
+        let a = [run(80.0), run(75.0), run(90.0), run(70.0), run(73.0)];
+        let b = [run(78.0), run(76.0), run(85.0), run(70.0), run(70.0)];
+        assert_eq!(diffs(&a, &b, |r| r.p50_us), vec![2.0, -1.0, 5.0, 0.0, 3.0]);
+        assert_eq!(paired(&a, &b, |r| r.p50_us), "+2.0 us [+0.0 to +3.0]");
+        assert_eq!(paired(&[], &b, |r| r.p50_us), "n/a");
+    }
 }
