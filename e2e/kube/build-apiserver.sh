@@ -67,6 +67,10 @@ find "$vend" -maxdepth 1 -name '*_test.go' -delete
 echo "build-apiserver: building kube-apiserver (several minutes)" >&2
 export PATH="/usr/lib/go-1.19/bin:$PATH"
 export GOFLAGS=-mod=vendor GOCACHE="$work/gocache" GOPATH="$work/gopath"
+# Run from `cargo test` under `make test`, this script inherits OUT_DIR (cargo sets
+# it for a package with a build script), which kubernetes' Makefile takes as its
+# output directory, and the outer make's flags: build as if started by hand.
+unset OUT_DIR MAKEFLAGS MFLAGS MAKELEVEL
 (cd "$tree" && make WHAT=cmd/kube-apiserver >&2)
 mkdir -p "$(dirname "$bin")"
 install -m 0755 "$tree/_output/bin/kube-apiserver" "$bin.tmp"
