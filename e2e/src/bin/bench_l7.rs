@@ -15,7 +15,8 @@
 //! p99 latency and the agents' CPU per request; then the p50 and CPU each setup
 //! adds over L4 and over L7-policy-only as per-round paired differences (median
 //! and quartiles), which cancel the host's drift between rounds; then the
-//! plugins' instance memory from the node's /config_dump. `--compare-agent` runs
+//! issue's latency targets and whether the run met them; then the plugins'
+//! instance memory from the node's /config_dump, against its 2 MB target. `--compare-agent` runs
 //! every setup with a second agent binary in the same rounds and reports what it
 //! changes, paired per round (two builds compared on a drifting host).
 
