@@ -373,9 +373,7 @@ impl Pending<'_> {
 /// the contexts of the plugins that saw it.
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if let Some(run) = self.run.take() {
-            self.ctx.end_run(run);
-        }
+        end(self.ctx, self.run.take());
     }
 }
 
