@@ -323,5 +323,5 @@ impl Showcase {
     }
 }
 
-/// The access log's tracing target (`weft_node::proxy::access_log::TARGET`).
-pub const ACCESS_TARGET: &str = weft_node::proxy::access_log::TARGET;
+/// The access log's tracing target (`weft_node::testing::ACCESS_LOG_TARGET`).
+pub const ACCESS_TARGET: &str = weft_node::testing::ACCESS_LOG_TARGET;

@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
-use weft_node::ebpf::{cgroup, Capture, CaptureOptions};
-use weft_node::netns::PodNetns;
-use weft_node::proxy::outbound::{self, OutboundStats};
+use weft_node::testing::{cgroup, Capture, CaptureOptions};
+use weft_node::testing::PodNetns;
+use weft_node::testing::{serve_outbound_plain, OutboundStats};
 
 const MARK: u32 = 0x5746;
 
@@ -79,7 +79,7 @@ fn setup(tag: &str, subnet: u8) -> Setup {
         let stats = stats.clone();
         rt.spawn(async move {
             let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            outbound::serve_plain(l, podns, MARK, stats).await
+            serve_outbound_plain(l, podns, MARK, stats).await
         });
     }
     // Wait for the server.
@@ -210,7 +210,7 @@ fn ipv6_connections_are_captured_too() {
     {
         let (podns, stats) = (podns.clone(), stats.clone());
         rt.spawn(async move {
-            outbound::serve_plain(
+            serve_outbound_plain(
                 tokio::net::TcpListener::from_std(listener).unwrap(),
                 podns,
                 MARK,

@@ -5,6 +5,7 @@
 use crate::certs::CertStore;
 use crate::config::ConfigStore;
 use crate::metrics::Metrics;
+use crate::pods::PodMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -12,17 +13,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
 
-/// Enrolled pods' dataplanes, by sandbox id.
-pub type PodMap =
-    Arc<std::sync::Mutex<std::collections::BTreeMap<String, crate::pods::PodDataplane>>>;
-
 #[derive(Clone)]
 pub struct AdminState {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
-    /// Set once enrolled pods are captured (when capture is on).
-    pub dataplane_ready: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub pods: Option<PodMap>,
     pub proxy: Option<Arc<crate::proxy::state::ProxyState>>,
 }
@@ -147,16 +142,16 @@ fn enrolled_pods(s: &AdminState) -> serde_json::Value {
                 "netns_cookie": p.cookie,
                 "ip": p.ip4.map(|ip| ip.to_string()),
                 "outbound": {
-                    "accepted": p.outbound.accepted.load(Relaxed),
-                    "forwarded": p.outbound.forwarded.load(Relaxed),
-                    "tunneled": p.outbound.tunneled.load(Relaxed),
-                    "failed": p.outbound.failed.load(Relaxed),
-                    "last_original_destination": p.outbound.last_orig_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
+                    "accepted": p.stats.outbound.accepted.load(Relaxed),
+                    "forwarded": p.stats.outbound.forwarded.load(Relaxed),
+                    "tunneled": p.stats.outbound.tunneled.load(Relaxed),
+                    "failed": p.stats.outbound.failed.load(Relaxed),
+                    "last_original_destination": p.stats.outbound.last_orig_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
                 },
                 "inbound_plaintext": {
-                    "accepted": p.inbound.accepted.load(Relaxed),
-                    "forwarded": p.inbound.forwarded.load(Relaxed),
-                    "last_destination": p.inbound.last_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
+                    "accepted": p.stats.inbound.accepted.load(Relaxed),
+                    "forwarded": p.stats.inbound.forwarded.load(Relaxed),
+                    "last_destination": p.stats.inbound.last_dst.lock().ok().and_then(|l| l.map(|a| a.to_string())),
                 },
             })
         })

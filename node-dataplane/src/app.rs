@@ -88,7 +88,7 @@ pub async fn start(
             cgroup: c.cgroup.clone(),
             pin_dir: c.bpf_dir.clone(),
             proxy_mark: c.proxy.mark,
-            outbound_port: crate::pods::OUTBOUND_PORT,
+            outbound_port: crate::proxy::ports::OUTBOUND_PORT,
         })
         .context("installing the eBPF capture programs")?;
         let inbound = crate::ebpf::Inbound::load(&c.bpf_dir)
@@ -123,20 +123,26 @@ pub async fn start(
         tokio::spawn(proxy.clone().reap_forever());
         let capture = Arc::new(std::sync::Mutex::new(capture));
         let inbound = Arc::new(std::sync::Mutex::new(inbound));
-        metrics.state.attach(crate::metrics::state::Sources {
-            config: config.clone(),
-            pods: map.clone(),
-            capture: capture.clone(),
-            inbound: inbound.clone(),
-            plugins: proxy.plugins.clone(),
-        });
+        let mut scraped: Vec<Arc<dyn crate::metrics::scrape::Scrape>> = vec![
+            Arc::new(crate::pods::PodMetrics {
+                config: config.clone(),
+                pods: map.clone(),
+            }),
+            Arc::new(crate::ebpf::metrics::CaptureMetrics {
+                capture: capture.clone(),
+                inbound: inbound.clone(),
+            }),
+        ];
+        if let Some(p) = &proxy.plugins {
+            scraped.push(p.clone());
+        }
+        metrics.scrape.attach(scraped);
         let manager = crate::pods::PodManager {
             proxy,
             config: config.clone(),
             registry,
             capture,
             inbound,
-            mark: c.proxy.mark,
             hint_path: c.cni_socket.parent().map(|d| d.join("enrollment.json")),
             pods: map.clone(),
             ready: ready.clone(),
@@ -154,7 +160,6 @@ pub async fn start(
         config: config.clone(),
         certs: certs.clone(),
         metrics,
-        dataplane_ready: dataplane_ready.clone(),
         pods: pods.clone(),
         proxy: proxy_state,
     };

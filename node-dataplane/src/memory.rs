@@ -15,6 +15,8 @@
 //! made read-only by RELRO) are anonymous memory whose contents exist nowhere else:
 //! they are found through `/proc/self/pagemap` and never touched.
 
+#![allow(unsafe_code)] // system calls the std library does not wrap (see the `SAFETY` notes)
+
 use std::io::{self, Read, Seek, SeekFrom};
 
 /// What [`release_code_pages`] did.
@@ -79,11 +81,6 @@ fn droppable(entry: u64) -> bool {
 /// is mapped again from the page cache on its next access.
 pub fn release_code_pages() -> io::Result<Released> {
     walk(true)
-}
-
-/// What [`release_code_pages`] would give back now, without doing it.
-pub fn releasable_code_pages() -> io::Result<Released> {
-    walk(false)
 }
 
 fn walk(release: bool) -> io::Result<Released> {

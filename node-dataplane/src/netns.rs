@@ -4,6 +4,8 @@
 //! socket keeps the namespace it was created in, so the rest of the agent uses it
 //! from any thread.
 
+#![allow(unsafe_code)] // system calls the std library does not wrap (see the `SAFETY` notes)
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;

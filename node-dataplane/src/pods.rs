@@ -1,34 +1,39 @@
 //! Per-pod dataplane: for every sandbox the CNI plugin reported whose workload the
-//! control plane says is enrolled and on this node, the agent enters the pod's
-//! netns, binds the proxy's listeners there (15001 outbound, 15006 inbound
-//! plaintext, 15008 HBONE), records the netns cookie in the capture map and attaches
-//! inbound capture. A pod that leaves (CNI DEL, deleted, opted out) is torn down.
+//! control plane says is enrolled and on this node, the agent opens the pod's
+//! netns, has the proxy bind its listeners there ([`crate::proxy::listeners`]),
+//! records the netns cookie in the capture map and attaches inbound capture, then
+//! has the proxy serve the listeners. A pod that leaves (CNI DEL, deleted, opted
+//! out) is torn down. [`PodManager`] owns the [`PodMap`].
 
 use crate::cni::protocol::{EnrollmentHint, Sandbox};
 use crate::cni::registry::PodRegistry;
 use crate::config::ConfigStore;
 use crate::ebpf::{Capture, Inbound};
+use crate::metrics::scrape::{family, gauges, Scrape};
 use crate::netns::PodNetns;
-use crate::proxy::{inbound, outbound};
+use crate::proxy::counters::PodStats;
+use crate::proxy::listeners::PodListeners;
+use crate::proxy::local::LocalPod;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 use weft_api::pb;
 
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const INBOUND_PLAIN_PORT: u16 = 15006;
-pub const HBONE_PORT: u16 = 15008;
+/// Enrolled pods' dataplanes, by sandbox id. [`PodManager`] owns it; the admin
+/// endpoint and the metrics read it.
+pub type PodMap = Arc<Mutex<BTreeMap<String, PodDataplane>>>;
 
 pub struct PodDataplane {
     pub sandbox: Sandbox,
     pub workload_key: String,
     pub cookie: u64,
     pub ip4: Option<Ipv4Addr>,
-    pub outbound: Arc<outbound::OutboundStats>,
-    pub inbound: Arc<inbound::InboundStats>,
+    /// Its listeners' counters.
+    pub stats: PodStats,
     pub netns: Arc<PodNetns>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -47,10 +52,9 @@ pub struct PodManager {
     pub capture: Arc<Mutex<Capture>>,
     pub inbound: Arc<Mutex<Inbound>>,
     pub proxy: Arc<crate::proxy::state::ProxyState>,
-    pub mark: u32,
     /// Where the enrollment hint for the CNI plugin is written.
     pub hint_path: Option<PathBuf>,
-    pub pods: Arc<Mutex<BTreeMap<String, PodDataplane>>>,
+    pub pods: PodMap,
     /// Set after the first reconcile following a complete config sync.
     pub ready: Arc<AtomicBool>,
 }
@@ -154,90 +158,49 @@ impl PodManager {
                 IpAddr::V4(v4) => Some(v4),
                 IpAddr::V6(_) => None,
             });
-        let out_l = netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
-        // IPv6 is optional: a pod without IPv6 loopback simply has no [::1] listener.
-        let out6_l = netns
-            .listen(SocketAddr::from((
-                std::net::Ipv6Addr::LOCALHOST,
-                OUTBOUND_PORT,
-            )))
-            .ok();
-        let in_l = netns.listen(SocketAddr::from((
-            Ipv4Addr::UNSPECIFIED,
-            INBOUND_PLAIN_PORT,
-        )))?;
-        let hbone_l = netns.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))?;
+        let listeners = PodListeners::bind(&netns)?;
         // Everything that can fail happens before any task starts, so a failed
         // attempt leaves no listener behind and can simply be retried.
         if let Some(ip) = ip4 {
-            Self::lock(&self.inbound).enroll(std::path::Path::new(&s.netns), ip, &in_l)?;
+            Self::lock(&self.inbound).enroll(
+                std::path::Path::new(&s.netns),
+                ip,
+                listeners.inbound_plain(),
+            )?;
         }
-        if let Err(e) = Self::lock(&self.capture).enroll(cookie, ip4) {
+        let undo = |capture: bool| {
+            if capture {
+                let _ = Self::lock(&self.capture).unenroll(cookie);
+            }
             if let Some(ip) = ip4 {
                 let _ = Self::lock(&self.inbound).unenroll(ip);
             }
+        };
+        if let Err(e) = Self::lock(&self.capture).enroll(cookie, ip4) {
+            undo(false);
             return Err(e.into());
         }
-        let listeners = (|| -> std::io::Result<_> {
-            let outs: Vec<tokio::net::TcpListener> = std::iter::once(out_l)
-                .chain(out6_l)
-                .map(tokio::net::TcpListener::from_std)
-                .collect::<Result<_, _>>()?;
-            Ok((
-                outs,
-                tokio::net::TcpListener::from_std(in_l)?,
-                tokio::net::TcpListener::from_std(hbone_l)?,
-            ))
-        })();
-        let (outs, in_l, hbone_l) = match listeners {
-            Ok(l) => l,
+        let stats = PodStats::default();
+        let local = LocalPod {
+            workload: Arc::new(w.clone()),
+            netns: netns.clone(),
+        };
+        let tasks = match listeners.serve(&self.proxy, &local, &stats) {
+            Ok(t) => t,
             Err(e) => {
-                let _ = Self::lock(&self.capture).unenroll(cookie);
-                if let Some(ip) = ip4 {
-                    let _ = Self::lock(&self.inbound).unenroll(ip);
-                }
+                undo(true);
                 return Err(e.into());
             }
         };
-        let out_stats = Arc::new(outbound::OutboundStats::default());
-        let in_stats = Arc::new(inbound::InboundStats::default());
-        let workload = Arc::new(w.clone());
-        let local = crate::proxy::state::LocalPod {
-            workload: workload.clone(),
-            netns: netns.clone(),
-        };
-        let ob = Arc::new(outbound::Outbound {
-            netns: netns.clone(),
-            mark: self.mark,
-            stats: out_stats.clone(),
-            mesh: Some((self.proxy.clone(), local.clone())),
-        });
-        let mut tasks = Vec::new();
-        for l in outs {
-            tasks.push(tokio::spawn(outbound::serve(l, ob.clone())));
-        }
-        tasks.push(tokio::spawn(inbound::serve(
-            in_l,
-            netns.clone(),
-            self.mark,
-            in_stats.clone(),
-            Some((self.proxy.clone(), workload)),
-        )));
-        tasks.push(tokio::spawn(crate::proxy::hbone::serve(
-            hbone_l,
-            local.clone(),
-            self.proxy.clone(),
-        )));
         for ip in s.ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
-            self.proxy.set_local(ip, Some(local.clone()));
+            self.proxy.local.set(ip, Some(local.clone()));
         }
         Ok(PodDataplane {
             sandbox: s,
             workload_key,
             cookie,
             ip4,
-            outbound: out_stats,
-            inbound: in_stats,
+            stats,
             netns,
             tasks,
         })
@@ -250,7 +213,7 @@ impl PodManager {
             .iter()
             .filter_map(|i| i.parse::<IpAddr>().ok())
         {
-            self.proxy.set_local(ip, None);
+            self.proxy.local.set(ip, None);
         }
         if let Err(e) = Self::lock(&self.capture).unenroll(p.cookie) {
             tracing::warn!(error = %e, "unenrolling netns cookie");
@@ -278,5 +241,50 @@ impl PodManager {
         if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the CNI enrollment hint");
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    /// As in the traffic metrics: the `app` label, else the pod name.
+    workload: String,
+}
+
+/// The enrolled pods, as the metrics endpoint reads them.
+pub struct PodMetrics {
+    pub config: Arc<ConfigStore>,
+    pub pods: PodMap,
+}
+
+impl Scrape for PodMetrics {
+    fn scrape(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self;
+        let snap = s.config.snapshot();
+        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for p in s.pods.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let workload = match snap.workloads.get(&p.workload_key) {
+                Some(w) => crate::metrics::traffic::workload_name(Some(w)).0,
+                None => p.sandbox.pod_name.clone(),
+            };
+            *counts
+                .entry((p.sandbox.pod_namespace.clone(), workload))
+                .or_default() += 1;
+        }
+        let f = gauges(counts.into_iter().map(|((namespace, workload), n)| {
+            (
+                PodLabels {
+                    namespace,
+                    workload,
+                },
+                n,
+            )
+        }));
+        family(
+            enc,
+            "node_enrolled_pods",
+            "Pods on this node whose traffic the mesh captures, by namespace and workload",
+            &f,
+        )
     }
 }

@@ -15,9 +15,9 @@
 use clap::Parser;
 use std::sync::Arc;
 use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
-use weft_node::ebpf::{cgroup, Capture, CaptureOptions};
-use weft_node::netns::PodNetns;
-use weft_node::proxy::outbound::{self, OutboundStats};
+use weft_node::testing::{cgroup, Capture, CaptureOptions};
+use weft_node::testing::PodNetns;
+use weft_node::testing::{serve_outbound_plain, OutboundStats};
 
 #[derive(Parser)]
 struct Args {
@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
             let podns = podns.clone();
             rt.spawn(async move {
                 if let Ok(l) = tokio::net::TcpListener::from_std(l) {
-                    outbound::serve_plain(l, podns, MARK, Arc::new(OutboundStats::default())).await
+                    serve_outbound_plain(l, podns, MARK, Arc::new(OutboundStats::default())).await
                 }
             });
         }

@@ -28,13 +28,10 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_api::authz::Attributes;
 use weft_api::pb;
 use weft_e2e::perf::{median, quantile};
-use weft_node::config::ConfigStore;
-use weft_node::netns::PodNetns;
-use weft_node::proxy::l7::{self, ConnCtx};
-use weft_node::proxy::state::{LocalPod, ProxyOptions, ProxyState};
+use weft_node::testing::{self as node, ConnCtx, LocalPod, PodNetns, ProxyState};
+use weft_node::ConfigStore;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Mode {
@@ -109,6 +106,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const WORKLOAD: &str = "Workload/bench/server";
 const PRINCIPAL: &str = "td.local/ns/bench/sa/client";
+const SERVER_ID: &str = "spiffe://td.local/ns/bench/sa/server";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -134,8 +132,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let app = start_app().await?;
-    let state = proxy_state(app, args.access_log, args.other_policies)?;
     let netns = Arc::new(PodNetns::open("/proc/self/ns/net")?);
+    let states = States {
+        l4: proxy_state(app, &netns, args.access_log, 0, false)?,
+        l7: proxy_state(app, &netns, args.access_log, args.other_policies, true)?,
+    };
     let modes = selected(&args.mode);
     let mut cpu: HashMap<&'static str, Vec<f64>> = HashMap::new();
     let mut process: HashMap<&'static str, Vec<f64>> = HashMap::new();
@@ -145,7 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // always after the same one.
         let n = modes.len();
         for &m in modes.iter().cycle().skip(round % n).take(n) {
-            let r = measure(m, app, &state, &netns, args.requests, args.evict_kib).await?;
+            let r = measure(m, app, &states, args.requests, args.evict_kib).await?;
             println!(
                 "round {}: {:<6} {:>7.2} us CPU/request ({:>7.2} process), {:>7.2} us/request",
                 round + 1,
@@ -470,12 +471,23 @@ async fn start_app() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A node's proxy state holding the server workload and an ALLOW policy on method
-/// and path for it (so requests are parsed and authorized).
+/// The destination node's proxy state for each kind of mode.
+struct States {
+    /// No policy: connections are copied.
+    l4: Arc<ProxyState>,
+    /// An ALLOW policy on method and path: requests are parsed and authorized.
+    l7: Arc<ProxyState>,
+}
+
+/// A node's proxy state holding the server workload as a local pod (reached in
+/// `netns`) and, if `l7`, an ALLOW policy on method and path for it (so requests
+/// are parsed and authorized) and `other_policies` policies elsewhere.
 fn proxy_state(
     app: SocketAddr,
+    netns: &Arc<PodNetns>,
     access_log: bool,
     other_policies: usize,
+    l7: bool,
 ) -> anyhow::Result<Arc<ProxyState>> {
     let config = ConfigStore::new("node-b");
     let workload = pb::Workload {
@@ -535,28 +547,26 @@ fn proxy_state(
             },
         ]
         .into_iter()
+        .take(if l7 { 2 } else { 1 })
         .chain(others)
         .collect(),
         ..Default::default()
     });
     anyhow::ensure!(rejected.is_empty(), "config rejected: {rejected:?}");
-    let opts = ProxyOptions {
-        mark: 0,
-        lb: Default::default(),
-        hbone_idle: Duration::from_secs(60),
-        http1_head_timeout: Duration::from_secs(30),
-        access_log: weft_node::proxy::access_log::AccessLogSettings {
-            enabled: access_log,
-            rate: 100,
-        },
+    let state = node::proxy_state(config, |o| o.access_log.enabled = access_log);
+    let workload = state
+        .config()
+        .snapshot()
+        .workloads
+        .get(WORKLOAD)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no workload"))?;
+    let pod = LocalPod {
+        workload,
+        netns: netns.clone(),
     };
-    Ok(ProxyState::new(
-        config,
-        Default::default(),
-        Arc::new(weft_node::metrics::Metrics::new()),
-        opts,
-        None,
-    ))
+    state.set_local_pod(app.ip(), Some(pod));
+    Ok(state)
 }
 
 /// Runs warm-up plus `n` requests through `mode`; returns (CPU us, wall us) per request.
@@ -570,8 +580,7 @@ struct Measured {
 async fn measure(
     mode: Mode,
     app: SocketAddr,
-    state: &Arc<ProxyState>,
-    netns: &Arc<PodNetns>,
+    states: &States,
     n: u64,
     evict_kib: usize,
 ) -> anyhow::Result<Measured> {
@@ -595,36 +604,34 @@ async fn measure(
         }
         Mode::L7 | Mode::L7C => {
             let (down, proxy_end) = tokio::io::duplex(64 * 1024);
-            let mut ctx = l7_ctx(state, netns, app)?;
+            let mut ctx = l7_ctx(&states.l7, app)?;
             if mode == Mode::L7C {
                 ctx.plan.plugins = vec![c_plugin()?];
             }
             tokio::spawn(async move {
-                if let Err(e) = l7::serve(proxy_end, ctx).await {
+                if let Err(e) = node::serve_l7(proxy_end, ctx).await {
                     eprintln!("l7::serve: {e:#}");
                 }
             });
             client(down).await?
         }
         Mode::HboneL4 | Mode::HboneL7 | Mode::MtlsL4 | Mode::MtlsL7 => {
-            let l7 = matches!(mode, Mode::HboneL7 | Mode::MtlsL7);
-            let ctx = if l7 {
-                Some(l7_ctx(state, netns, app)?)
-            } else {
-                None
+            let state = match mode {
+                Mode::HboneL7 | Mode::MtlsL7 => &states.l7,
+                _ => &states.l4,
             };
             let tls = match mode {
                 Mode::MtlsL4 | Mode::MtlsL7 => Some(mtls()?),
                 _ => None,
             };
-            let tunnel = hbone_pair(app, ctx, tls.as_ref()).await?;
+            let tunnel = hbone_pair(state, app, tls.as_ref()).await?;
             // The source side: the client's TCP connection copied into the tunnel.
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = l.local_addr()?;
             tokio::spawn(async move {
                 if let Ok((mut s, _)) = l.accept().await {
                     let _ = s.set_nodelay(true);
-                    let _ = weft_node::proxy::tunnel::copy(&mut s, tunnel).await;
+                    let _ = node::copy_tunnel(&mut s, tunnel).await;
                 }
             });
             let s = tokio::net::TcpStream::connect(addr).await?;
@@ -653,43 +660,22 @@ async fn measure(
     })
 }
 
-fn l7_ctx(
-    state: &Arc<ProxyState>,
-    netns: &Arc<PodNetns>,
-    app: SocketAddr,
-) -> anyhow::Result<ConnCtx> {
-    let snap = state.config.snapshot();
-    let workload = snap
+fn l7_ctx(state: &Arc<ProxyState>, app: SocketAddr) -> anyhow::Result<ConnCtx> {
+    let workload = state
+        .config()
+        .snapshot()
         .workloads
         .get(WORKLOAD)
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("no workload"))?;
-    let plan = state
-        .l7_plan(&workload, app.port())
-        .ok_or_else(|| anyhow::anyhow!("the policy does not make the port L7"))?;
     let peer: SocketAddr = "127.0.0.2:40000".parse()?;
-    let attrs = Attributes {
-        source_ip: Some(peer.ip()),
-        destination_ip: Some(app.ip()),
-        destination_port: app.port(),
-        principal: Some(PRINCIPAL.into()),
-        request: None,
-        l7_pending: true,
-    };
-    let labels = weft_node::proxy::metrics::labels("destination", None, Some(&workload), true);
-    Ok(ConnCtx::new(
-        state.clone(),
-        LocalPod {
-            workload,
-            netns: netns.clone(),
-        },
+    node::l7_ctx(
+        state,
+        workload,
         app,
         peer,
-        attrs,
-        Some(format!("spiffe://{PRINCIPAL}")),
-        plan,
-        labels,
-    ))
+        Some(&format!("spiffe://{PRINCIPAL}")),
+    )
 }
 
 /// The agent's mTLS configs for a client and a server workload, with SVIDs signed
@@ -701,7 +687,7 @@ struct Mtls {
 
 fn mtls() -> anyhow::Result<Mtls> {
     use weft_control_plane::identity::ca::{Ca, CaOptions};
-    use weft_node::certs::{zeroizing::Secret, WorkloadCert};
+    use weft_node::testing::{Secret, WorkloadCert};
     let dir = tempfile::tempdir()?;
     let ca = Ca::load_or_create(&CaOptions {
         state_dir: dir.path().to_path_buf(),
@@ -728,35 +714,48 @@ fn mtls() -> anyhow::Result<Mtls> {
             key_pem: Secret(key.serialize_pem()),
         })
     };
-    let server_id = "spiffe://td.local/ns/bench/sa/server";
+    let server_id = SERVER_ID;
     let (client, server) = (svid(&format!("spiffe://{PRINCIPAL}"))?, svid(server_id)?);
     Ok(Mtls {
-        client: weft_node::proxy::tls::client_config(&client, ca.bundle_pem(), server_id)?,
-        server: weft_node::proxy::tls::server_config(&server, ca.bundle_pem())?,
+        client: node::client_config(&client, ca.bundle_pem(), server_id)?,
+        server: node::server_config(&server, ca.bundle_pem())?,
     })
 }
 
 /// An HBONE tunnel (HTTP/2 CONNECT, the agent's HTTP/2 settings) between a source
 /// and a destination side over an in-memory pipe, with the agent's mTLS if given.
-/// The destination side serves the stream at L4 (copy to the app) or, given a
-/// context, at L7. Returns the source side's tunnel.
+/// The destination side is the agent's own HBONE server ([`node::serve_hbone_streams`]
+/// over `state`), which authorizes the stream and serves it at L4 or L7 as the
+/// state's policies say. Returns the source side's tunnel.
 async fn hbone_pair(
+    state: &Arc<ProxyState>,
     app: SocketAddr,
-    ctx: Option<ConnCtx>,
     tls: Option<&Mtls>,
-) -> anyhow::Result<weft_node::proxy::tunnel::Tunnel> {
+) -> anyhow::Result<node::Tunnel> {
     let (a, b) = tokio::io::duplex(256 * 1024);
+    let peer: SocketAddr = "127.0.0.2:40000".parse()?;
+    let peer_id = format!("spiffe://{PRINCIPAL}");
+    let state = state.clone();
     match tls {
         None => {
-            tokio::spawn(serve_hbone(b, app, ctx));
+            tokio::spawn(async move {
+                if let Err(e) =
+                    node::serve_hbone_streams(b, peer, &peer_id, SERVER_ID, &state).await
+                {
+                    eprintln!("HBONE: {e:#}");
+                }
+            });
             open_hbone(a, app).await
         }
         Some(m) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(m.server.clone());
             tokio::spawn(async move {
-                match acceptor.accept(b).await {
-                    Ok(s) => serve_hbone(s, app, ctx).await,
-                    Err(e) => eprintln!("TLS accept: {e}"),
+                let served = match acceptor.accept(b).await {
+                    Ok(s) => node::serve_hbone_streams(s, peer, &peer_id, SERVER_ID, &state).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = served {
+                    eprintln!("HBONE over mTLS: {e:#}");
                 }
             });
             let name = rustls::pki_types::ServerName::IpAddress(app.ip().into());
@@ -768,50 +767,12 @@ async fn hbone_pair(
     }
 }
 
-/// The destination side of [`hbone_pair`].
-async fn serve_hbone<T>(io: T, app: SocketAddr, ctx: Option<ConnCtx>)
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    use weft_node::proxy::tunnel::{Tunnel, TunnelIo};
-    let Ok(mut conn) = weft_node::proxy::hbone::h2_server()
-        .handshake::<_, bytes::Bytes>(io)
-        .await
-    else {
-        return;
-    };
-    let Some(Ok((req, mut respond))) = conn.accept().await else {
-        return;
-    };
-    tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
-    let Ok(send) = respond.send_response(http::Response::new(()), false) else {
-        return;
-    };
-    let t = Tunnel {
-        send,
-        recv: req.into_body(),
-    };
-    match ctx {
-        Some(ctx) => {
-            if let Err(e) = l7::serve(TunnelIo::new(t), ctx).await {
-                eprintln!("l7::serve: {e:#}");
-            }
-        }
-        None => {
-            if let Ok(mut up) = tokio::net::TcpStream::connect(app).await {
-                let _ = up.set_nodelay(true);
-                let _ = weft_node::proxy::tunnel::copy(&mut up, t).await;
-            }
-        }
-    }
-}
-
 /// The source side of [`hbone_pair`]: one CONNECT stream to `app`.
-async fn open_hbone<T>(io: T, app: SocketAddr) -> anyhow::Result<weft_node::proxy::tunnel::Tunnel>
+async fn open_hbone<T>(io: T, app: SocketAddr) -> anyhow::Result<node::Tunnel>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, conn) = weft_node::proxy::hbone::h2_client()
+    let (mut send, conn) = node::h2::client()
         .handshake::<_, bytes::Bytes>(io)
         .await?;
     tokio::spawn(async move {
@@ -824,16 +785,16 @@ where
     let (resp, stream) = send.send_request(req, false)?;
     let resp = resp.await?;
     anyhow::ensure!(resp.status() == 200, "CONNECT: {}", resp.status());
-    Ok(weft_node::proxy::tunnel::Tunnel {
+    Ok(node::Tunnel {
         send: stream,
         recv: resp.into_body(),
     })
 }
 
 /// The C example plugin, configured to let the client through and add its header.
-fn c_plugin() -> anyhow::Result<Arc<weft_node::wasm::plugin::Plugin>> {
+fn c_plugin() -> anyhow::Result<Arc<node::Plugin>> {
     let bytes = std::fs::read(weft_e2e::plugin_path("peer_gate_c")?)?;
-    let engine = weft_node::wasm::engine::WasmEngine::new()?;
+    let engine = node::WasmEngine::new()?;
     let spec = pb::WasmPlugin {
         name: "c".into(),
         namespace: "bench".into(),
@@ -842,7 +803,7 @@ fn c_plugin() -> anyhow::Result<Arc<weft_node::wasm::plugin::Plugin>> {
         plugin_config: r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"c"}"#.into(),
         ..Default::default()
     };
-    let p = weft_node::wasm::plugin::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
+    let p = node::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
     anyhow::ensure!(p.load_error().is_none(), "{:?}", p.load_error());
     Ok(Arc::new(p))
 }

@@ -1,4 +1,4 @@
-//! `weft-cni`: weft's chained CNI plugin (CNI spec 1.0). See `weft_node::cni`.
+//! `weft-cni`: weft's chained CNI plugin (CNI spec 1.0). See the `cni` module of weft-node.
 //!
 //! Run by the container runtime with CNI_* variables, it is the plugin. Run as
 //! `weft-cni install [--bin-dir D] [--conf-dir D] [--socket S] [--wait-seconds N]`
@@ -19,7 +19,7 @@ struct InstallArgs {
     #[arg(long, default_value = "/host/etc/cni/net.d")]
     conf_dir: PathBuf,
     /// The node agent's CNI socket, as the plugin will see it on the host.
-    #[arg(long, default_value = weft_node::cni::plugin::DEFAULT_SOCKET)]
+    #[arg(long, default_value = weft_node::DEFAULT_CNI_SOCKET)]
     socket: String,
     /// How long to wait for the cluster network plugin's `.conflist`.
     #[arg(long, default_value_t = 300)]
@@ -51,7 +51,7 @@ fn install(args: &[String]) -> i32 {
             return 1;
         }
     };
-    match weft_node::cni::install::install(&me, &bin_dir, &conf_dir, &socket, wait) {
+    match weft_node::install_cni(&me, &bin_dir, &conf_dir, &socket, wait) {
         Ok(conf) => {
             println!(
                 "installed {} and chained it in {}",
@@ -75,7 +75,7 @@ fn main() {
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let mut stdin = String::new();
     let _ = std::io::stdin().read_to_string(&mut stdin);
-    let out = weft_node::cni::plugin::run(&env, &stdin);
+    let out = weft_node::run_cni_plugin(&env, &stdin);
     if !out.stdout.is_empty() {
         println!("{}", out.stdout);
     }

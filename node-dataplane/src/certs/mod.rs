@@ -5,4 +5,6 @@ mod manager;
 mod store;
 
 pub use manager::{CertManager, CertManagerSettings};
-pub use store::{zeroizing, CertStore, WorkloadCert};
+#[cfg(any(test, feature = "testing"))]
+pub use store::zeroizing;
+pub use store::{CertStore, WorkloadCert};

@@ -99,6 +99,15 @@ impl ConfigStore {
     }
 
     /// SPIFFE IDs of the enrolled workloads scheduled on this node.
+    /// The trust bundle roots (PEM) of this mesh.
+    pub fn trust_bundle(&self) -> Option<String> {
+        self.snapshot()
+            .trust_bundles
+            .values()
+            .next()
+            .map(|b| b.roots_pem.clone())
+    }
+
     pub fn local_identities(&self) -> std::collections::BTreeSet<String> {
         self.snapshot()
             .workloads

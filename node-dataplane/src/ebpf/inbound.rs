@@ -6,7 +6,7 @@
 
 use super::loader::CaptureError;
 use super::maps::{InboundPod, InboundStats, WEFT_POD_ENROLLED};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
@@ -37,6 +37,7 @@ impl Inbound {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(super::INBOUND_OBJECT)?;
+        super::loader::check_layouts(&ebpf, super::maps::INBOUND_MAP_LAYOUTS)?;
         let name = "weft_inbound";
         let prog: &mut SkLookup = ebpf
             .program_mut(name)
@@ -167,24 +168,6 @@ impl Inbound {
         std::fs::read_dir(&self.links_dir)
             .map(|d| d.filter_map(Result::ok).count())
             .unwrap_or(0)
-    }
-
-    pub fn stats(&mut self, ip: Ipv4Addr) -> Result<InboundStats, CaptureError> {
-        let name = "weft_inbound_stats_map";
-        let map = self.ebpf.map_mut(name).ok_or(CaptureError::Map {
-            name,
-            source: aya::maps::MapError::InvalidName { name: name.into() },
-        })?;
-        let m: PerCpuHashMap<&mut MapData, u32, InboundStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err(name))?;
-        match m.get(&u32::from(ip).to_be(), 0) {
-            Ok(v) => Ok(v.iter().fold(InboundStats::default(), |a, s| InboundStats {
-                captured: a.captured + s.captured,
-                dropped: a.dropped + s.dropped,
-            })),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(InboundStats::default()),
-            Err(source) => Err(CaptureError::Map { name, source }),
-        }
     }
 }
 

@@ -94,22 +94,7 @@ impl Capture {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(super::CAPTURE_OBJECT)?;
-        for (name, key, value) in MAP_LAYOUTS {
-            let map = ebpf.map(name).ok_or(CaptureError::Map {
-                name,
-                source: aya::maps::MapError::InvalidName {
-                    name: name.to_string(),
-                },
-            })?;
-            let info = map_info(map).map_err(|source| CaptureError::Map { name, source })?;
-            if (info.0 as usize, info.1 as usize) != (*key, *value) {
-                return Err(CaptureError::Layout {
-                    name,
-                    got: info,
-                    want: (*key, *value),
-                });
-            }
-        }
+        check_layouts(&ebpf, MAP_LAYOUTS)?;
         let cgroup = std::fs::File::open(&opts.cgroup)
             .map_err(io(format!("opening cgroup {}", opts.cgroup.display())))?;
         let mut new_links: Vec<(&'static str, FdLink)> = Vec::new();
@@ -350,4 +335,29 @@ fn map_info(map: &aya::maps::Map) -> Result<(u32, u32), aya::maps::MapError> {
     };
     let info = data.info()?;
     Ok((info.key_size(), info.value_size()))
+}
+
+/// Checks that every map of a loaded object has the key and value sizes of its
+/// Rust mirror in [`super::maps`] (a drift between C and Rust fails the load).
+pub(crate) fn check_layouts(
+    ebpf: &aya::Ebpf,
+    layouts: &[(&'static str, usize, usize)],
+) -> Result<(), CaptureError> {
+    for (name, key, value) in layouts {
+        let map = ebpf.map(name).ok_or(CaptureError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName {
+                name: name.to_string(),
+            },
+        })?;
+        let info = map_info(map).map_err(|source| CaptureError::Map { name, source })?;
+        if (info.0 as usize, info.1 as usize) != (*key, *value) {
+            return Err(CaptureError::Layout {
+                name,
+                got: info,
+                want: (*key, *value),
+            });
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! `#[repr(C)]` mirrors of `ebpf/include/weft_maps.h`. Change both together; the
 //! layout tests below and the map-size check at load time catch drift.
 
+#![allow(unsafe_code)] // `aya::Pod` for the map value types (see the `SAFETY` notes)
+
 /// Value of `weft_enrolled` (key: netns cookie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,14 +131,19 @@ mod tests {
     /// the ELF equals the Rust mirror's.
     #[test]
     fn layouts_match_the_compiled_object() {
-        let obj = aya_obj::Object::parse(crate::ebpf::CAPTURE_OBJECT).expect("parse capture.o");
-        for (name, key, value) in MAP_LAYOUTS {
-            let m = obj
-                .maps
-                .get(*name)
-                .unwrap_or_else(|| panic!("map {name} missing"));
-            assert_eq!(m.key_size() as usize, *key, "{name} key");
-            assert_eq!(m.value_size() as usize, *value, "{name} value");
+        for (object, layouts) in [
+            (crate::ebpf::CAPTURE_OBJECT, MAP_LAYOUTS),
+            (crate::ebpf::INBOUND_OBJECT, INBOUND_MAP_LAYOUTS),
+        ] {
+            let obj = aya_obj::Object::parse(object).expect("parse the eBPF object");
+            for (name, key, value) in layouts {
+                let m = obj
+                    .maps
+                    .get(*name)
+                    .unwrap_or_else(|| panic!("map {name} missing"));
+                assert_eq!(m.key_size() as usize, *key, "{name} key");
+                assert_eq!(m.value_size() as usize, *value, "{name} value");
+            }
         }
     }
 }

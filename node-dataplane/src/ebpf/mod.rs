@@ -5,10 +5,11 @@ pub mod cgroup;
 pub mod inbound;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod occupancy;
 
 pub use inbound::Inbound;
-pub use loader::{Capture, CaptureError, CaptureOptions};
+pub use loader::{Capture, CaptureOptions};
 
 /// The compiled capture programs.
 pub static CAPTURE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capture.o"));

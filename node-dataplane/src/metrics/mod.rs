@@ -1,17 +1,23 @@
 //! Node metrics (Prometheus text format). Names are documented in docs/metrics.md.
 //!
-//! Counters the agent updates as things happen live here; [`state`] reads the
+//! Counters the agent updates as things happen live here; [`scrape`] reads the
 //! rest (pods, eBPF, plugins) from their owners at scrape time.
 
-pub mod state;
+pub mod scrape;
+pub mod traffic;
 
-use crate::proxy::access_log::DroppedLabel;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+
+/// The decision whose access-log records were dropped (`allow`, `deny`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabel {
+    pub decision: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabel {
@@ -27,8 +33,8 @@ pub struct Metrics {
     pub cert_rotations: Counter,
     pub cert_errors: Counter,
     pub cert_expiry: Family<IdentityLabel, Gauge>,
-    pub traffic: crate::proxy::metrics::TrafficMetrics,
-    pub state: Arc<state::StateCollector>,
+    pub traffic: traffic::TrafficMetrics,
+    pub scrape: Arc<scrape::StateCollector>,
     pub access_log_dropped: Family<DroppedLabel, Counter>,
 }
 
@@ -41,7 +47,7 @@ impl Metrics {
         let m = Self {
             registry: Registry::default(),
             cert_rotations: Counter::default(),
-            state: Arc::default(),
+            scrape: Arc::default(),
             access_log_dropped: Family::default(),
             control_plane_connected: Gauge::default(),
             config_updates: Counter::default(),
@@ -52,7 +58,7 @@ impl Metrics {
             traffic: Default::default(),
         };
         m.traffic.register(registry);
-        registry.register_collector(Box::new(m.state.clone()));
+        registry.register_collector(Box::new(m.scrape.clone()));
         let node = registry.sub_registry_with_prefix("node");
         node.register(
             "control_plane_connected",

@@ -11,7 +11,7 @@
 //! Never logged: headers, query strings, bodies, certificates or keys. Paths are cut
 //! at 256 bytes.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use crate::metrics::DroppedLabel;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use std::net::SocketAddr;
@@ -36,11 +36,6 @@ impl Default for AccessLogSettings {
             rate: 100,
         }
     }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DroppedLabel {
-    pub decision: &'static str,
 }
 
 /// A token bucket refilled continuously at `rate` per second.

@@ -61,10 +61,6 @@ impl ConnTracker {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Re-authorizes every open connection; cancels the denied ones. Returns how many.
     pub fn recheck(
         &self,

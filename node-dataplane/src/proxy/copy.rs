@@ -14,3 +14,8 @@ where
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, BUF, BUF).await
 }
+
+/// Sets SO_LINGER 0, so that closing the socket resets the connection (RST, not FIN).
+pub fn reset_on_close(s: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+}

@@ -1,173 +1,159 @@
-//! Inbound plaintext listener (in-pod :15006): connections from outside the mesh,
-//! steered here by the sk_lookup program. The accepted socket keeps the original
-//! destination as its local address. Each is authorized as unauthenticated (no
-//! principal: principal and namespace rules cannot match it) and, if allowed,
-//! forwarded to the application from the pod's own IP, which the sk_lookup program
-//! leaves alone.
+//! The HBONE server: each enrolled pod's :15008 listener terminates mTLS with the
+//! pod's SVID, takes the client's SPIFFE ID from its certificate, and serves the
+//! HTTP/2 CONNECT streams of the session. Each stream names a destination, which
+//! must be a local enrolled workload of the identity this session presented; it is
+//! then authorized and served like any inbound connection ([`super::inbound_conn`]).
 
-use super::access_log::{ConnRecord, Verdict};
-use crate::netns::PodNetns;
+use super::counters::NodeCounters;
+use super::inbound_conn::InboundConn;
+use super::local::LocalPod;
+use super::record::ConnRecord;
+use super::state::ProxyState;
+use super::tls;
+use super::tunnel::Tunnel;
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-#[derive(Default, Debug)]
-pub struct InboundStats {
-    pub accepted: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub failed: AtomicU64,
-    pub last_dst: std::sync::Mutex<Option<std::net::SocketAddr>>,
-}
-
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    netns: Arc<PodNetns>,
-    mark: u32,
-    stats: Arc<InboundStats>,
-    authz: Option<(Arc<super::state::ProxyState>, Arc<weft_api::pb::Workload>)>,
-) {
+/// Serves HBONE on one in-pod :15008 listener. `owner` is the pod that owns the
+/// listener: its SVID is presented.
+pub async fn serve(listener: tokio::net::TcpListener, owner: LocalPod, state: Arc<ProxyState>) {
     loop {
-        let Ok((mut conn, peer)) = listener.accept().await else {
+        let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let netns = netns.clone();
-        let stats = stats.clone();
-        let authz = authz.clone();
+        let (owner, state) = (owner.clone(), state.clone());
         tokio::spawn(async move {
-            let started = Instant::now();
-            let r = async {
-                let dst = conn.local_addr()?;
-                if let Ok(mut l) = stats.last_dst.lock() {
-                    *l = Some(dst);
-                }
-                let mut reg = None;
-                let mut l7 = None;
-                let mut policy = None;
-                if let Some((state, workload)) = &authz {
-                    let plan = state.l7_plan(workload, dst.port());
-                    let attrs = weft_api::authz::Attributes {
-                        source_ip: Some(peer.ip()),
-                        destination_ip: Some(dst.ip()),
-                        destination_port: dst.port(),
-                        principal: None,
-                        request: None,
-                        l7_pending: plan.as_ref().is_some_and(super::l7::L7Plan::parses_http),
-                    };
-                    let d = state.authorize(workload, &attrs);
-                    if !d.allowed {
-                        state.counters.plaintext_in_denied.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%peer, %dst, policy = ?d.policy, reason = d.reason, "plaintext connection denied");
-                        state.access_log.connection(&plaintext_record(peer, dst, workload, Verdict::Deny(d.policy.as_deref()), Some((0, 0)), Duration::ZERO, Some(d.reason)));
-                        // Reset at once (RST, not FIN): SO_LINGER 0 on a non-blocking socket.
-                        let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
-                        return Ok(());
-                    }
-                    if let Some(plan) = plan {
-                        l7 = Some((plan, attrs.clone()));
-                    }
-                    policy = d.policy;
-                    reg = Some(state.conns.register(workload.clone(), attrs));
-                }
-                let metric = authz.as_ref().map(|(state, workload)| {
-                    let src = state.workload_by_ip(peer.ip());
-                    let l = super::metrics::labels("destination", src.as_deref(), Some(workload), false);
-                    state.metrics.traffic.open(&l);
-                    (state.clone(), l)
-                });
-                if let (Some((plan, attrs)), Some((state, workload)), Some((_, l))) = (l7, &authz, &metric) {
-                    state.counters.l7_connections.fetch_add(1, Ordering::Relaxed);
-                    let local = super::state::LocalPod { workload: workload.clone(), netns: netns.clone() };
-                    let ctx = super::l7::ConnCtx::new(state.clone(), local, dst, peer, attrs, None, plan, l.clone());
-                    stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                    let r = tokio::select! {
-                        r = super::l7::serve(conn, ctx) => r,
-                        _ = async { match &reg { Some(r) => r.cancel.cancelled().await, None => std::future::pending().await } } => Ok(()),
-                    };
-                    let t = &state.metrics.traffic;
-                    t.closed.get_or_create(l).inc();
-                    if r.is_err() {
-                        t.failed.get_or_create(l).inc();
-                    }
-                    let error = r.as_ref().err().map(|e| format!("{e:#}"));
-                    state.access_log.connection(&plaintext_record(peer, dst, workload, Verdict::Allow(policy.as_deref()), None, started.elapsed(), error.as_deref()));
-                    return r;
-                }
-                let sock = netns.tcp_socket(dst.is_ipv6(), mark).await?;
-                let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
-                    .connect(dst)
-                    .await?;
-                stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                let cancelled = async {
-                    match &reg {
-                        Some(r) => r.cancel.cancelled().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let done = tokio::select! {
-                    r = super::copy::bidirectional(&mut conn, &mut up) => r.map(Some),
-                    _ = cancelled => {
-                        // Denied by a policy change: reset both sides.
-                        let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
-                        let _ = socket2::SockRef::from(&up).set_linger(Some(std::time::Duration::ZERO));
-                        Ok(None)
-                    }
-                };
-                if let (Some((state, l)), Some((_, workload))) = (&metric, &authz) {
-                    let t = &state.metrics.traffic;
-                    t.closed.get_or_create(l).inc();
-                    match &done {
-                        Ok(Some((a, b))) => {
-                            t.sent.get_or_create(l).inc_by(*a);
-                            t.received.get_or_create(l).inc_by(*b);
-                        }
-                        _ => {
-                            t.failed.get_or_create(l).inc();
-                        }
-                    }
-                    let error = match &done {
-                        Ok(Some(_)) => None,
-                        Ok(None) => Some(super::hbone::CLOSED_BY_POLICY.to_string()),
-                        Err(e) => Some(e.to_string()),
-                    };
-                    let bytes = done.as_ref().ok().copied().flatten();
-                    state.access_log.connection(&plaintext_record(peer, dst, workload, Verdict::Allow(policy.as_deref()), bytes, started.elapsed(), error.as_deref()));
-                }
-                done.map(|_| ()).map_err(anyhow::Error::from)
-            }
-            .await;
-            if let Err(e) = r {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, error = %e, "inbound plaintext connection failed");
+            if let Err(e) = serve_conn(tcp, peer, &owner, &state).await {
+                NodeCounters::count(&state.counters.hbone_refused);
+                tracing::info!(%peer, error = %format!("{e:#}"), "HBONE connection refused");
             }
         });
     }
 }
 
-/// The access log record of a plaintext inbound connection (no peer identity).
-fn plaintext_record<'a>(
+/// One HBONE session: mTLS with `owner`'s SVID, then its streams.
+async fn serve_conn(
+    tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    dst: SocketAddr,
-    workload: &'a weft_api::pb::Workload,
-    verdict: Verdict<'a>,
-    bytes: Option<(u64, u64)>,
-    duration: Duration,
-    error: Option<&'a str>,
-) -> ConnRecord<'a> {
-    ConnRecord {
-        reporter: "destination",
-        source_addr: peer,
-        destination_addr: dst,
-        source_identity: "unknown",
-        destination_identity: &workload.spiffe_id,
-        destination_workload: Some(workload),
-        service: None,
-        mtls: false,
-        verdict,
-        bytes,
-        duration,
-        error,
+    owner: &LocalPod,
+    state: &Arc<ProxyState>,
+) -> anyhow::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let cert = state
+        .certs
+        .get(&owner.workload.spiffe_id)
+        .ok_or_else(|| anyhow::anyhow!("no certificate yet for {}", owner.workload.spiffe_id))?;
+    let bundle = state
+        .config
+        .trust_bundle()
+        .ok_or_else(|| anyhow::anyhow!("no trust bundle"))?;
+    let cfg = tls::server_config(&cert, &bundle)?;
+    let tls = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await?;
+    let peer_id = {
+        let (_, conn) = tls.get_ref();
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| anyhow::anyhow!("no client certificate"))?;
+        if let Ok((_, x)) = <x509_parser::prelude::X509Certificate as x509_parser::prelude::FromDer<'_, _>>::from_der(leaf) {
+            *state.last_peer_serial.lock().unwrap_or_else(|p| p.into_inner()) = x.raw_serial_as_string().replace(':', "");
+        }
+        tls::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?
+    };
+    serve_streams(tls, peer, &peer_id, &owner.workload.spiffe_id, state).await
+}
+
+/// Serves the CONNECT streams of an HBONE session whose TLS is done: `peer_id` is
+/// the client's SPIFFE ID, `served_id` the identity the session presented.
+pub async fn serve_streams<T>(
+    io: T,
+    peer: SocketAddr,
+    peer_id: &str,
+    served_id: &str,
+    state: &Arc<ProxyState>,
+) -> anyhow::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = super::h2::server()
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
+    // Accepting streams also drives the connection; each stream runs in its own task.
+    while let Some(stream) = conn.accept().await {
+        let (req, respond) =
+            stream.map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
+        handle(req, respond, peer, peer_id, served_id, state);
     }
+    Ok(())
+}
+
+/// Answers a CONNECT that is refused, ending the stream.
+fn refuse(mut respond: SendResponse<Bytes>, code: http::StatusCode) {
+    let mut r = http::Response::new(());
+    *r.status_mut() = code;
+    let _ = respond.send_response(r, true);
+}
+
+/// Checks one CONNECT stream and, if allowed, starts its task.
+fn handle(
+    req: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_id: &str,
+    served_id: &str,
+    state: &Arc<ProxyState>,
+) {
+    if req.method() != http::Method::CONNECT {
+        return refuse(respond, http::StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(dst) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return refuse(respond, http::StatusCode::BAD_REQUEST);
+    };
+    // Only to an enrolled workload on this node...
+    let Some(target) = state.local.get(dst.ip()) else {
+        tracing::info!(%dst, peer = %peer_id, "HBONE CONNECT to a destination that is not a local enrolled workload");
+        return refuse(respond, http::StatusCode::NOT_FOUND);
+    };
+    // ...whose identity is the one this TLS session presented to the client.
+    if target.workload.spiffe_id != served_id {
+        tracing::info!(%dst, peer = %peer_id, target = %target.workload.spiffe_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
+        return refuse(respond, http::StatusCode::MISDIRECTED_REQUEST);
+    }
+    let record = ConnRecord::inbound_hbone(state.clone(), peer, peer_id.to_string(), dst);
+    let conn = InboundConn::new(
+        state.clone(),
+        target,
+        peer,
+        dst,
+        Some(peer_id.to_string()),
+        record,
+    );
+    let admitted = match conn.authorize() {
+        Ok(a) => a,
+        Err(_denied) => return refuse(respond, http::StatusCode::FORBIDDEN),
+    };
+    // Accepted: 200 now; the application connection is made in the stream's task
+    // (if it fails, the stream is reset).
+    let send = match respond.send_response(http::Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "HBONE stream ended before its response");
+            return;
+        }
+    };
+    let tunnel = Tunnel {
+        send,
+        recv: req.into_body(),
+    };
+    tokio::spawn(admitted.serve(tunnel));
 }

@@ -1,6 +1,8 @@
 //! The original destination of a captured connection: `SO_ORIGINAL_DST` on the
 //! proxy's accepted socket, answered by weft's `cgroup/getsockopt` program.
 
+#![allow(unsafe_code)] // system calls the std library does not wrap (see the `SAFETY` notes)
+
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;

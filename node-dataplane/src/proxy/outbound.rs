@@ -3,24 +3,15 @@
 //! sends the bytes over HBONE (mTLS, HTTP/2 CONNECT) when the destination workload
 //! is enrolled, or in plaintext (with the proxy's mark) when it is not.
 
+use super::counters::OutboundStats;
+use super::local::LocalPod;
 use super::orig_dst::original_dst;
-use super::state::{LocalPod, ProxyState};
+use super::pool::Dial;
+use super::record::ConnRecord;
+use super::state::ProxyState;
 use crate::netns::PodNetns;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-#[derive(Default, Debug)]
-pub struct OutboundStats {
-    pub accepted: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub tunneled: AtomicU64,
-    pub failed: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-    /// Last original destination seen (for tests and debugging).
-    pub last_orig_dst: std::sync::Mutex<Option<SocketAddr>>,
-}
 
 /// How one pod's outbound connections are handled.
 pub struct Outbound {
@@ -41,17 +32,19 @@ pub async fn serve(listener: tokio::net::TcpListener, ob: Arc<Outbound>) {
                 continue;
             }
         };
-        ob.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let ob = ob.clone();
+        let state = ob.mesh.as_ref().map(|(s, _)| s.clone());
+        let mut record = ConnRecord::outbound(state, ob.stats.clone());
         tokio::spawn(async move {
-            if let Err(e) = forward(conn, &ob).await {
-                ob.stats.failed.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = forward(conn, &ob, &mut record).await {
                 tracing::debug!(%peer, error = %format!("{e:#}"), "outbound connection failed");
+                record.fail(&e);
             }
         });
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Plaintext-only forwarding (no mesh), used where no proxy state exists.
 pub async fn serve_plain(
     listener: tokio::net::TcpListener,
@@ -117,103 +110,72 @@ fn resolve(state: &ProxyState, dst: SocketAddr) -> Resolved {
     }
 }
 
-async fn forward(conn: tokio::net::TcpStream, ob: &Outbound) -> anyhow::Result<()> {
+async fn forward(
+    conn: tokio::net::TcpStream,
+    ob: &Outbound,
+    record: &mut ConnRecord,
+) -> anyhow::Result<()> {
     let _ = conn.set_nodelay(true);
     let local = conn.local_addr()?;
     let orig = original_dst(&conn, local.is_ipv6())?;
-    if let Ok(mut last) = ob.stats.last_orig_dst.lock() {
-        *last = Some(orig);
-    }
+    record.original_destination(orig);
     let Some((state, source)) = &ob.mesh else {
-        return passthrough(conn, ob, orig).await.map(|_| ());
+        let (a, b) = passthrough(conn, ob, orig, record).await?;
+        record.bytes(a, b);
+        return Ok(());
     };
-    let started = std::time::Instant::now();
-    let client = conn.peer_addr().unwrap_or(local);
     let to = resolve(state, orig);
     let dest = state.workload_by_ip(to.dst.ip());
     let meshed = dest
         .as_ref()
         .filter(|w| w.enrolled && !w.spiffe_id.is_empty());
-    let l = super::metrics::labels(
+    let p = &mut record.peers;
+    p.source_addr = Some(conn.peer_addr().unwrap_or(local));
+    p.destination_addr = Some(to.dst);
+    p.source_identity = Some(source.workload.spiffe_id.clone());
+    p.destination_identity = meshed.map(|w| w.spiffe_id.clone());
+    p.destination_workload = dest.clone();
+    p.service = to.service.clone();
+    record.open(crate::metrics::traffic::labels(
         "source",
         Some(&source.workload),
         dest.as_deref(),
         meshed.is_some(),
-    );
-    let result = match meshed {
-        Some(w) => tunnel(conn, ob, state, source, w, to.dst, &l).await,
+    ));
+    let (a, b) = match meshed {
+        Some(w) => tunnel(conn, state, source, w, to.dst, record).await?,
         None => {
-            state.counters.plaintext_out.fetch_add(1, Ordering::Relaxed);
-            let t = &state.metrics.traffic;
-            t.open(&l);
-            let r = passthrough(conn, ob, to.dst).await;
-            t.closed.get_or_create(&l).inc();
-            match &r {
-                Ok((a, b)) => {
-                    t.sent.get_or_create(&l).inc_by(*a);
-                    t.received.get_or_create(&l).inc_by(*b);
-                }
-                Err(_) => {
-                    t.failed.get_or_create(&l).inc();
-                }
-            }
-            r
+            record.plaintext_out();
+            passthrough(conn, ob, to.dst, record).await?
         }
     };
-    let error = result.as_ref().err().map(|e| format!("{e:#}"));
-    state.access_log.connection(&super::access_log::ConnRecord {
-        reporter: "source",
-        source_addr: client,
-        destination_addr: to.dst,
-        source_identity: &source.workload.spiffe_id,
-        destination_identity: meshed.map_or("unknown", |w| w.spiffe_id.as_str()),
-        destination_workload: dest.as_deref(),
-        service: to.service.as_deref(),
-        mtls: meshed.is_some(),
-        verdict: super::access_log::Verdict::Unchecked,
-        bytes: result.as_ref().ok().copied(),
-        duration: started.elapsed(),
-        error: error.as_deref(),
-    });
-    result.map(|_| ())
+    record.bytes(a, b);
+    Ok(())
 }
 
 /// An enrolled destination: the bytes go over HBONE (mTLS + HTTP/2 CONNECT).
 async fn tunnel(
     mut conn: tokio::net::TcpStream,
-    ob: &Outbound,
-    state: &Arc<ProxyState>,
+    state: &ProxyState,
     source: &LocalPod,
     w: &Arc<weft_api::pb::Workload>,
     dst: SocketAddr,
-    l: &super::metrics::TcpLabels,
+    record: &mut ConnRecord,
 ) -> anyhow::Result<(u64, u64)> {
-    let t = &state.metrics.traffic;
-    let (tunnel, _guard) = match super::hbone::open(state, source, w, dst.ip(), dst).await {
-        Ok(x) => x,
-        Err(e) => {
-            t.failed.get_or_create(l).inc();
-            return Err(e);
-        }
+    let dial = Dial {
+        source,
+        certs: &state.certs,
+        config: &state.config,
+        mark: state.mark,
     };
-    ob.stats.tunneled.fetch_add(1, Ordering::Relaxed);
-    state.counters.hbone_out.fetch_add(1, Ordering::Relaxed);
-    t.open(l);
-    let copied = super::tunnel::copy(&mut conn, tunnel).await;
-    t.closed.get_or_create(l).inc();
-    match copied {
-        Ok((a, b)) => {
-            t.sent.get_or_create(l).inc_by(a);
-            t.received.get_or_create(l).inc_by(b);
-            ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
-            ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
-            Ok((a, b))
-        }
+    let (tunnel, _guard) = state.pool.open(dial, w, dst.ip(), dst).await?;
+    record.tunneled();
+    match super::tunnel::copy(&mut conn, tunnel).await {
+        Ok(copied) => Ok(copied),
         Err(e) => {
-            t.failed.get_or_create(l).inc();
             // The tunnel was reset (e.g. denied by a policy change): reset the
             // application's connection too instead of a graceful close.
-            let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+            super::copy::reset_on_close(&conn);
             Err(e.into())
         }
     }
@@ -223,14 +185,12 @@ async fn passthrough(
     mut conn: tokio::net::TcpStream,
     ob: &Outbound,
     dst: SocketAddr,
+    record: &ConnRecord,
 ) -> anyhow::Result<(u64, u64)> {
     let sock = ob.netns.tcp_socket(dst.is_ipv6(), ob.mark).await?;
     let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
         .connect(dst)
         .await?;
-    ob.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let (a, b) = super::copy::bidirectional(&mut conn, &mut up).await?;
-    ob.stats.bytes_up.fetch_add(a, Ordering::Relaxed);
-    ob.stats.bytes_down.fetch_add(b, Ordering::Relaxed);
-    Ok((a, b))
+    record.forwarded();
+    Ok(super::copy::bidirectional(&mut conn, &mut up).await?)
 }

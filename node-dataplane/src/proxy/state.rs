@@ -1,39 +1,17 @@
-//! What the proxy's listeners share: the node's config, certificates, the local pods'
-//! network namespaces, the HBONE connection pool and counters.
+//! What the proxy's listeners share: the node's config, certificates, the local
+//! pods, the HBONE connection pool, the compiled policies, metrics and counters.
+//! One [`ProxyState`] per node; every connection holds an `Arc` of it.
 
-use super::hbone::HbonePool;
+use super::counters::NodeCounters;
+use super::local::LocalPods;
 use super::policies::{Applicable, CompiledPolicies};
+use super::pool::HbonePool;
 use crate::certs::CertStore;
 use crate::config::ConfigStore;
-use crate::netns::PodNetns;
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use weft_api::authz::{self, Attributes, Decision};
 use weft_api::pb;
-
-/// A local enrolled pod, as the proxy needs it.
-#[derive(Clone)]
-pub struct LocalPod {
-    pub workload: Arc<pb::Workload>,
-    pub netns: Arc<PodNetns>,
-}
-
-#[derive(Default, Debug)]
-pub struct ProxyCounters {
-    pub hbone_out: AtomicU64,
-    pub hbone_in: AtomicU64,
-    pub hbone_in_denied: AtomicU64,
-    pub hbone_refused: AtomicU64,
-    pub plaintext_out: AtomicU64,
-    pub plaintext_in_denied: AtomicU64,
-    pub closed_by_policy_change: AtomicU64,
-    /// Not-HTTP connections refused on ports with L7 rules or plugins.
-    pub l7_opaque_denied: AtomicU64,
-    /// Connections parsed as HTTP.
-    pub l7_connections: AtomicU64,
-}
 
 /// Policies compiled from a given policy map (compared by identity, O(1)).
 type CompiledCache = (
@@ -42,25 +20,27 @@ type CompiledCache = (
 );
 
 pub struct ProxyState {
-    pub config: Arc<ConfigStore>,
-    pub certs: Arc<CertStore>,
-    pub mark: u32,
-    pub pool: HbonePool,
-    pub local: RwLock<HashMap<IpAddr, LocalPod>>,
-    pub counters: ProxyCounters,
+    pub(crate) config: Arc<ConfigStore>,
+    pub(crate) certs: Arc<CertStore>,
+    /// SO_MARK of the proxy's own sockets.
+    pub(crate) mark: u32,
+    pub(crate) pool: HbonePool,
+    /// The local enrolled pods (the pod manager adds and removes them).
+    pub(crate) local: LocalPods,
+    pub(crate) counters: NodeCounters,
     /// Open inbound connections, re-authorized when policies change.
-    pub conns: Arc<super::conns::ConnTracker>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub balancer: super::lb::Balancer,
+    pub(crate) conns: Arc<super::conns::ConnTracker>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) balancer: super::lb::Balancer,
     /// Serial of the client certificate of the last accepted HBONE session (hex).
-    pub last_peer_serial: std::sync::Mutex<String>,
+    pub(crate) last_peer_serial: std::sync::Mutex<String>,
     /// Compiled policies and the policy map they were compiled from.
     compiled: std::sync::Mutex<Option<CompiledCache>>,
     /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
-    pub plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
-    pub access_log: super::access_log::AccessLog,
+    pub(crate) plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
+    pub(crate) access_log: super::access_log::AccessLog,
     /// See [`ProxyOptions::http1_head_timeout`].
-    pub http1_head_timeout: std::time::Duration,
+    pub(crate) http1_head_timeout: std::time::Duration,
 }
 
 /// The proxy's tunables.
@@ -94,8 +74,8 @@ impl ProxyState {
             http1_head_timeout: opts.http1_head_timeout,
             access_log,
             pool: HbonePool::new(opts.hbone_idle),
-            local: RwLock::new(HashMap::new()),
-            counters: ProxyCounters::default(),
+            local: LocalPods::default(),
+            counters: NodeCounters::default(),
             conns: Arc::default(),
             metrics,
             balancer: super::lb::Balancer::new(opts.lb),
@@ -107,7 +87,7 @@ impl ProxyState {
 
     /// Counts an authorization decision.
     pub fn record_decision(&self, d: &Decision) {
-        let l = super::metrics::AuthzLabels {
+        let l = crate::metrics::traffic::AuthzLabels {
             decision: if d.allowed { "allow" } else { "deny" },
             policy: d.policy.as_deref().unwrap_or("none").to_string(),
         };
@@ -120,7 +100,7 @@ impl ProxyState {
         t.pool_connections.clear();
         t.pool_streams.clear();
         for (k, conns, streams) in self.pool.sizes() {
-            let l = super::metrics::PoolLabels {
+            let l = crate::metrics::traffic::PoolLabels {
                 source_principal: k.source_id,
                 destination_principal: k.dest_id,
                 destination_node: k.dest_node,
@@ -155,35 +135,9 @@ impl ProxyState {
         }
     }
 
-    pub fn local_pod(&self, ip: IpAddr) -> Option<LocalPod> {
-        self.local
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&ip)
-            .cloned()
-    }
-
-    pub fn set_local(&self, ip: IpAddr, pod: Option<LocalPod>) {
-        let mut m = self.local.write().unwrap_or_else(|p| p.into_inner());
-        match pod {
-            Some(p) => m.insert(ip, p),
-            None => m.remove(&ip),
-        };
-    }
-
     /// The workload with this IP, from the config (any node).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<pb::Workload>> {
         self.config.snapshot().workload_by_ip(ip).cloned()
-    }
-
-    /// The trust bundle roots (PEM) for this mesh.
-    pub fn trust_bundle(&self) -> Option<String> {
-        self.config
-            .snapshot()
-            .trust_bundles
-            .values()
-            .next()
-            .map(|b| b.roots_pem.clone())
     }
 
     /// The node's policies, compiled once per change of the policy set.
@@ -246,6 +200,19 @@ impl ProxyState {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
+impl ProxyState {
+    /// The node's view of the mesh.
+    pub fn config(&self) -> &Arc<ConfigStore> {
+        &self.config
+    }
+
+    /// Adds (`Some`) or removes a local enrolled pod, as the pod manager does.
+    pub fn set_local_pod(&self, ip: IpAddr, pod: Option<super::local::LocalPod>) {
+        self.local.set(ip, pod);
+    }
+}
+
 /// What one connection's requests reuse to be authorized: the policies applicable
 /// to its workload (kept while the policy set is current), and its attributes,
 /// whose request part each request overwrites in place (no allocation per request
@@ -271,13 +238,13 @@ impl RequestAuthz {
 
 /// A node's proxy state over `config`, with default options, for tests.
 #[cfg(test)]
-pub(crate) fn test_state(config: Arc<ConfigStore>) -> Arc<ProxyState> {
+pub fn test_state(config: Arc<ConfigStore>) -> Arc<ProxyState> {
     test_state_with(config, |_| {})
 }
 
 /// [`test_state`] with options changed by `f`.
-#[cfg(test)]
-pub(crate) fn test_state_with(
+#[cfg(any(test, feature = "testing"))]
+pub fn test_state_with(
     config: Arc<ConfigStore>,
     f: impl FnOnce(&mut ProxyOptions),
 ) -> Arc<ProxyState> {

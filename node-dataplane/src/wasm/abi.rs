@@ -8,11 +8,20 @@
 //! value_len), then key\0value\0 per pair`.
 
 use super::headers::{self, Headers, Refused};
-use super::vm::VmSettings;
-use crate::proxy::l7::fields::{valid_name, valid_value};
+use crate::fields::{valid_name, valid_value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
+
+/// What an instance is started with.
+#[derive(Debug, Clone, Default)]
+pub struct VmSettings {
+    pub plugin_name: String,
+    pub root_id: String,
+    pub plugin_config: Vec<u8>,
+    pub max_memory: u64,
+    pub deadline_ms: u64,
+}
 
 pub const OK: i32 = 0;
 pub const NOT_FOUND: i32 = 1;

@@ -67,6 +67,7 @@ impl Ticker {
         Running(self)
     }
 
+    #[cfg(test)]
     /// Is the ticker asleep (no plugin code ran for a while)?
     pub fn is_parked(&self) -> bool {
         self.parked.load(SeqCst)
@@ -115,7 +116,6 @@ pub use weft_api::wasm_abi::AbiVersion;
 /// A compiled module and what the host needs to know about it.
 pub struct CompiledModule {
     pub module: Module,
-    pub sha256: String,
     pub abi: AbiVersion,
     /// Exported functions that do nothing (see [`super::noop`]).
     pub no_ops: HashSet<String>,
@@ -194,7 +194,6 @@ impl WasmEngine {
             .map_err(|e| WasmError::Compile(format!("reading the module's code: {e}")))?;
         let m = Arc::new(CompiledModule {
             module,
-            sha256: sha256.to_string(),
             abi,
             no_ops,
         });

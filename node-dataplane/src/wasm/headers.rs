@@ -10,7 +10,7 @@
 //! HTTP field, or that would add, remove or invent a pseudo-header, is refused
 //! and leaves the headers as they were.
 
-use crate::proxy::l7::fields::{valid_value, Fields};
+use crate::fields::{valid_value, Fields};
 use std::borrow::Cow;
 
 /// Why a plugin's change to a header map was refused.
@@ -66,6 +66,7 @@ impl std::ops::DerefMut for Pseudo {
 const REQUEST_PSEUDO: [&str; 4] = [":method", ":path", ":authority", ":scheme"];
 
 impl Headers {
+    #[cfg(any(test, feature = "testing"))]
     /// A request's headers.
     pub fn request(
         method: &http::Method,
@@ -112,6 +113,7 @@ impl Headers {
         self.pseudo.entries.iter().map(|(_, v)| owned(v)).sum()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// A response's headers.
     pub fn response(status: u16, fields: Fields) -> Self {
         let mut h = Self::default();
@@ -143,6 +145,7 @@ impl Headers {
         self.pseudo.len() + self.fields.len()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -353,7 +356,7 @@ pub fn parse(b: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::l7::fields::tests::{owned as pairs, text};
+    use crate::fields::tests::{owned as pairs, text};
 
     fn request() -> Headers {
         let mut f = Fields::default();

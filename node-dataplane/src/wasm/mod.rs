@@ -14,6 +14,7 @@ pub mod abi;
 pub mod chain;
 pub mod engine;
 pub mod headers;
+pub mod metrics;
 pub mod noop;
 pub mod plugin;
 pub mod registry;

@@ -12,9 +12,9 @@
 //! An instance whose linear memory grew past 3/4 of its cap is recycled when it has
 //! no request in flight.
 
-use super::abi::{HostState, HttpState, LocalReply};
+use super::abi::{HostState, HttpState, LocalReply, VmSettings};
 use super::engine::{CompiledModule, WasmEngine};
-use super::vm::{Action, Vm, VmSettings};
+use super::vm::{Action, Vm};
 use super::WasmError;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! lifecycle calls, each bounded by an epoch deadline. Any error (trap, deadline,
 //! memory, `proc_exit`) poisons the instance: the owner drops it.
 
-use super::abi::{HostState, HttpState, ProcExit};
+use super::abi::{HostState, HttpState, ProcExit, VmSettings};
 use super::engine::Ticker;
 use super::WasmError;
 use std::collections::HashSet;
@@ -14,16 +14,6 @@ use wasmtime::{
 
 /// The root context's id; HTTP contexts are numbered from 2.
 pub const ROOT_CTX: i32 = 1;
-
-/// What an instance is started with.
-#[derive(Debug, Clone, Default)]
-pub struct VmSettings {
-    pub plugin_name: String,
-    pub root_id: String,
-    pub plugin_config: Vec<u8>,
-    pub max_memory: u64,
-    pub deadline_ms: u64,
-}
 
 /// What a headers callback asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

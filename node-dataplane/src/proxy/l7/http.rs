@@ -4,8 +4,8 @@
 //! access log. Shared by the HTTP/1 proxy ([`super::h1`]) and the HTTP/2 one
 //! (hyper, [`serve_h2_request`]); neither body is touched here.
 
-use super::fields::Fields;
 use super::ConnCtx;
+use crate::fields::Fields;
 use crate::proxy::access_log;
 use crate::wasm::abi::{HttpState, LocalReply};
 use crate::wasm::chain::{self, Ran};

@@ -11,19 +11,19 @@
 //! matches it and a DENY rule with L7 fields always does, and a plugin that does not
 //! fail open refuses it. Never more permissive than the policy.
 
-pub mod fields;
 pub mod h1;
 pub mod http;
 pub mod sniff;
 pub mod upstream;
 
-use super::state::{LocalPod, ProxyState, RequestAuthz};
+use super::counters::NodeCounters;
+use super::local::LocalPod;
+use super::state::{ProxyState, RequestAuthz};
 use crate::wasm::abi::ConnProps;
 use crate::wasm::plugin::{FailStrategy, Plugin};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sniff::Protocol;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -69,7 +69,7 @@ pub struct ConnCtx {
     pub attrs: Attributes,
     pub props: Arc<ConnProps>,
     pub plan: L7Plan,
-    pub labels: super::metrics::TcpLabels,
+    pub labels: crate::metrics::traffic::TcpLabels,
     pub upstream: upstream::Upstream,
     /// Metric handles of this connection by (method, code): label sets are built
     /// once per connection, not per request.
@@ -93,20 +93,32 @@ type RequestHandles = (
     prometheus_client::metrics::histogram::Histogram,
 );
 
+/// Who one connection is between, as its L7 context needs it.
+pub struct ConnInfo {
+    /// The local workload the connection goes to.
+    pub target: LocalPod,
+    /// Its original destination (the workload's IP and port).
+    pub dst: SocketAddr,
+    pub peer: SocketAddr,
+    /// Its L4 attributes (requests add theirs).
+    pub attrs: Attributes,
+    /// The client's SPIFFE ID, if it came over mTLS.
+    pub peer_id: Option<String>,
+    /// Its traffic metric labels (requests add method and code).
+    pub labels: crate::metrics::traffic::TcpLabels,
+}
+
 impl ConnCtx {
-    /// The context of one connection to `target` at `dst` from `peer`; `attrs` are
-    /// its L4 attributes (requests add theirs), `peer_id` its SPIFFE ID if mTLS.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        state: Arc<ProxyState>,
-        target: LocalPod,
-        dst: SocketAddr,
-        peer: SocketAddr,
-        attrs: Attributes,
-        peer_id: Option<String>,
-        plan: L7Plan,
-        labels: super::metrics::TcpLabels,
-    ) -> Self {
+    /// The context of one connection, parsed as `plan` says.
+    pub fn new(state: Arc<ProxyState>, info: ConnInfo, plan: L7Plan) -> Self {
+        let ConnInfo {
+            target,
+            dst,
+            peer,
+            attrs,
+            peer_id,
+            labels,
+        } = info;
         let attrs = Attributes {
             l7_pending: false,
             ..attrs
@@ -143,7 +155,7 @@ impl ConnCtx {
                 c.inc();
             }
             None => {
-                let l = super::metrics::AuthzLabels {
+                let l = crate::metrics::traffic::AuthzLabels {
                     decision: if d.allowed { "allow" } else { "deny" },
                     policy: d.policy.as_deref().unwrap_or("none").to_string(),
                 };
@@ -165,7 +177,7 @@ impl ConnCtx {
         let i = match handles.iter().position(|(k, _, _)| *k == (method, code)) {
             Some(i) => i,
             None => {
-                let l = super::metrics::RequestLabels {
+                let l = crate::metrics::traffic::RequestLabels {
                     connection: self.labels.clone(),
                     request_method: method,
                     response_code: code,
@@ -187,6 +199,43 @@ impl ConnCtx {
             tracing::debug!(dst = %self.dst, code, decided_by = d, "request answered locally");
         }
     }
+}
+
+/// The L7 context of a connection from `peer` (with SPIFFE ID `peer_id`, if it
+/// came over mTLS) to `workload` at `dst`, as the policies of `state` plan it; the
+/// application is reached from the calling thread's network namespace. For tests
+/// and benchmarks.
+#[cfg(any(test, feature = "testing"))]
+pub fn test_ctx(
+    state: &Arc<ProxyState>,
+    workload: Arc<pb::Workload>,
+    dst: SocketAddr,
+    peer: SocketAddr,
+    peer_id: Option<&str>,
+) -> anyhow::Result<ConnCtx> {
+    let plan = state
+        .l7_plan(&workload, dst.port())
+        .ok_or_else(|| anyhow::anyhow!("no policy or plugin makes {dst} L7"))?;
+    let attrs = Attributes {
+        source_ip: Some(peer.ip()),
+        destination_ip: Some(dst.ip()),
+        destination_port: dst.port(),
+        principal: peer_id.map(|id| id.trim_start_matches("spiffe://").to_string()),
+        request: None,
+        l7_pending: true,
+    };
+    let labels =
+        crate::metrics::traffic::labels("destination", None, Some(&workload), peer_id.is_some());
+    let netns = Arc::new(crate::netns::PodNetns::open("/proc/self/ns/net")?);
+    let info = ConnInfo {
+        target: LocalPod { workload, netns },
+        dst,
+        peer,
+        attrs,
+        peer_id: peer_id.map(str::to_string),
+        labels,
+    };
+    Ok(ConnCtx::new(state.clone(), info, plan))
 }
 
 /// Serves one destination-side connection at L7. `io` is the HBONE tunnel or the
@@ -233,18 +282,12 @@ where
 {
     let d = ctx.state.authorize(&ctx.target.workload, &ctx.attrs);
     if !d.allowed {
-        ctx.state
-            .counters
-            .l7_opaque_denied
-            .fetch_add(1, Ordering::Relaxed);
+        NodeCounters::count(&ctx.state.counters.l7_opaque_denied);
         tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, policy = ?d.policy, "connection denied: not HTTP on a port with L7 rules");
         return Ok(());
     }
     if let Some(p) = ctx.plan.plugins_refuse_opaque() {
-        ctx.state
-            .counters
-            .l7_opaque_denied
-            .fetch_add(1, Ordering::Relaxed);
+        NodeCounters::count(&ctx.state.counters.l7_opaque_denied);
         tracing::info!(dst = %ctx.dst, plugin = p, "connection refused: not HTTP on a port with a Wasm plugin that does not fail open");
         return Ok(());
     }

@@ -14,7 +14,7 @@
 //! HTTP/1.0, bad `Content-Length` values) get the client a 502 instead.
 
 use super::body::Framing;
-use crate::proxy::l7::fields::{self, Fields};
+use crate::fields::{self, Fields};
 use crate::proxy::l7::http::{LocalResponse, RequestMessage, ResponseMessage};
 use bytes::BytesMut;
 use std::mem::MaybeUninit;

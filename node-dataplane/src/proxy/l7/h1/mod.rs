@@ -29,9 +29,9 @@
 pub mod body;
 pub mod head;
 
-use super::fields::Fields;
 use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict};
 use super::ConnCtx;
+use crate::fields::Fields;
 use body::{forward, ForwardError, Framing, READ_CHUNK};
 use bytes::{Buf, BytesMut};
 use head::{HeadError, RequestHead, ResponseHead};

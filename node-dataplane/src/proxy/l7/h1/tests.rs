@@ -2,16 +2,12 @@
 //! proxy's destination side, and a scripted application on loopback TCP. Each test
 //! checks the exact bytes both ends see.
 
-use crate::netns::PodNetns;
-use crate::proxy::l7::ConnCtx;
-use crate::proxy::state::LocalPod;
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
-use weft_api::authz::Attributes;
 use weft_api::pb;
 
 /// The proxy in front of `app`, with an ALLOW policy on paths `/ok*` (so requests
@@ -105,28 +101,10 @@ fn proxy_with_plugins(
         .get("Workload/web-uid")
         .cloned()
         .expect("workload");
-    let mut plan = state.l7_plan(&workload, app.port()).expect("an L7 plan");
-    plan.plugins = plugins;
     let peer: SocketAddr = "127.0.0.2:40000".parse().unwrap();
-    let attrs = Attributes {
-        source_ip: Some(peer.ip()),
-        destination_ip: Some(app.ip()),
-        destination_port: app.port(),
-        l7_pending: true,
-        ..Default::default()
-    };
-    let labels = crate::proxy::metrics::labels("destination", None, Some(&workload), false);
-    let netns = Arc::new(PodNetns::open("/proc/self/ns/net").expect("own netns"));
-    let ctx = ConnCtx::new(
-        state,
-        LocalPod { workload, netns },
-        app,
-        peer,
-        attrs,
-        None,
-        plan,
-        labels,
-    );
+    let mut ctx =
+        crate::proxy::l7::test_ctx(&state, workload, app, peer, None).expect("an L7 plan");
+    ctx.plan.plugins = plugins;
     let (client, proxy_end) = tokio::io::duplex(64 * 1024);
     tokio::spawn(super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)));
     client

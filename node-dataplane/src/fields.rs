@@ -90,6 +90,7 @@ pub fn valid_value(value: &[u8]) -> bool {
 }
 
 impl Fields {
+    #[cfg(any(test, feature = "testing"))]
     /// The fields httparse found in `head` (the slices in `parsed` point into it):
     /// one copy of the head, names lower-cased in place.
     pub fn from_head(head: &[u8], parsed: &[httparse::Header<'_>]) -> Self {
@@ -177,6 +178,7 @@ impl Fields {
         self.lines.len()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.lines.is_empty()
     }

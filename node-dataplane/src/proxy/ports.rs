@@ -1,0 +1,8 @@
+//! The node proxy's ports, bound inside every enrolled pod's network namespace.
+
+/// Outbound: captured connections of the pod's applications (`127.0.0.1` / `[::1]`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext: connections from outside the mesh, steered here by sk_lookup.
+pub const INBOUND_PLAIN_PORT: u16 = 15006;
+/// Inbound HBONE: mTLS + HTTP/2 CONNECT from other nodes' proxies.
+pub const HBONE_PORT: u16 = 15008;
