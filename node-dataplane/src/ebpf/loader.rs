@@ -326,7 +326,12 @@ fn release_pinned_link(path: &Path) -> Result<(), CaptureError> {
 fn map_info(map: &aya::maps::Map) -> Result<(u32, u32), aya::maps::MapError> {
     use aya::maps::Map;
     let data: &MapData = match map {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) | Map::Array(d) => d,
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::Array(d)
+        | Map::SockHash(d)
+        | Map::SockMap(d) => d,
         _ => {
             return Err(aya::maps::MapError::InvalidName {
                 name: "unexpected map type".into(),
