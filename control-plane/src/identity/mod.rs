@@ -4,7 +4,7 @@
 pub mod ca;
 pub mod csr;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use ca::{Ca, CaError, CaOptions, IssuedCert};
 pub use csr::{CsrError, VerifiedCsr};

@@ -100,3 +100,30 @@ impl NodeAuthenticator for Metered {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::node_from_cert;
+    use crate::identity::tests::{csr_for, der_chain, opts, p256, WEB};
+    use crate::identity::Ca;
+    use std::time::Duration;
+    use weft_api::spiffe::SpiffeId;
+
+    #[test]
+    fn a_node_credential_names_its_node_and_a_workload_svid_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(&opts(dir.path())).unwrap();
+        let (c, _key) = ca
+            .issue_node_credential("node-a", Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(
+            node_from_cert(&der_chain(&c.chain_pem)[0], ca.trust_domain()).unwrap(),
+            "node-a"
+        );
+        let svid = ca
+            .sign_svid(&csr_for(&[WEB], &p256()), &SpiffeId::parse(WEB).unwrap())
+            .unwrap();
+        let s = node_from_cert(&der_chain(&svid.chain_pem)[0], ca.trust_domain()).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    }
+}
