@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use weft_api::resource;
+use weft_proto::resource;
 
 #[derive(Clone)]
 pub struct AdminState {

@@ -16,11 +16,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use weft_api::pb::{
+use weft_proto::pb::{
     certificates_server::CertificatesServer, modules_server::ModulesServer,
     node_config_server::NodeConfigServer,
 };
-use weft_api::spiffe::TrustDomain;
+use weft_proto::spiffe::TrustDomain;
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]

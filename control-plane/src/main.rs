@@ -3,8 +3,8 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use weft_api::logging::{self, LogFormat};
-use weft_api::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
+use weft_runtime::logging::{self, LogFormat};
+use weft_proto::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
 use weft_control_plane::app::{self, Settings, SourceSettings};
 use weft_control_plane::identity::{ca::write_private, Ca};
 use weft_control_plane::k8s::KubeSettings;
@@ -189,7 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ca_bundle: ca.ca_bundle,
             };
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(app::run(settings, weft_api::runtime::shutdown_signal()))
+            rt.block_on(app::run(settings, weft_runtime::shutdown_signal()))
         }
         Command::NodeCredential { ca, node, out, ttl } => {
             let opts = weft_control_plane::identity::CaOptions {
@@ -215,7 +215,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Crds { out } => {
-            for (name, yaml) in weft_api::crd::all_crd_yaml() {
+            for (name, yaml) in weft_proto::crd::all_crd_yaml() {
                 match &out {
                     Some(dir) => std::fs::write(dir.join(name), yaml)
                         .with_context(|| format!("writing {}", dir.join(name).display()))?,

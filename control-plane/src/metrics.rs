@@ -61,7 +61,7 @@ pub const NODE_AUTH_REFUSAL_REASONS: &[&str] =
 impl Metrics {
     pub fn new() -> Self {
         let mut root = Registry::default();
-        root.register_collector(Box::new(weft_api::process_metrics::ProcessCollector));
+        root.register_collector(Box::new(weft_runtime::process_metrics::ProcessCollector));
         let registry = root.sub_registry_with_prefix("weft_cp");
         let m = Self {
             connected_nodes: Gauge::default(),
@@ -163,7 +163,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        weft_api::runtime::encode_metrics(&self.registry)
+        weft_runtime::encode_metrics(&self.registry)
     }
 }
 

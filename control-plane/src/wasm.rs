@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weft_api::crd::WasmPluginSpec;
+use weft_proto::crd::WasmPluginSpec;
 
 /// Largest module accepted.
 pub const MAX_MODULE_BYTES: usize = 32 << 20;
@@ -83,7 +83,7 @@ pub fn admit(bytes: &[u8], declared: Option<&str>) -> Result<String, ModuleProbl
             }
         }
     }
-    weft_api::wasm_abi::check_exports(exports.iter().map(String::as_str))
+    weft_proto::wasm_abi::check_exports(exports.iter().map(String::as_str))
         .map_err(|m| problem("spec.url", "MissingAbiExport", m))?;
     Ok(sha)
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weft_api::pb;
+use weft_proto::pb;
 use weft_e2e::standalone::{cert_ids, keys};
 use weft_e2e::{http_get, StandaloneMesh};
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weft_api::pb;
+use weft_proto::pb;
 use weft_e2e::kubemesh::{apply_yaml, bound_token, KubeMesh, AUDIENCE, NAMESPACE, NODE_SA};
 use weft_e2e::standalone::{cert_ids, keys};
 use weft_e2e::wait_until;
@@ -72,7 +72,7 @@ fn csr(id: &str) -> Vec<u8> {
 /// The `Accepted` condition of an AuthorizationPolicy: (status, reason, observedGeneration).
 async fn accepted(m: &KubeMesh, ns: &str, name: &str) -> Option<(String, String, i64)> {
     use kube::api::{ApiResource, DynamicObject};
-    let ar = ApiResource::erase::<weft_api::crd::AuthorizationPolicy>(&());
+    let ar = ApiResource::erase::<weft_proto::crd::AuthorizationPolicy>(&());
     let api: kube::Api<DynamicObject> = kube::Api::namespaced_with(m.client().await.ok()?, ns, &ar);
     let o = api.get(name).await.ok()?;
     let c = o.data["status"]["conditions"]

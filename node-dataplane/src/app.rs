@@ -218,10 +218,10 @@ fn plugin_registry(
         let t = target.clone();
         async move {
             let ch = t.connect().await?;
-            let mut client = weft_api::pb::modules_client::ModulesClient::new(ch)
+            let mut client = weft_proto::pb::modules_client::ModulesClient::new(ch)
                 .max_decoding_message_size(64 << 20);
             let r = client
-                .fetch(weft_api::pb::FetchModuleRequest { sha256: sha })
+                .fetch(weft_proto::pb::FetchModuleRequest { sha256: sha })
                 .await?;
             Ok(r.into_inner().module)
         }

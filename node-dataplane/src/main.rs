@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use weft_api::logging::{self, LogFormat};
+use weft_runtime::logging::{self, LogFormat};
 use weft_node::AccessLogSettings;
 use weft_node::CertManagerSettings;
 use weft_node::ControlPlaneTarget;
@@ -248,7 +248,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        let (_, fut) = weft_node::start(settings, weft_api::runtime::shutdown_signal()).await?;
+        let (_, fut) = weft_node::start(settings, weft_runtime::shutdown_signal()).await?;
         fut.await
     });
     match res {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
-use weft_api::pb;
+use weft_proto::pb;
 
 /// Enrolled pods' dataplanes, by sandbox id. [`PodManager`] owns it; the admin
 /// endpoint and the metrics read it.

@@ -1,20 +1,23 @@
-//! weft's shared API: the domain types both the control plane and the node agent use.
+//! weft's shared domain types and protocol: what the control plane, the node
+//! agent and weftctl all speak. No I/O and no process plumbing (that is
+//! `weft-runtime`); the policy engine is `weft-authz`.
 //!
-//! - [`spiffe`]: SPIFFE IDs and trust domains.
+//! - [`pb`]: the gRPC protocol (`proto/weft/v1/config.proto`): config resources,
+//!   SVID signing, module fetches.
 //! - [`crd`]: the `AuthorizationPolicy` and `WasmPlugin` custom resources.
 //! - [`validate`]: field-level validation of those resources.
-//! - [`pb`]: the gRPC protocol (`proto/weft/v1/config.proto`).
+//! - [`spiffe`]: SPIFFE IDs and trust domains; [`x509`]: reading SPIFFE IDs from
+//!   certificates.
 //! - [`resource`]: keys and content versions of distributed resources.
+//! - [`protocol`]: the application protocol a Service port declares.
+//! - [`wasm_abi`]: the Proxy-Wasm ABI versions a module can export.
 //! - [`labels`]: the mesh's label conventions.
 
-pub mod authz;
+#![forbid(unsafe_code)]
+
 pub mod crd;
-pub mod logging;
-pub mod mountinfo;
-pub mod process_metrics;
 pub mod protocol;
 pub mod resource;
-pub mod runtime;
 pub mod spiffe;
 pub mod validate;
 pub mod wasm_abi;

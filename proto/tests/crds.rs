@@ -7,7 +7,7 @@ use std::path::Path;
 #[test]
 fn committed_crds_match_the_rust_types() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    for (name, yaml) in weft_api::crd::all_crd_yaml() {
+    for (name, yaml) in weft_proto::crd::all_crd_yaml() {
         let path = dir.join(name);
         let committed = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e}; run `make crds`", path.display()));
@@ -23,10 +23,10 @@ fn committed_crds_match_the_rust_types() {
 fn generated_yaml_is_the_crd() {
     // The YAML must round-trip to exactly the CRD object.
     let crds = [
-        serde_json::to_value(weft_api::crd::AuthorizationPolicy::crd()).unwrap(),
-        serde_json::to_value(weft_api::crd::WasmPlugin::crd()).unwrap(),
+        serde_json::to_value(weft_proto::crd::AuthorizationPolicy::crd()).unwrap(),
+        serde_json::to_value(weft_proto::crd::WasmPlugin::crd()).unwrap(),
     ];
-    for ((_, yaml), mut want) in weft_api::crd::all_crd_yaml().iter().zip(crds) {
+    for ((_, yaml), mut want) in weft_proto::crd::all_crd_yaml().iter().zip(crds) {
         let parsed: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
         // The only change: `null` is not listed among an optional enum's values
         // (1.20 API servers reject the CRD otherwise).
@@ -34,13 +34,13 @@ fn generated_yaml_is_the_crd() {
         drop_null_enum_values(&mut want);
         assert_eq!(parsed, want);
     }
-    let ap = serde_json::to_value(weft_api::crd::AuthorizationPolicy::crd()).unwrap();
+    let ap = serde_json::to_value(weft_proto::crd::AuthorizationPolicy::crd()).unwrap();
     assert_eq!(ap["spec"]["group"], "security.weft.dev");
     assert_eq!(
         ap["spec"]["versions"][0]["subresources"]["status"],
         serde_json::json!({})
     );
-    let wp = serde_json::to_value(weft_api::crd::WasmPlugin::crd()).unwrap();
+    let wp = serde_json::to_value(weft_proto::crd::WasmPlugin::crd()).unwrap();
     assert_eq!(wp["spec"]["group"], "extensions.weft.dev");
 }
 

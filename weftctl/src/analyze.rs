@@ -5,8 +5,8 @@ use crate::inputs::Mesh;
 use crate::output::Report;
 use serde_json::json;
 use std::collections::BTreeSet;
-use weft_api::authz;
-use weft_api::crd::{Action, AuthorizationPolicy};
+use weft_authz as authz;
+use weft_proto::crd::{Action, AuthorizationPolicy};
 use weft_control_plane::config::Object;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -203,7 +203,7 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
 }
 
 /// A rule that matches every request: no from, no to, no when.
-fn matches_all(r: &weft_api::crd::Rule) -> bool {
+fn matches_all(r: &weft_proto::crd::Rule) -> bool {
     r.from.is_empty() && r.to.is_empty() && r.when.is_empty()
 }
 

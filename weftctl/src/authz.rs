@@ -1,15 +1,15 @@
 //! `weftctl authz check`: which decision the destination node proxy would take for a
 //! connection or request, and which policy and rule made it. The objects go through
 //! the control plane's model and the policies through the same compiler and
-//! evaluator (`weft_api::authz`) the proxy runs.
+//! evaluator (`weft_authz`) the proxy runs.
 
 use crate::inputs::Mesh;
 use crate::output::Report;
 use anyhow::{bail, Context};
 use serde_json::json;
 use std::net::IpAddr;
-use weft_api::authz::{self, Attributes, Request};
-use weft_api::pb;
+use weft_authz::{self as authz, Attributes, Request};
+use weft_proto::pb;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CheckArgs {
@@ -60,7 +60,7 @@ fn caller(mesh: &Mesh, from: &str) -> anyhow::Result<Caller> {
         ip: w.ips.first().and_then(|i| i.parse().ok()),
     };
     if let Some(id) = from.strip_prefix("spiffe://") {
-        weft_api::spiffe::SpiffeId::parse(from).with_context(|| format!("--from {from:?}"))?;
+        weft_proto::spiffe::SpiffeId::parse(from).with_context(|| format!("--from {from:?}"))?;
         return Ok(Caller {
             shown: from.to_string(),
             principal: Some(id.to_string()),

@@ -4,7 +4,7 @@
 
 use crate::output::Report;
 use serde_json::json;
-use weft_api::mountinfo::mounts_of;
+use weft_runtime::mountinfo::mounts_of;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {

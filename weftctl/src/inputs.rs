@@ -5,8 +5,8 @@
 use anyhow::{bail, Context};
 use std::path::Path;
 use std::sync::Arc;
-use weft_api::pb::{self, resource::Kind};
-use weft_api::spiffe::TrustDomain;
+use weft_proto::pb::{self, resource::Kind};
+use weft_proto::spiffe::TrustDomain;
 use weft_control_plane::config::directory::DirectoryReader;
 use weft_control_plane::config::{ManifestError, Object, SourceEvent};
 use weft_control_plane::model::{Model, ModelConfig};
@@ -20,7 +20,7 @@ pub struct Source {
     /// Read the objects from a cluster (default: $KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long)]
     pub kubeconfig: Option<std::path::PathBuf>,
-    #[arg(long, default_value = weft_api::spiffe::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, default_value = weft_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: TrustDomain,
     #[arg(long, default_value = "weft-system")]
     pub root_namespace: String,
@@ -116,7 +116,7 @@ fn read_dir(dir: &Path) -> anyhow::Result<(Vec<Object>, Vec<ManifestError>)> {
 
 async fn read_cluster(kubeconfig: Option<&Path>) -> anyhow::Result<Vec<Object>> {
     use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
-    use weft_api::crd::AuthorizationPolicy;
+    use weft_proto::crd::AuthorizationPolicy;
     let client = crate::kube_client(kubeconfig).await?;
     let mut out = Vec::new();
     out.extend(

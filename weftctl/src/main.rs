@@ -95,7 +95,7 @@ enum AuthzCommand {
 
 /// A client from an explicit kubeconfig, else the usual inference.
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let client = weft_control_plane::k8s::client_from(kubeconfig).await;
+    let client = weft_runtime::kube_client(kubeconfig).await;
     match kubeconfig {
         Some(_) => client,
         None => client.map_err(|e| e.context("give --kubeconfig, set KUBECONFIG, or use --dir")),

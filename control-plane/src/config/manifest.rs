@@ -6,7 +6,7 @@
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use serde::Deserialize;
 use std::fmt;
-use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
 
 /// One configuration object.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,6 +1,6 @@
 //! Parsing and checking PKCS#10 CSRs with x509-parser before anything is signed.
 
-use weft_api::spiffe::SpiffeId;
+use weft_proto::spiffe::SpiffeId;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};

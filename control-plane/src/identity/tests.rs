@@ -8,7 +8,7 @@ use rcgen::{
 };
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
-use weft_api::spiffe::{SpiffeId, TrustDomain};
+use weft_proto::spiffe::{SpiffeId, TrustDomain};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use x509_parser::prelude::{FromDer, X509Certificate};

@@ -15,7 +15,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use weft_api::spiffe::TrustDomain;
+use weft_proto::spiffe::TrustDomain;
 
 pub const KEY_CERT: &str = "ca.crt";
 pub const KEY_KEY: &str = "ca.key";

@@ -28,24 +28,5 @@ pub struct KubeSettings {
 
 /// A client from the kubeconfig (when given) or the in-cluster environment.
 pub async fn client(s: &KubeSettings) -> anyhow::Result<kube::Client> {
-    client_from(s.kubeconfig.as_deref()).await
-}
-
-/// A client from `kubeconfig`, else the usual inference (KUBECONFIG, ~/.kube/config,
-/// in-cluster). Shared with weftctl.
-pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    use anyhow::Context;
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig given and no in-cluster configuration found")?,
-    };
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    weft_runtime::kube_client(s.kubeconfig.as_deref()).await
 }

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
 
 pub struct KubeSource {
     client: Client,

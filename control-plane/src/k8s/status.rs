@@ -15,7 +15,7 @@ use kube::{Api, Client};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use weft_api::crd::{
+use weft_proto::crd::{
     AuthorizationPolicy, ResourceStatus, StatusCondition, WasmPlugin, CONDITION_ACCEPTED,
 };
 
@@ -24,7 +24,7 @@ const INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `Accepted` condition for a validation outcome (without transition time).
 pub fn accepted_condition(kind: &str, st: &ObjectStatus) -> StatusCondition {
-    let list = |v: &[weft_api::validate::FieldError]| {
+    let list = |v: &[weft_proto::validate::FieldError]| {
         v.iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
@@ -156,7 +156,7 @@ pub async fn run(client: Client, model: Arc<Model>, mut leader: LeaderWatch) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_api::validate::{FieldError, Report};
+    use weft_proto::validate::{FieldError, Report};
 
     fn st(errors: &[(&str, &str)], unsupported: &[(&str, &str)]) -> ObjectStatus {
         let fe = |v: &[(&str, &str)]| {

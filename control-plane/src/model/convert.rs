@@ -4,10 +4,10 @@ use super::enrollment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
-use weft_api::crd::{self, AuthorizationPolicy, WasmPlugin};
-use weft_api::pb;
-use weft_api::spiffe::{SpiffeId, TrustDomain};
-use weft_api::validate::Report;
+use weft_proto::crd::{self, AuthorizationPolicy, WasmPlugin};
+use weft_proto::pb;
+use weft_proto::spiffe::{SpiffeId, TrustDomain};
+use weft_proto::validate::Report;
 
 /// What the model keeps of a Pod: the fields weft uses, not the whole object.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,8 +55,8 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
         .unwrap_or_default();
     let labels = meta.labels.clone().unwrap_or_default();
     let opted_out = labels
-        .get(weft_api::labels::MESH)
-        .is_some_and(|v| v == weft_api::labels::DISABLED);
+        .get(weft_proto::labels::MESH)
+        .is_some_and(|v| v == weft_proto::labels::DISABLED);
     PodFacts {
         base: pb::Workload {
             uid: meta

@@ -3,7 +3,7 @@
 //! does not use the host network.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use weft_api::labels::{DISABLED, ENABLED, MESH};
+use weft_proto::labels::{DISABLED, ENABLED, MESH};
 
 pub fn namespace_enabled(ns: Option<&Namespace>) -> bool {
     ns.and_then(|n| n.metadata.labels.as_ref())

@@ -3,9 +3,9 @@
 //! a Service declares the port they name as not HTTP.
 
 use k8s_openapi::api::core::v1::Service;
-use weft_api::crd::{Action, AuthorizationPolicySpec, Operation};
-use weft_api::protocol::{declared, Declared};
-use weft_api::validate::{FieldError, Report};
+use weft_proto::crd::{Action, AuthorizationPolicySpec, Operation};
+use weft_proto::protocol::{declared, Declared};
+use weft_proto::validate::{FieldError, Report};
 
 fn l7_fields(o: &Operation) -> Vec<&'static str> {
     let mut v = Vec::new();

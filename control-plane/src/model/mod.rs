@@ -13,13 +13,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::broadcast;
-use weft_api::crd::{AuthorizationPolicy, WasmPlugin};
-use weft_api::pb::{self, resource::Kind};
-use weft_api::resource::{
+use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::pb::{self, resource::Kind};
+use weft_proto::resource::{
     self as res, KIND_AUTHZ, KIND_SERVICE, KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD,
 };
-use weft_api::spiffe::TrustDomain;
-use weft_api::validate::{self, Report};
+use weft_proto::spiffe::TrustDomain;
+use weft_proto::validate::{self, Report};
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {

@@ -3,7 +3,7 @@
 
 use crate::identity::NODE_ID_PREFIX;
 use tonic::Status;
-use weft_api::spiffe::{SpiffeId, TrustDomain};
+use weft_proto::spiffe::{SpiffeId, TrustDomain};
 
 /// Maps an authenticated request to the node it speaks for.
 #[tonic::async_trait]
@@ -55,7 +55,7 @@ impl NodeAuthenticator for CertNodeAuthenticator {
 
 /// Extracts the node name from a node credential certificate.
 pub fn node_from_cert(der: &[u8], td: &TrustDomain) -> Result<String, Status> {
-    let uri = weft_api::x509::single_uri_san(der)
+    let uri = weft_proto::x509::single_uri_san(der)
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
     let uri = uri.as_str();
     let id = SpiffeId::parse(uri)
@@ -107,7 +107,7 @@ mod tests {
     use crate::identity::tests::{csr_for, der_chain, opts, p256, WEB};
     use crate::identity::Ca;
     use std::time::Duration;
-    use weft_api::spiffe::SpiffeId;
+    use weft_proto::spiffe::SpiffeId;
 
     #[test]
     fn a_node_credential_names_its_node_and_a_workload_svid_is_none() {

@@ -6,8 +6,8 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use weft_api::pb::{self, certificates_server::Certificates};
-use weft_api::spiffe::SpiffeId;
+use weft_proto::pb::{self, certificates_server::Certificates};
+use weft_proto::spiffe::SpiffeId;
 
 pub struct Signer {
     pub ca: Arc<Ca>,

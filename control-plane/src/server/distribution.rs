@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use weft_api::pb::{self, node_config_server::NodeConfig, subscribe_request::Kind as Req};
+use weft_proto::pb::{self, node_config_server::NodeConfig, subscribe_request::Kind as Req};
 
 /// Updates larger than this are split, keeping messages well under gRPC limits.
 pub const MAX_RESOURCES_PER_UPDATE: usize = 250;
@@ -78,7 +78,7 @@ impl NodeConfig for Distribution {
             held: hello
                 .known_versions
                 .into_iter()
-                .map(|(k, v)| (Arc::from(k), weft_api::resource::version_number(&v)))
+                .map(|(k, v)| (Arc::from(k), weft_proto::resource::version_number(&v)))
                 .collect(),
             seq: 0,
             tx,

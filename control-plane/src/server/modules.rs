@@ -5,7 +5,7 @@ use super::auth::{NodeAuthenticator, RequestAuth};
 use crate::model::Model;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use weft_api::pb::{self, modules_server::Modules, resource::Kind};
+use weft_proto::pb::{self, modules_server::Modules, resource::Kind};
 
 pub struct ModuleServer {
     pub model: Arc<Model>,

@@ -264,14 +264,14 @@ fn main() -> anyhow::Result<()> {
     let ca = weft_control_plane::identity::Ca::load_or_create(
         &weft_control_plane::identity::CaOptions {
             state_dir: state.clone(),
-            trust_domain: weft_api::spiffe::TrustDomain::new("cluster.local")?,
+            trust_domain: weft_proto::spiffe::TrustDomain::new("cluster.local")?,
             svid_ttl: Duration::from_secs(86400),
             user_cert: None,
             user_key: None,
             user_bundle: None,
         },
     )?;
-    let id = weft_api::spiffe::SpiffeId::parse("spiffe://cluster.local/ns/ns-0/sa/sa-0")?;
+    let id = weft_proto::spiffe::SpiffeId::parse("spiffe://cluster.local/ns/ns-0/sa/sa-0")?;
     let csrs: Vec<Vec<u8>> = (0..200)
         .map(|_| {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

@@ -197,7 +197,7 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
     use weft_node::testing::Headers;
     let engine = weft_node::testing::WasmEngine::new()?;
     let bytes = std::fs::read(module)?;
-    let spec = weft_api::pb::WasmPlugin {
+    let spec = weft_proto::pb::WasmPlugin {
         name: name.into(),
         namespace: "bench".into(),
         sha256: name.into(),

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_api::pb;
+use weft_proto::pb;
 use weft_e2e::perf::{median, quantile};
 use weft_node::testing::{self as node, ConnCtx, LocalPod, PodNetns, ProxyState};
 use weft_node::ConfigStore;
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     // The agent's logging (info): without a subscriber, `tracing` hands every
     // disabled span to `log` (kube-client turns that feature on), which costs
     // thousands of instructions per request in h2 that the agent does not pay.
-    weft_api::logging::init(weft_api::logging::LogFormat::Text);
+    weft_runtime::logging::init(weft_runtime::logging::LogFormat::Text);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -691,7 +691,7 @@ fn mtls() -> anyhow::Result<Mtls> {
     let dir = tempfile::tempdir()?;
     let ca = Ca::load_or_create(&CaOptions {
         state_dir: dir.path().to_path_buf(),
-        trust_domain: weft_api::spiffe::TrustDomain::new("td.local")?,
+        trust_domain: weft_proto::spiffe::TrustDomain::new("td.local")?,
         svid_ttl: Duration::from_secs(3600),
         user_cert: None,
         user_key: None,
@@ -703,7 +703,7 @@ fn mtls() -> anyhow::Result<Mtls> {
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into()?)];
         let csr = p.serialize_request(&key)?;
-        let issued = ca.sign_svid(csr.der(), &weft_api::spiffe::SpiffeId::parse(id)?)?;
+        let issued = ca.sign_svid(csr.der(), &weft_proto::spiffe::SpiffeId::parse(id)?)?;
         Ok(WorkloadCert {
             spiffe_id: id.into(),
             serial: issued.serial_hex,

@@ -14,7 +14,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use weft_api::pb::{self, certificates_client::CertificatesClient};
+use weft_proto::pb::{self, certificates_client::CertificatesClient};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, Clone)]
@@ -189,7 +189,7 @@ impl CertManager {
 
 /// The returned certificate must carry exactly one URI SAN, equal to what we asked.
 pub fn check_san(der: &[u8], id: &str) -> anyhow::Result<()> {
-    match weft_api::x509::single_uri_san(der) {
+    match weft_proto::x509::single_uri_san(der) {
         Ok(uri) if uri == id => Ok(()),
         Ok(uri) => bail!("returned certificate is for {uri:?}, not {id}: rejected"),
         Err(e) => bail!("returned certificate rejected: {e}"),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
-use weft_api::pb::{self, resource::Kind};
+use weft_proto::pb::{self, resource::Kind};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct StoreSnapshot {
@@ -235,7 +235,7 @@ mod tests {
     }
 
     fn wl(key: &str, ip: &str) -> pb::Resource {
-        weft_api::resource::make(
+        weft_proto::resource::make(
             key.into(),
             Kind::Workload(pb::Workload {
                 name: key.into(),
@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn addresses_are_found_whatever_their_spelling() {
         let s = ConfigStore::new("n1");
-        let svc = weft_api::resource::make(
+        let svc = weft_proto::resource::make(
             "ns/svc".into(),
             Kind::Service(pb::Service {
                 name: "svc".into(),

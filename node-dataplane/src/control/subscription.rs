@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use weft_api::pb::{self, node_config_client::NodeConfigClient, subscribe_request::Kind as Req};
+use weft_proto::pb::{self, node_config_client::NodeConfigClient, subscribe_request::Kind as Req};
 
 pub async fn run_forever(
     target: ControlPlaneTarget,

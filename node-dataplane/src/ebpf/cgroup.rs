@@ -1,9 +1,9 @@
 //! Finding the cgroup2 hierarchy and bpffs from /proc/self/mountinfo
-//! ([`weft_api::mountinfo`]), mounting bpffs when absent.
+//! ([`weft_runtime::mountinfo`]), mounting bpffs when absent.
 
 use std::path::{Path, PathBuf};
 
-pub use weft_api::mountinfo::mounts_of;
+pub use weft_runtime::mountinfo::mounts_of;
 
 /// The cgroup2 mount point of this host.
 pub fn cgroup2_root() -> std::io::Result<PathBuf> {

@@ -42,7 +42,7 @@ impl Metrics {
     pub fn new() -> Self {
         // Traffic metrics are `weft_*` (as dashboards expect); agent internals `weft_node_*`.
         let mut root = Registry::default();
-        root.register_collector(Box::new(weft_api::process_metrics::ProcessCollector));
+        root.register_collector(Box::new(weft_runtime::process_metrics::ProcessCollector));
         let registry = root.sub_registry_with_prefix("weft");
         let m = Self {
             registry: Registry::default(),
@@ -112,7 +112,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        weft_api::runtime::encode_metrics(&self.registry)
+        weft_runtime::encode_metrics(&self.registry)
     }
 }
 

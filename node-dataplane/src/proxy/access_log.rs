@@ -17,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use weft_api::pb;
+use weft_proto::pb;
 
 pub const TARGET: &str = "weft::access";
 const MAX_PATH: usize = 256;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
-use weft_api::authz::Attributes;
-use weft_api::pb;
+use weft_authz::Attributes;
+use weft_proto::pb;
 
 struct Tracked {
     dest: Arc<pb::Workload>,
@@ -64,7 +64,7 @@ impl ConnTracker {
     /// Re-authorizes every open connection; cancels the denied ones. Returns how many.
     pub fn recheck(
         &self,
-        authorize: impl Fn(&pb::Workload, &Attributes) -> weft_api::authz::Decision,
+        authorize: impl Fn(&pb::Workload, &Attributes) -> weft_authz::Decision,
     ) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use weft_api::authz::{Attributes, Decision};
+use weft_authz::{Attributes, Decision};
 
 /// An inbound connection to a local workload, before authorization.
 pub(crate) struct InboundConn {

@@ -6,7 +6,7 @@ use crate::netns::PodNetns;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
-use weft_api::pb;
+use weft_proto::pb;
 
 /// A local enrolled pod, as the proxy needs it.
 #[derive(Clone)]

@@ -70,7 +70,7 @@ struct Resolved {
     /// Counts the connection against the endpoint (least-conn) while held.
     _active: Option<super::lb::Active>,
     /// `namespace/name` of the Service, when the client addressed one.
-    service: Option<Arc<weft_api::pb::Service>>,
+    service: Option<Arc<weft_proto::pb::Service>>,
 }
 
 /// A Service VIP:port becomes one of its ready endpoints (chosen by the node's
@@ -158,7 +158,7 @@ async fn tunnel(
     mut conn: tokio::net::TcpStream,
     state: &ProxyState,
     source: &LocalPod,
-    w: &Arc<weft_api::pb::Workload>,
+    w: &Arc<weft_proto::pb::Workload>,
     dst: SocketAddr,
     record: &mut ConnRecord,
 ) -> anyhow::Result<(u64, u64)> {

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use weft_api::authz::CompiledPolicy;
-use weft_api::pb;
+use weft_authz::CompiledPolicy;
+use weft_proto::pb;
 
 pub struct CompiledPolicies {
     all: Vec<CompiledPolicy>,
@@ -107,7 +107,7 @@ impl Applicable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_api::authz;
+    use weft_authz as authz;
 
     fn policy(ns: &str, name: &str, selector: &[(&str, &str)]) -> pb::AuthorizationPolicy {
         pb::AuthorizationPolicy {

@@ -143,7 +143,7 @@ impl HbonePool {
     pub async fn open(
         &self,
         dial: Dial<'_>,
-        dest: &weft_api::pb::Workload,
+        dest: &weft_proto::pb::Workload,
         dest_pod_ip: std::net::IpAddr,
         authority: SocketAddr,
     ) -> anyhow::Result<(Tunnel, StreamGuard)> {

@@ -23,8 +23,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_api::authz::Decision;
-use weft_api::pb;
+use weft_authz::Decision;
+use weft_proto::pb;
 
 /// Access log note for a connection closed because a policy now denies it.
 pub const CLOSED_BY_POLICY: &str = "closed: denied by a policy change";

@@ -10,8 +10,8 @@ use crate::certs::CertStore;
 use crate::config::ConfigStore;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use weft_api::authz::{self, Attributes, Decision};
-use weft_api::pb;
+use weft_authz::{self as authz, Attributes, Decision};
+use weft_proto::pb;
 
 /// Policies compiled from a given policy map (compared by identity, O(1)).
 type CompiledCache = (

@@ -42,7 +42,7 @@ fn key_of(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// The SPIFFE ID of a certificate: its single URI SAN, which must be a SPIFFE ID.
 pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
-    let uri = weft_api::x509::single_uri_san(der)?;
+    let uri = weft_proto::x509::single_uri_san(der)?;
     if uri.starts_with("spiffe://") {
         Ok(uri)
     } else {

@@ -111,7 +111,7 @@ impl Drop for Running<'_> {
     }
 }
 
-pub use weft_api::wasm_abi::AbiVersion;
+pub use weft_proto::wasm_abi::AbiVersion;
 
 /// A compiled module and what the host needs to know about it.
 pub struct CompiledModule {
@@ -205,5 +205,5 @@ impl WasmEngine {
 
 /// The exports every Proxy-Wasm HTTP plugin must have.
 fn check_exports(module: &Module) -> Result<AbiVersion, WasmError> {
-    weft_api::wasm_abi::check_exports(module.exports().map(|e| e.name())).map_err(WasmError::Abi)
+    weft_proto::wasm_abi::check_exports(module.exports().map(|e| e.name())).map_err(WasmError::Abi)
 }

@@ -19,7 +19,7 @@ use super::WasmError;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weft_api::pb;
+use weft_proto::pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailStrategy {

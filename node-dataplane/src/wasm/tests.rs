@@ -8,7 +8,7 @@ use super::plugin::{Outcome, Plugin};
 use super::WasmError;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use weft_api::pb;
+use weft_proto::pb;
 
 /// A plugin module: `req` and `resp` are the bodies of the request/response headers
 /// callbacks (returning an i32 action); `extra` adds functions/exports.

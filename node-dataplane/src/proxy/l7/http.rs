@@ -14,7 +14,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_api::authz::path;
+use weft_authz::path;
 
 pub type RespBody = Either<Incoming, Full<Bytes>>;
 

@@ -27,9 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use weft_api::authz::Attributes;
-use weft_api::pb;
-use weft_api::protocol::{declared, Declared};
+use weft_authz::Attributes;
+use weft_proto::pb;
+use weft_proto::protocol::{declared, Declared};
 
 /// How long the first bytes may take before a connection counts as not HTTP.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
@@ -145,7 +145,7 @@ impl ConnCtx {
 
     /// Counts a request's authorization decision, as [`ProxyState::authorize`]
     /// does for connections; the counter is looked up once per connection.
-    pub fn count_decision(&self, d: &weft_api::authz::Decision) {
+    pub fn count_decision(&self, d: &weft_authz::Decision) {
         let mut counters = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
         let hit = counters
             .iter()

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use weft_api::pb;
+use weft_proto::pb;
 
 /// One request as a hyper server parsed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,7 +187,7 @@ fn as_forwarded(meant: &Seen) -> Option<Seen> {
     }
     let uri: http::Uri = s.target.parse().ok()?;
     if let Some(pq) = uri.path_and_query().filter(|p| p.as_str().starts_with('/')) {
-        let n = weft_api::authz::path::normalize(pq.as_str())
+        let n = weft_authz::path::normalize(pq.as_str())
             .ok()?
             .path_and_query();
         s.target = match (uri.scheme_str(), uri.authority()) {

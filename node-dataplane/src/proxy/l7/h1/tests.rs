@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
-use weft_api::pb;
+use weft_proto::pb;
 
 /// The proxy in front of `app`, with an ALLOW policy on paths `/ok*` (so requests
 /// are parsed and everything else is denied). Returns the client's end.

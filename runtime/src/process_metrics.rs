@@ -122,7 +122,7 @@ mod tests {
 
         let mut r = Registry::default();
         r.register_collector(Box::new(ProcessCollector));
-        let text = crate::runtime::encode_metrics(&r);
+        let text = crate::encode_metrics(&r);
         for name in [
             "# TYPE process_cpu_seconds counter",
             "process_cpu_seconds_total ",

@@ -53,7 +53,7 @@ pub struct Cidr {
 
 impl Cidr {
     pub fn parse(s: &str) -> Option<Self> {
-        crate::validate::parse_cidr(s).map(|(addr, len)| Cidr { addr, len })
+        weft_proto::validate::parse_cidr(s).map(|(addr, len)| Cidr { addr, len })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {

@@ -2,7 +2,7 @@
 
 use super::matchers::{Cidr, StringMatch};
 use super::{Action, Attributes};
-use crate::pb;
+use weft_proto::pb;
 use std::collections::BTreeMap;
 
 /// A policy ready to evaluate.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::pb;
+use weft_proto::pb;
 use std::collections::BTreeMap;
 
 /// The three connections of the public acceptance table.
