@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use weft_node::testing::PodNetns;
+use weft_node_dataplane::testing::PodNetns;
 
 pub const CNI_DIR: &str = "/usr/lib/cni";
 const FABRIC_IP: &str = "10.200.0.1";
@@ -110,7 +110,7 @@ impl LocalCluster {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}", std::process::id() % 100000, n);
         let dir = tempfile::Builder::new().prefix("weft-cluster-").tempdir()?;
-        let cg2 = weft_node::cgroup::cgroup2_root()?;
+        let cg2 = weft_node_dataplane::cgroup::cgroup2_root()?;
         let cgroup_root = cg2.join(format!("weft-e2e-{id}"));
         let mut c = Self {
             fabric: format!("wf{id}-fab"),
@@ -556,7 +556,7 @@ impl LocalCluster {
             prev = Some(out);
         }
         let result = prev.context("empty CNI chain")?;
-        pod.ip = weft_node::testing::ips_of(&result)
+        pod.ip = weft_node_dataplane::testing::ips_of(&result)
             .into_iter()
             .next()
             .context("no IP from IPAM")?;
@@ -820,7 +820,7 @@ impl Drop for LocalCluster {
         }
         self.fabric_worker = None;
         for n in self.nodes.values() {
-            if let Err(e) = weft_node::Capture::uninstall(&n.pin_dir) {
+            if let Err(e) = weft_node_dataplane::Capture::uninstall(&n.pin_dir) {
                 eprintln!("cleanup: {}: {e}", n.pin_dir.display());
             }
         }

@@ -323,5 +323,5 @@ impl Showcase {
     }
 }
 
-/// The access log's tracing target (`weft_node::testing::ACCESS_LOG_TARGET`).
-pub const ACCESS_TARGET: &str = weft_node::testing::ACCESS_LOG_TARGET;
+/// The access log's tracing target (`weft_node_dataplane::testing::ACCESS_LOG_TARGET`).
+pub const ACCESS_TARGET: &str = weft_node_dataplane::testing::ACCESS_LOG_TARGET;

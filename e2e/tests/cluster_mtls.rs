@@ -190,7 +190,7 @@ mod refusals {
         KeyUsagePurpose, SanType,
     };
     use std::net::SocketAddr;
-    use weft_node::testing::{Secret, WorkloadCert};
+    use weft_node_dataplane::testing::{Secret, WorkloadCert};
 
     /// An SVID for `id` signed by `issuer` (the mesh CA, or another one).
     fn svid(id: &str, issuer: &rcgen::Issuer<'_, KeyPair>, bundle: &str) -> WorkloadCert {
@@ -219,7 +219,7 @@ mod refusals {
     /// Connects from `netns` to `target` with `cfg` and sends CONNECT `authority`:
     /// Ok(status) or Err(handshake/connection error).
     async fn try_connect(
-        netns: &weft_node::testing::PodNetns,
+        netns: &weft_node_dataplane::testing::PodNetns,
         target: SocketAddr,
         cfg: std::sync::Arc<rustls::ClientConfig>,
         authority: &str,
@@ -359,7 +359,7 @@ mod refusals {
         let mesh_ca = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
         let server_id = "spiffe://cluster.local/ns/mesh/sa/server";
         let client_id = "spiffe://cluster.local/ns/plain/sa/prober";
-        let prober = weft_node::testing::PodNetns::open(format!(
+        let prober = weft_node_dataplane::testing::PodNetns::open(format!(
             "/var/run/netns/{}",
             c.pod("plain/prober").netns
         ))
@@ -372,7 +372,7 @@ mod refusals {
             .unwrap();
         rt.block_on(async {
             // A valid SVID: accepted (CONNECT 200).
-            let good = weft_node::testing::client_config(
+            let good = weft_node_dataplane::testing::client_config(
                 &svid(client_id, &mesh_ca, &bundle),
                 &bundle,
                 server_id,
@@ -384,7 +384,7 @@ mod refusals {
             );
             // Another CA: refused in the handshake.
             let (foreign, _) = other_ca();
-            let bad = weft_node::testing::client_config(
+            let bad = weft_node_dataplane::testing::client_config(
                 &svid(client_id, &foreign, &bundle),
                 &bundle,
                 server_id,
@@ -410,7 +410,7 @@ mod refusals {
                 "CONNECT to a workload whose identity the listener did not present"
             );
             // And the client refuses a server that is not the identity it expects.
-            let expect_other = weft_node::testing::client_config(
+            let expect_other = weft_node_dataplane::testing::client_config(
                 &svid(client_id, &mesh_ca, &bundle),
                 &bundle,
                 "spiffe://cluster.local/ns/mesh/sa/other",

@@ -3,11 +3,11 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use weft_runtime::logging::{self, LogFormat};
-use weft_node::AccessLogSettings;
-use weft_node::CertManagerSettings;
-use weft_node::ControlPlaneTarget;
-use weft_node::ProxyOptions;
-use weft_node::{CaptureSettings, Settings};
+use weft_node_dataplane::AccessLogSettings;
+use weft_node_dataplane::CertManagerSettings;
+use weft_node_dataplane::ControlPlaneTarget;
+use weft_node_dataplane::ProxyOptions;
+use weft_node_dataplane::{CaptureSettings, Settings};
 
 /// weft node agent.
 #[derive(Parser)]
@@ -79,7 +79,7 @@ struct RunArgs {
     #[arg(long)]
     bpf_dir: Option<PathBuf>,
     /// Socket the weft-cni plugin talks to.
-    #[arg(long, default_value = weft_node::DEFAULT_CNI_SOCKET)]
+    #[arg(long, default_value = weft_node_dataplane::DEFAULT_CNI_SOCKET)]
     cni_socket: PathBuf,
     /// Agent state directory (pod registry).
     #[arg(long, default_value = "/var/run/weft")]
@@ -88,8 +88,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 0x5746)]
     proxy_mark: u32,
     /// Service load balancing: least-conn (power of two choices) or round-robin.
-    #[arg(long, value_enum, default_value_t = weft_node::LbPolicy::LeastConn)]
-    lb: weft_node::LbPolicy,
+    #[arg(long, value_enum, default_value_t = weft_node_dataplane::LbPolicy::LeastConn)]
+    lb: weft_node_dataplane::LbPolicy,
     /// Close pooled HBONE connections idle this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     hbone_idle_timeout: std::time::Duration,
@@ -137,7 +137,7 @@ impl RunArgs {
         let capture = if self.capture {
             let cgroup = match self.cgroup {
                 Some(c) => c,
-                None => weft_node::cgroup::cgroup2_root().context("capture")?,
+                None => weft_node_dataplane::cgroup::cgroup2_root().context("capture")?,
             };
             let bpf_dir = match self.bpf_dir {
                 Some(d) => d,
@@ -184,7 +184,7 @@ impl RunArgs {
 }
 
 fn default_bpf_dir() -> std::io::Result<PathBuf> {
-    Ok(weft_node::cgroup::bpffs()?.join("weft"))
+    Ok(weft_node_dataplane::cgroup::bpffs()?.join("weft"))
 }
 
 // jemalloc returns memory freed after bursts (initial syncs, big config changes) to the
@@ -210,7 +210,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(default_bpf_dir)
                 .map_err(anyhow::Error::from)
                 .and_then(|d| {
-                    weft_node::Capture::uninstall(&d)
+                    weft_node_dataplane::Capture::uninstall(&d)
                         .map(|_| d)
                         .map_err(anyhow::Error::from)
                 });
@@ -248,7 +248,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        let (_, fut) = weft_node::start(settings, weft_runtime::shutdown_signal()).await?;
+        let (_, fut) = weft_node_dataplane::start(settings, weft_runtime::shutdown_signal()).await?;
         fut.await
     });
     match res {

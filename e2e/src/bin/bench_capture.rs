@@ -15,9 +15,9 @@
 use clap::Parser;
 use std::sync::Arc;
 use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
-use weft_node::testing::{cgroup, Capture, CaptureOptions};
-use weft_node::testing::PodNetns;
-use weft_node::testing::{serve_outbound_plain, OutboundStats};
+use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions};
+use weft_node_dataplane::testing::PodNetns;
+use weft_node_dataplane::testing::{serve_outbound_plain, OutboundStats};
 
 #[derive(Parser)]
 struct Args {

@@ -1,7 +1,7 @@
 //! Control-plane benchmark (issue: foundation). A real `weft-control-plane` process on
 //! a manifest directory of N pods / S services across 100 namespaces, and M simulated
 //! nodes in this process, each running the real node subscription code
-//! (`weft_node::testing::subscribe`) over its own TLS connection on loopback.
+//! (`weft_node_dataplane::testing::subscribe`) over its own TLS connection on loopback.
 //!
 //! Reports: time until every node holds its complete initial view; propagation of one
 //! pod change (a manifest file rewritten) until *all* nodes hold it (p50/p99 over
@@ -14,8 +14,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_e2e::{bin_path, free_port, http_get, wait_until, Proc};
-use weft_node::ConfigStore;
-use weft_node::ControlPlaneTarget;
+use weft_node_dataplane::ConfigStore;
+use weft_node_dataplane::ControlPlaneTarget;
 
 #[derive(Parser)]
 struct Args {
@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     let (initial, lat, rss_synced) = rt.block_on(async {
-        let metrics = Arc::new(weft_node::testing::Metrics::new());
+        let metrics = Arc::new(weft_node_dataplane::testing::Metrics::new());
         let mut stores = Vec::new();
         let t0 = Instant::now();
         for (n, cred) in creds.iter().enumerate() {
@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
                 credential_dir: cred.clone(),
                 token_file: None,
             };
-            tokio::spawn(weft_node::testing::subscribe(
+            tokio::spawn(weft_node_dataplane::testing::subscribe(
                 target,
                 store.clone(),
                 metrics.clone(),

@@ -27,7 +27,7 @@ use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;
 use weft_e2e::perf::{median, quantile};
 use weft_e2e::{bin_path, plugin_path, wait_until};
-use weft_node::testing::Fields;
+use weft_node_dataplane::testing::Fields;
 
 #[derive(Parser)]
 struct Args {
@@ -193,9 +193,9 @@ fn plugin(name: &str, app: &str, module: &Path) -> String {
 /// create context, request headers (the plugin reads `:path` and the peer), response
 /// headers (it adds a header), done/log/delete. Returns (p50, p99) in microseconds.
 fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usize)> {
-    use weft_node::testing::{ConnProps, HttpState};
-    use weft_node::testing::Headers;
-    let engine = weft_node::testing::WasmEngine::new()?;
+    use weft_node_dataplane::testing::{ConnProps, HttpState};
+    use weft_node_dataplane::testing::Headers;
+    let engine = weft_node_dataplane::testing::WasmEngine::new()?;
     let bytes = std::fs::read(module)?;
     let spec = weft_proto::pb::WasmPlugin {
         name: name.into(),
@@ -205,7 +205,7 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
         plugin_config: r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"v"}"#.into(),
         ..Default::default()
     };
-    let p = weft_node::testing::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
+    let p = weft_node_dataplane::testing::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
     anyhow::ensure!(p.load_error().is_none(), "{:?}", p.load_error());
     let props = std::sync::Arc::new(ConnProps {
         source: "10.244.1.2:40000".parse()?,
@@ -230,7 +230,7 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
         });
         let (o, h) = p.on_request(&mut http, true);
         anyhow::ensure!(
-            matches!(o, weft_node::testing::Outcome::Continue),
+            matches!(o, weft_node_dataplane::testing::Outcome::Continue),
             "{o:?}"
         );
         let h = h.ok_or_else(|| anyhow::anyhow!("no context"))?;

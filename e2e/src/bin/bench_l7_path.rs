@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_proto::pb;
 use weft_e2e::perf::{median, quantile};
-use weft_node::testing::{self as node, ConnCtx, LocalPod, PodNetns, ProxyState};
-use weft_node::ConfigStore;
+use weft_node_dataplane::testing::{self as node, ConnCtx, LocalPod, PodNetns, ProxyState};
+use weft_node_dataplane::ConfigStore;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Mode {
@@ -687,7 +687,7 @@ struct Mtls {
 
 fn mtls() -> anyhow::Result<Mtls> {
     use weft_control_plane::identity::ca::{Ca, CaOptions};
-    use weft_node::testing::{Secret, WorkloadCert};
+    use weft_node_dataplane::testing::{Secret, WorkloadCert};
     let dir = tempfile::tempdir()?;
     let ca = Ca::load_or_create(&CaOptions {
         state_dir: dir.path().to_path_buf(),

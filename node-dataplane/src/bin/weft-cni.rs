@@ -19,7 +19,7 @@ struct InstallArgs {
     #[arg(long, default_value = "/host/etc/cni/net.d")]
     conf_dir: PathBuf,
     /// The node agent's CNI socket, as the plugin will see it on the host.
-    #[arg(long, default_value = weft_node::DEFAULT_CNI_SOCKET)]
+    #[arg(long, default_value = weft_node_dataplane::DEFAULT_CNI_SOCKET)]
     socket: String,
     /// How long to wait for the cluster network plugin's `.conflist`.
     #[arg(long, default_value_t = 300)]
@@ -51,7 +51,7 @@ fn install(args: &[String]) -> i32 {
             return 1;
         }
     };
-    match weft_node::install_cni(&me, &bin_dir, &conf_dir, &socket, wait) {
+    match weft_node_dataplane::install_cni(&me, &bin_dir, &conf_dir, &socket, wait) {
         Ok(conf) => {
             println!(
                 "installed {} and chained it in {}",
@@ -75,7 +75,7 @@ fn main() {
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let mut stdin = String::new();
     let _ = std::io::stdin().read_to_string(&mut stdin);
-    let out = weft_node::run_cni_plugin(&env, &stdin);
+    let out = weft_node_dataplane::run_cni_plugin(&env, &stdin);
     if !out.stdout.is_empty() {
         println!("{}", out.stdout);
     }
