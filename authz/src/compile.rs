@@ -2,8 +2,8 @@
 
 use super::matchers::{Cidr, StringMatch};
 use super::{Action, Attributes};
-use weft_proto::pb;
 use std::collections::BTreeMap;
+use weft_proto::pb;
 
 /// A policy ready to evaluate.
 #[derive(Debug, Clone)]

@@ -8,6 +8,8 @@
 //! connection) make an ALLOW rule not match and a DENY rule match: never more
 //! permissive than the policy.
 
+#![forbid(unsafe_code)]
+
 mod compile;
 mod matchers;
 pub mod path;

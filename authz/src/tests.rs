@@ -1,6 +1,6 @@
 use super::*;
-use weft_proto::pb;
 use std::collections::BTreeMap;
+use weft_proto::pb;
 
 /// The three connections of the public acceptance table.
 fn p_conn() -> Attributes {

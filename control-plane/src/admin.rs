@@ -1,7 +1,6 @@
 //! Admin HTTP endpoint: `/metrics`, `/healthz/ready`, `/debug/status` (JSON).
 
 use crate::metrics::Metrics;
-use crate::model::Model;
 use crate::server::Sessions;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,6 +10,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use weft_model::Model;
 use weft_proto::resource;
 
 #[derive(Clone)]

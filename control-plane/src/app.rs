@@ -5,7 +5,6 @@ use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
 use crate::identity::{Ca, CaOptions};
 use crate::k8s::{self, KubeSettings};
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelConfig};
 use crate::server::{
     certificates::Signer, distribution::Distribution, tls, CertNodeAuthenticator,
     NodeAuthenticator, Sessions,
@@ -16,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use weft_model::{Model, ModelConfig};
 use weft_proto::pb::{
     certificates_server::CertificatesServer, modules_server::ModulesServer,
     node_config_server::NodeConfigServer,
@@ -136,11 +136,15 @@ pub async fn start(
         .unwrap_or(0.0);
     metrics.ca_expiry.set(ca_expiry);
 
-    let model = Model::new(ModelConfig {
-        trust_domain: s.trust_domain.clone(),
-        root_namespace: s.root_namespace.clone(),
-        trust_bundle_pem: ca.bundle_pem().to_string(),
-    });
+    let modules = Arc::new(crate::wasm::ModuleStore::default());
+    let model = Model::new(
+        ModelConfig {
+            trust_domain: s.trust_domain.clone(),
+            root_namespace: s.root_namespace.clone(),
+            trust_bundle_pem: ca.bundle_pem().to_string(),
+        },
+        modules.clone(),
+    );
     let sessions = Arc::new(Sessions::default());
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -228,6 +232,7 @@ pub async fn start(
     };
     let modules = crate::server::modules::ModuleServer {
         model: model.clone(),
+        modules,
         auth: auth.clone(),
     };
     let signer = Signer {

@@ -2,9 +2,12 @@
 //! gRPC services.
 //!
 //! Layers, each owning its state: [`config`] (where objects come from),
-//! [`model`] (objects -> distributed resources), [`identity`] (the CA),
+//! the model (objects -> distributed resources: the `weft-model` crate),
+//! [`identity`] (the CA),
 //! [`server`] (gRPC: distribution and signing), [`admin`] (HTTP), [`k8s`]
 //! (Kubernetes mode: watchers, status, leader election), [`app`] (wiring).
+
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
@@ -12,6 +15,5 @@ pub mod config;
 pub mod identity;
 pub mod k8s;
 pub mod metrics;
-pub mod model;
 pub mod server;
 pub mod wasm;

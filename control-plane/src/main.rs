@@ -1,13 +1,14 @@
+#![deny(unsafe_code)]
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use weft_runtime::logging::{self, LogFormat};
-use weft_proto::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
 use weft_control_plane::app::{self, Settings, SourceSettings};
 use weft_control_plane::identity::{ca::write_private, Ca};
 use weft_control_plane::k8s::KubeSettings;
+use weft_proto::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
+use weft_runtime::logging::{self, LogFormat};
 
 /// weft control plane: watches the mesh configuration, runs the mesh CA and
 /// pushes config and certificates to node agents.
@@ -128,6 +129,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc options (overridable with `_RJEM_MALLOC_CONF`): a background thread
 /// returns freed pages after 1 s instead of keeping startup and burst memory; this
 /// halves the node agent's idle RSS (see BENCHMARKS.md).
+#[allow(unsafe_code)] // exporting the symbol jemalloc reads its options from
 #[export_name = "_rjem_malloc_conf"]
 pub static MALLOC_CONF: &[u8; 60] =
     b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";

@@ -12,26 +12,12 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use weft_model::modules::{ModuleProblem, ModuleSource, Resolved};
 use weft_proto::crd::WasmPluginSpec;
 
 /// Largest module accepted.
 pub const MAX_MODULE_BYTES: usize = 32 << 20;
 const RETRY: Duration = Duration::from_secs(30);
-
-/// Why a plugin's module is not available; `field` names the spec field to blame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleProblem {
-    pub field: &'static str,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolved {
-    Ready { sha256: String },
-    Pending,
-    Failed(ModuleProblem),
-}
 
 enum Fetch {
     InFlight,
@@ -89,11 +75,6 @@ pub fn admit(bytes: &[u8], declared: Option<&str>) -> Result<String, ModuleProbl
 }
 
 impl ModuleStore {
-    /// Called with a namespace after a background fetch for one of its plugins ends.
-    pub fn set_on_fetched(&self, f: impl Fn(String) + Send + Sync + 'static) {
-        *self.on_fetched.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Box::new(f)));
-    }
-
     pub fn get(&self, sha256: &str) -> Option<Arc<Vec<u8>>> {
         self.modules
             .lock()
@@ -111,7 +92,7 @@ impl ModuleStore {
     }
 
     /// Resolves the module of a plugin in namespace `ns`.
-    pub fn resolve(self: &Arc<Self>, ns: &str, spec: &WasmPluginSpec) -> Resolved {
+    fn resolve_module(self: Arc<Self>, ns: &str, spec: &WasmPluginSpec) -> Resolved {
         let url = spec.url.as_str();
         let declared = spec.sha256.as_deref();
         if let Some(path) = url.strip_prefix("file://") {
@@ -247,6 +228,17 @@ fn download(url: &str) -> Result<Vec<u8>, ModuleProblem> {
         .map_err(|e| problem("spec.url", "FetchFailed", format!("reading {url}: {e}")))
 }
 
+impl ModuleSource for ModuleStore {
+    fn resolve(self: Arc<Self>, ns: &str, spec: &WasmPluginSpec) -> Resolved {
+        self.resolve_module(ns, spec)
+    }
+
+    /// Called with a namespace after a background fetch for one of its plugins ends.
+    fn set_on_fetched(&self, f: Box<dyn Fn(String) + Send + Sync>) {
+        *self.on_fetched.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(f));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,7 +279,9 @@ mod tests {
             sha256: sha,
             ..Default::default()
         };
-        let r = store.resolve("ns", &spec(format!("file://{}", p.display()), None));
+        let r = store
+            .clone()
+            .resolve("ns", &spec(format!("file://{}", p.display()), None));
         let Resolved::Ready { sha256 } = r else {
             panic!("{r:?}")
         };
@@ -295,7 +289,7 @@ mod tests {
             store.get(&sha256).unwrap().as_slice(),
             wasm(GOOD).as_slice()
         );
-        let r = store.resolve(
+        let r = store.clone().resolve(
             "ns",
             &spec(format!("file://{}", p.display()), Some("a".repeat(64))),
         );
@@ -303,17 +297,23 @@ mod tests {
             matches!(r, Resolved::Failed(ref p) if p.reason == "DigestMismatch"),
             "{r:?}"
         );
-        let r = store.resolve("ns", &spec("file://relative.wasm".into(), None));
+        let r = store
+            .clone()
+            .resolve("ns", &spec("file://relative.wasm".into(), None));
         assert!(
             matches!(r, Resolved::Failed(ref p) if p.message.contains("absolute")),
             "{r:?}"
         );
-        let r = store.resolve("ns", &spec("oci://registry/plugin:1".into(), None));
+        let r = store
+            .clone()
+            .resolve("ns", &spec("oci://registry/plugin:1".into(), None));
         assert!(
             matches!(r, Resolved::Failed(ref p) if p.reason == "UnsupportedUrl"),
             "{r:?}"
         );
-        let r = store.resolve("ns", &spec("http://127.0.0.1:1/p.wasm".into(), None));
+        let r = store
+            .clone()
+            .resolve("ns", &spec("http://127.0.0.1:1/p.wasm".into(), None));
         assert!(
             matches!(r, Resolved::Failed(ref p) if p.field == "spec.sha256"),
             "{r:?}"
@@ -348,21 +348,21 @@ mod tests {
         let base = serve(good.clone());
         let store = Arc::new(ModuleStore::default());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        store.set_on_fetched(move |ns| {
+        store.set_on_fetched(Box::new(move |ns| {
             let _ = tx.send(ns);
-        });
+        }));
         let spec = |sha: &str| WasmPluginSpec {
             url: format!("{base}/p.wasm"),
             sha256: Some(sha.to_string()),
             ..Default::default()
         };
-        assert_eq!(store.resolve("ns", &spec(&sha)), Resolved::Pending);
+        assert_eq!(store.clone().resolve("ns", &spec(&sha)), Resolved::Pending);
         let ns = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
             .await
             .unwrap();
         assert_eq!(ns.as_deref(), Some("ns"));
         assert_eq!(
-            store.resolve("ns", &spec(&sha)),
+            store.clone().resolve("ns", &spec(&sha)),
             Resolved::Ready {
                 sha256: sha.clone()
             }
@@ -372,14 +372,17 @@ mod tests {
         let other = "1".repeat(64);
         let store2 = Arc::new(ModuleStore::default());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        store2.set_on_fetched(move |ns| {
+        store2.set_on_fetched(Box::new(move |ns| {
             let _ = tx.send(ns);
-        });
-        assert_eq!(store2.resolve("ns", &spec(&other)), Resolved::Pending);
+        }));
+        assert_eq!(
+            store2.clone().resolve("ns", &spec(&other)),
+            Resolved::Pending
+        );
         tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
             .await
             .unwrap();
-        let r = store2.resolve("ns", &spec(&other));
+        let r = store2.clone().resolve("ns", &spec(&other));
         assert!(
             matches!(r, Resolved::Failed(ref p) if p.reason == "DigestMismatch"),
             "{r:?}"

@@ -2,6 +2,8 @@
 //! (`weft-control-plane`, `weft-node`) as processes, talk to them over real
 //! sockets on loopback, and clean up everything they started when dropped.
 
+#![forbid(unsafe_code)]
+
 pub mod cluster;
 pub mod curl;
 pub mod kubeapi;

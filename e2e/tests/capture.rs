@@ -2,12 +2,14 @@
 //! cgroup2 root exactly as on a node, a pod and a server in their own network
 //! namespaces, the proxy's outbound listener inside the pod's netns.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
-use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions};
 use weft_node_dataplane::testing::PodNetns;
+use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions};
 use weft_node_dataplane::testing::{serve_outbound_plain, OutboundStats};
 
 const MARK: u32 = 0x5746;

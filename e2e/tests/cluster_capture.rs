@@ -1,6 +1,8 @@
 //! eBPF capture in the local cluster harness: real CNI plugins, real kernel eBPF,
 //! a control plane and one weft-node per node namespace. Root; runs in CI.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;

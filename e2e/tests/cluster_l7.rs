@@ -2,6 +2,8 @@
 //! and HTTP/2 clients (curl, h2load): methods, paths (with normalization-bypass
 //! attempts), DENY rules, keep-alive, per-request metrics. Root; runs in CI.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::time::Duration;
 use weft_e2e::cluster::LocalCluster;

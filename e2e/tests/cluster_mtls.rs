@@ -2,6 +2,8 @@
 //! :15008 and no plaintext payload in a packet capture of the node's uplink), and
 //! both ends' metrics report mutual_tls with the right principals. Root; runs in CI.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;

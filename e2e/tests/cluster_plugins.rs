@@ -4,6 +4,8 @@
 //! the node; failing plugins (trap, infinite loop, memory bomb) follow their
 //! failStrategy; a digest mismatch is rejected and the plugin never runs. Root.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::LocalCluster;

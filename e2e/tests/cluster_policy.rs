@@ -1,6 +1,8 @@
 //! L4 AuthorizationPolicy at the destination node proxy, across nodes over HBONE.
 //! Root; runs in CI.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;

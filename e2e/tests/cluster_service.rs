@@ -1,6 +1,8 @@
 //! Services through the node proxy: VIP resolution and load balancing, and many
 //! concurrent long-lived connections. Root; runs in CI.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 use weft_e2e::cluster::LocalCluster;
 use weft_e2e::netlab::require_root;

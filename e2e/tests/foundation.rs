@@ -1,11 +1,13 @@
 //! Foundation end to end: a real control plane and real node agents as processes,
 //! real gRPC over TLS on loopback.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weft_proto::pb;
 use weft_e2e::standalone::{cert_ids, keys};
 use weft_e2e::{http_get, StandaloneMesh};
+use weft_proto::pb;
 
 fn example() -> &'static Path {
     Path::new(concat!(

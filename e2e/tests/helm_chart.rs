@@ -2,6 +2,8 @@
 //! (PyPI helm-python-sdk) and Kubernetes schemas (PyPI kubernetes-validate), in a
 //! virtualenv cached at ~/.cache/weft/venv (WEFT_VENV overrides).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -3,6 +3,8 @@
 //! expects, and every binary starts from the image's own files alone. The CNI
 //! plugin, which runs on the host, needs no library at all.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use weft_e2e::netlab::require_root;

@@ -2,12 +2,14 @@
 //! watchers, CRD status, TokenReview node authentication, the CA Secret and trust
 //! bundle, API-server restarts and leader handover. See e2e/src/kubeapi.rs.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
-use weft_proto::pb;
 use weft_e2e::kubemesh::{apply_yaml, bound_token, KubeMesh, AUDIENCE, NAMESPACE, NODE_SA};
 use weft_e2e::standalone::{cert_ids, keys};
 use weft_e2e::wait_until;
+use weft_proto::pb;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -5,6 +5,8 @@
 //! template variables set to real values; every exported metric is documented.
 //! Root; runs in CI.
 
+#![forbid(unsafe_code)]
+
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;

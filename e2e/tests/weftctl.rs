@@ -2,6 +2,8 @@
 //! authz check and analyze) and a running standalone mesh (status, config-dump,
 //! certs). Exit codes and JSON output are checked exactly.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

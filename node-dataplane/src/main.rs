@@ -1,13 +1,14 @@
+#![deny(unsafe_code)]
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use weft_runtime::logging::{self, LogFormat};
 use weft_node_dataplane::AccessLogSettings;
 use weft_node_dataplane::CertManagerSettings;
 use weft_node_dataplane::ControlPlaneTarget;
 use weft_node_dataplane::ProxyOptions;
 use weft_node_dataplane::{CaptureSettings, Settings};
+use weft_runtime::logging::{self, LogFormat};
 
 /// weft node agent.
 #[derive(Parser)]
@@ -195,6 +196,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc options (overridable with `_RJEM_MALLOC_CONF`): a background thread
 /// returns freed pages after 1 s instead of keeping startup and burst memory; this
 /// halves the node agent's idle RSS (see BENCHMARKS.md).
+#[allow(unsafe_code)] // exporting the symbol jemalloc reads its options from
 #[export_name = "_rjem_malloc_conf"]
 pub static MALLOC_CONF: &[u8; 60] =
     b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
@@ -248,7 +250,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        let (_, fut) = weft_node_dataplane::start(settings, weft_runtime::shutdown_signal()).await?;
+        let (_, fut) =
+            weft_node_dataplane::start(settings, weft_runtime::shutdown_signal()).await?;
         fut.await
     });
     match res {

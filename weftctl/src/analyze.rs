@@ -6,8 +6,8 @@ use crate::output::Report;
 use serde_json::json;
 use std::collections::BTreeSet;
 use weft_authz as authz;
+use weft_model::manifest::Object;
 use weft_proto::crd::{Action, AuthorizationPolicy};
-use weft_control_plane::config::Object;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -5,11 +5,12 @@
 use anyhow::{bail, Context};
 use std::path::Path;
 use std::sync::Arc;
+use weft_model::directory::DirectoryReader;
+use weft_model::manifest::{ManifestError, Object};
+use weft_model::SourceEvent;
+use weft_model::{Model, ModelConfig};
 use weft_proto::pb::{self, resource::Kind};
 use weft_proto::spiffe::TrustDomain;
-use weft_control_plane::config::directory::DirectoryReader;
-use weft_control_plane::config::{ManifestError, Object, SourceEvent};
-use weft_control_plane::model::{Model, ModelConfig};
 
 /// Where the objects come from.
 #[derive(clap::Args, Debug, Clone)]
@@ -84,11 +85,14 @@ pub async fn load(src: &Source) -> anyhow::Result<Mesh> {
         .into_iter()
         .filter(|o| !matches!(o, Object::WasmPlugin(_)))
         .collect();
-    let model = Model::new(ModelConfig {
-        trust_domain: src.trust_domain.clone(),
-        root_namespace: src.root_namespace.clone(),
-        trust_bundle_pem: String::new(),
-    });
+    let model = Model::new(
+        ModelConfig {
+            trust_domain: src.trust_domain.clone(),
+            root_namespace: src.root_namespace.clone(),
+            trust_bundle_pem: String::new(),
+        },
+        std::sync::Arc::new(weft_model::modules::Offline),
+    );
     model.apply(SourceEvent::Snapshot(objects.clone()));
     Ok(Mesh {
         model,

@@ -4,6 +4,8 @@
 //! is denied, or analyze found errors or warnings; 2 = bad usage or input (the
 //! message says which).
 
+#![forbid(unsafe_code)]
+
 mod analyze;
 mod authz;
 mod check;

@@ -9,12 +9,12 @@
 
 use super::leader::LeaderWatch;
 use crate::config::ObjectRef;
-use crate::model::{Model, ObjectStatus};
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::{Api, Client};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use weft_model::{Model, ObjectStatus};
 use weft_proto::crd::{
     AuthorizationPolicy, ResourceStatus, StatusCondition, WasmPlugin, CONDITION_ACCEPTED,
 };

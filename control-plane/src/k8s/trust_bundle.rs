@@ -5,13 +5,13 @@
 //! minute to repair edits and deletions.
 
 use super::leader::LeaderWatch;
-use crate::model::Model;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use weft_model::Model;
 
 pub const CONFIG_MAP: &str = "weft-ca-root-cert";
 pub const KEY: &str = "root-cert.pem";

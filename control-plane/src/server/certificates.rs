@@ -3,9 +3,9 @@
 use super::auth::{NodeAuthenticator, RequestAuth};
 use crate::identity::{Ca, CaError};
 use crate::metrics::Metrics;
-use crate::model::Model;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use weft_model::Model;
 use weft_proto::pb::{self, certificates_server::Certificates};
 use weft_proto::spiffe::SpiffeId;
 

@@ -9,7 +9,6 @@
 use super::auth::{NodeAuthenticator, RequestAuth};
 use super::sessions::Sessions;
 use crate::metrics::{Metrics, NodeLabel};
-use crate::model::Model;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use weft_model::Model;
 use weft_proto::pb::{self, node_config_server::NodeConfig, subscribe_request::Kind as Req};
 
 /// Updates larger than this are split, keeping messages well under gRPC limits.
@@ -130,7 +130,7 @@ impl NodeStream {
 
     async fn serve(
         &mut self,
-        changes: &mut broadcast::Receiver<Arc<crate::model::ChangeBatch>>,
+        changes: &mut broadcast::Receiver<Arc<weft_model::ChangeBatch>>,
         inbound: &mut Streaming<pb::SubscribeRequest>,
     ) {
         loop {

@@ -2,13 +2,16 @@
 //! plugin that uses them.
 
 use super::auth::{NodeAuthenticator, RequestAuth};
-use crate::model::Model;
+use crate::wasm::ModuleStore;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use weft_model::Model;
 use weft_proto::pb::{self, modules_server::Modules, resource::Kind};
 
 pub struct ModuleServer {
     pub model: Arc<Model>,
+    /// The modules the model resolved, by sha256.
+    pub modules: Arc<ModuleStore>,
     pub auth: Arc<dyn NodeAuthenticator>,
 }
 
@@ -29,7 +32,7 @@ impl Modules for ModuleServer {
                 "no Wasm plugin for node {node:?} uses module {sha}"
             )));
         }
-        let bytes = self.model.modules().get(&sha).ok_or_else(|| {
+        let bytes = self.modules.get(&sha).ok_or_else(|| {
             Status::not_found(format!("module {sha} is not held by the control plane"))
         })?;
         Ok(Response::new(pb::FetchModuleResponse {

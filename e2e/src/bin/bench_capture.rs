@@ -12,11 +12,13 @@
 //! `ebpf` and `iptables` is the capture mechanism. Reports 1 KiB request/response
 //! p50/p99 and connect + first byte p50/p99 per mode (rounds interleaved).
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use std::sync::Arc;
 use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
-use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions};
 use weft_node_dataplane::testing::PodNetns;
+use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions};
 use weft_node_dataplane::testing::{serve_outbound_plain, OutboundStats};
 
 #[derive(Parser)]

@@ -8,6 +8,8 @@
 //! `--changes` changes); CSR signing throughput on one core (parse + verify + sign);
 //! control plane RSS.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use std::collections::HashMap;
 use std::fmt::Write as _;

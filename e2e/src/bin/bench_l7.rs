@@ -20,6 +20,8 @@
 //! every setup with a second agent binary in the same rounds and reports what it
 //! changes, paired per round (two builds compared on a drifting host).
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use std::path::Path;
 use std::time::Duration;
@@ -193,8 +195,8 @@ fn plugin(name: &str, app: &str, module: &Path) -> String {
 /// create context, request headers (the plugin reads `:path` and the peer), response
 /// headers (it adds a header), done/log/delete. Returns (p50, p99) in microseconds.
 fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usize)> {
-    use weft_node_dataplane::testing::{ConnProps, HttpState};
     use weft_node_dataplane::testing::Headers;
+    use weft_node_dataplane::testing::{ConnProps, HttpState};
     let engine = weft_node_dataplane::testing::WasmEngine::new()?;
     let bytes = std::fs::read(module)?;
     let spec = weft_proto::pb::WasmPlugin {

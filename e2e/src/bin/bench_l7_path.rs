@@ -21,6 +21,8 @@
 //! `valgrind --tool=callgrind` the instruction counts of two request counts give an
 //! exact per-request figure: `--requests` sets it.
 
+#![deny(unsafe_code)]
+
 use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
@@ -28,10 +30,10 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_proto::pb;
 use weft_e2e::perf::{median, quantile};
 use weft_node_dataplane::testing::{self as node, ConnCtx, LocalPod, PodNetns, ProxyState};
 use weft_node_dataplane::ConfigStore;
+use weft_proto::pb;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Mode {
@@ -221,6 +223,7 @@ impl Code {
 
 /// This process's executable code ([`Code`]), from the dynamic loader: the first
 /// object `dl_iterate_phdr` reports is the executable.
+#[allow(unsafe_code)] // dl_iterate_phdr: where the loader put this executable
 fn loaded_code() -> Option<Code> {
     unsafe extern "C" fn first(
         info: *mut libc::dl_phdr_info,
@@ -438,6 +441,7 @@ fn name(m: Mode) -> &'static str {
 /// CPU time (user + system) of the calling thread, which runs the whole request
 /// path (client, proxy, application: one current-thread runtime), and of the
 /// process, which adds helper threads such as the Wasm epoch ticker.
+#[allow(unsafe_code)] // getrusage(RUSAGE_THREAD), which std does not wrap
 fn cpu_time() -> (Duration, Duration) {
     let of = |who: libc::c_int| {
         // SAFETY: getrusage fills the struct it is given.
@@ -772,9 +776,7 @@ async fn open_hbone<T>(io: T, app: SocketAddr) -> anyhow::Result<node::Tunnel>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, conn) = node::h2::client()
-        .handshake::<_, bytes::Bytes>(io)
-        .await?;
+    let (mut send, conn) = node::h2::client().handshake::<_, bytes::Bytes>(io).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -8,6 +8,8 @@
 //! (blocking copy threads, no TLS): the floor of any design with a user-space hop on
 //! each node.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::LocalCluster;

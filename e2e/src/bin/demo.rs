@@ -8,6 +8,8 @@
 //! (config and certificates only).
 //! Everything it starts is stopped on exit (Ctrl-C included).
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

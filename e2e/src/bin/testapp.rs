@@ -6,6 +6,8 @@
 //! each of P connections, half-closes, checks the server's SHA-256, and prints
 //! `peer=<getpeername>` and `ok` (exit 1 on any mismatch).
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};

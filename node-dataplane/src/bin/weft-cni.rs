@@ -3,6 +3,8 @@
 //! Run by the container runtime with CNI_* variables, it is the plugin. Run as
 //! `weft-cni install [--bin-dir D] [--conf-dir D] [--socket S] [--wait-seconds N]`
 //! (the node DaemonSet's init container), it installs itself on the host.
+
+#![forbid(unsafe_code)]
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;

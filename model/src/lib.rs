@@ -1,14 +1,25 @@
-//! The mesh model: the one owner of the configuration objects and of the resources
-//! derived from them. Sources feed it [`SourceEvent`]s; it recomputes the resources of
-//! every namespace an event touched, and announces the changed keys in a
-//! [`ChangeBatch`] that distribution streams turn into per-node deltas.
+//! The mesh model: the one owner of the configuration objects (Kubernetes objects or
+//! manifests, [`manifest`]) and of the resources derived from them for the nodes.
+//! Sources feed it [`SourceEvent`]s; it recomputes the resources of every
+//! namespace an event touched, and announces the changed keys in a [`ChangeBatch`]
+//! that distribution streams turn into per-node deltas.
+//!
+//! No I/O: the control plane feeds it from Kubernetes or a watched directory, and
+//! weftctl from files it reads ([`directory`]); plugin modules come through a
+//! [`modules::ModuleSource`] the caller provides.
+
+#![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod directory;
 pub mod enrollment;
 pub mod l7;
+pub mod manifest;
+pub mod modules;
 
-use crate::config::{ManifestError, Object, ObjectRef, SourceEvent};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use manifest::{ManifestError, Object, ObjectRef};
+use modules::{ModuleSource, Resolved};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -20,6 +31,21 @@ use weft_proto::resource::{
 };
 use weft_proto::spiffe::TrustDomain;
 use weft_proto::validate::{self, Report};
+
+/// A change reported by a source.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    /// The complete set of objects the source currently holds: anything not in it is
+    /// deleted. Sources that cannot tell deltas apart (a re-read directory) use this.
+    Snapshot(Vec<Object>),
+    /// Objects created or changed, and objects deleted, applied as one batch.
+    Changes {
+        apply: Vec<Object>,
+        delete: Vec<ObjectRef>,
+    },
+    /// The source's current problems (bad manifests), replacing earlier ones.
+    Errors(Vec<ManifestError>),
+}
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -116,7 +142,7 @@ struct EnrolledWorkload {
 
 pub struct Model {
     cfg: ModelConfig,
-    modules: Arc<crate::wasm::ModuleStore>,
+    modules: Arc<dyn ModuleSource>,
     state: RwLock<State>,
     inputs: Mutex<Inputs>,
     tx: broadcast::Sender<Arc<ChangeBatch>>,
@@ -126,11 +152,12 @@ pub struct Model {
 const CHANGE_BUFFER: usize = 4096;
 
 impl Model {
-    pub fn new(cfg: ModelConfig) -> Arc<Self> {
+    /// A model whose plugins' modules come from `modules`.
+    pub fn new(cfg: ModelConfig, modules: Arc<dyn ModuleSource>) -> Arc<Self> {
         let (tx, _) = broadcast::channel(CHANGE_BUFFER);
         let model = Arc::new(Self {
             cfg,
-            modules: Arc::default(),
+            modules,
             state: RwLock::new(State::default()),
             inputs: Mutex::new(Inputs::default()),
             tx,
@@ -138,17 +165,12 @@ impl Model {
         model.set_trust_bundle();
         // A background module fetch re-derives its namespace when it ends.
         let weak = Arc::downgrade(&model);
-        model.modules.set_on_fetched(move |ns| {
+        model.modules.set_on_fetched(Box::new(move |ns| {
             if let Some(m) = weak.upgrade() {
                 m.refresh(&ns);
             }
-        });
+        }));
         model
-    }
-
-    /// Wasm modules of the plugins, by sha256.
-    pub fn modules(&self) -> &Arc<crate::wasm::ModuleStore> {
-        &self.modules
     }
 
     /// Re-derives one namespace's resources (e.g. after a module fetch).
@@ -437,12 +459,12 @@ impl Model {
             let obj = Object::WasmPlugin(p.clone()).object_ref();
             let mut wp = convert::wasm_plugin(&p);
             if report.is_valid() {
-                match self.modules.resolve(ns, &p.spec) {
-                    crate::wasm::Resolved::Ready { sha256 } => wp.sha256 = sha256,
-                    crate::wasm::Resolved::Pending => {
+                match self.modules.clone().resolve(ns, &p.spec) {
+                    Resolved::Ready { sha256 } => wp.sha256 = sha256,
+                    Resolved::Pending => {
                         wp.module_error = "the module is being fetched".into();
                     }
-                    crate::wasm::Resolved::Failed(m) => {
+                    Resolved::Failed(m) => {
                         report.errors.push(validate::FieldError {
                             field: m.field.into(),
                             message: format!("{}: {}", m.reason, m.message),

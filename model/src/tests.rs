@@ -1,12 +1,15 @@
 use super::*;
-use crate::config::parse_manifests;
+use crate::manifest::parse_manifests;
 
 fn model() -> Arc<Model> {
-    Model::new(ModelConfig {
-        trust_domain: TrustDomain::new("cluster.local").unwrap(),
-        root_namespace: "weft-system".into(),
-        trust_bundle_pem: "PEM".into(),
-    })
+    Model::new(
+        ModelConfig {
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            root_namespace: "weft-system".into(),
+            trust_bundle_pem: "PEM".into(),
+        },
+        std::sync::Arc::new(crate::modules::Offline),
+    )
 }
 
 fn objects(text: &str) -> Vec<Object> {
