@@ -317,3 +317,110 @@ impl Drop for ConnRecord {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigStore;
+    use crate::metrics::traffic::labels;
+
+    fn state() -> Arc<ProxyState> {
+        crate::proxy::state::test_state(ConfigStore::new("node-a"))
+    }
+
+    /// (opened, closed, failed, sent) for the label set of a destination-side
+    /// connection with no known workloads.
+    fn traffic(s: &ProxyState, mtls: bool) -> (u64, u64, u64, u64) {
+        let l = labels("destination", None, None, mtls);
+        let t = &s.metrics.traffic;
+        (
+            t.opened.get_or_create(&l).get(),
+            t.closed.get_or_create(&l).get(),
+            t.failed.get_or_create(&l).get(),
+            t.sent.get_or_create(&l).get(),
+        )
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_connection_is_closed_once_with_its_bytes_or_its_failure() {
+        let s = state();
+        let mut ok = ConnRecord::inbound_hbone(
+            s.clone(),
+            addr("10.0.0.1:4000"),
+            "spiffe://td/ns/a/sa/b".into(),
+            addr("10.0.0.2:80"),
+        );
+        ok.open(labels("destination", None, None, true));
+        assert_eq!(traffic(&s, true), (1, 0, 0, 0), "counted as opened at once");
+        assert_eq!(s.counters.hbone_in.load(Relaxed), 1);
+        ok.bytes(10, 20);
+        drop(ok);
+        assert_eq!(traffic(&s, true), (1, 1, 0, 10));
+
+        let mut bad = ConnRecord::inbound_hbone(
+            s.clone(),
+            addr("10.0.0.1:4001"),
+            "spiffe://td/ns/a/sa/b".into(),
+            addr("10.0.0.2:80"),
+        );
+        bad.open(labels("destination", None, None, true));
+        bad.bytes(5, 5);
+        bad.fail(&anyhow::anyhow!("reset"));
+        drop(bad);
+        assert_eq!(
+            traffic(&s, true),
+            (2, 2, 1, 10),
+            "a failed connection's bytes are not counted as sent"
+        );
+    }
+
+    #[test]
+    fn a_denied_connection_is_counted_as_denied_and_never_opened() {
+        let s = state();
+        let stats = Arc::new(InboundStats::default());
+        let mut r =
+            ConnRecord::inbound_plaintext(Some(s.clone()), stats.clone(), addr("10.0.0.1:1"));
+        r.destination(addr("10.0.0.2:80"));
+        r.decided(&Decision {
+            allowed: false,
+            policy: Some("ns/deny".into()),
+            rule: None,
+            audited: vec![],
+            reason: "denied by policy",
+        });
+        drop(r);
+        assert_eq!(s.counters.plaintext_in_denied.load(Relaxed), 1);
+        assert_eq!(traffic(&s, false), (0, 0, 0, 0));
+        assert_eq!(stats.accepted.load(Relaxed), 1);
+        assert_eq!(stats.failed.load(Relaxed), 0);
+        assert_eq!(*stats.last_dst.lock().unwrap(), Some(addr("10.0.0.2:80")));
+    }
+
+    /// A connection whose task is dropped mid-way (cancelled, or the listener torn
+    /// down) is still closed, exactly once.
+    #[tokio::test]
+    async fn a_dropped_task_still_closes_its_connection() {
+        let s = state();
+        let stats = Arc::new(OutboundStats::default());
+        let mut r = ConnRecord::outbound(Some(s.clone()), stats.clone());
+        r.peers.source_addr = Some(addr("10.0.0.1:1"));
+        r.peers.destination_addr = Some(addr("10.0.0.9:80"));
+        let l = labels("source", None, None, false);
+        r.open(l.clone());
+        let task = tokio::spawn(async move {
+            let _r = r;
+            std::future::pending::<()>().await;
+        });
+        tokio::task::yield_now().await;
+        task.abort();
+        let _ = task.await;
+        let t = &s.metrics.traffic;
+        assert_eq!(t.opened.get_or_create(&l).get(), 1);
+        assert_eq!(t.closed.get_or_create(&l).get(), 1);
+        assert_eq!(stats.accepted.load(Relaxed), 1);
+    }
+}
