@@ -156,6 +156,9 @@ pub struct KubeCluster {
     daemons_cgroup: PathBuf,
     /// How long [`start`](Self::start) took, builds excluded.
     pub startup: Duration,
+    /// When each step of the start finished (since the start, builds excluded).
+    pub milestones: Vec<(String, Duration)>,
+    t0: Instant,
     torn_down: bool,
     _lock: std::fs::File,
 }
@@ -310,6 +313,8 @@ impl KubeCluster {
             scheduler: None,
             baseline,
             startup: Duration::ZERO,
+            milestones: Vec::new(),
+            t0,
             torn_down: false,
             _lock: lock,
         };
@@ -317,6 +322,10 @@ impl KubeCluster {
         c.bring_up(&opts)?;
         c.startup = t0.elapsed();
         Ok(c)
+    }
+
+    fn milestone(&mut self, what: &str) {
+        self.milestones.push((what.to_string(), self.t0.elapsed()));
     }
 
     fn bring_up(&mut self, opts: &Options) -> anyhow::Result<()> {
@@ -344,10 +353,13 @@ impl KubeCluster {
         let pki = self.write_pki()?;
         self.create_network()?;
         self.start_etcd()?;
+        self.milestone("host network, cgroups, certificates");
         self.start_apiserver()?;
+        self.milestone("etcd and kube-apiserver ready");
         self.start_controller_manager()?;
         self.start_scheduler()?;
         self.build_images()?;
+        self.milestone("pause and app images built");
         let weft_images = if opts.weft_images {
             weft_image_archives()
         } else {
@@ -356,10 +368,12 @@ impl KubeCluster {
         for i in 0..self.nodes.len() {
             self.start_node_runtime(i, &weft_images)?;
         }
+        self.milestone("containerd ready, images imported (every node)");
         for i in 0..self.nodes.len() {
             self.start_kubelet(i, &pki)?;
         }
         self.wait_nodes_ready(Duration::from_secs(120))?;
+        self.milestone("nodes Ready");
         for i in 0..self.nodes.len() {
             let (name, cidr) = (self.nodes[i].name.clone(), self.nodes[i].pod_cidr.clone());
             // Recorded like the node IPAM controller would (weft reads it).
@@ -385,9 +399,11 @@ impl KubeCluster {
                 proc_tail(&self.controller_manager, 40)
             );
         }
+        self.milestone("default ServiceAccount");
         for i in 0..self.nodes.len() {
             self.wait_proxy_synced(i, Duration::from_secs(60))?;
         }
+        self.milestone("kube-proxy rules written");
         Ok(())
     }
 
@@ -973,6 +989,9 @@ evictionHard:
   imagefs.available: 1%
 volumePluginDir: {plugins}
 serializeImagePulls: false
+# Ready within seconds of registering, not at the next 10 s update (with node
+# leases it only posts a status that changed).
+nodeStatusUpdateFrequency: 2s
 ",
                 serving_crt = serving_crt.display(),
                 serving_key = serving_key.display(),
@@ -1199,11 +1218,12 @@ serializeImagePulls: false
         });
         found.with_context(|| {
             format!(
-                "{count} pods {selector} in {namespace} not Ready within {timeout:?}\n{}\n{}\n{}",
+                "{count} pods {selector} in {namespace} not Ready within {timeout:?}\n{}\n{}\n{}\n{}",
                 self.kubectl(&["-n", namespace, "get", "pods", "-o", "wide"])
                     .unwrap_or_else(|e| e.to_string()),
                 self.kubectl(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"])
                     .unwrap_or_else(|e| e.to_string()),
+                proc_tail(&self.scheduler, 15),
                 self.node_logs(30)
             )
         })

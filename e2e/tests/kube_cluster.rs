@@ -113,6 +113,9 @@ fn kube_cluster_runs_pods_services_and_cleans_up() {
         c.startup.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+    for (what, at) in &c.milestones {
+        eprintln!("  {:>5.1} s  {what}", at.as_secs_f64());
+    }
     eprintln!(
         "{}",
         check(

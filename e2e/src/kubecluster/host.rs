@@ -460,22 +460,24 @@ pub fn unmount_in(pid: u32, dir: &Path) -> Vec<String> {
 
 /// Processes whose command line names `dir` (a daemon of the cluster that is
 /// somehow outside its cgroups), for the leftovers report only.
-fn processes_naming(dir: &Path) -> Vec<String> {
+fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
     let needle = dir.to_string_lossy().into_owned();
-    let me = std::process::id().to_string();
+    let me = std::process::id() as i32;
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
     };
     for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
             continue;
         }
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains(&needle) {
-                out.push(format!("process {name}: {}", cmd.trim()));
+                out.push((pid, cmd.trim().to_string()));
             }
         }
     }
@@ -487,13 +489,19 @@ fn processes_naming(dir: &Path) -> Vec<String> {
 /// cluster's names are listed (no sysctls, iptables chains or fixed host paths).
 pub fn leftovers(dir: &Path, baseline: Option<&Baseline>) -> Vec<String> {
     let mut out = Vec::new();
-    for pid in cgroup_pids(CGROUP) {
+    let in_cgroup = cgroup_pids(CGROUP);
+    for pid in &in_cgroup {
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
             .unwrap_or_default();
         out.push(format!("process {pid} in cgroup {CGROUP}: {}", cmd.trim()));
     }
-    out.extend(processes_naming(dir));
+    out.extend(
+        processes_naming(dir)
+            .into_iter()
+            .filter(|(pid, _)| !in_cgroup.contains(pid))
+            .map(|(pid, cmd)| format!("process {pid}: {cmd}")),
+    );
     for h in cgroup_hierarchies() {
         let p = h.join(CGROUP);
         if p.exists() {
