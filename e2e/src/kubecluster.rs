@@ -158,6 +158,9 @@ pub struct KubeCluster {
     pub startup: Duration,
     /// When each step of the start finished (since the start, builds excluded).
     pub milestones: Vec<(String, Duration)>,
+    /// weft's images imported on every node from target/images (e.g.
+    /// `ghcr.io/weft-mesh/weft-node:0.1.0`); empty when `images/build` has not run.
+    pub weft_images: Vec<String>,
     t0: Instant,
     torn_down: bool,
     _lock: std::fs::File,
@@ -314,6 +317,7 @@ impl KubeCluster {
             baseline,
             startup: Duration::ZERO,
             milestones: Vec::new(),
+            weft_images: Vec::new(),
             t0,
             torn_down: false,
             _lock: lock,
@@ -365,6 +369,18 @@ impl KubeCluster {
         } else {
             Vec::new()
         };
+        // The references pods name them by (the chart's default repositories).
+        self.weft_images = weft_images
+            .iter()
+            .filter_map(|(archive, repo)| {
+                let file = archive.file_name()?.to_str()?;
+                let image = repo.rsplit('/').next()?;
+                let tag = file
+                    .strip_prefix(&format!("{image}-"))?
+                    .strip_suffix(".oci.tar")?;
+                Some(format!("{repo}:{tag}"))
+            })
+            .collect();
         for i in 0..self.nodes.len() {
             self.start_node_runtime(i, &weft_images)?;
         }
@@ -742,6 +758,28 @@ impl KubeCluster {
             );
         }
         Ok(())
+    }
+
+    /// The image references in a node's containerd (namespace k8s.io), digests
+    /// left out.
+    pub fn node_images(&self, node: usize) -> anyhow::Result<Vec<String>> {
+        let out = host::run(
+            "ctr",
+            &[
+                "--address",
+                &self.nodes[node].containerd_socket().display().to_string(),
+                "-n",
+                "k8s.io",
+                "images",
+                "ls",
+                "-q",
+            ],
+        )?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.starts_with("sha256:"))
+            .map(String::from)
+            .collect())
     }
 
     /// Imports an OCI archive into a node's containerd (namespace k8s.io).

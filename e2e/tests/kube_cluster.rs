@@ -13,7 +13,7 @@
 //! (about 25 minutes, cached under ~/.cache/weft/kube).
 
 use std::time::{Duration, Instant};
-use weft_e2e::kubecluster::{poll, KubeCluster, APP_IMAGE};
+use weft_e2e::kubecluster::{poll, KubeCluster, APP_IMAGE, PAUSE_IMAGE};
 
 const MANIFEST: &str = r#"
 apiVersion: v1
@@ -276,6 +276,23 @@ fn kube_cluster_runs_pods_services_and_cleans_up() {
         !out.status.success() && err.contains("system:serviceaccount:smoke:default"),
         "the token should authenticate as smoke:default and be refused: {err}"
     );
+
+    // Every node has the local images, and weft's when images/build made them.
+    for i in 0..c.nodes.len() {
+        let images = check(&c, "listing images", c.node_images(i));
+        for want in [APP_IMAGE, PAUSE_IMAGE]
+            .iter()
+            .copied()
+            .chain(c.weft_images.iter().map(String::as_str))
+        {
+            assert!(
+                images.iter().any(|i| i == want),
+                "{want} missing on {}: {images:?}",
+                c.nodes[i].name
+            );
+        }
+    }
+    eprintln!("weft images imported: {:?}", c.weft_images);
 
     // Nothing was pulled: every image came from the local archives.
     for n in &c.nodes {
