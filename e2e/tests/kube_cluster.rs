@@ -277,6 +277,43 @@ fn kube_cluster_runs_pods_services_and_cleans_up() {
         "the token should authenticate as smoke:default and be refused: {err}"
     );
 
+    // The same token, from inside the pod, through the `kubernetes` Service's
+    // ClusterIP to the API server on the host (TLS).
+    exec_until(
+        &c,
+        "client",
+        &[
+            "sh",
+            "-c",
+            "timeout 5 wget -qO- --no-check-certificate \
+             --header \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" \
+             https://$KUBERNETES_SERVICE_HOST/version",
+        ],
+        "\"gitVersion\": \"v1.20.2\"",
+    );
+    // Nothing leaves the machine: an address off it is unreachable from a pod.
+    let out = check(
+        &c,
+        "kubectl exec",
+        c.kubectl_output(&[
+            "-n",
+            "smoke",
+            "exec",
+            "client",
+            "--",
+            "timeout",
+            "5",
+            "wget",
+            "-qO-",
+            "http://198.51.100.1/",
+        ]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unreachable"),
+        "a pod should have no route off the machine: {err}"
+    );
+
     // Every node has the local images, and weft's when images/build made them.
     for i in 0..c.nodes.len() {
         let images = check(&c, "listing images", c.node_images(i));
