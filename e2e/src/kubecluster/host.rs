@@ -614,7 +614,14 @@ pub fn clean(dir: &Path, baseline: Option<&Baseline>) -> Vec<String> {
             dir.display()
         ));
     } else if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
+        // Only a cluster's own directory (a wrong WEFT_KUBE_DIR must not cost data).
+        let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+        if !empty && !dir.join("host-baseline.json").exists() {
+            errors.push(format!(
+                "not removing {}: not a cluster's directory (it has no host-baseline.json)",
+                dir.display()
+            ));
+        } else if let Err(e) = std::fs::remove_dir_all(dir) {
             errors.push(format!("removing {}: {e}", dir.display()));
         }
     }
