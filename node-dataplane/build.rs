@@ -36,8 +36,16 @@ fn main() {
 }
 
 /// Places the functions the agent runs for every request together at the start of
-/// its code (link/README.md): fewer code pages and TLB entries per request.
+/// its code (link/README.md): fewer code pages and TLB entries per request. Release
+/// builds only (the shipped binary; tests and debug builds link as usual), and not
+/// with `WEFT_HOT_TEXT=off` (to measure the agent without it).
 fn hot_text() {
+    println!("cargo:rerun-if-env-changed=WEFT_HOT_TEXT");
+    let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
+    let off = std::env::var("WEFT_HOT_TEXT").is_ok_and(|v| v == "off");
+    if !release || off {
+        return;
+    }
     let script = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
         .join("link/hot-text.ld");
     println!("cargo:rerun-if-changed={}", script.display());

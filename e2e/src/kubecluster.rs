@@ -163,7 +163,7 @@ pub struct KubeCluster {
     pub weft_images: Vec<String>,
     t0: Instant,
     torn_down: bool,
-    _lock: std::fs::File,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Builds (once, cached) the Kubernetes binaries and installs the run-time
@@ -200,9 +200,9 @@ pub fn kube_binaries() -> anyhow::Result<PathBuf> {
 
 /// Takes the host-wide cluster lock, waiting up to `timeout` for another cluster
 /// (another test binary) to finish.
-fn lock(timeout: Duration) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
+fn lock(timeout: Duration) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
@@ -210,10 +210,9 @@ fn lock(timeout: Duration) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("opening {LOCK_FILE}"))?;
     let end = Instant::now() + timeout;
     loop {
-        // SAFETY: flock on a file descriptor this function owns.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            return Ok(f);
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((file, _)) => f = file,
         }
         if Instant::now() > end {
             bail!("another Kubernetes cluster holds {LOCK_FILE} for more than {timeout:?}");
