@@ -39,6 +39,9 @@ pub struct CaptureSettings {
     pub state_dir: PathBuf,
     /// The proxy's tunables (SO_MARK, load balancing, pool idle time, access log).
     pub proxy: crate::proxy::state::ProxyOptions,
+    /// Also enroll pods the CNI plugin never reported, found by their IP in the
+    /// host's /proc (pods that ran before weft, or while the agent was down).
+    pub discover_pods: bool,
 }
 
 pub struct Running {
@@ -146,6 +149,7 @@ pub async fn start(
             hint_path: c.cni_socket.parent().map(|d| d.join("enrollment.json")),
             pods: map.clone(),
             ready: ready.clone(),
+            discovery: c.discover_pods.then(crate::pods::Discovery::default),
         };
         pod_task = Some(tokio::spawn(manager.run()));
         dataplane_ready = Some(ready);

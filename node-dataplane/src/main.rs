@@ -85,6 +85,11 @@ struct RunArgs {
     /// Agent state directory (pod registry).
     #[arg(long, default_value = "/var/run/weft")]
     state_dir: PathBuf,
+    /// Also enroll pods the CNI plugin never reported (they ran before weft was
+    /// installed or while the agent was down), found by their IP in the host's
+    /// /proc: needs the host's PID namespace (hostPID).
+    #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_DISCOVER_PODS")]
+    discover_pods: Toggle,
     /// SO_MARK of the proxy's own sockets (never captured).
     #[arg(long, default_value_t = 0x5746)]
     proxy_mark: u32,
@@ -149,6 +154,7 @@ impl RunArgs {
                 bpf_dir,
                 cni_socket: self.cni_socket,
                 state_dir: self.state_dir,
+                discover_pods: self.discover_pods == Toggle::On,
                 proxy: ProxyOptions {
                     mark: self.proxy_mark,
                     lb: self.lb,

@@ -10,6 +10,9 @@ use tokio::sync::watch;
 pub struct PodRegistry {
     path: Option<PathBuf>,
     pods: Mutex<BTreeMap<String, Sandbox>>,
+    /// Pods (`namespace/name`) whose sandbox the CNI plugin deleted: being torn
+    /// down, so never to be found again by discovery while they still exist.
+    deleted: Mutex<std::collections::HashSet<String>>,
     changed: watch::Sender<u64>,
 }
 
@@ -25,6 +28,7 @@ impl PodRegistry {
         Self {
             path,
             pods: Mutex::new(pods),
+            deleted: Mutex::default(),
             changed,
         }
     }
@@ -46,6 +50,36 @@ impl PodRegistry {
         let r = self.with(|m| m.remove(container_id));
         self.persist();
         r
+    }
+
+    /// The CNI plugin deleted this sandbox: removes it, and remembers its pod as
+    /// being torn down.
+    pub fn deleted(&self, container_id: &str) -> Option<Sandbox> {
+        let r = self.with(|m| m.remove(container_id));
+        if let Some(s) = &r {
+            self.deleted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(format!("{}/{}", s.pod_namespace, s.pod_name));
+        }
+        self.persist();
+        r
+    }
+
+    /// Whether the CNI plugin deleted a sandbox of pod `namespace/name`.
+    pub fn was_deleted(&self, namespace: &str, name: &str) -> bool {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&format!("{namespace}/{name}"))
+    }
+
+    /// Forgets the deleted pods that `exists` says are gone.
+    pub fn forget_deleted(&self, exists: impl Fn(&str) -> bool) {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| exists(k));
     }
 
     pub fn get(&self, container_id: &str) -> Option<Sandbox> {

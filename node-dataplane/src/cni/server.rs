@@ -64,7 +64,7 @@ fn handle(registry: &PodRegistry, enrolled: &EnrolledFn, req: Request) -> Respon
         }
         Command::Del => {
             tracing::info!(container = %s.container_id, "CNI DEL");
-            registry.remove(&s.container_id);
+            registry.deleted(&s.container_id);
         }
         Command::Check => {
             if is_enrolled && registry.get(&s.container_id).is_none() {

@@ -5,6 +5,8 @@
 //! has the proxy serve the listeners. A pod that leaves (CNI DEL, deleted, opted
 //! out) is torn down. [`PodManager`] owns the [`PodMap`].
 
+pub mod discover;
+
 use crate::cni::protocol::{EnrollmentHint, Sandbox};
 use crate::cni::registry::PodRegistry;
 use crate::config::ConfigStore;
@@ -57,7 +59,33 @@ pub struct PodManager {
     pub pods: PodMap,
     /// Set after the first reconcile following a complete config sync.
     pub ready: Arc<AtomicBool>,
+    /// Where to look for enrolled pods the CNI plugin never reported
+    /// ([`discover`]); `None`: only the CNI plugin's reports count.
+    pub discovery: Option<Discovery>,
 }
+
+/// Where [`discover`] looks: the host's `/proc` and the runtime's directories of
+/// network namespace bind mounts.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub proc: PathBuf,
+    pub netns_dirs: Vec<PathBuf>,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            proc: PathBuf::from("/proc"),
+            netns_dirs: vec![PathBuf::from("/var/run/netns"), PathBuf::from("/run/netns")],
+        }
+    }
+}
+
+/// How often enrolled pods without a sandbox are looked for while there are any.
+const DISCOVERY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sandboxes found by [`discover`] carry this prefix instead of a container id.
+const DISCOVERED: &str = "discovered:";
 
 /// The enrolled workload of this node matching a sandbox (by UID, then name).
 fn workload_for<'a>(
@@ -85,10 +113,17 @@ impl PodManager {
         let mut cfg = self.config.watch();
         let mut reg = self.registry.watch();
         loop {
-            self.reconcile().await;
+            let missing = self.reconcile().await;
+            let retry = async {
+                match missing {
+                    true => tokio::time::sleep(DISCOVERY_INTERVAL).await,
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = cfg.changed() => if r.is_err() { return },
                 r = reg.changed() => if r.is_err() { return },
+                _ = retry => self.discover().await,
             }
         }
     }
@@ -97,18 +132,50 @@ impl PodManager {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub async fn reconcile(&self) {
+    /// Brings the enrolled pods' dataplanes in line with the config and the
+    /// sandboxes known. Returns whether some enrolled pod of this node has no
+    /// sandbox yet (so [`PodManager::discover`] should look for it).
+    pub async fn reconcile(&self) -> bool {
         let snap = self.config.snapshot();
         let node = self.config.node().to_string();
         self.write_hint(&snap, &node);
         let mut wanted: BTreeMap<String, (Sandbox, String, Arc<pb::Workload>)> = BTreeMap::new();
-        for s in self.registry.all() {
-            if let Some((key, w)) = workload_for(&node, snap.workloads.iter(), &s) {
-                if w.enrolled {
+        let mut covered = std::collections::HashSet::new();
+        let mut sandboxes = self.registry.all();
+        // The CNI plugin's sandboxes first: a pod it reported needs no discovered one.
+        sandboxes.sort_by_key(|s| s.container_id.starts_with(DISCOVERED));
+        for s in sandboxes {
+            match workload_for(&node, snap.workloads.iter(), &s) {
+                Some((key, _))
+                    if s.container_id.starts_with(DISCOVERED) && covered.contains(&key) =>
+                {
+                    self.registry.remove(&s.container_id);
+                }
+                Some((key, w)) if w.enrolled => {
+                    covered.insert(key.clone());
                     wanted.insert(s.container_id.clone(), (s, key, w));
                 }
+                // A discovered sandbox is only kept while its pod is enrolled here
+                // (the CNI plugin's DEL never names it).
+                _ if s.container_id.starts_with(DISCOVERED) => {
+                    self.registry.remove(&s.container_id);
+                }
+                _ => {}
             }
         }
+        self.registry.forget_deleted(|pod| {
+            snap.workloads
+                .values()
+                .any(|w| w.node == node && format!("{}/{}", w.namespace, w.name) == pod)
+        });
+        let missing = self.discovery.is_some()
+            && snap.workloads.iter().any(|(k, w)| {
+                w.enrolled
+                    && w.node == node
+                    && !w.ips.is_empty()
+                    && !covered.contains(k)
+                    && !self.registry.was_deleted(&w.namespace, &w.name)
+            });
         // Tear down what is no longer wanted.
         let gone: Vec<String> = Self::lock(&self.pods)
             .keys()
@@ -137,6 +204,71 @@ impl PodManager {
         }
         if snap.synced {
             self.ready.store(true, Ordering::Release);
+        }
+        missing
+    }
+
+    /// Looks for the network namespaces of enrolled pods of this node that have no
+    /// sandbox (their CNI ADD never reached the agent) and records those found.
+    async fn discover(&self) {
+        let Some(d) = self.discovery.clone() else {
+            return;
+        };
+        let snap = self.config.snapshot();
+        let node = self.config.node().to_string();
+        let sandboxes = self.registry.all();
+        let missing: Vec<Arc<pb::Workload>> = snap
+            .workloads
+            .values()
+            .filter(|w| w.enrolled && w.node == node)
+            .filter(|w| !self.registry.was_deleted(&w.namespace, &w.name))
+            .filter(|w| {
+                !sandboxes.iter().any(|s| {
+                    (!s.pod_uid.is_empty() && s.pod_uid == w.uid)
+                        || (s.pod_namespace == w.namespace && s.pod_name == w.name)
+                })
+            })
+            .cloned()
+            .collect();
+        let wanted: std::collections::HashSet<IpAddr> = missing
+            .iter()
+            .flat_map(|w| w.ips.iter().filter_map(|ip| ip.parse().ok()))
+            .collect();
+        let found = tokio::task::spawn_blocking(move || {
+            let dirs: Vec<&std::path::Path> = d.netns_dirs.iter().map(PathBuf::as_path).collect();
+            discover::find_netns(&d.proc, &dirs, &wanted)
+        })
+        .await;
+        let found = match found {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot look for pods' network namespaces in /proc");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pod discovery failed");
+                return;
+            }
+        };
+        for w in missing {
+            let Some(netns) = w
+                .ips
+                .iter()
+                .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                .find_map(|ip| found.get(&ip))
+            else {
+                continue;
+            };
+            tracing::info!(pod = %format!("{}/{}", w.namespace, w.name), netns = %netns.display(), "found a running pod the CNI plugin never reported");
+            self.registry.add(Sandbox {
+                container_id: format!("{DISCOVERED}{}", w.uid),
+                netns: netns.display().to_string(),
+                ifname: String::new(),
+                pod_namespace: w.namespace.clone(),
+                pod_name: w.name.clone(),
+                pod_uid: w.uid.clone(),
+                ips: w.ips.clone(),
+            });
         }
     }
 
