@@ -7,6 +7,7 @@ use crate::control::{channel::ControlPlaneTarget, subscription};
 use crate::metrics::Metrics;
 use anyhow::Context;
 use futures::FutureExt;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -39,10 +40,27 @@ pub struct CaptureSettings {
     pub state_dir: PathBuf,
     /// The proxy's tunables (SO_MARK, load balancing, pool idle time, access log).
     pub proxy: crate::proxy::state::ProxyOptions,
+    /// What the agent does between its shutdown signal and its exit.
+    pub drain: DrainSettings,
     /// Also enroll pods the CNI plugin never reported, found by their IP in the
     /// host's /proc (pods that ran before weft, or while the agent was down).
     pub discover_pods: bool,
 }
+
+/// How the agent hands its pods over to a successor when it is told to stop
+/// (docs/operations.md, "Upgrades"): it keeps serving until a successor agent is
+/// ready (at most `successor_wait`), then closes its listeners (queued connections
+/// move to the successor's) and lets the connections it holds end (at most
+/// `timeout`). The pods stay enrolled and the eBPF programs attached throughout.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainSettings {
+    pub successor_wait: std::time::Duration,
+    pub timeout: std::time::Duration,
+}
+
+/// The file a ready agent writes its PID to (in its state directory), so the agent
+/// it succeeds knows it can stop accepting connections.
+const READY_FILE: &str = "agent.ready";
 
 pub struct Running {
     pub config: Arc<ConfigStore>,
@@ -155,9 +173,9 @@ pub async fn start(
         dataplane_ready = Some(ready);
         pods = Some(map);
     }
+    let pods_for_drain = pods.clone();
 
-    let listener = tokio::net::TcpListener::bind(s.admin_addr)
-        .await
+    let listener = bind_shared(s.admin_addr)
         .with_context(|| format!("binding the admin address {}", s.admin_addr))?;
     let admin_addr = listener.local_addr()?;
     let admin_state = AdminState {
@@ -165,15 +183,20 @@ pub async fn start(
         certs: certs.clone(),
         metrics,
         pods: pods.clone(),
-        proxy: proxy_state,
+        proxy: proxy_state.clone(),
     };
+    // Both HTTP servers stop when the agent starts to drain: a successor binds the
+    // same ports, and its probes must reach it.
+    let stop_http = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = s.metrics_addr {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics address {addr}"))?;
+        let l = bind_shared(addr).with_context(|| format!("binding the metrics address {addr}"))?;
         let r = admin::metrics_router(admin_state.clone());
+        let stop = stop_http.clone();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, r).await {
+            let served = axum::serve(l, r)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
@@ -185,19 +208,39 @@ pub async fn start(
             dataplane_ready.clone(),
         ));
     }
+    if let (Some(c), Some(ready)) = (&s.capture, &dataplane_ready) {
+        tokio::spawn(announce_ready(c.state_dir.join(READY_FILE), ready.clone()));
+    }
     let router = admin::router(admin_state);
     tracing::info!(node = %s.node, control_plane = %s.control_plane.address, admin = %admin_addr, "node agent started");
+    let admin = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+            .into_future(),
+    );
+    let capture = s.capture.clone();
     let fut = async move {
-        let r = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("admin server failed");
-        sub.abort();
-        cm.abort();
+        tokio::select! {
+            _ = shutdown => {}
+            r = admin => {
+                sub.abort();
+                cm.abort();
+                return match r {
+                    Ok(r) => r.context("admin server failed"),
+                    Err(e) => Err(anyhow::anyhow!("admin server task: {e}")),
+                };
+            }
+        }
+        stop_http.cancel();
         if let Some(t) = pod_task {
             t.abort();
         }
-        r
+        if let (Some(c), Some(pods), Some(proxy)) = (capture, pods_for_drain, proxy_state) {
+            drain(&c, &pods, &proxy).await;
+        }
+        sub.abort();
+        cm.abort();
+        Ok(())
     };
     Ok((
         Running {
@@ -262,3 +305,78 @@ async fn release_code_pages(
 }
 
 const STARTUP_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A TCP listener that another process may bind too (`SO_REUSEPORT`): a successor
+/// agent starts while this one still runs.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+/// Once the pods are captured, writes this agent's PID to `path` (see
+/// [`DrainSettings`]).
+async fn announce_ready(path: std::path::PathBuf, ready: Arc<AtomicBool>) {
+    while !ready.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, std::process::id().to_string())
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot announce readiness to a draining agent");
+    }
+}
+
+/// Whether another live agent announced it is ready in `path`.
+fn successor_ready(path: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    match text.trim().parse::<u32>() {
+        Ok(pid) => {
+            pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Hands the node's pods over to a successor (see [`DrainSettings`]).
+async fn drain(
+    c: &CaptureSettings,
+    pods: &crate::pods::PodMap,
+    proxy: &Arc<crate::proxy::state::ProxyState>,
+) {
+    let d = c.drain;
+    let ready_file = c.state_dir.join(READY_FILE);
+    let started = std::time::Instant::now();
+    tracing::info!(successor_wait = ?d.successor_wait, timeout = ?d.timeout, "draining: serving until a successor agent is ready");
+    while !successor_ready(&ready_file) && started.elapsed() < d.successor_wait {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let handed_over = successor_ready(&ready_file);
+    for p in pods.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
+        p.close_listeners();
+    }
+    proxy.draining.cancel();
+    let open = || {
+        proxy
+            .counters
+            .open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tracing::info!(successor = handed_over, open = open(), waited = ?started.elapsed(), "draining: listeners closed; waiting for open connections to end");
+    let deadline = std::time::Instant::now() + d.timeout;
+    while open() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tracing::info!(open = open(), took = ?started.elapsed(), "drained");
+}

@@ -30,7 +30,7 @@ pub(crate) mod pods;
 pub(crate) mod proxy;
 pub(crate) mod wasm;
 
-pub use app::{start, CaptureSettings, Running, Settings};
+pub use app::{start, CaptureSettings, DrainSettings, Running, Settings};
 pub use certs::{CertManagerSettings, CertStore};
 pub use cni::{install::install as install_cni, plugin::run as run_cni_plugin};
 pub use config::ConfigStore;

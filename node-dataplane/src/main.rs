@@ -90,6 +90,14 @@ struct RunArgs {
     /// /proc: needs the host's PID namespace (hostPID).
     #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_DISCOVER_PODS")]
     discover_pods: Toggle,
+    /// On SIGTERM, keep serving until a successor agent on this node is ready, at
+    /// most this long, then stop accepting connections (the chart sets 30s, for
+    /// upgrades; 0s: stop at once).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    successor_wait: std::time::Duration,
+    /// Then let the connections already open end, at most this long before exiting.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
     /// SO_MARK of the proxy's own sockets (never captured).
     #[arg(long, default_value_t = 0x5746)]
     proxy_mark: u32,
@@ -155,6 +163,10 @@ impl RunArgs {
                 cni_socket: self.cni_socket,
                 state_dir: self.state_dir,
                 discover_pods: self.discover_pods == Toggle::On,
+                drain: weft_node_dataplane::DrainSettings {
+                    successor_wait: self.successor_wait,
+                    timeout: self.drain_timeout,
+                },
                 proxy: ProxyOptions {
                     mark: self.proxy_mark,
                     lb: self.lb,

@@ -93,6 +93,9 @@ impl PodNetns {
                 None,
             )?;
             s.set_reuse_address(true)?;
+            // A successor agent binds the same ports while this one drains
+            // (docs/operations.md, "Upgrades").
+            s.set_reuse_port(true)?;
             if addr.is_ipv6() {
                 s.set_only_v6(true)?;
             }
@@ -101,6 +104,14 @@ impl PodNetns {
             s.set_nonblocking(true)?;
             Ok(s.into())
         })?
+    }
+
+    /// Lets connections waiting in a closing listener's queue move to another
+    /// listener of the same port (`net.ipv4.tcp_migrate_req`, Linux >= 5.14), so a
+    /// draining agent's pending connections go to its successor instead of being
+    /// reset.
+    pub fn enable_listener_migration(&self) -> io::Result<()> {
+        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))?
     }
 
     /// An unconnected TCP socket created inside the namespace, carrying `mark`.

@@ -40,6 +40,16 @@ pub struct PodDataplane {
     tasks: Vec<JoinHandle<()>>,
 }
 
+impl PodDataplane {
+    /// Stops accepting new connections (the agent drains): the listeners close;
+    /// connections already accepted go on, and the pod stays enrolled.
+    pub fn close_listeners(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
 impl Drop for PodDataplane {
     fn drop(&mut self) {
         for t in &self.tasks {

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 /// The node proxy's connection counters (`/config_dump` `proxy`).
 #[derive(Default, Debug)]
 pub struct NodeCounters {
+    /// Connections the proxy holds now (a draining agent waits for 0).
+    pub open: AtomicU64,
     pub hbone_out: AtomicU64,
     pub hbone_in: AtomicU64,
     pub hbone_in_denied: AtomicU64,

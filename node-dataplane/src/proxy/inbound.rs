@@ -85,7 +85,19 @@ where
         .await
         .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
     // Accepting streams also drives the connection; each stream runs in its own task.
-    while let Some(stream) = conn.accept().await {
+    // When the agent drains, GOAWAY tells the client to open new streams elsewhere
+    // (its successor), and the streams already open go on until they end.
+    let mut going_away = false;
+    loop {
+        let stream = tokio::select! {
+            s = conn.accept() => s,
+            _ = state.draining.cancelled(), if !going_away => {
+                going_away = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(stream) = stream else { break };
         let (req, respond) =
             stream.map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
         handle(req, respond, peer, peer_id, served_id, state);

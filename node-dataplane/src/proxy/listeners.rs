@@ -23,6 +23,10 @@ impl PodListeners {
     /// Binds every listener in `netns`. Nothing is served yet, so a failure
     /// here (or in the caller's next steps) leaves nothing behind.
     pub fn bind(netns: &PodNetns) -> std::io::Result<Self> {
+        if let Err(e) = netns.enable_listener_migration() {
+            // Older kernels: a draining agent's queued connections are reset instead.
+            tracing::debug!(netns = %netns.path().display(), error = %e, "cannot enable net.ipv4.tcp_migrate_req");
+        }
         let mut outbound =
             vec![netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?];
         // IPv6 is optional: a pod without IPv6 loopback simply has no [::1] listener.

@@ -118,6 +118,9 @@ impl ConnRecord {
     }
 
     fn new(state: Option<Arc<ProxyState>>, listener: Listener, mtls: bool) -> Self {
+        if let Some(s) = &state {
+            s.counters.open.fetch_add(1, Relaxed);
+        }
         Self {
             state,
             listener,
@@ -312,6 +315,7 @@ impl Drop for ConnRecord {
     fn drop(&mut self) {
         self.write_pod_counters();
         if let Some(state) = self.state.take() {
+            state.counters.open.fetch_sub(1, Relaxed);
             self.write_metrics(&state);
             self.write_access_log(&state);
         }

@@ -41,6 +41,9 @@ pub struct ProxyState {
     pub(crate) access_log: super::access_log::AccessLog,
     /// See [`ProxyOptions::http1_head_timeout`].
     pub(crate) http1_head_timeout: std::time::Duration,
+    /// Cancelled when the agent drains before it exits: HBONE sessions then tell
+    /// their clients to open new connections elsewhere (HTTP/2 GOAWAY).
+    pub(crate) draining: tokio_util::sync::CancellationToken,
 }
 
 /// The proxy's tunables.
@@ -82,6 +85,7 @@ impl ProxyState {
             last_peer_serial: std::sync::Mutex::new(String::new()),
             compiled: std::sync::Mutex::new(None),
             plugins,
+            draining: Default::default(),
         })
     }
 
