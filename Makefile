@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build plugins demo test lint fmt crds bench images clean cluster-up cluster-down
+.PHONY: all setup build plugins demo test lint fmt crds bench hot-text images clean cluster-up cluster-down
 
 all: build
 
@@ -56,6 +56,7 @@ images: setup
 
 bench: setup plugins
 	$(CARGO) build --release --workspace --bins
+	python3 node-dataplane/link/check-hot-text.py
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-control-plane
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-capture -- --rounds 6
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-proxy
@@ -74,6 +75,16 @@ cluster-up:
 
 cluster-down:
 	$(CARGO) run -q -p weft-e2e --bin weft-kube-cluster -- down
+
+# Regenerates the node agent's hot-code layout from profiles of the agent under load
+# and links the agent with it (root, perf; node-dataplane/link/README.md).
+hot-text: setup plugins
+	$(CARGO) build --release --workspace --bins
+	rm -rf target/hot-text-profile
+	WEFT_WORKER_THREADS=1 target/release/weft-bench-l7 --rounds 1 --seconds 10 --pinned --profile target/hot-text-profile
+	python3 node-dataplane/link/gen-hot-text.py --agent-profile target/hot-text-profile/*.perf.data
+	$(CARGO) build --release -p weft-node-dataplane --bin weft-node
+	python3 node-dataplane/link/check-hot-text.py
 
 clean:
 	$(CARGO) clean
