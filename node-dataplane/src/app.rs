@@ -42,6 +42,13 @@ pub struct CaptureSettings {
     pub proxy: crate::proxy::state::ProxyOptions,
     /// What the agent does between its shutdown signal and its exit.
     pub drain: DrainSettings,
+    /// Kubernetes mode: the agent's namespace and a label selector of its release's
+    /// node DaemonSets. When none is left at shutdown, weft is being uninstalled and
+    /// the agent removes what it put on the node ([`crate::lifecycle`]).
+    pub release: Option<(String, String)>,
+    /// The CNI bin and configuration directories as mounted in the agent, for the
+    /// uninstall to take weft-cni out of them.
+    pub cni_dirs: Option<(PathBuf, PathBuf)>,
     /// Also enroll pods the CNI plugin never reported, found by their IP in the
     /// host's /proc (pods that ran before weft, or while the agent was down).
     pub discover_pods: bool,
@@ -57,6 +64,10 @@ pub struct DrainSettings {
     pub successor_wait: std::time::Duration,
     pub timeout: std::time::Duration,
 }
+
+/// How long a stopping agent waits for the watch of its release to report that the
+/// node DaemonSets are gone (they are deleted before their pods are stopped).
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The file a ready agent writes its PID to (in its state directory), so the agent
 /// it succeeds knows it can stop accepting connections.
@@ -104,6 +115,8 @@ pub async fn start(
     let mut pods = None;
     let mut proxy_state = None;
     let mut pod_task = None;
+    let mut release_watch = None;
+    let mut manager_for_shutdown = None;
     if let Some(c) = &s.capture {
         let capture = crate::ebpf::Capture::install(crate::ebpf::CaptureOptions {
             cgroup: c.cgroup.clone(),
@@ -144,6 +157,10 @@ pub async fn start(
         tokio::spawn(proxy.clone().reap_forever());
         let capture = Arc::new(std::sync::Mutex::new(capture));
         let inbound = Arc::new(std::sync::Mutex::new(inbound));
+        release_watch = c
+            .release
+            .clone()
+            .map(|(ns, selector)| crate::lifecycle::ReleaseWatch::start(ns, selector));
         let mut scraped: Vec<Arc<dyn crate::metrics::scrape::Scrape>> = vec![
             Arc::new(crate::pods::PodMetrics {
                 config: config.clone(),
@@ -169,6 +186,8 @@ pub async fn start(
             ready: ready.clone(),
             discovery: c.discover_pods.then(crate::pods::Discovery::default),
         };
+        let manager = Arc::new(manager);
+        manager_for_shutdown = Some(manager.clone());
         pod_task = Some(tokio::spawn(manager.run()));
         dataplane_ready = Some(ready);
         pods = Some(map);
@@ -235,8 +254,18 @@ pub async fn start(
         if let Some(t) = pod_task {
             t.abort();
         }
-        if let (Some(c), Some(pods), Some(proxy)) = (capture, pods_for_drain, proxy_state) {
-            drain(&c, &pods, &proxy).await;
+        if let (Some(c), Some(pods), Some(proxy), Some(manager)) =
+            (capture, pods_for_drain, proxy_state, manager_for_shutdown)
+        {
+            let uninstalling = match &release_watch {
+                Some(w) => w.release_gone(RELEASE_GRACE).await,
+                None => false,
+            };
+            if uninstalling {
+                uninstall_node(&c, &pods, &proxy, &manager).await;
+            } else {
+                drain(&c, &pods, &proxy).await;
+            }
         }
         sub.abort();
         cm.abort();
@@ -379,4 +408,53 @@ async fn drain(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     tracing::info!(open = open(), took = ?started.elapsed(), "drained");
+}
+
+/// weft is being uninstalled: stops serving, lets open connections end (they could
+/// not go on once capture is gone), un-enrolls every pod, removes the eBPF programs,
+/// links and pins, takes weft-cni out of the node's CNI chain and removes the
+/// agent's state. The pods keep running and reach each other in plaintext.
+async fn uninstall_node(
+    c: &CaptureSettings,
+    pods: &crate::pods::PodMap,
+    proxy: &Arc<crate::proxy::state::ProxyState>,
+    manager: &crate::pods::PodManager,
+) {
+    tracing::info!("the release's node DaemonSets are gone: uninstalling weft from this node");
+    for p in pods.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
+        p.close_listeners();
+    }
+    proxy.draining.cancel();
+    let deadline = std::time::Instant::now() + c.drain.timeout;
+    while proxy
+        .counters
+        .open
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    manager.teardown_all();
+    if let Err(e) = crate::ebpf::Capture::uninstall(&c.bpf_dir) {
+        tracing::error!(pins = %c.bpf_dir.display(), error = %e, "cannot remove the eBPF programs");
+    }
+    if let Some((bin, conf)) = &c.cni_dirs {
+        match crate::cni::install::uninstall(bin, conf) {
+            Ok(changed) => {
+                tracing::info!(conflists = ?changed, "weft-cni taken out of the CNI chain")
+            }
+            Err(e) => tracing::error!(error = %e, "cannot take weft-cni out of the CNI chain"),
+        }
+    }
+    for f in ["pods.json", "enrollment.json", READY_FILE] {
+        let _ = std::fs::remove_file(c.state_dir.join(f));
+    }
+    let _ = std::fs::remove_file(&c.cni_socket);
+    if let Some(dir) = c.cni_socket.parent() {
+        let _ = std::fs::remove_file(dir.join("enrollment.json"));
+    }
+    let _ = std::fs::remove_dir_all(c.state_dir.join("wasm"));
+    let _ = std::fs::remove_dir(&c.state_dir);
+    tracing::info!("weft removed from this node");
 }

@@ -23,6 +23,7 @@ pub(crate) mod config;
 pub(crate) mod control;
 pub(crate) mod ebpf;
 pub(crate) mod fields;
+pub(crate) mod lifecycle;
 pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod netns;
@@ -32,7 +33,10 @@ pub(crate) mod wasm;
 
 pub use app::{start, CaptureSettings, DrainSettings, Running, Settings};
 pub use certs::{CertManagerSettings, CertStore};
-pub use cni::{install::install as install_cni, plugin::run as run_cni_plugin};
+pub use cni::{
+    install::install as install_cni, install::uninstall as uninstall_cni,
+    plugin::run as run_cni_plugin,
+};
 pub use config::ConfigStore;
 pub use control::channel::ControlPlaneTarget;
 pub use ebpf::{cgroup, Capture};

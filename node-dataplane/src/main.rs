@@ -90,6 +90,20 @@ struct RunArgs {
     /// /proc: needs the host's PID namespace (hostPID).
     #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_DISCOVER_PODS")]
     discover_pods: Toggle,
+    /// Kubernetes mode: a label selector of the release's node DaemonSets (in
+    /// --namespace). When none is left at shutdown, weft is being uninstalled: the
+    /// agent removes its eBPF programs, its CNI chain entry and its state.
+    #[arg(long, env = "WEFT_RELEASE_DAEMONSETS")]
+    release_daemonsets: Option<String>,
+    /// The agent's namespace (Kubernetes mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// The host's CNI bin directory as mounted in the agent (for the uninstall).
+    #[arg(long)]
+    cni_bin_dir: Option<PathBuf>,
+    /// The host's CNI configuration directory as mounted in the agent.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
     /// On SIGTERM, keep serving until a successor agent on this node is ready, at
     /// most this long, then stop accepting connections (the chart sets 30s, for
     /// upgrades; 0s: stop at once).
@@ -163,6 +177,10 @@ impl RunArgs {
                 cni_socket: self.cni_socket,
                 state_dir: self.state_dir,
                 discover_pods: self.discover_pods == Toggle::On,
+                release: self
+                    .release_daemonsets
+                    .map(|sel| (self.namespace.clone(), sel)),
+                cni_dirs: self.cni_bin_dir.zip(self.cni_conf_dir),
                 drain: weft_node_dataplane::DrainSettings {
                     successor_wait: self.successor_wait,
                     timeout: self.drain_timeout,

@@ -2,7 +2,8 @@
 //!
 //! Run by the container runtime with CNI_* variables, it is the plugin. Run as
 //! `weft-cni install [--bin-dir D] [--conf-dir D] [--socket S] [--wait-seconds N]`
-//! (the node DaemonSet's init container), it installs itself on the host.
+//! (the node DaemonSet's init container), it installs itself on the host;
+//! `weft-cni uninstall [--bin-dir D] [--conf-dir D]` undoes that.
 
 #![forbid(unsafe_code)]
 use std::io::Read;
@@ -69,10 +70,49 @@ fn install(args: &[String]) -> i32 {
     }
 }
 
+/// `weft-cni uninstall`: removes weft-cni from the chain and the binary.
+#[derive(clap::Parser, Debug)]
+#[command(name = "weft-cni uninstall", version)]
+struct UninstallArgs {
+    /// The host's CNI bin directory, as mounted in this container.
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The host's CNI configuration directory, as mounted in this container.
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    conf_dir: PathBuf,
+}
+
+fn uninstall(args: &[String]) -> i32 {
+    use clap::Parser;
+    let a = match UninstallArgs::try_parse_from(
+        std::iter::once("weft-cni uninstall".to_string()).chain(args.iter().cloned()),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match weft_node_dataplane::uninstall_cni(&a.bin_dir, &a.conf_dir) {
+        Ok(changed) => {
+            for c in changed {
+                println!("removed weft-cni from {}", c.display());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("weft-cni uninstall: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("install") {
-        std::process::exit(install(&args[1..]));
+    match args.first().map(String::as_str) {
+        Some("install") => std::process::exit(install(&args[1..])),
+        Some("uninstall") => std::process::exit(uninstall(&args[1..])),
+        _ => {}
     }
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let mut stdin = String::new();

@@ -136,6 +136,56 @@ pub fn install(
     }
 }
 
+/// Removes weft-cni from the chain in `text`; `None` when it is not there.
+pub fn unchain_weft(path: &Path, text: &str) -> Result<Option<String>, InstallError> {
+    let bad = |message: String| InstallError::BadConfig {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut v: Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let Some(plugins) = v.get_mut("plugins").and_then(Value::as_array_mut) else {
+        return Ok(None);
+    };
+    let before = plugins.len();
+    plugins.retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE));
+    if plugins.len() == before {
+        return Ok(None);
+    }
+    serde_json::to_string_pretty(&v)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// Undoes [`install`]: removes weft-cni from the chain of every `.conflist` in
+/// `conf_dir` and the plugin binary from `bin_dir`. Returns the configuration files
+/// changed. Safe to run again.
+pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
+    let mut changed = Vec::new();
+    let entries = match std::fs::read_dir(conf_dir) {
+        Ok(e) => e.collect::<Result<Vec<_>, _>>().map_err(io(conf_dir))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(conf_dir)(e)),
+    };
+    for e in entries {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("conflist") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        if let Some(new) = unchain_weft(&path, &text)? {
+            write_atomic(&path, new.as_bytes(), 0o644)?;
+            changed.push(path);
+        }
+    }
+    let bin = bin_dir.join(PLUGIN_TYPE);
+    match std::fs::remove_file(&bin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&bin)(e)),
+    }
+    Ok(changed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +251,32 @@ mod tests {
             .to_string();
         assert!(e.contains("10-bad.conflist"), "{e}");
         assert!(e.contains("no \"plugins\" list"), "{e}");
+    }
+
+    #[test]
+    fn uninstall_restores_the_chain_and_removes_the_binary() {
+        let d = tempfile::tempdir().unwrap();
+        let (bin, conf) = (d.path().join("bin"), d.path().join("net.d"));
+        std::fs::create_dir_all(&conf).unwrap();
+        let list = conf.join("10-podnet.conflist");
+        std::fs::write(&list, BRIDGE).unwrap();
+        let plugin = d.path().join("weft-cni-src");
+        std::fs::write(&plugin, b"binary").unwrap();
+        install(
+            &plugin,
+            &bin,
+            &conf,
+            "/var/run/weft/cni.sock",
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert!(bin.join(PLUGIN_TYPE).exists());
+        assert_eq!(uninstall(&bin, &conf).unwrap(), vec![list.clone()]);
+        assert!(!bin.join(PLUGIN_TYPE).exists());
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
+        let original: Value = serde_json::from_str(BRIDGE).unwrap();
+        assert_eq!(v, original, "the chain is the network plugin's again");
+        // Again: nothing to do, no error.
+        assert!(uninstall(&bin, &conf).unwrap().is_empty());
     }
 }

@@ -119,7 +119,7 @@ fn workload_for<'a>(
 }
 
 impl PodManager {
-    pub async fn run(self) {
+    pub async fn run(self: Arc<Self>) {
         let mut cfg = self.config.watch();
         let mut reg = self.registry.watch();
         loop {
@@ -346,6 +346,14 @@ impl PodManager {
             netns,
             tasks,
         })
+    }
+
+    /// Un-enrolls every pod (weft is being uninstalled from the node).
+    pub fn teardown_all(&self) {
+        let all = std::mem::take(&mut *Self::lock(&self.pods));
+        for p in all.values() {
+            self.teardown(p);
+        }
     }
 
     fn teardown(&self, p: &PodDataplane) {
