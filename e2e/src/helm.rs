@@ -71,6 +71,9 @@ pub struct Helm {
     script: PathBuf,
     kubeconfig: PathBuf,
     pub namespace: String,
+    /// Install and upgrade with server-side apply or not; `None`: Helm's default
+    /// (Helm 4 installs server-side).
+    pub server_side: Option<bool>,
 }
 
 impl Helm {
@@ -80,7 +83,23 @@ impl Helm {
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/helm_release.py"),
             kubeconfig: kubeconfig.to_path_buf(),
             namespace: namespace.to_string(),
+            server_side: None,
         })
+    }
+
+    /// Client-side apply, as `helm install --server-side=false`: what Kubernetes
+    /// 1.20 to 1.22 need for weft's CRDs (their server-side apply refuses the
+    /// `x-kubernetes-validations` fields they do not know; a create drops them).
+    pub fn client_side(mut self) -> Self {
+        self.server_side = Some(false);
+        self
+    }
+
+    fn apply_args(&self) -> Vec<String> {
+        match self.server_side {
+            Some(ssa) => vec!["--server-side".into(), ssa.to_string()],
+            None => Vec::new(),
+        }
     }
 
     fn call(&self, args: &[&str], values: Option<&Value>) -> anyhow::Result<Value> {
@@ -139,10 +158,10 @@ impl Helm {
     ) -> anyhow::Result<Value> {
         let chart = chart.display().to_string();
         let secs = timeout.as_secs().to_string();
-        self.call(
-            &["install", release, "--chart", &chart, "--timeout", &secs],
-            Some(values),
-        )
+        let mut args = vec!["install", release, "--chart", &chart, "--timeout", &secs];
+        let apply = self.apply_args();
+        args.extend(apply.iter().map(String::as_str));
+        self.call(&args, Some(values))
     }
 
     /// `helm upgrade <release> <chart>` with these values (not reused ones).
@@ -155,13 +174,14 @@ impl Helm {
     ) -> anyhow::Result<Value> {
         let chart = chart.display().to_string();
         let secs = timeout.as_secs().to_string();
-        self.call(
-            &["upgrade", release, "--chart", &chart, "--timeout", &secs],
-            Some(values),
-        )
+        let mut args = vec!["upgrade", release, "--chart", &chart, "--timeout", &secs];
+        let apply = self.apply_args();
+        args.extend(apply.iter().map(String::as_str));
+        self.call(&args, Some(values))
     }
 
-    /// `helm uninstall <release>`, waiting (Helm's watcher) until its objects are gone.
+    /// `helm uninstall <release>`, waiting (Helm's watcher) until its objects are
+    /// gone (the pods of its workloads may still be terminating).
     pub fn uninstall(&self, release: &str, timeout: Duration) -> anyhow::Result<Value> {
         let secs = timeout.as_secs().to_string();
         self.call(

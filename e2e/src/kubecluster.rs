@@ -952,22 +952,22 @@ impl KubeCluster {
             d.join("kubelet").display()
         );
         script += &format!("mount --bind {} /run/netns\n", d.join("netns").display());
-        // Shared (within the node), as on a real host: containerd refuses a
-        // HostToContainer volume (weft's DaemonSet mounts /var/run/netns and the
-        // bpffs so) on a mount that is neither shared nor a slave.
-        script += "mount --make-shared /run/netns\n";
         // A bpffs of the node's own: two node agents on one kernel must not see
         // each other's pins. It goes with the namespace.
-        script += &format!(
-            "mount -t bpf bpf {bpf}\nmount --make-shared {bpf}\n",
-            bpf = host::BPFFS
-        );
+        script += &format!("mount -t bpf bpf {}\n", host::BPFFS);
         for s in host::KUBELET_SYSCTLS {
             let own = d.join("sysctl").join(s.replace('/', "."));
             let value = std::fs::read_to_string(Path::new("/proc/sys").join(s))?;
             std::fs::write(&own, value)?;
             script += &format!("mount --bind {} /proc/sys/{s}\n", own.display());
         }
+        // Every mount shared, as systemd leaves a real host (within the node only:
+        // the namespace was made private, so nothing propagates to or from the
+        // host). containerd refuses a HostToContainer volume on a mount that is
+        // neither shared nor a slave, and looks /var/run/netns up without
+        // following the /var/run symlink, i.e. checks "/" (weft's DaemonSet mounts
+        // /var/run/netns and the bpffs so).
+        script += "mount --make-rshared /\n";
         let m = self.nodes[i].mount_ns().context("mount namespace")?;
         host::run(
             "nsenter",

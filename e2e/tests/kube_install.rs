@@ -350,7 +350,11 @@ fn helm_installs_weft_on_a_real_cluster() {
         "weft's two images should have been imported: {:?}",
         c.weft_images
     );
-    let helm = check(&c, "preparing Helm", Helm::new(&c.kubeconfig(), NS));
+    // Client-side apply: Helm 4 applies server-side by default, which Kubernetes
+    // 1.20 refuses for weft's CRDs (x-kubernetes-validations is unknown to its
+    // typed schema: "failed to create typed patch object ... field not declared in
+    // schema"); a plain create drops the field.
+    let helm = check(&c, "preparing Helm", Helm::new(&c.kubeconfig(), NS)).client_side();
     let cg2 = check(&c, "the cgroup2 mount", host::cgroup2());
     // Both nodes share this kernel: each agent attaches to its own node's cgroup
     // (the kubelet's cgroup root), or it would capture the other node's pods.
@@ -379,7 +383,11 @@ fn helm_installs_weft_on_a_real_cluster() {
         rel["status"],
         rel["objects"].as_array().map_or(0, Vec::len)
     );
-    assert_eq!(rel["status"], "deployed", "{rel}");
+    assert_eq!(
+        (rel["revision"].as_u64(), rel["status"].as_str()),
+        (Some(1), Some("deployed")),
+        "{rel}"
+    );
     let leader = wait_release_ready(&c, Duration::from_secs(240), "--lb=least-conn");
     let ready_secs = t_install.elapsed().as_secs_f64();
     eprintln!("weft Ready {ready_secs:.1} s after helm install started (leader {leader})");
@@ -622,7 +630,8 @@ fn helm_installs_weft_on_a_real_cluster() {
             left.join("\n  ")
         );
     }
-    // Traffic of the pods that were enrolled, with no agent left.
+    // Known (the agent does not clean up on uninstall yet): the pods that were
+    // enrolled, with no agent left. Observed, printed, not asserted.
     let out = c.kubectl_output(&[
         "-n",
         APP_NS,
@@ -644,6 +653,42 @@ fn helm_installs_weft_on_a_real_cluster() {
             String::from_utf8_lossy(&o.stderr).trim()
         ),
         Err(e) => eprintln!("after uninstall: kubectl exec failed: {e:#}"),
+    }
+    let echo_ready = c
+        .kubectl(&[
+            "-n",
+            APP_NS,
+            "get",
+            "pods",
+            "-l",
+            "app=echo",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}",
+        ])
+        .unwrap_or_else(|e| format!("{e:#}"));
+    eprintln!("after uninstall: echo pods Ready: {echo_ready}");
+    // A new pod with the name of one that was enrolled (the agent's enrollment
+    // hint names it) on the node the chained weft-cni still runs on.
+    let _ = c.kubectl(&["-n", APP_NS, "delete", "pod", "client", "--wait=true"]);
+    let _ = c.apply(&APPS.replace("APP_IMAGE", APP_IMAGE));
+    let sandbox = poll(Duration::from_secs(20), || {
+        let ev = c
+            .kubectl(&[
+                "-n",
+                APP_NS,
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=client,reason=FailedCreatePodSandBox",
+                "-o",
+                "jsonpath={.items[-1:].message}",
+            ])
+            .ok()?;
+        (!ev.is_empty()).then_some(ev)
+    });
+    match sandbox {
+        Some(msg) => eprintln!("after uninstall: a new `client` pod cannot start: {msg}"),
+        None => eprintln!("after uninstall: a new `client` pod got its sandbox"),
     }
 
     // Teardown restores the host, weft's node state included.
