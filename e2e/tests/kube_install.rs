@@ -14,6 +14,7 @@
 //! 2. in a namespace labelled `weft.dev/mesh=enabled`, a Deployment's pods and a
 //!    client pod are enrolled (each node's agent lists its own in `/config_dump`),
 //!    the client reaches the Service's ClusterIP, and its node's agent tunnelled it;
+//!    the leader writes AuthorizationPolicies' status;
 //! 3. `helm upgrade` rolls the agents and the mesh keeps working; `helm uninstall`
 //!    removes the release (what weft leaves on the nodes is printed: expected for
 //!    now), and the cluster's teardown leaves nothing on the host.
@@ -78,6 +79,26 @@ spec:
     image: APP_IMAGE
     imagePullPolicy: Never
     command: [sleep, "3600"]
+"#;
+
+/// A policy that selects nothing (accepted) and one that asks for CUSTOM
+/// (refused by the control plane).
+const POLICIES: &str = r#"
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: audit-nothing, namespace: meshed}
+spec:
+  selector: {matchLabels: {app: nothing-here}}
+  action: AUDIT
+  rules: [{}]
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: custom, namespace: meshed}
+spec:
+  selector: {matchLabels: {app: nothing-here}}
+  action: CUSTOM
+  rules: [{}]
 "#;
 
 /// Everything that helps understand a failure: weft's pods and events, the logs of
@@ -531,6 +552,50 @@ fn helm_installs_weft_on_a_real_cluster() {
                 .collect::<Vec<_>>()
         );
     }
+
+    // The leader writes policies' status (the chart's RBAC on the status
+    // subresource); 1.20 does not enforce the CRD's CEL rules (dropped at install),
+    // the control plane refuses CUSTOM itself.
+    check(&c, "applying policies", c.apply(POLICIES));
+    for (name, want) in [
+        ("audit-nothing", "True/Accepted"),
+        ("custom", "False/InvalidSpec"),
+    ] {
+        wait_for(
+            &c,
+            &format!("AuthorizationPolicy {name} Accepted={want}"),
+            Duration::from_secs(30),
+            || {
+                let p = kubectl_json(&c, &["-n", APP_NS, "get", "authorizationpolicy", name])?;
+                let cond = p["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "Accepted"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let got = format!(
+                    "{}/{}",
+                    cond["status"].as_str().unwrap_or("-"),
+                    cond["reason"].as_str().unwrap_or("-")
+                );
+                Ok((
+                    (got == want).then_some(()),
+                    format!("status {}", p["status"]),
+                ))
+            },
+        );
+    }
+    check(
+        &c,
+        "deleting policies",
+        c.kubectl(&[
+            "-n",
+            APP_NS,
+            "delete",
+            "authorizationpolicy",
+            "audit-nothing",
+            "custom",
+        ]),
+    );
 
     // Pod -> ClusterIP, tunnelled by the client's node agent.
     let cluster_ip = check(
