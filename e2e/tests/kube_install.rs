@@ -343,6 +343,8 @@ fn counter(dump: &Value, name: &str) -> u64 {
 fn helm_installs_weft_on_a_real_cluster() {
     weft_e2e::netlab::require_root();
     let t0 = Instant::now();
+    // Kubernetes and the run-time packages first (images/build needs umoci).
+    kubecluster::kube_binaries().unwrap_or_else(|e| panic!("building Kubernetes: {e:#}"));
     // weft's images, from the binaries this test runs with.
     let bin_dir = weft_e2e::bin_path("weft-node")
         .and_then(|p| {
