@@ -1652,6 +1652,7 @@ pub fn chart_app_version() -> anyhow::Result<String> {
 /// Makes sure [`weft_images_dir`] holds weft's two images built from the binaries
 /// in `bin_dir` (e.g. target/debug): runs `images/build --profile <profile>` when
 /// an archive is missing or older than a binary it packages. Returns the archives.
+/// (Needs umoci, which [`kube_binaries`] installs.)
 pub fn ensure_weft_images(bin_dir: &Path, profile: &str) -> anyhow::Result<Vec<PathBuf>> {
     let tag = chart_app_version()?;
     let out = weft_images_dir();
@@ -1660,7 +1661,9 @@ pub fn ensure_weft_images(bin_dir: &Path, profile: &str) -> anyhow::Result<Vec<P
         .map(|i| out.join(format!("{i}-{tag}.oci.tar")))
         .collect();
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let newest_bin = ["weft-node", "weft-cni", "weft-control-plane", "weftctl"]
+    // Not weft-cni: images/build relinks it statically (then the next cargo build
+    // relinks it again); its code is weft-node's library, so weft-node tells.
+    let newest_bin = ["weft-node", "weft-control-plane", "weftctl"]
         .iter()
         .filter_map(|b| mtime(&bin_dir.join(b)))
         .max()
