@@ -1426,19 +1426,19 @@ nodeStatusUpdateFrequency: 2s
             list_tree(&bpf, &Path::new(host::BPFFS).join("weft"), &mut files);
         }
         out.extend(files);
-        if let Ok(cg2) = host::cgroup2() {
-            let cg = cg2.join(host::CGROUP).join(&n.name);
-            if let Ok(text) = host::run("bpftool", &["cgroup", "show", &cg.display().to_string()]) {
-                for l in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
-                    out.push(format!(
-                        "eBPF program attached to {}: {}",
-                        cg.display(),
-                        l.split_whitespace().collect::<Vec<_>>().join(" ")
-                    ));
-                }
+        if let Ok(cg) = self.node_cgroup(i) {
+            for p in cgroup_programs(&cg).unwrap_or_default() {
+                out.push(format!("eBPF program attached to {}: {p}", cg.display()));
             }
         }
         out
+    }
+
+    /// The node's cgroup (v2): the kubelet's cgroup root, where its pods are.
+    pub fn node_cgroup(&self, i: usize) -> anyhow::Result<PathBuf> {
+        Ok(host::cgroup2()?
+            .join(host::CGROUP)
+            .join(&self.nodes[i].name))
     }
 
     /// Tails of every daemon's log, for error messages.
@@ -1610,6 +1610,33 @@ fn copy_logs(from: &Path, to: &Path) -> std::io::Result<()> {
         std::fs::copy(e.path(), to.join(e.file_name()))?;
     }
     Ok(())
+}
+
+/// The eBPF programs attached to a cgroup (v2) itself, not those it inherits,
+/// as bpftool shows them: "<attach type> <name>" (e.g. "cgroup_inet4_connect
+/// weft_connect4").
+pub fn cgroup_programs(cgroup: &Path) -> anyhow::Result<Vec<String>> {
+    let text = host::run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.display().to_string()],
+    )
+    .context("bpftool (Debian package bpftool; build-kube.sh installs it)")?;
+    let v: Value = if text.trim().is_empty() {
+        Value::Array(Vec::new())
+    } else {
+        serde_json::from_str(&text).context("bpftool's JSON")?
+    };
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["attach_type"].as_str().unwrap_or("?"),
+                p["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect())
 }
 
 /// Every file and directory under `dir` (recursively), named as `shown` + the

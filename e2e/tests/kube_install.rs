@@ -143,7 +143,26 @@ fn diagnostics(c: &KubeCluster) -> String {
             }
         }
     }
-    out + &c.logs(25)
+    strip_ansi(&(out + &c.logs(25)))
+}
+
+/// Without terminal colour sequences (the agent colours its text logs).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            // ESC [ ... final byte in '@'..='~'
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 fn check<T>(c: &KubeCluster, what: &str, r: anyhow::Result<T>) -> T {
@@ -414,6 +433,30 @@ fn helm_installs_weft_on_a_real_cluster() {
     let leader = wait_release_ready(&c, Duration::from_secs(240), "--lb=least-conn");
     let ready_secs = t_install.elapsed().as_secs_f64();
     eprintln!("weft Ready {ready_secs:.1} s after helm install started (leader {leader})");
+
+    // Each agent attached its capture programs to its own node's cgroup, none to
+    // the cgroup2 root (which holds the other node, and the host).
+    for i in 0..c.nodes.len() {
+        let cg = check(&c, "node cgroup", c.node_cgroup(i));
+        let progs = check(&c, "bpftool", kubecluster::cgroup_programs(&cg));
+        for want in [
+            "cgroup_inet4_connect weft_connect4",
+            "cgroup_sock_ops weft_sockops",
+        ] {
+            assert!(
+                progs.iter().any(|p| p == want),
+                "{}: {want} not attached to {}: {progs:?}",
+                c.nodes[i].name,
+                cg.display()
+            );
+        }
+    }
+    let root = check(&c, "bpftool", kubecluster::cgroup_programs(&cg2));
+    assert!(
+        !root.iter().any(|p| p.contains("weft_")),
+        "weft programs on the cgroup2 root {}: {root:?}",
+        cg2.display()
+    );
 
     // The CNI installer chained weft-cni into each node's conflist (containerd's
     // /etc/cni/net.d inside the node) and copied the plugin next to Debian's.
