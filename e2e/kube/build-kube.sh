@@ -4,7 +4,7 @@
 # bookworm's `kubernetes` source package with Debian's Go 1.19, in one `make`
 # invocation, and caches them outside the checkout. Also installs the Debian
 # packages a node needs at run time (etcd-server, containerd, runc, conntrack,
-# busybox-static, containernetworking-plugins) and puts a v1.20 kubectl (Debian
+# busybox-static, containernetworking-plugins, bpftool) and puts a v1.20 kubectl (Debian
 # `kubernetes-client`) into the cache.
 #
 # Prints the cache directory that holds the binaries. Reruns are instant.
@@ -48,6 +48,9 @@ command -v conntrack >/dev/null || need+=(conntrack)
 [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local ]] || need+=(containernetworking-plugins)
 command -v umoci >/dev/null || need+=(umoci)
 command -v iptables >/dev/null || need+=(iptables)
+# Lists the eBPF programs weft's node agents attach to a node's cgroup (what
+# KubeCluster::weft_node_state reports after helm uninstall).
+command -v bpftool >/dev/null || need+=(bpftool)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 if ((${#need[@]})); then
   apt_install "${need[@]}"

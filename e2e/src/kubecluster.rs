@@ -33,6 +33,7 @@
 //! restores any sysctl that changed, and returns what it could not undo.
 //! [`KubeCluster::start`] first cleans what a killed run left.
 
+pub mod dns;
 pub mod host;
 pub mod pki;
 
@@ -119,9 +120,43 @@ impl KubeNode {
         self.dir.join("containerd/containerd.sock")
     }
 
-    /// The node's CNI configuration directory (containerd's `conf_dir`).
+    /// The node's CNI configuration directory: `/etc/cni/net.d` inside the node
+    /// (containerd's `conf_dir`), this directory seen from the host.
     pub fn cni_conf_dir(&self) -> PathBuf {
         self.dir.join("cni/net.d")
+    }
+
+    /// The node's CNI plugin directory: `/opt/cni/bin` inside the node
+    /// (containerd's `bin_dir`), with links to Debian's plugins in /usr/lib/cni.
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.join("cni/bin")
+    }
+
+    /// What the node has at `path` (one of [`host::PRIVATE_PATHS`]), seen from the
+    /// host: e.g. `/run/weft` inside node-1 is `<dir>/node-1/private/run_weft`.
+    pub fn private_dir(&self, path: &str) -> PathBuf {
+        match path {
+            "/var/lib/kubelet" => self.kubelet_root(),
+            "/etc/cni/net.d" => self.cni_conf_dir(),
+            "/opt/cni/bin" => self.cni_bin_dir(),
+            p => self
+                .dir
+                .join("private")
+                .join(p.trim_start_matches('/').replace('/', "_")),
+        }
+    }
+
+    /// A path inside the node's mount namespace (e.g. its bpffs at /sys/fs/bpf),
+    /// seen from the host through the namespace holder's root; `None` when the
+    /// node is not running.
+    pub fn path_inside(&self, path: &str) -> Option<PathBuf> {
+        self.holder.as_ref().map(|p| {
+            PathBuf::from(format!(
+                "/proc/{}/root/{}",
+                p.pid(),
+                path.trim_start_matches('/')
+            ))
+        })
     }
 
     /// The kubelet's root directory.
@@ -161,6 +196,8 @@ pub struct KubeCluster {
     /// weft's images imported on every node from target/images (e.g.
     /// `ghcr.io/weft-mesh/weft-node:0.1.0`); empty when `images/build` has not run.
     pub weft_images: Vec<String>,
+    /// The cluster DNS (kubelets' `clusterDNS`), see [`dns`].
+    pub dns: Option<dns::ClusterDns>,
     t0: Instant,
     torn_down: bool,
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -317,6 +354,7 @@ impl KubeCluster {
             startup: Duration::ZERO,
             milestones: Vec::new(),
             weft_images: Vec::new(),
+            dns: None,
             t0,
             torn_down: false,
             _lock: lock,
@@ -358,6 +396,7 @@ impl KubeCluster {
         self.start_etcd()?;
         self.milestone("host network, cgroups, certificates");
         self.start_apiserver()?;
+        self.start_dns()?;
         self.milestone("etcd and kube-apiserver ready");
         self.start_controller_manager()?;
         self.start_scheduler()?;
@@ -681,6 +720,43 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// The cluster DNS on the gateway (see [`dns`]), reading Services with kubectl.
+    fn start_dns(&mut self) -> anyhow::Result<()> {
+        let kubectl = self.bins.join("kubectl");
+        let kubeconfig = self.kubeconfig();
+        let services: dns::ServiceSource = Box::new(move || {
+            let out = Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args([
+                    "get",
+                    "services",
+                    "--all-namespaces",
+                    "-o",
+                    "json",
+                    "--request-timeout=5s",
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .context("running kubectl")?;
+            if !out.status.success() {
+                bail!(
+                    "kubectl get services failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let v: Value = serde_json::from_slice(&out.stdout).context("kubectl's JSON")?;
+            Ok(dns::services_from_json(&v))
+        });
+        let addr = format!("{GATEWAY}:53").parse()?;
+        self.dns = Some(dns::ClusterDns::start(
+            addr,
+            services,
+            self.dir.join("logs/dns.log"),
+        )?);
+        Ok(())
+    }
+
     fn start_controller_manager(&mut self) -> anyhow::Result<()> {
         let p = self.dir.join("pki");
         let kc = self.dir.join("controller-manager.kubeconfig");
@@ -815,12 +891,22 @@ impl KubeCluster {
         for sub in [
             "containerd",
             "cni/net.d",
+            "cni/bin",
             "cni/ipam",
             "kubelet",
             "netns",
             "sysctl",
         ] {
             std::fs::create_dir_all(d.join(sub))?;
+        }
+        // Debian's CNI plugins, where the standard bin_dir is (weft-cni joins them
+        // when weft's chart installs it).
+        let bin_dir = self.nodes[i].cni_bin_dir();
+        for e in std::fs::read_dir("/usr/lib/cni").context("reading /usr/lib/cni")? {
+            let e = e?;
+            let link = bin_dir.join(e.file_name());
+            std::os::unix::fs::symlink(e.path(), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
         }
         // The process that holds the mount namespace.
         let mut cmd = self.daemon(Path::new("/usr/bin/unshare"), None, &[]);
@@ -855,9 +941,7 @@ impl KubeCluster {
             .iter()
             .filter(|p| **p != "/var/lib/kubelet")
         {
-            let own = d
-                .join("private")
-                .join(p.trim_start_matches('/').replace('/', "_"));
+            let own = self.nodes[i].private_dir(p);
             std::fs::create_dir_all(&own)?;
             script += &format!("mount --bind {} {p}\n", own.display());
         }
@@ -868,12 +952,22 @@ impl KubeCluster {
             d.join("kubelet").display()
         );
         script += &format!("mount --bind {} /run/netns\n", d.join("netns").display());
+        // A bpffs of the node's own: two node agents on one kernel must not see
+        // each other's pins. It goes with the namespace.
+        script += &format!("mount -t bpf bpf {}\n", host::BPFFS);
         for s in host::KUBELET_SYSCTLS {
             let own = d.join("sysctl").join(s.replace('/', "."));
             let value = std::fs::read_to_string(Path::new("/proc/sys").join(s))?;
             std::fs::write(&own, value)?;
             script += &format!("mount --bind {} /proc/sys/{s}\n", own.display());
         }
+        // Every mount shared, as systemd leaves a real host (within the node only:
+        // the namespace was made private, so nothing propagates to or from the
+        // host). containerd refuses a HostToContainer volume on a mount that is
+        // neither shared nor a slave, and looks /var/run/netns up without
+        // following the /var/run symlink, i.e. checks "/" (weft's DaemonSet mounts
+        // /var/run/netns and the bpffs so).
+        script += "mount --make-rshared /\n";
         let m = self.nodes[i].mount_ns().context("mount namespace")?;
         host::run(
             "nsenter",
@@ -987,7 +1081,8 @@ impl KubeCluster {
                 &cert_auth(&crt, &key),
             ),
         )?;
-        // Pods resolve names against their own loopback: no DNS leaves the machine.
+        // The node's own resolver (pods with dnsPolicy Default; the cluster DNS
+        // answers the others): their own loopback, so no DNS leaves the machine.
         write(&d.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
         let config = d.join("kubelet.yaml");
         write(
@@ -1012,7 +1107,8 @@ cgroupDriver: cgroupfs
 cgroupRoot: /{cg}/{name}
 cgroupsPerQOS: true
 enforceNodeAllocatable: [pods]
-clusterDomain: cluster.local
+clusterDomain: {domain}
+clusterDNS: [{dns}]
 resolvConf: {resolv}
 failSwapOn: false
 protectKernelDefaults: false
@@ -1034,6 +1130,8 @@ nodeStatusUpdateFrequency: 2s
                 serving_key = serving_key.display(),
                 ca = pki.ca_cert().display(),
                 cg = host::CGROUP,
+                domain = dns::CLUSTER_DOMAIN,
+                dns = GATEWAY,
                 resolv = d.join("resolv.conf").display(),
                 plugins = d.join("volume-plugins").display(),
             ),
@@ -1285,6 +1383,64 @@ nodeStatusUpdateFrequency: 2s
         host::run("nsenter", &all)
     }
 
+    /// GET `url` from inside a node's network namespace (e.g. a hostNetwork
+    /// agent's admin endpoint on 127.0.0.1); the body, or an error with curl's.
+    pub fn node_http_get(&self, node: &str, url: &str) -> anyhow::Result<String> {
+        self.in_node(
+            node,
+            "curl",
+            &["-sS", "--fail-with-body", "--max-time", "5", url],
+        )
+    }
+
+    /// What weft left on a node, one line each (empty: nothing): weft-cni in the
+    /// node's CNI chain or plugin directory, files in its `/var/run/weft`, pins in
+    /// its bpffs under `/sys/fs/bpf/weft`, eBPF programs attached to its cgroup
+    /// (when bpftool is installed). After `helm uninstall` this is what the chart
+    /// does not clean; teardown removes it all anyway (every one of these is the
+    /// node's own: directories, bpffs and cgroup go with the node).
+    pub fn weft_node_state(&self, i: usize) -> Vec<String> {
+        let n = &self.nodes[i];
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(n.cni_conf_dir()) {
+            for e in rd.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                if text.contains("weft-cni") {
+                    out.push(format!(
+                        "/etc/cni/net.d/{} still chains weft-cni",
+                        e.file_name().to_string_lossy()
+                    ));
+                }
+            }
+        }
+        if n.cni_bin_dir().join("weft-cni").exists() {
+            out.push("/opt/cni/bin/weft-cni".into());
+        }
+        let mut files = Vec::new();
+        list_tree(
+            &n.private_dir("/run/weft"),
+            Path::new("/var/run/weft"),
+            &mut files,
+        );
+        if let Some(bpf) = n.path_inside(&format!("{}/weft", host::BPFFS)) {
+            list_tree(&bpf, &Path::new(host::BPFFS).join("weft"), &mut files);
+        }
+        out.extend(files);
+        if let Ok(cg) = self.node_cgroup(i) {
+            for p in cgroup_programs(&cg).unwrap_or_default() {
+                out.push(format!("eBPF program attached to {}: {p}", cg.display()));
+            }
+        }
+        out
+    }
+
+    /// The node's cgroup (v2): the kubelet's cgroup root, where its pods are.
+    pub fn node_cgroup(&self, i: usize) -> anyhow::Result<PathBuf> {
+        Ok(host::cgroup2()?
+            .join(host::CGROUP)
+            .join(&self.nodes[i].name))
+    }
+
     /// Tails of every daemon's log, for error messages.
     pub fn logs(&self, lines: usize) -> String {
         let mut out = String::new();
@@ -1337,6 +1493,9 @@ nodeStatusUpdateFrequency: 2s
         self.torn_down = true;
         if let Some(to) = std::env::var_os("WEFT_KUBE_LOGS") {
             let _ = copy_logs(&self.dir.join("logs"), Path::new(&to));
+        }
+        if let Some(mut d) = self.dns.take() {
+            d.stop();
         }
         // Node agents first, so none restarts a pod while the runtime goes.
         for n in &mut self.nodes {
@@ -1453,11 +1612,135 @@ fn copy_logs(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `images/build`'s archives in target/images: (path, repository to import as).
-fn weft_image_archives() -> Vec<(PathBuf, String)> {
-    let dir = std::env::var_os("WEFT_IMAGES_DIR")
+/// The eBPF programs attached to a cgroup (v2) itself, not those it inherits,
+/// as bpftool shows them: "<attach type> <name>" (e.g. "cgroup_inet4_connect
+/// weft_connect4").
+pub fn cgroup_programs(cgroup: &Path) -> anyhow::Result<Vec<String>> {
+    let text = host::run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.display().to_string()],
+    )
+    .context("bpftool (Debian package bpftool; build-kube.sh installs it)")?;
+    let v: Value = if text.trim().is_empty() {
+        Value::Array(Vec::new())
+    } else {
+        serde_json::from_str(&text).context("bpftool's JSON")?
+    };
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["attach_type"].as_str().unwrap_or("?"),
+                p["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect())
+}
+
+/// Every file and directory under `dir` (recursively), named as `shown` + the
+/// relative path.
+fn list_tree(dir: &Path, shown: &Path, out: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = rd.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = shown.join(e.file_name());
+        out.push(name.display().to_string());
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            list_tree(&e.path(), &name, out);
+        }
+    }
+}
+
+/// Where `images/build`'s archives are looked for: WEFT_IMAGES_DIR, else
+/// target/images.
+pub fn weft_images_dir() -> PathBuf {
+    std::env::var_os("WEFT_IMAGES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"))
+}
+
+/// The chart's appVersion, the tag `images/build` gives weft's images.
+pub fn chart_app_version() -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft/Chart.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .with_context(|| format!("{} has no appVersion", path.display()))
+}
+
+/// Makes sure [`weft_images_dir`] holds weft's two images built from the binaries
+/// in `bin_dir` (e.g. target/debug): runs `images/build --profile <profile>` when
+/// an archive is missing or older than a binary it packages. Returns the archives.
+/// (Needs umoci, which [`kube_binaries`] installs.)
+pub fn ensure_weft_images(bin_dir: &Path, profile: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let tag = chart_app_version()?;
+    let out = weft_images_dir();
+    let archives: Vec<PathBuf> = ["weft-node", "weft-control-plane"]
+        .iter()
+        .map(|i| out.join(format!("{i}-{tag}.oci.tar")))
+        .collect();
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // Not weft-cni: images/build relinks it statically (then the next cargo build
+    // relinks it again); its code is weft-node's library, so weft-node tells.
+    let newest_bin = ["weft-node", "weft-control-plane", "weftctl"]
+        .iter()
+        .filter_map(|b| mtime(&bin_dir.join(b)))
+        .max()
+        .with_context(|| {
+            format!(
+                "no weft binaries in {}; build them first: cargo build --workspace --bins",
+                bin_dir.display()
+            )
+        })?;
+    let stale = archives
+        .iter()
+        .any(|a| mtime(a).is_none_or(|t| t < newest_bin));
+    if !stale {
+        return Ok(archives);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build");
+    // bin_dir is <target>/<profile>; images/build finds the binaries there.
+    let target = bin_dir
+        .parent()
+        .with_context(|| format!("{} has no parent", bin_dir.display()))?;
+    eprintln!(
+        "weft-kube: building weft's images ({profile}) into {}",
+        out.display()
+    );
+    let status = Command::new("nice")
+        .args(["-n", "10"])
+        .arg(&script)
+        .args(["--profile", profile, "--out"])
+        .arg(&out)
+        .env("CARGO_TARGET_DIR", target)
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!(
+            "{} failed ({status}); see its output above",
+            script.display()
+        );
+    }
+    for a in &archives {
+        if !a.is_file() {
+            bail!("{} made no {}", script.display(), a.display());
+        }
+    }
+    Ok(archives)
+}
+
+/// `images/build`'s archives in [`weft_images_dir`]: (path, repository to import as).
+fn weft_image_archives() -> Vec<(PathBuf, String)> {
+    let dir = weft_images_dir();
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
@@ -1474,8 +1757,9 @@ fn weft_image_archives() -> Vec<(PathBuf, String)> {
     out
 }
 
-/// containerd's configuration for one node: its own socket, root, state, runc
-/// root and CNI configuration; the CRI plugin with the local sandbox image.
+/// containerd's configuration for one node: its own socket, root, state and runc
+/// root; the CRI plugin with the local sandbox image and the CNI directories at
+/// their standard paths (private to the node).
 fn containerd_config(n: &KubeNode) -> String {
     let d = n.dir.join("containerd");
     format!(
@@ -1512,9 +1796,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{runc}"
+  # The standard paths, which are the node's own (bind mounts in its mount namespace).
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
     max_conf_num = 1
 "#,
         root = d.join("root").display(),
@@ -1523,6 +1808,5 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         opt = d.join("opt").display(),
         pause = PAUSE_IMAGE,
         runc = d.join("runc").display(),
-        cni = n.cni_conf_dir().display(),
     )
 }

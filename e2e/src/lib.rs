@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod curl;
+pub mod helm;
 pub mod kubeapi;
 pub mod kubecluster;
 pub mod kubemesh;

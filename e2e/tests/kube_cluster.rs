@@ -4,7 +4,8 @@
 //!
 //! A Deployment of 2 `weft-testapp http` replicas spread over the nodes, a
 //! ClusterIP Service in front of them and a busybox client pod: the client reaches
-//! the Service through kube-proxy's iptables rules, the replicas reach each other
+//! the Service through kube-proxy's iptables rules, by address and by name (the
+//! cluster DNS), the replicas reach each other
 //! across nodes, `kubectl logs` and `kubectl exec` work, a pod's ServiceAccount
 //! token authenticates, and no image was pulled. Then the cluster is torn down and
 //! nothing of it may be left on the host.
@@ -219,6 +220,22 @@ fn kube_cluster_runs_pods_services_and_cleans_up() {
         ],
         "GET /env",
     );
+    // The Service's name, through the cluster DNS (the search list of the pod's
+    // namespace), and its fully qualified name.
+    for host in ["echo", "echo.smoke.svc.cluster.local"] {
+        exec_until(
+            &c,
+            "client",
+            &[
+                "timeout",
+                "5",
+                "wget",
+                "-qO-",
+                &format!("http://{host}/by-name"),
+            ],
+            "GET /by-name",
+        );
+    }
     // Pod to pod, both ways between the replicas (across nodes with two).
     for (from, to_ip) in [(&names[0], &ips[1]), (&names[1], &ips[0])] {
         exec_until(

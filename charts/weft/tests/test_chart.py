@@ -42,6 +42,9 @@ VARIATIONS = {
         "node": {
             "image": {"repository": "registry.example.org/weft/node", "tag": "1.2.3", "pullPolicy": "Always"},
             "cniConfDir": "/etc/cni/multus/net.d",
+            # Nodes sharing one kernel (weft's test cluster): each its own cgroup.
+            "cgroupRoot": "/sys/fs/cgroup/unified",
+            "captureCgroup": "/sys/fs/cgroup/unified/weft-kube/$(WEFT_NODE_NAME)",
         },
         "dashboards": {"namespace": "monitoring"},
     },
@@ -159,6 +162,35 @@ class ChartTests(unittest.TestCase):
         # Defaults: the chart's appVersion as tag.
         dep = next(d for _, d in render({}) if d["kind"] == "Deployment")
         self.assertTrue(dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0"))
+
+    def test_capture_cgroup(self):
+        """By default the agent finds the cgroup2 root itself (on hybrid hosts it is not
+        node.cgroupRoot but /sys/fs/cgroup/unified below it); node.captureCgroup names
+        another, with $(WEFT_NODE_NAME) expanded by Kubernetes from the container's env."""
+        def agent(values):
+            ds = next(d for _, d in render(values) if d["kind"] == "DaemonSet")
+            return ds["spec"]["template"]["spec"]["containers"][0]
+        c = agent({})
+        self.assertFalse([a for a in c["args"] if a.startswith("--cgroup")], c["args"])
+        c = agent(VARIATIONS["custom-images-and-placement"])
+        self.assertIn("--cgroup=/sys/fs/cgroup/unified/weft-kube/$(WEFT_NODE_NAME)", c["args"])
+        self.assertIn("WEFT_NODE_NAME", [e["name"] for e in c["env"]])
+        cgroup = next(m for m in c["volumeMounts"] if m["name"] == "cgroup")
+        self.assertEqual(cgroup["mountPath"], "/sys/fs/cgroup/unified")
+        self.assertTrue(cgroup["readOnly"])
+        with helm.Chart.load(str(CHART)) as chart:
+            with self.assertRaises(helm.HelmValuesError) as cm:
+                chart.validate_schema({"node": {"captureCgroup": "relative/path"}})
+            self.assertIn("/node/captureCgroup", str(cm.exception))
+
+    def test_pod_disruption_budget_follows_the_cluster(self):
+        """policy/v1 where the cluster serves it (offline rendering assumes a current
+        cluster), policy/v1beta1 on 1.20: the template asks the API versions (the
+        real install on 1.20 is e2e/tests/kube_install.rs)."""
+        pdb = next(d for _, d in render({}) if d["kind"] == "PodDisruptionBudget")
+        self.assertEqual(pdb["apiVersion"], "policy/v1")
+        template = (CHART / "templates" / "control-plane.yaml").read_text()
+        self.assertIn('.Capabilities.APIVersions.Has "policy/v1"', template)
 
     def test_control_plane_is_hardened(self):
         docs = render({})

@@ -37,14 +37,24 @@ pub const NETNS_PREFIX: &str = "weft-kube-";
 
 /// Host paths the nodes mount their own directories on (in their private mount
 /// namespaces): kubelet and containerd write to these fixed paths whatever their
-/// configuration says, and two nodes must not share them.
+/// configuration says, and two nodes must not share them. The last three are
+/// where weft's chart puts things on a node by default: the CNI configuration
+/// and plugin directories (containerd's `conf_dir` and `bin_dir`), and the node
+/// agent's state and CNI socket (`/var/run/weft`; `/var/run` is `/run`).
 pub const PRIVATE_PATHS: &[&str] = &[
     "/var/lib/kubelet",
     "/var/log/pods",
     "/var/log/containers",
     "/var/lib/cni",
     "/run/containerd",
+    "/etc/cni/net.d",
+    "/opt/cni/bin",
+    "/run/weft",
 ];
+
+/// Where each node's mount namespace mounts a bpffs of its own, so that two node
+/// agents' pins (both under `/sys/fs/bpf/weft`) never meet.
+pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// Sysctls the kubelet sets at start (pkg/kubelet/cm setupKernelTunables). Each
 /// node's mount namespace binds a file of its own over them, so the kubelet's
@@ -85,6 +95,9 @@ pub struct Baseline {
     pub created_dirs: Vec<String>,
     /// Host files that existed before (those absent then are leftovers if present).
     pub existing_paths: BTreeSet<String>,
+    /// bpffs mount points of the host before (a new one is a leftover).
+    #[serde(default)]
+    pub bpffs_mounts: BTreeSet<String>,
 }
 
 /// Files that appear on the host when something escapes the nodes' mount
@@ -102,6 +115,7 @@ const WATCHED_PATHS: &[&str] = &[
     "/opt/cni/bin",
     "/usr/libexec/kubernetes",
     "/var/lib/dockershim",
+    "/run/weft",
 ];
 
 impl Baseline {
@@ -120,6 +134,7 @@ impl Baseline {
             chains: host_chains(),
             created_dirs: Vec::new(),
             existing_paths,
+            bpffs_mounts: bpffs_mounts(),
         }
     }
 
@@ -191,6 +206,15 @@ fn unescape_mount(s: &str) -> String {
         .replace("\\011", "\t")
         .replace("\\012", "\n")
         .replace("\\134", "\\")
+}
+
+/// The host's bpffs mount points.
+pub fn bpffs_mounts() -> BTreeSet<String> {
+    mounts()
+        .into_iter()
+        .filter(|(_, kind)| kind == "bpf")
+        .map(|(p, _)| p.display().to_string())
+        .collect()
 }
 
 /// Mount points of every cgroup hierarchy (v1 controllers and cgroup2).
@@ -415,9 +439,10 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Unmounts (lazily, deepest first), inside the mount namespace of process
-/// `pid`, everything mounted under `dir`, on the private paths, on /run/netns and
-/// on /proc/sys (a node's own mounts: pods' volumes, shm, rootfs overlays, network
-/// namespaces, the binds the harness made). Returns what is still mounted.
+/// `pid`, everything mounted under `dir`, on the private paths, on /run/netns, on
+/// /proc/sys and on /sys/fs/bpf (a node's own mounts: pods' volumes, shm, rootfs
+/// overlays, network namespaces, the binds the harness made, its bpffs). Returns
+/// what is still mounted.
 pub fn unmount_in(pid: u32, dir: &Path) -> Vec<String> {
     let info = format!("/proc/{pid}/mountinfo");
     let ours = |p: &Path| {
@@ -425,6 +450,7 @@ pub fn unmount_in(pid: u32, dir: &Path) -> Vec<String> {
             || PRIVATE_PATHS.iter().any(|q| p.starts_with(q))
             || p.starts_with("/run/netns")
             || p.starts_with("/proc/sys")
+            || p.starts_with(BPFFS)
     };
     let mut points: Vec<PathBuf> = mounts_of(&info)
         .into_iter()
@@ -538,6 +564,9 @@ pub fn leftovers(dir: &Path, baseline: Option<&Baseline>) -> Vec<String> {
             if !b.existing_paths.contains(*p) && Path::new(p).exists() {
                 out.push(format!("path {p}"));
             }
+        }
+        for m in bpffs_mounts().difference(&b.bpffs_mounts) {
+            out.push(format!("mount {m} (bpf) on the host"));
         }
     }
     if dir.exists() {
