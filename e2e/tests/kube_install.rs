@@ -16,24 +16,29 @@
 //!    the client reaches the Service's ClusterIP, and its node's agent tunnelled it;
 //!    the leader writes AuthorizationPolicies' status;
 //! 3. `helm upgrade` rolls the agents and the mesh keeps working; `helm uninstall`
-//!    removes the release (what weft leaves on the nodes is printed: expected for
-//!    now), and the cluster's teardown leaves nothing on the host.
+//!    removes the release, and the agents remove everything weft put on their
+//!    nodes (eBPF programs, links and pins, the CNI chain entry and binary, state
+//!    files): the pods that were enrolled keep running and reach each other in
+//!    plaintext, and a new pod starts; the cluster's teardown leaves nothing on the
+//!    host.
 //!
 //! Needs root; fails (never skips) without it.
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use weft_e2e::helm::{chart_dir, Helm};
-use weft_e2e::kubecluster::{self, host, poll, KubeCluster, APP_IMAGE};
+use weft_e2e::helm::chart_dir;
+use weft_e2e::kubecluster::{self, host, KubeCluster, APP_IMAGE};
+use weft_e2e::kubeweft::{
+    check, config_dump, kubectl_json, name_of, ready, wait_for, wait_release_ready, CRDS, NS,
+    RELEASE,
+};
 
-const NS: &str = "weft-system";
-const RELEASE: &str = "weft";
 const APP_NS: &str = "meshed";
-const CRDS: &[&str] = &[
-    "authorizationpolicies.security.weft.dev",
-    "wasmplugins.extensions.weft.dev",
-];
+
+fn diagnostics(c: &KubeCluster) -> String {
+    weft_e2e::kubeweft::diagnostics_of(c, &[APP_NS])
+}
 
 const APPS: &str = r#"
 apiVersion: v1
@@ -100,230 +105,6 @@ spec:
   action: CUSTOM
   rules: [{}]
 "#;
-
-/// Everything that helps understand a failure: weft's pods and events, the logs of
-/// every container of weft's pods (and of their previous runs), the kubelets' and
-/// containerds' log tails.
-fn diagnostics(c: &KubeCluster) -> String {
-    let k = |args: &[&str]| c.kubectl(args).unwrap_or_else(|e| format!("{e:#}"));
-    let mut out = String::new();
-    for ns in [NS, APP_NS] {
-        out += &format!(
-            "--- kubectl -n {ns} get pods -o wide\n{}\n",
-            k(&["-n", ns, "get", "pods", "-o", "wide"])
-        );
-        out += &format!(
-            "--- kubectl -n {ns} get events\n{}\n",
-            k(&["-n", ns, "get", "events", "--sort-by=.lastTimestamp"])
-        );
-    }
-    let pods: Value =
-        serde_json::from_str(&k(&["-n", NS, "get", "pods", "-o", "json"])).unwrap_or(Value::Null);
-    for p in pods["items"].as_array().into_iter().flatten() {
-        let name = p["metadata"]["name"].as_str().unwrap_or_default();
-        let spec = &p["spec"];
-        let containers = spec["initContainers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .chain(spec["containers"].as_array().into_iter().flatten());
-        for ctr in containers {
-            let ctr = ctr["name"].as_str().unwrap_or_default();
-            for prev in [false, true] {
-                let mut args = vec!["-n", NS, "logs", name, "-c", ctr, "--tail=40"];
-                if prev {
-                    args.push("--previous");
-                }
-                if let Ok(log) = c.kubectl(&args) {
-                    out += &format!(
-                        "--- kubectl logs {name} -c {ctr}{}\n{log}\n",
-                        if prev { " --previous" } else { "" }
-                    );
-                }
-            }
-        }
-    }
-    strip_ansi(&(out + &c.logs(25)))
-}
-
-/// Without terminal colour sequences (the agent colours its text logs).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            // ESC [ ... final byte in '@'..='~'
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
-fn check<T>(c: &KubeCluster, what: &str, r: anyhow::Result<T>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("{what}: {e:#}\n\n{}", diagnostics(c)),
-    }
-}
-
-fn kubectl_json(c: &KubeCluster, args: &[&str]) -> anyhow::Result<Value> {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    Ok(serde_json::from_str(&c.kubectl(&all)?)?)
-}
-
-/// Polls `f` (returning `Ok(Some)` when done, `Ok(None)`/`Err` to retry, with a
-/// description of the state) until `timeout`; fails with the last state and the
-/// cluster's diagnostics.
-fn wait_for<T>(
-    c: &KubeCluster,
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
-) -> T {
-    let mut last = String::new();
-    let r = poll(timeout, || match f() {
-        Ok((v, state)) => {
-            last = state;
-            v
-        }
-        Err(e) => {
-            last = format!("{e:#}");
-            None
-        }
-    });
-    r.unwrap_or_else(|| {
-        panic!(
-            "{what}: not within {timeout:?}; last: {last}\n\n{}",
-            diagnostics(c)
-        )
-    })
-}
-
-fn name_of(p: &Value) -> String {
-    p["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn ready(p: &Value) -> bool {
-    p["metadata"]["deletionTimestamp"].is_null()
-        && p["status"]["phase"] == "Running"
-        && p["status"]["conditions"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
-}
-
-/// Waits until the release is Ready: CRDs Established, every control-plane
-/// replica Ready with one holding the Lease, one Ready agent per node whose
-/// container runs `want_agent_arg`. Returns the leader's name.
-fn wait_release_ready(c: &KubeCluster, timeout: Duration, want_agent_arg: &str) -> String {
-    wait_for(c, "CRDs Established", timeout, || {
-        let mut missing = Vec::new();
-        for crd in CRDS {
-            let v = kubectl_json(c, &["get", "crd", crd])?;
-            let ok = v["status"]["conditions"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["type"] == "Established" && c["status"] == "True")
-            });
-            if !ok {
-                missing.push(*crd);
-            }
-        }
-        Ok((
-            missing.is_empty().then_some(()),
-            format!("not Established: {missing:?}"),
-        ))
-    });
-    let nodes: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
-    wait_for(c, "one Ready node agent per node", timeout, || {
-        let pods = kubectl_json(
-            c,
-            &[
-                "-n",
-                NS,
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/component=node",
-            ],
-        )?;
-        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
-        for p in pods["items"].as_array().into_iter().flatten() {
-            let args = p["spec"]["containers"][0]["args"].to_string();
-            if ready(p) && args.contains(want_agent_arg) {
-                *per_node
-                    .entry(p["spec"]["nodeName"].as_str().unwrap_or_default().into())
-                    .or_default() += 1;
-            }
-        }
-        let ds = kubectl_json(c, &["-n", NS, "get", "daemonset", "weft-node"])?;
-        let s = &ds["status"];
-        let done = nodes.iter().all(|n| per_node.get(n) == Some(&1))
-            && s["desiredNumberScheduled"] == nodes.len()
-            && s["numberReady"] == nodes.len()
-            && s["updatedNumberScheduled"] == nodes.len();
-        Ok((
-            done.then_some(()),
-            format!("Ready agents per node {per_node:?}; DaemonSet status {s}"),
-        ))
-    });
-    wait_for(c, "the control plane Ready with a leader", timeout, || {
-        let d = kubectl_json(c, &["-n", NS, "get", "deployment", "weft-control-plane"])?;
-        let want = d["spec"]["replicas"].as_u64().unwrap_or(0);
-        let s = &d["status"];
-        let pods = kubectl_json(
-            c,
-            &[
-                "-n",
-                NS,
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/component=control-plane",
-            ],
-        )?;
-        let ready_pods: Vec<String> = pods["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| ready(p))
-            .map(name_of)
-            .collect();
-        let lease = kubectl_json(c, &["-n", NS, "get", "lease", "weft-control-plane"])
-            .map(|l| {
-                l["spec"]["holderIdentity"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()
-            })
-            .unwrap_or_default();
-        let done = want >= 1
-            && s["readyReplicas"].as_u64() == Some(want)
-            && s["updatedReplicas"].as_u64() == Some(want)
-            && ready_pods.len() as u64 == want
-            && ready_pods.contains(&lease);
-        Ok((
-            done.then(|| lease.clone()),
-            format!("Deployment status {s}; Ready pods {ready_pods:?}; Lease holder {lease:?}"),
-        ))
-    })
-}
-
-/// The agent's `/config_dump` on a node (hostNetwork: its admin port is on the
-/// node's loopback).
-fn config_dump(c: &KubeCluster, node: &str) -> anyhow::Result<Value> {
-    let body = c.node_http_get(node, "http://127.0.0.1:15000/config_dump")?;
-    Ok(serde_json::from_str(&body)?)
-}
 
 /// `kubectl exec` in the client pod until its output contains `want`.
 fn exec_until(c: &KubeCluster, cmd: &[&str], want: &str, timeout: Duration) -> String {
@@ -392,24 +173,9 @@ fn helm_installs_weft_on_a_real_cluster() {
         "weft's two images should have been imported: {:?}",
         c.weft_images
     );
-    // Client-side apply: Helm 4 applies server-side by default, which Kubernetes
-    // 1.20 refuses for weft's CRDs (x-kubernetes-validations is unknown to its
-    // typed schema: "failed to create typed patch object ... field not declared in
-    // schema"); a plain create drops the field.
-    let helm = check(&c, "preparing Helm", Helm::new(&c.kubeconfig(), NS)).client_side();
+    let helm = check(&c, "preparing Helm", weft_e2e::kubeweft::helm(&c));
     let cg2 = check(&c, "the cgroup2 mount", host::cgroup2());
-    // Both nodes share this kernel: each agent attaches to its own node's cgroup
-    // (the kubelet's cgroup root), or it would capture the other node's pods.
-    let values = json!({
-        "logFormat": "text",
-        "controlPlane": {"image": {"pullPolicy": "Never"}},
-        "node": {
-            "image": {"pullPolicy": "Never"},
-            "cgroupRoot": cg2.display().to_string(),
-            "captureCgroup": format!("{}/{}/$(WEFT_NODE_NAME)", cg2.display(), host::CGROUP),
-            "cniWaitSeconds": 60,
-        },
-    });
+    let values = check(&c, "the chart's values", weft_e2e::kubeweft::values());
 
     // 1. Install.
     let t_install = Instant::now();
@@ -731,75 +497,59 @@ fn helm_installs_weft_on_a_real_cluster() {
         .filter(|crd| c.kubectl(&["get", "crd", crd]).is_ok())
         .collect();
     eprintln!("CRDs left after uninstall (Helm never deletes crds/): {crds_left:?}");
+    // The agents saw their release's DaemonSets go and removed what weft put on
+    // their nodes: no program, link, pin, chain entry, binary or state file is left.
     for i in 0..c.nodes.len() {
         let left = c.weft_node_state(i);
-        eprintln!(
-            "{}: weft state left after helm uninstall ({}):\n  {}",
+        assert!(
+            left.is_empty(),
+            "{}: weft state left after helm uninstall:\n  {}\n\n{}",
             c.nodes[i].name,
-            left.len(),
-            left.join("\n  ")
+            left.join("\n  "),
+            diagnostics(&c)
         );
     }
-    // Known (the agent does not clean up on uninstall yet): the pods that were
-    // enrolled, with no agent left. Observed, printed, not asserted.
-    let out = c.kubectl_output(&[
-        "-n",
-        APP_NS,
-        "exec",
-        "client",
-        "--",
-        "timeout",
-        "5",
-        "wget",
-        "-qO-",
-        &format!("http://{cluster_ip}/after-uninstall"),
-    ]);
-    match out {
-        Ok(o) if o.status.success() => {
-            eprintln!("after uninstall: the client still reaches the Service")
-        }
-        Ok(o) => eprintln!(
-            "after uninstall: the client does NOT reach the Service: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => eprintln!("after uninstall: kubectl exec failed: {e:#}"),
-    }
-    let echo_ready = c
-        .kubectl(&[
-            "-n",
-            APP_NS,
-            "get",
-            "pods",
-            "-l",
-            "app=echo",
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}",
-        ])
-        .unwrap_or_else(|e| format!("{e:#}"));
-    eprintln!("after uninstall: echo pods Ready: {echo_ready}");
-    // A new pod with the name of one that was enrolled (the agent's enrollment
-    // hint names it) on the node the chained weft-cni still runs on.
-    let _ = c.kubectl(&["-n", APP_NS, "delete", "pod", "client", "--wait=true"]);
-    let _ = c.apply(&APPS.replace("APP_IMAGE", APP_IMAGE));
-    let sandbox = poll(Duration::from_secs(20), || {
-        let ev = c
-            .kubectl(&[
-                "-n",
-                APP_NS,
-                "get",
-                "events",
-                "--field-selector",
-                "involvedObject.name=client,reason=FailedCreatePodSandBox",
-                "-o",
-                "jsonpath={.items[-1:].message}",
-            ])
-            .ok()?;
-        (!ev.is_empty()).then_some(ev)
+    // The pods that were enrolled keep running and reach each other in plaintext.
+    let out = exec_until(
+        &c,
+        &[
+            "timeout",
+            "5",
+            "wget",
+            "-qO-",
+            &format!("http://{cluster_ip}/after-uninstall"),
+        ],
+        "after-uninstall",
+        Duration::from_secs(30),
+    );
+    eprintln!("after uninstall: the client reaches the Service in plaintext: {out}");
+    wait_for(&c, "the echo pods Ready", Duration::from_secs(30), || {
+        let pods = kubectl_json(&c, &["-n", APP_NS, "get", "pods", "-l", "app=echo"])?;
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let all = items.len() == 2 && items.iter().all(ready);
+        Ok((all.then_some(()), format!("{} echo pods", items.len())))
     });
-    match sandbox {
-        Some(msg) => eprintln!("after uninstall: a new `client` pod cannot start: {msg}"),
-        None => eprintln!("after uninstall: a new `client` pod got its sandbox"),
-    }
+    // A new pod (with the name of one that was enrolled) starts: no chained
+    // weft-cni is left to refuse it.
+    check(
+        &c,
+        "deleting the client",
+        c.kubectl(&["-n", APP_NS, "delete", "pod", "client", "--wait=true"]),
+    );
+    check(
+        &c,
+        "recreating the client",
+        c.apply(&APPS.replace("APP_IMAGE", APP_IMAGE)),
+    );
+    wait_for(
+        &c,
+        "a new client pod Ready",
+        Duration::from_secs(60),
+        || {
+            let p = kubectl_json(&c, &["-n", APP_NS, "get", "pod", "client"])?;
+            Ok((ready(&p).then_some(()), format!("status {}", p["status"])))
+        },
+    );
 
     // Teardown restores the host, weft's node state included.
     let t_down = Instant::now();

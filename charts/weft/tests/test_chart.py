@@ -213,10 +213,48 @@ class ChartTests(unittest.TestCase):
             ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"],
         )
         mounts = {m["name"] for m in node["containers"][0]["volumeMounts"]}
-        self.assertEqual(mounts, {"credentials", "run", "bpffs", "cgroup", "netns"})
+        self.assertEqual(mounts, {"credentials", "run", "bpffs", "cgroup", "netns", "cni-bin", "cni-conf"})
         token = node["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
         self.assertEqual(token["audience"], "weft.dev/control-plane")
         self.assertEqual(node["initContainers"][0]["command"], ["weft-cni", "install"])
+
+    def test_an_agent_change_makes_a_new_daemonset_that_can_run_beside_the_old(self):
+        """The DaemonSet is named after its pod spec: an upgrade that changes the
+        agent makes a new one (Helm deletes the old, whose agents drain), and nothing
+        keeps the two from running on a node at once (no host ports)."""
+        def node_ds(values):
+            return next(d for _, d in render(values) if d["kind"] == "DaemonSet")
+        a, again = node_ds({}), node_ds({})
+        b = node_ds({"node": {"loadBalancing": "round-robin"}})
+        self.assertEqual(a["metadata"]["name"], again["metadata"]["name"], "stable for the same values")
+        self.assertNotEqual(a["metadata"]["name"], b["metadata"]["name"])
+        self.assertTrue(a["metadata"]["name"].startswith("weft-node-"))
+        for ds in (a, b):
+            rev = ds["metadata"]["labels"]["weft.dev/node-revision"]
+            self.assertEqual(ds["spec"]["selector"]["matchLabels"]["weft.dev/node-revision"], rev)
+            self.assertEqual(ds["spec"]["template"]["metadata"]["labels"]["weft.dev/node-revision"], rev)
+            pod = ds["spec"]["template"]["spec"]
+            for c in pod["containers"] + pod["initContainers"]:
+                self.assertNotIn("ports", c, "host ports would keep the successor off the node")
+            self.assertEqual(pod["terminationGracePeriodSeconds"], 30 + 60 + 15)
+            args = pod["containers"][0]["args"]
+            self.assertIn("--successor-wait=30s", args)
+            self.assertIn("--drain-timeout=60s", args)
+            self.assertIn("--release-daemonsets=app.kubernetes.io/instance=weft,app.kubernetes.io/component=node", args)
+
+    def test_node_agents_may_only_read_daemonsets_in_their_namespace(self):
+        docs = render({})
+        roles = [d for _, d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "weft-node"]
+        self.assertEqual(len(roles), 1)
+        self.assertEqual(roles[0]["metadata"]["namespace"], "weft-system")
+        self.assertEqual(
+            roles[0]["rules"],
+            [{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch"]}],
+        )
+        cluster_subjects = [
+            s for _, d in docs if d["kind"] == "ClusterRoleBinding" for s in d["subjects"]
+        ]
+        self.assertNotIn("weft-node", [s["name"] for s in cluster_subjects])
 
     def test_rbac_has_no_wildcards(self):
         for name, values in VARIATIONS.items():

@@ -58,6 +58,22 @@ enum Cmd {
         #[arg(long, default_value_t = 10000)]
         count: usize,
     },
+    /// Traffic through a disruption (an agent roll-out, a crash) against an `echo`
+    /// server: one long-lived connection exchanging a line every interval, and a
+    /// new short connection every interval, for `seconds`. Prints one JSON line:
+    /// `{"new_ok", "new_failed", "long_lived_ok", "long_lived_error",
+    /// "failures": [[ms, error], ...]}` (the first failures, with when they were).
+    Flow {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// No long-lived connection (for a client that must be denied).
+        #[arg(long)]
+        no_long_lived: bool,
+    },
     /// Connect + first byte latency (a new connection each time): prints `p50_us p99_us`.
     Cfb {
         #[arg(long)]
@@ -156,6 +172,91 @@ fn client(
         ));
     }
     Ok(peer.to_string())
+}
+
+/// One exchange with an echo server on `s`: `msg` out, the same back.
+fn exchange(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other(format!(
+            "echoed {:?}, sent {:?}",
+            String::from_utf8_lossy(&back),
+            String::from_utf8_lossy(msg)
+        )));
+    }
+    Ok(())
+}
+
+/// See `Cmd::Flow`.
+fn flow(addr: SocketAddr, seconds: u64, interval_ms: u64, long_lived: bool) -> String {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let interval = Duration::from_millis(interval_ms.max(1));
+    let timeout = Some(Duration::from_secs(2));
+    let failures: Arc<Mutex<Vec<(u128, String)>>> = Arc::default();
+    let fail = {
+        let failures = failures.clone();
+        move |what: String| {
+            let mut f = failures.lock().unwrap_or_else(|p| p.into_inner());
+            if f.len() < 20 {
+                f.push((start.elapsed().as_millis(), what));
+            }
+        }
+    };
+    let long = long_lived.then(|| {
+        let fail = fail.clone();
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .map_err(|e| format!("long-lived connect: {e}"))?;
+            let _ = s.set_nodelay(true);
+            s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+            let mut i = 0u64;
+            while Instant::now() < end {
+                if let Err(e) = exchange(&mut s, format!("ping{i:06}\n").as_bytes()) {
+                    let msg = format!("long-lived connection, exchange {i}: {e}");
+                    fail(msg.clone());
+                    return Err(msg);
+                }
+                i += 1;
+                std::thread::sleep(interval);
+            }
+            Ok(())
+        })
+    });
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut i = 0u64;
+    while Instant::now() < end {
+        let r = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+            s.set_read_timeout(timeout)?;
+            exchange(&mut s, format!("new{i:06}\n").as_bytes())
+        });
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                fail(format!("new connection {i}: {e}"));
+            }
+        }
+        i += 1;
+        std::thread::sleep(interval);
+    }
+    let long = long.map(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err("long-lived thread panicked".into()))
+    });
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    serde_json::json!({
+        "new_ok": ok,
+        "new_failed": failed,
+        "long_lived_ok": long.as_ref().map(|r| r.is_ok()),
+        "long_lived_error": long.and_then(|r| r.err()),
+        "failures": failures,
+    })
+    .to_string()
 }
 
 fn percentiles(mut v: Vec<u128>) -> (f64, f64) {
@@ -290,6 +391,14 @@ fn http_server(listen: SocketAddr) {
 fn main() {
     match Args::parse().cmd {
         Cmd::Http { listen } => http_server(listen),
+        Cmd::Flow {
+            connect,
+            seconds,
+            interval_ms,
+            no_long_lived,
+        } => {
+            println!("{}", flow(connect, seconds, interval_ms, !no_long_lived));
+        }
         Cmd::Echo { listen } => {
             let l = TcpListener::bind(listen).unwrap_or_else(|e| {
                 eprintln!("bind {listen}: {e}");
