@@ -64,14 +64,15 @@ bench: setup plugins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7 -- --pinned --rounds 9 --seconds 2
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7-path -- --instructions
 
-# A real Kubernetes v1.20 cluster on this machine (root; e2e/src/kubecluster.rs),
-# left running in the background: cluster-up prints how to use kubectl with it.
-# The first run builds Kubernetes from Debian's source package (about 25 minutes,
-# cached under ~/.cache/weft/kube). CLUSTER_NODES sets the number of nodes.
+# A real Kubernetes v1.20 cluster on this machine (root; e2e/src/kubecluster.rs)
+# with weft installed by Helm, left running in the background: cluster-up prints how
+# to use kubectl and weftctl with it. The first run builds Kubernetes from Debian's
+# source package (about 11 minutes, cached under ~/.cache/weft/kube). CLUSTER_NODES
+# sets the number of nodes; CLUSTER_ARGS=--no-weft starts Kubernetes alone.
 CLUSTER_NODES ?= 2
-cluster-up:
-	$(CARGO) build -q -p weft-e2e --bin weft-kube-cluster --bin weft-testapp
-	$(CARGO) run -q -p weft-e2e --bin weft-kube-cluster -- up --background --nodes $(CLUSTER_NODES)
+cluster-up: setup
+	$(CARGO) build -q --workspace --bins
+	$(CARGO) run -q -p weft-e2e --bin weft-kube-cluster -- up --background --nodes $(CLUSTER_NODES) $(CLUSTER_ARGS)
 
 cluster-down:
 	$(CARGO) run -q -p weft-e2e --bin weft-kube-cluster -- down

@@ -1,11 +1,15 @@
 //! `weft-kube-cluster`: a real Kubernetes cluster on this machine (the e2e
 //! harness `weft_e2e::kubecluster`), kept running for manual work.
 //!
-//!   weft-kube-cluster up [--nodes N] [--background]   start; Ctrl-C (or `down`) tears down
+//!   weft-kube-cluster up [--nodes N] [--background] [--no-weft]
+//!                                                     start, with weft installed by Helm;
+//!                                                     Ctrl-C (or `down`) tears down
 //!   weft-kube-cluster down                            stop a running cluster, clean the host
 //!   weft-kube-cluster status                          is one running, is anything left over
 //!
 //! `make cluster-up` / `make cluster-down` run `up --background` and `down`.
+
+#![deny(unsafe_code)]
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -33,6 +37,9 @@ enum Cmd {
         /// Do not import target/images/weft-*.oci.tar.
         #[arg(long)]
         no_weft_images: bool,
+        /// Do not install weft (its chart, with real Helm and the local images).
+        #[arg(long)]
+        no_weft: bool,
         /// Return once the cluster is ready, leaving it running in the background
         /// (its output goes to <dir>.log).
         #[arg(long)]
@@ -94,15 +101,26 @@ fn usage(c: &KubeCluster) -> String {
     )
 }
 
-fn up(dir: &Path, nodes: usize, weft_images: bool, background: bool) -> anyhow::Result<()> {
+fn up(
+    dir: &Path,
+    nodes: usize,
+    weft_images: bool,
+    weft: bool,
+    background: bool,
+) -> anyhow::Result<()> {
     if let Some(pid) = running(dir) {
         bail!("a cluster is already running (weft-kube-cluster up, PID {pid}); stop it with `weft-kube-cluster down`");
     }
     if background {
-        return up_in_background(dir, nodes, weft_images);
+        return up_in_background(dir, nodes, weft_images, weft);
+    }
+    let weft_images = weft_images || weft;
+    if weft {
+        weft_e2e::kubeweft::prepare_images().context("building weft's images")?;
     }
     // SIGINT/SIGTERM set a flag; the cluster is torn down below, not by the signal.
     // SAFETY: the handler only stores to an atomic.
+    #[allow(unsafe_code)]
     unsafe {
         let h = nix::sys::signal::SigHandler::Handler(on_signal);
         nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, h)?;
@@ -114,8 +132,18 @@ fn up(dir: &Path, nodes: usize, weft_images: bool, background: bool) -> anyhow::
         weft_images,
     })?;
     std::fs::write(pid_file(dir), std::process::id().to_string())?;
+    if weft {
+        if let Err(e) = install_weft(&c) {
+            let _ = c.teardown();
+            let _ = std::fs::remove_file(pid_file(dir));
+            return Err(e);
+        }
+    }
     std::fs::write(dir.join("ready"), "")?;
     print!("{}", usage(&c));
+    if weft {
+        print!("{}", weft_usage(&c));
+    }
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -127,7 +155,46 @@ fn up(dir: &Path, nodes: usize, weft_images: bool, background: bool) -> anyhow::
     Ok(())
 }
 
-fn up_in_background(dir: &Path, nodes: usize, weft_images: bool) -> anyhow::Result<()> {
+/// Installs weft's chart with real Helm and waits until it is Ready.
+fn install_weft(c: &KubeCluster) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let helm = weft_e2e::kubeweft::helm(c)?;
+    let values = weft_e2e::kubeweft::values()?;
+    let leader = weft_e2e::kubeweft::install(c, &helm, &values, "--capture");
+    eprintln!(
+        "weft installed and Ready in {:.1} s (leader {leader})",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn weft_usage(c: &KubeCluster) -> String {
+    let weftctl = weft_e2e::bin_path("weftctl")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "weftctl".into());
+    format!(
+        "
+weft is installed (Helm release `weft` in weft-system, chart charts/weft):
+         
+  kubectl -n weft-system get pods -o wide         
+  {weftctl} check --kubeconfig {kc}         
+  kubectl create namespace demo && kubectl label namespace demo weft.dev/mesh=enabled         
+  kubectl -n demo create deployment echo --image={app} -- weft-testapp http --listen 0.0.0.0:8080         
+  kubectl -n demo expose deployment echo --port 80 --target-port 8080         
+  kubectl -n demo run client --image={app} --image-pull-policy=Never -- sleep 36000         
+  kubectl -n demo exec client -- wget -qO- http://echo.demo/hello
+         
+New pods need imagePullPolicy: Never (the images are imported, there is no registry);         
+`kubectl create deployment` sets IfNotPresent, which works for imported images too.         
+Each agent's admin endpoint is 127.0.0.1:15000 in its node's network namespace         
+(nsenter --net=/run/netns/weft-kube-node-1 curl -s 127.0.0.1:15000/config_dump).
+",
+        kc = c.kubeconfig().display(),
+        app = kubecluster::APP_IMAGE,
+    )
+}
+
+fn up_in_background(dir: &Path, nodes: usize, weft_images: bool, weft: bool) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let log = log_file(dir);
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -138,8 +205,12 @@ fn up_in_background(dir: &Path, nodes: usize, weft_images: bool) -> anyhow::Resu
     if !weft_images {
         cmd.arg("--no-weft-images");
     }
+    if !weft {
+        cmd.arg("--no-weft");
+    }
     // SAFETY: setsid is async-signal-safe; the child leaves the caller's session so
     // that the terminal's Ctrl-C does not reach it.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
@@ -227,8 +298,9 @@ fn main() {
         Cmd::Up {
             nodes,
             no_weft_images,
+            no_weft,
             background,
-        } => up(&args.dir, nodes, !no_weft_images, background),
+        } => up(&args.dir, nodes, !no_weft_images, !no_weft, background),
         Cmd::Down => down(&args.dir),
         Cmd::Status => status(&args.dir),
     };
