@@ -172,26 +172,30 @@ fn weft_usage(c: &KubeCluster) -> String {
     let weftctl = weft_e2e::bin_path("weftctl")
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "weftctl".into());
-    format!(
-        "
-weft is installed (Helm release `weft` in weft-system, chart charts/weft):
-         
-  kubectl -n weft-system get pods -o wide         
-  {weftctl} check --kubeconfig {kc}         
-  kubectl create namespace demo && kubectl label namespace demo weft.dev/mesh=enabled         
-  kubectl -n demo create deployment echo --image={app} -- weft-testapp http --listen 0.0.0.0:8080         
-  kubectl -n demo expose deployment echo --port 80 --target-port 8080         
-  kubectl -n demo run client --image={app} --image-pull-policy=Never -- sleep 36000         
-  kubectl -n demo exec client -- wget -qO- http://echo.demo/hello
-         
-New pods need imagePullPolicy: Never (the images are imported, there is no registry);         
-`kubectl create deployment` sets IfNotPresent, which works for imported images too.         
-Each agent's admin endpoint is 127.0.0.1:15000 in its node's network namespace         
-(nsenter --net=/run/netns/weft-kube-node-1 curl -s 127.0.0.1:15000/config_dump).
-",
-        kc = c.kubeconfig().display(),
-        app = kubecluster::APP_IMAGE,
-    )
+    let app = kubecluster::APP_IMAGE;
+    let kc = c.kubeconfig().display().to_string();
+    let lines = [
+        String::new(),
+        "weft is installed (Helm release `weft` in weft-system, chart charts/weft):".into(),
+        String::new(),
+        "  kubectl -n weft-system get pods -o wide".into(),
+        format!("  {weftctl} check --kubeconfig {kc}"),
+        "  kubectl create namespace demo && kubectl label namespace demo weft.dev/mesh=enabled"
+            .into(),
+        format!(
+            "  kubectl -n demo create deployment echo --image={app} -- weft-testapp http --listen 0.0.0.0:8080"
+        ),
+        "  kubectl -n demo expose deployment echo --port 80 --target-port 8080".into(),
+        format!("  kubectl -n demo run client --image={app} --image-pull-policy=Never -- sleep 36000"),
+        "  kubectl -n demo exec client -- wget -qO- http://echo.demo/hello".into(),
+        String::new(),
+        "There is no registry: the images are imported on every node (pull policies".into(),
+        "IfNotPresent and Never both work). Each agent's admin endpoint is 127.0.0.1:15000".into(),
+        "in its node's network namespace:".into(),
+        "  nsenter --net=/run/netns/weft-kube-node-1 curl -s 127.0.0.1:15000/config_dump".into(),
+        String::new(),
+    ];
+    lines.join("\n")
 }
 
 fn up_in_background(dir: &Path, nodes: usize, weft_images: bool, weft: bool) -> anyhow::Result<()> {
