@@ -156,12 +156,7 @@ impl Helm {
         values: &Value,
         timeout: Duration,
     ) -> anyhow::Result<Value> {
-        let chart = chart.display().to_string();
-        let secs = timeout.as_secs().to_string();
-        let mut args = vec!["install", release, "--chart", &chart, "--timeout", &secs];
-        let apply = self.apply_args();
-        args.extend(apply.iter().map(String::as_str));
-        self.call(&args, Some(values))
+        self.release_action("install", release, chart, values, timeout)
     }
 
     /// `helm upgrade <release> <chart>` with these values (not reused ones).
@@ -172,9 +167,20 @@ impl Helm {
         values: &Value,
         timeout: Duration,
     ) -> anyhow::Result<Value> {
+        self.release_action("upgrade", release, chart, values, timeout)
+    }
+
+    fn release_action(
+        &self,
+        action: &str,
+        release: &str,
+        chart: &Path,
+        values: &Value,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
         let chart = chart.display().to_string();
         let secs = timeout.as_secs().to_string();
-        let mut args = vec!["upgrade", release, "--chart", &chart, "--timeout", &secs];
+        let mut args = vec![action, release, "--chart", &chart, "--timeout", &secs];
         let apply = self.apply_args();
         args.extend(apply.iter().map(String::as_str));
         self.call(&args, Some(values))

@@ -1,5 +1,5 @@
 //! A real Kubernetes API server on loopback: Debian's etcd plus kube-apiserver
-//! v1.20.2 built from Debian's source package (`e2e/kube/build-apiserver.sh`,
+//! v1.20.2 built from Debian's source package (`e2e/kube/build-kube.sh`,
 //! cached under ~/.cache/weft/kube). No controller-manager, scheduler or kubelet:
 //! tests create Pods with `spec.nodeName` and patch `status.podIP` themselves, and
 //! mint ServiceAccount tokens with TokenRequest.
@@ -9,8 +9,8 @@
 //! both processes are killed by PID and the directory removed on drop.
 
 use crate::process::{free_port, wait_until, Proc};
-use anyhow::{bail, Context};
-use std::path::{Path, PathBuf};
+use anyhow::bail;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -26,25 +26,9 @@ pub struct KubeApi {
     starts: u32,
 }
 
-/// Builds (once, cached) the kube-apiserver binary and returns its path.
+/// Builds (once, cached) the Kubernetes binaries and returns kube-apiserver's path.
 pub fn apiserver_binary() -> anyhow::Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/build-apiserver.sh");
-    let out = Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}); see its output above",
-            script.display(),
-            out.status
-        );
-    }
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    if !path.is_file() {
-        bail!("{} printed {path:?}, not a file", script.display());
-    }
-    Ok(path)
+    Ok(crate::kubecluster::kube_binaries()?.join("kube-apiserver"))
 }
 
 impl KubeApi {

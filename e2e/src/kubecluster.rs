@@ -260,17 +260,8 @@ fn lock(timeout: Duration) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
 
 /// Calls `f` every 250 ms until it returns `Some` or `timeout` passes (kubectl
 /// and ctr are whole processes: polling them faster only costs CPU).
-pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+pub fn poll<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    crate::process::poll_every(Duration::from_millis(250), timeout, f)
 }
 
 /// The last `n` lines of a file.

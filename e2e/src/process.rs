@@ -170,8 +170,17 @@ impl Drop for Proc {
     }
 }
 
-/// Polls `f` until it returns `Some` or `timeout` passes.
-pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_every(Duration::from_millis(20), timeout, f)
+}
+
+/// Calls `f` every `interval` until it returns `Some` or `timeout` passes.
+pub fn poll_every<T>(
+    interval: Duration,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let end = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -180,7 +189,7 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
         if Instant::now() > end {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
     }
 }
 

@@ -335,20 +335,10 @@ async fn release_code_pages(
 
 const STARTUP_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// A TCP listener that another process may bind too (`SO_REUSEPORT`): a successor
-/// agent starts while this one still runs.
+/// A TCP listener that a successor agent may bind too (see
+/// [`crate::netns::shared_listener`]).
 fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(s.into())
+    tokio::net::TcpListener::from_std(crate::netns::shared_listener(addr)?)
 }
 
 /// Once the pods are captured, writes this agent's PID to `path` (see

@@ -84,26 +84,9 @@ impl PodNetns {
         })?
     }
 
-    /// A listening TCP socket bound inside the namespace.
+    /// A listening TCP socket bound inside the namespace (see [`shared_listener`]).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        self.run(move || {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            s.set_reuse_address(true)?;
-            // A successor agent binds the same ports while this one drains
-            // (docs/operations.md, "Upgrades").
-            s.set_reuse_port(true)?;
-            if addr.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.bind(&addr.into())?;
-            s.listen(1024)?;
-            s.set_nonblocking(true)?;
-            Ok(s.into())
-        })?
+        self.run(move || shared_listener(addr))?
     }
 
     /// Lets connections waiting in a closing listener's queue move to another
@@ -132,6 +115,27 @@ impl PodNetns {
         })
         .await?
     }
+}
+
+/// A non-blocking listening TCP socket on `addr` in the calling thread's network
+/// namespace, which another process may bind too (`SO_REUSEPORT`): a successor
+/// agent binds the same ports while this one drains (docs/kubernetes.md,
+/// "Upgrades").
+pub fn shared_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 const SO_NETNS_COOKIE: libc::c_int = 71;
