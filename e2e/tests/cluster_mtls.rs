@@ -411,6 +411,18 @@ mod refusals {
                 Ok(421),
                 "CONNECT to a workload whose identity the listener did not present"
             );
+            // CONNECT to the proxy's own ports: refused (proxied, it would come back
+            // into the same listener, again and again).
+            for port in [15006, 15008] {
+                let r = try_connect(
+                    &prober,
+                    target,
+                    good.clone(),
+                    &format!("{server_ip}:{port}"),
+                )
+                .await;
+                assert_eq!(r, Ok(403), "CONNECT to the proxy's port {port}");
+            }
             // And the client refuses a server that is not the identity it expects.
             let expect_other = weft_node_dataplane::testing::client_config(
                 &svid(client_id, &mesh_ca, &bundle),

@@ -73,6 +73,8 @@ fn proxy_counters(s: &AdminState) -> serde_json::Value {
     };
     let c = &p.counters;
     serde_json::json!({
+        "open_connections": c.open.load(Relaxed),
+        "refused_over_capacity": c.over_capacity.load(Relaxed),
         "hbone_out": c.hbone_out.load(Relaxed),
         "hbone_in": c.hbone_in.load(Relaxed),
         "hbone_in_denied": c.hbone_in_denied.load(Relaxed),

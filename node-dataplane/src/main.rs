@@ -12,7 +12,7 @@ use weft_runtime::logging::{self, LogFormat};
 
 /// weft node agent.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "weft-node", version, about)]
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "WEFT_LOG_FORMAT")]
     log_format: LogFormat,
@@ -118,6 +118,10 @@ struct RunArgs {
     /// Service load balancing: least-conn (power of two choices) or round-robin.
     #[arg(long, value_enum, default_value_t = weft_node_dataplane::LbPolicy::LeastConn)]
     lb: weft_node_dataplane::LbPolicy,
+    /// Connections the proxy holds at most (more are refused at once) [default: as
+    /// many as half the open-file limit allows, at most 100,000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
     /// Close pooled HBONE connections idle this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     hbone_idle_timeout: std::time::Duration,
@@ -190,6 +194,7 @@ impl RunArgs {
                     lb: self.lb,
                     hbone_idle: self.hbone_idle_timeout,
                     http1_head_timeout: self.http1_head_timeout,
+                    max_connections: self.max_connections.unwrap_or_else(default_max_connections),
                     access_log: AccessLogSettings {
                         enabled: self.access_log == Toggle::On,
                         rate: self.access_log_rate,
@@ -237,9 +242,34 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static MALLOC_CONF: &[u8; 60] =
     b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
+/// Raises the soft open-file limit to the hard one (a proxied connection holds two
+/// descriptors, and the default soft limit is often 1,024); returns the limit.
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard {
+                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                    tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+                    return soft;
+                }
+            }
+            hard
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// Room for two descriptors per connection, and some for everything else.
+fn default_max_connections() -> u64 {
+    let limit = raise_open_file_limit();
+    (limit.saturating_sub(512) / 2).clamp(64, 100_000)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    raise_open_file_limit();
     let worker_threads = cli.worker_threads;
     let settings = match cli.command {
         Command::Uninstall { bpf_dir } => {

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 pub struct NodeCounters {
     /// Connections the proxy holds now (a draining agent waits for 0).
     pub open: AtomicU64,
+    /// Connections refused because the proxy held its maximum already.
+    pub over_capacity: AtomicU64,
     pub hbone_out: AtomicU64,
     pub hbone_in: AtomicU64,
     pub hbone_in_denied: AtomicU64,

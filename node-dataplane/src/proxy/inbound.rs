@@ -26,6 +26,11 @@ pub async fn serve(listener: tokio::net::TcpListener, owner: LocalPod, state: Ar
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
+        if state.over_capacity() {
+            super::copy::reset_on_close(&tcp);
+            tracing::debug!(%peer, "HBONE connection refused: the proxy holds its maximum");
+            continue;
+        }
         let (owner, state) = (owner.clone(), state.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_conn(tcp, peer, &owner, &state).await {
@@ -140,6 +145,9 @@ fn handle(
     if target.workload.spiffe_id != served_id {
         tracing::info!(%dst, peer = %peer_id, target = %target.workload.spiffe_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
         return refuse(respond, http::StatusCode::MISDIRECTED_REQUEST);
+    }
+    if state.over_capacity() {
+        return refuse(respond, http::StatusCode::SERVICE_UNAVAILABLE);
     }
     let record = ConnRecord::inbound_hbone(state.clone(), peer, peer_id.to_string(), dst);
     let conn = InboundConn::new(

@@ -67,6 +67,19 @@ impl InboundConn {
     /// request when it is parsed as HTTP). A denial is counted and logged here; the
     /// caller refuses the connection.
     pub(crate) fn authorize(mut self) -> Result<Admitted, Decision> {
+        if super::ports::is_proxy_port(self.dst.port()) {
+            // Proxied, it would come back to this listener, and again.
+            let d = Decision {
+                allowed: false,
+                policy: None,
+                rule: None,
+                audited: Vec::new(),
+                reason: "the proxy's own port is never a destination",
+            };
+            self.record.decided(&d);
+            tracing::debug!(peer = %self.peer, dst = %self.dst, "connection to a proxy port refused");
+            return Err(d);
+        }
         let workload = &self.target.workload;
         let plan = self.state.l7_plan(workload, self.dst.port());
         let attrs = Attributes {

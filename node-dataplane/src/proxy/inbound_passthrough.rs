@@ -25,6 +25,11 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
+        if state.over_capacity() {
+            reset_on_close(&conn);
+            tracing::debug!(%peer, "inbound connection refused: the proxy holds its maximum");
+            continue;
+        }
         let mut record = ConnRecord::inbound_plaintext(Some(state.clone()), stats.clone(), peer);
         let dst = match conn.local_addr() {
             Ok(a) => a,

@@ -32,6 +32,11 @@ pub async fn serve(listener: tokio::net::TcpListener, ob: Arc<Outbound>) {
                 continue;
             }
         };
+        if ob.mesh.as_ref().is_some_and(|(s, _)| s.over_capacity()) {
+            super::copy::reset_on_close(&conn);
+            tracing::debug!(%peer, "outbound connection refused: the proxy holds its maximum");
+            continue;
+        }
         let ob = ob.clone();
         let state = ob.mesh.as_ref().map(|(s, _)| s.clone());
         let mut record = ConnRecord::outbound(state, ob.stats.clone());
@@ -119,6 +124,10 @@ async fn forward(
     let local = conn.local_addr()?;
     let orig = original_dst(&conn, local.is_ipv6())?;
     record.original_destination(orig);
+    if super::ports::is_proxy_port(orig.port()) {
+        super::copy::reset_on_close(&conn);
+        anyhow::bail!("{orig}: the proxy's own port is never a destination");
+    }
     let Some((state, source)) = &ob.mesh else {
         let (a, b) = passthrough(conn, ob, orig, record).await?;
         record.bytes(a, b);

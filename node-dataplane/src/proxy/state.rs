@@ -41,6 +41,8 @@ pub struct ProxyState {
     pub(crate) access_log: super::access_log::AccessLog,
     /// See [`ProxyOptions::http1_head_timeout`].
     pub(crate) http1_head_timeout: std::time::Duration,
+    /// See [`ProxyOptions::max_connections`].
+    max_connections: u64,
     /// Cancelled when the agent drains before it exits: HBONE sessions then tell
     /// their clients to open new connections elsewhere (HTTP/2 GOAWAY).
     pub(crate) draining: tokio_util::sync::CancellationToken,
@@ -57,6 +59,10 @@ pub struct ProxyOptions {
     pub hbone_idle: std::time::Duration,
     /// An HTTP/1 request head must arrive whole this long after its first bytes.
     pub http1_head_timeout: std::time::Duration,
+    /// Connections the proxy holds at most; more are refused at once, so that no
+    /// client (nor a loop) can take the agent's file descriptors from the node's
+    /// other pods.
+    pub max_connections: u64,
     pub access_log: super::access_log::AccessLogSettings,
 }
 
@@ -75,6 +81,7 @@ impl ProxyState {
             certs,
             mark: opts.mark,
             http1_head_timeout: opts.http1_head_timeout,
+            max_connections: opts.max_connections,
             access_log,
             pool: HbonePool::new(opts.hbone_idle),
             local: LocalPods::default(),
@@ -87,6 +94,17 @@ impl ProxyState {
             plugins,
             draining: Default::default(),
         })
+    }
+
+    /// Whether the proxy holds its maximum of connections: a new one must be
+    /// refused (counted).
+    pub(crate) fn over_capacity(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let full = self.counters.open.load(Relaxed) >= self.max_connections;
+        if full {
+            self.counters.over_capacity.fetch_add(1, Relaxed);
+        }
+        full
     }
 
     /// Counts an authorization decision.
@@ -258,6 +276,7 @@ pub fn test_state_with(
         hbone_idle: std::time::Duration::from_secs(60),
         http1_head_timeout: std::time::Duration::from_secs(30),
         access_log: Default::default(),
+        max_connections: 100_000,
     };
     f(&mut opts);
     let metrics = Arc::new(crate::metrics::Metrics::new());
