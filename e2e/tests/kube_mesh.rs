@@ -38,8 +38,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use weft_e2e::kubecluster::{KubeCluster, APP_IMAGE};
-use weft_e2e::kubeweft::{check, config_dump, kubectl_json, name_of, wait_for};
+use weft_e2e::kubecluster::{poll, KubeCluster, APP_IMAGE};
+use weft_e2e::kubeweft::{config_dump, kubectl_json, name_of};
 use weft_e2e::Proc;
 
 const MESH: &str = "mesh";
@@ -272,6 +272,38 @@ spec:
 
 fn diagnostics(c: &KubeCluster) -> String {
     weft_e2e::kubeweft::diagnostics_of(c, &[MESH, PLAIN, MODULES])
+}
+
+/// `kubeweft::check` with this test's namespaces in the diagnostics.
+fn check<T>(c: &KubeCluster, what: &str, r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}\n\n{}", diagnostics(c)))
+}
+
+/// `kubeweft::wait_for` with this test's namespaces in the diagnostics: polls `f`
+/// (`Ok(Some)` when done, `Ok(None)`/`Err` to retry, with the state it saw).
+fn wait_for<T>(
+    c: &KubeCluster,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
+) -> T {
+    let mut last = String::new();
+    let r = poll(timeout, || match f() {
+        Ok((v, state)) => {
+            last = state;
+            v
+        }
+        Err(e) => {
+            last = format!("{e:#}");
+            None
+        }
+    });
+    r.unwrap_or_else(|| {
+        panic!(
+            "{what}: not within {timeout:?}; last: {last}\n\n{}",
+            diagnostics(c)
+        )
+    })
 }
 
 /// A running pod: name, node, IP.
@@ -746,9 +778,11 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             .filter(|p| p.node == *node)
             .map(|p| format!("{MESH}/{}", p.name))
             .collect();
-        let want_ids: BTreeSet<String> = ["server", "client", "other"]
-            .iter()
-            .map(|sa| spiffe(sa))
+        // Each meshed Deployment runs as the ServiceAccount named after it.
+        let want_ids: BTreeSet<String> = mesh
+            .keys()
+            .filter(|(_, n)| n == node)
+            .map(|(app, _)| spiffe(app))
             .collect();
         let (pods, ids, _) = wait_for(
             &c,
@@ -900,19 +934,23 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         "the unmeshed client's traffic was tunnelled: {plain_to_hbone:?}"
     );
     assert_eq!(
-        secret_seen, 0,
-        "the meshed client's text crossed {node_b}'s eth0 in plaintext"
+        secret_seen,
+        0,
+        "the meshed client's text crossed {node_b}'s eth0 in plaintext\n\n{}",
+        diagnostics(&c)
     );
     assert!(
         !handshakes.is_empty(),
-        "no TLS handshake to {}:15008 on {node_b}'s eth0; packets to :15008: {to_hbone:?}",
-        server_b.ip
+        "no TLS handshake to {}:15008 on {node_b}'s eth0; packets to :15008: {to_hbone:?}\n\n{}",
+        server_b.ip,
+        diagnostics(&c)
     );
     assert!(
         to_app.is_empty(),
-        "meshed traffic reached {}:{TCP_PORT} on the wire: {:?}",
+        "meshed traffic reached {}:{TCP_PORT} on the wire: {:?}\n\n{}",
         server_b.ip,
-        to_app.iter().take(5).collect::<Vec<_>>()
+        to_app.iter().take(5).collect::<Vec<_>>(),
+        diagnostics(&c)
     );
 
     // 3. Policies and the plugin. The module is served inside the cluster (busybox
@@ -1021,7 +1059,12 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             diagnostics(&c)
         );
         let (ok, out) = send_text(&c, MESH, &other.name, &tcp, "denied", 1);
-        assert!(!ok, "{} -> {tcp} should be denied: {out}", other.name);
+        assert!(
+            !ok,
+            "{} -> {tcp} should be denied: {out}\n\n{}",
+            other.name,
+            diagnostics(&c)
+        );
         eprintln!("{node} -> {peer}: client allowed at L4; other refused: {out}");
         let g = |who: &Pod, path: &str| {
             check(
@@ -1046,8 +1089,9 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             assert_eq!(
                 status_body(&r),
                 (want_status, want_body),
-                "{} -> http://{http}{path}: {r}",
-                who.name
+                "{} -> http://{http}{path}: {r}\n\n{}",
+                who.name,
+                diagnostics(&c)
             );
             // The plugin adds its header to the responses it sees: the application's
             // and its own local replies. (weft's own 403 ends the plugins' run
@@ -1076,7 +1120,12 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             "/private",
         ),
     );
-    assert_eq!(status_body(&r), (403, "RBAC: access denied".into()), "{r}");
+    assert_eq!(
+        status_body(&r),
+        (403, "RBAC: access denied".into()),
+        "{r}\n\n{}",
+        diagnostics(&c)
+    );
     let r = check(
         &c,
         "GET /public through the Service",
@@ -1088,7 +1137,12 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             "/public",
         ),
     );
-    assert_eq!(status_body(&r), (200, "GET /public".into()), "{r}");
+    assert_eq!(
+        status_body(&r),
+        (200, "GET /public".into()),
+        "{r}\n\n{}",
+        diagnostics(&c)
+    );
 
     // 4. Metrics: every node saw the flows from the other node's pods.
     for node in &nodes {
@@ -1165,51 +1219,20 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         assert!(replies >= 1.0, "{node}: plugin\n{}", all());
     }
 
-    // Who was refused, from the agents' access logs: the other ServiceAccount, from
-    // the other node's pod.
-    let mut names: BTreeMap<String, String> = mesh
-        .values()
-        .chain(plain.values())
-        .map(|p| (p.ip.clone(), p.name.clone()))
-        .collect();
-    for n in &c.nodes {
-        names.insert(n.ip.clone(), format!("{} (the node)", n.name));
-    }
-    for (node, peer) in [(&node_a, &node_b), (&node_b, &node_a)] {
-        let d = denials(&c, node, &names);
-        eprintln!(
-            "{node}: denials in the access log:\n  {}",
-            d.iter()
-                .map(|(k, v)| format!("{v} x {k}"))
-                .collect::<Vec<_>>()
-                .join("\n  ")
-        );
-        let other = pod(&mesh, "other", peer);
-        let want = format!("{} [{}]: connection refused", other.name, spiffe("other"));
-        assert!(
-            d.keys().any(|k| k.starts_with(&want)),
-            "{node}: no access log record of {peer}'s {} refused: {d:?}",
-            other.name
-        );
-    }
-
     // 5. The unmeshed pods: in no agent's enrolled pods, no SVID for them, and
-    // their traffic is not tunnelled even to a meshed server, whose agent refuses
-    // it (the namespace rule needs a mesh identity).
+    // their traffic is not tunnelled, not even to a meshed server, whose agent
+    // refuses it at once: no request from outside the mesh can match the
+    // namespace rule (docs/policy.md: a connection no request could pass is
+    // refused before the first request).
     let before_a = check(&c, "config_dump", config_dump(&c, &node_a));
-    let r = check(
-        &c,
-        "the unmeshed client -> the meshed server",
-        get(
-            &c,
-            PLAIN,
-            &plain_client.name,
-            &format!("{}:{HTTP_PORT}", server_b.ip),
-            "/public/z",
-        ),
-    );
-    assert_eq!(status_body(&r), (403, "RBAC: access denied".into()), "{r}");
+    let server_b_http = format!("{}:{HTTP_PORT}", server_b.ip);
+    let refused = get(&c, PLAIN, &plain_client.name, &server_b_http, "/public/z");
     let after_a = check(&c, "config_dump", config_dump(&c, &node_a));
+    assert!(
+        refused.is_err(),
+        "the unmeshed client reached the meshed server's {server_b_http}: {refused:?}\n\n{}",
+        diagnostics(&c)
+    );
     for k in ["hbone_out", "plaintext_out"] {
         assert_eq!(
             proxy_counter(&after_a, k),
@@ -1218,8 +1241,8 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         );
     }
     eprintln!(
-        "unmeshed client ({node_a}) -> meshed server {}:{HTTP_PORT} ({node_b}): {} {:?}, not proxied by {node_a}'s agent",
-        server_b.ip, r["status"], r["body"]
+        "unmeshed client ({node_a}) -> meshed server {server_b_http} ({node_b}): refused ({:#}); {node_a}'s agent proxied none of it",
+        refused.err().unwrap_or_else(|| anyhow::anyhow!("-"))
     );
     for node in &nodes {
         let m = metrics(&c, node);
@@ -1251,6 +1274,88 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             ids.iter()
                 .all(|i| i.starts_with(&format!("spiffe://cluster.local/ns/{MESH}/"))),
             "{node}: {ids:?}"
+        );
+    }
+
+    // What the kubelet's probes meet (printed, not asserted): they come from the
+    // node's bridge address, outside the mesh, so an ALLOW policy refuses them,
+    // and a TCP connect to an enrolled pod reaches the agent's inbound listener
+    // whatever the port.
+    let server_a = pod(&mesh, "server", &node_a);
+    let http_probe = c
+        .in_node(
+            &node_a,
+            "curl",
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                &format!("http://{}:{HTTP_PORT}/public/probe", server_a.ip),
+            ],
+        )
+        .map_or_else(|e| format!("{e:#}"), |code| format!("HTTP {code}"));
+    let closed_port = c
+        .in_node(
+            &node_a,
+            "timeout",
+            &[
+                "3",
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{}/7777", server_a.ip),
+            ],
+        )
+        .map_or_else(|e| format!("not connected: {e:#}"), |_| "connected".into());
+    eprintln!(
+        "from {node_a}'s network namespace, as the kubelet's probes: GET http://{}:{HTTP_PORT}/public/probe -> {}; TCP connect to {}:7777 (nothing listens there) -> {}",
+        server_a.ip,
+        http_probe.trim(),
+        server_a.ip,
+        closed_port.trim()
+    );
+
+    // Who was refused, from the agents' access logs: the other ServiceAccount, from
+    // the other node's pod (and, printed, everything else refused).
+    let mut names: BTreeMap<String, String> = mesh
+        .values()
+        .chain(plain.values())
+        .map(|p| (p.ip.clone(), p.name.clone()))
+        .collect();
+    for n in &c.nodes {
+        names.insert(n.ip.clone(), format!("{} (the node)", n.name));
+        // The pod bridge's address (the first of the node's pod CIDR): the kubelet's
+        // probes come from it.
+        if let Some(base) = n
+            .pod_cidr
+            .split('/')
+            .next()
+            .and_then(|b| b.strip_suffix(".0"))
+        {
+            names.insert(
+                format!("{base}.1"),
+                format!("{}'s pod bridge (kubelet)", n.name),
+            );
+        }
+    }
+    for (node, peer) in [(&node_a, &node_b), (&node_b, &node_a)] {
+        let d = denials(&c, node, &names);
+        eprintln!(
+            "{node}: denials in the access log:\n  {}",
+            d.iter()
+                .map(|(k, v)| format!("{v} x {k}"))
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
+        let other = pod(&mesh, "other", peer);
+        let want = format!("{} [{}]: connection refused", other.name, spiffe("other"));
+        assert!(
+            d.keys().any(|k| k.starts_with(&want)),
+            "{node}: no access log record of {peer}'s {} refused: {d:?}",
+            other.name
         );
     }
 
