@@ -835,7 +835,21 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{netns}"))
             .args([
-                "--", "tcpdump", "-U", "-n", "-B", "16384", "-s", "0", "-i", "eth0", "-w",
+                "--",
+                "tcpdump",
+                // Each packet handed over and written at once: with the default
+                // block timeout, a capture shorter than a second may end with its
+                // packets still in the kernel ("0 packets captured").
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-B",
+                "16384",
+                "-s",
+                "0",
+                "-i",
+                "eth0",
+                "-w",
             ])
             .arg(&pcap)
             .arg("tcp"),
@@ -891,8 +905,16 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         "none of {sent} connections from {node_a} to {mesh_addr} reached {node_b}\n{}",
         series(&metrics(&c, &node_b), "weft_tcp_connections_opened_total")
     );
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     dump.terminate();
+    // tcpdump's own count at exit: "N packets captured", "M packets received by
+    // filter", "K packets dropped by kernel".
+    let dump_stats = dump
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("packets"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let capture_secs = t_capture.elapsed().as_secs_f64();
     let bytes = std::fs::read(&pcap).unwrap_or_else(|e| panic!("reading {}: {e}", pcap.display()));
     let packets = |f: &str| check(&c, "reading the capture", pcap_packets(&pcap, f));
@@ -903,6 +925,15 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         server_b.ip
     ));
     let to_hbone = packets(&format!("tcp dst port 15008 and dst host {}", server_b.ip));
+    // TCP payload towards :15008 (tcpdump's "length N"): the encrypted text must
+    // be in the capture, or its absence would prove nothing.
+    let hbone_bytes: u64 = to_hbone
+        .iter()
+        .filter_map(|l| {
+            l.rsplit_once("length ")
+                .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+        })
+        .sum();
     let to_app = packets(&format!("tcp port {TCP_PORT} and host {}", server_b.ip));
     let plain_to_app = packets(&format!(
         "tcp dst port {TCP_PORT} and dst host {}",
@@ -910,7 +941,7 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
     ));
     let plain_to_hbone = packets(&format!("tcp port 15008 and host {}", plain_client.ip));
     eprintln!(
-        "capture on {node_b} eth0 ({} bytes, {:.1} s): meshed client -> {mesh_addr}: {sent} connections, {crossed} to {node_b}'s replica; {} packets to {}:15008 ({} TLS handshake records: {:?}), {} to its :{TCP_PORT}, the secret text {secret_seen} times; unmeshed client -> {plain_addr}: {} packets to {}:{TCP_PORT}, its text {clear_seen} times",
+        "capture on {node_b} eth0 ({} bytes, {:.1} s; {dump_stats}): meshed client -> {mesh_addr}: {sent} connections, {crossed} to {node_b}'s replica; {} packets to {}:15008 ({hbone_bytes} bytes of TCP payload; {} TLS handshake records: {:?}), {} to its :{TCP_PORT}, the secret text {secret_seen} times; unmeshed client -> {plain_addr}: {} packets to {}:{TCP_PORT}, its text {clear_seen} times",
         bytes.len(),
         capture_secs,
         to_hbone.len(),
@@ -944,6 +975,12 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         "no TLS handshake to {}:15008 on {node_b}'s eth0; packets to :15008: {to_hbone:?}\n\n{}",
         server_b.ip,
         diagnostics(&c)
+    );
+    let payload = crossed as u64 * 65536;
+    assert!(
+        hbone_bytes >= payload,
+        "the capture holds {hbone_bytes} bytes towards {}:15008, less than the {payload} the client sent there ({dump_stats})",
+        server_b.ip
     );
     assert!(
         to_app.is_empty(),
