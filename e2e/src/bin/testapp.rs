@@ -5,6 +5,8 @@
 //! `client --connect ADDR --bytes N [--parallel P]`: sends N deterministic bytes on
 //! each of P connections, half-closes, checks the server's SHA-256, and prints
 //! `peer=<getpeername>` and `ok` (exit 1 on any mismatch).
+//! `get --connect ADDR --path P`: one HTTP/1.1 GET, printed as JSON (status,
+//! headers, body), for images whose busybox wget shows no body for an error status.
 
 #![forbid(unsafe_code)]
 

@@ -525,24 +525,6 @@ fn names_path(text: &str, dir: &str) -> bool {
         })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::names_path;
-
-    #[test]
-    fn names_the_path_not_its_prefix() {
-        let d = "/tmp/weft-kube";
-        assert!(names_path("etcd --data-dir=/tmp/weft-kube/etcd", d));
-        assert!(names_path("kubelet --root-dir /tmp/weft-kube", d));
-        assert!(names_path("x /tmp/weft-kube/ y", d));
-        assert!(!names_path("etcd --data-dir=/tmp/weft-kube-g3GGvb/etcd", d));
-        assert!(!names_path("tail /tmp/weft-kube.log", d));
-        assert!(!names_path("cat /tmp/weft-kube_x", d));
-        assert!(names_path("a /tmp/weft-kube-x/b /tmp/weft-kube/c", d));
-        assert!(!names_path("anything", ""));
-    }
-}
-
 /// Everything of a cluster still on the host, one line each (empty: nothing).
 /// `baseline` is the host before the start; without one, only objects with the
 /// cluster's names are listed (no sysctls, iptables chains or fixed host paths).
@@ -688,4 +670,22 @@ pub fn clean(dir: &Path, baseline: Option<&Baseline>) -> Vec<String> {
         }
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_path;
+
+    #[test]
+    fn names_the_path_not_its_prefix() {
+        let d = "/tmp/weft-kube";
+        assert!(names_path("etcd --data-dir=/tmp/weft-kube/etcd", d));
+        assert!(names_path("kubelet --root-dir /tmp/weft-kube", d));
+        assert!(names_path("x /tmp/weft-kube/ y", d));
+        assert!(!names_path("etcd --data-dir=/tmp/weft-kube-g3GGvb/etcd", d));
+        assert!(!names_path("tail /tmp/weft-kube.log", d));
+        assert!(!names_path("cat /tmp/weft-kube_x", d));
+        assert!(names_path("a /tmp/weft-kube-x/b /tmp/weft-kube/c", d));
+        assert!(!names_path("anything", ""));
+    }
 }
