@@ -5,6 +5,8 @@
 //! `client --connect ADDR --bytes N [--parallel P]`: sends N deterministic bytes on
 //! each of P connections, half-closes, checks the server's SHA-256, and prints
 //! `peer=<getpeername>` and `ok` (exit 1 on any mismatch).
+//! `get --connect ADDR --path P`: one HTTP/1.1 GET, printed as JSON (status,
+//! headers, body), for images whose busybox wget shows no body for an error status.
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,18 @@ enum Cmd {
     Http {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// One HTTP/1.1 request (`Connection: close`) to `connect`; prints one JSON line
+    /// `{"status", "headers": {lower-case name: value}, "body"}`, or exits 1 with
+    /// the error (busybox wget shows no body for an error status).
+    Get {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The Host header (default: the address).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Echo server: writes back whatever it reads.
     Echo {
@@ -259,6 +273,76 @@ fn flow(addr: SocketAddr, seconds: u64, interval_ms: u64, long_lived: bool) -> S
     .to_string()
 }
 
+/// See `Cmd::Get`.
+fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<serde_json::Value, String> {
+    use std::time::Duration;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: weft-testapp\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    // The head, then the body: Content-Length bytes, or up to EOF.
+    let (head_len, mut want) = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            break (i + 4, len);
+        }
+        let n = s
+            .read(&mut chunk)
+            .map_err(|e| format!("read (after {:?}): {e}", String::from_utf8_lossy(&buf)))?;
+        if n == 0 {
+            return Err(format!(
+                "connection closed before a response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    loop {
+        if want.is_some_and(|w| buf.len() >= head_len + w) {
+            break;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                want = want.map(|w| w.min(buf.len() - head_len));
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("reading the body: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..head_len - 4]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = serde_json::Map::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().into());
+        }
+    }
+    let end = want.map_or(buf.len(), |w| head_len + w);
+    Ok(serde_json::json!({
+        "status": status,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&buf[head_len..end]),
+    }))
+}
+
 fn percentiles(mut v: Vec<u128>) -> (f64, f64) {
     v.sort_unstable();
     let at = |p: f64| {
@@ -399,6 +483,17 @@ fn main() {
         } => {
             println!("{}", flow(connect, seconds, interval_ms, !no_long_lived));
         }
+        Cmd::Get {
+            connect,
+            path,
+            host,
+        } => match http_get(connect, &path, &host.unwrap_or_else(|| connect.to_string())) {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                eprintln!("get http://{connect}{path}: {e}");
+                std::process::exit(1)
+            }
+        },
         Cmd::Echo { listen } => {
             let l = TcpListener::bind(listen).unwrap_or_else(|e| {
                 eprintln!("bind {listen}: {e}");

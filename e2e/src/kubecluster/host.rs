@@ -502,12 +502,27 @@ fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
         }
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&needle) {
+            if names_path(&cmd, &needle) {
                 out.push((pid, cmd.trim().to_string()));
             }
         }
     }
     out
+}
+
+/// Whether `text` names the path `dir` or something under it: `dir` not followed
+/// by more of a file name, so `/tmp/weft-kube` is not found in the
+/// `/tmp/weft-kube-XXXXXX` directories of other harnesses (`kubeapi`'s API
+/// servers, which may run meanwhile).
+fn names_path(text: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    !dir.is_empty()
+        && text.match_indices(dir).any(|(i, _)| {
+            text[i + dir.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        })
 }
 
 /// Everything of a cluster still on the host, one line each (empty: nothing).
@@ -655,4 +670,22 @@ pub fn clean(dir: &Path, baseline: Option<&Baseline>) -> Vec<String> {
         }
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_path;
+
+    #[test]
+    fn names_the_path_not_its_prefix() {
+        let d = "/tmp/weft-kube";
+        assert!(names_path("etcd --data-dir=/tmp/weft-kube/etcd", d));
+        assert!(names_path("kubelet --root-dir /tmp/weft-kube", d));
+        assert!(names_path("x /tmp/weft-kube/ y", d));
+        assert!(!names_path("etcd --data-dir=/tmp/weft-kube-g3GGvb/etcd", d));
+        assert!(!names_path("tail /tmp/weft-kube.log", d));
+        assert!(!names_path("cat /tmp/weft-kube_x", d));
+        assert!(names_path("a /tmp/weft-kube-x/b /tmp/weft-kube/c", d));
+        assert!(!names_path("anything", ""));
+    }
 }
