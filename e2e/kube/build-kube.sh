@@ -123,7 +123,7 @@ cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.s "$vend/" 2>/dev/null 
 find "$vend" -maxdepth 1 -name '*_test.go' -delete
 
 what=$(printf 'cmd/%s ' "${bins[@]}")
-log "building ${bins[*]} (about 25 minutes on 2 cores)"
+log "building ${bins[*]} (6 to 11 minutes on 2 cores)"
 export PATH="/usr/lib/go-1.19/bin:$PATH"
 export GOFLAGS=-mod=vendor GOCACHE="$work/gocache" GOPATH="$work/gopath"
 # Run from `cargo test` under `make test`, this script inherits OUT_DIR (cargo sets

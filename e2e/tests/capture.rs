@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_e2e::netlab::{require_root, Lab, PrivateBpffs};
 use weft_node_dataplane::testing::PodNetns;
-use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions};
+use weft_node_dataplane::testing::{cgroup, Capture, CaptureOptions, Inbound};
 use weft_node_dataplane::testing::{serve_outbound_plain, OutboundStats};
 
 const MARK: u32 = 0x5746;
@@ -354,4 +354,68 @@ fn live_link_ids() -> Vec<u32> {
         .filter_map(Result::ok)
         .map(|l| l.id())
         .collect()
+}
+
+/// Inbound capture (sk_lookup) of an enrolled pod: IPv4 from outside goes to the
+/// proxy's plaintext listener; IPv6, which the proxy does not listen on, is dropped.
+/// It used to pass, reaching the application with no policy check at all.
+#[test]
+fn ipv6_inbound_to_an_enrolled_pod_is_dropped_never_let_through() {
+    require_root();
+    let mut lab = Lab::new("7");
+    let client = lab.netns("client").unwrap();
+    let pod = lab.netns("pod").unwrap();
+    lab.link(&client, "10.201.7.1/24", &pod, "10.201.7.2/24")
+        .unwrap();
+    lab.add_ipv6(2, &client, "fd00:7::1/64", &pod, "fd00:7::2/64")
+        .unwrap();
+    let app = weft_e2e::bin_path("weft-testapp").unwrap();
+    let (v4, v6) = ("10.201.7.2:8080", "[fd00:7::2]:8080");
+    for listen in [v4, v6] {
+        lab.spawn_in(&pod, &app, &["server", "--listen", listen])
+            .unwrap();
+    }
+    let timeout = std::path::Path::new("timeout");
+    let app_s = app.to_string_lossy().into_owned();
+    let reaches = |dst: &str| {
+        Lab::run_in(
+            &client,
+            timeout,
+            &["3", &app_s, "client", "--connect", dst, "--bytes", "16"],
+        )
+        .map(|r| r.0)
+        .unwrap_or(false)
+    };
+    for dst in [v4, v6] {
+        let up = weft_e2e::wait_until(Duration::from_secs(5), || reaches(dst).then_some(()));
+        assert!(up.is_some(), "{dst} not reachable before enrollment");
+    }
+    let bpffs = PrivateBpffs::new().unwrap();
+    let pin_dir = bpffs
+        .path()
+        .join(format!("weft-test-7-{}", std::process::id()));
+    let _pins = Pins(pin_dir.clone(), bpffs);
+    let mut inbound = Inbound::load(&pin_dir).unwrap();
+    let podns = PodNetns::open(Lab::netns_path(&pod)).unwrap();
+    let plain = podns.listen("0.0.0.0:15006".parse().unwrap()).unwrap();
+    inbound
+        .enroll(
+            std::path::Path::new(&Lab::netns_path(&pod)),
+            "10.201.7.2".parse().unwrap(),
+            &plain,
+        )
+        .unwrap();
+    // IPv4: steered to the proxy's listener (which this test does not serve, so the
+    // client waits for an answer that never comes), never to the application.
+    assert!(!reaches(v4), "IPv4 reached the application directly");
+    plain
+        .accept()
+        .expect("the IPv4 connection went to the proxy's plaintext listener");
+    // IPv6: dropped.
+    assert!(!reaches(v6), "IPv6 reached the enrolled pod's application");
+    // Un-enrolled, both reach the application again.
+    inbound.unenroll("10.201.7.2".parse().unwrap()).unwrap();
+    for dst in [v4, v6] {
+        assert!(reaches(dst), "{dst} after un-enrolling");
+    }
 }

@@ -7,6 +7,11 @@
  * and the proxy's ports, loopback, and connections from the pod's own IP (the
  * proxy's hop to the application). If the pod is enrolled but its listener is
  * gone (agent down), the connection is dropped: fail closed.
+ *
+ * IPv6 is not captured yet (the proxy listens on IPv4), so an IPv6 connection
+ * from outside the pod is dropped rather than let through unauthorized: the
+ * program is attached only to enrolled pods' namespaces. Loopback, the pod's own
+ * address and the proxy's ports are left alone as for IPv4.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -16,6 +21,7 @@
 #include "weft_maps.h"
 
 #define AF_INET 2
+#define AF_INET6 10
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -52,13 +58,29 @@ static __always_inline struct weft_inbound_stats *istats(__u32 ip)
 	return bpf_map_lookup_elem(&weft_inbound_stats_map, &ip);
 }
 
+static __always_inline int ipv6_inbound(struct bpf_sk_lookup *ctx)
+{
+	__u32 l0 = ctx->local_ip6[0], l1 = ctx->local_ip6[1];
+	__u32 l2 = ctx->local_ip6[2], l3 = ctx->local_ip6[3];
+	if (!l0 && !l1 && !l2 && l3 == bpf_htonl(1))
+		return SK_PASS; /* ::1 */
+	if (l0 == ctx->remote_ip6[0] && l1 == ctx->remote_ip6[1] &&
+	    l2 == ctx->remote_ip6[2] && l3 == ctx->remote_ip6[3])
+		return SK_PASS; /* from the pod itself */
+	return SK_DROP;
+}
+
 SEC("sk_lookup")
 int weft_inbound(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP || ctx->family != AF_INET)
+	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 	__u32 port = ctx->local_port;
 	if (port == WEFT_HBONE_PORT || port == WEFT_INBOUND_PLAIN_PORT || port == WEFT_OUTBOUND_PORT)
+		return SK_PASS;
+	if (ctx->family == AF_INET6)
+		return ipv6_inbound(ctx);
+	if (ctx->family != AF_INET)
 		return SK_PASS;
 	__u32 local = ctx->local_ip4;
 	if ((bpf_ntohl(local) >> 24) == 127 || ctx->remote_ip4 == local)

@@ -56,7 +56,7 @@ pub mod testing {
     pub use crate::certs::{zeroizing::Secret, WorkloadCert};
     pub use crate::cni::plugin::ips_of;
     pub use crate::control::subscription::run_forever as subscribe;
-    pub use crate::ebpf::{cgroup, Capture, CaptureOptions};
+    pub use crate::ebpf::{cgroup, Capture, CaptureOptions, Inbound};
     pub use crate::fields::Fields;
     pub use crate::metrics::Metrics;
     pub use crate::netns::PodNetns;
