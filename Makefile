@@ -84,7 +84,9 @@ hot-text: setup plugins
 	rm -rf target/hot-text-profile
 	WEFT_WORKER_THREADS=1 target/release/weft-bench-l7 --rounds 1 --seconds 10 --pinned --profile target/hot-text-profile
 	python3 node-dataplane/link/gen-hot-text.py --agent-profile target/hot-text-profile/*.perf.data
-	$(CARGO) build --release -p weft-node-dataplane --bin weft-node
+	# The same command as above (and as make images and make bench): another one
+	# unifies features differently, which renames the generic code the layout names.
+	$(CARGO) build --release --workspace --bins
 	python3 node-dataplane/link/check-hot-text.py
 
 clean:
