@@ -159,6 +159,17 @@ pub fn wait_for<T>(
     c: &KubeCluster,
     what: &str,
     timeout: Duration,
+    f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
+) -> T {
+    wait_for_in(c, &[], what, timeout, f)
+}
+
+/// [`wait_for`], with the pods and events of `app_namespaces` in the diagnostics.
+pub fn wait_for_in<T>(
+    c: &KubeCluster,
+    app_namespaces: &[&str],
+    what: &str,
+    timeout: Duration,
     mut f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
 ) -> T {
     let mut last = String::new();
@@ -175,7 +186,7 @@ pub fn wait_for<T>(
     r.unwrap_or_else(|| {
         panic!(
             "{what}: not within {timeout:?}; last: {last}\n\n{}",
-            diagnostics(c)
+            diagnostics_of(c, app_namespaces)
         )
     })
 }

@@ -35,10 +35,12 @@ fn connect(c: &LocalCluster, pod: &str, dst: &str) -> bool {
     .unwrap_or(false)
 }
 
-#[test]
-fn the_proxys_own_ports_are_refused_as_destinations_from_anywhere() {
+/// Two nodes: `mesh/server` (a server on 8080) on node-b, `mesh/client` and
+/// `plain/outsider` (not in the mesh) on node-a, agents run with `agent_args`.
+/// Returns the cluster and the server's IP once both mesh pods are enrolled.
+fn mesh(agent_args: &[&str]) -> (LocalCluster, String) {
     require_root();
-    let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+    let mut c = LocalCluster::with_args(&["node-a", "node-b"], &[], agent_args).unwrap();
     c.namespace("mesh", true).unwrap();
     c.namespace("plain", false).unwrap();
     let ip = c.add_pod("mesh", "server", "node-b", &[]).unwrap();
@@ -52,6 +54,12 @@ fn the_proxys_own_ports_are_refused_as_destinations_from_anywhere() {
     .unwrap();
     c.wait_enrolled("node-b", "mesh/server").unwrap();
     c.wait_enrolled("node-a", "mesh/client").unwrap();
+    (c, ip)
+}
+
+#[test]
+fn the_proxys_own_ports_are_refused_as_destinations_from_anywhere() {
+    let (c, ip) = mesh(&[]);
     let app_port = format!("{ip}:8080");
     assert!(
         wait_until(Duration::from_secs(10), || connect(
@@ -122,20 +130,7 @@ fn the_proxys_own_ports_are_refused_as_destinations_from_anywhere() {
 
 #[test]
 fn connections_beyond_the_maximum_are_refused_and_the_rest_go_on() {
-    require_root();
-    let mut c =
-        LocalCluster::with_args(&["node-a", "node-b"], &[], &["--max-connections", "2"]).unwrap();
-    c.namespace("mesh", true).unwrap();
-    let ip = c.add_pod("mesh", "server", "node-b", &[]).unwrap();
-    c.add_pod("mesh", "client", "node-a", &[]).unwrap();
-    c.spawn_app(
-        "mesh/server",
-        &app(),
-        &["server", "--listen", &format!("{ip}:8080")],
-    )
-    .unwrap();
-    c.wait_enrolled("node-b", "mesh/server").unwrap();
-    c.wait_enrolled("node-a", "mesh/client").unwrap();
+    let (mut c, ip) = mesh(&["--max-connections", "2"]);
     let dst = format!("{ip}:8080");
     assert!(
         wait_until(Duration::from_secs(10), || connect(&c, "mesh/client", &dst)

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use weft_e2e::helm::chart_dir;
 use weft_e2e::kubecluster::{KubeCluster, APP_IMAGE};
 use weft_e2e::kubeweft::{
-    check, config_dump, kubectl_json, name_of, wait_for, wait_release_ready, NS, RELEASE,
+    check, config_dump, kubectl_json, name_of, wait_release_ready, NS, RELEASE,
 };
 
 const APP_NS: &str = "apps";
@@ -103,6 +103,16 @@ spec:
 
 fn diagnostics(c: &KubeCluster) -> String {
     weft_e2e::kubeweft::diagnostics_of(c, &[APP_NS, OUT_NS])
+}
+
+/// `kubeweft::wait_for` with this test's namespaces in the diagnostics.
+fn wait_for<T>(
+    c: &KubeCluster,
+    what: &str,
+    timeout: Duration,
+    f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
+) -> T {
+    weft_e2e::kubeweft::wait_for_in(c, &[APP_NS, OUT_NS], what, timeout, f)
 }
 
 /// The result of `weft-testapp flow` (see there).

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use weft_e2e::kubecluster::{poll, KubeCluster, APP_IMAGE};
+use weft_e2e::kubecluster::{KubeCluster, APP_IMAGE};
 use weft_e2e::kubeweft::{config_dump, kubectl_json, name_of};
 use weft_e2e::Proc;
 
@@ -285,25 +285,9 @@ fn wait_for<T>(
     c: &KubeCluster,
     what: &str,
     timeout: Duration,
-    mut f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
+    f: impl FnMut() -> anyhow::Result<(Option<T>, String)>,
 ) -> T {
-    let mut last = String::new();
-    let r = poll(timeout, || match f() {
-        Ok((v, state)) => {
-            last = state;
-            v
-        }
-        Err(e) => {
-            last = format!("{e:#}");
-            None
-        }
-    });
-    r.unwrap_or_else(|| {
-        panic!(
-            "{what}: not within {timeout:?}; last: {last}\n\n{}",
-            diagnostics(c)
-        )
-    })
+    weft_e2e::kubeweft::wait_for_in(c, &[MESH, PLAIN, MODULES], what, timeout, f)
 }
 
 /// A running pod: name, node, IP.
