@@ -143,18 +143,8 @@ fn counter(dump: &Value, name: &str) -> u64 {
 fn helm_installs_weft_on_a_real_cluster() {
     weft_e2e::netlab::require_root();
     let t0 = Instant::now();
-    // Kubernetes and the run-time packages first (images/build needs umoci).
-    kubecluster::kube_binaries().unwrap_or_else(|e| panic!("building Kubernetes: {e:#}"));
-    // weft's images, from the binaries this test runs with.
-    let bin_dir = weft_e2e::bin_path("weft-node")
-        .and_then(|p| {
-            p.parent()
-                .map(|d| d.to_path_buf())
-                .ok_or_else(|| anyhow::anyhow!("{} has no parent", p.display()))
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let archives = kubecluster::ensure_weft_images(&bin_dir, "debug")
-        .unwrap_or_else(|e| panic!("building weft's images: {e:#}"));
+    let archives = weft_e2e::kubeweft::prepare_images()
+        .unwrap_or_else(|e| panic!("building Kubernetes and weft's images: {e:#}"));
     eprintln!(
         "weft images: {archives:?} ({:.1} s)",
         t0.elapsed().as_secs_f64()

@@ -309,7 +309,6 @@ fn pods_join_and_leave_without_restarts_and_agent_rolls_and_crashes_fail_closed(
             c.wait_pods_ready(ns, sel, n, Duration::from_secs(120)),
         );
     }
-    let target = format!("echo.{APP_NS}.svc.cluster.local:{ECHO_PORT}");
     let cluster_ip = check(
         &c,
         "the Service's ClusterIP",
@@ -323,11 +322,7 @@ fn pods_join_and_leave_without_restarts_and_agent_rolls_and_crashes_fail_closed(
             "jsonpath={.spec.clusterIP}",
         ]),
     );
-    let target = if cluster_ip.is_empty() {
-        target
-    } else {
-        format!("{cluster_ip}:{ECHO_PORT}")
-    };
+    let target = format!("{cluster_ip}:{ECHO_PORT}");
     let before_weft = app_pods(&c);
     let f = flow(&c, APP_NS, "client", &target, 3, true);
     assert!(f.new_ok > 0 && f.new_failed == 0, "before weft: {f:?}");

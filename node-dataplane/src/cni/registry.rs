@@ -12,7 +12,7 @@ pub struct PodRegistry {
     pods: Mutex<BTreeMap<String, Sandbox>>,
     /// Pods (`namespace/name`) whose sandbox the CNI plugin deleted: being torn
     /// down, so never to be found again by discovery while they still exist.
-    deleted: Mutex<std::collections::HashSet<String>>,
+    deleted: Mutex<std::collections::HashSet<(String, String)>>,
     changed: watch::Sender<u64>,
 }
 
@@ -60,7 +60,7 @@ impl PodRegistry {
             self.deleted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(format!("{}/{}", s.pod_namespace, s.pod_name));
+                .insert((s.pod_namespace.clone(), s.pod_name.clone()));
         }
         self.persist();
         r
@@ -68,18 +68,17 @@ impl PodRegistry {
 
     /// Whether the CNI plugin deleted a sandbox of pod `namespace/name`.
     pub fn was_deleted(&self, namespace: &str, name: &str) -> bool {
-        self.deleted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&format!("{namespace}/{name}"))
+        let deleted = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
+        // Nearly always empty: no allocation for the lookup in the common case.
+        !deleted.is_empty() && deleted.contains(&(namespace.to_string(), name.to_string()))
     }
 
-    /// Forgets the deleted pods that `exists` says are gone.
-    pub fn forget_deleted(&self, exists: impl Fn(&str) -> bool) {
+    /// Forgets the deleted pods that `exists(namespace, name)` says are gone.
+    pub fn forget_deleted(&self, exists: impl Fn(&str, &str) -> bool) {
         self.deleted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|k| exists(k));
+            .retain(|(ns, name)| exists(ns, name));
     }
 
     pub fn get(&self, container_id: &str) -> Option<Sandbox> {

@@ -173,10 +173,10 @@ impl PodManager {
                 _ => {}
             }
         }
-        self.registry.forget_deleted(|pod| {
+        self.registry.forget_deleted(|ns, name| {
             snap.workloads
                 .values()
-                .any(|w| w.node == node && format!("{}/{}", w.namespace, w.name) == pod)
+                .any(|w| w.node == node && w.namespace == ns && w.name == name)
         });
         let missing = self.discovery.is_some()
             && snap.workloads.iter().any(|(k, w)| {

@@ -92,11 +92,16 @@ where
     // Accepting streams also drives the connection; each stream runs in its own task.
     // When the agent drains, GOAWAY tells the client to open new streams elsewhere
     // (its successor), and the streams already open go on until they end.
+    // One wait for the drain per session, not one per accept: `accept` is polled on
+    // every frame of the connection.
+    let draining = state.draining.cancelled();
+    tokio::pin!(draining);
     let mut going_away = false;
     loop {
         let stream = tokio::select! {
+            biased;
             s = conn.accept() => s,
-            _ = state.draining.cancelled(), if !going_away => {
+            _ = &mut draining, if !going_away => {
                 going_away = true;
                 conn.graceful_shutdown();
                 continue;
