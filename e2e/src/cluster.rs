@@ -83,6 +83,8 @@ pub struct LocalCluster {
     cgroup_root: PathBuf,
     fabric_worker: Option<PodNetns>,
     namespaces: BTreeMap<String, bool>,
+    /// Sandboxes created so far (a retried pod gets a new one).
+    pod_seq: usize,
     cp_args: Vec<String>,
     agent_args: Vec<String>,
     /// The nodes' pins live in this cluster's own bpffs instance.
@@ -124,6 +126,7 @@ impl LocalCluster {
             cgroup_root,
             fabric_worker: None,
             namespaces: BTreeMap::new(),
+            pod_seq: 0,
             cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             bpffs: crate::netlab::PrivateBpffs::new()?,
@@ -512,7 +515,8 @@ impl LocalCluster {
         let n = self.nodes.get(node).context("no such node")?;
         let (node_ns, index, node_dir, node_cg) =
             (n.netns.clone(), n.index, n.dir.clone(), n.cgroup.clone());
-        let seq = self.pods.len();
+        self.pod_seq += 1;
+        let seq = self.pod_seq;
         let netns = format!("wf{}-p{seq}", self.id);
         self.add_netns(&netns)?;
         let cgroup = node_cg.join("pods").join(format!("{namespace}-{name}"));
@@ -545,6 +549,7 @@ impl LocalCluster {
             pod.container_id
         );
         let mut prev: Option<Value> = None;
+        let mut added = 0;
         for conf in &plugins {
             let mut conf = conf.clone();
             conf["cniVersion"] = json!("1.0.0");
@@ -552,8 +557,23 @@ impl LocalCluster {
             if let Some(p) = &prev {
                 conf["prevResult"] = p.clone();
             }
-            let out = cni_exec(&node_ns, &conf, "ADD", &pod.container_id, &netns, &args)?;
-            prev = Some(out);
+            match cni_exec(&node_ns, &conf, "ADD", &pod.container_id, &netns, &args) {
+                Ok(out) => prev = Some(out),
+                Err(e) => {
+                    // As a runtime does with a sandbox whose network failed: DEL what
+                    // was added (reverse order), drop the sandbox; the caller may retry.
+                    for conf in plugins[..=added].iter().rev() {
+                        let mut conf = conf.clone();
+                        conf["cniVersion"] = json!("1.0.0");
+                        conf["name"] = json!("podnet");
+                        let _ = cni_exec(&node_ns, &conf, "DEL", &pod.container_id, &netns, &args);
+                    }
+                    let _ = ip(&["netns", "del", &netns]);
+                    self.netns.retain(|n| n != &netns);
+                    return Err(e.context(format!("CNI ADD of pod {namespace}/{name}")));
+                }
+            }
+            added += 1;
         }
         let result = prev.context("empty CNI chain")?;
         pod.ip = weft_node_dataplane::testing::ips_of(&result)

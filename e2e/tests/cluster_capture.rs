@@ -290,6 +290,66 @@ fn agent_restart_fails_closed_and_recovers_within_a_second_of_readiness() {
     assert_clean(footprint);
 }
 
+/// Issue 27, item 1: a pod of an enrolled namespace created while its node's agent
+/// is down must not run outside the mesh. The CNI ADD fails ("try again later") until
+/// the agent is back; the retried ADD returns only once the pod's capture is in
+/// place, and a client the pod's policy denies stays denied.
+#[test]
+fn a_pod_created_while_its_agent_is_down_starts_only_enrolled() {
+    let mut c = cluster();
+    c.write_manifest(
+        "policy-late.yaml",
+        r#"apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: late-only-mesh-client, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: late}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/mesh/sa/client"]}}]
+"#,
+    )
+    .unwrap();
+    c.kill_agent("node-a");
+    let err = c
+        .add_pod("mesh", "late", "node-a", &[("app", "late")])
+        .expect_err("a pod of an enrolled namespace started while its agent was down");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("\"code\":11") && err.contains("mesh/late"),
+        "{err}"
+    );
+    // A pod of a namespace known to be outside the mesh still starts.
+    c.add_pod("plain", "other", "node-a", &[]).unwrap();
+
+    c.start_agent("node-a").unwrap();
+    c.wait_agent_ready("node-a", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log("node-a")));
+    // The kubelet retries the sandbox: now the ADD succeeds, and only once the
+    // pod is captured.
+    let ip = c
+        .add_pod("mesh", "late", "node-a", &[("app", "late")])
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log("node-a")));
+    assert!(
+        c.enrolled_pod("node-a", "mesh/late").is_some(),
+        "the ADD returned before the pod was enrolled\n{}",
+        c.agent_log("node-a")
+    );
+    let dst = format!("{ip}:8080");
+    c.spawn_app("mesh/late", &app(), &["server", "--listen", &dst])
+        .unwrap();
+    c.wait_reachable("mesh/client", &dst).unwrap();
+    let args = ["client", "--connect", dst.as_str(), "--bytes", "64"];
+    for _ in 0..3 {
+        let (ok, _, _) = c.run_app("plain/client", &app(), &args).unwrap();
+        assert!(!ok, "a client the policy denies reached the late pod");
+    }
+    assert!(c.run_app("mesh/client", &app(), &args).unwrap().0);
+    let footprint = c.footprint();
+    drop(c);
+    assert_clean(footprint);
+}
+
 #[test]
 fn teardown_removes_everything_even_with_a_stray_process_left_in_a_pod() {
     require_root();

@@ -46,6 +46,9 @@ pub struct CaptureSettings {
     /// node DaemonSets. When none is left at shutdown, weft is being uninstalled and
     /// the agent removes what it put on the node ([`crate::lifecycle`]).
     pub release: Option<(String, String)>,
+    /// The agent's own namespace: its pods start without waiting for the control
+    /// plane (weft's own components are never in the mesh).
+    pub own_namespace: Option<String>,
     /// The CNI bin and configuration directories as mounted in the agent, for the
     /// uninstall to take weft-cni out of them.
     pub cni_dirs: Option<(PathBuf, PathBuf)>,
@@ -134,15 +137,6 @@ pub async fn start(
         )));
         let sock = crate::cni::server::bind(&c.cni_socket)
             .with_context(|| format!("binding the CNI socket {}", c.cni_socket.display()))?;
-        let cfg = config.clone();
-        let node = s.node.clone();
-        let enrolled: crate::cni::server::EnrolledFn = Arc::new(move |ns: &str, name: &str| {
-            cfg.snapshot()
-                .workloads
-                .values()
-                .any(|w| w.enrolled && w.node == node && w.namespace == ns && w.name == name)
-        });
-        tokio::spawn(crate::cni::server::serve(sock, registry.clone(), enrolled));
         let ready = Arc::new(AtomicBool::new(false));
         let map = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
         let proxy = crate::proxy::state::ProxyState::new(
@@ -175,18 +169,28 @@ pub async fn start(
             scraped.push(p.clone());
         }
         metrics.scrape.attach(scraped);
+        let hint_path = c.cni_socket.parent().map(|d| d.join("enrollment.json"));
         let manager = crate::pods::PodManager {
             proxy,
             config: config.clone(),
             registry,
             capture,
             inbound,
-            hint_path: c.cni_socket.parent().map(|d| d.join("enrollment.json")),
+            hint_path: hint_path.clone(),
             pods: map.clone(),
             ready: ready.clone(),
             discovery: c.discover_pods.then(crate::pods::Discovery::default),
+            own_namespace: c.own_namespace.clone(),
+            hint: std::sync::Mutex::new(crate::pods::PodManager::load_hint(hint_path.as_deref())),
+            changed: tokio::sync::watch::channel(0).0,
         };
         let manager = Arc::new(manager);
+        tokio::spawn(crate::cni::server::serve(
+            sock,
+            manager.registry.clone(),
+            manager.clone(),
+            crate::cni::server::ADD_WAIT,
+        ));
         manager_for_shutdown = Some(manager.clone());
         pod_task = Some(tokio::spawn(manager.run()));
         dataplane_ready = Some(ready);

@@ -95,7 +95,8 @@ struct RunArgs {
     /// agent removes its eBPF programs, its CNI chain entry and its state.
     #[arg(long, env = "WEFT_RELEASE_DAEMONSETS")]
     release_daemonsets: Option<String>,
-    /// The agent's namespace (Kubernetes mode).
+    /// The agent's namespace (Kubernetes mode). Its pods are never held back by
+    /// the CNI plugin (they must start before the control plane is reachable).
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     namespace: String,
     /// The host's CNI bin directory as mounted in the agent (for the uninstall).
@@ -181,6 +182,7 @@ impl RunArgs {
                 cni_socket: self.cni_socket,
                 state_dir: self.state_dir,
                 discover_pods: self.discover_pods == Toggle::On,
+                own_namespace: Some(self.namespace.clone()),
                 release: self
                     .release_daemonsets
                     .map(|sel| (self.namespace.clone(), sel)),

@@ -42,6 +42,12 @@ impl PodRegistry {
     }
 
     pub fn add(&self, s: Sandbox) {
+        // A new sandbox of a pod whose earlier one was deleted (a retried ADD): the
+        // pod is alive again.
+        self.deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(s.pod_namespace.clone(), s.pod_name.clone()));
         self.with(|m| m.insert(s.container_id.clone(), s));
         self.persist();
     }

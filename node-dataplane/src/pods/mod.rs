@@ -72,6 +72,14 @@ pub struct PodManager {
     /// Where to look for enrolled pods the CNI plugin never reported
     /// ([`discover`]); `None`: only the CNI plugin's reports count.
     pub discovery: Option<Discovery>,
+    /// The agent's own namespace (weft's release): its pods are never in the mesh
+    /// and must start even before the control plane is reachable.
+    pub own_namespace: Option<String>,
+    /// The last hint written (or, before the first sync, read back from the file):
+    /// what the CNI socket falls back on for pods the control plane has not described.
+    pub hint: Mutex<EnrollmentHint>,
+    /// Bumped after every reconcile: enrollment may have changed.
+    pub changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Where [`discover`] looks: the host's `/proc` and the runtime's directories of
@@ -215,6 +223,7 @@ impl PodManager {
         if snap.synced {
             self.ready.store(true, Ordering::Release);
         }
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
         missing
     }
 
@@ -376,21 +385,97 @@ impl PodManager {
         tracing::info!(pod = %format!("{}/{}", p.sandbox.pod_namespace, p.sandbox.pod_name), "pod un-enrolled: listeners closed");
     }
 
+    /// Reads back the hint an earlier run wrote (bounded; a bad file counts as none).
+    pub fn load_hint(path: Option<&std::path::Path>) -> EnrollmentHint {
+        use std::io::Read;
+        let mut text = String::new();
+        path.and_then(|p| std::fs::File::open(p).ok())
+            .and_then(|f| f.take(16 << 20).read_to_string(&mut text).ok())
+            .and_then(|_| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    /// Writes what the CNI plugin falls back on when the agent is unreachable. Only
+    /// from a view in sync with the control plane: an agent that restarted and has
+    /// not synced yet keeps the last hint rather than an empty one.
     fn write_hint(&self, snap: &crate::config::StoreSnapshot, node: &str) {
+        if !snap.synced {
+            return;
+        }
+        let hint = hint_of(snap.workloads.values(), node, self.own_namespace.as_deref());
+        {
+            let mut last = Self::lock(&self.hint);
+            if *last == hint {
+                return;
+            }
+            *last = hint.clone();
+        }
         let Some(path) = &self.hint_path else { return };
-        let hint = EnrollmentHint {
-            enrolled_pods: snap
-                .workloads
-                .values()
-                .filter(|w| w.enrolled && w.node == node)
-                .map(|w| format!("{}/{}", w.namespace, w.name))
-                .collect(),
-        };
         let tmp = path.with_extension("tmp");
         let text = serde_json::to_string(&hint).unwrap_or_default();
         if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the CNI enrollment hint");
         }
+    }
+}
+
+/// The enrollment hint from the workloads known: this node's enrolled pods, and per
+/// namespace whether its new pods are enrolled (some pod of it is; or some pod that
+/// neither opted out nor uses the host network is not). The agent's own namespace
+/// is outside the mesh.
+fn hint_of<'a>(
+    workloads: impl Iterator<Item = &'a Arc<pb::Workload>>,
+    node: &str,
+    own_namespace: Option<&str>,
+) -> EnrollmentHint {
+    let mut hint = EnrollmentHint::default();
+    for w in workloads {
+        if w.enrolled && w.node == node {
+            hint.enrolled_pods
+                .push(format!("{}/{}", w.namespace, w.name));
+        }
+        let opted_out = w
+            .labels
+            .get(weft_proto::labels::MESH)
+            .is_some_and(|v| v == weft_proto::labels::DISABLED);
+        if w.enrolled {
+            hint.namespaces.insert(w.namespace.clone(), true);
+        } else if !opted_out && !w.host_network {
+            hint.namespaces.entry(w.namespace.clone()).or_insert(false);
+        }
+    }
+    if let Some(ns) = own_namespace {
+        hint.namespaces.insert(ns.to_string(), false);
+    }
+    hint.enrolled_pods.sort();
+    hint
+}
+
+impl crate::cni::server::Enrollment for PodManager {
+    fn state(&self, s: &Sandbox) -> crate::cni::server::PodState {
+        use crate::cni::server::PodState;
+        let snap = self.config.snapshot();
+        match workload_for(self.config.node(), snap.workloads.iter(), s) {
+            Some((_, w)) if w.enrolled => {
+                match Self::lock(&self.pods).contains_key(&s.container_id) {
+                    true => PodState::Captured,
+                    false => PodState::Pending,
+                }
+            }
+            Some(_) => PodState::Outside,
+            None if self.own_namespace.as_deref() == Some(s.pod_namespace.as_str()) => {
+                PodState::Outside
+            }
+            None => PodState::Unknown,
+        }
+    }
+
+    fn namespace_enrolled(&self, namespace: &str) -> Option<bool> {
+        Self::lock(&self.hint).namespaces.get(namespace).copied()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 
@@ -436,5 +521,59 @@ impl Scrape for PodMetrics {
             "Pods on this node whose traffic the mesh captures, by namespace and workload",
             &f,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(ns: &str, name: &str, node: &str, enrolled: bool) -> Arc<pb::Workload> {
+        Arc::new(pb::Workload {
+            namespace: ns.into(),
+            name: name.into(),
+            node: node.into(),
+            enrolled,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_hint_knows_which_namespaces_enroll_their_new_pods() {
+        let mut opted_out = (*w("mixed", "legacy", "n1", false)).clone();
+        opted_out.labels.insert(
+            weft_proto::labels::MESH.into(),
+            weft_proto::labels::DISABLED.into(),
+        );
+        let mut host = (*w("hostonly", "agent", "n1", false)).clone();
+        host.host_network = true;
+        let ws = [
+            w("shop", "web-1", "n1", true),
+            w("shop", "web-2", "n2", true),
+            w("plain", "db", "n2", false),
+            Arc::new(opted_out),
+            Arc::new(host),
+            w("mixed", "api", "n2", true),
+        ];
+        let h = hint_of(ws.iter(), "n1", Some("weft-system"));
+        assert_eq!(h.enrolled_pods, vec!["shop/web-1".to_string()]);
+        let expected: BTreeMap<String, bool> = [
+            ("shop", true),
+            ("plain", false),
+            ("mixed", true),
+            ("weft-system", false),
+        ]
+        .into_iter()
+        .map(|(n, e)| (n.to_string(), e))
+        .collect();
+        assert_eq!(
+            h.namespaces, expected,
+            "an opted-out or host-network pod says nothing of its namespace"
+        );
+        use crate::cni::protocol::HintDecision;
+        assert_eq!(h.decide("shop", "new"), HintDecision::MustEnroll);
+        assert_eq!(h.decide("plain", "new"), HintDecision::Outside);
+        assert_eq!(h.decide("hostonly", "x"), HintDecision::Unknown);
+        assert_eq!(h.decide("weft-system", "cp"), HintDecision::Outside);
     }
 }

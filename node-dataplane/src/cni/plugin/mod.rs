@@ -2,16 +2,21 @@
 //! can be tested: [`run`] takes the environment and stdin and returns what to print
 //! and the exit code.
 
-use super::protocol::{Command, EnrollmentHint, Request, Response, Sandbox};
+use super::protocol::{Command, EnrollmentHint, HintDecision, Request, Response, Sandbox};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 pub const DEFAULT_SOCKET: &str = "/var/run/weft/cni.sock";
+/// How long the plugin waits for the agent's answer: longer than the agent waits
+/// for a new pod's capture to be in place ([`super::server::ADD_WAIT`]).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(25);
+/// The enrollment hint is small; a bigger file is not the agent's.
+const MAX_HINT_BYTES: u64 = 16 << 20;
 
 /// CNI error codes (spec 1.0).
 pub mod code {
@@ -121,6 +126,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
         ips: prev.as_ref().map(ips_of).unwrap_or_default(),
     };
     let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
+    let (sandbox_ns, sandbox_name) = (sandbox.pod_namespace.clone(), sandbox.pod_name.clone());
     let result = ask_agent(
         Path::new(&socket),
         &Request {
@@ -156,22 +162,31 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
             &r.error,
         ),
         (c, Err(e)) => {
-            if must_enroll(Path::new(&socket), &pod) {
-                error(
+            // The agent is unreachable (down, restarting, not installed yet): only a
+            // pod known to be outside the mesh may start; anything else waits for the
+            // agent (kubelet retries the ADD), so no pod of an enrolled namespace runs
+            // its app unenforced.
+            let decision = hint(Path::new(&socket))
+                .map(|h| h.decide(&sandbox_ns, &sandbox_name))
+                .unwrap_or(HintDecision::Unknown);
+            match (c, decision) {
+                (Command::Add, HintDecision::Outside) => pass_through(),
+                (Command::Add, _) | (_, HintDecision::MustEnroll) => error(
                     &version,
                     code::TRY_AGAIN_LATER,
                     &format!(
-                        "pod {pod} must be in the mesh but the weft node agent is unreachable"
+                        "pod {pod} cannot start: the weft node agent is unreachable and the pod {}",
+                        match decision {
+                            HintDecision::MustEnroll => "must be in the mesh",
+                            _ => "may have to be in the mesh (its namespace is not known to be outside it)",
+                        }
                     ),
                     &e,
-                )
-            } else if c == Command::Add {
-                pass_through()
-            } else {
-                Outcome {
+                ),
+                _ => Outcome {
                     stdout: String::new(),
                     exit_code: 0,
-                }
+                },
             }
         }
     }
@@ -202,25 +217,28 @@ pub fn ips_of(result: &Value) -> Vec<String> {
 fn ask_agent(socket: &Path, req: &Request) -> Result<Response, String> {
     let mut s = UnixStream::connect(socket)
         .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
     let mut resp = String::new();
-    BufReader::new(s)
+    BufReader::new(s.take(64 << 10))
         .read_line(&mut resp)
         .map_err(|e| e.to_string())?;
     serde_json::from_str(&resp).map_err(|e| format!("bad answer from the agent: {e}"))
 }
 
-/// With the agent unreachable: is this pod known to require the mesh?
-fn must_enroll(socket: &Path, pod: &str) -> bool {
-    let hint = socket.with_file_name("enrollment.json");
-    std::fs::read_to_string(hint)
-        .ok()
-        .and_then(|t| serde_json::from_str::<EnrollmentHint>(&t).ok())
-        .is_some_and(|h| h.enrolled_pods.iter().any(|p| p == pod))
+/// What the agent last knew of enrollment (`enrollment.json` next to its socket).
+fn hint(socket: &Path) -> Option<EnrollmentHint> {
+    let path = socket.with_file_name("enrollment.json");
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_HINT_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 #[cfg(test)]

@@ -162,26 +162,49 @@ fn bad_input_is_a_cni_error() {
 }
 
 #[test]
-fn agent_down_fails_only_pods_that_must_be_enrolled() {
+fn agent_down_lets_only_pods_known_to_be_outside_the_mesh_start() {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("cni.sock"); // nobody listens
-                                          // Unknown pod (not in the agent's enrollment hint): the ADD passes.
+    let code_of = |o: &Outcome| serde_json::from_str::<Value>(&o.stdout).unwrap()["code"].clone();
+    // No hint at all (the agent never synced): nothing is known, the ADD fails
+    // with "try again later" (it used to pass, and the pod ran outside the mesh).
     let o = run(&env("ADD"), &conf(&sock));
-    assert_eq!(o.exit_code, 0, "{}", o.stdout);
-    // A pod the agent said must be enrolled: the ADD fails with "try again later".
-    let hint = EnrollmentHint {
-        enrolled_pods: vec!["shop/web-1".into()],
+    assert_eq!(o.exit_code, 1, "{}", o.stdout);
+    assert_eq!(code_of(&o), code::TRY_AGAIN_LATER);
+    let write = |hint: &EnrollmentHint| {
+        std::fs::write(
+            d.path().join("enrollment.json"),
+            serde_json::to_string(hint).unwrap(),
+        )
+        .unwrap()
     };
-    std::fs::write(
-        d.path().join("enrollment.json"),
-        serde_json::to_string(&hint).unwrap(),
-    )
-    .unwrap();
+    // A pod the agent said must be enrolled.
+    write(&EnrollmentHint {
+        enrolled_pods: vec!["shop/web-1".into()],
+        ..Default::default()
+    });
     let o = run(&env("ADD"), &conf(&sock));
     assert_eq!(o.exit_code, 1);
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["code"], code::TRY_AGAIN_LATER);
     assert!(v["msg"].as_str().unwrap().contains("shop/web-1"));
+    // A new pod of an enrolled namespace: fails too.
+    write(&EnrollmentHint {
+        namespaces: [("shop".to_string(), true)].into(),
+        ..Default::default()
+    });
+    let o = run(&env("ADD"), &conf(&sock));
+    assert_eq!(code_of(&o), code::TRY_AGAIN_LATER, "{}", o.stdout);
+    // A pod of a namespace known to be outside the mesh starts.
+    write(&EnrollmentHint {
+        namespaces: [("shop".to_string(), false)].into(),
+        ..Default::default()
+    });
+    let o = run(&env("ADD"), &conf(&sock));
+    assert_eq!(o.exit_code, 0, "{}", o.stdout);
+    // A hint file that is not one counts as no hint.
+    std::fs::write(d.path().join("enrollment.json"), "{not json").unwrap();
+    assert_eq!(run(&env("ADD"), &conf(&sock)).exit_code, 1);
 }
 
 #[test]
