@@ -489,7 +489,7 @@ impl LocalCluster {
         let labels: String = p
             .labels
             .iter()
-            .map(|(k, v)| format!("{k}: {v}, "))
+            .map(|(k, v)| format!("{k}: {v:?}, "))
             .collect();
         let status = if p.ip.is_empty() {
             String::new()
@@ -537,7 +537,7 @@ impl LocalCluster {
         let file = format!("pod-{namespace}-{name}.yaml");
         self.write_manifest(&file, &Self::pod_manifest(&pod))?;
         // CNI chain: bridge (+ host-local IPAM) then weft-cni, run in the node's netns.
-        let plugins = vec![
+        let plugins = [
             json!({"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
                    "ipam": {"type": "host-local", "subnet": format!("10.244.{index}.0/24"),
                             "dataDir": node_dir.join("ipam").display().to_string(),
@@ -549,8 +549,7 @@ impl LocalCluster {
             pod.container_id
         );
         let mut prev: Option<Value> = None;
-        let mut added = 0;
-        for conf in &plugins {
+        for (added, conf) in plugins.iter().enumerate() {
             let mut conf = conf.clone();
             conf["cniVersion"] = json!("1.0.0");
             conf["name"] = json!("podnet");
@@ -573,7 +572,6 @@ impl LocalCluster {
                     return Err(e.context(format!("CNI ADD of pod {namespace}/{name}")));
                 }
             }
-            added += 1;
         }
         let result = prev.context("empty CNI chain")?;
         pod.ip = weft_node_dataplane::testing::ips_of(&result)

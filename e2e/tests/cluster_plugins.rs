@@ -239,3 +239,101 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         .skip(agent_log_before)
         .any(|l| l.contains("node agent started")));
 }
+
+/// One HTTP/1.1 request on an open (keep-alive) connection; returns the status.
+fn keep_alive_get(s: &mut std::net::TcpStream, path: &str) -> std::io::Result<u16> {
+    use std::io::{Error, Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nHost: web\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(Error::other(format!(
+                "closed after {:?}",
+                String::from_utf8_lossy(&buf)
+            )));
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::other(format!("no content-length: {head}")))?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::other(format!("no status: {head}")))
+}
+
+/// Issue 27, item 7: a keep-alive connection parsed only for a plugin (no L7 policy
+/// when it opened) is checked against an L7 policy added while it is open: its next
+/// request is denied. (The connection's plan used to be fixed when it opened.)
+#[test]
+fn an_l7_policy_added_later_applies_to_the_next_request_of_an_open_connection() {
+    require_root();
+    let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+    c.namespace("shop", true).unwrap();
+    c.namespace("plain", false).unwrap();
+    let ip = c
+        .add_pod("shop", "web", "node-b", &[("app", "web")])
+        .unwrap();
+    c.add_pod("plain", "client", "node-a", &[]).unwrap();
+    c.spawn_app(
+        "shop/web",
+        &bin_path("weft-testapp").unwrap(),
+        &["http", "--listen", &format!("{ip}:8080")],
+    )
+    .unwrap();
+    c.wait_enrolled("node-b", "shop/web").unwrap();
+    let module = c.dir.path().join("pass.wasm");
+    std::fs::write(&module, wat_module("(i32.const 0)")).unwrap();
+    c.write_manifest("plugin-pass.yaml", &plugin("pass", "web", &module, ""))
+        .unwrap();
+    let l7 = |c: &LocalCluster| c.config_dump("node-b").ok()?["proxy"]["l7_connections"].as_u64();
+    let dst: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
+    let netns = format!("/var/run/netns/{}", c.pod("plain/client").netns);
+    let worker = weft_node_dataplane::testing::PodNetns::open(netns).unwrap();
+    let connect = || {
+        let s = worker
+            .run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+            .ok()?
+            .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        Some(s)
+    };
+    // The plugin is in place once a new connection is parsed as HTTP.
+    let before = l7(&c).unwrap_or(0);
+    let mut open = wait_until(Duration::from_secs(10), || {
+        let mut s = connect()?;
+        (keep_alive_get(&mut s, "/admin").ok()? == 200 && l7(&c)? > before).then_some(s)
+    })
+    .expect("the plugin never applied");
+    assert_eq!(keep_alive_get(&mut open, "/admin").unwrap(), 200);
+    c.write_manifest(
+        "deny-admin.yaml",
+        r#"apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+    - to: [{operation: {paths: ["/admin"]}}]
+"#,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        (keep_alive_get(&mut connect()?, "/admin").ok()? == 403).then_some(())
+    })
+    .expect("the policy never applied to new connections");
+    assert_eq!(
+        keep_alive_get(&mut open, "/admin").unwrap(),
+        403,
+        "the open connection's next request escaped the L7 policy added after it opened"
+    );
+    assert_eq!(keep_alive_get(&mut open, "/public").unwrap(), 200);
+}

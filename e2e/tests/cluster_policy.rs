@@ -175,3 +175,87 @@ fn allow_and_deny_across_nodes_and_policy_changes_close_open_connections() {
         d["proxy"]
     );
 }
+
+const DENY_QUARANTINED: &str = r#"apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: quarantine, namespace: mesh}
+spec:
+  selector: {matchLabels: {quarantine: "true"}}
+  action: DENY
+  rules:
+    - {}
+"#;
+
+/// Issue 27, item 6: the policies that apply to a pod follow its labels. A pod
+/// relabelled into a DENY policy's selector has its open connections closed and
+/// new ones denied; relabelled out of it, it is reachable again. (The proxy used to
+/// keep the labels the pod had when it was enrolled.)
+#[test]
+fn relabelling_a_pod_changes_which_policies_apply_to_it_and_its_open_connections() {
+    require_root();
+    let mut c = LocalCluster::new(&["node-a", "node-b"]).unwrap();
+    let dst = c.mesh_pair().unwrap();
+    c.add_pod("mesh", "other", "node-a", &[]).unwrap();
+    c.wait_enrolled("node-a", "mesh/other").unwrap();
+    c.write_manifest("quarantine.yaml", DENY_QUARANTINED)
+        .unwrap();
+    // Nothing carries the label yet.
+    assert!(
+        wait_until(Duration::from_secs(10), || connect(&c, "mesh/other", &dst)
+            .then_some(()))
+        .is_some()
+    );
+    let p = c.pod("mesh/other");
+    let cmd = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net=/var/run/netns/{} -- {} client --connect {dst} --bytes 1024 --hold-ms 8000",
+        p.cgroup.display(),
+        p.netns,
+        app().display()
+    );
+    let mut long_lived = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let d = c.config_dump("node-b").ok()?;
+            (d["proxy"]["open_inbound"].as_u64()? >= 1).then_some(())
+        })
+        .is_some(),
+        "the long-lived connection is open at node-b"
+    );
+    let t0 = Instant::now();
+    c.relabel_pod("mesh/server", &[("app", "server"), ("quarantine", "true")])
+        .unwrap();
+    let status = loop {
+        if let Some(s) = long_lived.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the open connection to a pod relabelled into a DENY policy was not closed\n{}\n{}",
+            c.agent_log("node-b"),
+            c.control_plane
+                .as_ref()
+                .map(|p| p.log_text())
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!status.success(), "the denied connection must not complete");
+    for pod in ["mesh/other", "mesh/client"] {
+        assert!(!connect(&c, pod, &dst), "{pod} reached a quarantined pod");
+    }
+    let d = c.config_dump("node-b").unwrap();
+    assert!(d["proxy"]["closed_by_policy_change"].as_u64().unwrap() >= 1);
+    // Out of quarantine: reachable again.
+    c.relabel_pod("mesh/server", &[("app", "server")]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || connect(&c, "mesh/client", &dst)
+            .then_some(()))
+        .is_some(),
+        "the pod relabelled out of the DENY policy stays unreachable"
+    );
+}

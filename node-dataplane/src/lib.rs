@@ -64,7 +64,7 @@ pub mod testing {
     pub use crate::proxy::counters::OutboundStats;
     pub use crate::proxy::inbound::serve_streams as serve_hbone_streams;
     pub use crate::proxy::l7::{serve as serve_l7, test_ctx as l7_ctx, ConnCtx};
-    pub use crate::proxy::local::LocalPod;
+    pub use crate::proxy::local::{LiveWorkload, LocalPod};
     pub use crate::proxy::outbound::serve_plain as serve_outbound_plain;
     pub use crate::proxy::state::{test_state_with as proxy_state, ProxyState};
     pub use crate::proxy::tls::{client_config, server_config};

@@ -31,7 +31,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_e2e::perf::{median, quantile};
-use weft_node_dataplane::testing::{self as node, ConnCtx, LocalPod, PodNetns, ProxyState};
+use weft_node_dataplane::testing::{
+    self as node, ConnCtx, LiveWorkload, LocalPod, PodNetns, ProxyState,
+};
 use weft_node_dataplane::ConfigStore;
 use weft_proto::pb;
 
@@ -566,7 +568,7 @@ fn proxy_state(
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("no workload"))?;
     let pod = LocalPod {
-        workload,
+        workload: LiveWorkload::new(workload),
         netns: netns.clone(),
     };
     state.set_local_pod(app.ip(), Some(pod));

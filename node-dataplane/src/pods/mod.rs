@@ -15,7 +15,7 @@ use crate::metrics::scrape::{family, gauges, Scrape};
 use crate::netns::PodNetns;
 use crate::proxy::counters::PodStats;
 use crate::proxy::listeners::PodListeners;
-use crate::proxy::local::LocalPod;
+use crate::proxy::local::{LiveWorkload, LocalPod};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -31,6 +31,8 @@ pub type PodMap = Arc<Mutex<BTreeMap<String, PodDataplane>>>;
 
 pub struct PodDataplane {
     pub sandbox: Sandbox,
+    /// The pod's workload as its connections see it (updated on relabelling).
+    pub workload: LiveWorkload,
     pub workload_key: String,
     pub cookie: u64,
     pub ip4: Option<Ipv4Addr>,
@@ -205,9 +207,15 @@ impl PodManager {
                 self.teardown(&p);
             }
         }
-        // Set up what is new.
+        // Set up what is new; what is enrolled already sees its workload's changes
+        // (labels select policies and plugins).
+        let mut relabelled = false;
         for (id, (s, key, w)) in wanted {
-            if Self::lock(&self.pods).contains_key(&id) {
+            if let Some(p) = Self::lock(&self.pods).get(&id) {
+                if p.workload.set(&w) {
+                    tracing::info!(pod = %format!("{}/{}", s.pod_namespace, s.pod_name), "pod's workload changed: its connections are checked against the policies that apply now");
+                    relabelled = true;
+                }
                 continue;
             }
             match self.setup(s.clone(), key, &w).await {
@@ -219,6 +227,11 @@ impl PodManager {
                     tracing::warn!(pod = %format!("{}/{}", s.pod_namespace, s.pod_name), error = %format!("{e:#}"), "cannot enroll pod")
                 }
             }
+        }
+        if relabelled {
+            // The proxy re-checks on every config change too, but maybe before the
+            // workloads above were replaced: once more now that they are.
+            self.proxy.recheck_open();
         }
         if snap.synced {
             self.ready.store(true, Ordering::Release);
@@ -295,7 +308,7 @@ impl PodManager {
         &self,
         s: Sandbox,
         workload_key: String,
-        w: &pb::Workload,
+        w: &Arc<pb::Workload>,
     ) -> anyhow::Result<PodDataplane> {
         let path = s.netns.clone();
         let netns = Arc::new(tokio::task::spawn_blocking(move || PodNetns::open(path)).await??);
@@ -332,8 +345,9 @@ impl PodManager {
             return Err(e.into());
         }
         let stats = PodStats::default();
+        let workload = LiveWorkload::new(w.clone());
         let local = LocalPod {
-            workload: Arc::new(w.clone()),
+            workload: workload.clone(),
             netns: netns.clone(),
         };
         let tasks = match listeners.serve(&self.proxy, &local, &stats) {
@@ -348,6 +362,7 @@ impl PodManager {
         }
         Ok(PodDataplane {
             sandbox: s,
+            workload,
             workload_key,
             cookie,
             ip4,

@@ -2,6 +2,7 @@
 //! policies change, every open connection is authorized again and the newly
 //! denied ones are closed.
 
+use super::local::LiveWorkload;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,9 @@ use weft_authz::Attributes;
 use weft_proto::pb;
 
 struct Tracked {
-    dest: Arc<pb::Workload>,
+    /// The destination as the control plane describes it now (a relabelled pod
+    /// is re-checked with its new labels).
+    dest: LiveWorkload,
     attrs: Attributes,
     cancel: CancellationToken,
 }
@@ -39,7 +42,7 @@ impl Drop for Registration {
 }
 
 impl ConnTracker {
-    pub fn register(self: &Arc<Self>, dest: Arc<pb::Workload>, attrs: Attributes) -> Registration {
+    pub fn register(self: &Arc<Self>, dest: LiveWorkload, attrs: Attributes) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -69,9 +72,10 @@ impl ConnTracker {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for t in open.values() {
-            let d = authorize(&t.dest, &t.attrs);
+            let dest = t.dest.get();
+            let d = authorize(&dest, &t.attrs);
             if !d.allowed && !t.cancel.is_cancelled() {
-                tracing::info!(destination = %format!("{}/{}", t.dest.namespace, t.dest.name), peer = ?t.attrs.principal, policy = ?d.policy, reason = d.reason, "open connection denied by a policy change: closing");
+                tracing::info!(destination = %format!("{}/{}", dest.namespace, dest.name), peer = ?t.attrs.principal, policy = ?d.policy, reason = d.reason, "open connection denied by a policy change: closing");
                 t.cancel.cancel();
                 closed += 1;
             }

@@ -49,10 +49,11 @@ async fn serve_conn(
     state: &Arc<ProxyState>,
 ) -> anyhow::Result<()> {
     let _ = tcp.set_nodelay(true);
+    let owner_id = owner.workload().spiffe_id.clone();
     let cert = state
         .certs
-        .get(&owner.workload.spiffe_id)
-        .ok_or_else(|| anyhow::anyhow!("no certificate yet for {}", owner.workload.spiffe_id))?;
+        .get(&owner_id)
+        .ok_or_else(|| anyhow::anyhow!("no certificate yet for {owner_id}"))?;
     let bundle = state
         .config
         .trust_bundle()
@@ -70,7 +71,7 @@ async fn serve_conn(
         }
         tls::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?
     };
-    serve_streams(tls, peer, &peer_id, &owner.workload.spiffe_id, state).await
+    serve_streams(tls, peer, &peer_id, &owner_id, state).await
 }
 
 /// Serves the CONNECT streams of an HBONE session whose TLS is done: `peer_id` is
@@ -147,8 +148,9 @@ fn handle(
         return refuse(respond, http::StatusCode::NOT_FOUND);
     };
     // ...whose identity is the one this TLS session presented to the client.
-    if target.workload.spiffe_id != served_id {
-        tracing::info!(%dst, peer = %peer_id, target = %target.workload.spiffe_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
+    let target_id = &target.workload().spiffe_id;
+    if target_id != served_id {
+        tracing::info!(%dst, peer = %peer_id, target = %target_id, presented = %served_id, "HBONE CONNECT to a workload of another identity");
         return refuse(respond, http::StatusCode::MISDIRECTED_REQUEST);
     }
     if state.over_capacity() {

@@ -51,8 +51,9 @@ impl InboundConn {
         peer_id: Option<String>,
         mut record: ConnRecord,
     ) -> Self {
-        record.peers.destination_identity = Some(target.workload.spiffe_id.clone());
-        record.peers.destination_workload = Some(target.workload.clone());
+        let workload = target.workload();
+        record.peers.destination_identity = Some(workload.spiffe_id.clone());
+        record.peers.destination_workload = Some(workload);
         Self {
             state,
             target,
@@ -80,7 +81,7 @@ impl InboundConn {
             tracing::debug!(peer = %self.peer, dst = %self.dst, "connection to a proxy port refused");
             return Err(d);
         }
-        let workload = &self.target.workload;
+        let workload = &self.target.workload();
         let plan = self.state.l7_plan(workload, self.dst.port());
         let attrs = Attributes {
             source_ip: Some(self.peer.ip()),
@@ -134,11 +135,12 @@ impl Admitted {
             attrs,
         } = self;
         let reg = state.conns.register(target.workload.clone(), attrs.clone());
+        let destination = target.workload();
         let source = state.workload_by_ip(peer.ip());
         let mut labels = crate::metrics::traffic::labels(
             "destination",
             source.as_deref(),
-            Some(&target.workload),
+            Some(&destination),
             peer_id.is_some(),
         );
         if let Some(id) = &peer_id {

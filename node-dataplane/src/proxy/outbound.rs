@@ -138,16 +138,17 @@ async fn forward(
     let meshed = dest
         .as_ref()
         .filter(|w| w.enrolled && !w.spiffe_id.is_empty());
+    let source_workload = source.workload();
     let p = &mut record.peers;
     p.source_addr = Some(conn.peer_addr().unwrap_or(local));
     p.destination_addr = Some(to.dst);
-    p.source_identity = Some(source.workload.spiffe_id.clone());
+    p.source_identity = Some(source_workload.spiffe_id.clone());
     p.destination_identity = meshed.map(|w| w.spiffe_id.clone());
     p.destination_workload = dest.clone();
     p.service = to.service.clone();
     record.open(crate::metrics::traffic::labels(
         "source",
-        Some(&source.workload),
+        Some(&source_workload),
         dest.as_deref(),
         meshed.is_some(),
     ));

@@ -156,7 +156,7 @@ impl HbonePool {
         authority: SocketAddr,
     ) -> anyhow::Result<(Tunnel, StreamGuard)> {
         let key = PoolKey {
-            source_id: dial.source.workload.spiffe_id.clone(),
+            source_id: dial.source.workload().spiffe_id.clone(),
             dest_id: dest.spiffe_id.clone(),
             dest_node: dest.node.clone(),
         };
@@ -208,9 +208,11 @@ impl HbonePool {
         dest_pod_ip: std::net::IpAddr,
     ) -> anyhow::Result<(SendRequest<Bytes>, StreamGuard, Arc<AtomicBool>, bool)> {
         let source = dial.source;
-        let cert = dial.certs.get(&source.workload.spiffe_id).ok_or_else(|| {
-            anyhow::anyhow!("no certificate yet for {}", source.workload.spiffe_id)
-        })?;
+        let source_id = &source.workload().spiffe_id;
+        let cert = dial
+            .certs
+            .get(source_id)
+            .ok_or_else(|| anyhow::anyhow!("no certificate yet for {source_id}"))?;
         let bundle = dial
             .config
             .trust_bundle()

@@ -148,12 +148,18 @@ impl ProxyState {
     pub async fn recheck_forever(self: Arc<Self>) {
         let mut changes = self.config.watch();
         while changes.changed().await.is_ok() {
-            let n = self.conns.recheck(|w, a| self.authorize(w, a));
-            if n > 0 {
-                self.counters
-                    .closed_by_policy_change
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.recheck_open();
+        }
+    }
+
+    /// Re-authorizes the open connections with the current policies and their
+    /// destinations' current workloads; closes (and counts) the denied ones.
+    pub fn recheck_open(&self) {
+        let n = self.conns.recheck(|w, a| self.authorize(w, a));
+        if n > 0 {
+            self.counters
+                .closed_by_policy_change
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -194,16 +200,25 @@ impl ProxyState {
     /// are only collected when one does.
     pub fn decide_request(
         &self,
-        dst: &pb::Workload,
+        dst: &Arc<pb::Workload>,
         conn: &Mutex<RequestAuthz>,
         fill: impl FnOnce(&mut authz::Request, bool),
     ) -> Decision {
         let compiled = self.compiled_policies();
         let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-        let RequestAuthz { applicable, attrs } = &mut *conn;
+        let RequestAuthz {
+            applicable,
+            workload,
+            attrs,
+        } = &mut *conn;
+        // Kept while neither the policies nor the workload (its labels) changed.
+        let fresh = workload.as_ref().is_some_and(|w| Arc::ptr_eq(w, dst));
         let applicable = match applicable.take() {
-            Some(a) if a.is_from(&compiled) => applicable.insert(a),
-            _ => applicable.insert(compiled.applicable_to(dst)),
+            Some(a) if fresh && a.is_from(&compiled) => applicable.insert(a),
+            _ => {
+                *workload = Some(dst.clone());
+                applicable.insert(compiled.applicable_to(dst))
+            }
         };
         let headers = applicable.iter().any(|p| p.reads_request_headers());
         let request = attrs.request.get_or_insert_with(Default::default);
@@ -241,6 +256,8 @@ impl ProxyState {
 /// once the strings have grown to fit).
 pub struct RequestAuthz {
     applicable: Option<Applicable>,
+    /// The workload `applicable` was selected for.
+    workload: Option<Arc<pb::Workload>>,
     attrs: Attributes,
 }
 
@@ -249,6 +266,7 @@ impl RequestAuthz {
     pub fn new(attrs: Attributes) -> Self {
         Self {
             applicable: None,
+            workload: None,
             attrs: Attributes {
                 request: None,
                 l7_pending: false,
@@ -287,13 +305,13 @@ pub fn test_state_with(
 mod tests {
     use super::*;
 
-    fn state_with(policy: pb::AuthorizationPolicy) -> (Arc<ProxyState>, pb::Workload) {
-        let w = pb::Workload {
+    fn state_with(policy: pb::AuthorizationPolicy) -> (Arc<ProxyState>, Arc<pb::Workload>) {
+        let w = Arc::new(pb::Workload {
             name: "web".into(),
             namespace: "shop".into(),
             labels: [("app".to_string(), "web".to_string())].into(),
             ..Default::default()
-        };
+        });
         let config = ConfigStore::new("node-a");
         let rejected = config.apply(&pb::ConfigUpdate {
             upserts: vec![pb::Resource {
@@ -318,13 +336,13 @@ mod tests {
     }
 
     /// Decides a GET / carrying `x-evil: 1`, with the headers only if asked for.
-    fn decide(state: &ProxyState, w: &pb::Workload) -> (bool, bool) {
+    fn decide(state: &ProxyState, w: &Arc<pb::Workload>) -> (bool, bool) {
         decide_with(state, w, &Mutex::new(RequestAuthz::new(Default::default())))
     }
 
     fn decide_with(
         state: &ProxyState,
-        w: &pb::Workload,
+        w: &Arc<pb::Workload>,
         conn: &Mutex<RequestAuthz>,
     ) -> (bool, bool) {
         let mut asked = false;

@@ -279,11 +279,12 @@ impl Exchange {
         ctx.record_request(self.method, code, took, self.decided_by.as_deref());
         if let Some((method, text, split)) = &self.log {
             let (path, authority) = text.split_at(*split);
+            let destination = ctx.target.workload();
             ctx.state.access_log.request(&access_log::RequestRecord {
                 source_addr: ctx.props.source,
                 destination_addr: ctx.dst,
                 source_identity: ctx.props.peer_id.as_deref().unwrap_or("unknown"),
-                destination_workload: &ctx.target.workload,
+                destination_workload: &destination,
                 mtls: ctx.props.peer_id.is_some(),
                 method: method.as_str(),
                 path,
@@ -443,10 +444,11 @@ pub fn on_request<'a>(
             }
         }
     }
-    if ctx.plan.authz_http {
+    let workload = ctx.target.workload();
+    if ctx.authz_http(&workload) {
         let d = ctx
             .state
-            .decide_request(&ctx.target.workload, &ctx.authz, |r, with_headers| {
+            .decide_request(&workload, &ctx.authz, |r, with_headers| {
                 r.method.push_str(req.method().as_str());
                 r.path.push_str(path::path_of(req.path_and_query()));
                 let client = run.as_ref().map(|r| r.authority.as_str());

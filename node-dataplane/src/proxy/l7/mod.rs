@@ -39,6 +39,11 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct L7Plan {
     /// An applicable policy has L7 fields for this port.
     pub authz_http: bool,
+    /// The policies and the workload the plan was made from: when either changes,
+    /// a request's need for L7 authorization is decided again
+    /// ([`ConnCtx::authz_http`]).
+    pub policies: Arc<super::policies::CompiledPolicies>,
+    pub workload: Arc<pb::Workload>,
     /// Plugins in execution order.
     pub plugins: Vec<Arc<Plugin>>,
     /// What a Service declares for the port; `Unknown`: sniff.
@@ -143,6 +148,24 @@ impl ConnCtx {
         }
     }
 
+    /// Whether a request must be authorized with its HTTP fields: as planned when
+    /// the connection opened, unless the policies or the pod's workload (its
+    /// labels) changed since; then as they say now. So a keep-alive connection
+    /// parsed only for a plugin is checked against an L7 policy added later.
+    pub fn authz_http(&self, workload: &Arc<pb::Workload>) -> bool {
+        if self.plan.authz_http {
+            return true;
+        }
+        let now = self.state.compiled_policies();
+        if Arc::ptr_eq(&now, &self.plan.policies) && Arc::ptr_eq(workload, &self.plan.workload) {
+            return false;
+        }
+        let needs = now
+            .applicable(workload)
+            .any(|p| p.needs_http(self.dst.port()));
+        needs
+    }
+
     /// Counts a request's authorization decision, as [`ProxyState::authorize`]
     /// does for connections; the counter is looked up once per connection.
     pub fn count_decision(&self, d: &weft_authz::Decision) {
@@ -228,7 +251,10 @@ pub fn test_ctx(
         crate::metrics::traffic::labels("destination", None, Some(&workload), peer_id.is_some());
     let netns = Arc::new(crate::netns::PodNetns::open("/proc/self/ns/net")?);
     let info = ConnInfo {
-        target: LocalPod { workload, netns },
+        target: LocalPod {
+            workload: super::local::LiveWorkload::new(workload),
+            netns,
+        },
         dst,
         peer,
         attrs,
@@ -280,7 +306,7 @@ async fn serve_opaque<S>(mut io: sniff::Rewind<S>, ctx: ConnCtx) -> anyhow::Resu
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let d = ctx.state.authorize(&ctx.target.workload, &ctx.attrs);
+    let d = ctx.state.authorize(&ctx.target.workload(), &ctx.attrs);
     if !d.allowed {
         NodeCounters::count(&ctx.state.counters.l7_opaque_denied);
         tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, policy = ?d.policy, "connection denied: not HTTP on a port with L7 rules");
@@ -298,11 +324,9 @@ where
 
 impl ProxyState {
     /// The L7 processing a connection to `w` on `port` needs, or `None` for L4 only.
-    pub fn l7_plan(&self, w: &pb::Workload, port: u16) -> Option<L7Plan> {
-        let authz_http = self
-            .compiled_policies()
-            .applicable(w)
-            .any(|p| p.needs_http(port));
+    pub fn l7_plan(&self, w: &Arc<pb::Workload>, port: u16) -> Option<L7Plan> {
+        let policies = self.compiled_policies();
+        let authz_http = policies.applicable(w).any(|p| p.needs_http(port));
         let plugins = self
             .plugins
             .as_ref()
@@ -313,6 +337,8 @@ impl ProxyState {
         }
         Some(L7Plan {
             authz_http,
+            policies,
+            workload: w.clone(),
             plugins,
             declared: self.declared_protocol(w, port),
         })
