@@ -10,6 +10,7 @@ pub mod helm;
 pub mod kubeapi;
 pub mod kubecluster;
 pub mod kubemesh;
+pub mod kubetraffic;
 pub mod kubeweft;
 pub mod netlab;
 pub mod perf;

@@ -17,10 +17,11 @@
 
 #![forbid(unsafe_code)]
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use weft_e2e::helm::chart_dir;
 use weft_e2e::kubecluster::{KubeCluster, APP_IMAGE};
+use weft_e2e::kubetraffic::{containers, enrolled, flow, kill_container, Container};
 use weft_e2e::kubeweft::{
     check, config_dump, kubectl_json, name_of, wait_release_ready, NS, RELEASE,
 };
@@ -115,69 +116,6 @@ fn wait_for<T>(
     weft_e2e::kubeweft::wait_for_in(c, &[APP_NS, OUT_NS], what, timeout, f)
 }
 
-/// The result of `weft-testapp flow` (see there).
-#[derive(Debug)]
-struct Flow {
-    new_ok: u64,
-    new_failed: u64,
-    long_lived_ok: Option<bool>,
-    raw: Value,
-}
-
-impl Flow {
-    /// The span of the failures, first to last (ms from the flow's start).
-    fn failure_window(&self) -> Option<(u64, u64)> {
-        let f = self.raw["failures"].as_array()?;
-        let ms: Vec<u64> = f.iter().filter_map(|x| x[0].as_u64()).collect();
-        Some((*ms.iter().min()?, *ms.iter().max()?))
-    }
-}
-
-/// Runs `weft-testapp flow` in `pod` against the echo Service for `seconds`.
-fn flow(c: &KubeCluster, ns: &str, pod: &str, target: &str, seconds: u64, long: bool) -> Flow {
-    let secs = seconds.to_string();
-    let mut args = vec![
-        "-n",
-        ns,
-        "exec",
-        pod,
-        "--",
-        "weft-testapp",
-        "flow",
-        "--connect",
-        target,
-        "--seconds",
-        &secs,
-        "--interval-ms",
-        "100",
-    ];
-    if !long {
-        args.push("--no-long-lived");
-    }
-    let out = check(c, &format!("{pod}: weft-testapp flow"), c.kubectl(&args));
-    let raw: Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("{pod}: flow printed {out:?}: {e}"));
-    Flow {
-        new_ok: raw["new_ok"].as_u64().unwrap_or(0),
-        new_failed: raw["new_failed"].as_u64().unwrap_or(0),
-        long_lived_ok: raw["long_lived_ok"].as_bool(),
-        raw,
-    }
-}
-
-/// The enrolled pods (`namespace/name`) each node's agent lists.
-fn enrolled(c: &KubeCluster, node: &str) -> anyhow::Result<Vec<String>> {
-    let d = config_dump(c, node)?;
-    let mut v: Vec<String> = d["enrolled_pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["pod"].as_str().map(String::from))
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 /// The `apps` pods per node, with their UIDs and container restart counts.
 fn app_pods(c: &KubeCluster) -> Vec<(String, String, String, u64)> {
     let pods = check(
@@ -247,42 +185,18 @@ fn hbone_out(c: &KubeCluster, node: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The agent's container on `node`: (pod name, containerd id, restart count).
-fn agent_on(c: &KubeCluster, node: &str) -> (String, String, u64) {
-    let pods = check(
+/// The agent's container on `node`.
+fn agent_on(c: &KubeCluster, node: &str) -> Container {
+    containers(
         c,
-        "listing agents",
-        kubectl_json(
-            c,
-            &[
-                "-n",
-                NS,
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/component=node",
-            ],
-        ),
-    );
-    let p = pods["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["spec"]["nodeName"] == node && p["metadata"]["deletionTimestamp"].is_null())
-        .unwrap_or_else(|| panic!("no agent on {node}\n{}", diagnostics(c)));
-    let s = p["status"]["containerStatuses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["name"] == "node")
-        .cloned()
-        .unwrap_or(Value::Null);
-    let id = s["containerID"]
-        .as_str()
-        .unwrap_or_default()
-        .trim_start_matches("containerd://")
-        .to_string();
-    (name_of(p), id, s["restartCount"].as_u64().unwrap_or(0))
+        NS,
+        "app.kubernetes.io/component=node",
+        "node",
+        Some(node),
+    )
+    .into_iter()
+    .next()
+    .unwrap_or_else(|| panic!("no agent on {node}\n{}", diagnostics(c)))
 }
 
 #[test]
@@ -451,32 +365,20 @@ fn pods_join_and_leave_without_restarts_and_agent_rolls_and_crashes_fail_closed(
         .map(|n| n.name.clone())
         .find(|n| *n != client_node)
         .unwrap_or_default();
-    let (pod, id, restarts) = agent_on(&c, &victim_node);
-    let sock = c
-        .node(&victim_node)
-        .map(|n| n.containerd_socket())
-        .unwrap_or_default();
+    let agent = agent_on(&c, &victim_node);
     let (client_flow, intruder_flow, back) = std::thread::scope(|s| {
         let cl = s.spawn(|| flow(&c, APP_NS, "client", &target, 40, false));
         let intr = s.spawn(|| flow(&c, OUT_NS, "intruder", &target, 40, false));
         std::thread::sleep(Duration::from_secs(5));
         let t = Instant::now();
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&sock)
-            .args(["-n", "k8s.io", "task", "kill", "--signal", "SIGKILL", &id])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            other => panic!("killing {pod}'s agent ({id}): {other:?}"),
-        }
+        kill_container(&c, &agent);
         wait_for(
             &c,
             "kubelet restarting the agent",
             Duration::from_secs(60),
             || {
-                let (_, _, r) = agent_on(&c, &victim_node);
-                Ok(((r > restarts).then_some(()), format!("restarts {r}")))
+                let r = agent_on(&c, &victim_node).restarts;
+                Ok(((r > agent.restarts).then_some(()), format!("restarts {r}")))
             },
         );
         wait_enrolled(&c, true, Duration::from_secs(60));
