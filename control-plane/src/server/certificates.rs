@@ -14,6 +14,10 @@ pub struct Signer {
     pub model: Arc<Model>,
     pub auth: Arc<dyn NodeAuthenticator>,
     pub metrics: Arc<Metrics>,
+    /// True once the model holds the source's first complete snapshot: before, the
+    /// same-node rule cannot be decided, so requests are answered `Unavailable` (the
+    /// node retries and keeps its current certificates).
+    pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Signer {
@@ -38,6 +42,14 @@ impl Certificates for Signer {
             }
         };
         let r = req.into_inner();
+        if !*self.ready.borrow() {
+            return Err(self.refuse(
+                &node,
+                &r.spiffe_id,
+                "not_ready",
+                Status::unavailable("the control plane is still loading its configuration"),
+            ));
+        }
         let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| {
             self.refuse(
                 &node,
