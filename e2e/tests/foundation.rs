@@ -511,6 +511,16 @@ fn a_policy_edited_into_an_invalid_form_stays_in_force() {
         .unwrap()
         .replace("ports: [\"9090\"]", "ports: [\"90x90\"]");
     m.write_manifest("payments.yaml", &payments).unwrap();
+    // A change reaches the nodes within tens of milliseconds (see above): watch for 1.5 s.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            m.config_dump("node-b").unwrap()["policies"],
+            policies,
+            "the node's policies changed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let s = weft_e2e::wait_until(Duration::from_secs(5), || {
         let s = stale(&m);
         (s.len() == 2).then_some(s)
@@ -530,8 +540,6 @@ fn a_policy_edited_into_an_invalid_form_stays_in_force() {
         "{}",
         s[1].1
     );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(m.config_dump("node-b").unwrap()["policies"], policies);
     assert!(m.cp_log().contains("the last valid version stays in force"));
 
     // Deleting the file still deletes the policy.
