@@ -8,7 +8,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use weft_model::Model;
 use weft_proto::resource;
@@ -18,7 +17,8 @@ pub struct AdminState {
     pub model: Arc<Model>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Sessions>,
-    pub ready: Arc<AtomicBool>,
+    /// True once the source's first complete snapshot is in the model.
+    pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -62,7 +62,7 @@ fn refresh_gauges(s: &AdminState) {
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
+    if *s.ready.borrow() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "config not loaded yet\n")
@@ -75,6 +75,27 @@ struct Status {
     nodes: Vec<crate::server::sessions::NodeSession>,
     source_errors: Vec<String>,
     rejected: Vec<Rejected>,
+    /// Objects whose latest version did not parse or validate: their last good
+    /// version is still in force.
+    stale: Vec<StaleObject>,
+    /// Pods of enrolled namespaces given no identity (and so not enrolled).
+    not_enrolled: Vec<NotEnrolled>,
+}
+
+#[derive(Serialize)]
+struct StaleObject {
+    object: String,
+    /// `metadata.generation` of the rejected version, when known.
+    generation: Option<i64>,
+    /// `field: error` of the rejected version.
+    errors: Vec<String>,
+    enforced: &'static str,
+}
+
+#[derive(Serialize)]
+struct NotEnrolled {
+    pod: String,
+    reason: &'static str,
 }
 
 #[derive(Serialize)]
@@ -109,8 +130,27 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
             enforced_at_l7: st.l7_enforced,
         })
         .collect();
+    let stale = s
+        .model
+        .stale()
+        .into_iter()
+        .map(|(r, st)| StaleObject {
+            object: r.to_string(),
+            generation: st.generation,
+            errors: st.errors.iter().map(ToString::to_string).collect(),
+            enforced: "last good version",
+        })
+        .collect();
+    let not_enrolled = s
+        .model
+        .refused_pods()
+        .into_iter()
+        .map(|(pod, reason)| NotEnrolled { pod, reason })
+        .collect();
     Json(Status {
-        ready: s.ready.load(Ordering::Acquire),
+        ready: *s.ready.borrow(),
+        stale,
+        not_enrolled,
         nodes: s.sessions.list(),
         source_errors: s
             .model

@@ -12,7 +12,6 @@ use crate::server::{
 use anyhow::Context;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use weft_model::{Model, ModelConfig};
@@ -44,6 +43,8 @@ pub struct Settings {
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
     pub ca_bundle: Option<PathBuf>,
+    /// Pods without a ServiceAccount, and mirror pods, get `sa/default`'s identity.
+    pub default_identity_fallback: bool,
 }
 
 impl Settings {
@@ -142,11 +143,14 @@ pub async fn start(
             trust_domain: s.trust_domain.clone(),
             root_namespace: s.root_namespace.clone(),
             trust_bundle_pem: ca.bundle_pem().to_string(),
+            default_identity_fallback: s.default_identity_fallback,
         },
         modules.clone(),
     );
     let sessions = Arc::new(Sessions::default());
-    let ready = Arc::new(AtomicBool::new(false));
+    // Set once the source's first complete snapshot is in the model: until then no node
+    // is sent anything and no certificate is signed (fail static).
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
 
     // Config source -> model.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SourceEvent>(64);
@@ -176,15 +180,17 @@ pub async fn start(
     let source_task = tokio::spawn(async move { source.run(tx).await });
     {
         let model = model.clone();
-        let ready = ready.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
                 let snapshot = matches!(ev, SourceEvent::Snapshot(_));
                 let m = model.clone();
                 // Recomputing a namespace is CPU work: keep it off the I/O threads.
                 let _ = tokio::task::spawn_blocking(move || m.apply(ev)).await;
-                if snapshot {
-                    ready.store(true, Ordering::Release);
+                // Only after the snapshot is applied: a stream that sees `true` diffs
+                // against the complete model.
+                if snapshot && !*ready_tx.borrow() {
+                    tracing::info!("first complete configuration loaded; serving nodes");
+                    ready_tx.send_replace(true);
                 }
             }
         });
@@ -229,6 +235,7 @@ pub async fn start(
         auth: auth.clone(),
         metrics: metrics.clone(),
         sessions: sessions.clone(),
+        ready: ready.clone(),
     };
     let modules = crate::server::modules::ModuleServer {
         model: model.clone(),
@@ -240,6 +247,7 @@ pub async fn start(
         model: model.clone(),
         auth,
         metrics: metrics.clone(),
+        ready: ready.clone(),
     };
 
     // Admin HTTP.

@@ -100,6 +100,11 @@ enum Command {
         /// DNS names in the serving certificate (nodes verify one of them).
         #[arg(long = "server-name", default_values_t = vec!["weft-control-plane".to_string(), "localhost".to_string()])]
         server_names: Vec<String>,
+        /// Give pods that name no ServiceAccount, and mirror (static) pods, the identity
+        /// of their namespace's `default` ServiceAccount. Off by default: such pods are
+        /// not enrolled and get no certificate (see docs/identity.md).
+        #[arg(long, env = "WEFT_DEFAULT_IDENTITY_FALLBACK")]
+        default_identity_fallback: bool,
     },
     /// Create a node agent's credential (client certificate, key and trust bundle).
     NodeCredential {
@@ -156,6 +161,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             grpc_addr,
             admin_addr,
             server_names,
+            default_identity_fallback,
         } => {
             let source = match config_dir {
                 Some(dir) => SourceSettings::Directory(dir),
@@ -189,6 +195,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ca_cert: ca.ca_cert,
                 ca_key: ca.ca_key,
                 ca_bundle: ca.ca_bundle,
+                default_identity_fallback,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(app::run(settings, weft_runtime::shutdown_signal()))

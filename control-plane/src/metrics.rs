@@ -51,6 +51,7 @@ pub const CERTIFICATE_REFUSAL_REASONS: &[&str] = &[
     "key_type",
     "san_mismatch",
     "wrong_identity",
+    "not_ready",
     "internal",
 ];
 

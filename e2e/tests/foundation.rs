@@ -463,3 +463,149 @@ status: {podIP: "not-an-ip"}
         .unwrap();
     assert!(d["workloads"]["Workload/legacy/weird"].is_null());
 }
+
+const DENY_LEGACY: &str = r#"
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: ledger-deny-legacy, namespace: payments}
+spec:
+  selector: {matchLabels: {app: ledger}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [legacy]}}]}]
+"#;
+
+/// The control plane's stale objects: (object, first error).
+fn stale(m: &StandaloneMesh) -> Vec<(String, String)> {
+    m.cp_status().unwrap()["stale"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["object"].as_str().unwrap().to_string(),
+                s["errors"][0].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_policy_edited_into_an_invalid_form_stays_in_force() {
+    let m = mesh(&[]);
+    m.write_manifest("deny.yaml", DENY_LEGACY).unwrap();
+    let d = m
+        .wait_node("node-b", Duration::from_secs(5), "deny policy", |d| {
+            keys(d, "policies").len() == 2
+        })
+        .unwrap();
+    let policies = d["policies"].clone();
+
+    // A typo: the DENY document no longer parses. A field the schema rejects: the
+    // ALLOW policy no longer validates. Both stay in force on the node, unchanged.
+    m.write_manifest(
+        "deny.yaml",
+        &DENY_LEGACY.replace("namespaces:", "namespacez:"),
+    )
+    .unwrap();
+    let payments = std::fs::read_to_string(example().join("payments.yaml"))
+        .unwrap()
+        .replace("ports: [\"9090\"]", "ports: [\"90x90\"]");
+    m.write_manifest("payments.yaml", &payments).unwrap();
+    // A change reaches the nodes within tens of milliseconds (see above): watch for 1.5 s.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            m.config_dump("node-b").unwrap()["policies"],
+            policies,
+            "the node's policies changed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = weft_e2e::wait_until(Duration::from_secs(5), || {
+        let s = stale(&m);
+        (s.len() == 2).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("both reported stale: {:?}", stale(&m)));
+    assert_eq!(s[0].0, "AuthorizationPolicy payments/ledger-allow-web");
+    assert!(
+        s[0].1
+            .starts_with("spec.rules[0].to[0].operation.ports[0]:"),
+        "{}",
+        s[0].1
+    );
+    assert_eq!(s[1].0, "AuthorizationPolicy payments/ledger-deny-legacy");
+    assert!(
+        s[1].1
+            .starts_with("spec.rules[0].from[0].source.namespacez: deny.yaml document 0:"),
+        "{}",
+        s[1].1
+    );
+    assert!(m.cp_log().contains("the last valid version stays in force"));
+
+    // Deleting the file still deletes the policy.
+    m.remove_manifest("deny.yaml").unwrap();
+    m.wait_node(
+        "node-b",
+        Duration::from_secs(5),
+        "deny policy removed",
+        |d| keys(d, "policies") == vec!["AuthorizationPolicy/payments/ledger-allow-web"],
+    )
+    .unwrap();
+    assert_eq!(stale(&m).len(), 1);
+}
+
+#[test]
+fn a_mirror_pod_gets_no_identity() {
+    let m = mesh(&[]);
+    // A static pod's mirror, as a node could create it in any namespace.
+    m.write_manifest(
+        "mirror.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sneaky-node-a
+  namespace: shop
+  uid: mirror-1
+  annotations: {kubernetes.io/config.mirror: "0123"}
+  ownerReferences: [{apiVersion: v1, kind: Node, name: node-a, uid: node-a-uid}]
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {podIP: 10.244.1.60}
+"#,
+    )
+    .unwrap();
+    let d = m
+        .wait_node(
+            "node-a",
+            Duration::from_secs(5),
+            "mirror pod workload",
+            |d| !d["workloads"]["Workload/shop/sneaky-node-a"].is_null(),
+        )
+        .unwrap();
+    let w = &d["workloads"]["Workload/shop/sneaky-node-a"];
+    assert_eq!(w["enrolled"], false, "{w}");
+    assert_eq!(w["spiffe_id"], "", "{w}");
+    let status = m.cp_status().unwrap();
+    assert_eq!(status["not_enrolled"][0]["pod"], "shop/sneaky-node-a");
+    assert!(status["not_enrolled"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("mirror pod"));
+    // node-a cannot obtain the namespace's default identity through it.
+    rt().block_on(async {
+        let mut a =
+            pb::certificates_client::CertificatesClient::new(channel(&m, "node-a", true).await);
+        let id = "spiffe://cluster.local/ns/shop/sa/default";
+        let err = a
+            .sign(pb::SignRequest {
+                spiffe_id: id.into(),
+                csr_der: csr(id),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    });
+    assert!(m
+        .cp_log()
+        .contains("pod not enrolled: it gets no mesh identity"));
+}

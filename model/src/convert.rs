@@ -13,9 +13,59 @@ use weft_proto::validate::Report;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodFacts {
     /// The workload without enrollment and identity (they depend on the namespace).
+    /// `service_account` is empty when the pod names none.
     pub base: pb::Workload,
     pub ready: bool,
     pub opted_out: bool,
+    /// A mirror pod: the API server's copy of a kubelet's static pod.
+    pub mirror: Option<MirrorPod>,
+}
+
+/// How a pod was recognized as a mirror pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorPod {
+    /// It carries the `kubernetes.io/config.mirror` annotation.
+    Annotation,
+    /// An ownerReference of kind `Node`.
+    OwnedByNode,
+}
+
+/// The annotation the kubelet puts on the mirror pod of a static pod.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Why a pod gets no mesh identity, or `None` when it gets the identity of its
+/// ServiceAccount.
+///
+/// A pod gets an identity only when it names its ServiceAccount
+/// (`spec.serviceAccountName`, or the deprecated `spec.serviceAccount`) and is not a
+/// mirror pod (`kubernetes.io/config.mirror` annotation, or owned by a `Node`). The API
+/// server's ServiceAccount admission sets `serviceAccountName: default` on every
+/// ordinary pod, so only mirror pods (which a node creates on its own, in any
+/// namespace, and which may not reference a ServiceAccount) and hand-written manifests
+/// lack one. With `fallback` (`--default-identity-fallback`), such pods get the
+/// `default` ServiceAccount's identity, as weft did before.
+pub fn identity_refusal(p: &PodFacts, fallback: bool) -> Option<&'static str> {
+    if fallback {
+        return None;
+    }
+    match p.mirror {
+        Some(MirrorPod::Annotation) => {
+            Some("mirror pod (annotation kubernetes.io/config.mirror): a static pod gets no mesh identity")
+        }
+        Some(MirrorPod::OwnedByNode) => {
+            Some("mirror pod (owned by a Node): a static pod gets no mesh identity")
+        }
+        None if p.base.service_account.is_empty() => {
+            Some("no ServiceAccount: spec.serviceAccountName is empty")
+        }
+        None => None,
+    }
+}
+
+/// Would the pod be enrolled, identity aside? (Its namespace is in the mesh, it is not
+/// opted out and does not use the host network.)
+pub fn enrollable(p: &PodFacts, ns: Option<&Namespace>) -> bool {
+    enrollment::namespace_enabled(ns) && !p.opted_out && !p.base.host_network
 }
 
 pub fn pod_facts(pod: &Pod) -> PodFacts {
@@ -23,10 +73,32 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
     let namespace = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
     let spec = pod.spec.as_ref();
+    #[allow(deprecated)] // the deprecated alias of serviceAccountName still names one
     let sa = spec
-        .and_then(|s| s.service_account_name.clone())
+        .and_then(|s| {
+            s.service_account_name
+                .clone()
+                .filter(|s| !s.is_empty())
+                .or_else(|| s.service_account.clone())
+        })
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_string());
+        .unwrap_or_default();
+    let mirror = if meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+    {
+        Some(MirrorPod::Annotation)
+    } else if meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Node")
+    {
+        Some(MirrorPod::OwnedByNode)
+    } else {
+        None
+    };
     let status = pod.status.as_ref();
     let mut ips: Vec<String> = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -76,13 +148,28 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
         },
         ready: pod_ready(pod),
         opted_out,
+        mirror,
     }
 }
 
-/// The distributed workload: the pod's facts plus enrollment and identity.
-pub fn workload(p: &PodFacts, ns: Option<&Namespace>, td: &TrustDomain) -> pb::Workload {
+/// The distributed workload: the pod's facts plus enrollment and identity. A pod
+/// refused an identity ([`identity_refusal`]) is distributed not enrolled and without
+/// a SPIFFE ID, so no node captures it and no certificate is issued for it.
+pub fn workload(
+    p: &PodFacts,
+    ns: Option<&Namespace>,
+    td: &TrustDomain,
+    fallback: bool,
+) -> pb::Workload {
     let mut w = p.base.clone();
-    w.enrolled = enrollment::namespace_enabled(ns) && !p.opted_out && !w.host_network;
+    if identity_refusal(p, fallback).is_some() {
+        w.enrolled = false;
+        return w;
+    }
+    if w.service_account.is_empty() {
+        w.service_account = "default".into();
+    }
+    w.enrolled = enrollable(p, ns);
     w.spiffe_id = SpiffeId::for_workload(td, &w.namespace, &w.service_account)
         .map(|id| id.to_string())
         .unwrap_or_default();

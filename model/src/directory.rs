@@ -3,6 +3,13 @@
 //! `.json` file below it, hidden files skipped; only files whose size or mtime
 //! changed are re-parsed. Reading files is the only I/O of this crate; watching the
 //! directory is the control plane's.
+//!
+//! Fail static: an object is deleted only when its file is gone, or when its file
+//! reads and parses and no longer defines it. An object whose document stops parsing
+//! (a typo, a field the schema rejects), or whose file cannot be read or parsed as a
+//! whole (a YAML syntax error, a half-written file), keeps its last good version;
+//! the problem is reported naming the object ([`ManifestError::object_ref`]), and the
+//! model reports the object stale.
 
 use crate::manifest::{parse_manifests, ManifestError, Object, ObjectRef};
 use crate::SourceEvent;
@@ -16,6 +23,9 @@ struct Parsed {
     stamp: (SystemTime, u64),
     objects: Vec<(ObjectRef, u64)>,
     errors: Vec<ManifestError>,
+    /// Objects of `objects` the file no longer yields because it could not be read or
+    /// parsed as a whole: their last good version is kept.
+    kept: Vec<ObjectRef>,
 }
 
 fn content_hash(o: &Object) -> u64 {
@@ -41,10 +51,8 @@ fn read_file(dir: &Path, path: &Path) -> (Vec<Object>, Vec<ManifestError>) {
             Vec::new(),
             vec![ManifestError {
                 file: shown,
-                document: 0,
-                object: None,
-                field: None,
                 message: format!("cannot read: {e}"),
+                ..Default::default()
             }],
         ),
     }
@@ -99,6 +107,7 @@ impl DirectoryReader {
                 stamp,
                 objects: hashes,
                 errors,
+                kept: Vec::new(),
             };
             if let Some(prev) = self.files.insert(path.clone(), parsed) {
                 old.insert(path.clone(), prev);
@@ -150,10 +159,40 @@ impl DirectoryReader {
             let now: Vec<Object> = fresh.remove(path).unwrap_or_default();
             let now_refs: std::collections::HashSet<ObjectRef> =
                 now.iter().map(Object::object_ref).collect();
-            for r in before.keys() {
-                if !now_refs.contains(*r) && self.owner.get(*r) == Some(path) {
+            // What the file (when it still exists) says about objects it no longer yields.
+            let (broken, failing): (bool, std::collections::HashSet<ObjectRef>) =
+                match self.files.get(path) {
+                    Some(p) => (
+                        p.errors.iter().any(|e| e.object_ref.is_none()),
+                        p.errors
+                            .iter()
+                            .filter_map(|e| e.object_ref.clone())
+                            .collect(),
+                    ),
+                    None => (false, Default::default()),
+                };
+            let mut kept = Vec::new();
+            for (r, hash) in &before {
+                if now_refs.contains(*r) || self.owner.get(*r) != Some(path) {
+                    continue;
+                }
+                if failing.contains(*r) || broken {
+                    // Fail static: the file is there but this object did not parse (or
+                    // the file could not be read): keep its last good version.
+                    kept.push(((*r).clone(), *hash, !failing.contains(*r)));
+                } else {
                     self.owner.remove(*r);
                     released.push((*r).clone());
+                }
+            }
+            kept.sort();
+            if let Some(p) = self.files.get_mut(path) {
+                for (r, hash, unnamed) in kept {
+                    tracing::warn!(object = %r, file = %path.display(), "object no longer parses; its last good version stays in force");
+                    p.objects.push((r.clone(), hash));
+                    if unnamed {
+                        p.kept.push(r);
+                    }
                 }
             }
             for o in now {
@@ -203,6 +242,19 @@ impl DirectoryReader {
         let mut errors = Vec::new();
         for (path, parsed) in &self.files {
             errors.extend(parsed.errors.iter().cloned());
+            if let Some(cause) = parsed.errors.iter().find(|e| e.object_ref.is_none()) {
+                for r in &parsed.kept {
+                    errors.push(ManifestError {
+                        file: cause.file.clone(),
+                        document: cause.document,
+                        object: Some(r.to_string()),
+                        object_ref: Some(r.clone()),
+                        generation: None,
+                        field: cause.field.clone(),
+                        message: format!("not found in the file, which has errors ({}); the last good version stays in force", cause.message),
+                    });
+                }
+            }
             for (i, (r, _)) in parsed.objects.iter().enumerate() {
                 if let Some(first) = self.owner.get(r).filter(|p| *p != path) {
                     errors.push(ManifestError {
@@ -214,6 +266,7 @@ impl DirectoryReader {
                             "duplicate: already defined in {}; this copy is ignored",
                             first.display()
                         ),
+                        ..Default::default()
                     });
                 }
             }
@@ -306,6 +359,117 @@ mod tests {
             delete.iter().map(ToString::to_string).collect::<Vec<_>>(),
             vec!["Namespace c"]
         );
+    }
+
+    const DENY: &str = "apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-legacy, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [legacy]}}]}]
+";
+    const ALLOW: &str = "apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]
+";
+
+    /// Scans and feeds the model the way the control plane's directory source does.
+    fn feed(r: &mut DirectoryReader, dir: &Path, m: &crate::Model) {
+        if let Some(s) = r.scan(dir).unwrap() {
+            m.apply(SourceEvent::Errors(s.errors));
+            m.apply(s.event);
+        }
+    }
+
+    fn policy_keys(m: &crate::Model) -> Vec<String> {
+        let st = m.read_state();
+        let mut v: Vec<String> = st
+            .entries
+            .iter()
+            .filter(|(k, _)| k.starts_with("AuthorizationPolicy/"))
+            .map(|(k, e)| format!("{k}@{}", e.resource.version))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn stale(m: &crate::Model) -> Vec<(String, String)> {
+        m.stale()
+            .into_iter()
+            .map(|(r, s)| (r.to_string(), s.errors[0].to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_object_that_stops_parsing_keeps_its_last_good_version() {
+        let d = tempfile::tempdir().unwrap();
+        let m = crate::Model::new(
+            crate::ModelConfig {
+                trust_domain: weft_proto::spiffe::TrustDomain::new("cluster.local").unwrap(),
+                root_namespace: "weft-system".into(),
+                trust_bundle_pem: String::new(),
+                default_identity_fallback: false,
+            },
+            std::sync::Arc::new(crate::modules::Offline),
+        );
+        let f = d.path().join("policies.yaml");
+        bump(&f, &format!("{DENY}---\n{ALLOW}"));
+        let mut r = DirectoryReader::default();
+        feed(&mut r, d.path(), &m);
+        let good = policy_keys(&m);
+        assert_eq!(good.len(), 2, "{good:?}");
+
+        // A typo in the DENY policy: the document no longer parses. Both policies stay
+        // in force, unchanged; the DENY is reported stale, naming the field.
+        bump(
+            &f,
+            &format!("{}---\n{ALLOW}", DENY.replace("namespaces:", "namespacez:")),
+        );
+        feed(&mut r, d.path(), &m);
+        assert_eq!(policy_keys(&m), good);
+        let s = stale(&m);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].0, "AuthorizationPolicy shop/deny-legacy");
+        assert!(
+            s[0].1.starts_with(
+                "spec.rules[0].from[0].source.namespacez: policies.yaml document 0: unknown field"
+            ),
+            "{}",
+            s[0].1
+        );
+
+        // A half-written file (YAML syntax error): nothing can be attributed, so every
+        // object the file defined keeps its last good version.
+        bump(&f, "apiVersion: security.weft.dev/v1alpha1\nkind: [Authori");
+        feed(&mut r, d.path(), &m);
+        assert_eq!(policy_keys(&m), good);
+        let s = stale(&m);
+        assert_eq!(
+            s.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>(),
+            vec![
+                "AuthorizationPolicy shop/allow-web",
+                "AuthorizationPolicy shop/deny-legacy"
+            ]
+        );
+        assert!(s[0].1.contains("invalid YAML"), "{}", s[0].1);
+
+        // Fixed, without the ALLOW policy: now the ALLOW is really gone.
+        bump(&f, DENY);
+        feed(&mut r, d.path(), &m);
+        assert_eq!(policy_keys(&m), good[1..].to_vec());
+        assert!(stale(&m).is_empty());
+
+        // Broken again, then the file removed: deleting the file deletes its objects.
+        bump(&f, "kind: [");
+        feed(&mut r, d.path(), &m);
+        assert_eq!(policy_keys(&m), good[1..].to_vec());
+        std::fs::remove_file(&f).unwrap();
+        feed(&mut r, d.path(), &m);
+        assert!(policy_keys(&m).is_empty());
+        assert!(stale(&m).is_empty());
     }
 
     #[test]

@@ -36,14 +36,19 @@ use weft_proto::validate::{self, Report};
 #[derive(Debug, Clone)]
 pub enum SourceEvent {
     /// The complete set of objects the source currently holds: anything not in it is
-    /// deleted. Sources that cannot tell deltas apart (a re-read directory) use this.
+    /// deleted, except objects the source reports (in its current errors, by
+    /// [`ManifestError::object_ref`]) as present but not parsing: those keep their
+    /// last good version. Sources that cannot tell deltas apart use this.
     Snapshot(Vec<Object>),
     /// Objects created or changed, and objects deleted, applied as one batch.
     Changes {
         apply: Vec<Object>,
         delete: Vec<ObjectRef>,
     },
-    /// The source's current problems (bad manifests), replacing earlier ones.
+    /// The source's current problems (bad manifests), replacing earlier ones. A problem
+    /// naming an object the model holds ([`ManifestError::object_ref`]) makes that
+    /// object stale: its last good version stays in force. A source never deletes an
+    /// object because it stopped parsing, only because it is gone.
     Errors(Vec<ManifestError>),
 }
 
@@ -53,6 +58,10 @@ pub struct ModelConfig {
     /// Policies in this namespace apply mesh-wide.
     pub root_namespace: String,
     pub trust_bundle_pem: String,
+    /// Give pods that name no ServiceAccount, and mirror (static) pods, the identity of
+    /// their namespace's `default` ServiceAccount, as weft did before. Off: such pods
+    /// are not enrolled and get no identity ([`convert::identity_refusal`]).
+    pub default_identity_fallback: bool,
 }
 
 /// Which nodes receive a resource.
@@ -112,6 +121,37 @@ pub struct ObjectStatus {
     pub l7_enforced: Vec<String>,
     /// `metadata.generation` of the object this was computed from.
     pub generation: Option<i64>,
+    /// Set when the latest version did not parse or validate and this (the last good
+    /// version) is still in force.
+    pub stale: Option<Stale>,
+}
+
+/// Why the version of an object in force is not its latest one: the latest did not
+/// parse or validate, so the last good version stays in force (fail static) until
+/// the object is fixed or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    /// `metadata.generation` of the rejected version, when known.
+    pub generation: Option<i64>,
+    /// What is wrong with the rejected version, by field.
+    pub errors: Vec<validate::FieldError>,
+}
+
+impl Stale {
+    fn of_manifest_error(e: &ManifestError) -> Self {
+        let place = if e.file == "kubernetes" {
+            String::new()
+        } else {
+            format!("{} document {}: ", e.file, e.document)
+        };
+        Self {
+            generation: e.generation,
+            errors: vec![validate::FieldError {
+                field: e.field.clone().unwrap_or_default(),
+                message: format!("{place}{}", e.message),
+            }],
+        }
+    }
 }
 
 #[derive(Default)]
@@ -130,6 +170,11 @@ struct Inputs {
     node_identities: HashMap<(String, String), usize>,
     errors: Vec<ManifestError>,
     statuses: BTreeMap<ObjectRef, ObjectStatus>,
+    /// Policies and plugins whose latest version did not validate while an earlier
+    /// valid version is kept in force (in `policies` / `plugins`).
+    invalid: BTreeMap<ObjectRef, Stale>,
+    /// Pods refused an identity (and so not enrolled), with the reason.
+    refused: BTreeMap<(String, String), &'static str>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -241,9 +286,32 @@ impl Model {
             .collect()
     }
 
-    /// Validation reports of policies and plugins.
+    /// Validation reports of policies and plugins (with `stale` set for those whose
+    /// latest version did not parse or validate).
     pub fn statuses(&self) -> BTreeMap<ObjectRef, ObjectStatus> {
-        self.inputs().statuses.clone()
+        let inputs = self.inputs();
+        let stale = stale_of(&inputs);
+        let mut out = inputs.statuses.clone();
+        for (r, st) in out.iter_mut() {
+            st.stale = stale.get(r).cloned();
+        }
+        out
+    }
+
+    /// Objects whose latest version did not parse or validate, and whose last good
+    /// version is in force instead.
+    pub fn stale(&self) -> BTreeMap<ObjectRef, Stale> {
+        stale_of(&self.inputs())
+    }
+
+    /// Pods of enrolled namespaces that are not enrolled because they get no identity,
+    /// with the reason (see [`convert::identity_refusal`]).
+    pub fn refused_pods(&self) -> Vec<(String, &'static str)> {
+        self.inputs()
+            .refused
+            .iter()
+            .map(|((ns, name), why)| (format!("{ns}/{name}"), *why))
+            .collect()
     }
 
     /// Resources visible to `node`, sorted by key.
@@ -278,7 +346,9 @@ impl Model {
                 }
             }
             SourceEvent::Snapshot(objs) => {
-                let wanted: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
+                let mut wanted: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
+                // Present at the source but not parsing: keep the last good version.
+                wanted.extend(inputs.errors.iter().filter_map(|e| e.object_ref.clone()));
                 for r in all_refs(&inputs) {
                     if !wanted.contains(&r) {
                         remove(&mut inputs, &r, &mut dirty, &mut pods_changed);
@@ -358,12 +428,21 @@ impl Model {
     ) -> HashMap<Arc<str>, Entry> {
         let mut out = HashMap::new();
         let namespace = inputs.namespaces.get(ns).cloned();
+        let fallback = self.cfg.default_identity_fallback;
         let pods: Vec<(&convert::PodFacts, pb::Workload)> = range(&inputs.pods, ns)
             .map(|p| {
                 (
                     p,
-                    convert::workload(p, namespace.as_ref(), &self.cfg.trust_domain),
+                    convert::workload(p, namespace.as_ref(), &self.cfg.trust_domain, fallback),
                 )
+            })
+            .collect();
+        // Pods that would be enrolled but get no identity: reported once each.
+        let refused: Vec<((String, String), &'static str)> = range(&inputs.pods, ns)
+            .filter(|p| convert::enrollable(p, namespace.as_ref()))
+            .filter_map(|p| {
+                convert::identity_refusal(p, fallback)
+                    .map(|why| ((p.base.namespace.clone(), p.base.name.clone()), why))
             })
             .collect();
         let mut enrolled_now: HashMap<String, EnrolledWorkload> = HashMap::new();
@@ -396,6 +475,21 @@ impl Model {
             );
         }
         drop(pods);
+        let mut was: BTreeMap<(String, String), &'static str> = BTreeMap::new();
+        inputs.refused.retain(|k, v| {
+            if k.0 == ns {
+                was.insert(k.clone(), *v);
+                false
+            } else {
+                true
+            }
+        });
+        for (k, why) in refused {
+            if was.get(&k) != Some(&why) {
+                tracing::warn!(pod = %format!("{}/{}", k.0, k.1), reason = why, "pod not enrolled: it gets no mesh identity");
+            }
+            inputs.refused.insert(k, why);
+        }
         // Update the enrollment indexes for this namespace.
         let stale: Vec<String> = inputs
             .enrolled
@@ -450,6 +544,7 @@ impl Model {
                     report,
                     l7_enforced,
                     generation: p.metadata.generation,
+                    stale: None,
                 },
             ));
         }
@@ -495,6 +590,7 @@ impl Model {
                     report,
                     l7_enforced: Vec::new(),
                     generation: p.metadata.generation,
+                    stale: None,
                 },
             ));
         }
@@ -605,16 +701,99 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
         }
         Object::Service(s) => put(&mut i.services, nn(&r), s),
         Object::ServiceAccount(s) => put(&mut i.service_accounts, nn(&r), s),
-        Object::AuthorizationPolicy(p) => put(&mut i.policies, nn(&r), p),
-        Object::WasmPlugin(p) => put(&mut i.plugins, nn(&r), p),
+        Object::AuthorizationPolicy(p) => {
+            let errors =
+                |p: &AuthorizationPolicy| validate::validate_authorization_policy(&p.spec).errors;
+            let held_valid = i
+                .policies
+                .get(&nn(&r))
+                .is_some_and(|old| errors(old).is_empty());
+            match keep_last_good(i, &r, p.metadata.generation, errors(&p), held_valid) {
+                Some(c) => c,
+                None => put(&mut i.policies, nn(&r), p),
+            }
+        }
+        Object::WasmPlugin(p) => {
+            let errors = |p: &WasmPlugin| validate::validate_wasm_plugin(&p.spec).errors;
+            let held_valid = i
+                .plugins
+                .get(&nn(&r))
+                .is_some_and(|old| errors(old).is_empty());
+            match keep_last_good(i, &r, p.metadata.generation, errors(&p), held_valid) {
+                Some(c) => c,
+                None => put(&mut i.plugins, nn(&r), p),
+            }
+        }
     };
     if changed {
         dirty.insert(r.namespace);
     }
 }
 
+/// Fail static for a policy or plugin: when `new` does not validate but the version
+/// held does, the held version stays in force and `new`'s problems are recorded
+/// (`Some(changed)`). Otherwise (`None`) the caller stores `new` as usual: a valid
+/// version replaces the held one, and an object that never validated is distributed
+/// in its fail-closed form, as before.
+fn keep_last_good(
+    i: &mut Inputs,
+    r: &ObjectRef,
+    generation: Option<i64>,
+    errors: Vec<validate::FieldError>,
+    held_valid: bool,
+) -> Option<bool> {
+    if errors.is_empty() || !held_valid {
+        i.invalid.remove(r);
+        return None;
+    }
+    let stale = Stale { generation, errors };
+    if i.invalid.get(r) == Some(&stale) {
+        return Some(false);
+    }
+    for e in &stale.errors {
+        tracing::warn!(object = %r, field = %e.field, error = %e.message, "invalid update rejected; the last valid version stays in force");
+    }
+    i.invalid.insert(r.clone(), stale);
+    // Its status changes (stale), so its namespace is derived again.
+    Some(true)
+}
+
+/// Stale objects: policies and plugins whose latest version did not validate, and any
+/// held object the source reports as not parsing.
+fn stale_of(i: &Inputs) -> BTreeMap<ObjectRef, Stale> {
+    let mut out = i.invalid.clone();
+    for e in &i.errors {
+        let Some(r) = &e.object_ref else { continue };
+        if !holds(i, r) {
+            continue; // never parsed: simply rejected
+        }
+        let s = Stale::of_manifest_error(e);
+        match out.get_mut(r) {
+            Some(have) => have.errors.extend(s.errors),
+            None => {
+                out.insert(r.clone(), s);
+            }
+        }
+    }
+    out
+}
+
+fn holds(i: &Inputs, r: &ObjectRef) -> bool {
+    let k = nn(r);
+    match r.kind {
+        "Namespace" => i.namespaces.contains_key(&r.name),
+        "Pod" => i.pods.contains_key(&k),
+        "Service" => i.services.contains_key(&k),
+        "ServiceAccount" => i.service_accounts.contains_key(&k),
+        "AuthorizationPolicy" => i.policies.contains_key(&k),
+        "WasmPlugin" => i.plugins.contains_key(&k),
+        _ => false,
+    }
+}
+
 fn remove(i: &mut Inputs, r: &ObjectRef, dirty: &mut BTreeSet<String>, pods_changed: &mut bool) {
     let k = nn(r);
+    i.invalid.remove(r);
     let removed = match r.kind {
         "Namespace" => {
             if i.namespaces.remove(&r.name).is_some() {

@@ -20,7 +20,7 @@ pub enum Object {
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped) and name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
     pub kind: &'static str,
     pub namespace: String,
@@ -60,13 +60,19 @@ impl Object {
 }
 
 /// A problem with one document of one file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ManifestError {
     pub file: String,
     /// 0-based index of the YAML document within the file.
     pub document: usize,
     /// `Kind namespace/name` when it could be read.
     pub object: Option<String>,
+    /// The object the problem is about, when kind, namespace and name could be read.
+    /// While the model holds an earlier version of that object, that version stays in
+    /// force and is reported stale (fail static); see [`crate::Model::stale`].
+    pub object_ref: Option<ObjectRef>,
+    /// `metadata.generation` of the version that did not parse, when known.
+    pub generation: Option<i64>,
     /// Field path (`spec.ports[0].port`) when known.
     pub field: Option<String>,
     pub message: String,
@@ -99,17 +105,27 @@ pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestErro
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let err = |object: Option<String>, field: Option<String>, message: String| ManifestError {
-            file: file.to_string(),
-            document: index,
-            object,
-            field,
-            message,
+        let err = |e: DocError| {
+            let (object, object_ref, field, message) = *e;
+            ManifestError {
+                file: file.to_string(),
+                document: index,
+                object,
+                object_ref,
+                generation: None,
+                field,
+                message,
+            }
         };
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(err(None, None, format!("invalid YAML: {e}")));
+                errors.push(err(Box::new((
+                    None,
+                    None,
+                    None,
+                    format!("invalid YAML: {e}"),
+                ))));
                 // A syntax error ends the stream: later documents cannot be located.
                 break;
             }
@@ -119,13 +135,15 @@ pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestErro
         }
         match parse_one(value) {
             Ok(o) => objects.push(o),
-            Err((object, field, message)) => errors.push(err(object, field, message)),
+            Err(e) => errors.push(err(e)),
         }
     }
     (objects, errors)
 }
 
-type DocError = (Option<String>, Option<String>, String);
+/// (object label, object reference, field, message) of a document that did not parse.
+/// Boxed: it is large, and only the rare bad document pays for it.
+type DocError = Box<(Option<String>, Option<ObjectRef>, Option<String>, String)>;
 
 fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
     let str_at =
@@ -142,43 +160,69 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
     };
 
     let Some(kind) = kind else {
-        return Err((None, Some("kind".into()), "missing".into()));
+        return Err(Box::new((
+            None,
+            None,
+            Some("kind".into()),
+            "missing".into(),
+        )));
     };
-    let Some((_, want_api)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+    let Some((static_kind, want_api)) = KINDS.iter().find(|(k, _)| *k == kind) else {
         let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
-        return Err((
+        return Err(Box::new((
             label(&kind),
+            None,
             Some("kind".into()),
             format!("unknown kind {kind:?}; supported: {}", known.join(", ")),
-        ));
+        )));
+    };
+    // From here on the object can be named (once name and namespace are known), so a
+    // problem is attributed to it: an earlier good version of it stays in force.
+    let object_ref = match (&name, &namespace) {
+        (Some(n), _) if *static_kind == "Namespace" && !n.is_empty() => Some(ObjectRef {
+            kind: static_kind,
+            namespace: String::new(),
+            name: n.clone(),
+        }),
+        (Some(n), Some(ns)) if !n.is_empty() && !ns.is_empty() => Some(ObjectRef {
+            kind: static_kind,
+            namespace: ns.clone(),
+            name: n.clone(),
+        }),
+        _ => None,
+    };
+    let fail = |field: &str, message: String| -> Result<Object, DocError> {
+        Err(Box::new((
+            label(&kind),
+            object_ref.clone(),
+            Some(field.to_string()).filter(|p| p != "."),
+            message,
+        )))
     };
     if api_version.as_deref() != Some(*want_api) {
-        return Err((
-            label(&kind),
-            Some("apiVersion".into()),
+        return fail(
+            "apiVersion",
             format!("{api_version:?} is not supported for {kind}; use {want_api:?}"),
-        ));
+        );
     }
     let Some(name) = name.clone().filter(|n| !n.is_empty()) else {
-        return Err((label(&kind), Some("metadata.name".into()), "missing".into()));
+        return fail("metadata.name", "missing".into());
     };
     if kind != "Namespace" && namespace.as_deref().is_none_or(str::is_empty) {
-        return Err((
-            label(&kind),
-            Some("metadata.namespace".into()),
+        return fail(
+            "metadata.namespace",
             "missing: every object but a Namespace must name its namespace".into(),
-        ));
+        );
     }
     if !is_dns_label(&name)
         && kind != "AuthorizationPolicy"
         && kind != "WasmPlugin"
         && !is_dns_subdomain(&name)
     {
-        return Err((
-            label(&kind),
-            Some("metadata.name".into()),
+        return fail(
+            "metadata.name",
             format!("{name:?} is not a valid Kubernetes name"),
-        ));
+        );
     }
 
     fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Result<T, (String, String)> {
@@ -195,7 +239,10 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
         "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
         _ => typed(value).map(Object::WasmPlugin),
     };
-    obj.map_err(|(path, msg)| (label(&kind), Some(path).filter(|p| p != "."), msg))
+    match obj {
+        Ok(o) => Ok(o),
+        Err((path, msg)) => fail(&path, msg),
+    }
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -290,6 +337,20 @@ metadata: {name: nons}
             errs[2].message
         );
         assert_eq!(errs[3].field.as_deref(), Some("metadata.namespace"));
+        // Problems are attributed to an object when it can be named.
+        let refs: Vec<Option<String>> = errs
+            .iter()
+            .map(|e| e.object_ref.as_ref().map(ToString::to_string))
+            .collect();
+        assert_eq!(
+            refs,
+            vec![
+                None,
+                Some("Service shop/web".into()),
+                Some("AuthorizationPolicy shop/p".into()),
+                None
+            ]
+        );
         assert_eq!(
             errs[1].to_string(),
             format!(

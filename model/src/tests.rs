@@ -7,6 +7,7 @@ fn model() -> Arc<Model> {
             trust_domain: TrustDomain::new("cluster.local").unwrap(),
             root_namespace: "weft-system".into(),
             trust_bundle_pem: "PEM".into(),
+            default_identity_fallback: false,
         },
         std::sync::Arc::new(crate::modules::Offline),
     )
@@ -239,4 +240,225 @@ fn delete_removes_resources() {
     keys.sort();
     assert_eq!(keys, vec!["Service/shop/web", "Workload/shop/web-1"]);
     assert!(!m.read_state().entries.contains_key("Workload/shop/web-1"));
+}
+
+const DENY_V1: &str = r#"apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-deny, namespace: shop, generation: 1}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [legacy]}}]}]
+"#;
+
+fn policy_rules(m: &Model, key: &str) -> Option<(String, Vec<pb::Rule>)> {
+    let st = m.read_state();
+    let e = st.entries.get(key)?;
+    let Some(Kind::AuthorizationPolicy(p)) = &e.resource.kind else {
+        panic!("{key} is not a policy")
+    };
+    Some((e.resource.version.clone(), p.rules.clone()))
+}
+
+fn db_deny() -> ObjectRef {
+    ObjectRef {
+        kind: "AuthorizationPolicy",
+        namespace: "shop".into(),
+        name: "db-deny".into(),
+    }
+}
+
+#[test]
+fn an_update_that_does_not_validate_keeps_the_last_valid_version_in_force() {
+    let m = model();
+    m.apply(SourceEvent::Snapshot(objects(&format!(
+        "{BASE}---\n{DENY_V1}"
+    ))));
+    let key = "AuthorizationPolicy/shop/db-deny";
+    let good = policy_rules(&m, key).unwrap();
+    assert_eq!(good.1[0].from[0].namespaces, vec!["legacy"]);
+    assert!(m.stale().is_empty());
+
+    // Generation 2 has an invalid IP block: generation 1 stays in force, unchanged.
+    let mut rx = m.subscribe();
+    let bad = DENY_V1
+        .replace("generation: 1", "generation: 2")
+        .replace("namespaces: [legacy]", "ipBlocks: [\"999.1.1.1\"]");
+    m.apply(SourceEvent::Changes {
+        apply: objects(&bad),
+        delete: vec![],
+    });
+    assert_eq!(policy_rules(&m, key), Some(good.clone()));
+    assert!(
+        rx.try_recv().is_err(),
+        "nothing is pushed to the nodes for the invalid version"
+    );
+    let stale = m.stale();
+    let s = &stale[&db_deny()];
+    assert_eq!(s.generation, Some(2));
+    assert_eq!(
+        s.errors[0].field,
+        "spec.rules[0].from[0].source.ipBlocks[0]"
+    );
+    let st = &m.statuses()[&db_deny()];
+    assert!(
+        st.report.is_valid(),
+        "the status describes the version in force"
+    );
+    assert_eq!(st.generation, Some(1));
+    assert_eq!(st.stale.as_ref(), Some(s));
+
+    // A valid generation 3 replaces it and clears the staleness.
+    let fixed = DENY_V1
+        .replace("generation: 1", "generation: 3")
+        .replace("[legacy]", "[legacy, other]");
+    m.apply(SourceEvent::Changes {
+        apply: objects(&fixed),
+        delete: vec![],
+    });
+    let (_, rules) = policy_rules(&m, key).unwrap();
+    assert_eq!(rules[0].from[0].namespaces, vec!["legacy", "other"]);
+    assert!(m.stale().is_empty());
+    assert_eq!(m.statuses()[&db_deny()].stale, None);
+
+    // Invalid again, then deleted: deleting still deletes.
+    m.apply(SourceEvent::Changes {
+        apply: objects(&bad),
+        delete: vec![],
+    });
+    assert!(policy_rules(&m, key).is_some());
+    m.apply(SourceEvent::Changes {
+        apply: vec![],
+        delete: vec![db_deny()],
+    });
+    assert_eq!(policy_rules(&m, key), None);
+    assert!(m.stale().is_empty());
+}
+
+#[test]
+fn an_object_reported_as_not_parsing_is_kept_and_reported_stale() {
+    let m = model();
+    m.apply(SourceEvent::Snapshot(objects(&format!(
+        "{BASE}---\n{DENY_V1}"
+    ))));
+    let key = "AuthorizationPolicy/shop/db-deny";
+    let good = policy_rules(&m, key).unwrap();
+    let err = |r: ObjectRef, field: &str| ManifestError {
+        file: "kubernetes".into(),
+        object: Some(r.to_string()),
+        object_ref: Some(r),
+        generation: Some(7),
+        field: Some(field.into()),
+        message: "unknown variant `DENNY`".into(),
+        ..Default::default()
+    };
+    let never_parsed = ObjectRef {
+        kind: "AuthorizationPolicy",
+        namespace: "shop".into(),
+        name: "new".into(),
+    };
+    m.apply(SourceEvent::Errors(vec![
+        err(db_deny(), "spec.action"),
+        err(never_parsed.clone(), "spec.action"),
+    ]));
+    // A full snapshot without it (the source could not parse it) does not delete it.
+    m.apply(SourceEvent::Snapshot(objects(BASE)));
+    assert_eq!(policy_rules(&m, key), Some(good));
+    let stale = m.stale();
+    assert_eq!(
+        stale.keys().cloned().collect::<Vec<_>>(),
+        vec![db_deny()],
+        "an object that never parsed is only rejected"
+    );
+    assert_eq!(stale[&db_deny()].generation, Some(7));
+    assert_eq!(
+        stale[&db_deny()].errors[0].to_string(),
+        "spec.action: unknown variant `DENNY`"
+    );
+    assert!(m.statuses()[&db_deny()].stale.is_some());
+    // Fixed at the source: no longer stale.
+    m.apply(SourceEvent::Errors(vec![]));
+    assert!(m.stale().is_empty());
+}
+
+const NO_IDENTITY: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: etcd-node-a
+  namespace: shop
+  uid: m1
+  annotations: {kubernetes.io/config.mirror: "abc"}
+  labels: {app: db}
+spec: {nodeName: node-a, serviceAccountName: db, containers: [{name: c}]}
+status: {podIP: 10.0.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: static-node-a
+  namespace: shop
+  uid: m2
+  ownerReferences: [{apiVersion: v1, kind: Node, name: node-a, uid: n1}]
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {podIP: 10.0.1.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-sa, namespace: shop, uid: m3}
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {podIP: 10.0.1.22}
+"#;
+
+fn workload(m: &Model, key: &str) -> pb::Workload {
+    let st = m.read_state();
+    let Some(Kind::Workload(w)) = &st.entries[key].resource.kind else {
+        panic!("{key}")
+    };
+    w.clone()
+}
+
+#[test]
+fn mirror_pods_and_pods_without_a_service_account_get_no_identity() {
+    let m = model();
+    m.apply(SourceEvent::Snapshot(objects(&format!(
+        "{BASE}---{NO_IDENTITY}"
+    ))));
+    for name in ["etcd-node-a", "static-node-a", "no-sa"] {
+        let w = workload(&m, &format!("Workload/shop/{name}"));
+        assert!(!w.enrolled, "{name} must not be enrolled");
+        assert_eq!(w.spiffe_id, "", "{name} must get no identity");
+    }
+    // No certificate either: the same-node rule finds no enrolled workload.
+    assert!(!m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/default"));
+    assert!(!m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/db"));
+    // An ordinary pod of the same namespace is unaffected.
+    assert!(workload(&m, "Workload/shop/web-1").enrolled);
+    let refused = m.refused_pods();
+    let names: Vec<&str> = refused.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["shop/etcd-node-a", "shop/no-sa", "shop/static-node-a"]
+    );
+    assert!(refused[0].1.contains("kubernetes.io/config.mirror"));
+    assert!(refused[1].1.contains("no ServiceAccount"));
+    assert!(refused[2].1.contains("owned by a Node"));
+
+    // Opt-in: the old behaviour, `default`'s identity.
+    let m = Model::new(
+        ModelConfig {
+            default_identity_fallback: true,
+            ..model().config().clone()
+        },
+        std::sync::Arc::new(crate::modules::Offline),
+    );
+    m.apply(SourceEvent::Snapshot(objects(&format!(
+        "{BASE}---{NO_IDENTITY}"
+    ))));
+    let w = workload(&m, "Workload/shop/no-sa");
+    assert!(w.enrolled);
+    assert_eq!(w.spiffe_id, "spiffe://cluster.local/ns/shop/sa/default");
+    assert!(workload(&m, "Workload/shop/static-node-a").enrolled);
+    assert!(m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/db"));
+    assert!(m.refused_pods().is_empty());
 }

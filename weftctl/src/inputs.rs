@@ -90,6 +90,8 @@ pub async fn load(src: &Source) -> anyhow::Result<Mesh> {
             trust_domain: src.trust_domain.clone(),
             root_namespace: src.root_namespace.clone(),
             trust_bundle_pem: String::new(),
+            // The control plane's default (--default-identity-fallback off).
+            default_identity_fallback: false,
         },
         std::sync::Arc::new(weft_model::modules::Offline),
     );

@@ -132,7 +132,7 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
             ]);
             sessions.insert(name, json!({"control_plane": addr, "acked": acked, "sent": sent, "state": state, "resources": n["resources"]}));
         }
-        replicas.push(json!({"admin": addr, "reachable": true, "ready": ready, "leader": leader, "rejected": st["rejected"], "source_errors": st["source_errors"]}));
+        replicas.push(json!({"admin": addr, "reachable": true, "ready": ready, "leader": leader, "rejected": st["rejected"], "source_errors": st["source_errors"], "stale": st["stale"], "not_enrolled": st["not_enrolled"]}));
     }
     let mut certs = Vec::new();
     let mut workloads = Vec::new();

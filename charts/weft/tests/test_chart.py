@@ -38,6 +38,7 @@ VARIATIONS = {
             "nodeSelector": {"kubernetes.io/os": "linux"},
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
             "svidTtl": "12h",
+            "defaultIdentityFallback": True,
         },
         "node": {
             "image": {"repository": "registry.example.org/weft/node", "tag": "1.2.3", "pullPolicy": "Always"},
@@ -149,6 +150,7 @@ class ChartTests(unittest.TestCase):
         self.assertEqual(cp["containers"][0]["image"], "registry.example.org/weft/cp:1.2.3")
         self.assertIn("--trust-domain=prod.example.org", cp["containers"][0]["args"])
         self.assertIn("--svid-ttl=12h", cp["containers"][0]["args"])
+        self.assertIn("--default-identity-fallback", cp["containers"][0]["args"])
         self.assertEqual(cp["nodeSelector"], {"kubernetes.io/os": "linux"})
         node = ds["spec"]["template"]["spec"]
         self.assertEqual(node["containers"][0]["image"], "registry.example.org/weft/node:1.2.3")
@@ -162,6 +164,8 @@ class ChartTests(unittest.TestCase):
         # Defaults: the chart's appVersion as tag.
         dep = next(d for _, d in render({}) if d["kind"] == "Deployment")
         self.assertTrue(dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0"))
+        # Pods without a ServiceAccount get no identity unless asked.
+        self.assertNotIn("--default-identity-fallback", dep["spec"]["template"]["spec"]["containers"][0]["args"])
 
     def test_capture_cgroup(self):
         """By default the agent finds the cgroup2 root itself (on hybrid hosts it is not

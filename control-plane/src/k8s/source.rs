@@ -7,9 +7,11 @@
 //! - A watch that breaks (API server restart, network error) is retried with
 //!   backoff; a re-list (e.g. after 410 Gone) is diffed against what that kind had,
 //!   so objects deleted meanwhile are removed and nothing is lost or duplicated.
-//! - weft's own CRDs are read as untyped objects and converted one by one: an object
+//! - Every kind is read as untyped objects and converted one by one: an object
 //!   that does not convert is reported (named, with the field) and skipped instead
-//!   of stalling the whole watch.
+//!   of stalling the whole watch. An object that converted before and stops
+//!   converting is not deleted: its last good version stays in force, reported stale
+//!   (fail static); only a Kubernetes delete (or its absence from a re-list) deletes it.
 //! - Endpoints are derived from Pods and Service selectors by the model, so API
 //!   servers without `discovery.k8s.io/v1` (1.20) work.
 
@@ -158,10 +160,12 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
     let mut known: HashSet<ObjectRef> = HashSet::new();
     let mut errors: Problems = BTreeMap::new();
     let mut listing: Option<(Vec<Object>, Problems)> = None;
-    let error_of = |r: &ObjectRef, e: ConvertError| ManifestError {
+    let error_of = |r: &ObjectRef, generation: Option<i64>, e: ConvertError| ManifestError {
         file: "kubernetes".into(),
         document: 0,
         object: Some(r.to_string()),
+        object_ref: Some(r.clone()),
+        generation,
         field: e.field,
         message: e.message,
     };
@@ -184,10 +188,11 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
             Ok(Event::InitApply(o)) => {
                 if let Some((objs, errs)) = listing.as_mut() {
                     let r = ref_of(name, &o);
+                    let generation = o.metadata.generation;
                     match convert(o) {
                         Ok(obj) => objs.push(obj),
                         Err(m) => {
-                            errs.insert(r.clone(), error_of(&r, m));
+                            errs.insert(r.clone(), error_of(&r, generation, m));
                         }
                     }
                 }
@@ -195,7 +200,12 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
             }
             Ok(Event::InitDone) => {
                 let (objs, errs) = listing.take().unwrap_or_default();
-                let now: HashSet<ObjectRef> = objs.iter().map(Object::object_ref).collect();
+                // Listed but not converting: present, so not gone (fail static).
+                let now: HashSet<ObjectRef> = objs
+                    .iter()
+                    .map(Object::object_ref)
+                    .chain(errs.keys().cloned())
+                    .collect();
                 let gone: Vec<ObjectRef> = known.difference(&now).cloned().collect();
                 known = now;
                 errors_changed = errs != errors;
@@ -204,20 +214,21 @@ async fn run_kind(k: Kind, tx: mpsc::Sender<KindMsg>, metrics: Arc<Metrics>) {
             }
             Ok(Event::Apply(o)) => {
                 let r = ref_of(name, &o);
+                let generation = o.metadata.generation;
+                known.insert(r.clone());
                 match convert(o) {
                     Ok(obj) => {
-                        known.insert(r.clone());
                         errors_changed = errors.remove(&r).is_some();
                         Some(KindMsg::Changed(vec![obj], Vec::new()))
                     }
                     Err(m) => {
-                        tracing::warn!(object = %r, field = ?m.field, error = %m.message, "object skipped");
-                        errors.insert(r.clone(), error_of(&r, m));
-                        errors_changed = true;
-                        // A previously good version is withdrawn: its current spec is unknown.
-                        known
-                            .remove(&r)
-                            .then(|| KindMsg::Changed(Vec::new(), vec![r]))
+                        tracing::warn!(object = %r, field = ?m.field, error = %m.message, "object does not convert; a last good version, if any, stays in force");
+                        let e = error_of(&r, generation, m);
+                        errors_changed = errors.get(&r) != Some(&e);
+                        errors.insert(r, e);
+                        // Not withdrawn: the model keeps the last good version and
+                        // reports it stale until the object is fixed or deleted.
+                        None
                     }
                 }
             }
@@ -354,7 +365,7 @@ mod tests {
             Ok(Event::InitApply(policy("good", json!("ALLOW")))),
             Ok(Event::InitApply(policy("bad", json!(42)))),
             Ok(Event::InitDone),
-            // The good one breaks: its last version is withdrawn, not kept.
+            // The good one breaks: its last good version is kept (no deletion).
             Ok(Event::Apply(policy("good", json!(["DENY"])))),
             // The bad one is fixed.
             Ok(Event::Apply(policy("bad", json!("DENY")))),
@@ -372,8 +383,8 @@ mod tests {
         }
         assert_eq!(
             msgs.len(),
-            6,
-            "three events, each with problems and objects"
+            5,
+            "the listing and the fix with problems and objects, the breakage with problems only"
         );
         let bad = "AuthorizationPolicy shop/bad".to_string();
         let good = "AuthorizationPolicy shop/good".to_string();
@@ -402,8 +413,8 @@ mod tests {
             }
             _ => panic!("second: the listing without the bad object"),
         }
-        match (&msgs[2], &msgs[3]) {
-            (KindMsg::Errors(_, e), KindMsg::Changed(up, removed)) => {
+        match &msgs[2] {
+            KindMsg::Errors(_, e) => {
                 assert_eq!(
                     problems(e),
                     vec![
@@ -411,15 +422,15 @@ mod tests {
                         (good.clone(), "spec.action".into())
                     ]
                 );
-                assert!(up.is_empty());
+                // Named precisely, so the model can keep the last good version.
                 assert_eq!(
-                    removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    vec![good.clone()]
+                    e[1].object_ref.as_ref().map(ToString::to_string),
+                    Some(good.clone())
                 );
             }
-            _ => panic!("then: the broken update is reported and the object withdrawn"),
+            _ => panic!("then: the broken update is reported, and nothing withdrawn"),
         }
-        match (&msgs[4], &msgs[5]) {
+        match (&msgs[3], &msgs[4]) {
             (KindMsg::Errors(_, e), KindMsg::Changed(up, removed)) => {
                 assert_eq!(problems(e), vec![(good.clone(), "spec.action".into())]);
                 assert_eq!(names(up), vec![bad.clone()]);

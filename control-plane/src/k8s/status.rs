@@ -2,7 +2,9 @@
 //! `Accepted` condition and `observedGeneration` with server-side apply (field
 //! manager `weft-control-plane`), only when they change.
 //!
-//! Reasons, `Accepted=False`: `InvalidSelector`, `InvalidSpec`, `ModuleUnavailable`;
+//! Reasons, `Accepted=False`: `InvalidSelector`, `InvalidSpec`, `ModuleUnavailable`,
+//! `Stale` (the latest generation does not parse or validate; the last valid one
+//! stays in force);
 //! `Accepted=True`: `Accepted`, `UnsupportedField` (fields weft handles fail-closed,
 //! e.g. JWT principals), `PartiallyEnforced` (L7 fields on a port a Service declares
 //! not HTTP).
@@ -30,7 +32,19 @@ pub fn accepted_condition(kind: &str, st: &ObjectStatus) -> StatusCondition {
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let (status, reason, message) = if !st.report.errors.is_empty() {
+    let (status, reason, message) = if let Some(stale) = &st.stale {
+        let which = |g: Option<i64>| g.map(|g| format!(" (generation {g})")).unwrap_or_default();
+        (
+            "False",
+            "Stale",
+            format!(
+                "the latest version{} is not valid: {}; the last valid version{} stays in force",
+                which(stale.generation),
+                list(&stale.errors),
+                which(st.generation)
+            ),
+        )
+    } else if !st.report.errors.is_empty() {
         let reason = if st
             .report
             .errors
@@ -76,8 +90,16 @@ pub fn accepted_condition(kind: &str, st: &ObjectStatus) -> StatusCondition {
         reason: reason.into(),
         message,
         last_transition_time: None,
-        observed_generation: st.generation,
+        observed_generation: observed_generation(st),
     }
+}
+
+/// The generation the status speaks of: the rejected one when stale (it was seen).
+fn observed_generation(st: &ObjectStatus) -> Option<i64> {
+    st.stale
+        .as_ref()
+        .and_then(|s| s.generation)
+        .or(st.generation)
 }
 
 fn api_resource(kind: &str) -> Option<ApiResource> {
@@ -118,7 +140,7 @@ pub async fn run(client: Client, model: Arc<Model>, mut leader: LeaderWatch) {
             timed.last_transition_time = Some(transition.clone());
             let status = ResourceStatus {
                 conditions: vec![timed],
-                observed_generation: st.generation,
+                observed_generation: observed_generation(st),
             };
             let patch = serde_json::json!({
                 "apiVersion": ar.api_version,
@@ -174,6 +196,7 @@ mod tests {
             },
             l7_enforced: Vec::new(),
             generation: Some(3),
+            stale: None,
         }
     }
 
@@ -214,5 +237,22 @@ mod tests {
         );
         let c = accepted_condition("AuthorizationPolicy", &st(&[], &[]));
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Accepted"));
+        // A valid version in force while the latest one is invalid: stale, and why.
+        let mut stale = st(&[], &[]);
+        stale.stale = Some(weft_model::Stale {
+            generation: Some(4),
+            errors: vec![FieldError {
+                field: "spec.action".into(),
+                message: "unknown variant `DENNY`".into(),
+            }],
+        });
+        let c = accepted_condition("AuthorizationPolicy", &stale);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Stale"));
+        assert_eq!(
+            c.message,
+            "the latest version (generation 4) is not valid: spec.action: unknown variant `DENNY`; \
+             the last valid version (generation 3) stays in force"
+        );
+        assert_eq!(c.observed_generation, Some(4));
     }
 }

@@ -14,6 +14,10 @@ pub struct Signer {
     pub model: Arc<Model>,
     pub auth: Arc<dyn NodeAuthenticator>,
     pub metrics: Arc<Metrics>,
+    /// True once the model holds the source's first complete snapshot: before, the
+    /// same-node rule cannot be decided, so requests are answered `Unavailable` (the
+    /// node retries and keeps its current certificates).
+    pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Signer {
@@ -38,6 +42,14 @@ impl Certificates for Signer {
             }
         };
         let r = req.into_inner();
+        if !*self.ready.borrow() {
+            return Err(self.refuse(
+                &node,
+                &r.spiffe_id,
+                "not_ready",
+                Status::unavailable("the control plane is still loading its configuration"),
+            ));
+        }
         let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| {
             self.refuse(
                 &node,
@@ -86,5 +98,80 @@ impl Certificates for Signer {
                 Status::internal(e.to_string()),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::tests::{csr_for, opts, p256, WEB};
+    use crate::server::auth::RequestAuth;
+    use weft_model::manifest::parse_manifests;
+    use weft_model::{ModelConfig, SourceEvent};
+
+    struct NodeA;
+
+    #[tonic::async_trait]
+    impl NodeAuthenticator for NodeA {
+        async fn authenticate(&self, _: &RequestAuth) -> Result<String, Status> {
+            Ok("node-a".into())
+        }
+    }
+
+    /// Before the first complete snapshot the same-node rule cannot be decided: the
+    /// request is answered `Unavailable` (retry), not refused for good.
+    #[tokio::test]
+    async fn nothing_is_signed_before_the_first_complete_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::load_or_create(&opts(dir.path())).unwrap());
+        let model = Model::new(
+            ModelConfig {
+                trust_domain: ca.trust_domain().clone(),
+                root_namespace: "weft-system".into(),
+                trust_bundle_pem: String::new(),
+                default_identity_fallback: false,
+            },
+            Arc::new(weft_model::modules::Offline),
+        );
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let metrics = Arc::new(Metrics::new());
+        let signer = Signer {
+            ca,
+            model: model.clone(),
+            auth: Arc::new(NodeA),
+            metrics: metrics.clone(),
+            ready,
+        };
+        let req = || {
+            Request::new(pb::SignRequest {
+                spiffe_id: WEB.into(),
+                csr_der: csr_for(&[WEB], &p256()),
+            })
+        };
+        let err = signer.sign(req()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        assert!(metrics
+            .encode()
+            .contains("weft_cp_certificate_refusals_total{reason=\"not_ready\"} 1"));
+
+        let (objs, errs) = parse_manifests(
+            "t.yaml",
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, uid: u1}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c}]}
+status: {podIP: 10.0.1.5}
+"#,
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        model.apply(SourceEvent::Snapshot(objs));
+        ready_tx.send_replace(true);
+        let ok = signer.sign(req()).await.unwrap().into_inner();
+        assert!(ok.cert_chain_pem.contains("BEGIN CERTIFICATE"));
     }
 }

@@ -1,5 +1,11 @@
 //! `NodeConfig.Subscribe`: per-node incremental config streams (delta-xDS style).
 //!
+//! Nothing is sent before the control plane has its first complete snapshot (every
+//! Kubernetes watch listed once, or the manifest directory read once): a node that
+//! reconnects to a control plane still loading keeps its last good view (fail
+//! static) instead of being told to delete what the new control plane has not loaded
+//! yet.
+//!
 //! Each stream remembers what its node holds (key -> version). The first update is
 //! the difference between the node's view and what the node said it already holds;
 //! after that, every model change batch is narrowed to the keys visible to the node
@@ -34,6 +40,8 @@ pub struct Distribution {
     pub auth: Arc<dyn NodeAuthenticator>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Sessions>,
+    /// True once the model holds the source's first complete snapshot.
+    pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
@@ -82,6 +90,7 @@ impl NodeConfig for Distribution {
                 .collect(),
             seq: 0,
             tx,
+            ready: self.ready.clone(),
         };
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -99,6 +108,7 @@ struct NodeStream {
     held: HashMap<Arc<str>, u64>,
     seq: u64,
     tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl NodeStream {
@@ -112,6 +122,14 @@ impl NodeStream {
             .connected_nodes
             .set(self.sessions.count() as i64);
         tracing::info!(node = %self.node, known = self.held.len(), "node subscribed");
+        if !self.wait_ready().await {
+            self.sessions.disconnected(&self.node);
+            self.metrics
+                .connected_nodes
+                .set(self.sessions.count() as i64);
+            tracing::info!(node = %self.node, "node left before the configuration was loaded");
+            return;
+        }
         let permit = self.initial_syncs.clone().acquire_owned().await;
         // Subscribe before the first diff so no change falls in between.
         let mut changes = self.model.subscribe();
@@ -126,6 +144,20 @@ impl NodeStream {
             .connected_nodes
             .set(self.sessions.count() as i64);
         tracing::info!(node = %self.node, "node stream closed");
+    }
+
+    /// Waits until the model holds a complete snapshot; false when the node went away
+    /// (or the control plane is stopping) meanwhile.
+    async fn wait_ready(&mut self) -> bool {
+        if *self.ready.borrow() {
+            return true;
+        }
+        tracing::info!(node = %self.node, "configuration not loaded yet: the node keeps its current view until it is");
+        let tx = self.tx.clone();
+        tokio::select! {
+            r = self.ready.wait_for(|r| *r) => r.is_ok(),
+            _ = tx.closed() => false,
+        }
     }
 
     async fn serve(
@@ -301,5 +333,151 @@ impl NodeStream {
         self.metrics.pushed_resources.inc_by(total as u64);
         self.sessions.sent(&self.node, self.seq, self.held.len());
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use weft_model::manifest::parse_manifests;
+    use weft_model::{ModelConfig, SourceEvent};
+    use weft_proto::pb::node_config_client::NodeConfigClient;
+    use weft_proto::pb::node_config_server::NodeConfigServer;
+
+    struct NodeA;
+
+    #[tonic::async_trait]
+    impl NodeAuthenticator for NodeA {
+        async fn authenticate(&self, _: &RequestAuth) -> Result<String, Status> {
+            Ok("node-a".into())
+        }
+    }
+
+    const NAMESPACES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+"#;
+
+    const REST: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, uid: u1, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c}]}
+status: {podIP: 10.0.1.5}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-legacy, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [legacy]}}]}]
+"#;
+
+    fn objects(text: &str) -> Vec<weft_model::manifest::Object> {
+        let (o, e) = parse_manifests("t.yaml", text);
+        assert!(e.is_empty(), "{e:?}");
+        o
+    }
+
+    fn model() -> Arc<Model> {
+        Model::new(
+            ModelConfig {
+                trust_domain: weft_proto::spiffe::TrustDomain::new("cluster.local").unwrap(),
+                root_namespace: "weft-system".into(),
+                trust_bundle_pem: "PEM".into(),
+                default_identity_fallback: false,
+            },
+            Arc::new(weft_model::modules::Offline),
+        )
+    }
+
+    /// A node that held a complete view reconnects to a control plane whose source is
+    /// slow to load: it is sent nothing (in particular no removal) until the first
+    /// complete snapshot is in the model, then only the difference: nothing.
+    #[tokio::test]
+    async fn a_reconnecting_node_is_sent_nothing_before_the_first_complete_snapshot() {
+        let previous = model();
+        previous.apply(SourceEvent::Snapshot(objects(&format!(
+            "{NAMESPACES}---{REST}"
+        ))));
+        let known: HashMap<String, String> = previous
+            .view_of("node-a")
+            .iter()
+            .map(|r| (r.key.clone(), r.version.clone()))
+            .collect();
+        assert!(
+            known.contains_key("AuthorizationPolicy/shop/deny-legacy")
+                && known.contains_key("Workload/shop/web-1"),
+            "{known:?}"
+        );
+
+        // The restarted control plane: nothing loaded yet.
+        let m = model();
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let dist = Distribution {
+            initial_syncs: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_INITIAL_SYNCS)),
+            model: m.clone(),
+            auth: Arc::new(NodeA),
+            metrics: Arc::new(Metrics::new()),
+            sessions: Arc::new(Sessions::default()),
+            ready,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(NodeConfigServer::new(dist))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let mut client = NodeConfigClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(pb::SubscribeRequest {
+            kind: Some(Req::Hello(pb::Hello {
+                node: "node-a".into(),
+                known_versions: known,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut updates = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        async fn quiet(updates: &mut Streaming<pb::ConfigUpdate>, what: &str) {
+            if let Ok(got) =
+                tokio::time::timeout(Duration::from_millis(500), updates.message()).await
+            {
+                panic!("{what}: the node was sent {got:?}");
+            }
+        }
+        quiet(&mut updates, "before any configuration").await;
+        // Part of the configuration (one kind listed, the others not yet): still nothing.
+        m.apply(SourceEvent::Changes {
+            apply: objects(NAMESPACES),
+            delete: vec![],
+        });
+        quiet(&mut updates, "with a partial configuration").await;
+
+        // The first complete snapshot: the node already holds all of it.
+        m.apply(SourceEvent::Snapshot(objects(&format!(
+            "{NAMESPACES}---{REST}"
+        ))));
+        ready_tx.send_replace(true);
+        let first = tokio::time::timeout(Duration::from_secs(5), updates.message())
+            .await
+            .expect("sent once loaded")
+            .unwrap()
+            .unwrap();
+        assert!(first.initial && !first.partial);
+        assert_eq!(first.removals, Vec::<String>::new(), "nothing deleted");
+        assert_eq!(first.upserts, Vec::<pb::Resource>::new(), "nothing changed");
+        server.abort();
     }
 }
