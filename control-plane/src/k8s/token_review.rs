@@ -358,6 +358,9 @@ impl TokenReviewAuthenticator {
             _ => return,
         };
         let snapshot = matches!(ev, SourceEvent::Snapshot(_));
+        if !snapshot && live.is_empty() && gone.is_empty() {
+            return;
+        }
         let mut st = self.state();
         let before = st.accepted.len();
         st.accepted.retain(|_, a| {
