@@ -221,6 +221,16 @@ fn node_of_credential(der: &[u8]) -> Option<String> {
 
 /// Reads and compiles the list at `path`; a missing file is an empty list.
 pub fn read_list(path: &Path) -> Result<(Vec<u8>, RevocationList), RevocationError> {
+    let bytes = read_bytes(path)?;
+    let list = parse(&bytes).map_err(|message| RevocationError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    })?;
+    Ok((bytes, list))
+}
+
+/// The file's bytes (at most [`MAX_FILE_BYTES`]); none when it is missing.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, RevocationError> {
     let io = |source| RevocationError::Io {
         path: path.to_path_buf(),
         source,
@@ -241,11 +251,7 @@ pub fn read_list(path: &Path) -> Result<(Vec<u8>, RevocationList), RevocationErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(io(e)),
     };
-    let list = parse(&bytes).map_err(|message| RevocationError::Invalid {
-        path: path.to_path_buf(),
-        message,
-    })?;
-    Ok((bytes, list))
+    Ok(bytes)
 }
 
 fn parse(bytes: &[u8]) -> Result<RevocationList, String> {
@@ -288,12 +294,15 @@ pub struct Revocations {
     path: PathBuf,
     tx: watch::Sender<Arc<RevocationList>>,
     metrics: Arc<Metrics>,
+    /// The bytes last read, good or bad: an unchanged file is neither parsed nor
+    /// logged again.
+    last: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Revocations {
     /// Reads the list at `path`; a list that does not parse is an error.
     pub fn load(path: PathBuf, metrics: Arc<Metrics>) -> Result<Arc<Self>, RevocationError> {
-        let (_, list) = read_list(&path)?;
+        let (bytes, list) = read_list(&path)?;
         if !list.is_empty() {
             tracing::info!(path = %path.display(), entries = list.len(), "revoked node credentials loaded");
         }
@@ -302,6 +311,7 @@ impl Revocations {
             path,
             tx: watch::Sender::new(Arc::new(list)),
             metrics,
+            last: std::sync::Mutex::new(bytes),
         }))
     }
 
@@ -311,8 +321,21 @@ impl Revocations {
 
     /// Re-reads the list once; returns whether it changed.
     pub fn reload(&self) -> bool {
-        match read_list(&self.path) {
-            Ok((_, list)) => {
+        let read = read_bytes(&self.path).and_then(|bytes| {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if *last == bytes {
+                return Ok(None);
+            }
+            let list = parse(&bytes).map_err(|message| RevocationError::Invalid {
+                path: self.path.clone(),
+                message,
+            });
+            *last = bytes;
+            list.map(Some)
+        });
+        match read {
+            Ok(None) => false,
+            Ok(Some(list)) => {
                 let changed = self.tx.send_if_modified(|cur| {
                     if **cur == list {
                         return false;
