@@ -263,12 +263,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             revocation::append(
                 &path,
                 Revocation {
-                    node,
+                    node: node.clone(),
                     serial,
                     revoked_at: revoked_at.to_string(),
                     reason,
                 },
             )?;
+            // A node revocation covers its whole second: wait it out, so that a
+            // credential issued after this command returns is not revoked.
+            if node.is_some() {
+                let into = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                std::thread::sleep(Duration::from_nanos(1_000_000_000 - u64::from(into)));
+            }
             println!("revoked {what} (in {})", path.display());
             Ok(())
         }
