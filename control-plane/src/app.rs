@@ -5,6 +5,7 @@ use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
 use crate::identity::{Ca, CaOptions};
 use crate::k8s::{self, KubeSettings};
 use crate::metrics::Metrics;
+use crate::server::revocation::{self, Revocations};
 use crate::server::{
     certificates::Signer, distribution::Distribution, tls, CertNodeAuthenticator,
     NodeAuthenticator, Sessions,
@@ -17,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use weft_model::{Model, ModelConfig};
 use weft_proto::pb::{
     certificates_server::CertificatesServer, modules_server::ModulesServer,
-    node_config_server::NodeConfigServer,
+    node_config_server::NodeConfigServer, node_credentials_server::NodeCredentialsServer,
 };
 use weft_proto::spiffe::TrustDomain;
 
@@ -40,6 +41,8 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     pub server_names: Vec<String>,
     pub svid_ttl: Duration,
+    /// Lifetime of renewed node credentials (standalone mode).
+    pub node_credential_ttl: Duration,
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
     pub ca_bundle: Option<PathBuf>,
@@ -152,6 +155,26 @@ pub async fn start(
     // is sent anything and no certificate is signed (fail static).
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
 
+    // Node authentication: revocable client certificates (standalone), or reviewed
+    // ServiceAccount tokens whose cache follows the pods they are bound to.
+    let revocations = match &kube {
+        None => {
+            let r = Revocations::load(s.state_dir.join(revocation::FILE_NAME), metrics.clone())
+                .context("loading the revoked node credentials")?;
+            tokio::spawn(r.clone().reload_forever());
+            Some(r)
+        }
+        Some(_) => None,
+    };
+    let token_review = kube.as_ref().map(|(client, _, ks)| {
+        Arc::new(k8s::token_review::TokenReviewAuthenticator::new(
+            client.clone(),
+            &ks.token_audience,
+            &ks.namespace,
+            &ks.node_service_account,
+        ))
+    });
+
     // Config source -> model.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SourceEvent>(64);
     let source: Box<dyn ConfigSource> = match (&s.source, &kube) {
@@ -180,8 +203,12 @@ pub async fn start(
     let source_task = tokio::spawn(async move { source.run(tx).await });
     {
         let model = model.clone();
+        let token_review = token_review.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
+                if let Some(t) = &token_review {
+                    t.observe(&ev);
+                }
                 let snapshot = matches!(ev, SourceEvent::Snapshot(_));
                 let m = model.clone();
                 // Recomputing a namespace is CPU work: keep it off the I/O threads.
@@ -212,16 +239,13 @@ pub async fn start(
         .await
         .with_context(|| format!("binding the gRPC address {}", s.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let inner: Arc<dyn NodeAuthenticator> = match &kube {
-        None => Arc::new(CertNodeAuthenticator {
+    let inner: Arc<dyn NodeAuthenticator> = match (&token_review, &revocations) {
+        (Some(t), _) => t.clone(),
+        (None, Some(r)) => Arc::new(CertNodeAuthenticator {
             trust_domain: s.trust_domain.clone(),
+            revocations: r.clone(),
         }),
-        Some((client, _, ks)) => Arc::new(k8s::token_review::TokenReviewAuthenticator::new(
-            client.clone(),
-            &ks.token_audience,
-            &ks.namespace,
-            &ks.node_service_account,
-        )),
+        (None, None) => anyhow::bail!("no node authenticator for this mode"),
     };
     let auth: Arc<dyn NodeAuthenticator> = Arc::new(crate::server::auth::Metered {
         inner,
@@ -245,9 +269,15 @@ pub async fn start(
     let signer = Signer {
         ca: ca.clone(),
         model: model.clone(),
-        auth,
+        auth: auth.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+    };
+    let renewer = crate::server::node_credentials::Renewer {
+        ca: ca.clone(),
+        auth,
+        metrics: metrics.clone(),
+        ttl: kube.is_none().then_some(s.node_credential_ttl),
     };
 
     // Admin HTTP.
@@ -274,11 +304,19 @@ pub async fn start(
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(CertificatesServer::new(signer))
+        .add_service(NodeCredentialsServer::new(renewer))
         .add_service(
             ModulesServer::new(modules)
                 .max_encoding_message_size(crate::wasm::MAX_MODULE_BYTES + 1024),
         )
-        .serve_with_incoming_shutdown(tls::incoming(listener, acceptor), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            tls::incoming(
+                listener,
+                acceptor,
+                revocations.map(|r| r as Arc<dyn tls::ConnectionGuard>),
+            ),
+            stopped(stop_rx.clone()),
+        );
     let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(stopped(stop_rx));
 
     let fut = async move {

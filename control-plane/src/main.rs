@@ -105,6 +105,10 @@ enum Command {
         /// not enrolled and get no certificate (see docs/identity.md).
         #[arg(long, env = "WEFT_DEFAULT_IDENTITY_FALLBACK")]
         default_identity_fallback: bool,
+        /// Standalone: lifetime of the node credentials issued when node agents renew
+        /// theirs (at half life). At least 10s.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        node_credential_ttl: Duration,
     },
     /// Create a node agent's credential (client certificate, key and trust bundle).
     NodeCredential {
@@ -116,8 +120,28 @@ enum Command {
         /// Output directory: node.crt, node.key (0600) and ca.crt are written there.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        /// Lifetime; the node agent renews its credential at half life (keep the
+        /// directory writable by the agent so a renewed credential survives restarts).
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         ttl: Duration,
+    },
+    /// Revoke node credentials (standalone): adds an entry to
+    /// <state-dir>/revoked-node-credentials.yaml, which a running control plane
+    /// re-reads within a second: it then refuses the credential and closes the
+    /// connections that presented it.
+    RevokeNodeCredential {
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
+        /// Revoke every credential of this node issued until now (renewed ones
+        /// included); issue a new one with `node-credential` afterwards.
+        #[arg(long, required_unless_present = "serial", conflicts_with = "serial")]
+        node: Option<String>,
+        /// Revoke one credential by its serial number (hex, as `node-credential` printed it).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Why (kept in the list and logged).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Print (or write into a directory) the CustomResourceDefinitions.
     Crds {
@@ -162,7 +186,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             admin_addr,
             server_names,
             default_identity_fallback,
+            node_credential_ttl,
         } => {
+            anyhow::ensure!(
+                node_credential_ttl >= Duration::from_secs(10),
+                "--node-credential-ttl must be at least 10s"
+            );
             let source = match config_dir {
                 Some(dir) => SourceSettings::Directory(dir),
                 None => {
@@ -192,6 +221,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 admin_addr,
                 server_names,
                 svid_ttl: ca.svid_ttl,
+                node_credential_ttl,
                 ca_cert: ca.ca_cert,
                 ca_key: ca.ca_key,
                 ca_bundle: ca.ca_bundle,
@@ -221,6 +251,41 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 cert.serial_hex,
                 humantime::format_rfc3339_seconds(cert.not_after)
             );
+            Ok(())
+        }
+        Command::RevokeNodeCredential {
+            state_dir,
+            node,
+            serial,
+            reason,
+        } => {
+            use weft_control_plane::server::revocation::{self, Revocation};
+            let path = state_dir.join(revocation::FILE_NAME);
+            let revoked_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let what = match (&node, &serial) {
+                (Some(n), _) => format!("every credential of node {n:?} issued until {revoked_at}"),
+                (None, Some(s)) => format!("the credential with serial {s}"),
+                (None, None) => anyhow::bail!("give --node or --serial"),
+            };
+            revocation::append(
+                &path,
+                Revocation {
+                    node: node.clone(),
+                    serial,
+                    revoked_at: revoked_at.to_string(),
+                    reason,
+                },
+            )?;
+            // A node revocation covers its whole second: wait it out, so that a
+            // credential issued after this command returns is not revoked.
+            if node.is_some() {
+                let into = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                std::thread::sleep(Duration::from_nanos(1_000_000_000 - u64::from(into)));
+            }
+            println!("revoked {what} (in {})", path.display());
             Ok(())
         }
         Command::Crds { out } => {

@@ -39,6 +39,11 @@ pub struct Metrics {
     pub leader: Gauge,
     pub watch_errors: Family<KindLabel, Counter>,
     pub node_auth_refusals: Family<ReasonLabel, Counter>,
+    /// Node connections closed because their credential was revoked or expired.
+    pub node_connections_closed: Family<ReasonLabel, Counter>,
+    /// Entries of the standalone revocation list.
+    pub revoked_node_credentials: Gauge,
+    pub node_credentials_renewed: Counter,
 }
 
 /// Reasons of `weft_cp_certificate_refusals_total` (see docs/metrics.md).
@@ -56,8 +61,15 @@ pub const CERTIFICATE_REFUSAL_REASONS: &[&str] = &[
 ];
 
 /// Reasons of `weft_cp_node_auth_refusals_total`.
-pub const NODE_AUTH_REFUSAL_REASONS: &[&str] =
-    &["unauthenticated", "permission_denied", "unavailable"];
+pub const NODE_AUTH_REFUSAL_REASONS: &[&str] = &[
+    "unauthenticated",
+    "permission_denied",
+    "unavailable",
+    "rate_limited",
+];
+
+/// Reasons of `weft_cp_node_connections_closed_total`.
+pub const NODE_CONNECTION_CLOSE_REASONS: &[&str] = &["revoked", "expired"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -78,6 +90,9 @@ impl Metrics {
             leader: Gauge::default(),
             watch_errors: Family::default(),
             node_auth_refusals: Family::default(),
+            node_connections_closed: Family::default(),
+            revoked_node_credentials: Gauge::default(),
+            node_credentials_renewed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,6 +152,21 @@ impl Metrics {
             "Node agent requests refused by authentication, by reason",
             m.node_auth_refusals.clone(),
         );
+        registry.register(
+            "node_connections_closed",
+            "Node connections closed because their credential was revoked or expired, by reason",
+            m.node_connections_closed.clone(),
+        );
+        registry.register(
+            "revoked_node_credentials",
+            "Entries of the revocation list of node credentials (standalone mode)",
+            m.revoked_node_credentials.clone(),
+        );
+        registry.register(
+            "node_credentials_renewed",
+            "Node credentials renewed for their node agent (standalone mode)",
+            m.node_credentials_renewed.clone(),
+        );
         // Every reason exported from the start (at 0), so that rates and alerts
         // see a series before the first refusal.
         for reason in CERTIFICATE_REFUSAL_REASONS {
@@ -146,6 +176,11 @@ impl Metrics {
         }
         for reason in NODE_AUTH_REFUSAL_REASONS {
             let _ = m.node_auth_refusals.get_or_create(&ReasonLabel {
+                reason: (*reason).to_string(),
+            });
+        }
+        for reason in NODE_CONNECTION_CLOSE_REASONS {
+            let _ = m.node_connections_closed.get_or_create(&ReasonLabel {
                 reason: (*reason).to_string(),
             });
         }

@@ -118,6 +118,11 @@ impl StandaloneMesh {
 
     /// Creates the node's credential (once) with the documented command.
     pub fn create_credential(&self, node: &str) -> anyhow::Result<PathBuf> {
+        self.create_credential_with(node, &[])
+    }
+
+    /// Creates the node's credential (once), with more `node-credential` arguments.
+    pub fn create_credential_with(&self, node: &str, extra: &[&str]) -> anyhow::Result<PathBuf> {
         let out = self.credential_dir(node);
         if out.join("node.crt").exists() {
             return Ok(out);
@@ -127,6 +132,7 @@ impl StandaloneMesh {
             .arg(self.state_dir())
             .arg("--out")
             .arg(&out)
+            .args(extra)
             .args(
                 self.extra_cp_args
                     .iter()
@@ -141,6 +147,23 @@ impl StandaloneMesh {
             );
         }
         Ok(out)
+    }
+
+    /// `weft-control-plane revoke-node-credential` with these arguments.
+    pub fn revoke_credential(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new(bin_path("weft-control-plane")?)
+            .arg("revoke-node-credential")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "revoke-node-credential failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     pub fn start_node(&mut self, node: &str) -> anyhow::Result<()> {

@@ -609,3 +609,175 @@ status: {podIP: 10.244.1.60}
         .cp_log()
         .contains("pod not enrolled: it gets no mesh identity"));
 }
+
+/// A counter or gauge of the control plane's /metrics (0 when absent).
+fn cp_metric(m: &StandaloneMesh, series: &str) -> u64 {
+    m.cp_metrics()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pod_on(name: &str, node: &str, ip: &str) -> String {
+    NEW_POD
+        .replace("cart-1", name)
+        .replace("node-b", node)
+        .replace("10.244.2.40", ip)
+}
+
+/// Every node's view holds every workload.
+fn holds_pod(d: &serde_json::Value, name: &str) -> bool {
+    keys(d, "workloads").contains(&format!("Workload/shop/{name}"))
+}
+
+#[test]
+fn node_credentials_are_renewed_and_a_revoked_node_is_cut_off() {
+    let mut m = StandaloneMesh::new(Some(example()), &["--node-credential-ttl", "20s"]).unwrap();
+    // node-a starts with a credential that expires in 12 s; node-b with the default.
+    m.create_credential_with("node-a", &["--ttl", "12s"])
+        .unwrap();
+    m.start_control_plane().unwrap();
+    m.start_node("node-a").unwrap();
+    m.start_node("node-b").unwrap();
+    for n in ["node-a", "node-b"] {
+        m.wait_node(n, Duration::from_secs(20), "initial sync", synced)
+            .unwrap();
+    }
+    let crt_path = m.credential_dir("node-a").join("node.crt");
+    let crt = || std::fs::read_to_string(&crt_path).unwrap();
+    let logs = || {
+        format!(
+            "node-a:\n{}\ncontrol plane:\n{}",
+            m.node_log("node-a"),
+            m.cp_log()
+        )
+    };
+    let first = crt();
+
+    // Renewed at half its remaining life and written back to the credential directory.
+    wait_for(
+        "the renewed credential",
+        Duration::from_secs(15),
+        || crt() != first,
+        logs,
+    );
+    assert!(cp_metric(&m, "weft_cp_node_credentials_renewed_total") >= 1);
+    // The first credential's connection is closed when it expires; the agent is back
+    // with the renewed one and still receives updates.
+    wait_for(
+        "the expired credential's connection to be closed",
+        Duration::from_secs(15),
+        || {
+            cp_metric(
+                &m,
+                "weft_cp_node_connections_closed_total{reason=\"expired\"}",
+            ) >= 1
+        },
+        logs,
+    );
+    m.write_manifest(
+        "after-expiry.yaml",
+        &pod_on("after-expiry", "node-a", "10.244.1.50"),
+    )
+    .unwrap();
+    m.wait_node(
+        "node-a",
+        Duration::from_secs(15),
+        "an update after the expiry",
+        |d| holds_pod(d, "after-expiry"),
+    )
+    .unwrap();
+
+    // Revoked by node: every credential of node-a so far, the renewed ones included.
+    m.revoke_credential(&["--node", "node-a", "--reason", "e2e"])
+        .unwrap();
+    wait_for(
+        "the revoked node's connection to be closed",
+        Duration::from_secs(5),
+        || {
+            cp_metric(
+                &m,
+                "weft_cp_node_connections_closed_total{reason=\"revoked\"}",
+            ) >= 1
+        },
+        logs,
+    );
+    wait_for(
+        "node-a to leave the connected nodes",
+        Duration::from_secs(5),
+        || {
+            let st = m.cp_status().unwrap_or_default();
+            let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+            nodes.iter().all(|n| n["node"] != "node-a")
+                && nodes.iter().any(|n| n["node"] == "node-b")
+        },
+        logs,
+    );
+    rt().block_on(async {
+        // Refused on the next request, with whatever credential the agent holds now.
+        let mut cfg =
+            pb::node_config_client::NodeConfigClient::new(channel(&m, "node-a", true).await);
+        let hello = pb::SubscribeRequest {
+            kind: Some(pb::subscribe_request::Kind::Hello(pb::Hello {
+                node: "node-a".into(),
+                known_versions: Default::default(),
+            })),
+        };
+        let err = cfg.subscribe(tokio_stream_once(hello)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert!(err.message().contains("revoked"), "{err}");
+        // And it cannot renew itself out of the revocation.
+        let mut renew = pb::node_credentials_client::NodeCredentialsClient::new(
+            channel(&m, "node-a", true).await,
+        );
+        let id = "spiffe://cluster.local/_weft/node/node-a";
+        let err = renew
+            .renew(pb::RenewNodeCredentialRequest { csr_der: csr(id) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    });
+    // node-a keeps its last config but gets no more updates; node-b is unaffected.
+    m.write_manifest(
+        "after-revocation.yaml",
+        &pod_on("after-revocation", "node-b", "10.244.2.51"),
+    )
+    .unwrap();
+    m.wait_node(
+        "node-b",
+        Duration::from_secs(10),
+        "an update after the revocation",
+        |d| holds_pod(d, "after-revocation"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let a = m.config_dump("node-a").unwrap();
+    assert!(
+        holds_pod(&a, "after-expiry"),
+        "node-a keeps its last config"
+    );
+    assert!(
+        !holds_pod(&a, "after-revocation"),
+        "a revoked node receives no update"
+    );
+    assert!(cp_metric(&m, "weft_cp_revoked_node_credentials") == 1);
+}

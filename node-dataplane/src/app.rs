@@ -101,6 +101,13 @@ pub async fn start(
         config.clone(),
         metrics.clone(),
     ));
+    // Standalone: the node's own credential is renewed before it expires.
+    if s.control_plane.token_file.is_none() {
+        tokio::spawn(crate::control::renewal::renew_forever(
+            s.control_plane.clone(),
+            metrics.clone(),
+        ));
+    }
     let target = s.control_plane.clone();
     let manager = CertManager {
         settings: s.certs.clone(),

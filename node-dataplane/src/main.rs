@@ -217,6 +217,7 @@ impl RunArgs {
                 server_name: self.server_name,
                 credential_dir: self.credential_dir,
                 token_file: self.token_file,
+                credential: Default::default(),
             },
             admin_addr: self.admin_addr,
             metrics_addr,

@@ -72,7 +72,8 @@ pub struct Ca {
 }
 
 const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const BACKDATE: Duration = Duration::from_secs(60);
+/// Every certificate's notBefore is this much before its issuance (clock skew).
+pub const BACKDATE: Duration = Duration::from_secs(60);
 
 impl Ca {
     /// Loads the CA from the state directory (or the user-provided files), creating a
@@ -255,20 +256,40 @@ impl Ca {
         node: &str,
         ttl: Duration,
     ) -> Result<(IssuedCert, String), CaError> {
+        let id = self.node_id(node)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let issued = self.issue_leaf(&key, &id, ttl, Leaf::Node(node))?;
+        Ok((issued, key.serialize_pem()))
+    }
+
+    /// Renews a node credential: verifies `csr_der` (signature, key type, exactly the
+    /// node's ID as its only SAN) and issues a credential of `node` for its key. The
+    /// key never leaves the node.
+    pub fn renew_node_credential(
+        &self,
+        csr_der: &[u8],
+        node: &str,
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let id = self.node_id(node)?;
+        let verified = csr::verify(csr_der, &id)?;
+        let spki = SubjectPublicKeyInfo::from_der(&verified.spki_der)?;
+        self.issue_leaf(&spki, &id, ttl, Leaf::Node(node))
+    }
+
+    /// `spiffe://<td>/_weft/node/<node>`.
+    fn node_id(&self, node: &str) -> Result<SpiffeId, CaError> {
         if node.is_empty() || node.contains('/') {
             return Err(CaError::Identity(
                 node.to_string(),
                 "a node name is one non-empty path segment".into(),
             ));
         }
-        let id = SpiffeId::parse(&format!(
+        SpiffeId::parse(&format!(
             "spiffe://{}{NODE_ID_PREFIX}{node}",
             self.trust_domain
         ))
-        .map_err(|e| CaError::Identity(node.to_string(), e.to_string()))?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let issued = self.issue_leaf(&key, &id, ttl, Leaf::Node(node))?;
-        Ok((issued, key.serialize_pem()))
+        .map_err(|e| CaError::Identity(node.to_string(), e.to_string()))
     }
 
     /// Issues the control plane's TLS serving certificate.

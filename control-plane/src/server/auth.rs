@@ -1,7 +1,9 @@
 //! Who is calling: every node agent authenticates with its own credential, and
 //! every RPC is bound to the node that credential names.
 
+use super::revocation::{NodeCredential, Revocations};
 use crate::identity::NODE_ID_PREFIX;
+use std::sync::Arc;
 use tonic::Status;
 use weft_proto::spiffe::{SpiffeId, TrustDomain};
 
@@ -15,6 +17,8 @@ pub trait NodeAuthenticator: Send + Sync + 'static {
 pub struct RequestAuth {
     pub peer_certs: Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
     pub bearer: Option<String>,
+    /// The client's address (failed authentications are limited per source).
+    pub remote: Option<std::net::IpAddr>,
 }
 
 impl RequestAuth {
@@ -28,15 +32,18 @@ impl RequestAuth {
         Self {
             peer_certs: req.peer_certs(),
             bearer,
+            remote: req.remote_addr().map(|a| a.ip()),
         }
     }
 }
 
 /// Standalone mode: node credentials are client certificates issued by the mesh CA
-/// (`weft-control-plane node-credential`) with the single URI SAN
-/// `spiffe://<td>/_weft/node/<node>`. The TLS layer has already verified the chain.
+/// (`weft-control-plane node-credential`, renewed by the agent) with the single URI
+/// SAN `spiffe://<td>/_weft/node/<node>`. The TLS layer has already verified the
+/// chain and the validity period; a credential in the revocation list is refused.
 pub struct CertNodeAuthenticator {
     pub trust_domain: TrustDomain,
+    pub revocations: Arc<Revocations>,
 }
 
 #[tonic::async_trait]
@@ -49,7 +56,18 @@ impl NodeAuthenticator for CertNodeAuthenticator {
             .ok_or_else(|| {
                 Status::unauthenticated("a node credential (client certificate) is required")
             })?;
-        node_from_cert(&certs[0], &self.trust_domain)
+        let node = node_from_cert(&certs[0], &self.trust_domain).inspect_err(|s| {
+            tracing::warn!(source = ?meta.remote, error = %s.message(), "node credential refused")
+        })?;
+        let cred = NodeCredential::parse(&certs[0], &node)
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        if let Err(why) = self.revocations.check(&cred) {
+            tracing::warn!(%node, serial = %cred.serial, source = ?meta.remote, %why, "revoked node credential refused");
+            return Err(Status::unauthenticated(
+                "this node credential has been revoked",
+            ));
+        }
+        Ok(node)
     }
 }
 
@@ -87,6 +105,7 @@ impl NodeAuthenticator for Metered {
             let reason = match s.code() {
                 tonic::Code::Unauthenticated => "unauthenticated",
                 tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::ResourceExhausted => "rate_limited",
                 _ => "unavailable",
             };
             self.metrics
@@ -95,7 +114,9 @@ impl NodeAuthenticator for Metered {
                     reason: reason.into(),
                 })
                 .inc();
-            tracing::warn!(error = %s.message(), "node agent request refused");
+            // The authenticators log what they decided (once per decision, not per
+            // cached or rate-limited repeat, so a flood does not flood the log).
+            tracing::debug!(error = %s.message(), "node agent request refused");
         }
         r
     }
@@ -103,9 +124,11 @@ impl NodeAuthenticator for Metered {
 
 #[cfg(test)]
 mod tests {
-    use super::node_from_cert;
+    use super::{node_from_cert, CertNodeAuthenticator, NodeAuthenticator, RequestAuth};
     use crate::identity::tests::{csr_for, der_chain, opts, p256, WEB};
     use crate::identity::Ca;
+    use crate::server::revocation::{self, Revocation, Revocations};
+    use std::sync::Arc;
     use std::time::Duration;
     use weft_proto::spiffe::SpiffeId;
 
@@ -125,5 +148,52 @@ mod tests {
             .unwrap();
         let s = node_from_cert(&der_chain(&svid.chain_pem)[0], ca.trust_domain()).unwrap_err();
         assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_node_credential_is_refused_and_a_new_one_is_not() {
+        use std::time::SystemTime;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(&opts(dir.path())).unwrap();
+        let path = dir.path().join(revocation::FILE_NAME);
+        let revocations =
+            Revocations::load(path.clone(), Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let auth = CertNodeAuthenticator {
+            trust_domain: ca.trust_domain().clone(),
+            revocations: revocations.clone(),
+        };
+        let request = |node: &str| {
+            let (c, _) = ca
+                .issue_node_credential(node, Duration::from_secs(3600))
+                .unwrap();
+            RequestAuth {
+                peer_certs: Some(Arc::new(vec![der_chain(&c.chain_pem).remove(0).into()])),
+                bearer: None,
+                remote: None,
+            }
+        };
+        let (old, other) = (request("node-a"), request("node-b"));
+        assert_eq!(auth.authenticate(&old).await.unwrap(), "node-a");
+        revocation::append(
+            &path,
+            Revocation {
+                node: Some("node-a".into()),
+                serial: None,
+                revoked_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                reason: Some("test".into()),
+            },
+        )
+        .unwrap();
+        assert!(revocations.reload());
+        let e = auth.authenticate(&old).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("revoked"), "{e:?}");
+        assert_eq!(auth.authenticate(&other).await.unwrap(), "node-b");
+        // A credential issued after the revocation's second is not affected.
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(
+            auth.authenticate(&request("node-a")).await.unwrap(),
+            "node-a"
+        );
     }
 }

@@ -1,17 +1,23 @@
 //! TLS for the gRPC server: a serving certificate from the mesh CA that is renewed
 //! at half life without a restart, and client-certificate verification against the
-//! trust bundle (optional at the TLS layer; the authenticator decides).
+//! trust bundle (optional at the TLS layer; the authenticator decides), and
+//! connections that close when their client's credential is revoked or expires.
 
 use crate::identity::Ca;
+use futures::future::BoxFuture;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
 
 #[derive(Debug)]
 pub struct ServingCert {
@@ -86,13 +92,102 @@ pub fn acceptor(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<TlsA
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// Decides how long a client's connection may live, from the certificates it
+/// presented (standalone mode: until its node credential is revoked or expires).
+pub trait ConnectionGuard: Send + Sync + 'static {
+    /// A future that completes when the connection must be closed; `None`: never.
+    fn watch(&self, certs: &[CertificateDer<'static>]) -> Option<BoxFuture<'static, ()>>;
+}
+
+/// A TLS connection that fails every read and write once its guard fired, so the
+/// gRPC server closes it and every stream on it (a revoked node's Subscribe stream
+/// included).
+pub struct GuardedStream {
+    io: TlsStream<TcpStream>,
+    close: Option<BoxFuture<'static, ()>>,
+    closed: bool,
+}
+
+impl GuardedStream {
+    pub fn new(io: TlsStream<TcpStream>, guard: Option<&dyn ConnectionGuard>) -> Self {
+        let close = guard.and_then(|g| {
+            let certs = io.get_ref().1.peer_certificates()?;
+            g.watch(certs)
+        });
+        Self {
+            io,
+            close,
+            closed: false,
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if !self.closed {
+            if let Some(f) = self.close.as_mut() {
+                if f.as_mut().poll(cx).is_ready() {
+                    self.closed = true;
+                    self.close = None;
+                }
+            }
+        }
+        if self.closed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the client's credential was revoked or expired",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if let Err(e) = me.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if let Err(e) = me.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for GuardedStream {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, yielding
-/// established streams. A failed handshake is logged and dropped.
+/// established streams, each under `guard`. A failed handshake is logged and dropped.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
+    guard: Option<Arc<dyn ConnectionGuard>>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<GuardedStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -110,10 +205,12 @@ pub fn incoming(
             }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let guard = guard.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let io = GuardedStream::new(tls, guard.as_deref());
+                        let _ = tx.send(Ok(io)).await;
                     }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),

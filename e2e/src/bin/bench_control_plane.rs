@@ -175,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                 server_name: "weft-control-plane".into(),
                 credential_dir: cred.clone(),
                 token_file: None,
+                credential: Default::default(),
             };
             tokio::spawn(weft_node_dataplane::testing::subscribe(
                 target,

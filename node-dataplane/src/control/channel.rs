@@ -1,10 +1,12 @@
 //! A gRPC channel to the control plane over TLS, the control plane verified
 //! against the trust bundle (`ca.crt`). The node authenticates with either
 //!
-//! - a node credential (standalone): `node.crt`/`node.key` as client certificate, or
+//! - a node credential (standalone): `node.crt`/`node.key` as client certificate
+//!   (renewed by [`super::renewal`]), or
 //! - a projected ServiceAccount token (Kubernetes): `--token-file`, re-read for
 //!   every request (the kubelet rotates it) and sent as `authorization: Bearer`.
 
+use super::credential::{self, CredentialSlot, NodeIdentity};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +26,8 @@ pub struct ControlPlaneTarget {
     pub credential_dir: PathBuf,
     /// Projected ServiceAccount token file (Kubernetes mode).
     pub token_file: Option<PathBuf>,
+    /// The renewed node credential (standalone), shared by every clone.
+    pub credential: CredentialSlot,
 }
 
 /// A channel whose every request carries the node's token when it has one.
@@ -61,15 +65,21 @@ fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
 }
 
 impl ControlPlaneTarget {
+    /// The credential to present: the renewed one, else the files.
+    pub fn node_identity(&self) -> anyhow::Result<NodeIdentity> {
+        match self.credential.get() {
+            Some(id) => Ok(id),
+            None => credential::load(&self.credential_dir),
+        }
+    }
+
     pub async fn connect(&self) -> anyhow::Result<ControlChannel> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.credential_dir, "ca.crt")?))
             .domain_name(self.server_name.clone());
         if self.token_file.is_none() {
-            tls = tls.identity(Identity::from_pem(
-                read(&self.credential_dir, "node.crt")?,
-                read(&self.credential_dir, "node.key")?,
-            ));
+            let id = self.node_identity()?;
+            tls = tls.identity(Identity::from_pem(id.cert_pem, id.key_pem));
         }
         let ep = Endpoint::from_shared(self.address.clone())
             .with_context(|| format!("control plane address {:?}", self.address))?

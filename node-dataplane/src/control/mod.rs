@@ -3,4 +3,6 @@
 
 pub mod backoff;
 pub mod channel;
+pub mod credential;
+pub mod renewal;
 pub mod subscription;

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub cert_rotations: Counter,
     pub cert_errors: Counter,
     pub cert_expiry: Family<IdentityLabel, Gauge>,
+    /// Standalone: expiry of the node's own credential (unix time).
+    pub node_credential_expiry: Gauge,
+    pub node_credential_renewal_errors: Counter,
     pub traffic: traffic::TrafficMetrics,
     pub scrape: Arc<scrape::StateCollector>,
     pub access_log_dropped: Family<DroppedLabel, Counter>,
@@ -55,6 +58,8 @@ impl Metrics {
             cert_renewals: Counter::default(),
             cert_errors: Counter::default(),
             cert_expiry: Family::default(),
+            node_credential_expiry: Gauge::default(),
+            node_credential_renewal_errors: Counter::default(),
             traffic: Default::default(),
         };
         m.traffic.register(registry);
@@ -99,6 +104,16 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "Expiry of each workload certificate held (unix time)",
             m.cert_expiry.clone(),
+        );
+        node.register(
+            "credential_expiry_timestamp_seconds",
+            "Standalone: expiry of the node's own credential (unix time)",
+            m.node_credential_expiry.clone(),
+        );
+        node.register(
+            "credential_renewal_errors",
+            "Standalone: failed renewals of the node's own credential",
+            m.node_credential_renewal_errors.clone(),
         );
         for decision in ["allow", "deny"] {
             let _ = m
