@@ -252,8 +252,12 @@ impl Plugin {
         f: impl FnOnce(&mut Slot, usize) -> R,
     ) -> R {
         let lock = |i: usize| self.slots[i].lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lanes) = self.lanes() else {
+            // No engine: no plugin code runs.
+            return f(&mut lock(first), first);
+        };
         if !self.is_slow() {
-            if let Some(_inline) = self.lanes().and_then(Lanes::try_inline) {
+            if let Some(_inline) = lanes.try_inline() {
                 let n = if any_slot { self.slots.len() } else { 1 };
                 for k in 0..n {
                     let i = (first + k) % self.slots.len();
