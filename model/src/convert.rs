@@ -400,12 +400,12 @@ pub fn wasm_plugin(p: &WasmPlugin) -> pb::WasmPlugin {
             .limits
             .as_ref()
             .and_then(|l| l.cpu_time_per_callback_millis)
-            .unwrap_or(10),
+            .unwrap_or(weft_proto::wasm_abi::DEFAULT_CPU_MILLIS_PER_CALLBACK),
         max_memory_bytes: s
             .limits
             .as_ref()
             .and_then(|l| l.memory_bytes)
-            .unwrap_or(16 << 20),
+            .unwrap_or(weft_proto::wasm_abi::DEFAULT_MEMORY_BYTES),
         module_error: String::new(),
     }
 }

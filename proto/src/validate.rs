@@ -335,14 +335,26 @@ pub fn validate_wasm_plugin(spec: &WasmPluginSpec) -> Report {
         }
     }
     if let Some(l) = &spec.limits {
-        if l.cpu_time_per_callback_millis == Some(0) {
-            r.err("spec.limits.cpuTimePerCallbackMillis", "must be at least 1");
+        use crate::wasm_abi::{MAX_CPU_MILLIS_PER_CALLBACK, MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
+        if let Some(ms) = l.cpu_time_per_callback_millis {
+            if !(1..=MAX_CPU_MILLIS_PER_CALLBACK).contains(&ms) {
+                r.err(
+                    "spec.limits.cpuTimePerCallbackMillis",
+                    format!(
+                        "{ms} is out of range: 1 to {MAX_CPU_MILLIS_PER_CALLBACK} (milliseconds)"
+                    ),
+                );
+            }
         }
-        if l.memory_bytes.is_some_and(|m| m < 65536) {
-            r.err(
-                "spec.limits.memoryBytes",
-                "must be at least 65536 (one Wasm page)",
-            );
+        if let Some(m) = l.memory_bytes {
+            if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&m) {
+                r.err(
+                    "spec.limits.memoryBytes",
+                    format!(
+                        "{m} is out of range: {MIN_MEMORY_BYTES} (one Wasm page) to {MAX_MEMORY_BYTES} (256 MiB)"
+                    ),
+                );
+            }
         }
     }
     if let Some(cfg) = &spec.plugin_config {
@@ -497,6 +509,73 @@ mod tests {
         assert!(validate_wasm_plugin(&spec).is_valid());
         spec.sha256 = Some("zz".into());
         assert_eq!(validate_wasm_plugin(&spec).errors[0].field, "spec.sha256");
+    }
+
+    /// The limits have bounds on both sides; each error names its field.
+    #[test]
+    fn wasm_plugin_limits_are_bounded() {
+        use crate::crd::PluginLimits;
+        use crate::wasm_abi::{MAX_CPU_MILLIS_PER_CALLBACK, MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
+        let with = |cpu: Option<u64>, mem: Option<u64>| {
+            validate_wasm_plugin(&WasmPluginSpec {
+                url: "file:///plugins/p.wasm".into(),
+                limits: Some(PluginLimits {
+                    cpu_time_per_callback_millis: cpu,
+                    memory_bytes: mem,
+                }),
+                ..Default::default()
+            })
+        };
+        for ok in [
+            with(Some(1), Some(MIN_MEMORY_BYTES)),
+            with(Some(MAX_CPU_MILLIS_PER_CALLBACK), Some(MAX_MEMORY_BYTES)),
+            with(None, None),
+        ] {
+            assert!(ok.is_valid(), "{ok:?}");
+        }
+        for (cpu, mem, field, says) in [
+            (
+                Some(0),
+                None,
+                "spec.limits.cpuTimePerCallbackMillis",
+                "0 is out of range: 1 to 1000",
+            ),
+            (
+                Some(1001),
+                None,
+                "spec.limits.cpuTimePerCallbackMillis",
+                "1001 is out of range",
+            ),
+            (
+                Some(u64::MAX),
+                None,
+                "spec.limits.cpuTimePerCallbackMillis",
+                "out of range",
+            ),
+            (
+                None,
+                Some(65535),
+                "spec.limits.memoryBytes",
+                "65535 is out of range: 65536",
+            ),
+            (
+                None,
+                Some(MAX_MEMORY_BYTES + 1),
+                "spec.limits.memoryBytes",
+                "to 268435456 (256 MiB)",
+            ),
+            (
+                None,
+                Some(u64::MAX),
+                "spec.limits.memoryBytes",
+                "out of range",
+            ),
+        ] {
+            let r = with(cpu, mem);
+            assert_eq!(r.errors.len(), 1, "{r:?}");
+            assert_eq!(r.errors[0].field, field);
+            assert!(r.errors[0].message.contains(says), "{:?}", r.errors[0]);
+        }
     }
 
     #[test]

@@ -1,6 +1,20 @@
 //! The Proxy-Wasm module contract both the control plane (admission) and the node
 //! (loading) check, from a module's export names.
 
+/// `spec.limits.cpuTimePerCallbackMillis` when not set.
+pub const DEFAULT_CPU_MILLIS_PER_CALLBACK: u64 = 10;
+/// The largest `spec.limits.cpuTimePerCallbackMillis` accepted (1 s): a headers
+/// callback that needs longer is broken, and the node refuses to spend more of a
+/// core on one.
+pub const MAX_CPU_MILLIS_PER_CALLBACK: u64 = 1000;
+/// `spec.limits.memoryBytes` when not set (16 MiB).
+pub const DEFAULT_MEMORY_BYTES: u64 = 16 << 20;
+/// The smallest `spec.limits.memoryBytes` accepted: one Wasm page.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 10;
+/// The largest `spec.limits.memoryBytes` accepted (256 MiB). A plugin has one
+/// instance per node-agent worker thread, each with this cap.
+pub const MAX_MEMORY_BYTES: u64 = 256 << 20;
+
 /// ABI versions this project runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AbiVersion {

@@ -116,6 +116,9 @@ pub struct HostState {
     /// When the call into the instance in progress started, and how long it may run.
     pub call_started: std::time::Instant,
     pub deadline: std::time::Duration,
+    /// An epoch tick found a call still running [`super::engine::SLOW_CALL`] after
+    /// it started (read and cleared by the plugin after each call).
+    pub caught_slow: bool,
     /// The instance's memory and allocator, looked up once after instantiation.
     pub memory: Option<wasmtime::Memory>,
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
@@ -136,6 +139,7 @@ impl HostState {
             http: Box::default(),
             call_started: std::time::Instant::now(),
             deadline: std::time::Duration::from_millis(s.deadline_ms.max(1)),
+            caught_slow: false,
             memory: None,
             alloc: None,
         }

@@ -17,6 +17,23 @@
 //!
 //! At 1 ms ticks throughout, an agent serving plugin traffic woke a thousand times
 //! a second, and on a shared core each wake-up preempted the request path.
+//!
+//! Plugin code runs on the proxy's async worker threads, inline in the request
+//! path (a thread hop per callback would cost more than the callbacks). A deadline
+//! alone does not keep a plugin from stalling other pods' traffic: a callback that
+//! runs to its deadline (up to a second) holds its worker that long, and every
+//! worker can be held at once. So [`Lanes`] bounds where plugin code runs:
+//!
+//! - at most one worker fewer than the runtime has may be inside plugin code inline
+//!   at once (at least one): a call that finds them all busy runs *off* its worker
+//!   ([`off_worker`]: tokio moves the worker's other tasks to another thread for
+//!   as long as the call lasts);
+//! - a plugin caught running a call past [`SLOW_CALL`] (by an epoch tick) runs its
+//!   next [`SLOW_CALLS_OFF_WORKER`] calls off the workers too, one at a time per
+//!   plugin, so a runaway plugin holds at most one core and no worker;
+//! - at most [`MAX_OFF_WORKER`] requests through slow plugins are in flight on a
+//!   node (and twice a plugin's instance count per plugin); past that a request
+//!   is answered by the plugin's failStrategy at once (FAIL_OPEN: skipped; else 503).
 
 use super::WasmError;
 use std::collections::{HashMap, HashSet};
@@ -33,6 +50,87 @@ pub const FINE_TICK: Duration = Duration::from_millis(1);
 
 /// Ticks with no plugin code running after which the ticker parks (1 s).
 const PARK_AFTER_TICKS: u32 = 100;
+
+/// A call still running this long after it started, when a tick comes, marks its
+/// plugin slow. Callbacks take microseconds.
+pub const SLOW_CALL: Duration = Duration::from_millis(2);
+
+/// Calls a plugin makes off the workers after it was last caught slow, before it
+/// runs inline again (each one caught slow starts the count again).
+pub const SLOW_CALLS_OFF_WORKER: u32 = 1000;
+
+/// Requests through slow plugins in flight at once on a node, at most.
+pub const MAX_OFF_WORKER: usize = 64;
+
+/// Where plugin code may run: see the module's documentation.
+pub struct Lanes {
+    /// Calls into plugin code running inline on a worker thread.
+    inline: AtomicUsize,
+    /// At most this many at once: one worker fewer than the runtime has, at least 1.
+    inline_limit: usize,
+    /// Requests through slow plugins in flight, node-wide.
+    off_worker: AtomicUsize,
+}
+
+/// One inline call into plugin code (see [`Lanes::try_inline`]).
+pub struct Inline<'a>(&'a AtomicUsize);
+
+impl Drop for Inline<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Lanes {
+    /// Lanes for a runtime with `workers` async worker threads.
+    pub fn new(workers: usize) -> Self {
+        Self {
+            inline: AtomicUsize::new(0),
+            inline_limit: workers.saturating_sub(1).max(1),
+            off_worker: AtomicUsize::new(0),
+        }
+    }
+
+    /// A place to run plugin code inline on this thread, if fewer than the limit
+    /// of workers are in plugin code.
+    pub fn try_inline(&self) -> Option<Inline<'_>> {
+        if self.inline.fetch_add(1, SeqCst) < self.inline_limit {
+            Some(Inline(&self.inline))
+        } else {
+            self.inline.fetch_sub(1, SeqCst);
+            None
+        }
+    }
+
+    /// Counts a request through a slow plugin, unless [`MAX_OFF_WORKER`] are in
+    /// flight.
+    pub fn try_off_worker(&self) -> bool {
+        if self.off_worker.fetch_add(1, SeqCst) < MAX_OFF_WORKER {
+            true
+        } else {
+            self.off_worker.fetch_sub(1, SeqCst);
+            false
+        }
+    }
+
+    /// A request counted by [`Lanes::try_off_worker`] has ended.
+    pub fn end_off_worker(&self) {
+        self.off_worker.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Runs `f`, which may take long, without holding the async worker thread it is
+/// called on: tokio hands the worker's other tasks to another thread for as long
+/// as `f` runs (`block_in_place`). Where there is no multi-threaded runtime (a
+/// plain thread, a test's single-threaded runtime), `f` just runs.
+pub fn off_worker<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
 
 /// Whether the epoch must advance: calls into plugin code in progress, and how long
 /// none has been.
@@ -124,6 +222,7 @@ pub struct CompiledModule {
 pub struct WasmEngine {
     engine: Engine,
     ticker: Arc<Ticker>,
+    lanes: Lanes,
     modules: Mutex<HashMap<String, Weak<CompiledModule>>>,
 }
 
@@ -134,9 +233,15 @@ impl Drop for WasmEngine {
 }
 
 impl WasmEngine {
-    /// Creates the engine and starts its epoch ticker (a thread that lives as long as
-    /// the engine).
+    /// [`WasmEngine::for_workers`] with one worker per CPU (tests and benchmarks).
+    #[cfg(any(test, feature = "testing"))]
     pub fn new() -> Result<Arc<Self>, WasmError> {
+        Self::for_workers(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Creates the engine for a proxy with `workers` async worker threads, and starts
+    /// its epoch ticker (a thread that lives as long as the engine).
+    pub fn for_workers(workers: usize) -> Result<Arc<Self>, WasmError> {
         let mut cfg = Config::new();
         cfg.epoch_interruption(true)
             .cranelift_opt_level(OptLevel::Speed)
@@ -146,6 +251,7 @@ impl WasmEngine {
         let me = Arc::new(Self {
             engine,
             ticker: Arc::default(),
+            lanes: Lanes::new(workers),
             modules: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&me);
@@ -178,6 +284,11 @@ impl WasmEngine {
     /// The epoch ticker: plugin code must run inside [`Ticker::enter`].
     pub fn ticker(&self) -> &Arc<Ticker> {
         &self.ticker
+    }
+
+    /// Where plugin code may run.
+    pub fn lanes(&self) -> &Lanes {
+        &self.lanes
     }
 
     /// Compiles `bytes` (once per sha256 while any plugin uses it) and checks the

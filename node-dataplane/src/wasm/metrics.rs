@@ -86,6 +86,18 @@ fn encode(reg: &PluginRegistry, enc: &mut DescriptorEncoder) -> Result<(), std::
         "Instances replaced because their memory kept growing",
         &count(|s| s.recycled.load(Relaxed)),
     )?;
+    counters(
+        enc,
+        "wasm_plugin_caught_slow",
+        "Calls found running past 2 ms (the plugin then runs off the worker threads)",
+        &count(|s| s.caught_slow.load(Relaxed)),
+    )?;
+    counters(
+        enc,
+        "wasm_plugin_overloaded",
+        "Requests answered by the failStrategy because too many waited for a slow plugin",
+        &count(|s| s.overloaded.load(Relaxed)),
+    )?;
     let mut errors = Vec::new();
     for p in &plugins {
         let by_kind = p.stats.errors.lock().map(|e| e.clone()).unwrap_or_default();

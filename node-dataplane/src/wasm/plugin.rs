@@ -11,15 +11,21 @@
 //!
 //! An instance whose linear memory grew past 3/4 of its cap is recycled when it has
 //! no request in flight.
+//!
+//! Calls run inline on the proxy's worker thread unless the engine's [`Lanes`]
+//! say otherwise (see [`super::engine`]): a plugin caught slow runs off the
+//! workers, one call at a time, and a request that finds too many requests through
+//! slow plugins in flight is answered by the failStrategy at once.
 
 use super::abi::{HostState, HttpState, LocalReply, VmSettings};
-use super::engine::{CompiledModule, WasmEngine};
+use super::engine::{off_worker, CompiledModule, Lanes, WasmEngine};
 use super::vm::{Action, Vm};
 use super::WasmError;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_proto::pb;
+use weft_proto::wasm_abi as abi_limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailStrategy {
@@ -78,6 +84,8 @@ pub struct Handle {
     slot: usize,
     generation: u64,
     ctx: i32,
+    /// Counted as a request through a slow plugin until it finishes.
+    off_worker: bool,
 }
 
 struct Slot {
@@ -97,6 +105,11 @@ pub struct PluginStats {
     pub failed_requests: AtomicUsize,
     pub restarts: AtomicUsize,
     pub recycled: AtomicUsize,
+    /// Requests answered by the failStrategy because too many requests through
+    /// slow plugins were in flight.
+    pub overloaded: AtomicUsize,
+    /// Times the plugin was caught running a call past the slow threshold.
+    pub caught_slow: AtomicUsize,
     /// Errors by kind ("trap", "deadline", "memory", "proc_exit", ...).
     pub errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub last_error: Mutex<Option<String>>,
@@ -123,6 +136,12 @@ pub struct Plugin {
     /// Built before its module arrived: replaced once it has.
     pub waiting_for_module: bool,
     pub stats: PluginStats,
+    /// Calls still to run off the workers since the plugin was last caught slow.
+    slow_calls: AtomicU32,
+    /// A slow plugin's calls run one at a time, off the workers.
+    slow_gate: Mutex<()>,
+    /// Requests through this plugin in flight while it is slow.
+    off_worker: AtomicUsize,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -141,15 +160,15 @@ impl Plugin {
             plugin_name: spec.name.clone(),
             root_id: spec.plugin_name.clone(),
             plugin_config: spec.plugin_config.clone().into_bytes(),
-            max_memory: if spec.max_memory_bytes == 0 {
-                16 << 20
-            } else {
-                spec.max_memory_bytes
+            // The control plane refuses limits out of range; a node never goes past
+            // them either.
+            max_memory: match spec.max_memory_bytes {
+                0 => abi_limits::DEFAULT_MEMORY_BYTES,
+                m => m.min(abi_limits::MAX_MEMORY_BYTES),
             },
-            deadline_ms: if spec.max_cpu_millis_per_callback == 0 {
-                10
-            } else {
-                spec.max_cpu_millis_per_callback
+            deadline_ms: match spec.max_cpu_millis_per_callback {
+                0 => abi_limits::DEFAULT_CPU_MILLIS_PER_CALLBACK,
+                ms => ms.min(abi_limits::MAX_CPU_MILLIS_PER_CALLBACK),
             },
         };
         let module = engine.clone().and_then(|engine| {
@@ -187,8 +206,76 @@ impl Plugin {
             has_failed: AtomicBool::new(false),
             waiting_for_module: false,
             stats: PluginStats::default(),
+            slow_calls: AtomicU32::new(0),
+            slow_gate: Mutex::new(()),
+            off_worker: AtomicUsize::new(0),
             spec,
         }
+    }
+
+    /// Is the plugin running its calls off the workers (caught slow lately)?
+    pub fn is_slow(&self) -> bool {
+        self.slow_calls.load(Ordering::Relaxed) > 0
+    }
+
+    fn lanes(&self) -> Option<&Lanes> {
+        self.engine.as_ref().map(|e| e.lanes())
+    }
+
+    /// After a call in `slot`: a call caught slow (or past its deadline, `deadline`)
+    /// makes the next [`super::engine::SLOW_CALLS_OFF_WORKER`] calls run off the
+    /// workers; a prompt call off the workers counts one down.
+    fn pace(&self, slot: &mut Slot, deadline: bool) {
+        let caught = deadline || slot.vm.as_mut().is_some_and(Vm::take_caught_slow);
+        if caught {
+            if !self.is_slow() {
+                tracing::warn!(plugin = %self.id, "wasm plugin is slow: its calls run off the proxy's worker threads, one at a time");
+            }
+            self.stats.caught_slow.fetch_add(1, Ordering::Relaxed);
+            self.slow_calls
+                .store(super::engine::SLOW_CALLS_OFF_WORKER, Ordering::Relaxed);
+        } else if self.is_slow() {
+            let _ = self
+                .slow_calls
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Runs `f` on the instance slot `first` (or, inline, on any free slot after it
+    /// when `any_slot`): inline on this worker thread when the plugin is not slow,
+    /// the slot is free and the engine's inline lanes have room; otherwise off the
+    /// worker, behind the plugin's slow gate when it is slow.
+    fn with_slot<R>(
+        &self,
+        first: usize,
+        any_slot: bool,
+        f: impl FnOnce(&mut Slot, usize) -> R,
+    ) -> R {
+        let lock = |i: usize| self.slots[i].lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lanes) = self.lanes() else {
+            // No engine: no plugin code runs.
+            return f(&mut lock(first), first);
+        };
+        if !self.is_slow() {
+            if let Some(_inline) = lanes.try_inline() {
+                let n = if any_slot { self.slots.len() } else { 1 };
+                for k in 0..n {
+                    let i = (first + k) % self.slots.len();
+                    let mut slot = match self.slots[i].try_lock() {
+                        Ok(g) => g,
+                        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock) => continue,
+                    };
+                    return f(&mut slot, i);
+                }
+            }
+        }
+        off_worker(|| {
+            let _one_at_a_time = self
+                .is_slow()
+                .then(|| self.slow_gate.lock().unwrap_or_else(|p| p.into_inner()));
+            f(&mut lock(first), first)
+        })
     }
 
     /// The ABI version the module was built for.
@@ -234,6 +321,7 @@ impl Plugin {
     /// After a runtime failure of the instance in `slot`.
     fn failed_now(&self, slot: &mut Slot, e: WasmError) -> Outcome {
         self.record_error(&e);
+        self.pace(slot, matches!(e, WasmError::Deadline(..)));
         slot.vm = None;
         slot.generation += 1;
         match self.fail {
@@ -305,9 +393,62 @@ impl Plugin {
             self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
             return (Outcome::Reply(error_reply(503, &self.id, &why)), None);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = self.slots[i].lock().unwrap_or_else(|p| p.into_inner());
-        let vm = match self.ensure_vm(&mut slot) {
+        // A slow plugin admits a bounded number of requests (each holds a thread
+        // while its calls wait for the plugin's turn).
+        let off_worker = self.is_slow();
+        if off_worker && !self.admit_off_worker() {
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            let why = "plugin overloaded: too many requests wait for its slow calls";
+            return (self.unavailable(why), None);
+        }
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let (o, h) = self.with_slot(first, true, |slot, i| {
+            let r = self.request_in(slot, i, http, end_of_stream, off_worker);
+            if let (_, Some(_)) = &r {
+                self.pace(slot, false);
+            }
+            r
+        });
+        if off_worker && h.is_none() {
+            self.end_off_worker();
+        }
+        (o, h)
+    }
+
+    /// Counts a request through this plugin while it is slow, unless twice its
+    /// instance count (or the node's limit) are in flight.
+    fn admit_off_worker(&self) -> bool {
+        let Some(lanes) = self.lanes() else {
+            return true;
+        };
+        if self.off_worker.fetch_add(1, Ordering::SeqCst) >= 2 * self.slots.len() {
+            self.off_worker.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        if !lanes.try_off_worker() {
+            self.off_worker.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn end_off_worker(&self) {
+        self.off_worker.fetch_sub(1, Ordering::SeqCst);
+        if let Some(l) = self.lanes() {
+            l.end_off_worker();
+        }
+    }
+
+    /// [`Plugin::on_request`] on the instance in `slot` (number `i`).
+    fn request_in(
+        &self,
+        slot: &mut Slot,
+        i: usize,
+        http: &mut Box<HttpState>,
+        end_of_stream: bool,
+        off_worker: bool,
+    ) -> (Outcome, Option<Handle>) {
+        let vm = match self.ensure_vm(slot) {
             Ok(vm) => vm,
             Err(o) => return (o, None),
         };
@@ -323,18 +464,19 @@ impl Plugin {
                     slot: i,
                     generation,
                     ctx,
+                    off_worker,
                 };
                 if let Some(reply) = http.local_reply.take() {
                     self.stats.local_replies.fetch_add(1, Ordering::Relaxed);
                     return (Outcome::Reply(reply), Some(handle));
                 }
                 if action == Action::Pause {
-                    let o = self.failed_now(&mut slot, WasmError::Paused);
+                    let o = self.failed_now(slot, WasmError::Paused);
                     return (o, None);
                 }
                 (Outcome::Continue, Some(handle))
             }
-            Err(e) => (self.failed_now(&mut slot, e), None),
+            Err(e) => (self.failed_now(slot, e), None),
         }
     }
 
@@ -346,32 +488,44 @@ impl Plugin {
         http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> Option<LocalReply> {
-        let mut slot = self.slots[h.slot].lock().unwrap_or_else(|p| p.into_inner());
-        if slot.generation != h.generation {
-            return None; // The instance holding the context is gone.
-        }
-        let vm = slot.vm.as_mut()?;
-        http.local_reply = None;
-        match vm.response_headers(h.ctx, http, end_of_stream) {
-            Ok(_) => http.local_reply.take(),
-            Err(e) => match self.failed_now(&mut slot, e) {
-                Outcome::Reply(r) => Some(r),
-                _ => None,
-            },
-        }
+        self.with_slot(h.slot, false, |slot, _| {
+            if slot.generation != h.generation {
+                return None; // The instance holding the context is gone.
+            }
+            let vm = slot.vm.as_mut()?;
+            http.local_reply = None;
+            match vm.response_headers(h.ctx, http, end_of_stream) {
+                Ok(_) => {
+                    self.pace(slot, false);
+                    http.local_reply.take()
+                }
+                Err(e) => match self.failed_now(slot, e) {
+                    Outcome::Reply(r) => Some(r),
+                    _ => None,
+                },
+            }
+        })
     }
 
     /// Ends a request's context; recycles an instance that grew too much.
     pub fn finish(&self, h: Handle, http: &mut Box<HttpState>) {
-        let mut slot = self.slots[h.slot].lock().unwrap_or_else(|p| p.into_inner());
+        self.with_slot(h.slot, false, |slot, _| self.finish_in(slot, h, http));
+        if h.off_worker {
+            self.end_off_worker();
+        }
+    }
+
+    fn finish_in(&self, slot: &mut Slot, h: Handle, http: &mut Box<HttpState>) {
         if slot.generation != h.generation {
             return;
         }
         let Some(vm) = slot.vm.as_mut() else { return };
         if let Err(e) = vm.finish(h.ctx, http) {
-            let _ = self.failed_now(&mut slot, e);
+            let _ = self.failed_now(slot, e);
             return;
         }
+        self.pace(slot, false);
+        let Some(vm) = slot.vm.as_mut() else { return };
         let mem = vm.memory_bytes();
         let live = vm.live_contexts;
         self.stats.memory_bytes.store(mem, Ordering::Relaxed);

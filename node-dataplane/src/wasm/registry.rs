@@ -51,7 +51,7 @@ impl PluginRegistry {
     fn engine(&self) -> Result<&Arc<WasmEngine>, WasmError> {
         self.engine
             .get_or_init(|| {
-                let e = WasmEngine::new();
+                let e = WasmEngine::for_workers(self.workers);
                 if let Err(err) = &e {
                     tracing::error!(error = %err, "the wasm engine cannot start: every plugin fails closed");
                 }

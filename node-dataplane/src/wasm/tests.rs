@@ -572,3 +572,111 @@ fn header_map_calls_change_the_message_and_refuse_what_it_cannot_carry() {
     p.finish(h.unwrap(), &mut http);
     assert!(p.stats.errors.lock().unwrap().is_empty());
 }
+
+/// A module whose request-headers callback stays busy for `busy_ms` (reading the
+/// host's clock), then continues: a plugin that spends its whole CPU budget on every
+/// request without ever failing.
+fn busy_module(busy_ms: u64) -> String {
+    format!(
+        r#"(module
+  (import "env" "proxy_get_current_time_nanoseconds" (func $now (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $t (result i64) (drop (call $now (i32.const 0))) (i64.load (i32.const 0)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $end i64)
+    (local.set $end (i64.add (call $t) (i64.const {})))
+    (loop $l (br_if $l (i64.lt_u (call $t) (local.get $end))))
+    (i32.const 0)))"#,
+        busy_ms * 1_000_000
+    )
+}
+
+/// One plugin's callbacks run 150 ms each (under its 200 ms deadline), requested
+/// from 8 connections at once on an agent runtime of 2 worker threads, while
+/// another connection on the same runtime does loopback round trips: those keep
+/// completing promptly. Before, every callback held its worker thread for 150 ms,
+/// so both workers were held nearly all the time and the other connection waited
+/// behind them (round trips of 150 ms and more).
+#[test]
+fn a_runaway_plugin_does_not_stall_other_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::{Duration, Instant};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = WasmEngine::for_workers(2).unwrap();
+    let mut s = spec("FAIL_OPEN");
+    s.max_cpu_millis_per_callback = 200;
+    let wat = busy_module(150);
+    s.sha256 = format!("{:x}", text_key(&wat));
+    let bytes = wat::parse_str(&wat).unwrap();
+    let p = Arc::new(Plugin::new(Ok(&engine), s, Ok(&bytes), 2));
+    let worst = rt.block_on(async move {
+        let until = Instant::now() + Duration::from_millis(2500);
+        // 8 connections through the plugin (each yields between requests, as a
+        // connection waiting for its next request does).
+        let mut hammers = Vec::new();
+        for _ in 0..8 {
+            let p = p.clone();
+            hammers.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while Instant::now() < until {
+                    let mut http = request("/");
+                    let (o, h) = p.on_request(&mut http, true);
+                    if let Some(h) = h {
+                        p.finish(h, &mut http);
+                    }
+                    outcomes.push(matches!(o, Outcome::Continue));
+                    tokio::task::yield_now().await;
+                }
+                outcomes
+            }));
+        }
+        // Another connection: an echo over loopback, one round trip every 10 ms.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 1];
+            while s.read_exact(&mut b).await.is_ok() {
+                if s.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut worst = Duration::ZERO;
+        let mut trips = 0;
+        while Instant::now() < until {
+            let t = Instant::now();
+            c.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await.unwrap();
+            worst = worst.max(t.elapsed());
+            trips += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut continued = 0;
+        for h in hammers {
+            continued += h.await.unwrap().iter().filter(|c| **c).count();
+        }
+        // The plugin did run, to the end of each callback, and was seen slow.
+        assert!(
+            continued >= 5,
+            "only {continued} requests went through the plugin"
+        );
+        assert!(p.stats.caught_slow.load(Ordering::Relaxed) >= 1);
+        assert!(p.is_slow());
+        assert!(trips >= 50, "{trips} round trips");
+        worst
+    });
+    assert!(
+        worst < std::time::Duration::from_millis(100),
+        "a round trip of another connection took {worst:?} while the plugin ran"
+    );
+}

@@ -134,9 +134,13 @@ impl Vm {
         // A module's start function runs during instantiation: bounded like a callback.
         let running = ticker.enter();
         // At each epoch tick a running call checks its own time (see `engine`).
-        store.epoch_deadline_callback(|ctx| {
-            let h = ctx.data();
-            Ok(if h.call_started.elapsed() >= h.deadline {
+        store.epoch_deadline_callback(|mut ctx| {
+            let h = ctx.data_mut();
+            let elapsed = h.call_started.elapsed();
+            if elapsed >= super::engine::SLOW_CALL {
+                h.caught_slow = true;
+            }
+            Ok(if elapsed >= h.deadline {
                 UpdateDeadline::Interrupt
             } else {
                 UpdateDeadline::Continue(1)
@@ -209,6 +213,12 @@ impl Vm {
             limit,
             live_contexts: 0,
         })
+    }
+
+    /// Whether an epoch tick caught a call running past
+    /// [`super::engine::SLOW_CALL`] since the last time this was asked.
+    pub fn take_caught_slow(&mut self) -> bool {
+        std::mem::take(&mut self.store.data_mut().caught_slow)
     }
 
     /// Linear memory in use, in bytes.

@@ -129,10 +129,12 @@ pub struct PortSelector {
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginLimits {
-    /// CPU time one callback may use before the instance is stopped (default 10).
+    /// Time one callback may run before its instance is stopped, ms (default 10, 1 to 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
     pub cpu_time_per_callback_millis: Option<u64>,
-    /// Linear memory cap per instance (default 16 MiB).
+    /// Linear memory cap per instance, in bytes (default 16 MiB, 64 KiB to 256 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 65536, max = 268435456))]
     pub memory_bytes: Option<u64>,
 }
