@@ -22,6 +22,10 @@ use weft_proto::pb::{
 };
 use weft_proto::spiffe::TrustDomain;
 
+/// How long a starting control plane waits for its first reads of plugin modules
+/// before it serves nodes anyway (a module read gives up after 30 s by itself).
+const FIRST_MODULE_READS: Duration = Duration::from_secs(35);
+
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
 pub enum SourceSettings {
@@ -204,7 +208,9 @@ pub async fn start(
     {
         let model = model.clone();
         let token_review = token_review.clone();
+        let ready_tx = Arc::new(ready_tx);
         tokio::spawn(async move {
+            let mut first_snapshot = false;
             while let Some(ev) = rx.recv().await {
                 if let Some(t) = &token_review {
                     t.observe(&ev);
@@ -215,9 +221,24 @@ pub async fn start(
                 let _ = tokio::task::spawn_blocking(move || m.apply(ev)).await;
                 // Only after the snapshot is applied: a stream that sees `true` diffs
                 // against the complete model.
-                if snapshot && !*ready_tx.borrow() {
-                    tracing::info!("first complete configuration loaded; serving nodes");
-                    ready_tx.send_replace(true);
+                if snapshot && !first_snapshot {
+                    first_snapshot = true;
+                    let (model, ready_tx) = (model.clone(), ready_tx.clone());
+                    tokio::spawn(async move {
+                        // Plugins' modules are read in the background: give the first
+                        // reads a bounded time, so that nodes that run a plugin are not
+                        // sent "being fetched" (and its failStrategy) for it.
+                        let deadline = tokio::time::Instant::now() + FIRST_MODULE_READS;
+                        while model.modules_pending() > 0 && tokio::time::Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        tracing::info!(
+                            modules_pending = model.modules_pending(),
+                            "first complete configuration loaded; serving nodes"
+                        );
+                        ready_tx.send_replace(true);
+                    });
                 }
             }
         });

@@ -193,6 +193,9 @@ pub struct Model {
     tx: broadcast::Sender<Arc<ChangeBatch>>,
 }
 
+/// A plugin's `module_error` while its module is read in the background.
+pub const MODULE_PENDING: &str = "the module is being fetched";
+
 /// How many change batches a slow stream may fall behind before it re-diffs fully.
 const CHANGE_BUFFER: usize = 4096;
 
@@ -312,6 +315,17 @@ impl Model {
             .iter()
             .map(|((ns, name), why)| (format!("{ns}/{name}"), *why))
             .collect()
+    }
+
+    /// How many plugins' modules are still being read in the background.
+    pub fn modules_pending(&self) -> usize {
+        self.read_state()
+            .entries
+            .values()
+            .filter(|e| {
+                matches!(&e.resource.kind, Some(Kind::WasmPlugin(w)) if w.module_error == MODULE_PENDING)
+            })
+            .count()
     }
 
     /// Resources visible to `node`, sorted by key.
@@ -557,7 +571,7 @@ impl Model {
                 match self.modules.clone().resolve(ns, &p.spec) {
                     Resolved::Ready { sha256 } => wp.sha256 = sha256,
                     Resolved::Pending => {
-                        wp.module_error = "the module is being fetched".into();
+                        wp.module_error = MODULE_PENDING.into();
                     }
                     Resolved::Failed(m) => {
                         report.errors.push(validate::FieldError {
