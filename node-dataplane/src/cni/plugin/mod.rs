@@ -1,6 +1,7 @@
 //! CNI 1.0 plugin logic (ADD, DEL, CHECK, VERSION), separated from process I/O so it
 //! can be tested: [`run`] takes the environment and stdin and returns what to print
-//! and the exit code.
+//! and the exit code; [`run_with`] does the same with the node agent behind an
+//! [`Agent`] (the fuzz target's stands in for the socket).
 
 use super::protocol::{Command, EnrollmentHint, Request, Response, Sandbox};
 use serde_json::{json, Value};
@@ -36,8 +37,35 @@ fn error(version: &str, code: u32, msg: &str, details: &str) -> Outcome {
     }
 }
 
+/// How the plugin reaches the node agent: over its unix socket ([`SocketAgent`]).
+pub trait Agent {
+    /// Sends `req` to the agent at `socket` and returns its answer.
+    fn ask(&self, socket: &Path, req: &Request) -> Result<Response, String>;
+    /// With the agent unreachable: is `pod` (`namespace/name`) known to require the
+    /// mesh (the hint file next to `socket`)?
+    fn must_enroll(&self, socket: &Path, pod: &str) -> bool;
+}
+
+/// The node agent behind its unix socket, and the enrollment hint beside it.
+pub struct SocketAgent;
+
+impl Agent for SocketAgent {
+    fn ask(&self, socket: &Path, req: &Request) -> Result<Response, String> {
+        ask_agent(socket, req)
+    }
+
+    fn must_enroll(&self, socket: &Path, pod: &str) -> bool {
+        must_enroll(socket, pod)
+    }
+}
+
 /// Runs one plugin invocation.
 pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
+    run_with(env, stdin, &SocketAgent)
+}
+
+/// [`run`] with the agent reached through `agent`.
+pub fn run_with(env: &HashMap<String, String>, stdin: &str, agent: &dyn Agent) -> Outcome {
     let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
     if command == "VERSION" {
         return Outcome {
@@ -121,7 +149,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
         ips: prev.as_ref().map(ips_of).unwrap_or_default(),
     };
     let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
-    let result = ask_agent(
+    let result = agent.ask(
         Path::new(&socket),
         &Request {
             command: cmd.clone(),
@@ -156,7 +184,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
             &r.error,
         ),
         (c, Err(e)) => {
-            if must_enroll(Path::new(&socket), &pod) {
+            if agent.must_enroll(Path::new(&socket), &pod) {
                 error(
                     &version,
                     code::TRY_AGAIN_LATER,
