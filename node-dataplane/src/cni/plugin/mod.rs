@@ -125,6 +125,14 @@ pub fn run_with(env: &HashMap<String, String>, stdin: &str, agent: &dyn Agent) -
             "put weft-cni after the network plugin in the conflist",
         );
     }
+    if cmd == Command::Add && !prev.as_ref().is_some_and(Value::is_object) {
+        return error(
+            &version,
+            code::INVALID_CONFIG,
+            "prevResult is not a JSON object",
+            "the previous plugin's result must be a CNI result object",
+        );
+    }
     let req_env = |k: &str| env.get(k).cloned().unwrap_or_default();
     let (container_id, netns) = (req_env("CNI_CONTAINERID"), req_env("CNI_NETNS"));
     if container_id.is_empty() {
