@@ -365,7 +365,12 @@ pub fn parse_request(
             target.push_str(t);
             Target::Origin(target)
         }
-        t => Target::Uri(t.parse().map_err(|_| malformed("invalid request target"))?),
+        t => t
+            .parse()
+            .ok()
+            .and_then(rooted)
+            .map(Target::Uri)
+            .ok_or_else(|| malformed("invalid request target"))?,
     };
     let body = if f.te {
         if v == 0 {
@@ -424,6 +429,18 @@ pub fn parse_request(
         upgrade,
         len: n,
     }))
+}
+
+/// An absolute-form target whose path is empty (`http://svc?q`) asks for the root
+/// (RFC 9110 section 4.2.3): its path is `/`, for authorization as for the
+/// application, which receives the target written with it.
+fn rooted(uri: http::Uri) -> Option<http::Uri> {
+    match uri.path_and_query() {
+        Some(pq) if uri.authority().is_some() && !pq.as_str().starts_with('/') => {
+            crate::proxy::l7::http::with_path(&uri, &format!("/{}", pq.as_str()))
+        }
+        _ => Some(uri),
+    }
 }
 
 /// Does the request offer an upgrade to HTTP/2 over cleartext?
@@ -735,6 +752,40 @@ mod tests {
         assert_eq!(h.req.path_and_query(), "/a");
         assert!(h.req.set_path_and_query("/b?c=`d`"));
         assert_eq!(h.req.path_and_query(), "/b?c=`d`");
+    }
+
+    /// Found by the `h1_request` fuzz target: an absolute-form target with a query
+    /// and an empty path (`http://svc?q`) was authorized with the path `?q` (which
+    /// no `paths` rule can match) while the application received `/?q`. The path
+    /// authorized is the path forwarded: `/`.
+    #[test]
+    fn an_empty_absolute_path_is_the_root() {
+        for (raw, pq, line) in [
+            (
+                "GET http://svc?q=1 HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "/?q=1",
+                "GET http://svc/?q=1 HTTP/1.1",
+            ),
+            (
+                "GET http://svc:81'p?q HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "/?q",
+                "GET http://svc:81'p/?q HTTP/1.1",
+            ),
+            (
+                "GET http://svc HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "/",
+                "GET http://svc/ HTTP/1.1",
+            ),
+        ] {
+            let h = request(raw).unwrap().unwrap();
+            assert_eq!(h.req.path_and_query(), pq, "{raw:?}");
+            let mut out = Vec::new();
+            write_request(&h.req, &mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert_eq!(out.split("\r\n").next().unwrap(), line, "{raw:?}");
+            let again = request(&out).unwrap().unwrap();
+            assert_eq!(again.req.path_and_query(), pq, "{out:?}");
+        }
     }
 
     #[test]
