@@ -305,6 +305,9 @@ fn version(v: Option<u8>) -> http::Version {
 /// `None`: more bytes are needed.
 fn head_len(parsed: httparse::Result<usize>, read: usize) -> Result<Option<usize>, HeadError> {
     match parsed {
+        // A head that completes past the limit is too large too, however many
+        // bytes one read brought (the limit does not depend on read sizes).
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
         Ok(httparse::Status::Partial) if read >= MAX_HEAD => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -822,6 +825,30 @@ mod tests {
         assert_eq!(request(&many).unwrap_err(), HeadError::TooLarge);
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(request(&long).unwrap_err(), HeadError::TooLarge);
+        // A head that completes just past the limit, in a buffer that one read
+        // filled past it, is refused too; one of exactly the limit is not.
+        let head = |len: usize| {
+            let start = "GET / HTTP/1.1\r\nHost: x\r\nx-pad: ";
+            let pad = len - start.len() - 4;
+            format!("{start}{}\r\n\r\nNEXT", "a".repeat(pad))
+        };
+        assert_eq!(
+            request(&head(MAX_HEAD + 1)).unwrap_err(),
+            HeadError::TooLarge
+        );
+        assert_eq!(request(&head(MAX_HEAD)).unwrap().unwrap().len, MAX_HEAD);
+        let r = parse_response(
+            &mut BytesMut::from(
+                head(MAX_HEAD + 1)
+                    .replacen("GET / HTTP/1.1", "HTTP/1.1 200 OK", 1)
+                    .as_str(),
+            ),
+            false,
+            false,
+            None,
+            &mut Vec::new(),
+        );
+        assert_eq!(r.unwrap_err(), HeadError::TooLarge);
     }
 
     #[test]
