@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build plugins demo test lint fmt crds bench hot-text images clean cluster-up cluster-down
+.PHONY: all setup build plugins demo test lint fmt crds bench hot-text images clean cluster-up cluster-down fuzz-smoke fuzz
 
 all: build
 
@@ -33,8 +33,34 @@ demo: build
 # Incremental caches are dead weight for a one-shot run (tens of GB over
 # build + clippy + test), so the suite turns them off.
 test: export CARGO_INCREMENTAL = 0
-test: build lint
+test: build lint fuzz-smoke
 	$(CARGO) test --workspace --no-fail-fast
+
+# The fuzz targets (fuzz/, libFuzzer through cargo fuzz on the nightly toolchain;
+# README.md "Fuzzing"): each runs for FUZZ_SECONDS from the committed seeds
+# (fuzz/corpus/<target>) and what earlier runs kept (fuzz/target/corpus/<target>,
+# where new inputs go). A crash or a broken property fails; the input is saved
+# under fuzz/artifacts/<target>/.
+FUZZ_TARGETS := h1_request h1_response chunked h2c_sniff authz csr cni manifest
+FUZZ_SECONDS ?= 20
+fuzz-smoke: setup
+	@rustup toolchain list | grep -q '^nightly' || { echo "fuzz-smoke: the nightly toolchain is required (rustup toolchain install nightly)" >&2; exit 1; }
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	cd fuzz && $(CARGO) +nightly fuzz build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t; log=fuzz/target/$$t.log; \
+	  if (cd fuzz && $(CARGO) +nightly fuzz run $$t target/corpus/$$t corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1) >$$log 2>&1; then \
+	    echo "fuzz $$t: $$(grep -h '^stat::number_of_executed_units' $$log), no failure"; \
+	  else \
+	    tail -n 80 $$log; echo "fuzz $$t FAILED (whole log: $$log)" >&2; exit 1; \
+	  fi; \
+	done
+
+# One target for a longer campaign: make fuzz FUZZ_TARGET=h1_request FUZZ_SECONDS=3600
+fuzz: setup
+	cd fuzz && $(CARGO) +nightly fuzz run $(FUZZ_TARGET) target/corpus/$(FUZZ_TARGET) corpus/$(FUZZ_TARGET) -- \
+	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -190,12 +190,12 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
     let helm = check(&c, "Helm", weft_e2e::kubeweft::helm(&c));
     let values = check(&c, "values", weft_e2e::kubeweft::values());
     weft_e2e::kubeweft::install(&c, &helm, &values, "");
-    check(&c, "the policy", c.apply(&policy(0)));
     check(
         &c,
         "applying the workloads",
         c.apply(&APPS.replace("APP_IMAGE", APP_IMAGE)),
     );
+    check(&c, "the policy", c.apply(&policy(0)));
     for (ns, sel, n) in [
         (APP_NS, "app=echo", 2),
         (APP_NS, "app=client", 1),

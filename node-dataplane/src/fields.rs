@@ -178,7 +178,7 @@ impl Fields {
         self.lines.len()
     }
 
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "testing", feature = "fuzzing"))]
     pub fn is_empty(&self) -> bool {
         self.lines.is_empty()
     }

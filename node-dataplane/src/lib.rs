@@ -11,7 +11,8 @@
 //!
 //! Modules are crate-private; the binaries (`weft-node`, `weft-cni`) use the items
 //! re-exported here, and the e2e crate's tests and benchmarks those of [`testing`]
-//! (feature `testing`).
+//! (feature `testing`); the fuzz targets (`fuzz/`) those of `fuzzing` (feature
+//! `fuzzing`).
 
 #![deny(unsafe_code)]
 
@@ -75,3 +76,6 @@ pub mod testing {
     pub use crate::wasm::headers::Headers;
     pub use crate::wasm::plugin::{Outcome, Plugin};
 }
+
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

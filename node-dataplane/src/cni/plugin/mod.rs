@@ -1,6 +1,7 @@
 //! CNI 1.0 plugin logic (ADD, DEL, CHECK, VERSION), separated from process I/O so it
 //! can be tested: [`run`] takes the environment and stdin and returns what to print
-//! and the exit code.
+//! and the exit code; [`run_with`] does the same with the node agent behind an
+//! [`Agent`] (the fuzz target's stands in for the socket).
 
 use super::protocol::{Command, EnrollmentHint, HintDecision, Request, Response, Sandbox};
 use serde_json::{json, Value};
@@ -41,8 +42,35 @@ fn error(version: &str, code: u32, msg: &str, details: &str) -> Outcome {
     }
 }
 
+/// How the plugin reaches the node agent: over its unix socket ([`SocketAgent`]).
+pub trait Agent {
+    /// Sends `req` to the agent at `socket` and returns its answer.
+    fn ask(&self, socket: &Path, req: &Request) -> Result<Response, String>;
+    /// With the agent unreachable: what it last knew of enrollment (the hint file
+    /// next to `socket`), if anything.
+    fn hint(&self, socket: &Path) -> Option<EnrollmentHint>;
+}
+
+/// The node agent behind its unix socket, and the enrollment hint beside it.
+pub struct SocketAgent;
+
+impl Agent for SocketAgent {
+    fn ask(&self, socket: &Path, req: &Request) -> Result<Response, String> {
+        ask_agent(socket, req)
+    }
+
+    fn hint(&self, socket: &Path) -> Option<EnrollmentHint> {
+        hint(socket)
+    }
+}
+
 /// Runs one plugin invocation.
 pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
+    run_with(env, stdin, &SocketAgent)
+}
+
+/// [`run`] with the agent reached through `agent`.
+pub fn run_with(env: &HashMap<String, String>, stdin: &str, agent: &dyn Agent) -> Outcome {
     let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
     if command == "VERSION" {
         return Outcome {
@@ -102,6 +130,14 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
             "put weft-cni after the network plugin in the conflist",
         );
     }
+    if cmd == Command::Add && !prev.as_ref().is_some_and(Value::is_object) {
+        return error(
+            &version,
+            code::INVALID_CONFIG,
+            "prevResult is not a JSON object",
+            "the previous plugin's result must be a CNI result object",
+        );
+    }
     let req_env = |k: &str| env.get(k).cloned().unwrap_or_default();
     let (container_id, netns) = (req_env("CNI_CONTAINERID"), req_env("CNI_NETNS"));
     if container_id.is_empty() {
@@ -127,7 +163,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
     };
     let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
     let (sandbox_ns, sandbox_name) = (sandbox.pod_namespace.clone(), sandbox.pod_name.clone());
-    let result = ask_agent(
+    let result = agent.ask(
         Path::new(&socket),
         &Request {
             command: cmd.clone(),
@@ -166,7 +202,8 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> Outcome {
             // pod known to be outside the mesh may start; anything else waits for the
             // agent (kubelet retries the ADD), so no pod of an enrolled namespace runs
             // its app unenforced.
-            let decision = hint(Path::new(&socket))
+            let decision = agent
+                .hint(Path::new(&socket))
                 .map(|h| h.decide(&sandbox_ns, &sandbox_name))
                 .unwrap_or(HintDecision::Unknown);
             match (c, decision) {

@@ -234,3 +234,24 @@ fn cni_args_and_ips() {
     let r = json!({"ips": [{"address": "10.0.0.1/24"}, {"address": "fd00::1/64"}]});
     assert_eq!(ips_of(&r), vec!["10.0.0.1", "fd00::1"]);
 }
+
+/// Found by the `cni` fuzz target: an ADD whose prevResult is not an object (a list,
+/// a number, null) printed that value as its result and succeeded; the runtime got
+/// no CNI result at all. It is an invalid configuration, and nothing is asked.
+#[test]
+fn add_with_a_prev_result_that_is_not_an_object_is_refused() {
+    for prev in ["[1, 2]", "null", "5", "\"x\""] {
+        let stdin = format!(
+            r#"{{"cniVersion":"1.0.0","name":"x","type":"weft-cni","agentSocket":"/nonexistent/cni.sock","prevResult":{prev}}}"#
+        );
+        let o = run(&env("ADD"), &stdin);
+        assert_eq!(o.exit_code, 1, "prevResult {prev}: {}", o.stdout);
+        let v: Value = serde_json::from_str(&o.stdout).unwrap();
+        assert_eq!(v["code"], code::INVALID_CONFIG, "prevResult {prev}");
+        assert!(
+            v["msg"].as_str().unwrap().contains("prevResult"),
+            "{}",
+            v["msg"]
+        );
+    }
+}

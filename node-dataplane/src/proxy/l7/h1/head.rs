@@ -305,6 +305,9 @@ fn version(v: Option<u8>) -> http::Version {
 /// `None`: more bytes are needed.
 fn head_len(parsed: httparse::Result<usize>, read: usize) -> Result<Option<usize>, HeadError> {
     match parsed {
+        // A head that completes past the limit is too large too, however many
+        // bytes one read brought (the limit does not depend on read sizes).
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
         Ok(httparse::Status::Partial) if read >= MAX_HEAD => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -365,7 +368,12 @@ pub fn parse_request(
             target.push_str(t);
             Target::Origin(target)
         }
-        t => Target::Uri(t.parse().map_err(|_| malformed("invalid request target"))?),
+        t => t
+            .parse()
+            .ok()
+            .and_then(rooted)
+            .map(Target::Uri)
+            .ok_or_else(|| malformed("invalid request target"))?,
     };
     let body = if f.te {
         if v == 0 {
@@ -424,6 +432,18 @@ pub fn parse_request(
         upgrade,
         len: n,
     }))
+}
+
+/// An absolute-form target whose path is empty (`http://svc?q`) asks for the root
+/// (RFC 9110 section 4.2.3): its path is `/`, for authorization as for the
+/// application, which receives the target written with it.
+fn rooted(uri: http::Uri) -> Option<http::Uri> {
+    match uri.path_and_query() {
+        Some(pq) if uri.authority().is_some() && !pq.as_str().starts_with('/') => {
+            crate::proxy::l7::http::with_path(&uri, &format!("/{}", pq.as_str()))
+        }
+        _ => Some(uri),
+    }
 }
 
 /// Does the request offer an upgrade to HTTP/2 over cleartext?
@@ -737,6 +757,40 @@ mod tests {
         assert_eq!(h.req.path_and_query(), "/b?c=`d`");
     }
 
+    /// Found by the `h1_request` fuzz target: an absolute-form target with a query
+    /// and an empty path (`http://svc?q`) was authorized with the path `?q` (which
+    /// no `paths` rule can match) while the application received `/?q`. The path
+    /// authorized is the path forwarded: `/`.
+    #[test]
+    fn an_empty_absolute_path_is_the_root() {
+        for (raw, pq, line) in [
+            (
+                "GET http://svc?q=1 HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "/?q=1",
+                "GET http://svc/?q=1 HTTP/1.1",
+            ),
+            (
+                "GET http://svc:81'p?q HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "/?q",
+                "GET http://svc:81'p/?q HTTP/1.1",
+            ),
+            (
+                "GET http://svc HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "/",
+                "GET http://svc/ HTTP/1.1",
+            ),
+        ] {
+            let h = request(raw).unwrap().unwrap();
+            assert_eq!(h.req.path_and_query(), pq, "{raw:?}");
+            let mut out = Vec::new();
+            write_request(&h.req, &mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert_eq!(out.split("\r\n").next().unwrap(), line, "{raw:?}");
+            let again = request(&out).unwrap().unwrap();
+            assert_eq!(again.req.path_and_query(), pq, "{out:?}");
+        }
+    }
+
     #[test]
     fn ambiguous_or_malformed_requests_are_refused() {
         for (raw, why) in [
@@ -771,6 +825,30 @@ mod tests {
         assert_eq!(request(&many).unwrap_err(), HeadError::TooLarge);
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(request(&long).unwrap_err(), HeadError::TooLarge);
+        // A head that completes just past the limit, in a buffer that one read
+        // filled past it, is refused too; one of exactly the limit is not.
+        let head = |len: usize| {
+            let start = "GET / HTTP/1.1\r\nHost: x\r\nx-pad: ";
+            let pad = len - start.len() - 4;
+            format!("{start}{}\r\n\r\nNEXT", "a".repeat(pad))
+        };
+        assert_eq!(
+            request(&head(MAX_HEAD + 1)).unwrap_err(),
+            HeadError::TooLarge
+        );
+        assert_eq!(request(&head(MAX_HEAD)).unwrap().unwrap().len, MAX_HEAD);
+        let r = parse_response(
+            &mut BytesMut::from(
+                head(MAX_HEAD + 1)
+                    .replacen("GET / HTTP/1.1", "HTTP/1.1 200 OK", 1)
+                    .as_str(),
+            ),
+            false,
+            false,
+            None,
+            &mut Vec::new(),
+        );
+        assert_eq!(r.unwrap_err(), HeadError::TooLarge);
     }
 
     #[test]
