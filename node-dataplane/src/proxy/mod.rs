@@ -14,6 +14,7 @@ pub mod conns;
 pub mod copy;
 pub mod counters;
 pub mod h2;
+pub mod handshakes;
 pub mod inbound;
 pub mod inbound_conn;
 pub mod inbound_passthrough;

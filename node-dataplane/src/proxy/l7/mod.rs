@@ -16,6 +16,9 @@ pub mod http;
 pub mod sniff;
 pub mod upstream;
 
+#[cfg(test)]
+mod tests;
+
 use super::counters::NodeCounters;
 use super::local::LocalPod;
 use super::state::{ProxyState, RequestAuthz};
@@ -246,7 +249,16 @@ where
 {
     let (proto, prefix) = match ctx.plan.declared {
         Declared::Http1 => (Protocol::Http1, Default::default()),
-        Declared::Http2 => (Protocol::Http2, Default::default()),
+        // A client that connects and sends nothing is bounded as between requests
+        // (HTTP/1 does it per request itself).
+        Declared::Http2 => match sniff::first_bytes(&mut io, ctx.state.http_idle_timeout).await? {
+            Some(prefix) => (Protocol::Http2, prefix),
+            None => {
+                NodeCounters::count(&ctx.state.counters.l7_idle_closed);
+                tracing::debug!(dst = %ctx.dst, "HTTP/2 connection closed: nothing received");
+                return Ok(());
+            }
+        },
         Declared::Opaque => (Protocol::Opaque, Default::default()),
         Declared::Unknown => sniff::sniff(&mut io, SNIFF_TIMEOUT).await?,
     };
