@@ -12,6 +12,7 @@
 
 use super::counters::NodeCounters;
 use super::handshakes::Handshaking;
+use super::idle::{Activity, Kind};
 use super::inbound_conn::InboundConn;
 use super::local::LocalPod;
 use super::record::ConnRecord;
@@ -167,18 +168,16 @@ impl Session<'_> {
             .map_err(|_| handshake_timed_out(state, peer))?
             .map_err(|e| anyhow::anyhow!("HBONE connection from {peer_id}: {e}"))?;
         drop(handshaking);
-        // Ends the session: cancelled when the agent drains, or by the idle watch
-        // below when the session has had no stream for long enough.
+        // Ends the session: cancelled when the agent drains, or by the proxy's idle
+        // sweep when the session has had no stream for long enough.
         let ending = state.draining.child_token();
-        let streams = Arc::new(LiveStreams::default());
-        tokio::spawn(close_when_idle(
+        let streams = Arc::new(Activity::default());
+        let _watched = state.idle.watch(
             streams.clone(),
             ending.clone(),
-            state.clone(),
-            peer,
-        ));
-        // The watch ends with the session.
-        let _stop_watch = ending.clone().drop_guard();
+            state.hbone_server_idle,
+            Kind::HboneSession,
+        );
         // Accepting streams also drives the connection; each stream runs in its own
         // task. When the agent drains, GOAWAY tells the client to open new streams
         // elsewhere (its successor), and the streams already open go on until they
@@ -195,11 +194,14 @@ impl Session<'_> {
                 s = conn.accept() => s,
                 _ = &mut ended, if !going_away => {
                     going_away = true;
-                    if state.draining.is_cancelled() {
+                    if state.draining.is_cancelled() || streams.busy() > 0 {
+                        // Draining, or a stream was admitted as the session was found
+                        // idle: the open streams go on until they end.
                         conn.graceful_shutdown();
                     } else {
                         // No stream is open: nothing to wait for (a client that opens
                         // one meanwhile is told it was not taken, and retries).
+                        tracing::debug!(%peer, "HBONE connection closed: no stream");
                         idle = true;
                         conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                     }
@@ -218,60 +220,19 @@ impl Session<'_> {
     }
 }
 
-/// The admitted streams of one HBONE session: open now, and opened so far.
-#[derive(Default)]
-struct LiveStreams {
-    open: std::sync::atomic::AtomicUsize,
-    opened: std::sync::atomic::AtomicU64,
-}
-
-/// One admitted stream of a session, while its task runs.
-struct LiveStream(Arc<LiveStreams>);
+/// One admitted stream of a session, while its task runs: the session is not idle.
+struct LiveStream(Arc<Activity>);
 
 impl LiveStream {
-    fn new(streams: &Arc<LiveStreams>) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        streams.open.fetch_add(1, Relaxed);
-        streams.opened.fetch_add(1, Relaxed);
+    fn new(streams: &Arc<Activity>) -> Self {
+        streams.begin();
         Self(streams.clone())
     }
 }
 
 impl Drop for LiveStream {
     fn drop(&mut self) {
-        self.0
-            .open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Cancels `ending` once the session has had no open stream, and opened none, for
-/// a whole idle period after a period that ended without one: it is closed between
-/// one and two idle timeouts after its last stream ended. Returns when `ending`
-/// is cancelled. A stream that is open, however quiet its tunnel, keeps the
-/// session.
-async fn close_when_idle(
-    streams: Arc<LiveStreams>,
-    ending: tokio_util::sync::CancellationToken,
-    state: Arc<ProxyState>,
-    peer: SocketAddr,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let idle = state.hbone_server_idle;
-    let (mut opened, mut was_busy) = (streams.opened.load(Relaxed), false);
-    loop {
-        tokio::select! {
-            _ = ending.cancelled() => return,
-            _ = tokio::time::sleep(idle) => {}
-        }
-        let (now_opened, busy) = (streams.opened.load(Relaxed), streams.open.load(Relaxed) > 0);
-        if !busy && !was_busy && now_opened == opened {
-            NodeCounters::count(&state.counters.hbone_idle_closed);
-            tracing::debug!(%peer, after = ?idle, "HBONE connection closed: no stream");
-            ending.cancel();
-            return;
-        }
-        (opened, was_busy) = (now_opened, busy);
+        self.0.end();
     }
 }
 
@@ -290,7 +251,7 @@ fn handle(
     peer_id: &str,
     served_id: &str,
     state: &Arc<ProxyState>,
-    streams: &Arc<LiveStreams>,
+    streams: &Arc<Activity>,
 ) {
     if req.method() != http::Method::CONNECT {
         return refuse(respond, http::StatusCode::METHOD_NOT_ALLOWED);
@@ -541,7 +502,12 @@ mod tests {
     #[tokio::test]
     async fn sessions_without_streams_are_closed_and_quiet_tunnels_are_not() {
         let idle = Duration::from_millis(300);
-        let (state, owner) = state(|o| o.hbone_server_idle = idle);
+        let (state, owner) = state(|o| {
+            o.hbone_server_idle = idle;
+            o.http_idle_timeout = idle;
+            o.hbone_idle = idle;
+        });
+        tokio::spawn(state.clone().reap_forever());
         let peer: SocketAddr = "127.0.0.9:4000".parse().unwrap();
 
         // No stream at all.

@@ -15,6 +15,7 @@ pub mod copy;
 pub mod counters;
 pub mod h2;
 pub mod handshakes;
+pub mod idle;
 pub mod inbound;
 pub mod inbound_conn;
 pub mod inbound_passthrough;

@@ -50,6 +50,8 @@ pub struct ProxyState {
     /// HBONE connections in their handshake, per source IP (at most
     /// [`ProxyOptions::max_handshakes_per_source`] each).
     pub(crate) handshakes: Arc<super::handshakes::Handshakes>,
+    /// HBONE sessions and L7 connections, closed when idle by [`Self::reap_forever`].
+    pub(crate) idle: Arc<super::idle::IdleWatch>,
     /// See [`ProxyOptions::max_connections`].
     max_connections: u64,
     /// Cancelled when the agent drains before it exits: HBONE sessions then tell
@@ -112,6 +114,7 @@ impl ProxyState {
             hbone_handshake_timeout: opts.hbone_handshake_timeout,
             hbone_server_idle: opts.hbone_server_idle,
             handshakes: super::handshakes::Handshakes::new(opts.max_handshakes_per_source),
+            idle: Arc::default(),
             max_connections: opts.max_connections,
             access_log,
             pool: HbonePool::new(opts.hbone_idle, opts.hbone_handshake_timeout),
@@ -163,15 +166,41 @@ impl ProxyState {
         }
     }
 
-    /// Closes idle pooled HBONE connections, forever.
+    /// Closes idle pooled HBONE connections, idle accepted HBONE sessions and idle
+    /// L7 connections, forever: every quarter of the shortest of their timeouts
+    /// (at least 100 ms), with one timer for them all.
     pub async fn reap_forever(self: Arc<Self>) {
-        let every = (self.pool.idle_timeout / 4).max(std::time::Duration::from_millis(250));
+        let shortest = self
+            .pool
+            .idle_timeout
+            .min(self.hbone_server_idle)
+            .min(self.http_idle_timeout);
+        let every = (shortest / 4).max(std::time::Duration::from_millis(100));
         loop {
             tokio::time::sleep(every).await;
             let n = self.pool.reap_idle();
             if n > 0 {
                 tracing::debug!(closed = n, "closed idle HBONE connections");
             }
+            self.sweep_idle();
+        }
+    }
+
+    /// Closes the accepted HBONE sessions and L7 connections idle for their
+    /// timeout (counted).
+    pub(crate) fn sweep_idle(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (sessions, http) = self.idle.sweep(std::time::Instant::now());
+        self.counters
+            .hbone_idle_closed
+            .fetch_add(sessions as u64, Relaxed);
+        self.counters.l7_idle_closed.fetch_add(http as u64, Relaxed);
+        if sessions + http > 0 {
+            tracing::debug!(
+                sessions,
+                http,
+                "closed idle HBONE sessions and HTTP connections"
+            );
         }
     }
 

@@ -62,19 +62,6 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     }
 }
 
-/// Reads a connection's first bytes: `None` if none arrived within `timeout`
-/// (empty at EOF).
-pub async fn first_bytes<S: AsyncRead + Unpin>(
-    io: &mut S,
-    timeout: std::time::Duration,
-) -> std::io::Result<Option<BytesMut>> {
-    let mut buf = BytesMut::with_capacity(64);
-    match tokio::time::timeout(timeout, io.read_buf(&mut buf)).await {
-        Ok(read) => read.map(|_| Some(buf)),
-        Err(_) => Ok(None),
-    }
-}
-
 /// `inner` with `prefix` replayed before its own bytes.
 pub struct Rewind<S> {
     prefix: BytesMut,
@@ -152,19 +139,6 @@ mod tests {
         let mut all = Vec::new();
         Rewind::new(prefix, b).read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"GET /x HTTP/1.1\r\n\r\n");
-    }
-
-    #[tokio::test]
-    async fn first_bytes_waits_at_most_its_timeout() {
-        let (mut a, mut b) = tokio::io::duplex(64);
-        let t = std::time::Duration::from_millis(30);
-        assert!(first_bytes(&mut b, t).await.unwrap().is_none());
-        tokio::io::AsyncWriteExt::write_all(&mut a, b"PRI")
-            .await
-            .unwrap();
-        assert_eq!(&first_bytes(&mut b, t).await.unwrap().unwrap()[..], b"PRI");
-        drop(a);
-        assert!(first_bytes(&mut b, t).await.unwrap().unwrap().is_empty());
     }
 
     #[tokio::test]

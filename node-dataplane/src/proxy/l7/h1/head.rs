@@ -448,7 +448,9 @@ fn check_host(f: &Semantics<'_>, target: &Target) -> Result<(), HeadError> {
         return Err(HeadError::AmbiguousHost("more than one Host"));
     }
     let Some(host) = f.host else { return Ok(()) };
-    if visible_ascii(host).is_none() {
+    // httparse lets through field values of tabs, visible ASCII, spaces and bytes
+    // from 0x80: so ASCII here is visible ASCII.
+    if !host.is_ascii() {
         return Err(HeadError::AmbiguousHost("Host is not visible ASCII"));
     }
     if let Target::Uri(uri) = target {

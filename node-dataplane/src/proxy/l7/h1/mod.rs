@@ -19,8 +19,9 @@
 //!   answered with 408 and the connection closed. The timer is armed only while a
 //!   head is incomplete, so a head that arrives in one read costs none.
 //! - A connection that waits for a request's first bytes (before the first, or
-//!   between two) for the idle timeout is closed without an answer ([`Idle`]: one
-//!   timer per connection, not one per request).
+//!   between two) for the idle timeout is closed without an answer, by the
+//!   proxy's idle sweep ([`crate::proxy::idle`]): an exchange marks the connection
+//!   busy, so no timer runs per request or per connection.
 //! - A request answered locally (403, a plugin's reply) keeps the connection open
 //!   when its body has already arrived whole (or it has none); otherwise the answer
 //!   says `Connection: close`.
@@ -38,7 +39,6 @@ use crate::proxy::counters::NodeCounters;
 use body::{forward, ForwardError, Framing, READ_CHUNK};
 use bytes::{Buf, BytesMut};
 use head::{HeadError, RequestHead, ResponseHead};
-use std::pin::Pin;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -70,26 +70,16 @@ where
     let mut dbuf = prefix;
     let mut up: Option<AppConn> = None;
     let mut bufs = Bufs::default();
-    let idle_timeout = ctx.state.http_idle_timeout;
-    let timer = tokio::time::sleep(idle_timeout);
-    tokio::pin!(timer);
-    let mut idle = Idle::new(timer, idle_timeout);
     loop {
-        let read = read_request_head(
-            &mut dr,
-            &mut dbuf,
-            &mut dw,
-            &mut bufs.spare,
-            &mut idle,
-            &ctx,
-        );
+        let read = read_request_head(&mut dr, &mut dbuf, &mut dw, &mut bufs.spare, &ctx);
         let Some(head) = read.await? else {
             return Ok(());
         };
-        let next = exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &mut bufs, &ctx).await?;
-        // Busy until here: the idle time starts now.
-        idle.busy();
-        match next {
+        // Not idle until the exchange ends (the proxy's idle sweep reads this).
+        ctx.activity.begin();
+        let next = exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &mut bufs, &ctx).await;
+        ctx.activity.end();
+        match next? {
             Next::Request => {
                 trim(&mut bufs.out);
                 if let Some(u) = &mut up {
@@ -101,6 +91,8 @@ where
                 return Ok(());
             }
             Next::Splice(mut app) => {
+                // Bytes of another protocol from now on: never idle.
+                ctx.activity.hold();
                 // Bytes each side sent after the upgrade's head go first.
                 if !app.buf.is_empty() {
                     dw.write_all(&app.buf).await?;
@@ -133,61 +125,14 @@ enum Next {
     Splice(AppConn),
 }
 
-/// How long a connection has waited for a request's first bytes, cheaply: one
-/// timer per connection, never re-armed per request. Each time it expires, the
-/// connection is closed if it has been waiting since the previous expiry (no
-/// exchange ended in between); otherwise it is re-armed for another period. So a
-/// connection is closed between one and two idle timeouts after its last exchange
-/// ended (or after it opened, with no request). The timer is polled only while the
-/// connection waits for a request, once per request at most.
-struct Idle<'a> {
-    timer: Pin<&'a mut tokio::time::Sleep>,
-    timeout: std::time::Duration,
-    /// Exchanges ended so far, and when the timer last expired.
-    ended: u64,
-    seen: u64,
-}
-
-impl<'a> Idle<'a> {
-    fn new(timer: Pin<&'a mut tokio::time::Sleep>, timeout: std::time::Duration) -> Self {
-        Self {
-            timer,
-            timeout,
-            ended: 0,
-            seen: 0,
-        }
-    }
-
-    /// An exchange ended: the connection is not idle since then.
-    fn busy(&mut self) {
-        self.ended += 1;
-    }
-
-    /// Returns once the connection has been idle long enough (the caller is
-    /// waiting for a request's first bytes).
-    async fn expired(&mut self) {
-        loop {
-            self.timer.as_mut().await;
-            if self.ended == self.seen {
-                return;
-            }
-            self.seen = self.ended;
-            let at = tokio::time::Instant::now() + self.timeout;
-            self.timer.as_mut().reset(at);
-        }
-    }
-}
-
-/// Reads the next request head. `None`: the client closed the connection, or it
-/// stayed idle until `idle` expired (closed), or it sent a head that could not be
-/// proxied, or not in time (answered). A head may take the head timeout to arrive
+/// Reads the next request head. `None`: the client closed the connection, or sent
+/// a head that could not be proxied, or not in time (answered). A head may take the head timeout to arrive
 /// whole once its first bytes have.
 async fn read_request_head<S: AsyncRead + AsyncWrite>(
     dr: &mut ReadHalf<S>,
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
     spare: &mut head::Spare,
-    idle: &mut Idle<'_>,
     ctx: &ConnCtx,
 ) -> anyhow::Result<Option<RequestHead>> {
     let timeout = ctx.state.http1_head_timeout;
@@ -217,17 +162,9 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
             dbuf.reserve(READ_CHUNK);
         }
         let read = if dbuf.is_empty() {
-            // Idle between requests (or before the first).
-            tokio::select! {
-                biased;
-                r = dr.read_buf(dbuf) => r?,
-                () = idle.expired() => {
-                    NodeCounters::count(&ctx.state.counters.l7_idle_closed);
-                    tracing::debug!(after = ?idle.timeout, "HTTP/1 connection closed: idle");
-                    let _ = dw.shutdown().await;
-                    return Ok(None);
-                }
-            }
+            // Idle between requests (or before the first): bounded by the proxy's
+            // idle sweep, which cancels the connection.
+            dr.read_buf(dbuf).await?
         } else {
             let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
             match tokio::time::timeout_at(at, dr.read_buf(dbuf)).await {

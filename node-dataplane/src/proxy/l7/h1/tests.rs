@@ -512,6 +512,29 @@ async fn closed_after(client: &mut DuplexStream, since: std::time::Instant) -> D
     since.elapsed()
 }
 
+/// Serves `ctx` as HTTP/1 on the proxy's end of a new pipe as the inbound path
+/// does: watched by the proxy's idle sweep, which cancels it. Returns the client's
+/// end.
+fn serve_watched(ctx: crate::proxy::l7::ConnCtx) -> DuplexStream {
+    let state = ctx.state.clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let watched = state.idle.watch(
+        ctx.activity.clone(),
+        cancel.clone(),
+        state.http_idle_timeout,
+        crate::proxy::idle::Kind::Http,
+    );
+    let (client, proxy_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)) => {}
+            _ = cancel.cancelled() => {}
+        }
+        drop(watched);
+    });
+    client
+}
+
 /// A connection that waits for a request, before its first or between two, is
 /// closed after the idle timeout (before, it had no limit); one whose exchange
 /// takes longer than the timeout is not idle meanwhile, and keeps its connection.
@@ -519,24 +542,27 @@ async fn closed_after(client: &mut DuplexStream, since: std::time::Instant) -> D
 async fn a_connection_idle_for_the_idle_timeout_is_closed() {
     use std::sync::atomic::Ordering::Relaxed;
     let (l, addr) = app().await;
-    let idle = Duration::from_millis(300);
-    let set = |o: &mut crate::proxy::state::ProxyOptions| o.http_idle_timeout = idle;
-    // Nothing sent at all (with the protocol declared, nothing sniffs it).
-    let (ctx, state) = web_ctx(
-        addr,
-        path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*"),
-        set,
-    );
-    let (mut client, proxy_end) = tokio::io::duplex(64 * 1024);
+    let idle = Duration::from_millis(400);
+    let set = |o: &mut crate::proxy::state::ProxyOptions| {
+        o.http_idle_timeout = idle;
+        o.hbone_server_idle = idle;
+        o.hbone_idle = idle;
+    };
+    let policy = || path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*");
+    // Nothing sent at all.
+    let (ctx, state) = web_ctx(addr, policy(), set);
+    tokio::spawn(state.clone().reap_forever());
     let started = std::time::Instant::now();
-    tokio::spawn(super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)));
+    let mut client = serve_watched(ctx);
     let took = closed_after(&mut client, started).await;
     assert!(took >= idle, "closed after {took:?}");
     assert_eq!(state.counters.l7_idle_closed.load(Relaxed), 1);
 
     // Keep-alive: a request, an answer that takes three idle timeouts, another
     // request at once: served on the same connections; then idle: closed.
-    let (mut client, state) = proxy_l7(addr, set);
+    let (ctx, state) = web_ctx(addr, policy(), set);
+    tokio::spawn(state.clone().reap_forever());
+    let mut client = serve_watched(ctx);
     let mut s = get_ok(&mut client, &l, "/ok/1").await;
     client
         .write_all(b"GET /ok/2 HTTP/1.1\r\nHost: web\r\n\r\n")
