@@ -129,8 +129,9 @@ struct RunArgs {
     /// it was accepted (or dialled), or it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     hbone_handshake_timeout: std::time::Duration,
-    /// HBONE: close accepted sessions that have had no stream for this long (at
-    /// most twice as long). Keep it above the peers' --hbone-idle-timeout.
+    /// HBONE: close accepted sessions that have had no stream for this long (found
+    /// by a sweep every quarter of the shortest idle timeout). Keep it above the
+    /// peers' --hbone-idle-timeout.
     #[arg(long, default_value = "2m", value_parser = parse_timeout)]
     hbone_server_idle_timeout: std::time::Duration,
     /// HBONE: connections one source IP may have in their handshake at once; more
@@ -141,8 +142,8 @@ struct RunArgs {
     /// after its first bytes, or the client gets 408 and the connection closes.
     #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     http1_head_timeout: std::time::Duration,
-    /// On ports parsed at L7: close a connection that has waited this long (at most
-    /// twice as long) for a request (before its first, or between two).
+    /// On ports parsed at L7: close a connection that has waited this long for a
+    /// request, before its first or between two (found by the same sweep).
     #[arg(long, default_value = "10m", value_parser = parse_timeout)]
     http_idle_timeout: std::time::Duration,
     /// Access log records (per connection and per L7 request, target weft::access).

@@ -75,9 +75,9 @@ pub struct ProxyOptions {
     /// be done this long after the TCP connection was accepted (server side) or
     /// dialled (client side).
     pub hbone_handshake_timeout: std::time::Duration,
-    /// Accepted HBONE sessions without streams for at least this long (at most
-    /// twice) are closed. Keep it above the peers' `hbone_idle`, so that clients
-    /// close their idle connections first.
+    /// Accepted HBONE sessions without streams for at least this long are closed
+    /// (by [`ProxyState::reap_forever`]'s sweep). Keep it above the peers'
+    /// `hbone_idle`, so that clients close their idle connections first.
     pub hbone_server_idle: std::time::Duration,
     /// HBONE connections one source IP may have in their handshake at once; more
     /// are refused at once.
@@ -85,8 +85,8 @@ pub struct ProxyOptions {
     /// An HTTP/1 request head must arrive whole this long after its first bytes.
     pub http1_head_timeout: std::time::Duration,
     /// A connection parsed at L7 that waits for a request's first bytes (before
-    /// its first request, or between two) for at least this long (at most twice)
-    /// is closed.
+    /// its first request, or between two) for at least this long is closed (by the
+    /// same sweep).
     pub http_idle_timeout: std::time::Duration,
     /// Connections the proxy holds at most; more are refused at once, so that no
     /// client (nor a loop) can take the agent's file descriptors from the node's
