@@ -2,7 +2,9 @@
 //! number of connections. Before this, one connection to `<pod IP>:15006` (or an
 //! HBONE CONNECT to it) was authorized and dialled again from inside the pod into
 //! the same listener, over and over, until the agent ran out of file descriptors
-//! and every pod of its node fell off the mesh. Root; runs in CI.
+//! and every pod of its node fell off the mesh. Sockets that connect and send
+//! nothing are bounded too: in number per source and in time (issue 27, item 9).
+//! Root; runs in CI.
 
 #![forbid(unsafe_code)]
 
@@ -174,4 +176,270 @@ fn connections_beyond_the_maximum_are_refused_and_the_rest_go_on() {
         "{}",
         c.config_dump("node-a").unwrap()["proxy"]
     );
+}
+
+/// The server pod's second port, parsed at L7 (a Service declares it HTTP, and a
+/// DENY rule has a path): a connection to it waits for a request head.
+const L7_PORT: u16 = 8081;
+
+const L7_MANIFESTS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: mesh}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8081, appProtocol: http}]
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: mesh}
+spec:
+  action: DENY
+  rules:
+    - to: [{operation: {ports: ["8081"], paths: ["/admin"]}}]
+"#;
+
+/// Raises this process's soft open-file limit to its hard limit (the test holds
+/// thousands of sockets); returns the new limit.
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    hard
+}
+
+/// Opens `n` TCP connections from the pod netns `netns` to `dst` (at most 256
+/// connecting at once), each sending `first` (maybe nothing) and then nothing.
+/// Returns the connections that are established, and how many more were
+/// established but reset before the connect returned (refused by the server).
+async fn idle_sockets(
+    netns: &weft_node_dataplane::testing::PodNetns,
+    dst: std::net::SocketAddr,
+    n: usize,
+    first: &'static [u8],
+) -> (Vec<tokio::net::TcpStream>, usize) {
+    use tokio::io::AsyncWriteExt;
+    // Sockets belong to the network namespace they are created in.
+    let socks = netns
+        .run_async(move || {
+            (0..n)
+                .map(|_| tokio::net::TcpSocket::new_v4())
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in socks {
+        let gate = gate.clone();
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            match tokio::time::timeout(Duration::from_secs(10), s.connect(dst)).await {
+                Ok(Ok(mut c)) => {
+                    if !first.is_empty() {
+                        // A refused connection may be reset before this.
+                        let _ = c.write_all(first).await;
+                    }
+                    Ok(Some(c))
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("connect timed out".to_string()),
+            }
+        });
+    }
+    let (mut open, mut reset, mut failed) = (Vec::with_capacity(n), 0, Vec::new());
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(Some(c)) => open.push(c),
+            Ok(None) => reset += 1,
+            Err(e) => failed.push(e),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {n} connections to {dst} failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    (open, reset)
+}
+
+/// How many of `socks` are still open after `within` (the peer neither closed
+/// nor reset them), waiting on all at once.
+async fn still_open(socks: Vec<tokio::net::TcpStream>, within: Duration) -> usize {
+    use tokio::io::AsyncReadExt;
+    let until = tokio::time::Instant::now() + within;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut s in socks {
+        tasks.spawn(async move {
+            let mut b = [0u8; 256];
+            loop {
+                match tokio::time::timeout_at(until, s.read(&mut b)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return false,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return true,
+                }
+            }
+        });
+    }
+    let mut open = 0;
+    while let Some(r) = tasks.join_next().await {
+        open += usize::from(r.unwrap());
+    }
+    open
+}
+
+/// Proof for issue 27, item 9: 5,000 idle sockets opened against a node do not
+/// stop a mesh request from succeeding. A pod outside the mesh opens 5,000 TCP
+/// connections to a mesh pod's HBONE port (half of them send the first bytes of a
+/// TLS record and no more) and 300 to its port parsed at L7 (plaintext from
+/// outside the mesh, through :15006), all on node-b, whose agent has 4,096
+/// descriptors. A mesh request then succeeds while they are held, the connections
+/// beyond the per-source maximum of handshakes are refused at once, and the agent
+/// closes every one of them by itself: the HBONE ones after the handshake
+/// timeout, the plaintext ones after the HTTP idle timeout. Before, the agent
+/// kept them all: it ran out of descriptors, and the mesh request failed.
+#[test]
+fn five_thousand_idle_sockets_do_not_stop_a_mesh_request() {
+    require_root();
+    assert!(
+        raise_open_file_limit() >= 6_000,
+        "this test holds 5,300 sockets"
+    );
+    let mut c = LocalCluster::with_args(
+        &["node-a", "node-b"],
+        &[],
+        &[
+            "--hbone-handshake-timeout",
+            "3s",
+            "--http-idle-timeout",
+            "2s",
+        ],
+    )
+    .unwrap();
+    c.namespace("mesh", true).unwrap();
+    c.namespace("plain", false).unwrap();
+    let ip = c
+        .add_pod("mesh", "server", "node-b", &[("app", "server")])
+        .unwrap();
+    c.add_pod("mesh", "client", "node-a", &[("app", "client")])
+        .unwrap();
+    c.add_pod("plain", "outsider", "node-a", &[]).unwrap();
+    c.spawn_app(
+        "mesh/server",
+        &app(),
+        &["server", "--listen", &format!("{ip}:8080")],
+    )
+    .unwrap();
+    c.spawn_app(
+        "mesh/server",
+        &app(),
+        &["http", "--listen", &format!("0.0.0.0:{L7_PORT}")],
+    )
+    .unwrap();
+    c.write_manifest("l7.yaml", L7_MANIFESTS).unwrap();
+    c.wait_enrolled("node-b", "mesh/server").unwrap();
+    c.wait_enrolled("node-a", "mesh/client").unwrap();
+    let app_port = format!("{ip}:8080");
+    let mesh_works = |c: &LocalCluster, within: u64| {
+        wait_until(Duration::from_secs(within), || {
+            connect(c, "mesh/client", &app_port).then_some(())
+        })
+        .is_some()
+    };
+    assert!(
+        mesh_works(&c, 20),
+        "the mesh works: {}",
+        c.agent_log("node-b")
+    );
+    // node-b's agent gets 4,096 descriptors: fewer than the sockets below.
+    let pid = c.agent_pid("node-b").unwrap().to_string();
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=4096:4096"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let outsider = weft_node_dataplane::testing::PodNetns::open(format!(
+        "/var/run/netns/{}",
+        c.pod("plain/outsider").netns
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let hbone: std::net::SocketAddr = format!("{ip}:15008").parse().unwrap();
+    let l7: std::net::SocketAddr = format!("{ip}:{L7_PORT}").parse().unwrap();
+    // A TLS handshake record header that announces a ClientHello never sent.
+    const PARTIAL_HELLO: &[u8] = b"\x16\x03\x01\x02\x00\x01";
+    // Every one is established (some are reset at once: refused by the agent).
+    let ((silent, reset_a), (partial, reset_b), (plain, reset_c)) = rt.block_on(async {
+        (
+            idle_sockets(&outsider, hbone, 2_500, b"").await,
+            idle_sockets(&outsider, hbone, 2_500, PARTIAL_HELLO).await,
+            idle_sockets(&outsider, l7, 300, b"").await,
+        )
+    });
+    let held = std::time::Instant::now();
+    eprintln!(
+        "held: {} + {} to :15008 ({} + {} reset at once), {} to :{L7_PORT} ({reset_c} reset)",
+        silent.len(),
+        partial.len(),
+        reset_a,
+        reset_b,
+        plain.len()
+    );
+    assert_eq!(plain.len(), 300);
+
+    // While they are held, a mesh request succeeds.
+    let proxy = |c: &LocalCluster| match c.config_dump("node-b") {
+        Ok(d) => d["proxy"].to_string(),
+        Err(e) => format!("(node-b's /config_dump fails too: {e:#})"),
+    };
+    assert!(
+        mesh_works(&c, 15),
+        "a mesh request fails while the idle sockets are held: {}",
+        proxy(&c)
+    );
+    let dump = c.config_dump("node-b").unwrap()["proxy"].clone();
+    assert!(
+        dump["hbone_refused_source_handshakes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "one source's handshakes beyond its maximum are refused: {dump}"
+    );
+    // The agent closes every one of them by itself: the HBONE ones within the
+    // handshake timeout (3 s), the plaintext ones within twice the idle timeout
+    // (2 s), with time to spare.
+    let left = Duration::from_secs(10).saturating_sub(held.elapsed());
+    let open = rt.block_on(async {
+        tokio::join!(
+            still_open(silent, left),
+            still_open(partial, left),
+            still_open(plain, left)
+        )
+    });
+    let log = c.agent_log("node-b");
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    assert_eq!(
+        open,
+        (0, 0, 0),
+        "idle sockets the agent did not close: {}\n{}",
+        proxy(&c),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    let dump = c.config_dump("node-b").unwrap()["proxy"].clone();
+    let count = |k: &str| dump[k].as_u64().unwrap_or(0);
+    assert_eq!(
+        count("hbone_refused_source_handshakes") + count("hbone_handshake_timeouts"),
+        5_000,
+        "{dump}"
+    );
+    assert_eq!(count("l7_idle_closed"), 300, "{dump}");
+    // And the mesh still works.
+    assert!(mesh_works(&c, 10));
 }

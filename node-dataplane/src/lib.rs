@@ -44,7 +44,7 @@ pub use ebpf::{cgroup, Capture};
 pub use pods::PodMap;
 pub use proxy::access_log::AccessLogSettings;
 pub use proxy::lb::LbPolicy;
-pub use proxy::state::ProxyOptions;
+pub use proxy::state::{ProxyOptions, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 
 /// The CNI plugin's default socket path.
 pub const DEFAULT_CNI_SOCKET: &str = cni::plugin::DEFAULT_SOCKET;

@@ -126,10 +126,27 @@ struct RunArgs {
     /// Close pooled HBONE connections idle this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     hbone_idle_timeout: std::time::Duration,
+    /// HBONE: a connection's TLS and HTTP/2 handshakes must be done this long after
+    /// it was accepted (or dialled), or it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    hbone_handshake_timeout: std::time::Duration,
+    /// HBONE: close accepted sessions that have had no stream for this long (found
+    /// by a sweep every quarter of the shortest idle timeout). Keep it above the
+    /// peers' --hbone-idle-timeout.
+    #[arg(long, default_value = "2m", value_parser = parse_timeout)]
+    hbone_server_idle_timeout: std::time::Duration,
+    /// HBONE: connections one source IP may have in their handshake at once; more
+    /// are refused at once.
+    #[arg(long, default_value_t = weft_node_dataplane::DEFAULT_MAX_HANDSHAKES_PER_SOURCE, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes_per_source: u32,
     /// An HTTP/1 request head (on a port parsed at L7) must arrive whole this long
     /// after its first bytes, or the client gets 408 and the connection closes.
     #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     http1_head_timeout: std::time::Duration,
+    /// On ports parsed at L7: close a connection that has waited this long for a
+    /// request, before its first or between two (found by the same sweep).
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    http_idle_timeout: std::time::Duration,
     /// Access log records (per connection and per L7 request, target weft::access).
     #[arg(long, value_enum, default_value_t = Toggle::On, env = "WEFT_ACCESS_LOG")]
     access_log: Toggle,
@@ -195,7 +212,11 @@ impl RunArgs {
                     mark: self.proxy_mark,
                     lb: self.lb,
                     hbone_idle: self.hbone_idle_timeout,
+                    hbone_handshake_timeout: self.hbone_handshake_timeout,
+                    hbone_server_idle: self.hbone_server_idle_timeout,
+                    max_handshakes_per_source: self.max_handshakes_per_source,
                     http1_head_timeout: self.http1_head_timeout,
+                    http_idle_timeout: self.http_idle_timeout,
                     max_connections: self.max_connections.unwrap_or_else(default_max_connections),
                     access_log: AccessLogSettings {
                         enabled: self.access_log == Toggle::On,

@@ -58,6 +58,10 @@ DaemonSet (see there).
             - --state-dir=/var/run/weft
             - --lb={{ $n.loadBalancing }}
             - --http1-head-timeout={{ $n.http1HeadTimeout }}
+            - --http-idle-timeout={{ $n.httpIdleTimeout }}
+            - --hbone-handshake-timeout={{ $n.hboneHandshakeTimeout }}
+            - --max-handshakes-per-source={{ $n.maxHandshakesPerSource }}
+            - --hbone-server-idle-timeout={{ $n.hboneServerIdleTimeout }}
             - --admin-addr=127.0.0.1:15000
             - --metrics-addr=0.0.0.0:15020
             - --successor-wait={{ $n.upgrade.successorWaitSeconds }}s

@@ -1,6 +1,7 @@
 //! The connection counters `/config_dump` shows: the node proxy's, and each
 //! enrolled pod's listeners'. Only [`super::record::ConnRecord`] (and the
-//! HBONE server, for sessions refused before any stream) writes them.
+//! HBONE server, for sessions refused or closed before or between streams, and the
+//! L7 path, for what it refuses or closes itself) writes them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,6 +19,15 @@ pub struct NodeCounters {
     pub hbone_in_denied: AtomicU64,
     /// HBONE connections refused before any stream (TLS, identity, HTTP/2).
     pub hbone_refused: AtomicU64,
+    /// HBONE connections refused at once because their source IP held its maximum
+    /// of connections in their handshake (`--max-handshakes-per-source`).
+    pub hbone_refused_source_handshakes: AtomicU64,
+    /// HBONE connections closed because their TLS and HTTP/2 handshake did not
+    /// complete in time (`--hbone-handshake-timeout`); also in `hbone_refused`.
+    pub hbone_handshake_timeouts: AtomicU64,
+    /// HBONE sessions closed after a time without streams
+    /// (`--hbone-server-idle-timeout`).
+    pub hbone_idle_closed: AtomicU64,
     pub plaintext_out: AtomicU64,
     pub plaintext_in_denied: AtomicU64,
     pub closed_by_policy_change: AtomicU64,
@@ -25,6 +35,13 @@ pub struct NodeCounters {
     pub l7_opaque_denied: AtomicU64,
     /// Connections parsed as HTTP.
     pub l7_connections: AtomicU64,
+    /// HTTP connections closed while waiting for a request (before the first or
+    /// between two) for longer than `--http-idle-timeout`.
+    pub l7_idle_closed: AtomicU64,
+    /// Requests refused with 400 because their host is ambiguous (several `Host`
+    /// fields, a target or `:authority` that `Host` contradicts, a `Host` that is
+    /// not visible ASCII).
+    pub l7_ambiguous_host: AtomicU64,
 }
 
 impl NodeCounters {

@@ -8,6 +8,7 @@
 
 use super::conns::Registration;
 use super::copy::reset_on_close;
+use super::idle::Kind;
 use super::l7::{self, ConnCtx, ConnInfo, L7Plan};
 use super::local::LocalPod;
 use super::record::ConnRecord;
@@ -110,7 +111,8 @@ impl InboundConn {
 
 /// How an allowed connection ended.
 enum Ended {
-    /// Served per request at L7 (the requests carry the detail).
+    /// Served per request at L7 (the requests carry the detail), or closed there
+    /// while idle.
     Parsed,
     /// Copied at L4: bytes to the application, from it.
     Copied(u64, u64),
@@ -159,9 +161,21 @@ impl Admitted {
                     labels,
                 };
                 let ctx = ConnCtx::new(state.clone(), info, plan);
+                // Closed (through `reg.cancel`) when it waits for a request too long.
+                let activity = ctx.activity.clone();
+                let _watched = state.idle.watch(
+                    activity.clone(),
+                    reg.cancel.clone(),
+                    state.http_idle_timeout,
+                    Kind::Http,
+                );
                 tokio::select! {
                     r = l7::serve(down.into_io(), ctx) => r.map(|()| Ended::Parsed),
-                    _ = reg.cancel.cancelled() => Ok(Ended::ClosedByPolicy),
+                    _ = reg.cancel.cancelled() => Ok(if activity.closed_idle() {
+                        Ended::Parsed
+                    } else {
+                        Ended::ClosedByPolicy
+                    }),
                 }
             }
             None => copy_to_app(&state, &target, dst, down, &record, &reg).await,

@@ -14,6 +14,8 @@ pub mod conns;
 pub mod copy;
 pub mod counters;
 pub mod h2;
+pub mod handshakes;
+pub mod idle;
 pub mod inbound;
 pub mod inbound_conn;
 pub mod inbound_passthrough;

@@ -51,13 +51,19 @@ pub struct HbonePool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     pub idle_timeout: std::time::Duration,
+    /// A new connection's TCP connect, TLS and HTTP/2 handshakes must be done
+    /// within this (a destination that accepts and never answers would otherwise
+    /// hold the dial, and every stream waiting for it, for good).
+    handshake_timeout: std::time::Duration,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default of the HBONE handshake timeout (both sides: `--hbone-handshake-timeout`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for HbonePool {
     fn default() -> Self {
-        Self::new(DEFAULT_IDLE_TIMEOUT)
+        Self::new(DEFAULT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT)
     }
 }
 
@@ -70,11 +76,12 @@ impl Drop for StreamGuard {
 }
 
 impl HbonePool {
-    pub fn new(idle_timeout: std::time::Duration) -> Self {
+    pub fn new(idle_timeout: std::time::Duration, handshake_timeout: std::time::Duration) -> Self {
         Self {
             conns: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
             idle_timeout,
+            handshake_timeout,
         }
     }
 
@@ -220,14 +227,24 @@ impl HbonePool {
         let cfg = tls::client_config(&cert, &bundle, &dest.spiffe_id)?;
         let target = SocketAddr::new(dest_pod_ip, HBONE_PORT);
         let sock = source.netns.tcp_socket(target.is_ipv6(), dial.mark).await?;
-        let tcp = tokio::net::TcpSocket::from_std_stream(sock.into())
-            .connect(target)
-            .await?;
-        let name = rustls::pki_types::ServerName::IpAddress(dest_pod_ip.into());
-        let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await?;
-        let (send, conn) = super::h2::client().handshake::<_, Bytes>(tls).await?;
+        let handshake = async {
+            let tcp = tokio::net::TcpSocket::from_std_stream(sock.into())
+                .connect(target)
+                .await?;
+            let name = rustls::pki_types::ServerName::IpAddress(dest_pod_ip.into());
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            anyhow::Ok(super::h2::client().handshake::<_, Bytes>(tls).await?)
+        };
+        let (send, conn) = tokio::time::timeout(self.handshake_timeout, handshake)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "HBONE connection to {target}: handshake not done within {:?}",
+                    self.handshake_timeout
+                )
+            })??;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
         tokio::spawn(async move {

@@ -41,12 +41,26 @@ pub struct ProxyState {
     pub(crate) access_log: super::access_log::AccessLog,
     /// See [`ProxyOptions::http1_head_timeout`].
     pub(crate) http1_head_timeout: std::time::Duration,
+    /// See [`ProxyOptions::http_idle_timeout`].
+    pub(crate) http_idle_timeout: std::time::Duration,
+    /// See [`ProxyOptions::hbone_handshake_timeout`].
+    pub(crate) hbone_handshake_timeout: std::time::Duration,
+    /// See [`ProxyOptions::hbone_server_idle`].
+    pub(crate) hbone_server_idle: std::time::Duration,
+    /// HBONE connections in their handshake, per source IP (at most
+    /// [`ProxyOptions::max_handshakes_per_source`] each).
+    pub(crate) handshakes: Arc<super::handshakes::Handshakes>,
+    /// HBONE sessions and L7 connections, closed when idle by [`Self::reap_forever`].
+    pub(crate) idle: Arc<super::idle::IdleWatch>,
     /// See [`ProxyOptions::max_connections`].
     max_connections: u64,
     /// Cancelled when the agent drains before it exits: HBONE sessions then tell
     /// their clients to open new connections elsewhere (HTTP/2 GOAWAY).
     pub(crate) draining: tokio_util::sync::CancellationToken,
 }
+
+/// Default of [`ProxyOptions::max_handshakes_per_source`].
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 128;
 
 /// The proxy's tunables.
 #[derive(Debug, Clone, Copy)]
@@ -57,8 +71,23 @@ pub struct ProxyOptions {
     pub lb: super::lb::LbPolicy,
     /// Pooled HBONE connections without streams this long are closed.
     pub hbone_idle: std::time::Duration,
+    /// An HBONE connection's TLS and HTTP/2 handshake (the client's preface) must
+    /// be done this long after the TCP connection was accepted (server side) or
+    /// dialled (client side).
+    pub hbone_handshake_timeout: std::time::Duration,
+    /// Accepted HBONE sessions without streams for at least this long are closed
+    /// (by [`ProxyState::reap_forever`]'s sweep). Keep it above the peers'
+    /// `hbone_idle`, so that clients close their idle connections first.
+    pub hbone_server_idle: std::time::Duration,
+    /// HBONE connections one source IP may have in their handshake at once; more
+    /// are refused at once.
+    pub max_handshakes_per_source: u32,
     /// An HTTP/1 request head must arrive whole this long after its first bytes.
     pub http1_head_timeout: std::time::Duration,
+    /// A connection parsed at L7 that waits for a request's first bytes (before
+    /// its first request, or between two) for at least this long is closed (by the
+    /// same sweep).
+    pub http_idle_timeout: std::time::Duration,
     /// Connections the proxy holds at most; more are refused at once, so that no
     /// client (nor a loop) can take the agent's file descriptors from the node's
     /// other pods.
@@ -81,9 +110,14 @@ impl ProxyState {
             certs,
             mark: opts.mark,
             http1_head_timeout: opts.http1_head_timeout,
+            http_idle_timeout: opts.http_idle_timeout,
+            hbone_handshake_timeout: opts.hbone_handshake_timeout,
+            hbone_server_idle: opts.hbone_server_idle,
+            handshakes: super::handshakes::Handshakes::new(opts.max_handshakes_per_source),
+            idle: Arc::default(),
             max_connections: opts.max_connections,
             access_log,
-            pool: HbonePool::new(opts.hbone_idle),
+            pool: HbonePool::new(opts.hbone_idle, opts.hbone_handshake_timeout),
             local: LocalPods::default(),
             counters: NodeCounters::default(),
             conns: Arc::default(),
@@ -132,15 +166,41 @@ impl ProxyState {
         }
     }
 
-    /// Closes idle pooled HBONE connections, forever.
+    /// Closes idle pooled HBONE connections, idle accepted HBONE sessions and idle
+    /// L7 connections, forever: every quarter of the shortest of their timeouts
+    /// (at least 100 ms), with one timer for them all.
     pub async fn reap_forever(self: Arc<Self>) {
-        let every = (self.pool.idle_timeout / 4).max(std::time::Duration::from_millis(250));
+        let shortest = self
+            .pool
+            .idle_timeout
+            .min(self.hbone_server_idle)
+            .min(self.http_idle_timeout);
+        let every = (shortest / 4).max(std::time::Duration::from_millis(100));
         loop {
             tokio::time::sleep(every).await;
             let n = self.pool.reap_idle();
             if n > 0 {
                 tracing::debug!(closed = n, "closed idle HBONE connections");
             }
+            self.sweep_idle();
+        }
+    }
+
+    /// Closes the accepted HBONE sessions and L7 connections idle for their
+    /// timeout (counted).
+    pub(crate) fn sweep_idle(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (sessions, http) = self.idle.sweep(std::time::Instant::now());
+        self.counters
+            .hbone_idle_closed
+            .fetch_add(sessions as u64, Relaxed);
+        self.counters.l7_idle_closed.fetch_add(http as u64, Relaxed);
+        if sessions + http > 0 {
+            tracing::debug!(
+                sessions,
+                http,
+                "closed idle HBONE sessions and HTTP connections"
+            );
         }
     }
 
@@ -292,7 +352,11 @@ pub fn test_state_with(
         mark: 0,
         lb: Default::default(),
         hbone_idle: std::time::Duration::from_secs(60),
+        hbone_handshake_timeout: super::pool::DEFAULT_HANDSHAKE_TIMEOUT,
+        hbone_server_idle: std::time::Duration::from_secs(120),
+        max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
         http1_head_timeout: std::time::Duration::from_secs(30),
+        http_idle_timeout: std::time::Duration::from_secs(600),
         access_log: Default::default(),
         max_connections: 100_000,
     };

@@ -7,6 +7,7 @@
 use super::ConnCtx;
 use crate::fields::Fields;
 use crate::proxy::access_log;
+use crate::proxy::counters::NodeCounters;
 use crate::wasm::abi::{HttpState, LocalReply};
 use crate::wasm::chain::{self, Ran};
 use bytes::Bytes;
@@ -20,6 +21,8 @@ pub type RespBody = Either<Incoming, Full<Bytes>>;
 
 /// The body of a 403 from weft's L7 authorization (Istio's text).
 pub const DENIED_BODY: &str = "RBAC: access denied";
+/// The body of weft's `400` to a request whose host is ambiguous.
+pub const AMBIGUOUS_HOST_BODY: &str = "ambiguous host\n";
 
 /// The body of the reply when the application cannot be reached or closes before
 /// answering (Envoy's text).
@@ -494,13 +497,57 @@ fn finish_local(ctx: &ConnCtx, r: LocalReply, run: Option<PluginRun>) -> LocalRe
     resp
 }
 
+/// Whether `host` (a `Host` value) names the host and port of `a`, the
+/// authority of a target with `scheme` (none: authority form, as `http`).
+pub(crate) fn same_authority(a: &http::uri::Authority, scheme: Option<&str>, host: &[u8]) -> bool {
+    let default = if scheme.is_some_and(|s| s.eq_ignore_ascii_case("https")) {
+        443
+    } else {
+        80
+    };
+    let Ok(h) = http::uri::Authority::try_from(host.trim_ascii()) else {
+        return false;
+    };
+    !h.as_str().contains('@')
+        && h.host().eq_ignore_ascii_case(a.host())
+        && h.port_u16().unwrap_or(default) == a.port_u16().unwrap_or(default)
+}
+
+/// Why an HTTP/2 request's host is ambiguous, if it is: authorization reads
+/// `:authority`, else `host`, and the application may read either. So at most one
+/// `host` field, visible ASCII, naming the host and port of `:authority` if both
+/// are sent (RFC 9113 section 8.3.1).
+pub fn ambiguous_h2_host<B>(req: &http::Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return Some("more than one host field");
+    }
+    let Ok(host) = host.to_str() else {
+        return Some("host is not visible ASCII");
+    };
+    let uri = req.uri();
+    match uri.authority() {
+        Some(a) if !same_authority(a, uri.scheme_str(), host.as_bytes()) => {
+            Some("host differs from :authority")
+        }
+        _ => None,
+    }
+}
+
 /// Handles one HTTP/2 request end to end (hyper's server and client carry the
-/// streams and bodies).
+/// streams and bodies). One whose host is ambiguous gets 400.
 pub async fn serve_h2_request(
     mut req: http::Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> http::Response<RespBody> {
     let mut x = Exchange::begin(&req, &ctx);
+    if let Some(why) = ambiguous_h2_host(&req) {
+        NodeCounters::count(&ctx.state.counters.l7_ambiguous_host);
+        tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, why, "HTTP/2 request refused: ambiguous host");
+        x.end(&ctx, 400);
+        return reply(400, AMBIGUOUS_HOST_BODY, &[]).map(|b| Either::Right(Full::new(b)));
+    }
     let eos = hyper::body::Body::is_end_stream(req.body());
     let resp = match on_request(&mut req, eos, &ctx, &mut x) {
         Verdict::Reply(r) => r.map(|b| Either::Right(Full::new(b))),

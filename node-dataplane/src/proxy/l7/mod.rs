@@ -16,6 +16,9 @@ pub mod http;
 pub mod sniff;
 pub mod upstream;
 
+#[cfg(test)]
+mod tests;
+
 use super::counters::NodeCounters;
 use super::local::LocalPod;
 use super::state::{ProxyState, RequestAuthz};
@@ -85,6 +88,10 @@ pub struct ConnCtx {
     pub authz: std::sync::Mutex<RequestAuthz>,
     /// What its requests' plugin runs reuse ([`http::PluginRun`]).
     runs: std::sync::Mutex<Option<http::PluginRun>>,
+    /// Whether it is waiting for a request, for the proxy's idle sweep: busy
+    /// during an exchange, and for good once it carries anything but HTTP/1
+    /// requests (HTTP/2, opaque bytes, an upgrade).
+    pub activity: Arc<super::idle::Activity>,
 }
 
 type DecisionCounter = (
@@ -145,6 +152,7 @@ impl ConnCtx {
             handles: Default::default(),
             decisions: Default::default(),
             runs: Default::default(),
+            activity: Default::default(),
         }
     }
 
@@ -272,9 +280,24 @@ where
 {
     let (proto, prefix) = match ctx.plan.declared {
         Declared::Http1 => (Protocol::Http1, Default::default()),
-        Declared::Http2 => (Protocol::Http2, Default::default()),
+        Declared::Http2 => {
+            // Not held before its first bytes: a client that connects and sends
+            // nothing is closed by the idle sweep.
+            let mut prefix = bytes::BytesMut::with_capacity(64);
+            if tokio::io::AsyncReadExt::read_buf(&mut io, &mut prefix).await? == 0 {
+                return Ok(());
+            }
+            (Protocol::Http2, prefix)
+        }
         Declared::Opaque => (Protocol::Opaque, Default::default()),
-        Declared::Unknown => sniff::sniff(&mut io, SNIFF_TIMEOUT).await?,
+        Declared::Unknown => {
+            // Silence means a protocol whose server speaks first, not idleness: the
+            // sniff bounds it.
+            ctx.activity.begin();
+            let sniffed = sniff::sniff(&mut io, SNIFF_TIMEOUT).await;
+            ctx.activity.end();
+            sniffed?
+        }
     };
     if proto == Protocol::Http1 {
         let ctx = Arc::new(ctx);
@@ -283,6 +306,8 @@ where
             .map_err(|e| e.context(format!("HTTP/1 connection to {}", ctx.dst)));
     }
     let io = sniff::Rewind::new(prefix, io);
+    // Neither opaque bytes nor HTTP/2 streams are ever idle here.
+    ctx.activity.hold();
     if proto == Protocol::Opaque {
         return serve_opaque(io, ctx).await;
     }

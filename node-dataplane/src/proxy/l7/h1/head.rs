@@ -7,8 +7,11 @@
 //! application's case unless a plugin saw it). Requests whose framing is ambiguous
 //! are refused: both `Transfer-Encoding` and `Content-Length`, a transfer coding
 //! other than a final `chunked`, `Transfer-Encoding` in HTTP/1.0, differing,
-//! non-numeric or listed (`3, 3`) `Content-Length` values, and a missing or repeated
-//! `Host` in HTTP/1.1 (the host is an authorization attribute). Repeated equal
+//! non-numeric or listed (`3, 3`) `Content-Length` values, and a missing `Host` in
+//! HTTP/1.1. So are ambiguous hosts (the host is an authorization attribute): a
+//! repeated `Host` (in HTTP/1.0 too), one that is not visible ASCII, or one that
+//! names another host or port than an absolute-form or authority-form target
+//! ([`HeadError::AmbiguousHost`]). Repeated equal
 //! `Content-Length` fields reach the application as one. Responses whose framing is
 //! ambiguous (both `Transfer-Encoding` and `Content-Length`, `Transfer-Encoding` in
 //! HTTP/1.0, bad `Content-Length` values) get the client a 502 instead.
@@ -31,6 +34,11 @@ pub enum HeadError {
     Malformed(String),
     #[error("head larger than {MAX_HEAD} bytes or with more than {MAX_FIELDS} fields")]
     TooLarge,
+    /// The request's host could be read two ways (one authorized, another
+    /// forwarded): several `Host` fields, a target authority that `Host`
+    /// contradicts, or a `Host` that is not visible ASCII.
+    #[error("ambiguous host: {0}")]
+    AmbiguousHost(&'static str),
 }
 
 fn malformed(why: impl Into<String>) -> HeadError {
@@ -207,7 +215,7 @@ pub struct RequestHead {
 
 /// What the framing and connection fields of a head say.
 #[derive(Default)]
-struct Semantics {
+struct Semantics<'h> {
     content_length: Option<u64>,
     /// `Content-Length` came as anything but one field of plain digits (a list of
     /// equal values, repeated fields, leading zeros, whitespace).
@@ -221,10 +229,12 @@ struct Semantics {
     conn_upgrade: bool,
     upgrade: bool,
     hosts: usize,
+    /// The (last) `Host` field's value.
+    host: Option<&'h [u8]>,
 }
 
-impl Semantics {
-    fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, HeadError> {
+impl<'h> Semantics<'h> {
+    fn scan(fields: &[httparse::Header<'h>]) -> Result<Self, HeadError> {
         let mut f = Semantics::default();
         for h in fields {
             let name = h.name.as_bytes();
@@ -265,7 +275,10 @@ impl Semantics {
                     }
                 }
                 7 if name.eq_ignore_ascii_case(b"upgrade") => f.upgrade = true,
-                4 if name.eq_ignore_ascii_case(b"host") => f.hosts += 1,
+                4 if name.eq_ignore_ascii_case(b"host") => {
+                    f.hosts += 1;
+                    f.host = Some(h.value);
+                }
                 _ => {}
             }
         }
@@ -392,13 +405,10 @@ pub fn parse_request(
             Some(n) => Framing::Length(n),
         }
     };
-    if v >= 1 && f.hosts != 1 {
-        return Err(malformed(if f.hosts == 0 {
-            "no Host in an HTTP/1.1 request"
-        } else {
-            "more than one Host"
-        }));
+    if v >= 1 && f.hosts == 0 {
+        return Err(malformed("no Host in an HTTP/1.1 request"));
     }
+    check_host(&f, &target)?;
     let old = std::mem::take(&mut spare.fields);
     let mut fields = Fields::from_head_reusing(old, &buf[..n], r.headers);
     if let (Some(len), true) = (f.content_length, f.content_length_uncanonical) {
@@ -444,6 +454,35 @@ fn rooted(uri: http::Uri) -> Option<http::Uri> {
         }
         _ => Some(uri),
     }
+}
+
+/// Refuses a request whose host could be read two ways: authorization reads the
+/// target's authority, else `Host`, while the application may read either, the
+/// first or the last `Host`, or decode bytes weft does not take as a host. So:
+/// at most one `Host` (in HTTP/1.0 too), visible ASCII, and, with a target in
+/// absolute or authority form, naming the same host and port as the target (a
+/// port left out is the scheme's default: `CONNECT a:80` with `Host: a` is one
+/// host).
+fn check_host(f: &Semantics<'_>, target: &Target) -> Result<(), HeadError> {
+    if f.hosts > 1 {
+        return Err(HeadError::AmbiguousHost("more than one Host"));
+    }
+    let Some(host) = f.host else { return Ok(()) };
+    // httparse lets through field values of tabs, visible ASCII, spaces and bytes
+    // from 0x80: so ASCII here is visible ASCII.
+    if !host.is_ascii() {
+        return Err(HeadError::AmbiguousHost("Host is not visible ASCII"));
+    }
+    if let Target::Uri(uri) = target {
+        if let Some(a) = uri.authority() {
+            if !crate::proxy::l7::http::same_authority(a, uri.scheme_str(), host) {
+                return Err(HeadError::AmbiguousHost(
+                    "Host differs from the request target's authority",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Does the request offer an upgrade to HTTP/2 over cleartext?
@@ -719,7 +758,7 @@ mod tests {
                 t("/a/{\"x\"}?q=`", "svc:80", "GET /a/{\"x\"}?q=` HTTP/1.1"),
             ),
             (
-                "GET http://other:81/p?q HTTP/1.1\r\nHost: svc\r\n\r\n",
+                "GET http://other:81/p?q HTTP/1.1\r\nHost: other:81\r\n\r\n",
                 t("/p?q", "other:81", "GET http://other:81/p?q HTTP/1.1"),
             ),
             (
@@ -733,8 +772,6 @@ mod tests {
         ] {
             assert_eq!(target(raw), want, "{raw:?}");
         }
-        // A Host that is not visible ASCII is no authority.
-        assert_eq!(target("GET / HTTP/1.1\r\nHost: \u{e9}\r\n\r\n").1, "");
         // A fragment, or characters that must be percent-encoded, are refused.
         for raw in [
             "GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -791,6 +828,98 @@ mod tests {
         }
     }
 
+    /// A host read one way by authorization and maybe another by the application
+    /// is refused: before, an HTTP/1.0 request with two `Host` fields, an
+    /// absolute-form target with another `Host`, and a `Host` of non-ASCII bytes
+    /// (authorized as no host at all) were all forwarded.
+    #[test]
+    fn ambiguous_hosts_are_refused() {
+        let ambiguous = |raw: &str| match request(raw) {
+            Err(HeadError::AmbiguousHost(why)) => why,
+            other => panic!("{raw:?}: {other:?}"),
+        };
+        for (raw, why) in [
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET / HTTP/1.0\r\nHost: web\r\nHost: admin\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET http://web/p HTTP/1.0\r\nHost: web\r\nHost: web\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: adm\u{ed}n\r\n\r\n",
+                "Host is not visible ASCII",
+            ),
+            (
+                "GET / HTTP/1.0\r\nHost: \u{e9}\r\n\r\n",
+                "Host is not visible ASCII",
+            ),
+            (
+                "GET http://web/p HTTP/1.1\r\nHost: admin\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "GET http://web/p HTTP/1.0\r\nHost: admin\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "GET http://web:8080/p HTTP/1.1\r\nHost: web\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "GET https://web/p HTTP/1.1\r\nHost: web:80\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "GET http://web/p HTTP/1.1\r\nHost: user@web\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "GET http://web/p HTTP/1.1\r\nHost: \r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "CONNECT db:5432 HTTP/1.1\r\nHost: cache:5432\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+            (
+                "CONNECT db:5432 HTTP/1.1\r\nHost: db\r\n\r\n",
+                "Host differs from the request target's authority",
+            ),
+        ] {
+            assert_eq!(ambiguous(raw), why, "{raw:?}");
+        }
+        // One host, however it is spelled: accepted, and authorized as the target's.
+        for (raw, authority) in [
+            ("GET http://WEB/p HTTP/1.1\r\nHost: web\r\n\r\n", "WEB"),
+            (
+                "GET http://web:80/p HTTP/1.1\r\nHost: web\r\n\r\n",
+                "web:80",
+            ),
+            ("GET https://web/p HTTP/1.1\r\nHost: web:443\r\n\r\n", "web"),
+            ("GET http://web/p HTTP/1.0\r\n\r\n", "web"),
+            ("CONNECT db:80 HTTP/1.1\r\nHost: db\r\n\r\n", "db:80"),
+            (
+                "CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n",
+                "db:5432",
+            ),
+            ("GET / HTTP/1.0\r\nHost: web\r\n\r\n", "web"),
+            ("GET / HTTP/1.0\r\n\r\n", ""),
+        ] {
+            let h = request(raw).unwrap().unwrap();
+            assert_eq!(h.req.authority(), authority, "{raw:?}");
+        }
+    }
+
     #[test]
     fn ambiguous_or_malformed_requests_are_refused() {
         for (raw, why) in [
@@ -804,7 +933,6 @@ mod tests {
             ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\n", "Content-Length is a list"),
             ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", "Content-Length is not a number"),
             ("GET / HTTP/1.1\r\n\r\n", "no Host in an HTTP/1.1 request"),
-            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
         ] {
             assert_eq!(refused(raw), why, "{raw:?}");
         }

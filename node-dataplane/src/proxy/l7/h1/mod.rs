@@ -16,9 +16,12 @@
 //! - A malformed or ambiguous request head is answered with 400 (431 when too
 //!   large) and the connection closed; see [`head`] for what is refused. A head
 //!   that has not arrived whole within the head timeout of its first bytes is
-//!   answered with 408 and the connection closed (a connection idle between
-//!   requests has no limit, as at L4). The timer is armed only while a head is
-//!   incomplete, so a head that arrives in one read costs none.
+//!   answered with 408 and the connection closed. The timer is armed only while a
+//!   head is incomplete, so a head that arrives in one read costs none.
+//! - A connection that waits for a request's first bytes (before the first, or
+//!   between two) for the idle timeout is closed without an answer, by the
+//!   proxy's idle sweep ([`crate::proxy::idle`]): an exchange marks the connection
+//!   busy, so no timer runs per request or per connection.
 //! - A request answered locally (403, a plugin's reply) keeps the connection open
 //!   when its body has already arrived whole (or it has none); otherwise the answer
 //!   says `Connection: close`.
@@ -29,9 +32,10 @@
 pub mod body;
 pub mod head;
 
-use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict};
+use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict, AMBIGUOUS_HOST_BODY};
 use super::ConnCtx;
 use crate::fields::Fields;
+use crate::proxy::counters::NodeCounters;
 use body::{forward, ForwardError, Framing, READ_CHUNK};
 use bytes::{Buf, BytesMut};
 use head::{HeadError, RequestHead, ResponseHead};
@@ -67,12 +71,15 @@ where
     let mut up: Option<AppConn> = None;
     let mut bufs = Bufs::default();
     loop {
-        let timeout = ctx.state.http1_head_timeout;
-        let read = read_request_head(&mut dr, &mut dbuf, &mut dw, timeout, &mut bufs.spare);
+        let read = read_request_head(&mut dr, &mut dbuf, &mut dw, &mut bufs.spare, &ctx);
         let Some(head) = read.await? else {
             return Ok(());
         };
-        match exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &mut bufs, &ctx).await? {
+        // Not idle until the exchange ends (the proxy's idle sweep reads this).
+        ctx.activity.begin();
+        let next = exchange(head, &mut dr, &mut dbuf, &mut dw, &mut up, &mut bufs, &ctx).await;
+        ctx.activity.end();
+        match next? {
             Next::Request => {
                 trim(&mut bufs.out);
                 if let Some(u) = &mut up {
@@ -84,6 +91,8 @@ where
                 return Ok(());
             }
             Next::Splice(mut app) => {
+                // Bytes of another protocol from now on: never idle.
+                ctx.activity.hold();
                 // Bytes each side sent after the upgrade's head go first.
                 if !app.buf.is_empty() {
                     dw.write_all(&app.buf).await?;
@@ -116,16 +125,17 @@ enum Next {
     Splice(AppConn),
 }
 
-/// Reads the next request head. `None`: the client closed the connection (or sent
-/// a head that could not be proxied, or not in time, which was answered).
-/// `timeout`: how long a head may take to arrive whole once its first bytes have.
+/// Reads the next request head. `None`: the client closed the connection, or sent
+/// a head that could not be proxied, or not in time (answered). A head may take the head timeout to arrive
+/// whole once its first bytes have.
 async fn read_request_head<S: AsyncRead + AsyncWrite>(
     dr: &mut ReadHalf<S>,
     dbuf: &mut BytesMut,
     dw: &mut WriteHalf<S>,
-    timeout: std::time::Duration,
     spare: &mut head::Spare,
+    ctx: &ConnCtx,
 ) -> anyhow::Result<Option<RequestHead>> {
+    let timeout = ctx.state.http1_head_timeout;
     let mut deadline = None;
     loop {
         if !dbuf.is_empty() {
@@ -133,11 +143,16 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
                 Ok(Some(h)) => return Ok(Some(h)),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "HTTP/1 request refused");
                     let (status, body) = match e {
                         HeadError::TooLarge => (431, "request header fields too large\n"),
                         HeadError::Malformed(_) => (400, "malformed request\n"),
+                        HeadError::AmbiguousHost(_) => {
+                            NodeCounters::count(&ctx.state.counters.l7_ambiguous_host);
+                            tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, error = %e, "HTTP/1 request refused");
+                            (400, AMBIGUOUS_HOST_BODY)
+                        }
                     };
+                    tracing::debug!(error = %e, "HTTP/1 request refused");
                     refuse(dw, status, body).await;
                     return Ok(None);
                 }
@@ -147,7 +162,8 @@ async fn read_request_head<S: AsyncRead + AsyncWrite>(
             dbuf.reserve(READ_CHUNK);
         }
         let read = if dbuf.is_empty() {
-            // Idle between requests: no limit.
+            // Idle between requests (or before the first): bounded by the proxy's
+            // idle sweep, which cancels the connection.
             dr.read_buf(dbuf).await?
         } else {
             let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
@@ -524,4 +540,4 @@ mod differential;
 #[cfg(test)]
 mod differential_response;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -62,6 +62,38 @@ fn proxy_with_plugins(
     policy: pb::AuthorizationPolicy,
     plugins: Vec<Arc<crate::wasm::plugin::Plugin>>,
 ) -> DuplexStream {
+    let (mut ctx, _) = web_ctx(app, policy, |o| o.http1_head_timeout = head_timeout);
+    ctx.plan.plugins = plugins;
+    let (client, proxy_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)));
+    client
+}
+
+/// The proxy in front of `app` with an ALLOW policy on paths `/ok*` and options
+/// changed by `opts`, served by the whole L7 path (protocol sniffed) from a task;
+/// returns the client's end and the proxy's state (its counters).
+pub(in crate::proxy::l7) fn proxy_l7(
+    app: SocketAddr,
+    opts: impl FnOnce(&mut crate::proxy::state::ProxyOptions),
+) -> (DuplexStream, Arc<crate::proxy::state::ProxyState>) {
+    let policy = path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*");
+    let (ctx, state) = web_ctx(app, policy, opts);
+    let (client, proxy_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(crate::proxy::l7::serve(proxy_end, ctx));
+    (client, state)
+}
+
+/// The L7 context of a connection from outside the mesh to `shop/web` at `app`
+/// (labels `app=web`) under `policy`, which must have an L7 field, with options
+/// changed by `opts`; and the proxy's state.
+fn web_ctx(
+    app: SocketAddr,
+    policy: pb::AuthorizationPolicy,
+    opts: impl FnOnce(&mut crate::proxy::state::ProxyOptions),
+) -> (
+    crate::proxy::l7::ConnCtx,
+    Arc<crate::proxy::state::ProxyState>,
+) {
     let config = crate::config::ConfigStore::new("node-b");
     let workload = pb::Workload {
         uid: "web-uid".into(),
@@ -92,8 +124,7 @@ fn proxy_with_plugins(
         ..Default::default()
     });
     assert!(rejected.is_empty(), "{rejected:?}");
-    let state =
-        crate::proxy::state::test_state_with(config, |o| o.http1_head_timeout = head_timeout);
+    let state = crate::proxy::state::test_state_with(config, opts);
     let workload = state
         .config
         .snapshot()
@@ -102,12 +133,8 @@ fn proxy_with_plugins(
         .cloned()
         .expect("workload");
     let peer: SocketAddr = "127.0.0.2:40000".parse().unwrap();
-    let mut ctx =
-        crate::proxy::l7::test_ctx(&state, workload, app, peer, None).expect("an L7 plan");
-    ctx.plan.plugins = plugins;
-    let (client, proxy_end) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)));
-    client
+    let ctx = crate::proxy::l7::test_ctx(&state, workload, app, peer, None).expect("an L7 plan");
+    (ctx, state)
 }
 
 /// Reads until `want` has arrived whole (or fails after 5 s); returns everything.
@@ -468,6 +495,150 @@ async fn a_head_must_arrive_in_time_but_an_idle_connection_may_wait() {
         .expect("the app's connection ends")
         .unwrap();
     assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest));
+}
+
+/// Waits for EOF on `client` (or a reset): the time it took from `since`.
+async fn closed_after(client: &mut DuplexStream, since: std::time::Instant) -> Duration {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection within 5 s")
+        .expect("read");
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "",
+        "closed without an answer"
+    );
+    since.elapsed()
+}
+
+/// Serves `ctx` as HTTP/1 on the proxy's end of a new pipe as the inbound path
+/// does: watched by the proxy's idle sweep, which cancels it. Returns the client's
+/// end.
+fn serve_watched(ctx: crate::proxy::l7::ConnCtx) -> DuplexStream {
+    let state = ctx.state.clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let watched = state.idle.watch(
+        ctx.activity.clone(),
+        cancel.clone(),
+        state.http_idle_timeout,
+        crate::proxy::idle::Kind::Http,
+    );
+    let (client, proxy_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)) => {}
+            _ = cancel.cancelled() => {}
+        }
+        drop(watched);
+    });
+    client
+}
+
+/// A connection that waits for a request, before its first or between two, is
+/// closed after the idle timeout (before, it had no limit); one whose exchange
+/// takes longer than the timeout is not idle meanwhile, and keeps its connection.
+#[tokio::test]
+async fn a_connection_idle_for_the_idle_timeout_is_closed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (l, addr) = app().await;
+    let idle = Duration::from_millis(400);
+    let set = |o: &mut crate::proxy::state::ProxyOptions| {
+        o.http_idle_timeout = idle;
+        o.hbone_server_idle = idle;
+        o.hbone_idle = idle;
+    };
+    let policy = || path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*");
+    // Nothing sent at all.
+    let (ctx, state) = web_ctx(addr, policy(), set);
+    tokio::spawn(state.clone().reap_forever());
+    let started = std::time::Instant::now();
+    let mut client = serve_watched(ctx);
+    let took = closed_after(&mut client, started).await;
+    assert!(took >= idle, "closed after {took:?}");
+    assert_eq!(state.counters.l7_idle_closed.load(Relaxed), 1);
+
+    // Keep-alive: a request, an answer that takes three idle timeouts, another
+    // request at once: served on the same connections; then idle: closed.
+    let (ctx, state) = web_ctx(addr, policy(), set);
+    tokio::spawn(state.clone().reap_forever());
+    let mut client = serve_watched(ctx);
+    let mut s = get_ok(&mut client, &l, "/ok/1").await;
+    client
+        .write_all(b"GET /ok/2 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "\r\n\r\n").await;
+    tokio::time::sleep(idle * 3).await;
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "\r\n\r\n").await;
+    let answered = std::time::Instant::now();
+    client
+        .write_all(b"GET /ok/3 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut s, "\r\n\r\n").await,
+        "GET /ok/3 HTTP/1.1\r\nhost: web\r\n\r\n"
+    );
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "\r\n\r\n").await;
+    assert_eq!(state.counters.l7_idle_closed.load(Relaxed), 0);
+    let took = closed_after(&mut client, answered).await;
+    assert!(took >= idle, "closed after {took:?}");
+    assert_eq!(state.counters.l7_idle_closed.load(Relaxed), 1);
+}
+
+/// Ambiguous hosts get 400 and never reach the application (before, each of
+/// these was authorized with one host and forwarded with another).
+#[tokio::test]
+async fn ambiguous_hosts_are_refused_and_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (l, addr) = app().await;
+    // A policy that allows only the host `web`.
+    let mut policy = path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*");
+    policy.rules[0].to[0].hosts = vec!["web".into()];
+    for raw in [
+        "GET /ok HTTP/1.0\r\nHost: web\r\nHost: admin\r\n\r\n",
+        "GET http://web/ok HTTP/1.1\r\nHost: admin\r\n\r\n",
+        "GET http://web/ok HTTP/1.0\r\nHost: admin\r\n\r\n",
+    ] {
+        let (ctx, state) = web_ctx(addr, policy.clone(), |_| {});
+        let (mut client, proxy_end) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)));
+        client.write_all(raw.as_bytes()).await.unwrap();
+        let got = read_to_end(&mut client).await;
+        assert!(
+            got.starts_with("HTTP/1.1 400 Bad Request\r\n")
+                && got.contains("connection: close\r\n")
+                && got.ends_with("ambiguous host\n"),
+            "{raw:?} -> {got:?}"
+        );
+        assert_eq!(state.counters.l7_ambiguous_host.load(Relaxed), 1, "{raw:?}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), l.accept())
+            .await
+            .is_err(),
+        "nothing reached the app"
+    );
+    // The same host spelled two ways is one host: forwarded.
+    let (ctx, _) = web_ctx(addr, policy, |_| {});
+    let (mut client, proxy_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(super::serve(BytesMut::new(), proxy_end, Arc::new(ctx)));
+    client
+        .write_all(b"GET http://web/ok HTTP/1.1\r\nHost: WEB:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut s = accept(&l).await;
+    assert_eq!(
+        read_until(&mut s, "\r\n\r\n").await,
+        "GET http://web/ok HTTP/1.1\r\nhost: WEB:80\r\n\r\n"
+    );
 }
 
 #[tokio::test]
