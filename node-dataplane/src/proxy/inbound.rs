@@ -356,7 +356,7 @@ mod tests {
             key_pem: crate::certs::zeroizing::Secret(key.serialize_pem()),
         });
         let owner = LocalPod {
-            workload: Arc::new(pb::Workload {
+            workload: crate::proxy::local::LiveWorkload::new(Arc::new(pb::Workload {
                 uid: "web-uid".into(),
                 name: "web".into(),
                 namespace: "shop".into(),
@@ -365,7 +365,7 @@ mod tests {
                 ips: vec!["127.0.0.1".into()],
                 enrolled: true,
                 ..Default::default()
-            }),
+            })),
             netns: Arc::new(crate::netns::PodNetns::open("/proc/self/ns/net").unwrap()),
         };
         (state, owner)
