@@ -416,6 +416,10 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
                 "round {round}: Ready but not enrolled: {missing:?}"
             );
             pods += REPLICAS;
+            eprintln!(
+                "churn round {round}: {REPLICAS} pods Ready and enrolled after {:.0} s",
+                t.elapsed().as_secs_f64()
+            );
             check(
                 &c,
                 "scaling down",
