@@ -112,10 +112,20 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(asked.command, command);
         assert_eq!(Some(&asked.container_id), env.get("CNI_CONTAINERID"));
         assert!(!asked.container_id.is_empty());
+        // CNI_ARGS is `K=V;K=V`, trimmed, the last of a key counting.
         let args = env.get("CNI_ARGS").cloned().unwrap_or_default();
-        let (ns, name) = asked.pod.split_once('/').expect("namespace/name");
-        assert!(ns.is_empty() || args.contains(ns));
-        assert!(name.is_empty() || args.contains(name));
+        let arg = |key: &str| {
+            args.split(';')
+                .filter_map(|kv| kv.split_once('='))
+                .filter(|(k, _)| k.trim() == key)
+                .last()
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            asked.pod,
+            format!("{}/{}", arg("K8S_POD_NAMESPACE"), arg("K8S_POD_NAME"))
+        );
         let prev_addresses = conf
             .as_ref()
             .and_then(|c| c.get("prevResult"))
