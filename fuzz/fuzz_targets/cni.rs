@@ -152,10 +152,18 @@ fuzz_target!(|data: &[u8]| {
                     enrolled_pods,
                     outside_namespaces,
                 } => {
-                    let ns = asked.pod.split_once('/').map(|(n, _)| n).unwrap_or("");
+                    // The namespace as the plugin reads it (it may hold a slash).
+                    let args = env.get("CNI_ARGS").cloned().unwrap_or_default();
+                    let ns = args
+                        .split(';')
+                        .filter_map(|kv| kv.split_once('='))
+                        .filter(|(k, _)| k.trim() == "K8S_POD_NAMESPACE")
+                        .last()
+                        .map(|(_, v)| v.trim().to_string())
+                        .unwrap_or_default();
                     assert!(
                         !enrolled_pods.contains(&asked.pod)
-                            && outside_namespaces.iter().any(|n| n == ns),
+                            && outside_namespaces.iter().any(|n| *n == ns),
                         "pod {} may have to be in the mesh but started with the agent down",
                         asked.pod
                     )
