@@ -66,10 +66,8 @@ pub enum HintDecision {
 
 impl EnrollmentHint {
     pub fn decide(&self, namespace: &str, name: &str) -> HintDecision {
-        let enrolled = self
-            .enrolled_pods
-            .iter()
-            .any(|p| p.split_once('/') == Some((namespace, name)));
+        let pod = format!("{namespace}/{name}");
+        let enrolled = self.enrolled_pods.contains(&pod);
         match (enrolled, self.namespaces.get(namespace)) {
             (true, _) | (false, Some(true)) => HintDecision::MustEnroll,
             (false, Some(false)) => HintDecision::Outside,
