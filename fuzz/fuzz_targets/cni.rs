@@ -126,15 +126,20 @@ fuzz_target!(|data: &[u8]| {
             asked.pod,
             format!("{}/{}", arg("K8S_POD_NAMESPACE"), arg("K8S_POD_NAME"))
         );
-        let prev_addresses = conf
+        // Each address the agent gets is one of prevResult's, without its prefix length.
+        let prev_addresses: Vec<&str> = conf
             .as_ref()
-            .and_then(|c| c.get("prevResult"))
-            .map(|p| p.to_string())
-            .unwrap_or_default();
+            .and_then(|c| c["prevResult"]["ips"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str())
+            .collect();
         for ip in &asked.ips {
             assert!(
-                prev_addresses.contains(ip.as_str()) || ip.is_empty(),
-                "{ip:?} not in prevResult"
+                prev_addresses
+                    .iter()
+                    .any(|a| a.split('/').next() == Some(ip.as_str())),
+                "{ip:?} is none of prevResult's {prev_addresses:?}"
             );
         }
     }
