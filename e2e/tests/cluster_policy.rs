@@ -43,6 +43,24 @@ fn connect(c: &LocalCluster, pod: &str, dst: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// A client in `pod` holding one connection to `dst` for 8 s (in the pod's cgroup
+/// and netns, so it is captured like the pod's own traffic).
+fn long_lived(c: &LocalCluster, pod: &str, dst: &str) -> std::process::Child {
+    let p = c.pod(pod);
+    let cmd = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net=/var/run/netns/{} -- {} client --connect {dst} --bytes 1024 --hold-ms 8000",
+        p.cgroup.display(),
+        p.netns,
+        app().display()
+    );
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn allow_and_deny_across_nodes_and_policy_changes_close_open_connections() {
     require_root();
@@ -82,19 +100,7 @@ fn allow_and_deny_across_nodes_and_policy_changes_close_open_connections() {
     assert!(connect(&c, "plain/client", &d8080));
 
     // A long-lived connection from mesh/other, open before the DENY policy exists.
-    let p = c.pod("mesh/other");
-    let cmd = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net=/var/run/netns/{} -- {} client --connect {d8080} --bytes 1024 --hold-ms 8000",
-        p.cgroup.display(),
-        p.netns,
-        app().display()
-    );
-    let mut long_lived = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut long_lived = long_lived(&c, "mesh/other", &d8080);
     assert!(
         wait_until(Duration::from_secs(5), || {
             let d = c.config_dump("node-b").ok()?;
@@ -205,19 +211,7 @@ fn relabelling_a_pod_changes_which_policies_apply_to_it_and_its_open_connections
             .then_some(()))
         .is_some()
     );
-    let p = c.pod("mesh/other");
-    let cmd = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net=/var/run/netns/{} -- {} client --connect {dst} --bytes 1024 --hold-ms 8000",
-        p.cgroup.display(),
-        p.netns,
-        app().display()
-    );
-    let mut long_lived = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut long_lived = long_lived(&c, "mesh/other", &dst);
     assert!(
         wait_until(Duration::from_secs(5), || {
             let d = c.config_dump("node-b").ok()?;
