@@ -80,6 +80,23 @@ struct Status {
     stale: Vec<StaleObject>,
     /// Pods of enrolled namespaces given no identity (and so not enrolled).
     not_enrolled: Vec<NotEnrolled>,
+    /// Gateway API routes on Services, per parent.
+    routes: Vec<RouteEntry>,
+}
+
+#[derive(Serialize)]
+struct RouteEntry {
+    route: String,
+    /// `namespace/name[:port]` of the Service parent.
+    parent: String,
+    accepted: bool,
+    accepted_reason: &'static str,
+    resolved_refs: bool,
+    resolved_refs_reason: &'static str,
+    /// Messages of the conditions that are not true.
+    problems: Vec<String>,
+    /// The latest version is not valid; the last valid one is in force.
+    stale: bool,
 }
 
 #[derive(Serialize)]
@@ -147,10 +164,35 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
         .into_iter()
         .map(|(pod, reason)| NotEnrolled { pod, reason })
         .collect();
+    let routes = s
+        .model
+        .route_statuses()
+        .into_iter()
+        .flat_map(|(r, (st, stale))| {
+            st.parents.into_iter().map(move |p| RouteEntry {
+                route: r.to_string(),
+                parent: match p.port {
+                    Some(port) => format!("{}/{}:{port}", p.service_namespace, p.service_name),
+                    None => format!("{}/{}", p.service_namespace, p.service_name),
+                },
+                accepted: p.accepted.status,
+                accepted_reason: p.accepted.reason,
+                resolved_refs: p.resolved_refs.status,
+                resolved_refs_reason: p.resolved_refs.reason,
+                problems: [&p.accepted, &p.resolved_refs]
+                    .into_iter()
+                    .filter(|c| !c.status)
+                    .map(|c| c.message.clone())
+                    .collect(),
+                stale: stale.is_some(),
+            })
+        })
+        .collect();
     Json(Status {
         ready: *s.ready.borrow(),
         stale,
         not_enrolled,
+        routes,
         nodes: s.sessions.list(),
         source_errors: s
             .model

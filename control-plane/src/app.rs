@@ -188,6 +188,11 @@ pub async fn start(
                 model.clone(),
                 leader.clone(),
             ));
+            tokio::spawn(k8s::route_status::run(
+                client.clone(),
+                model.clone(),
+                leader.clone(),
+            ));
             tokio::spawn(k8s::trust_bundle::run(
                 client.clone(),
                 model.clone(),

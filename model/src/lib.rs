@@ -16,6 +16,7 @@ pub mod enrollment;
 pub mod l7;
 pub mod manifest;
 pub mod modules;
+pub mod routes;
 
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use manifest::{ManifestError, Object, ObjectRef};
@@ -25,9 +26,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::broadcast;
 use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::gateway::{GrpcRoute, HttpRoute};
 use weft_proto::pb::{self, resource::Kind};
 use weft_proto::resource::{
-    self as res, KIND_AUTHZ, KIND_SERVICE, KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD,
+    self as res, KIND_AUTHZ, KIND_GRPC_ROUTE, KIND_HTTP_ROUTE, KIND_SERVICE, KIND_TRUST_BUNDLE,
+    KIND_WASM, KIND_WORKLOAD,
 };
 use weft_proto::spiffe::TrustDomain;
 use weft_proto::validate::{self, Report};
@@ -162,6 +165,11 @@ struct Inputs {
     service_accounts: BTreeMap<(String, String), ServiceAccount>,
     policies: BTreeMap<(String, String), AuthorizationPolicy>,
     plugins: BTreeMap<(String, String), WasmPlugin>,
+    /// Gateway API routes naming a Service as a parent (others are not weft's).
+    http_routes: BTreeMap<(String, String), HttpRoute>,
+    grpc_routes: BTreeMap<(String, String), GrpcRoute>,
+    /// Status of each route, per Service parent.
+    route_statuses: BTreeMap<ObjectRef, routes::RouteStatus>,
     /// Keys derived from each namespace, to find removals.
     derived: HashMap<String, HashSet<Arc<str>>>,
     /// Enrolled workloads: key -> (node, namespace, labels, spiffe id).
@@ -299,6 +307,18 @@ impl Model {
             st.stale = stale.get(r).cloned();
         }
         out
+    }
+
+    /// Status of every mesh route (HTTPRoute, GRPCRoute), per Service parent, and
+    /// whether the version in force is stale (its latest did not parse or validate).
+    pub fn route_statuses(&self) -> BTreeMap<ObjectRef, (routes::RouteStatus, Option<Stale>)> {
+        let inputs = self.inputs();
+        let stale = stale_of(&inputs);
+        inputs
+            .route_statuses
+            .iter()
+            .map(|(r, st)| (r.clone(), (st.clone(), stale.get(r).cloned())))
+            .collect()
     }
 
     /// Objects whose latest version did not parse or validate, and whose last good
@@ -612,6 +632,45 @@ impl Model {
             !(r.namespace == ns && (r.kind == "AuthorizationPolicy" || r.kind == "WasmPlugin"))
         });
         inputs.statuses.extend(statuses);
+        self.derive_routes(inputs, ns, out);
+    }
+
+    /// A namespace's routes: resolved against every namespace's Services (a consumer
+    /// route's parent, a backend), distributed to every node (any pod may be a
+    /// client of the Services they name).
+    fn derive_routes(&self, inputs: &mut Inputs, ns: &str, out: &mut HashMap<Arc<str>, Entry>) {
+        let mut statuses = Vec::new();
+        let http: Vec<HttpRoute> = range(&inputs.http_routes, ns).cloned().collect();
+        let grpc: Vec<GrpcRoute> = range(&inputs.grpc_routes, ns).cloned().collect();
+        let all = http
+            .iter()
+            .map(routes::AnyRoute::Http)
+            .chain(grpc.iter().map(routes::AnyRoute::Grpc));
+        for route in all {
+            let obj = route.object_ref();
+            let (converted, status) = routes::convert(route, &inputs.services);
+            for p in &status.parents {
+                if !p.accepted.status {
+                    tracing::warn!(object = %obj, service = %format!("{}/{}", p.service_namespace, p.service_name), reason = p.accepted.reason, error = %p.accepted.message, "route not accepted");
+                }
+            }
+            if let Some(r) = converted {
+                let kind = match route {
+                    routes::AnyRoute::Http(_) => KIND_HTTP_ROUTE,
+                    routes::AnyRoute::Grpc(_) => KIND_GRPC_ROUTE,
+                };
+                let key = res::key(kind, &r.namespace, &r.name);
+                out.insert(
+                    key.as_str().into(),
+                    Entry::new(res::make(key.clone(), Kind::Route(r)), Visibility::All),
+                );
+            }
+            statuses.push((obj, status));
+        }
+        inputs.route_statuses.retain(|r, _| {
+            !(r.namespace == ns && (r.kind == "HTTPRoute" || r.kind == "GRPCRoute"))
+        });
+        inputs.route_statuses.extend(statuses);
     }
 }
 
@@ -685,7 +744,19 @@ fn all_refs(i: &Inputs) -> Vec<ObjectRef> {
     v.extend(i.service_accounts.keys().map(|k| mk("ServiceAccount", k)));
     v.extend(i.policies.keys().map(|k| mk("AuthorizationPolicy", k)));
     v.extend(i.plugins.keys().map(|k| mk("WasmPlugin", k)));
+    v.extend(i.http_routes.keys().map(|k| mk("HTTPRoute", k)));
+    v.extend(i.grpc_routes.keys().map(|k| mk("GRPCRoute", k)));
     v
+}
+
+/// Namespaces holding routes: their status and resolution depend on Services of
+/// any namespace, so a Service change derives them again.
+fn route_namespaces(i: &Inputs) -> BTreeSet<String> {
+    i.http_routes
+        .keys()
+        .chain(i.grpc_routes.keys())
+        .map(|(ns, _)| ns.clone())
+        .collect()
 }
 
 fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed: &mut bool) {
@@ -713,8 +784,53 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
             *pods_changed |= c;
             c
         }
-        Object::Service(s) => put(&mut i.services, nn(&r), s),
+        Object::Service(s) => {
+            let c = put(&mut i.services, nn(&r), s);
+            if c {
+                dirty.extend(route_namespaces(i));
+            }
+            c
+        }
         Object::ServiceAccount(s) => put(&mut i.service_accounts, nn(&r), s),
+        Object::HttpRoute(route) => {
+            let route = *route;
+            let mesh = routes::is_mesh_route(routes::AnyRoute::Http(&route));
+            if !mesh {
+                // Not (or no longer) attached to a Service: not weft's.
+                let gone = i.http_routes.remove(&nn(&r)).is_some();
+                i.invalid.remove(&r);
+                gone
+            } else {
+                let errors = |x: &HttpRoute| routes::spec_errors(routes::AnyRoute::Http(x));
+                let held_valid = i
+                    .http_routes
+                    .get(&nn(&r))
+                    .is_some_and(|old| errors(old).is_empty());
+                match keep_last_good(i, &r, route.metadata.generation, errors(&route), held_valid) {
+                    Some(c) => c,
+                    None => put(&mut i.http_routes, nn(&r), route),
+                }
+            }
+        }
+        Object::GrpcRoute(route) => {
+            let route = *route;
+            let mesh = routes::is_mesh_route(routes::AnyRoute::Grpc(&route));
+            if !mesh {
+                let gone = i.grpc_routes.remove(&nn(&r)).is_some();
+                i.invalid.remove(&r);
+                gone
+            } else {
+                let errors = |x: &GrpcRoute| routes::spec_errors(routes::AnyRoute::Grpc(x));
+                let held_valid = i
+                    .grpc_routes
+                    .get(&nn(&r))
+                    .is_some_and(|old| errors(old).is_empty());
+                match keep_last_good(i, &r, route.metadata.generation, errors(&route), held_valid) {
+                    Some(c) => c,
+                    None => put(&mut i.grpc_routes, nn(&r), route),
+                }
+            }
+        }
         Object::AuthorizationPolicy(p) => {
             let errors =
                 |p: &AuthorizationPolicy| validate::validate_authorization_policy(&p.spec).errors;
@@ -801,6 +917,8 @@ fn holds(i: &Inputs, r: &ObjectRef) -> bool {
         "ServiceAccount" => i.service_accounts.contains_key(&k),
         "AuthorizationPolicy" => i.policies.contains_key(&k),
         "WasmPlugin" => i.plugins.contains_key(&k),
+        "HTTPRoute" => i.http_routes.contains_key(&k),
+        "GRPCRoute" => i.grpc_routes.contains_key(&k),
         _ => false,
     }
 }
@@ -821,10 +939,18 @@ fn remove(i: &mut Inputs, r: &ObjectRef, dirty: &mut BTreeSet<String>, pods_chan
             *pods_changed |= c;
             c
         }
-        "Service" => i.services.remove(&k).is_some(),
+        "Service" => {
+            let c = i.services.remove(&k).is_some();
+            if c {
+                dirty.extend(route_namespaces(i));
+            }
+            c
+        }
         "ServiceAccount" => i.service_accounts.remove(&k).is_some(),
         "AuthorizationPolicy" => i.policies.remove(&k).is_some(),
         "WasmPlugin" => i.plugins.remove(&k).is_some(),
+        "HTTPRoute" => i.http_routes.remove(&k).is_some(),
+        "GRPCRoute" => i.grpc_routes.remove(&k).is_some(),
         _ => false,
     };
     if removed {

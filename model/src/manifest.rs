@@ -1,5 +1,6 @@
 //! Kubernetes-style YAML manifests: multi-document files of `Namespace`, `Pod`,
-//! `Service`, `ServiceAccount`, `AuthorizationPolicy` and `WasmPlugin`. Every bad
+//! `Service`, `ServiceAccount`, `AuthorizationPolicy`, `WasmPlugin`, and the Gateway
+//! API's `HTTPRoute` and `GRPCRoute`. Every bad
 //! document yields a [`ManifestError`] naming file, document, object and field;
 //! the good documents around it are still returned.
 
@@ -7,6 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use serde::Deserialize;
 use std::fmt;
 use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::gateway::{GrpcRoute, HttpRoute};
 
 /// One configuration object.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +19,8 @@ pub enum Object {
     ServiceAccount(ServiceAccount),
     AuthorizationPolicy(AuthorizationPolicy),
     WasmPlugin(WasmPlugin),
+    HttpRoute(Box<HttpRoute>),
+    GrpcRoute(Box<GrpcRoute>),
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped) and name.
@@ -46,6 +50,8 @@ impl Object {
             Object::ServiceAccount(o) => ("ServiceAccount", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::WasmPlugin(o) => ("WasmPlugin", &o.metadata),
+            Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
+            Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
         };
         ObjectRef {
             kind,
@@ -98,6 +104,8 @@ const KINDS: &[(&str, &str)] = &[
     ("ServiceAccount", "v1"),
     ("AuthorizationPolicy", "security.weft.dev/v1alpha1"),
     ("WasmPlugin", "extensions.weft.dev/v1alpha1"),
+    ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+    ("GRPCRoute", "gateway.networking.k8s.io/v1"),
 ];
 
 /// Parses every document of `text` (the contents of `file`).
@@ -237,6 +245,8 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
         "Service" => typed(value).map(Object::Service),
         "ServiceAccount" => typed(value).map(Object::ServiceAccount),
         "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
+        "HTTPRoute" => typed(value).map(|r| Object::HttpRoute(Box::new(r))),
+        "GRPCRoute" => typed(value).map(|r| Object::GrpcRoute(Box::new(r))),
         _ => typed(value).map(Object::WasmPlugin),
     };
     match obj {

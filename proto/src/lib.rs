@@ -5,6 +5,7 @@
 //! - [`pb`]: the gRPC protocol (`proto/weft/v1/config.proto`): config resources,
 //!   SVID signing, module fetches.
 //! - [`crd`]: the `AuthorizationPolicy` and `WasmPlugin` custom resources.
+//! - [`gateway`]: the Gateway API's `HTTPRoute` and `GRPCRoute`, for mesh routing.
 //! - [`validate`]: field-level validation of those resources.
 //! - [`spiffe`]: SPIFFE IDs and trust domains; [`x509`]: reading SPIFFE IDs from
 //!   certificates.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod crd;
+pub mod gateway;
 pub mod protocol;
 pub mod resource;
 pub mod spiffe;

@@ -83,6 +83,7 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
     let mut healthy = true;
     let mut node_rows: Vec<Vec<String>> = Vec::new();
     let mut sessions = serde_json::Map::new();
+    let mut route_rows: std::collections::BTreeSet<Vec<String>> = Default::default();
     for addr in cp_admin {
         let st = match get_json(addr, "/debug/status") {
             Ok(s) => s,
@@ -132,7 +133,30 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
             ]);
             sessions.insert(name, json!({"control_plane": addr, "acked": acked, "sent": sent, "state": state, "resources": n["resources"]}));
         }
-        replicas.push(json!({"admin": addr, "reachable": true, "ready": ready, "leader": leader, "rejected": st["rejected"], "source_errors": st["source_errors"], "stale": st["stale"], "not_enrolled": st["not_enrolled"]}));
+        for r in st["routes"].as_array().into_iter().flatten() {
+            let cond = |ok: &str, reason: &str| {
+                format!(
+                    "{} ({})",
+                    if r[ok].as_bool() == Some(true) {
+                        "True"
+                    } else {
+                        "False"
+                    },
+                    r[reason].as_str().unwrap_or("")
+                )
+            };
+            let mut accepted = cond("accepted", "accepted_reason");
+            if r["stale"].as_bool() == Some(true) {
+                accepted.push_str(", stale");
+            }
+            route_rows.insert(vec![
+                r["route"].as_str().unwrap_or("").to_string(),
+                r["parent"].as_str().unwrap_or("").to_string(),
+                accepted,
+                cond("resolved_refs", "resolved_refs_reason"),
+            ]);
+        }
+        replicas.push(json!({"admin": addr, "reachable": true, "ready": ready, "leader": leader, "rejected": st["rejected"], "source_errors": st["source_errors"], "stale": st["stale"], "not_enrolled": st["not_enrolled"], "routes": st["routes"]}));
     }
     let mut certs = Vec::new();
     let mut workloads = Vec::new();
@@ -171,6 +195,13 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
         text.push_str(&crate::output::table(
             &["NODE", "CONTROL PLANE", "ACKED/SENT", "CONFIG", "RESOURCES"],
             &node_rows,
+        ));
+    }
+    if !route_rows.is_empty() {
+        text.push('\n');
+        text.push_str(&crate::output::table(
+            &["ROUTE", "SERVICE", "ACCEPTED", "RESOLVED REFS"],
+            &route_rows.into_iter().collect::<Vec<_>>(),
         ));
     }
     if !workloads.is_empty() {

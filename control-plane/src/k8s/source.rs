@@ -1,6 +1,11 @@
 //! Kubernetes source: one kube-runtime watcher per kind (Namespaces, Pods,
-//! Services, ServiceAccounts, AuthorizationPolicies, WasmPlugins) feeding the same
-//! model as the directory source.
+//! Services, ServiceAccounts, AuthorizationPolicies, WasmPlugins, and the Gateway
+//! API's HTTPRoutes and GRPCRoutes) feeding the same model as the directory source.
+//!
+//! The Gateway API kinds are optional: while the API server does not serve them
+//! (their CRDs are not installed), they count as listed and empty, so the control
+//! plane gets ready without them, and they are looked for again every
+//! [`OPTIONAL_KIND_RETRY`].
 //!
 //! - The first complete list of every kind becomes one `Snapshot` (the control plane
 //!   is ready only then); afterwards each watch event is a `Changes` batch.
@@ -30,6 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::gateway::{GrpcRoute, HttpRoute};
 
 pub struct KubeSource {
     client: Client,
@@ -127,6 +133,54 @@ where
     }
 }
 
+/// How often a kind the API server does not serve (yet) is looked for again.
+pub const OPTIONAL_KIND_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A kind whose CRD may not be installed: reported listed and empty until the API
+/// server serves it, then watched as any other kind.
+fn optional_kind<K>(client: &Client, name: &'static str, convert: Convert) -> Kind
+where
+    K: Resource<DynamicType = ()>,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let Kind { stream, .. } = kind::<K>(client, name, convert);
+    let (tx, rx) = futures::channel::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut tx = tx;
+        let mut announced = false;
+        loop {
+            match api.list(&kube::api::ListParams::default().limit(1)).await {
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    if !announced {
+                        tracing::info!(kind = name, "the API server does not serve this kind (its CRD is not installed): none are routed until it does");
+                        announced = true;
+                        for ev in [Ok(Event::Init), Ok(Event::InitDone)] {
+                            if futures::SinkExt::send(&mut tx, ev).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(OPTIONAL_KIND_RETRY).await;
+                }
+                // Served (or another error, which the watcher retries and reports).
+                _ => break,
+            }
+        }
+        let mut stream = stream;
+        while let Some(ev) = stream.next().await {
+            if futures::SinkExt::send(&mut tx, ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    Kind {
+        name,
+        stream: rx.boxed(),
+        convert,
+    }
+}
+
 fn watcher(
     api: Api<DynamicObject>,
 ) -> impl Stream<Item = Result<Event<DynamicObject>, watcher::Error>> {
@@ -145,6 +199,12 @@ impl KubeSource {
                 typed(o, Object::AuthorizationPolicy)
             }),
             kind::<WasmPlugin>(c, "WasmPlugin", |o| typed(o, Object::WasmPlugin)),
+            optional_kind::<HttpRoute>(c, "HTTPRoute", |o| {
+                typed(o, |r: HttpRoute| Object::HttpRoute(Box::new(r)))
+            }),
+            optional_kind::<GrpcRoute>(c, "GRPCRoute", |o| {
+                typed(o, |r: GrpcRoute| Object::GrpcRoute(Box::new(r)))
+            }),
         ]
     }
 }

@@ -33,9 +33,45 @@ enum Cmd {
     /// HTTP server (HTTP/1.1 and h2c prior knowledge): answers every request with
     /// 200, body `<method> <path-and-query>`, header `x-app: testapp`, and echoes the
     /// request header `x-echo`.
+    ///
+    /// With `--name N` every response also carries `x-served-by: N`; with
+    /// `--fail-every K` every K-th request (1st, K+1-th, ...) gets a 503 instead;
+    /// a path `/delay/<ms>` is answered after that many milliseconds; gRPC requests
+    /// (content-type `application/grpc`) get `grpc-status: 0` in trailers.
     Http {
         #[arg(long)]
         listen: SocketAddr,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        fail_every: usize,
+    },
+    /// Many HTTP requests to `connect` over ONE connection (HTTP/1.1 keep-alive, or
+    /// h2c prior knowledge with `--h2`), `concurrency` at a time (HTTP/2 only).
+    /// Prints one JSON line: `{"status": {code: n}, "served_by": {name: n},
+    /// "errors": n, "header": {value of --show-header: n}}`.
+    Requests {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long)]
+        h2: bool,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Request headers, `name:value`.
+        #[arg(long)]
+        header: Vec<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A response header whose values are counted.
+        #[arg(long)]
+        show_header: Option<String>,
+        /// The Host header / :authority.
+        #[arg(long, default_value = "echo")]
+        host: String,
     },
     /// One HTTP/1.1 request (`Connection: close`) to `connect`; prints one JSON line
     /// `{"status", "headers": {lower-case name: value}, "body"}`, or exits 1 with
@@ -416,7 +452,10 @@ fn cfb(addr: SocketAddr, count: usize) -> std::io::Result<(f64, f64)> {
     Ok(percentiles(lat))
 }
 
-fn http_server(listen: SocketAddr) {
+fn http_server(listen: SocketAddr, name: Option<String>, fail_every: usize) {
+    let name: &'static Option<String> = Box::leak(Box::new(name));
+    let seen: &'static std::sync::atomic::AtomicUsize =
+        Box::leak(Box::new(std::sync::atomic::AtomicUsize::new(0)));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -442,8 +481,28 @@ fn http_server(listen: SocketAddr) {
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let body = format!(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(ms) = req
+                            .uri()
+                            .path()
+                            .strip_prefix("/delay/")
+                            .and_then(|v| v.parse::<u64>().ok())
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        }
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        let echo = req.headers().get("x-echo").cloned();
+                        let seen_headers: Vec<String> = req
+                            .headers()
+                            .iter()
+                            .filter(|(k, _)| k.as_str().starts_with("x-"))
+                            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("")))
+                            .collect();
+                        let line = format!(
                             "{} {}",
                             req.method(),
                             req.uri()
@@ -451,13 +510,33 @@ fn http_server(listen: SocketAddr) {
                                 .map(|p| p.as_str())
                                 .unwrap_or("/")
                         );
-                        let mut r = http::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from(body),
-                        ));
+                        // Drain the request body.
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                        let body = match name {
+                            Some(_) => format!("{line}\n{}", seen_headers.join(" ")),
+                            None => line,
+                        };
+                        let mut r =
+                            http::Response::new(TestBody::new(bytes::Bytes::from(body), grpc));
                         r.headers_mut()
                             .insert("x-app", http::HeaderValue::from_static("testapp"));
-                        if let Some(v) = req.headers().get("x-echo") {
-                            r.headers_mut().insert("x-echo", v.clone());
+                        if let Some(v) = echo {
+                            r.headers_mut().insert("x-echo", v);
+                        }
+                        if let Some(v) = name
+                            .as_deref()
+                            .and_then(|n| http::HeaderValue::from_str(n).ok())
+                        {
+                            r.headers_mut().insert("x-served-by", v);
+                        }
+                        if grpc {
+                            r.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                        }
+                        if fail_every > 0 && n % fail_every == 0 {
+                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                         }
                         Ok::<_, std::convert::Infallible>(r)
                     },
@@ -474,7 +553,40 @@ fn http_server(listen: SocketAddr) {
 
 fn main() {
     match Args::parse().cmd {
-        Cmd::Http { listen } => http_server(listen),
+        Cmd::Http {
+            listen,
+            name,
+            fail_every,
+        } => http_server(listen, name, fail_every),
+        Cmd::Requests {
+            connect,
+            path,
+            count,
+            h2,
+            concurrency,
+            header,
+            method,
+            show_header,
+            host,
+        } => {
+            let o = RequestsOpts {
+                path,
+                count,
+                h2,
+                concurrency,
+                headers: header,
+                method,
+                show_header,
+                host,
+            };
+            match requests(connect, o) {
+                Ok(v) => println!("{v}"),
+                Err(e) => {
+                    eprintln!("requests to {connect}: {e}");
+                    std::process::exit(1)
+                }
+            }
+        }
         Cmd::Flow {
             connect,
             seconds,
@@ -592,4 +704,179 @@ fn main() {
             println!("ok");
         }
     }
+}
+
+/// A response body: the text, then (for gRPC) trailers with `grpc-status: 0`.
+struct TestBody {
+    data: Option<bytes::Bytes>,
+    trailers: bool,
+}
+
+impl TestBody {
+    fn new(data: bytes::Bytes, grpc: bool) -> Self {
+        Self {
+            data: Some(data),
+            trailers: grpc,
+        }
+    }
+}
+
+impl hyper::body::Body for TestBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(d))));
+        }
+        if self.trailers {
+            self.trailers = false;
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::trailers(t))));
+        }
+        std::task::Poll::Ready(None)
+    }
+}
+
+struct RequestsOpts {
+    path: String,
+    count: usize,
+    h2: bool,
+    concurrency: usize,
+    headers: Vec<String>,
+    method: String,
+    show_header: Option<String>,
+    host: String,
+}
+
+fn requests(addr: SocketAddr, o: RequestsOpts) -> Result<serde_json::Value, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        use http_body_util::BodyExt;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        enum Sender {
+            H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+            H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+        }
+        let sender = if o.h2 {
+            let (s, c) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+            tokio::spawn(c);
+            Sender::H2(s)
+        } else {
+            let (s, c) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(c);
+            Sender::H1(s)
+        };
+        let build = |o: &RequestsOpts| -> Result<http::Request<http_body_util::Empty<bytes::Bytes>>, String> {
+            let uri = if o.h2 {
+                format!("http://{}{}", o.host, o.path)
+            } else {
+                o.path.clone()
+            };
+            let mut b = http::Request::builder().method(o.method.as_str()).uri(uri);
+            if !o.h2 {
+                b = b.header("host", o.host.as_str());
+            }
+            for h in &o.headers {
+                let (k, v) = h.split_once(':').ok_or(format!("header {h:?}: want name:value"))?;
+                b = b.header(k.trim(), v.trim());
+            }
+            b.body(http_body_util::Empty::new()).map_err(|e| e.to_string())
+        };
+        let mut status: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut served: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut shown: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut errors = 0usize;
+        let mut last_error = String::new();
+        let mut count_resp = |r: Result<http::response::Parts, String>| match r {
+            Ok(p) => {
+                *status.entry(p.status.as_u16().to_string()).or_default() += 1;
+                let by = p
+                    .headers
+                    .get("x-served-by")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                *served.entry(by).or_default() += 1;
+                if let Some(h) = &o.show_header {
+                    let v = p
+                        .headers
+                        .get(h.as_str())
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    *shown.entry(v).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                last_error = e;
+            }
+        };
+        match sender {
+            Sender::H1(mut s) => {
+                for _ in 0..o.count {
+                    if let Err(e) = s.ready().await {
+                        count_resp(Err(format!("connection: {e}")));
+                        break;
+                    }
+                    match s.send_request(build(&o)?).await {
+                        Ok(resp) => {
+                            let (parts, body) = resp.into_parts();
+                            match body.collect().await {
+                                Ok(_) => count_resp(Ok(parts)),
+                                Err(e) => count_resp(Err(e.to_string())),
+                            }
+                        }
+                        Err(e) => {
+                            count_resp(Err(e.to_string()));
+                            break;
+                        }
+                    }
+                }
+            }
+            Sender::H2(s) => {
+                let mut set = tokio::task::JoinSet::new();
+                let mut sent = 0;
+                while sent < o.count || !set.is_empty() {
+                    while sent < o.count && set.len() < o.concurrency.max(1) {
+                        let mut s = s.clone();
+                        let req = build(&o)?;
+                        set.spawn(async move {
+                            let r = s.send_request(req).await.map_err(|e| e.to_string())?;
+                            let (parts, body) = r.into_parts();
+                            body.collect().await.map_err(|e| e.to_string())?;
+                            Ok::<_, String>(parts)
+                        });
+                        sent += 1;
+                    }
+                    if let Some(j) = set.join_next().await {
+                        count_resp(j.map_err(|e| e.to_string())?);
+                    }
+                }
+            }
+        }
+        Ok(serde_json::json!({
+            "status": status,
+            "served_by": served,
+            "header": shown,
+            "errors": errors,
+            "last_error": last_error,
+        }))
+    })
 }

@@ -20,6 +20,8 @@ pub struct StoreSnapshot {
     pub policies: OrdMap<String, Arc<pb::AuthorizationPolicy>>,
     pub plugins: OrdMap<String, Arc<pb::WasmPlugin>>,
     pub trust_bundles: OrdMap<String, Arc<pb::TrustBundle>>,
+    /// Gateway API routes (HTTPRoute, GRPCRoute) attached to Services.
+    pub routes: OrdMap<String, Arc<pb::Route>>,
     #[serde(skip)]
     pub versions: OrdMap<String, String>,
     /// Workload key by IP, and Service key by cluster IP: the proxy looks these up
@@ -29,6 +31,14 @@ pub struct StoreSnapshot {
     pub workload_by_ip: OrdMap<IpAddr, String>,
     #[serde(skip)]
     pub service_by_vip: OrdMap<IpAddr, String>,
+    /// Service key -> how many routes name it as a parent: a connection to a
+    /// Service without routes never looks at routes.
+    #[serde(skip)]
+    pub routed_services: OrdMap<String, usize>,
+    /// Changes whenever a route is added, changed or removed (route tables compiled
+    /// from an older generation are stale).
+    #[serde(skip)]
+    pub routes_generation: u64,
     /// True once a complete view was received from the control plane.
     pub synced: bool,
     /// Sequence of the last applied update (per stream).
@@ -126,6 +136,17 @@ impl StoreSnapshot {
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<pb::Service>> {
         self.services.get(self.service_by_vip.get(&ip)?)
     }
+
+    /// The Service at a cluster IP with its key.
+    pub fn service_entry_by_vip(&self, ip: IpAddr) -> Option<(&String, &Arc<pb::Service>)> {
+        let k = self.service_by_vip.get(&ip)?;
+        Some((k, self.services.get(k)?))
+    }
+
+    /// Does any route name the Service with key `key` as a parent?
+    pub fn is_routed(&self, key: &str) -> bool {
+        !self.routed_services.is_empty() && self.routed_services.contains_key(key)
+    }
 }
 
 /// Addresses of a resource's IP list (validated when received; anything that
@@ -174,6 +195,21 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
         Some(Kind::TrustBundle(b)) => {
             s.trust_bundles.insert(k, Arc::new(b.clone()));
         }
+        Some(Kind::Route(r)) => {
+            if let Some(old) = s.routes.get(&k).cloned() {
+                unroute(&mut s.routed_services, &old);
+            }
+            for p in &r.parents {
+                let svc = weft_proto::resource::key(
+                    weft_proto::resource::KIND_SERVICE,
+                    &p.service_namespace,
+                    &p.service_name,
+                );
+                *s.routed_services.entry(svc).or_insert(0) += 1;
+            }
+            s.routes_generation += 1;
+            s.routes.insert(k, Arc::new(r.clone()));
+        }
         None => {}
     }
 }
@@ -189,6 +225,26 @@ fn remove(s: &mut StoreSnapshot, k: &str) {
     s.policies.remove(k);
     s.plugins.remove(k);
     s.trust_bundles.remove(k);
+    if let Some(r) = s.routes.remove(k) {
+        unroute(&mut s.routed_services, &r);
+        s.routes_generation += 1;
+    }
+}
+
+fn unroute(index: &mut OrdMap<String, usize>, r: &pb::Route) {
+    for p in &r.parents {
+        let svc = weft_proto::resource::key(
+            weft_proto::resource::KIND_SERVICE,
+            &p.service_namespace,
+            &p.service_name,
+        );
+        if let Some(n) = index.get_mut(&svc) {
+            *n -= 1;
+            if *n == 0 {
+                index.remove(&svc);
+            }
+        }
+    }
 }
 
 fn ip_ok(field: &str, v: &str) -> Result<(), String> {
@@ -222,6 +278,7 @@ fn validate(r: &pb::Resource) -> Result<(), String> {
                 Ok(())
             }
         }
+        Some(Kind::Route(r)) => crate::proxy::routing::table::check(r),
         Some(_) => Ok(()),
     }
 }

@@ -31,6 +31,22 @@ pub struct RequestLabels {
     pub response_code: u16,
 }
 
+/// Per-request labels of requests routed at the source by a Gateway API route.
+/// Bounded: routes, rules and backends are configuration, not traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub source_workload: String,
+    pub source_namespace: String,
+    /// `namespace/name` of the Service the client addressed.
+    pub service: String,
+    /// `namespace/name` of the route, `none` when no rule matched.
+    pub route: String,
+    pub rule: String,
+    /// `namespace/name` of the backend Service, `none` when none was chosen.
+    pub backend: String,
+    pub response_code: u16,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -51,6 +67,9 @@ pub struct PoolLabels {
 }
 
 pub struct TrafficMetrics {
+    pub routed_requests: Family<RouteLabels, Counter>,
+    pub routed_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub routed_retries: Family<RouteLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub opened: Family<TcpLabels, Counter>,
@@ -66,6 +85,9 @@ pub struct TrafficMetrics {
 impl Default for TrafficMetrics {
     fn default() -> Self {
         Self {
+            routed_requests: Family::default(),
+            routed_duration: Family::new_with_constructor(duration_histogram),
+            routed_retries: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             opened: Family::default(),
@@ -89,6 +111,21 @@ impl TrafficMetrics {
     }
 
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "routed_requests",
+            "HTTP and gRPC requests routed at the source by Gateway API routes, by route, backend and response code",
+            self.routed_requests.clone(),
+        );
+        r.register(
+            "routed_request_duration_seconds",
+            "Time from request headers to response headers of routed requests at the source proxy, retries included",
+            self.routed_duration.clone(),
+        );
+        r.register(
+            "routed_retries",
+            "Attempts beyond the first of routed requests (route retry policies)",
+            self.routed_retries.clone(),
+        );
         r.register(
             "requests",
             "HTTP requests handled at L7 on the destination side, by response code",

@@ -133,6 +133,28 @@ pub struct RequestRecord<'a> {
     pub duration: Duration,
 }
 
+/// One request routed at the source by a Gateway API route.
+#[derive(Debug, Clone)]
+pub struct RoutedRecord<'a> {
+    pub source_addr: SocketAddr,
+    pub source_identity: &'a str,
+    /// The Service the client addressed.
+    pub service: &'a pb::Service,
+    pub method: &'a str,
+    /// The path as received, without its query string.
+    pub path: &'a str,
+    /// `namespace/name` of the route and the rule's name (or index), if one matched.
+    pub route: Option<&'a str>,
+    pub rule: Option<&'a str>,
+    /// `namespace/name` of the backend Service chosen, and the endpoint of the last
+    /// attempt.
+    pub backend: Option<&'a str>,
+    pub endpoint: Option<SocketAddr>,
+    pub attempts: u32,
+    pub response_code: u16,
+    pub duration: Duration,
+}
+
 impl AccessLog {
     /// `dropped` is the node's `weft_node_access_log_dropped_total` family.
     pub fn new(settings: AccessLogSettings, dropped: Family<DroppedLabel, Counter>) -> Self {
@@ -221,6 +243,32 @@ impl AccessLog {
             authority = r.authority,
             response_code = r.response_code,
             decided_by = r.decided_by,
+            duration_ms = duration_ms(r.duration),
+            "access"
+        );
+    }
+}
+
+impl AccessLog {
+    pub fn routed(&self, r: &RoutedRecord<'_>) {
+        if !self.admit("allow") {
+            return;
+        }
+        tracing::info!(
+            target: TARGET,
+            kind = "request",
+            reporter = "source",
+            source_addr = %r.source_addr,
+            source_identity = r.source_identity,
+            service = %NsName(&r.service.namespace, &r.service.name),
+            method = r.method,
+            path = cut(r.path),
+            route = r.route,
+            rule = r.rule,
+            backend = r.backend,
+            endpoint = r.endpoint.map(tracing::field::display),
+            attempts = r.attempts,
+            response_code = r.response_code,
             duration_ms = duration_ms(r.duration),
             "access"
         );

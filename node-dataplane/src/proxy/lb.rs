@@ -1,6 +1,11 @@
 //! Choosing a Service endpoint: round robin, or power-of-two-choices over active
 //! connections (the default). Endpoints that failed recently are skipped while
 //! others are available.
+//!
+//! Outlier ejection (per-request routing reports every result): an endpoint that
+//! fails [`CONSECUTIVE_FAILURES`] times in a row (5xx answers, connection or
+//! request errors) is ejected for [`FAILURE_COOLDOWN`], unless that would eject
+//! more than [`MAX_EJECTED_PERCENT`] of its Service's endpoints.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +22,10 @@ pub enum LbPolicy {
 
 /// How long a failed endpoint is avoided.
 pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(10);
+/// Failures in a row that eject an endpoint.
+pub const CONSECUTIVE_FAILURES: u32 = 5;
+/// At most this share of a Service's endpoints is ejected at once.
+pub const MAX_EJECTED_PERCENT: usize = 50;
 
 #[derive(Default)]
 pub struct Balancer {
@@ -24,6 +33,8 @@ pub struct Balancer {
     rr: AtomicUsize,
     active: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
     failed: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Failures in a row per endpoint (reset by a success).
+    streak: Mutex<HashMap<SocketAddr, u32>>,
 }
 
 /// Counts an active connection to an endpoint until dropped.
@@ -98,9 +109,38 @@ impl Balancer {
         Some((ep, Active(c)))
     }
 
-    /// Not called by the proxy yet: the outbound path does not report endpoints it
-    /// failed to reach (outlier ejection will).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Reports one request's result on `ep`, one of `eps` (its Service's endpoints):
+    /// [`CONSECUTIVE_FAILURES`] failures in a row eject it, within
+    /// [`MAX_EJECTED_PERCENT`] of `eps`.
+    pub fn record_result(&self, ep: SocketAddr, ok: bool, eps: &[SocketAddr]) {
+        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            streak.remove(&ep);
+            return;
+        }
+        let n = streak.entry(ep).or_insert(0);
+        *n += 1;
+        if *n < CONSECUTIVE_FAILURES {
+            return;
+        }
+        streak.remove(&ep);
+        // Bounded: endpoints that vanished are forgotten with their streaks.
+        if streak.len() > 65_536 {
+            streak.clear();
+        }
+        drop(streak);
+        let now = Instant::now();
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.retain(|_, at| now.duration_since(*at) < FAILURE_COOLDOWN);
+        let ejected = eps.iter().filter(|e| failed.contains_key(e)).count();
+        if (ejected + 1) * 100 <= eps.len() * MAX_EJECTED_PERCENT {
+            tracing::info!(endpoint = %ep, failures = CONSECUTIVE_FAILURES, "endpoint ejected");
+            failed.insert(ep, now);
+        }
+    }
+
+    /// Ejects `ep` at once (tests).
+    #[cfg(test)]
     pub fn record_failure(&self, ep: SocketAddr) {
         self.failed
             .lock()
@@ -149,6 +189,35 @@ mod tests {
         }
         assert_eq!(n.get(&e[0]), None, "{n:?}");
         drop(held);
+    }
+
+    #[test]
+    fn consecutive_failures_eject_within_the_cap() {
+        let b = Balancer::new(LbPolicy::RoundRobin);
+        let e: Vec<SocketAddr> = (1..=4)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        // Four failures and a success: no ejection.
+        for _ in 0..CONSECUTIVE_FAILURES - 1 {
+            b.record_result(e[0], false, &e);
+        }
+        b.record_result(e[0], true, &e);
+        b.record_result(e[0], false, &e);
+        assert!((0..40).any(|_| b.pick(&e).unwrap().0 == e[0]));
+        // Five in a row: ejected.
+        for _ in 0..CONSECUTIVE_FAILURES {
+            b.record_result(e[1], false, &e);
+        }
+        assert!((0..40).all(|_| b.pick(&e).unwrap().0 != e[1]));
+        // A second one may go (2 of 4 = 50%), a third may not.
+        for ep in [e[2], e[3]] {
+            for _ in 0..CONSECUTIVE_FAILURES {
+                b.record_result(ep, false, &e);
+            }
+        }
+        let picked: std::collections::HashSet<SocketAddr> =
+            (0..40).map(|_| b.pick(&e).unwrap().0).collect();
+        assert_eq!(picked, [e[0], e[3]].into_iter().collect());
     }
 
     #[test]

@@ -68,6 +68,7 @@ impl PodListeners {
             mark: state.mark,
             stats: stats.outbound.clone(),
             mesh: Some((state.clone(), pod.clone())),
+            upstreams: Default::default(),
         });
         let mut tasks: Vec<JoinHandle<()>> = outbound
             .into_iter()

@@ -7,6 +7,8 @@
 //! - [`inbound_passthrough`]: plaintext from outside the mesh;
 //! - [`inbound_conn`]: what both inbound listeners do with a connection:
 //!   authorize it and serve it at L4 or at [`l7`];
+//! - [`routing`]: Gateway API routes (HTTPRoute, GRPCRoute on Services), decided
+//!   per request here at the source;
 //! - [`record`]: the one record (metrics, counters, access log) of each connection.
 
 pub mod access_log;
@@ -29,6 +31,7 @@ pub mod policies;
 pub mod pool;
 pub mod ports;
 pub mod record;
+pub mod routing;
 pub mod state;
 pub mod tls;
 pub mod tunnel;

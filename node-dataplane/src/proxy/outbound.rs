@@ -10,6 +10,7 @@ use super::pool::Dial;
 use super::record::ConnRecord;
 use super::state::ProxyState;
 use crate::netns::PodNetns;
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -20,6 +21,9 @@ pub struct Outbound {
     pub stats: Arc<OutboundStats>,
     /// The mesh: the node's proxy state and the source pod. `None`: plaintext only.
     pub mesh: Option<(Arc<ProxyState>, LocalPod)>,
+    /// The pod's HTTP connections to endpoints, for requests routed per request
+    /// (Services with Gateway API routes).
+    pub upstreams: Arc<super::routing::upstream::Upstreams>,
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, ob: Arc<Outbound>) {
@@ -64,6 +68,7 @@ pub async fn serve_plain(
             mark,
             stats,
             mesh: None,
+            upstreams: Default::default(),
         }),
     )
     .await
@@ -129,10 +134,42 @@ async fn forward(
         anyhow::bail!("{orig}: the proxy's own port is never a destination");
     }
     let Some((state, source)) = &ob.mesh else {
-        let (a, b) = passthrough(conn, ob, orig, record).await?;
+        let (a, b) = passthrough(conn, ob, orig, record, Bytes::new()).await?;
         record.bytes(a, b);
         return Ok(());
     };
+    // A Service with Gateway API routes: each request is routed on its own.
+    let mut conn = conn;
+    let mut prefix = Bytes::new();
+    let routed = {
+        let snap = state.config.snapshot();
+        snap.service_entry_by_vip(orig.ip())
+            .filter(|(k, _)| snap.is_routed(k))
+            .map(|(k, s)| (k.clone(), s.clone()))
+    };
+    if let Some((service_key, service)) = routed {
+        let base = super::routing::forward::Routed {
+            state: state.clone(),
+            source: source.clone(),
+            upstreams: ob.upstreams.clone(),
+            service: service.clone(),
+            service_key,
+            port: orig.port(),
+            client: conn.peer_addr().unwrap_or(local),
+            h2: false,
+        };
+        record.peers.service = Some(service);
+        match super::routing::serve(conn, base).await {
+            super::routing::Serve::Done(r) => {
+                record.routed();
+                return r;
+            }
+            super::routing::Serve::Opaque(c, p) => {
+                conn = c;
+                prefix = p;
+            }
+        }
+    }
     let to = resolve(state, orig);
     let dest = state.workload_by_ip(to.dst.ip());
     let meshed = dest
@@ -153,10 +190,10 @@ async fn forward(
         meshed.is_some(),
     ));
     let (a, b) = match meshed {
-        Some(w) => tunnel(conn, state, source, w, to.dst, record).await?,
+        Some(w) => tunnel(conn, state, source, w, to.dst, record, prefix).await?,
         None => {
             record.plaintext_out();
-            passthrough(conn, ob, to.dst, record).await?
+            passthrough(conn, ob, to.dst, record, prefix).await?
         }
     };
     record.bytes(a, b);
@@ -171,6 +208,7 @@ async fn tunnel(
     w: &Arc<weft_proto::pb::Workload>,
     dst: SocketAddr,
     record: &mut ConnRecord,
+    prefix: Bytes,
 ) -> anyhow::Result<(u64, u64)> {
     let dial = Dial {
         source,
@@ -178,8 +216,13 @@ async fn tunnel(
         config: &state.config,
         mark: state.mark,
     };
-    let (tunnel, _guard) = state.pool.open(dial, w, dst.ip(), dst).await?;
+    let (mut tunnel, _guard) = state.pool.open(dial, w, dst.ip(), dst).await?;
     record.tunneled();
+    if !prefix.is_empty() {
+        // Bytes read while finding out the connection is not HTTP (a few dozen at
+        // most: within the stream's initial window).
+        tunnel.send.send_data(prefix, false)?;
+    }
     match super::tunnel::copy(&mut conn, tunnel).await {
         Ok(copied) => Ok(copied),
         Err(e) => {
@@ -196,11 +239,15 @@ async fn passthrough(
     ob: &Outbound,
     dst: SocketAddr,
     record: &ConnRecord,
+    prefix: Bytes,
 ) -> anyhow::Result<(u64, u64)> {
     let sock = ob.netns.tcp_socket(dst.is_ipv6(), ob.mark).await?;
     let mut up = tokio::net::TcpSocket::from_std_stream(sock.into())
         .connect(dst)
         .await?;
     record.forwarded();
+    if !prefix.is_empty() {
+        tokio::io::AsyncWriteExt::write_all(&mut up, &prefix).await?;
+    }
     Ok(super::copy::bidirectional(&mut conn, &mut up).await?)
 }

@@ -210,6 +210,12 @@ impl ConnRecord {
         }
     }
 
+    /// The connection was served as HTTP at the source, its requests routed one by
+    /// one (Gateway API routes); they are recorded one by one.
+    pub(crate) fn routed(&self) {
+        self.forwarded();
+    }
+
     /// Bytes copied (towards the destination, from it).
     pub(crate) fn bytes(&mut self, sent: u64, received: u64) {
         self.bytes = Some((sent, received));

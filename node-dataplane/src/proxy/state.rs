@@ -36,6 +36,8 @@ pub struct ProxyState {
     pub(crate) last_peer_serial: std::sync::Mutex<String>,
     /// Compiled policies and the policy map they were compiled from.
     compiled: std::sync::Mutex<Option<CompiledCache>>,
+    /// Route tables compiled from the Gateway API routes ([`super::routing`]).
+    pub(crate) routes: std::sync::Mutex<super::routing::RouteCache>,
     /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
     pub(crate) plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
     pub(crate) access_log: super::access_log::AccessLog,
@@ -125,6 +127,7 @@ impl ProxyState {
             balancer: super::lb::Balancer::new(opts.lb),
             last_peer_serial: std::sync::Mutex::new(String::new()),
             compiled: std::sync::Mutex::new(None),
+            routes: Default::default(),
             plugins,
             draining: Default::default(),
         })

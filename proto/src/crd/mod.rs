@@ -45,7 +45,7 @@ pub fn all_crd_yaml() -> Vec<(&'static str, String)> {
 /// An optional enum field's schema lists `null` among its values (it is already
 /// `nullable`); API servers up to at least 1.20 reject such a CRD with a misleading
 /// error, so the value is dropped.
-fn strip_null_enum_values(v: &mut serde_json::Value) {
+pub(crate) fn strip_null_enum_values(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             if let Some(serde_json::Value::Array(values)) = m.get_mut("enum") {

@@ -1,0 +1,573 @@
+//! One routed client connection: served as HTTP (hyper, HTTP/1.1 or HTTP/2 as the
+//! client speaks), each request matched against the Service's route table and sent
+//! on its own to a backend and endpoint of its own.
+
+use super::filters;
+use super::table::{RequestView, RouteTable, Rule};
+use super::upstream::{BoxError, DialFrom, ReqBody, SendError, Upstreams};
+use crate::proxy::lb::Active;
+use crate::proxy::local::LocalPod;
+use crate::proxy::state::ProxyState;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use weft_proto::pb;
+use weft_proto::pb::route_filter::Kind as FilterKind;
+
+/// Largest request body kept in memory so a request can be retried or mirrored; a
+/// larger one (or one of unknown length) streams and is neither.
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+/// Mirrored requests in flight per source pod at most; more are not mirrored.
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
+/// A response body to the client.
+pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Everything a routed connection's requests share.
+pub struct Routed {
+    pub state: Arc<ProxyState>,
+    pub source: LocalPod,
+    pub upstreams: Arc<Upstreams>,
+    pub service: Arc<pb::Service>,
+    pub service_key: String,
+    /// The Service port the client connected to.
+    pub port: u16,
+    pub client: SocketAddr,
+    /// Whether the client speaks HTTP/2 (requests go upstream the same way).
+    pub h2: bool,
+}
+
+impl Routed {
+    fn table(&self) -> Arc<RouteTable> {
+        self.state.route_table(
+            &self.service_key,
+            &self.service,
+            self.port,
+            &self.source.workload().namespace,
+        )
+    }
+}
+
+fn local(code: StatusCode, why: &str) -> Response<RespBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{why}\n")))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// A request body that can be sent more than once, or the stream itself.
+enum ReqPayload {
+    Buffered(Bytes),
+    Streamed(Option<Incoming>),
+}
+
+impl ReqPayload {
+    /// Buffers a body known to be small enough; anything else streams.
+    async fn from(body: Incoming) -> Result<Self, StatusCode> {
+        let small = body
+            .size_hint()
+            .upper()
+            .is_some_and(|u| u <= MAX_BUFFERED_BODY);
+        if !small {
+            return Ok(ReqPayload::Streamed(Some(body)));
+        }
+        match http_body_util::Limited::new(body, MAX_BUFFERED_BODY as usize)
+            .collect()
+            .await
+        {
+            Ok(c) => Ok(ReqPayload::Buffered(c.to_bytes())),
+            Err(_) => Err(StatusCode::BAD_REQUEST),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqPayload::Buffered(_))
+    }
+
+    /// The body for one attempt (`None`: a streamed body was already used).
+    fn take(&mut self) -> Option<ReqBody> {
+        match self {
+            ReqPayload::Buffered(b) => Some(Full::new(b.clone()).map_err(|e| match e {}).boxed()),
+            ReqPayload::Streamed(s) => s.take().map(|b| b.map_err(BoxError::from).boxed()),
+        }
+    }
+}
+
+/// What the filters of a rule and its backend did to a request.
+#[derive(Default)]
+struct Applied {
+    response_headers: Vec<pb::HeaderModifier>,
+    mirrors: Vec<pb::RequestMirror>,
+}
+
+/// Applies request filters; `Err` is a redirect answered at once.
+fn apply_filters(
+    list: &[pb::RouteFilter],
+    parts: &mut http::request::Parts,
+    prefix: Option<&str>,
+    port: u16,
+    applied: &mut Applied,
+) -> Result<(), Response<()>> {
+    for f in list {
+        match &f.kind {
+            Some(FilterKind::RequestHeaders(m)) => filters::modify_headers(&mut parts.headers, m),
+            Some(FilterKind::ResponseHeaders(m)) => applied.response_headers.push(m.clone()),
+            Some(FilterKind::Redirect(r)) => return Err(filters::redirect(parts, r, prefix, port)),
+            Some(FilterKind::Rewrite(r)) => filters::rewrite(parts, r, prefix),
+            Some(FilterKind::Mirror(m)) => applied.mirrors.push(m.clone()),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// The ready endpoints of backend Service `b` for `port` (the backend's port, or the
+/// one the client connected to).
+fn endpoints(state: &ProxyState, b: &pb::RouteBackend, port: u16) -> Vec<SocketAddr> {
+    let snap = state.config.snapshot();
+    let key = weft_proto::resource::key(
+        weft_proto::resource::KIND_SERVICE,
+        &b.service_namespace,
+        &b.service_name,
+    );
+    let Some(svc) = snap.services.get(&key) else {
+        return Vec::new();
+    };
+    let port = if b.port == 0 { u32::from(port) } else { b.port };
+    svc.endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| {
+            let t = e.target_ports.get(&port)?;
+            let ip = e.ips.first()?.parse().ok()?;
+            Some(SocketAddr::new(ip, u16::try_from(*t).ok()?))
+        })
+        .collect()
+}
+
+/// Where the answer to one request came from, for metrics and the access log.
+struct Outcome {
+    route: Option<Arc<Rule>>,
+    backend: Option<String>,
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
+}
+
+/// Handles one request of a routed connection.
+pub async fn handle(req: Request<Incoming>, rc: Arc<Routed>) -> Response<RespBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut outcome = Outcome {
+        route: None,
+        backend: None,
+        endpoint: None,
+        attempts: 0,
+    };
+    let resp = route(req, &rc, &mut outcome).await;
+    record(
+        &rc,
+        &outcome,
+        &method,
+        &path,
+        resp.status(),
+        started.elapsed(),
+    );
+    resp
+}
+
+async fn route(req: Request<Incoming>, rc: &Arc<Routed>, out: &mut Outcome) -> Response<RespBody> {
+    let table = rc.table();
+    let (rule, prefix) = {
+        let view = RequestView::of(&req);
+        match table.select(&view) {
+            Some(s) => (s.rule.clone(), s.prefix.map(str::to_string)),
+            None => return local(StatusCode::NOT_FOUND, "no route rule matches the request"),
+        }
+    };
+    out.route = Some(rule.clone());
+    let (mut parts, body) = req.into_parts();
+    let mut applied = Applied::default();
+    if let Err(redirect) = apply_filters(
+        &rule.rule.filters,
+        &mut parts,
+        prefix.as_deref(),
+        rc.port,
+        &mut applied,
+    ) {
+        return redirect.map(|()| http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+    }
+    let Some(backend) = rule.choose_backend() else {
+        return local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the route rule has no backend with a weight",
+        );
+    };
+    out.backend = Some(format!(
+        "{}/{}",
+        backend.service_namespace, backend.service_name
+    ));
+    if !backend.invalid.is_empty() {
+        return local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the route's backend is not valid",
+        );
+    }
+    if let Err(redirect) = apply_filters(
+        &backend.filters,
+        &mut parts,
+        prefix.as_deref(),
+        rc.port,
+        &mut applied,
+    ) {
+        return redirect.map(|()| http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+    }
+    let retry = rule.rule.retry.clone().unwrap_or_default();
+    let attempts = retry.attempts.max(1);
+    let mut payload = if attempts > 1 || !applied.mirrors.is_empty() {
+        match ReqPayload::from(body).await {
+            Ok(p) => p,
+            Err(code) => return local(code, "request body could not be read"),
+        }
+    } else {
+        ReqPayload::Streamed(Some(body))
+    };
+    for m in &applied.mirrors {
+        mirror(rc, m, &parts, &payload);
+    }
+    let request_timeout = ms(rule.rule.request_timeout_ms);
+    let per_try = ms(rule.rule.backend_request_timeout_ms);
+    let work = attempt_all(
+        rc,
+        backend,
+        &parts,
+        &mut payload,
+        attempts,
+        &retry,
+        per_try,
+        out,
+    );
+    let mut resp = match request_timeout {
+        Some(t) => match tokio::time::timeout(t, work).await {
+            Ok(r) => r,
+            Err(_) => local(StatusCode::GATEWAY_TIMEOUT, "request timeout"),
+        },
+        None => work.await,
+    };
+    for m in &applied.response_headers {
+        filters::modify_headers(resp.headers_mut(), m);
+    }
+    resp
+}
+
+fn ms(v: u64) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(v))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_all(
+    rc: &Arc<Routed>,
+    backend: &pb::RouteBackend,
+    parts: &http::request::Parts,
+    payload: &mut ReqPayload,
+    attempts: u32,
+    retry: &pb::RouteRetry,
+    per_try: Option<Duration>,
+    out: &mut Outcome,
+) -> Response<RespBody> {
+    let state = &rc.state;
+    let from = DialFrom {
+        state,
+        source: &rc.source,
+    };
+    let mut last: Option<Response<RespBody>> = None;
+    for n in 1..=attempts {
+        if n > 1 {
+            if let Some(labels) = route_labels(rc, out, 0) {
+                state
+                    .metrics
+                    .traffic
+                    .routed_retries
+                    .get_or_create(&labels)
+                    .inc();
+            }
+            if retry.backoff_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
+            }
+        }
+        out.attempts = n;
+        let eps = endpoints(state, backend, rc.port);
+        let Some((ep, active)) = state.balancer.pick(&eps) else {
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the backend has no ready endpoint",
+            );
+        };
+        out.endpoint = Some(ep);
+        let Some(body) = payload.take() else {
+            break;
+        };
+        let req = upstream_request(parts, body, rc.h2, ep);
+        let send = rc.upstreams.send(&from, ep, rc.h2, req);
+        let result = match per_try {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    state.balancer.record_result(ep, false, &eps);
+                    last = Some(local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "backend request timeout",
+                    ));
+                    if payload.replayable() {
+                        continue;
+                    }
+                    break;
+                }
+            },
+            None => send.await,
+        };
+        match result {
+            Ok(resp) => {
+                let code = resp.status().as_u16();
+                let failed = resp.status().is_server_error();
+                state.balancer.record_result(ep, !failed, &eps);
+                let retryable = retry.codes.contains(&u32::from(code));
+                if retryable && n < attempts && payload.replayable() {
+                    last = Some(local(resp.status(), "retried"));
+                    continue;
+                }
+                return resp.map(|b| {
+                    Held {
+                        inner: b,
+                        _active: active,
+                    }
+                    .map_err(BoxError::from)
+                    .boxed()
+                });
+            }
+            Err(e) => {
+                state.balancer.record_result(ep, false, &eps);
+                tracing::debug!(error = %e, "routed request failed");
+                let (code, safe) = match &e {
+                    SendError::Connect(..) => (StatusCode::SERVICE_UNAVAILABLE, true),
+                    SendError::Request(..) => (StatusCode::BAD_GATEWAY, payload.replayable()),
+                };
+                last = Some(local(code, &e.to_string()));
+                if !safe {
+                    break;
+                }
+            }
+        }
+    }
+    last.unwrap_or_else(|| local(StatusCode::BAD_GATEWAY, "no attempt could be made"))
+}
+
+/// The request as sent to an endpoint: HTTP/1.1 in origin form (the client's
+/// `Host` kept), HTTP/2 with the client's authority.
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: ReqBody,
+    h2: bool,
+    ep: SocketAddr,
+) -> Request<ReqBody> {
+    let mut b = Request::builder().method(parts.method.clone());
+    if h2 {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| ep.to_string());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        b = b
+            .uri(format!("http://{authority}{pq}"))
+            .version(http::Version::HTTP_2);
+    } else {
+        b = b
+            .uri(
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/"),
+            )
+            .version(http::Version::HTTP_11);
+    }
+    let mut req = b.body(body).unwrap_or_else(|_| {
+        Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+    });
+    let headers = req.headers_mut();
+    for (k, v) in &parts.headers {
+        // Connection-specific fields are not forwarded (RFC 9110 7.6.1); h2 carries
+        // the authority as a pseudo-header.
+        if is_hop_by_hop(k) || (h2 && k == http::header::HOST) {
+            continue;
+        }
+        headers.append(k.clone(), v.clone());
+    }
+    req
+}
+
+fn is_hop_by_hop(k: &http::HeaderName) -> bool {
+    matches!(
+        k.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+    )
+}
+
+/// Sends a copy of the request to a mirror backend and forgets it: only requests
+/// whose body is buffered (or empty) are mirrored, and at most
+/// [`MAX_MIRRORS_IN_FLIGHT`] at a time.
+fn mirror(
+    rc: &Arc<Routed>,
+    m: &pb::RequestMirror,
+    parts: &http::request::Parts,
+    payload: &ReqPayload,
+) {
+    let Some(b) = m.backend.as_ref().filter(|b| b.invalid.is_empty()) else {
+        return;
+    };
+    if m.per_million < 1_000_000 && rand::random_range(0..1_000_000) >= m.per_million {
+        return;
+    }
+    let ReqPayload::Buffered(body) = payload else {
+        return;
+    };
+    let Ok(permit) = rc.upstreams.mirrors.clone().try_acquire_owned() else {
+        return;
+    };
+    let eps = endpoints(&rc.state, b, rc.port);
+    let Some((ep, active)) = rc.state.balancer.pick(&eps) else {
+        return;
+    };
+    let req = upstream_request(
+        parts,
+        Full::new(body.clone()).map_err(|e| match e {}).boxed(),
+        rc.h2,
+        ep,
+    );
+    let rc = rc.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _active = active;
+        let from = DialFrom {
+            state: &rc.state,
+            source: &rc.source,
+        };
+        match rc.upstreams.send(&from, ep, rc.h2, req).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => tracing::debug!(error = %e, "mirrored request failed"),
+        }
+    });
+}
+
+fn route_labels(
+    rc: &Routed,
+    out: &Outcome,
+    code: u16,
+) -> Option<crate::metrics::traffic::RouteLabels> {
+    let w = rc.source.workload();
+    let (source_workload, source_namespace, _) = crate::metrics::traffic::workload_name(Some(&w));
+    Some(crate::metrics::traffic::RouteLabels {
+        source_workload,
+        source_namespace,
+        service: format!("{}/{}", rc.service.namespace, rc.service.name),
+        route: out
+            .route
+            .as_ref()
+            .map(|r| r.route.to_string())
+            .unwrap_or_else(|| "none".into()),
+        rule: out
+            .route
+            .as_ref()
+            .map(|r| r.name.to_string())
+            .unwrap_or_else(|| "none".into()),
+        backend: out.backend.clone().unwrap_or_else(|| "none".into()),
+        response_code: code,
+    })
+}
+
+fn record(
+    rc: &Routed,
+    out: &Outcome,
+    method: &http::Method,
+    path: &str,
+    code: StatusCode,
+    took: Duration,
+) {
+    let t = &rc.state.metrics.traffic;
+    if let Some(l) = route_labels(rc, out, code.as_u16()) {
+        t.routed_requests.get_or_create(&l).inc();
+        t.routed_duration
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+    }
+    let w = rc.source.workload();
+    rc.state
+        .access_log
+        .routed(&crate::proxy::access_log::RoutedRecord {
+            source_addr: rc.client,
+            source_identity: &w.spiffe_id,
+            service: &rc.service,
+            method: method.as_str(),
+            path,
+            route: out.route.as_ref().map(|r| &*r.route),
+            rule: out.route.as_ref().map(|r| &*r.name),
+            backend: out.backend.as_deref(),
+            endpoint: out.endpoint,
+            attempts: out.attempts,
+            response_code: code.as_u16(),
+            duration: took,
+        });
+}
+
+/// A response body that holds its endpoint's active-request count until it ends.
+struct Held<B> {
+    inner: B,
+    _active: Active,
+}
+
+impl<B: Body + Unpin> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,130 @@
+//! Gateway API routing for the mesh (GAMMA), decided in the source node's proxy: a
+//! connection a pod opens to a Service that has `HTTPRoute`s or `GRPCRoute`s is
+//! served as HTTP here, and every request is matched ([`table`]), filtered
+//! ([`filters`]) and sent on its own to a backend and an endpoint chosen for it
+//! ([`forward`], over [`upstream`] connections): per-request balancing, retries,
+//! timeouts and mirrors without an extra proxy hop. The destination's proxy still
+//! authorizes every request and runs its plugins, as for any mesh connection.
+//!
+//! Connections to Services without routes never come here: they keep the L4 path.
+
+pub mod filters;
+pub mod forward;
+pub mod table;
+pub mod upstream;
+
+use super::l7::sniff::{self, Protocol, Rewind};
+use super::state::ProxyState;
+use bytes::BytesMut;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::sync::Arc;
+use table::RouteTable;
+use weft_proto::pb;
+use weft_proto::protocol::{declared, Declared};
+
+/// Route tables compiled per (Service key, port, client namespace), dropped when a
+/// route changes.
+#[derive(Default)]
+pub struct RouteCache {
+    generation: u64,
+    tables: HashMap<(String, u16, String), Arc<RouteTable>>,
+}
+
+/// Most tables kept: one per Service port and client namespace in use.
+const MAX_TABLES: usize = 4096;
+
+impl ProxyState {
+    /// The route table of Service `key` port `port` for clients in `client_ns`.
+    pub fn route_table(
+        &self,
+        key: &str,
+        svc: &pb::Service,
+        port: u16,
+        client_ns: &str,
+    ) -> Arc<RouteTable> {
+        let snap = self.config.snapshot();
+        let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.generation != snap.routes_generation || cache.tables.len() >= MAX_TABLES {
+            cache.tables.clear();
+            cache.generation = snap.routes_generation;
+        }
+        let k = (key.to_string(), port, client_ns.to_string());
+        if let Some(t) = cache.tables.get(&k) {
+            return t.clone();
+        }
+        let t = Arc::new(RouteTable::build(
+            snap.routes.values(),
+            &svc.namespace,
+            &svc.name,
+            port,
+            client_ns,
+        ));
+        cache.tables.insert(k, t.clone());
+        t
+    }
+}
+
+/// How a routed connection is served.
+pub enum Serve {
+    /// Served as HTTP here (the connection is consumed).
+    Done(anyhow::Result<()>),
+    /// Not HTTP: the caller forwards it at L4, after the bytes already read.
+    Opaque(tokio::net::TcpStream, bytes::Bytes),
+}
+
+/// Serves a connection to a routed Service port, unless it turns out not to be
+/// HTTP. The protocol is what the Service port declares, else sniffed.
+pub async fn serve(mut conn: tokio::net::TcpStream, base: forward::Routed) -> Serve {
+    let declared = base
+        .service
+        .ports
+        .iter()
+        .find(|p| p.port == u32::from(base.port))
+        .map(|p| declared(&p.app_protocol, &p.name))
+        .unwrap_or(Declared::Unknown);
+    let (proto, prefix) = match declared {
+        Declared::Opaque => return Serve::Opaque(conn, bytes::Bytes::new()),
+        Declared::Http1 => (Protocol::Http1, BytesMut::new()),
+        Declared::Http2 => (Protocol::Http2, BytesMut::new()),
+        Declared::Unknown => match sniff::sniff(&mut conn, super::l7::SNIFF_TIMEOUT).await {
+            Ok(x) => x,
+            Err(e) => return Serve::Done(Err(e.into())),
+        },
+    };
+    if proto == Protocol::Opaque {
+        return Serve::Opaque(conn, prefix.freeze());
+    }
+    let h2 = proto == Protocol::Http2;
+    let rc = Arc::new(forward::Routed { h2, ..base });
+    let io = TokioIo::new(Rewind::new(prefix, conn));
+    let svc = {
+        let rc = rc.clone();
+        hyper::service::service_fn(move |req| {
+            let rc = rc.clone();
+            async move { Ok::<_, std::convert::Infallible>(forward::handle(req, rc).await) }
+        })
+    };
+    let r = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(rc.state.http_idle_timeout))
+            .serve_connection(io, svc)
+            .await
+    } else {
+        // A keep-alive connection waiting for its next request's head is closed
+        // after the proxy's HTTP idle timeout, as on the destination side.
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(rc.state.http_idle_timeout)
+            .serve_connection(io, svc)
+            .await
+    };
+    Serve::Done(r.map_err(|e| {
+        anyhow::Error::from(e).context(format!(
+            "routed connection to Service {}/{}",
+            rc.service.namespace, rc.service.name
+        ))
+    }))
+}
