@@ -24,7 +24,7 @@ metadata: {name: echo, namespace: mesh}
 spec:
   clusterIP: 10.96.0.60
   selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: 8080}]
+  ports: [{name: web, port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
 kind: Service
@@ -32,7 +32,7 @@ metadata: {name: echo-v1, namespace: mesh}
 spec:
   clusterIP: 10.96.0.61
   selector: {app: echo, version: v1}
-  ports: [{name: http, port: 80, targetPort: 8080}]
+  ports: [{name: web, port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
 kind: Service
@@ -40,7 +40,7 @@ metadata: {name: echo-v2, namespace: mesh}
 spec:
   clusterIP: 10.96.0.62
   selector: {app: echo, version: v2}
-  ports: [{name: http, port: 80, targetPort: 8080}]
+  ports: [{name: web, port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
 kind: Service
@@ -48,7 +48,7 @@ metadata: {name: flaky, namespace: mesh}
 spec:
   clusterIP: 10.96.0.63
   selector: {app: flaky}
-  ports: [{name: http, port: 80, targetPort: 8080}]
+  ports: [{name: web, port: 80, targetPort: 8080}]
 "#;
 
 const ROUTES: &str = r#"

@@ -740,6 +740,19 @@ impl hyper::body::Body for TestBody {
         }
         std::task::Poll::Ready(None)
     }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && !self.trailers
+    }
+
+    /// Exact without trailers, so HTTP/1.1 answers carry a Content-Length.
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match (&self.data, self.trailers) {
+            (Some(d), false) => hyper::body::SizeHint::with_exact(d.len() as u64),
+            (None, false) => hyper::body::SizeHint::with_exact(0),
+            _ => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 struct RequestsOpts {

@@ -15,7 +15,6 @@ pub mod upstream;
 
 use super::l7::sniff::{self, Protocol, Rewind};
 use super::state::ProxyState;
-use bytes::BytesMut;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,7 +73,8 @@ pub enum Serve {
 }
 
 /// Serves a connection to a routed Service port, unless it turns out not to be
-/// HTTP. The protocol is what the Service port declares, else sniffed.
+/// HTTP: a port declared opaque (`appProtocol: tcp`, ...) is never parsed, and on
+/// any other the first bytes tell HTTP/1.x, h2c (prior knowledge) or neither.
 pub async fn serve(mut conn: tokio::net::TcpStream, base: forward::Routed) -> Serve {
     let declared = base
         .service
@@ -83,14 +83,14 @@ pub async fn serve(mut conn: tokio::net::TcpStream, base: forward::Routed) -> Se
         .find(|p| p.port == u32::from(base.port))
         .map(|p| declared(&p.app_protocol, &p.name))
         .unwrap_or(Declared::Unknown);
-    let (proto, prefix) = match declared {
-        Declared::Opaque => return Serve::Opaque(conn, bytes::Bytes::new()),
-        Declared::Http1 => (Protocol::Http1, BytesMut::new()),
-        Declared::Http2 => (Protocol::Http2, BytesMut::new()),
-        Declared::Unknown => match sniff::sniff(&mut conn, super::l7::SNIFF_TIMEOUT).await {
-            Ok(x) => x,
-            Err(e) => return Serve::Done(Err(e.into())),
-        },
+    if declared == Declared::Opaque {
+        return Serve::Opaque(conn, bytes::Bytes::new());
+    }
+    // Declared HTTP or not, the client may speak HTTP/1.1 or h2c with prior
+    // knowledge (an `http` port carries both): the first bytes tell.
+    let (proto, prefix) = match sniff::sniff(&mut conn, super::l7::SNIFF_TIMEOUT).await {
+        Ok(x) => x,
+        Err(e) => return Serve::Done(Err(e.into())),
     };
     if proto == Protocol::Opaque {
         return Serve::Opaque(conn, prefix.freeze());
