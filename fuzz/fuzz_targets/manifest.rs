@@ -105,6 +105,20 @@ fuzz_target!(|data: &[u8]| {
                 let _ = convert::service(x, &[]);
             }
             Object::ServiceAccount(x) => round_trip(x),
+            // Routes carry free-form status (any JSON, NaN included): not round-tripped.
+            Object::HttpRoute(x) => {
+                let route = weft_model::routes::AnyRoute::Http(x.as_ref());
+                let _ = weft_model::routes::spec_errors(route);
+                let (converted, _) = weft_model::routes::convert(route, &Default::default());
+                // With no Services, no parent accepts it: nothing is distributed.
+                assert!(converted.is_none(), "{r}: distributed without a parent");
+            }
+            Object::GrpcRoute(x) => {
+                let route = weft_model::routes::AnyRoute::Grpc(x.as_ref());
+                let _ = weft_model::routes::spec_errors(route);
+                let (converted, _) = weft_model::routes::convert(route, &Default::default());
+                assert!(converted.is_none(), "{r}: distributed without a parent");
+            }
             Object::WasmPlugin(x) => {
                 round_trip(x);
                 let _ = validate::validate_wasm_plugin(&x.spec);

@@ -500,7 +500,7 @@ fn filter(
                 format!("{field}.type"),
                 format!(
                     "{} filters are not supported by weft",
-                    serde_json::to_value(&other)
+                    serde_json::to_value(other)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
                         .unwrap_or_default()
@@ -682,15 +682,18 @@ fn rules_of(route: AnyRoute<'_>) -> FieldResult<Vec<RawRule>> {
     Ok(out)
 }
 
-/// A route's Service parents as written: (namespace field, name, port, index).
+/// A parentRef's (group, kind, namespace, name, port).
+type ParentRefFields = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<i32>,
+);
+
+/// A route's Service parents as written: (namespace field, name, port).
 fn service_parents(route: AnyRoute<'_>) -> Vec<(Option<String>, String, Option<i32>)> {
-    let refs: Vec<(
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-        Option<i32>,
-    )> = match route {
+    let refs: Vec<ParentRefFields> = match route {
         AnyRoute::Http(r) => r
             .spec
             .parent_refs

@@ -535,7 +535,7 @@ fn http_server(listen: SocketAddr, name: Option<String>, fail_every: usize) {
                                 http::HeaderValue::from_static("application/grpc"),
                             );
                         }
-                        if fail_every > 0 && n % fail_every == 0 {
+                        if fail_every > 0 && n.is_multiple_of(fail_every) {
                             *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                         }
                         Ok::<_, std::convert::Infallible>(r)

@@ -228,7 +228,7 @@ fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
 fn a_parent_port_limits_the_route_to_that_port() {
     let mut r = (*route("shop", "r", 1, vec![rule("", vec![m(None)], "b")])).clone();
     r.parents[0].port = 8080;
-    let routes = vec![Arc::new(r)];
+    let routes = [Arc::new(r)];
     assert!(RouteTable::build(routes.iter(), "shop", "echo", 80, "shop").is_empty());
     let t = RouteTable::build(routes.iter(), "shop", "echo", 8080, "shop");
     // Unnamed rules are named by their index.
@@ -265,7 +265,7 @@ fn weights_split_in_proportion_and_zero_weight_is_never_chosen() {
             .entry(sel.rule.choose_backend().unwrap().service_name.clone())
             .or_insert(0) += 1;
     }
-    assert!(counts.get("c").is_none());
+    assert!(!counts.contains_key("c"));
     let a = counts["a"];
     assert!((8_700..=9_300).contains(&a), "{counts:?}");
 }
