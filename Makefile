@@ -88,6 +88,7 @@ bench: setup plugins
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-proxy
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7 -- --pinned --rounds 9 --seconds 2
+	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-routes -- --pinned
 	$(CARGO) run --release -q -p weft-e2e --bin weft-bench-l7-path -- --instructions
 
 # A real Kubernetes v1.20 cluster on this machine (root; e2e/src/kubecluster.rs)

@@ -60,6 +60,7 @@ async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
         "policies": snap.policies,
         "plugins": snap.plugins,
         "trust_bundles": snap.trust_bundles,
+        "routes": snap.routes,
         "certificates": s.certs.all().iter().map(|c| c.as_ref().clone()).collect::<Vec<_>>(),
         "enrolled_pods": enrolled_pods(&s),
         "proxy": proxy_counters(&s),

@@ -72,6 +72,12 @@ enum Cmd {
         /// The Host header / :authority.
         #[arg(long, default_value = "echo")]
         host: String,
+        /// gRPC-shaped requests: POST, `content-type: application/grpc`, `te: trailers`.
+        #[arg(long)]
+        grpc: bool,
+        /// Requests sent first and left out of the latency figures.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
     },
     /// One HTTP/1.1 request (`Connection: close`) to `connect`; prints one JSON line
     /// `{"status", "headers": {lower-case name: value}, "body"}`, or exits 1 with
@@ -568,8 +574,12 @@ fn main() {
             method,
             show_header,
             host,
+            grpc,
+            warmup,
         } => {
             let o = RequestsOpts {
+                grpc,
+                warmup,
                 path,
                 count,
                 h2,
@@ -756,6 +766,8 @@ impl hyper::body::Body for TestBody {
 }
 
 struct RequestsOpts {
+    grpc: bool,
+    warmup: usize,
     path: String,
     count: usize,
     h2: bool,
@@ -801,7 +813,13 @@ fn requests(addr: SocketAddr, o: RequestsOpts) -> Result<serde_json::Value, Stri
             } else {
                 o.path.clone()
             };
-            let mut b = http::Request::builder().method(o.method.as_str()).uri(uri);
+            let method = if o.grpc { "POST" } else { o.method.as_str() };
+            let mut b = http::Request::builder().method(method).uri(uri);
+            if o.grpc {
+                b = b
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers");
+            }
             if !o.h2 {
                 b = b.header("host", o.host.as_str());
             }
@@ -841,9 +859,16 @@ fn requests(addr: SocketAddr, o: RequestsOpts) -> Result<serde_json::Value, Stri
                 last_error = e;
             }
         };
+        let mut lat_us: Vec<f64> = Vec::new();
+        let started = std::time::Instant::now();
+        let mut measured_from = started;
         match sender {
             Sender::H1(mut s) => {
-                for _ in 0..o.count {
+                for i in 0..o.count + o.warmup {
+                    if i == o.warmup {
+                        measured_from = std::time::Instant::now();
+                    }
+                    let t = std::time::Instant::now();
                     if let Err(e) = s.ready().await {
                         count_resp(Err(format!("connection: {e}")));
                         break;
@@ -852,7 +877,12 @@ fn requests(addr: SocketAddr, o: RequestsOpts) -> Result<serde_json::Value, Stri
                         Ok(resp) => {
                             let (parts, body) = resp.into_parts();
                             match body.collect().await {
-                                Ok(_) => count_resp(Ok(parts)),
+                                Ok(_) => {
+                                    if i >= o.warmup {
+                                        lat_us.push(t.elapsed().as_nanos() as f64 / 1000.0);
+                                        count_resp(Ok(parts));
+                                    }
+                                }
                                 Err(e) => count_resp(Err(e.to_string())),
                             }
                         }
@@ -864,27 +894,51 @@ fn requests(addr: SocketAddr, o: RequestsOpts) -> Result<serde_json::Value, Stri
                 }
             }
             Sender::H2(s) => {
+                let total = o.count + o.warmup;
                 let mut set = tokio::task::JoinSet::new();
                 let mut sent = 0;
-                while sent < o.count || !set.is_empty() {
-                    while sent < o.count && set.len() < o.concurrency.max(1) {
+                while sent < total || !set.is_empty() {
+                    while sent < total && set.len() < o.concurrency.max(1) {
+                        if sent == o.warmup {
+                            measured_from = std::time::Instant::now();
+                        }
                         let mut s = s.clone();
                         let req = build(&o)?;
+                        let counted = sent >= o.warmup;
                         set.spawn(async move {
+                            let t = std::time::Instant::now();
                             let r = s.send_request(req).await.map_err(|e| e.to_string())?;
                             let (parts, body) = r.into_parts();
                             body.collect().await.map_err(|e| e.to_string())?;
-                            Ok::<_, String>(parts)
+                            Ok::<_, String>((parts, counted, t.elapsed()))
                         });
                         sent += 1;
                     }
                     if let Some(j) = set.join_next().await {
-                        count_resp(j.map_err(|e| e.to_string())?);
+                        match j.map_err(|e| e.to_string())? {
+                            Ok((parts, true, took)) => {
+                                lat_us.push(took.as_nanos() as f64 / 1000.0);
+                                count_resp(Ok(parts));
+                            }
+                            Ok((_, false, _)) => {}
+                            Err(e) => count_resp(Err(e)),
+                        }
                     }
                 }
             }
         }
+        let secs = measured_from.elapsed().as_secs_f64().max(1e-9);
+        lat_us.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            lat_us
+                .get(((lat_us.len() as f64 * q) as usize).min(lat_us.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
         Ok(serde_json::json!({
+            "rps": lat_us.len() as f64 / secs,
+            "p50_us": at(0.5),
+            "p99_us": at(0.99),
             "status": status,
             "served_by": served,
             "header": shown,
