@@ -16,6 +16,37 @@ use weft_e2e::{bin_path, wait_until};
 
 const VIP: &str = "10.96.0.60:80";
 const FLAKY_VIP: &str = "10.96.0.63:80";
+const STRICT_VIP: &str = "10.96.0.66:80";
+
+const GRPC_VIP: &str = "10.96.0.64:50051";
+
+const GRPC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: greeter, namespace: mesh}
+spec:
+  clusterIP: 10.96.0.64
+  selector: {app: greeter}
+  ports: [{name: grpc, port: 50051, targetPort: 50051}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: greeter-g3, namespace: mesh}
+spec:
+  clusterIP: 10.96.0.65
+  selector: {app: greeter, pick: g3}
+  ports: [{name: grpc, port: 50051, targetPort: 50051}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: greeter}]
+  rules:
+  - matches: [{method: {service: weft.test.Other}}]
+    backendRefs: [{name: greeter-g3, port: 50051}]
+  - backendRefs: [{name: greeter, port: 50051}]
+"#;
 
 const SERVICES: &str = r#"
 apiVersion: v1
@@ -40,6 +71,14 @@ metadata: {name: echo-v2, namespace: mesh}
 spec:
   clusterIP: 10.96.0.62
   selector: {app: echo, version: v2}
+  ports: [{name: web, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: strict, namespace: mesh}
+spec:
+  clusterIP: 10.96.0.66
+  selector: {app: echo}
   ports: [{name: web, port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
@@ -78,6 +117,11 @@ spec:
     matches: [{path: {type: PathPrefix, value: /delay}}]
     timeouts: {request: 300ms}
     backendRefs: [{name: echo-v1, port: 80}]
+  - name: mirrored
+    matches: [{path: {type: PathPrefix, value: /count}}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}
+    backendRefs: [{name: echo-v1, port: 80}]
   - name: gone
     matches: [{path: {type: PathPrefix, value: /gone}}]
     backendRefs: [{name: no-such-service, port: 80}]
@@ -85,6 +129,24 @@ spec:
     backendRefs:
     - {name: echo-v1, port: 80, weight: 90}
     - {name: echo-v2, port: 80, weight: 10}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: web}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, namespace: mesh}]
+  rules:
+  - filters:
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-consumer, value: web}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: strict, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: strict}]
+  rules:
+  - matches: [{path: {type: Exact, value: /only}}]
+    backendRefs: [{name: echo-v1, port: 80}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -177,6 +239,7 @@ fn setup() -> Mesh {
     ];
     for (name, node, labels, fail_every) in &pods {
         let ip = c.add_pod("mesh", name, node, labels).unwrap();
+        let count = c.dir.path().join(format!("{name}.count"));
         c.spawn_app(
             &format!("mesh/{name}"),
             &app,
@@ -188,18 +251,47 @@ fn setup() -> Mesh {
                 name,
                 "--fail-every",
                 fail_every,
+                "--count-file",
+                count.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    }
+    let greeters = [
+        ("g1", "node-a", vec![("app", "greeter")]),
+        ("g2", "node-b", vec![("app", "greeter")]),
+        ("g3", "node-b", vec![("app", "greeter"), ("pick", "g3")]),
+    ];
+    for (name, node, labels) in &greeters {
+        let ip = c.add_pod("mesh", name, node, labels).unwrap();
+        c.spawn_app(
+            &format!("mesh/{name}"),
+            &app,
+            &[
+                "grpc-server",
+                "--listen",
+                &format!("{ip}:50051"),
+                "--name",
+                name,
             ],
         )
         .unwrap();
     }
     c.add_pod("mesh", "client", "node-a", &[]).unwrap();
+    c.namespace("web", true).unwrap();
+    c.add_pod("web", "client", "node-a", &[]).unwrap();
     c.write_manifest("services.yaml", SERVICES).unwrap();
+    c.write_manifest("grpc.yaml", GRPC).unwrap();
     c.write_manifest("routes.yaml", ROUTES).unwrap();
     c.write_manifest("policy.yaml", POLICY).unwrap();
     for (name, node, _, _) in &pods {
         c.wait_enrolled(node, &format!("mesh/{name}")).unwrap();
     }
+    for (name, node, _) in &greeters {
+        c.wait_enrolled(node, &format!("mesh/{name}")).unwrap();
+    }
     c.wait_enrolled("node-a", "mesh/client").unwrap();
+    c.wait_enrolled("node-a", "web/client").unwrap();
     let m = Mesh { c, app };
     // The routes reached node-a: the canary header goes to v2.
     let reached = wait_until(Duration::from_secs(20), || {
@@ -331,6 +423,67 @@ fn gateway_api_routes_are_decided_per_request_at_the_source() {
         t.elapsed()
     );
 
+    // A consumer route (namespace web, on Service mesh/echo) applies to web's
+    // clients only, and replaces the producer route for them: no split, every
+    // endpoint of echo, and its response header; mesh's client is unaffected.
+    let (ok, out, err) =
+        m.c.run_app(
+            "web/client",
+            &m.app,
+            &[
+                "requests",
+                "--connect",
+                VIP,
+                "--count",
+                "300",
+                "--show-header",
+                "x-consumer",
+            ],
+        )
+        .unwrap();
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(counts(&r, "header").get("web"), Some(&300), "{r}");
+    assert_eq!(
+        counts(&r, "served_by").len(),
+        3,
+        "all three echo endpoints: {r}"
+    );
+    let r = m.requests(&[
+        "--connect",
+        VIP,
+        "--count",
+        "20",
+        "--show-header",
+        "x-consumer",
+    ]);
+    assert_eq!(counts(&r, "header").get("-"), Some(&20), "{r}");
+
+    // No rule matches: 404; the one that does is served.
+    assert_eq!(m.get(STRICT_VIP, "/other")["status"], 404);
+    assert_eq!(m.get(STRICT_VIP, "/only")["status"], 200);
+
+    // Mirror: every /count request served by v1 is also sent to v2 (whose answer
+    // is dropped).
+    let r = m.requests(&["--connect", VIP, "--count", "50", "--path", "/count/x"]);
+    let by = counts(&r, "served_by");
+    assert_eq!(
+        by.get("v1-a").copied().unwrap_or(0) + by.get("v1-b").copied().unwrap_or(0),
+        50,
+        "{r}"
+    );
+    let read = |name: &str| -> u64 {
+        std::fs::read_to_string(m.c.dir.path().join(format!("{name}.count")))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || (read("v2") == 50).then_some(())).is_some(),
+        "v2 saw {} mirrored requests of 50",
+        read("v2")
+    );
+
     // A backend that does not exist: 500, the spec's answer.
     let r = m.get(VIP, "/gone");
     assert_eq!(r["status"], 500, "{r}");
@@ -338,6 +491,39 @@ fn gateway_api_routes_are_decided_per_request_at_the_source() {
     // Retries: the flaky endpoint fails every other request; each failure is retried.
     let r = m.requests(&["--connect", FLAKY_VIP, "--count", "100"]);
     assert_eq!(counts(&r, "status").get("200"), Some(&100), "{r}");
+
+    // gRPC (real tonic client and servers): one channel spreads 3,000 calls across
+    // the three endpoints, and a GRPCRoute method match sends a service elsewhere.
+    let grpc = |args: &[&str]| -> Value {
+        let mut all = vec!["grpc-calls", "--connect", GRPC_VIP];
+        all.extend_from_slice(args);
+        let (ok, out, err) = m.c.run_app("mesh/client", &m.app, &all).unwrap();
+        assert!(
+            ok,
+            "grpc-calls {args:?}: {err}\n{}",
+            m.c.agent_log("node-a")
+        );
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let r = grpc(&["--count", "3000", "--concurrency", "10"]);
+    assert_eq!(counts(&r, "codes").get("OK"), Some(&3000), "{r}");
+    let by = counts(&r, "served_by");
+    for ep in ["g1", "g2", "g3"] {
+        let n = by.get(ep).copied().unwrap_or(0);
+        assert!(
+            (800..=1200).contains(&n),
+            "gRPC {ep}: {n} of 3000 (each must be within 20% of 1000): {by:?}"
+        );
+    }
+    let r = grpc(&[
+        "--method",
+        "/weft.test.Other/Call",
+        "--count",
+        "100",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(counts(&r, "served_by").get("g3"), Some(&100), "{r}");
 
     // Metrics name the route, rule and backend.
     let (_, metrics) = m.c.node_http("node-a", "/metrics").unwrap();

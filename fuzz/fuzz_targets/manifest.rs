@@ -109,16 +109,19 @@ fuzz_target!(|data: &[u8]| {
             Object::HttpRoute(x) => {
                 let route = weft_model::routes::AnyRoute::Http(x.as_ref());
                 let _ = weft_model::routes::spec_errors(route);
-                let (converted, _) = weft_model::routes::convert(route, &Default::default());
+                let (converted, _) =
+                    weft_model::routes::convert(route, &Default::default(), &Default::default());
                 // With no Services, no parent accepts it: nothing is distributed.
                 assert!(converted.is_none(), "{r}: distributed without a parent");
             }
             Object::GrpcRoute(x) => {
                 let route = weft_model::routes::AnyRoute::Grpc(x.as_ref());
                 let _ = weft_model::routes::spec_errors(route);
-                let (converted, _) = weft_model::routes::convert(route, &Default::default());
+                let (converted, _) =
+                    weft_model::routes::convert(route, &Default::default(), &Default::default());
                 assert!(converted.is_none(), "{r}: distributed without a parent");
             }
+            Object::ReferenceGrant(x) => round_trip(x.as_ref()),
             Object::WasmPlugin(x) => {
                 round_trip(x);
                 let _ = validate::validate_wasm_plugin(&x.spec);

@@ -39,6 +39,7 @@ fn content_hash(o: &Object) -> u64 {
         Object::WasmPlugin(x) => serde_json::to_vec(x),
         Object::HttpRoute(x) => serde_json::to_vec(x),
         Object::GrpcRoute(x) => serde_json::to_vec(x),
+        Object::ReferenceGrant(x) => serde_json::to_vec(x),
     }
     .unwrap_or_default();
     let d = Sha256::digest(bytes);

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::broadcast;
 use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
-use weft_proto::gateway::{GrpcRoute, HttpRoute};
+use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use weft_proto::pb::{self, resource::Kind};
 use weft_proto::resource::{
     self as res, KIND_AUTHZ, KIND_GRPC_ROUTE, KIND_HTTP_ROUTE, KIND_SERVICE, KIND_TRUST_BUNDLE,
@@ -168,6 +168,9 @@ struct Inputs {
     /// Gateway API routes naming a Service as a parent (others are not weft's).
     http_routes: BTreeMap<(String, String), HttpRoute>,
     grpc_routes: BTreeMap<(String, String), GrpcRoute>,
+    /// ReferenceGrants: which routes of other namespaces may name a namespace's
+    /// Services as backends.
+    grants: BTreeMap<(String, String), ReferenceGrant>,
     /// Status of each route, per Service parent.
     route_statuses: BTreeMap<ObjectRef, routes::RouteStatus>,
     /// Keys derived from each namespace, to find removals.
@@ -648,7 +651,7 @@ impl Model {
             .chain(grpc.iter().map(routes::AnyRoute::Grpc));
         for route in all {
             let obj = route.object_ref();
-            let (converted, status) = routes::convert(route, &inputs.services);
+            let (converted, status) = routes::convert(route, &inputs.services, &inputs.grants);
             for p in &status.parents {
                 if !p.accepted.status {
                     tracing::warn!(object = %obj, service = %format!("{}/{}", p.service_namespace, p.service_name), reason = p.accepted.reason, error = %p.accepted.message, "route not accepted");
@@ -746,6 +749,7 @@ fn all_refs(i: &Inputs) -> Vec<ObjectRef> {
     v.extend(i.plugins.keys().map(|k| mk("WasmPlugin", k)));
     v.extend(i.http_routes.keys().map(|k| mk("HTTPRoute", k)));
     v.extend(i.grpc_routes.keys().map(|k| mk("GRPCRoute", k)));
+    v.extend(i.grants.keys().map(|k| mk("ReferenceGrant", k)));
     v
 }
 
@@ -792,6 +796,13 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
             c
         }
         Object::ServiceAccount(s) => put(&mut i.service_accounts, nn(&r), s),
+        Object::ReferenceGrant(g) => {
+            let c = put(&mut i.grants, nn(&r), *g);
+            if c {
+                dirty.extend(route_namespaces(i));
+            }
+            c
+        }
         Object::HttpRoute(route) => {
             let route = *route;
             let mesh = routes::is_mesh_route(routes::AnyRoute::Http(&route));
@@ -919,6 +930,7 @@ fn holds(i: &Inputs, r: &ObjectRef) -> bool {
         "WasmPlugin" => i.plugins.contains_key(&k),
         "HTTPRoute" => i.http_routes.contains_key(&k),
         "GRPCRoute" => i.grpc_routes.contains_key(&k),
+        "ReferenceGrant" => i.grants.contains_key(&k),
         _ => false,
     }
 }
@@ -951,6 +963,13 @@ fn remove(i: &mut Inputs, r: &ObjectRef, dirty: &mut BTreeSet<String>, pods_chan
         "WasmPlugin" => i.plugins.remove(&k).is_some(),
         "HTTPRoute" => i.http_routes.remove(&k).is_some(),
         "GRPCRoute" => i.grpc_routes.remove(&k).is_some(),
+        "ReferenceGrant" => {
+            let c = i.grants.remove(&k).is_some();
+            if c {
+                dirty.extend(route_namespaces(i));
+            }
+            c
+        }
         _ => false,
     };
     if removed {

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use serde::Deserialize;
 use std::fmt;
 use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
-use weft_proto::gateway::{GrpcRoute, HttpRoute};
+use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 
 /// One configuration object.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +21,7 @@ pub enum Object {
     WasmPlugin(WasmPlugin),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 /// Identifies an object: kind, namespace (empty for cluster-scoped) and name.
@@ -52,6 +53,7 @@ impl Object {
             Object::WasmPlugin(o) => ("WasmPlugin", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
+            Object::ReferenceGrant(o) => ("ReferenceGrant", &o.metadata),
         };
         ObjectRef {
             kind,
@@ -106,6 +108,11 @@ const KINDS: &[(&str, &str)] = &[
     ("WasmPlugin", "extensions.weft.dev/v1alpha1"),
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("GRPCRoute", "gateway.networking.k8s.io/v1"),
+    // Either version: both have the same schema.
+    (
+        "ReferenceGrant",
+        "gateway.networking.k8s.io/v1beta1|gateway.networking.k8s.io/v1",
+    ),
 ];
 
 /// Parses every document of `text` (the contents of `file`).
@@ -207,10 +214,16 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
             message,
         )))
     };
-    if api_version.as_deref() != Some(*want_api) {
+    if !want_api
+        .split('|')
+        .any(|a| api_version.as_deref() == Some(a))
+    {
         return fail(
             "apiVersion",
-            format!("{api_version:?} is not supported for {kind}; use {want_api:?}"),
+            format!(
+                "{api_version:?} is not supported for {kind}; use {}",
+                want_api.replace('|', " or ")
+            ),
         );
     }
     let Some(name) = name.clone().filter(|n| !n.is_empty()) else {
@@ -247,6 +260,7 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
         "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
         "HTTPRoute" => typed(value).map(|r| Object::HttpRoute(Box::new(r))),
         "GRPCRoute" => typed(value).map(|r| Object::GrpcRoute(Box::new(r))),
+        "ReferenceGrant" => typed(value).map(|r| Object::ReferenceGrant(Box::new(r))),
         _ => typed(value).map(Object::WasmPlugin),
     };
     match obj {

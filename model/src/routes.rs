@@ -11,10 +11,11 @@
 //! - A route whose spec cannot be applied as written (an unsupported filter, a
 //!   regular expression that does not compile, a bad duration) is refused as a
 //!   whole: `Accepted=False`, `UnsupportedValue`; it never half-applies.
-//! - Backends are Services of the route's namespace. One that does not resolve
-//!   (missing, another kind, another namespace: ReferenceGrants are not read) is
-//!   kept with its weight and marked invalid, so its share of requests gets a 500,
-//!   and `ResolvedRefs=False` says why.
+//! - Backends are Services of the route's namespace, or of another namespace whose
+//!   `ReferenceGrant` lets routes of the route's kind and namespace name them. One
+//!   that does not resolve (missing, another kind, another namespace without a
+//!   grant) is kept with its weight and marked invalid, so its share of requests
+//!   gets a 500, and `ResolvedRefs=False` says why.
 //! - `spec.hostnames` is ignored: mesh traffic is routed by the Service the client
 //!   connected to, not by its `Host` header.
 
@@ -22,7 +23,7 @@ use crate::manifest::ObjectRef;
 use k8s_openapi::api::core::v1::Service;
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use weft_proto::gateway::{grpc, http, GrpcRoute, HttpRoute};
+use weft_proto::gateway::{grpc, http, GrpcRoute, HttpRoute, ReferenceGrant};
 use weft_proto::pb;
 use weft_proto::pb::route_filter::Kind as FilterKind;
 
@@ -741,7 +742,13 @@ pub fn is_mesh_route(route: AnyRoute<'_>) -> bool {
 pub fn convert(
     route: AnyRoute<'_>,
     services: &BTreeMap<(String, String), Service>,
+    grants: &BTreeMap<(String, String), ReferenceGrant>,
 ) -> (Option<pb::Route>, RouteStatus) {
+    let refs = Refs {
+        services,
+        grants,
+        route_kind: route.object_ref().kind,
+    };
     let meta = route.meta();
     let ns = meta.namespace.clone().unwrap_or_default();
     let mut status = RouteStatus {
@@ -755,7 +762,7 @@ pub fn convert(
         for r in rules {
             let mut backends = Vec::new();
             for b in &r.backends {
-                let (resolved, problem) = resolve_backend(&ns, b, services);
+                let (resolved, problem) = resolve_backend(&ns, b, &refs);
                 if let (Some(p), None) = (problem, &refs_problem) {
                     refs_problem = Some(p);
                 }
@@ -765,7 +772,7 @@ pub fn convert(
             for f in &mut filters {
                 if let Some(FilterKind::Mirror(m)) = &mut f.kind {
                     if let Some(b) = m.backend.as_mut() {
-                        resolve_mirror(&ns, b, services);
+                        resolve_mirror(&ns, b, &refs);
                     }
                 }
             }
@@ -851,11 +858,42 @@ fn service_ports(s: &Service) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// What backend references resolve against.
+struct Refs<'a> {
+    services: &'a BTreeMap<(String, String), Service>,
+    grants: &'a BTreeMap<(String, String), ReferenceGrant>,
+    /// `HTTPRoute` or `GRPCRoute`.
+    route_kind: &'static str,
+}
+
+impl Refs<'_> {
+    /// May a route of `route_ns` name Service `name` of namespace `ns`?
+    fn permitted(&self, route_ns: &str, ns: &str, name: &str) -> bool {
+        ns == route_ns
+            || self
+                .grants
+                .range((ns.to_string(), String::new())..)
+                .take_while(|((gns, _), _)| gns == ns)
+                .any(|(_, g)| {
+                    g.spec.from.iter().any(|f| {
+                        f.group == weft_proto::gateway::GROUP
+                            && f.kind == self.route_kind
+                            && f.namespace == route_ns
+                    }) && g.spec.to.iter().any(|t| {
+                        t.group.is_empty()
+                            && t.kind == "Service"
+                            && t.name.as_deref().is_none_or(|n| n == name)
+                    })
+                })
+    }
+}
+
 fn resolve_backend(
     route_ns: &str,
     b: &RawBackend,
-    services: &BTreeMap<(String, String), Service>,
+    refs: &Refs<'_>,
 ) -> (pb::RouteBackend, Option<(&'static str, String)>) {
+    let services = refs.services;
     let ns = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
     let mut out = pb::RouteBackend {
         service_namespace: ns.clone(),
@@ -873,12 +911,12 @@ fn resolve_backend(
                 b.field, b.group, b.kind
             ),
         ))
-    } else if ns != route_ns {
+    } else if !refs.permitted(route_ns, &ns, &b.name) {
         Some((
             "RefNotPermitted",
             format!(
-                "{}: Service {ns}/{} is in another namespace (ReferenceGrants are not supported)",
-                b.field, b.name
+                "{}: Service {ns}/{} is in another namespace and no ReferenceGrant there lets {}s of namespace {route_ns} name it",
+                b.field, b.name, refs.route_kind
             ),
         ))
     } else {
@@ -902,11 +940,8 @@ fn resolve_backend(
     (out, problem)
 }
 
-fn resolve_mirror(
-    route_ns: &str,
-    b: &mut pb::RouteBackend,
-    services: &BTreeMap<(String, String), Service>,
-) {
+fn resolve_mirror(route_ns: &str, b: &mut pb::RouteBackend, refs: &Refs<'_>) {
+    let services = refs.services;
     if b.service_namespace.is_empty() {
         b.service_namespace = route_ns.to_string();
     }

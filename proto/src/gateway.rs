@@ -10,6 +10,7 @@ use std::borrow::Cow;
 
 pub use gateway_api::experimental::grpcroutes as grpc;
 pub use gateway_api::experimental::httproutes as http;
+pub use gateway_api::referencegrants as grants;
 
 pub const GROUP: &str = "gateway.networking.k8s.io";
 pub const VERSION: &str = "v1";
@@ -38,8 +39,25 @@ pub struct GrpcRoute {
     pub status: Option<serde_json::Value>,
 }
 
+/// A `ReferenceGrant` (read as gateway.networking.k8s.io/v1beta1, the version every
+/// Gateway API release since v0.6 serves): lets routes of other namespaces name
+/// Services of its namespace as backends.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReferenceGrant {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: grants::ReferenceGrantSpec,
+}
+
+/// The version `ReferenceGrant`s are watched at.
+pub const REFERENCE_GRANT_VERSION: &str = "v1beta1";
+
 macro_rules! route_resource {
     ($t:ty, $kind:literal, $plural:literal) => {
+        route_resource!($t, $kind, $plural, VERSION);
+    };
+    ($t:ty, $kind:literal, $plural:literal, $version:expr) => {
         impl kube::Resource for $t {
             type DynamicType = ();
             type Scope = k8s_openapi::NamespaceResourceScope;
@@ -51,7 +69,7 @@ macro_rules! route_resource {
                 Cow::Borrowed(GROUP)
             }
             fn version(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(VERSION)
+                Cow::Borrowed($version)
             }
             fn plural(_: &()) -> Cow<'_, str> {
                 Cow::Borrowed($plural)
@@ -68,10 +86,21 @@ macro_rules! route_resource {
 
 route_resource!(HttpRoute, "HTTPRoute", "httproutes");
 route_resource!(GrpcRoute, "GRPCRoute", "grpcroutes");
+route_resource!(
+    ReferenceGrant,
+    "ReferenceGrant",
+    "referencegrants",
+    REFERENCE_GRANT_VERSION
+);
+
+/// The upstream CRDs' API approval: the API server refuses a CRD of a `*.k8s.io`
+/// group without an `api-approved.kubernetes.io` annotation (Kubernetes 1.16+).
+pub const API_APPROVED: &str = "https://github.com/kubernetes-sigs/gateway-api/pull/3328";
 
 /// The CustomResourceDefinitions of both kinds as the `gateway-api` crate generates
-/// them (YAML), for tests and standalone clusters that lack the upstream ones.
-/// Users install the Gateway API's own CRDs.
+/// them (YAML), with the upstream CRDs' `api-approved.kubernetes.io` annotation, for
+/// tests and standalone clusters that lack the upstream ones. Users install the
+/// Gateway API's own CRDs.
 pub fn route_crds_yaml() -> String {
     use gateway_api_kube::CustomResourceExt;
     let mut out = String::new();
@@ -81,8 +110,38 @@ pub fn route_crds_yaml() -> String {
     ] {
         let Ok(mut v) = crd else { continue };
         super::crd::strip_null_enum_values(&mut v);
+        v["metadata"]["annotations"]["api-approved.kubernetes.io"] = API_APPROVED.into();
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&v).unwrap_or_default());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn route_crds_carry_the_api_approval_annotation() {
+        let docs: Vec<serde_json::Value> = super::route_crds_yaml()
+            .split("---\n")
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| serde_yaml::from_str(d).expect("CRD YAML"))
+            .collect();
+        let names: Vec<&str> = docs
+            .iter()
+            .map(|d| d["metadata"]["name"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "httproutes.gateway.networking.k8s.io",
+                "grpcroutes.gateway.networking.k8s.io"
+            ]
+        );
+        for d in &docs {
+            assert_eq!(
+                d["metadata"]["annotations"]["api-approved.kubernetes.io"],
+                super::API_APPROVED
+            );
+        }
+    }
 }

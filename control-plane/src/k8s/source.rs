@@ -1,6 +1,6 @@
 //! Kubernetes source: one kube-runtime watcher per kind (Namespaces, Pods,
 //! Services, ServiceAccounts, AuthorizationPolicies, WasmPlugins, and the Gateway
-//! API's HTTPRoutes and GRPCRoutes) feeding the same model as the directory source.
+//! API's HTTPRoutes, GRPCRoutes and ReferenceGrants) feeding the same model as the directory source.
 //!
 //! The Gateway API kinds are optional: while the API server does not serve them
 //! (their CRDs are not installed), they count as listed and empty, so the control
@@ -35,7 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
-use weft_proto::gateway::{GrpcRoute, HttpRoute};
+use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 
 pub struct KubeSource {
     client: Client,
@@ -204,6 +204,9 @@ impl KubeSource {
             }),
             optional_kind::<GrpcRoute>(c, "GRPCRoute", |o| {
                 typed(o, |r: GrpcRoute| Object::GrpcRoute(Box::new(r)))
+            }),
+            optional_kind::<ReferenceGrant>(c, "ReferenceGrant", |o| {
+                typed(o, |g: ReferenceGrant| Object::ReferenceGrant(Box::new(g)))
             }),
         ]
     }

@@ -45,6 +45,32 @@ enum Cmd {
         name: Option<String>,
         #[arg(long, default_value_t = 0)]
         fail_every: usize,
+        /// Count requests whose path starts with `/count` in this file (rewritten after
+        /// each one).
+        #[arg(long)]
+        count_file: Option<std::path::PathBuf>,
+    },
+    /// A real gRPC server (tonic) with one unary method, `/weft.test.Echo/Call`
+    /// (also served as `/weft.test.Other/Call`): it answers with `--name` (in the
+    /// `nonce` of a `weft.v1.Ack`).
+    GrpcServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
+    /// `count` unary calls from a real gRPC client (tonic) over ONE channel (one
+    /// HTTP/2 connection), `concurrency` at a time, to `method`. Prints one JSON
+    /// line: `{"served_by": {name: n}, "codes": {grpc code: n}}`.
+    GrpcCalls {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "/weft.test.Echo/Call")]
+        method: String,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
     },
     /// Many HTTP requests to `connect` over ONE connection (HTTP/1.1 keep-alive, or
     /// h2c prior knowledge with `--h2`), `concurrency` at a time (HTTP/2 only).
@@ -458,8 +484,16 @@ fn cfb(addr: SocketAddr, count: usize) -> std::io::Result<(f64, f64)> {
     Ok(percentiles(lat))
 }
 
-fn http_server(listen: SocketAddr, name: Option<String>, fail_every: usize) {
+fn http_server(
+    listen: SocketAddr,
+    name: Option<String>,
+    fail_every: usize,
+    count_file: Option<std::path::PathBuf>,
+) {
     let name: &'static Option<String> = Box::leak(Box::new(name));
+    let count_file: &'static Option<std::path::PathBuf> = Box::leak(Box::new(count_file));
+    let counted: &'static std::sync::atomic::AtomicUsize =
+        Box::leak(Box::new(std::sync::atomic::AtomicUsize::new(0)));
     let seen: &'static std::sync::atomic::AtomicUsize =
         Box::leak(Box::new(std::sync::atomic::AtomicUsize::new(0)));
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -489,6 +523,12 @@ fn http_server(listen: SocketAddr, name: Option<String>, fail_every: usize) {
                 let svc = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| async move {
                         let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let (Some(f), true) =
+                            (count_file, req.uri().path().starts_with("/count"))
+                        {
+                            let c = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                            let _ = std::fs::write(f, c.to_string());
+                        }
                         if let Some(ms) = req
                             .uri()
                             .path()
@@ -563,7 +603,26 @@ fn main() {
             listen,
             name,
             fail_every,
-        } => http_server(listen, name, fail_every),
+            count_file,
+        } => http_server(listen, name, fail_every, count_file),
+        Cmd::GrpcServer { listen, name } => {
+            if let Err(e) = grpc::serve(listen, name) {
+                eprintln!("grpc-server: {e}");
+                std::process::exit(1)
+            }
+        }
+        Cmd::GrpcCalls {
+            connect,
+            method,
+            count,
+            concurrency,
+        } => match grpc::calls(connect, &method, count, concurrency) {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                eprintln!("grpc-calls to {connect}: {e}");
+                std::process::exit(1)
+            }
+        },
         Cmd::Requests {
             connect,
             path,
@@ -946,4 +1005,148 @@ fn requests(addr: SocketAddr, o: RequestsOpts) -> Result<serde_json::Value, Stri
             "last_error": last_error,
         }))
     })
+}
+
+/// A real gRPC server and client (tonic, no generated code: a `weft.v1.Ack` message
+/// carries the server's name both ways).
+mod grpc {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
+    use weft_proto::pb::Ack;
+
+    #[derive(Clone)]
+    struct Echo(std::sync::Arc<str>);
+
+    impl tonic::server::NamedService for Echo {
+        const NAME: &'static str = "weft.test.Echo";
+    }
+
+    struct Unary(std::sync::Arc<str>);
+
+    impl tonic::server::UnaryService<Ack> for Unary {
+        type Response = Ack;
+        type Future = BoxFuture<tonic::Response<Ack>, tonic::Status>;
+
+        fn call(&mut self, _req: tonic::Request<Ack>) -> Self::Future {
+            let nonce = self.0.to_string();
+            Box::pin(async move { Ok(tonic::Response::new(Ack { nonce })) })
+        }
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Echo {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            let name = self.0.clone();
+            Box::pin(async move {
+                let path = req.uri().path().to_string();
+                if path != "/weft.test.Echo/Call" && path != "/weft.test.Other/Call" {
+                    return Ok(tonic::Status::unimplemented(path).into_http());
+                }
+                let mut g =
+                    tonic::server::Grpc::new(tonic_prost::ProstCodec::<Ack, Ack>::default());
+                Ok(g.unary(Unary(name), req).await)
+            })
+        }
+    }
+
+    pub fn serve(listen: SocketAddr, name: String) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            // The router serves any path it is given to the one service.
+            let echo = Echo(name.into());
+            tonic::transport::Server::builder()
+                .add_service(echo.clone())
+                .add_service(Other(echo))
+                .serve(listen)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// `weft.test.Other`: the same service under a second name, so routes can
+    /// match on the service part of a method.
+    #[derive(Clone)]
+    struct Other(Echo);
+
+    impl tonic::server::NamedService for Other {
+        const NAME: &'static str = "weft.test.Other";
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Other {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            self.0.call(req)
+        }
+    }
+
+    pub fn calls(
+        addr: SocketAddr,
+        method: &str,
+        count: usize,
+        concurrency: usize,
+    ) -> Result<serde_json::Value, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let path: http::uri::PathAndQuery = method.parse().map_err(|e| format!("{method}: {e}"))?;
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut served: BTreeMap<String, usize> = BTreeMap::new();
+            let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+            let mut set = tokio::task::JoinSet::new();
+            let mut sent = 0;
+            while sent < count || !set.is_empty() {
+                while sent < count && set.len() < concurrency.max(1) {
+                    let mut g = tonic::client::Grpc::new(channel.clone());
+                    let path = path.clone();
+                    set.spawn(async move {
+                        g.ready()
+                            .await
+                            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                        g.unary(
+                            tonic::Request::new(Ack::default()),
+                            path,
+                            tonic_prost::ProstCodec::<Ack, Ack>::default(),
+                        )
+                        .await
+                        .map(|r| r.into_inner().nonce)
+                    });
+                    sent += 1;
+                }
+                if let Some(j) = set.join_next().await {
+                    match j.map_err(|e| e.to_string())? {
+                        Ok(name) => {
+                            *served.entry(name).or_default() += 1;
+                            *codes.entry("OK".into()).or_default() += 1;
+                        }
+                        Err(s) => *codes.entry(format!("{:?}", s.code())).or_default() += 1,
+                    }
+                }
+            }
+            Ok(serde_json::json!({"served_by": served, "codes": codes}))
+        })
+    }
 }

@@ -241,7 +241,11 @@ spec:
         path(2),
         (pb::MatchKind::Regex as i32, "/[^/]+/(?:Get.*)".into())
     );
-    assert!(r.rules[1].backends[0].invalid.contains("another namespace"));
+    assert!(
+        r.rules[1].backends[0].invalid.contains("another namespace"),
+        "{}",
+        r.rules[1].backends[0].invalid
+    );
     let st = m.route_statuses();
     assert_eq!(
         st.values().next().unwrap().0.parents[0]
@@ -268,4 +272,68 @@ spec:
     m.apply(SourceEvent::Snapshot(objs));
     assert!(routes(&m).is_empty());
     assert!(m.route_statuses().is_empty());
+}
+
+#[test]
+fn a_reference_grant_lets_a_route_name_another_namespace_s_service() {
+    let route = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: web}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: web}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, namespace: shop}]
+  rules:
+  - backendRefs: [{name: echo-v2, namespace: shop, port: 80}]
+"#;
+    let grant = |kind: &str, name: &str| {
+        format!(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {{name: g, namespace: shop}}
+spec:
+  from: [{{group: gateway.networking.k8s.io, kind: {kind}, namespace: web}}]
+  to: [{{group: "", kind: Service, name: {name}}}]
+"#
+        )
+    };
+    let m = model();
+    let mut objs = objects(SERVICES);
+    objs.extend(objects(route));
+    m.apply(SourceEvent::Snapshot(objs));
+    let invalid = |m: &Model| routes(m)[0].rules[0].backends[0].invalid.clone();
+    assert!(invalid(&m).contains("no ReferenceGrant"), "{}", invalid(&m));
+    // A grant for another kind, or another Service, does not help.
+    for (kind, name) in [("GRPCRoute", "echo-v2"), ("HTTPRoute", "echo")] {
+        m.apply(SourceEvent::Changes {
+            apply: objects(&grant(kind, name)),
+            delete: vec![],
+        });
+        assert!(!invalid(&m).is_empty(), "{kind} {name}");
+    }
+    m.apply(SourceEvent::Changes {
+        apply: objects(&grant("HTTPRoute", "echo-v2")),
+        delete: vec![],
+    });
+    assert_eq!(invalid(&m), "");
+    let st = m.route_statuses();
+    assert!(
+        st.values().next().unwrap().0.parents[0]
+            .resolved_refs
+            .status
+    );
+    // Withdrawn: refused again.
+    m.apply(SourceEvent::Changes {
+        apply: vec![],
+        delete: vec![crate::manifest::ObjectRef {
+            kind: "ReferenceGrant",
+            namespace: "shop".into(),
+            name: "g".into(),
+        }],
+    });
+    assert!(!invalid(&m).is_empty());
 }

@@ -210,11 +210,26 @@ async fn route(req: Request<Incoming>, rc: &Arc<Routed>, out: &mut Outcome) -> R
     ) {
         return redirect.map(|()| http_body_util::Empty::new().map_err(|e| match e {}).boxed());
     }
-    let Some(backend) = rule.choose_backend() else {
-        return local(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the route rule has no backend with a weight",
-        );
+    // A rule without backendRefs sends requests where the client sent them: the
+    // Service it addressed (GAMMA).
+    let parent = pb::RouteBackend {
+        service_namespace: rc.service.namespace.clone(),
+        service_name: rc.service.name.clone(),
+        weight: 1,
+        ..Default::default()
+    };
+    let backend = if rule.rule.backends.is_empty() {
+        &parent
+    } else {
+        match rule.choose_backend() {
+            Some(b) => b,
+            None => {
+                return local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no backend of the route rule has a weight",
+                )
+            }
+        }
     };
     out.backend = Some(format!(
         "{}/{}",
