@@ -313,10 +313,47 @@ fn grpc_match(field: &str, m: &grpc::GrpcRouteRulesMatches) -> FieldResult<pb::R
     Ok(out)
 }
 
+/// Fields a header modifier may not touch: message framing and connection
+/// management belong to the proxy (and a route could desynchronize a connection).
+const PROTECTED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
+
 fn header_modifier(
     field: &str,
     m: &http::HttpRouteRulesFiltersRequestHeaderModifier,
 ) -> FieldResult<pb::HeaderModifier> {
+    let protected = |f: String, name: &str| -> FieldResult<()> {
+        if PROTECTED_HEADERS.contains(&name) {
+            return Err(field_error(
+                f,
+                format!("{name:?} cannot be modified: the proxy manages it"),
+            ));
+        }
+        Ok(())
+    };
+    for (i, h) in m.set.iter().flatten().enumerate() {
+        protected(
+            format!("{field}.set[{i}].name"),
+            &h.name.to_ascii_lowercase(),
+        )?;
+    }
+    for (i, h) in m.add.iter().flatten().enumerate() {
+        protected(
+            format!("{field}.add[{i}].name"),
+            &h.name.to_ascii_lowercase(),
+        )?;
+    }
+    for (i, n) in m.remove.iter().flatten().enumerate() {
+        protected(format!("{field}.remove[{i}]"), &n.to_ascii_lowercase())?;
+    }
     let mut out = pb::HeaderModifier::default();
     for (i, h) in m.set.iter().flatten().enumerate() {
         let f = format!("{field}.set[{i}]");
@@ -365,12 +402,12 @@ fn path_modifier(
 ) -> FieldResult<pb::PathModifier> {
     if kind == "ReplacePrefixMatch" {
         // Only meaningful when the rule matches on a path prefix.
-        let all_prefix = !rule_matches.is_empty()
-            && rule_matches.iter().all(|m| {
-                m.path
-                    .as_ref()
-                    .is_some_and(|p| p.kind == pb::MatchKind::Prefix as i32)
-            });
+        // No matches, or a match without a path, is a PathPrefix "/".
+        let all_prefix = rule_matches.iter().all(|m| {
+            m.path
+                .as_ref()
+                .is_none_or(|p| p.kind == pb::MatchKind::Prefix as i32)
+        });
         if !all_prefix {
             return Err(field_error(
                 field.to_string(),
@@ -769,12 +806,9 @@ pub fn convert(
                 backends.push(resolved);
             }
             let mut filters = r.filters.clone();
-            for f in &mut filters {
-                if let Some(FilterKind::Mirror(m)) = &mut f.kind {
-                    if let Some(b) = m.backend.as_mut() {
-                        resolve_mirror(&ns, b, &refs);
-                    }
-                }
+            resolve_mirrors(&ns, &mut filters, &refs);
+            for b in &mut backends {
+                resolve_mirrors(&ns, &mut b.filters, &refs);
             }
             pb_rules.push(pb::RouteRule {
                 name: r.name.clone(),
@@ -940,6 +974,17 @@ fn resolve_backend(
     (out, problem)
 }
 
+/// Resolves (and checks the permission of) every mirror among `filters`.
+fn resolve_mirrors(route_ns: &str, filters: &mut [pb::RouteFilter], refs: &Refs<'_>) {
+    for f in filters {
+        if let Some(FilterKind::Mirror(m)) = &mut f.kind {
+            if let Some(b) = m.backend.as_mut() {
+                resolve_mirror(route_ns, b, refs);
+            }
+        }
+    }
+}
+
 fn resolve_mirror(route_ns: &str, b: &mut pb::RouteBackend, refs: &Refs<'_>) {
     let services = refs.services;
     if b.service_namespace.is_empty() {
@@ -948,9 +993,11 @@ fn resolve_mirror(route_ns: &str, b: &mut pb::RouteBackend, refs: &Refs<'_>) {
     if !b.invalid.is_empty() {
         return;
     }
-    if b.service_namespace != route_ns {
-        b.invalid =
-            "mirror backend in another namespace (ReferenceGrants are not supported)".into();
+    if !refs.permitted(route_ns, &b.service_namespace, &b.service_name) {
+        b.invalid = format!(
+            "mirror Service {}/{} is in another namespace and no ReferenceGrant there permits it",
+            b.service_namespace, b.service_name
+        );
     } else if !services.contains_key(&(b.service_namespace.clone(), b.service_name.clone())) {
         b.invalid = format!(
             "mirror Service {}/{} does not exist",

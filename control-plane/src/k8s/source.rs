@@ -151,9 +151,17 @@ where
         let mut announced = false;
         loop {
             match api.list(&kube::api::ListParams::default().limit(1)).await {
-                Err(kube::Error::Api(s)) if s.code == 404 => {
+                Ok(_) => break,
+                // Not served (404), not readable (403), a failing conversion webhook:
+                // the kind counts as empty, so the rest of the mesh is not held up.
+                Err(e) => {
                     if !announced {
-                        tracing::info!(kind = name, "the API server does not serve this kind (its CRD is not installed): none are routed until it does");
+                        let served = !matches!(&e, kube::Error::Api(s) if s.code == 404);
+                        if served {
+                            tracing::warn!(kind = name, error = %e, "this kind cannot be listed: none are used until it can");
+                        } else {
+                            tracing::info!(kind = name, "the API server does not serve this kind (its CRD is not installed): none are used until it does");
+                        }
                         announced = true;
                         for ev in [Ok(Event::Init), Ok(Event::InitDone)] {
                             if futures::SinkExt::send(&mut tx, ev).await.is_err() {
@@ -163,8 +171,6 @@ where
                     }
                     tokio::time::sleep(OPTIONAL_KIND_RETRY).await;
                 }
-                // Served (or another error, which the watcher retries and reports).
-                _ => break,
             }
         }
         let mut stream = stream;

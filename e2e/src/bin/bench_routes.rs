@@ -79,7 +79,7 @@ metadata: {name: routed, namespace: bench}
 spec:
   parentRefs: [{group: "", kind: Service, name: routed, port: 80}]
   rules:
-  - matches: [{path: {type: PathPrefix, value: /bench}}]
+  - matches: [{path: {type: PathPrefix, value: /bench}}, {path: {type: PathPrefix, value: /bench.Svc}}]
     backendRefs: [{name: routed, port: 80}]
 "#;
 

@@ -337,3 +337,59 @@ spec:
     });
     assert!(!invalid(&m).is_empty());
 }
+
+#[test]
+fn backend_mirrors_need_a_grant_and_framing_headers_cannot_be_modified() {
+    let m = model();
+    let mut objs = objects(SERVICES);
+    objs.extend(objects(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: m, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - backendRefs:
+    - name: echo
+      port: 80
+      filters:
+      - {type: RequestMirror, requestMirror: {backendRef: {name: secrets, namespace: vault, port: 80}}}
+"#,
+    ));
+    m.apply(SourceEvent::Snapshot(objs));
+    let rs = routes(&m);
+    let f = &rs[0].rules[0].backends[0].filters[0];
+    match &f.kind {
+        Some(pb::route_filter::Kind::Mirror(mi)) => {
+            let b = mi.backend.as_ref().unwrap();
+            assert_eq!(b.service_namespace, "vault");
+            assert!(b.invalid.contains("no ReferenceGrant"), "{}", b.invalid);
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = objects(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: framing, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Content-Length, value: "0"}]}}
+"#,
+    );
+    m.apply(SourceEvent::Changes {
+        apply: bad,
+        delete: vec![],
+    });
+    let st = m.route_statuses();
+    let (_, (s, _)) = st.iter().find(|(r, _)| r.name == "framing").unwrap();
+    assert_eq!(s.parents[0].accepted.reason, "UnsupportedValue");
+    assert!(
+        s.parents[0].accepted.message.contains("content-length"),
+        "{}",
+        s.parents[0].accepted.message
+    );
+}

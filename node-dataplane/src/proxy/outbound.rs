@@ -141,11 +141,19 @@ async fn forward(
     // A Service with Gateway API routes: each request is routed on its own.
     let mut conn = conn;
     let mut prefix = Bytes::new();
+    // Routed only when a route applies to this port for this client's namespace
+    // (a route on another port, or a consumer route of another namespace, leaves
+    // the connection on the L4 path).
     let routed = {
         let snap = state.config.snapshot();
         snap.service_entry_by_vip(orig.ip())
             .filter(|(k, _)| snap.is_routed(k))
             .map(|(k, s)| (k.clone(), s.clone()))
+            .filter(|(k, s)| {
+                !state
+                    .route_table(k, s, orig.port(), &source.workload().namespace)
+                    .is_empty()
+            })
     };
     if let Some((service_key, service)) = routed {
         let base = super::routing::forward::Routed {

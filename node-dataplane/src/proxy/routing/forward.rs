@@ -4,7 +4,7 @@
 
 use super::filters;
 use super::table::{RequestView, RouteTable, Rule};
-use super::upstream::{BoxError, DialFrom, ReqBody, SendError, Upstreams};
+use super::upstream::{BoxError, DialFrom, ReqBody, SendError, Sent, Upstreams};
 use crate::proxy::lb::Active;
 use crate::proxy::local::LocalPod;
 use crate::proxy::state::ProxyState;
@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ use weft_proto::pb::route_filter::Kind as FilterKind;
 pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 /// Mirrored requests in flight per source pod at most; more are not mirrored.
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+/// A mirrored exchange is abandoned after this.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A response body to the client.
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -71,7 +74,7 @@ fn local(code: StatusCode, why: &str) -> Response<RespBody> {
 /// A request body that can be sent more than once, or the stream itself.
 enum ReqPayload {
     Buffered(Bytes),
-    Streamed(Option<Incoming>),
+    Streamed(Option<ReqBody>),
 }
 
 impl ReqPayload {
@@ -82,7 +85,7 @@ impl ReqPayload {
             .upper()
             .is_some_and(|u| u <= MAX_BUFFERED_BODY);
         if !small {
-            return Ok(ReqPayload::Streamed(Some(body)));
+            return Ok(ReqPayload::streamed(body));
         }
         match http_body_util::Limited::new(body, MAX_BUFFERED_BODY as usize)
             .collect()
@@ -90,6 +93,17 @@ impl ReqPayload {
         {
             Ok(c) => Ok(ReqPayload::Buffered(c.to_bytes())),
             Err(_) => Err(StatusCode::BAD_REQUEST),
+        }
+    }
+
+    fn streamed(body: Incoming) -> Self {
+        ReqPayload::Streamed(Some(body.map_err(BoxError::from).boxed()))
+    }
+
+    /// Gives back the body of a request that was never sent.
+    fn restore(&mut self, body: ReqBody) {
+        if let ReqPayload::Streamed(s) = self {
+            *s = Some(body);
         }
     }
 
@@ -101,7 +115,7 @@ impl ReqPayload {
     fn take(&mut self) -> Option<ReqBody> {
         match self {
             ReqPayload::Buffered(b) => Some(Full::new(b.clone()).map_err(|e| match e {}).boxed()),
-            ReqPayload::Streamed(s) => s.take().map(|b| b.map_err(BoxError::from).boxed()),
+            ReqPayload::Streamed(s) => s.take(),
         }
     }
 }
@@ -258,13 +272,14 @@ async fn route(req: Request<Incoming>, rc: &Arc<Routed>, out: &mut Outcome) -> R
             Err(code) => return local(code, "request body could not be read"),
         }
     } else {
-        ReqPayload::Streamed(Some(body))
+        ReqPayload::streamed(body)
     };
     for m in &applied.mirrors {
         mirror(rc, m, &parts, &payload);
     }
     let request_timeout = ms(rule.rule.request_timeout_ms);
     let per_try = ms(rule.rule.backend_request_timeout_ms);
+    let deadline = request_timeout.map(|t| tokio::time::Instant::now() + t);
     let work = attempt_all(
         rc,
         backend,
@@ -273,6 +288,7 @@ async fn route(req: Request<Incoming>, rc: &Arc<Routed>, out: &mut Outcome) -> R
         attempts,
         &retry,
         per_try,
+        deadline,
         out,
     );
     let mut resp = match request_timeout {
@@ -292,6 +308,16 @@ fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
 }
 
+/// Whether a result says the endpoint is failing (for outlier ejection): only
+/// what the endpoint answers for, never what the client caused.
+fn endpoint_failed(code: StatusCode) -> bool {
+    matches!(code.as_u16(), 502..=504)
+}
+
+/// Sends the request to endpoints of `backend` until it gets an answer to give the
+/// client: at most `attempts` tries that reached an endpoint, plus one more for a
+/// request that was never sent (no connection, or one that closed before the
+/// request was written), whatever the retry policy.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_all(
     rc: &Arc<Routed>,
@@ -301,6 +327,7 @@ async fn attempt_all(
     attempts: u32,
     retry: &pb::RouteRetry,
     per_try: Option<Duration>,
+    deadline: Option<tokio::time::Instant>,
     out: &mut Outcome,
 ) -> Response<RespBody> {
     let state = &rc.state;
@@ -309,8 +336,11 @@ async fn attempt_all(
         source: &rc.source,
     };
     let mut last: Option<Response<RespBody>> = None;
-    for n in 1..=attempts {
-        if n > 1 {
+    let mut tries = 0u32;
+    let mut spare = 1u32;
+    let timed = |t: Option<Duration>| t.unwrap_or(Duration::MAX);
+    while tries < attempts {
+        if out.attempts > 0 {
             if let Some(labels) = route_labels(rc, out, 0) {
                 state
                     .metrics
@@ -323,7 +353,7 @@ async fn attempt_all(
                 tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
             }
         }
-        out.attempts = n;
+        out.attempts += 1;
         let eps = endpoints(state, backend, rc.port);
         let Some((ep, active)) = state.balancer.pick(&eps) else {
             return local(
@@ -332,56 +362,94 @@ async fn attempt_all(
             );
         };
         out.endpoint = Some(ep);
-        let Some(body) = payload.take() else {
-            break;
-        };
-        let req = upstream_request(parts, body, rc.h2, ep);
-        let send = rc.upstreams.send(&from, ep, rc.h2, req);
-        let result = match per_try {
-            Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => r,
+        // A connection first: failing to get one sends nothing and uses no body.
+        let conn =
+            match tokio::time::timeout(timed(per_try), rc.upstreams.connection(&from, ep, rc.h2))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    state.balancer.record_result(ep, false, &eps);
+                    tracing::debug!(error = %e, "routed request: no connection");
+                    last = Some(local(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
+                    if spare > 0 {
+                        spare -= 1;
+                    } else {
+                        tries += 1;
+                    }
+                    continue;
+                }
                 Err(_) => {
                     state.balancer.record_result(ep, false, &eps);
                     last = Some(local(
                         StatusCode::GATEWAY_TIMEOUT,
                         "backend request timeout",
                     ));
-                    if payload.replayable() {
-                        continue;
-                    }
-                    break;
-                }
-            },
-            None => send.await,
-        };
-        match result {
-            Ok(resp) => {
-                let code = resp.status().as_u16();
-                let failed = resp.status().is_server_error();
-                state.balancer.record_result(ep, !failed, &eps);
-                let retryable = retry.codes.contains(&u32::from(code));
-                if retryable && n < attempts && payload.replayable() {
-                    last = Some(local(resp.status(), "retried"));
+                    tries += 1;
                     continue;
                 }
+            };
+        let Some(body) = payload.take() else {
+            break;
+        };
+        let Some(req) = upstream_request(parts, body, rc.h2, ep) else {
+            return local(StatusCode::BAD_REQUEST, "the request cannot be forwarded");
+        };
+        let result = tokio::time::timeout(timed(per_try), rc.upstreams.send(conn, ep, req)).await;
+        tries += 1;
+        match result {
+            Err(_) => {
+                state.balancer.record_result(ep, false, &eps);
+                last = Some(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "backend request timeout",
+                ));
+                // Maybe processed: sent again only if the policy retries 504.
+                if !(retry.codes.contains(&504) && payload.replayable()) {
+                    break;
+                }
+            }
+            Ok(Ok(Sent::NotSent(req))) => {
+                tries -= 1;
+                payload.restore(req.into_body());
+                last = Some(local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the connection to the endpoint closed",
+                ));
+                if spare > 0 {
+                    spare -= 1;
+                } else {
+                    tries += 1;
+                }
+            }
+            Ok(Ok(Sent::Response(mut resp))) => {
+                let status = resp.status();
+                state
+                    .balancer
+                    .record_result(ep, !endpoint_failed(status), &eps);
+                let retryable = retry.codes.contains(&u32::from(status.as_u16()));
+                if retryable && tries < attempts && payload.replayable() {
+                    last = Some(local(status, "retried"));
+                    continue;
+                }
+                // The endpoint's connection-specific fields are about its connection,
+                // not the client's.
+                strip_hop_by_hop(resp.headers_mut(), false);
                 return resp.map(|b| {
                     Held {
                         inner: b,
                         _active: active,
+                        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
                     }
-                    .map_err(BoxError::from)
                     .boxed()
                 });
             }
-            Err(e) => {
-                state.balancer.record_result(ep, false, &eps);
+            Ok(Err(e)) => {
+                // A broken exchange: the client may have caused it (an aborted body),
+                // so it does not count against the endpoint.
                 tracing::debug!(error = %e, "routed request failed");
-                let (code, safe) = match &e {
-                    SendError::Connect(..) => (StatusCode::SERVICE_UNAVAILABLE, true),
-                    SendError::Request(..) => (StatusCode::BAD_GATEWAY, payload.replayable()),
-                };
-                last = Some(local(code, &e.to_string()));
-                if !safe {
+                last = Some(local(StatusCode::BAD_GATEWAY, &e.to_string()));
+                if !payload.replayable() {
                     break;
                 }
             }
@@ -390,14 +458,59 @@ async fn attempt_all(
     last.unwrap_or_else(|| local(StatusCode::BAD_GATEWAY, "no attempt could be made"))
 }
 
+/// Removes connection-specific fields (RFC 9110 7.6.1): the standard ones and
+/// those `Connection` names. `Expect` goes too: this proxy already answered it.
+fn strip_hop_by_hop(h: &mut http::HeaderMap, request: bool) {
+    let named: Vec<http::HeaderName> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+    if request {
+        h.remove(http::header::EXPECT);
+        // `te` may only say `trailers` (gRPC needs it on HTTP/2).
+        let trailers = h
+            .get(http::header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        h.remove(http::header::TE);
+        if trailers {
+            h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
 /// The request as sent to an endpoint: HTTP/1.1 in origin form (the client's
-/// `Host` kept), HTTP/2 with the client's authority.
+/// `Host` kept), HTTP/2 with the client's authority. `None` when it cannot be
+/// built (an authority that is not one).
 fn upstream_request(
     parts: &http::request::Parts,
     body: ReqBody,
     h2: bool,
     ep: SocketAddr,
-) -> Request<ReqBody> {
+) -> Option<Request<ReqBody>> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let mut b = Request::builder().method(parts.method.clone());
     if h2 {
         let authority = parts
@@ -412,45 +525,23 @@ fn upstream_request(
                     .map(str::to_string)
             })
             .unwrap_or_else(|| ep.to_string());
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
         b = b
             .uri(format!("http://{authority}{pq}"))
             .version(http::Version::HTTP_2);
     } else {
-        b = b
-            .uri(
-                parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/"),
-            )
-            .version(http::Version::HTTP_11);
+        b = b.uri(pq).version(http::Version::HTTP_11);
     }
-    let mut req = b.body(body).unwrap_or_else(|_| {
-        Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
-    });
+    let mut req = b.body(body).ok()?;
     let headers = req.headers_mut();
     for (k, v) in &parts.headers {
-        // Connection-specific fields are not forwarded (RFC 9110 7.6.1); h2 carries
-        // the authority as a pseudo-header.
-        if is_hop_by_hop(k) || (h2 && k == http::header::HOST) {
+        // h2 carries the authority as a pseudo-header.
+        if h2 && k == http::header::HOST {
             continue;
         }
         headers.append(k.clone(), v.clone());
     }
-    req
-}
-
-fn is_hop_by_hop(k: &http::HeaderName) -> bool {
-    matches!(
-        k.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
-    )
+    strip_hop_by_hop(headers, true);
+    Some(req)
 }
 
 /// Sends a copy of the request to a mirror backend and forgets it: only requests
@@ -478,12 +569,14 @@ fn mirror(
     let Some((ep, active)) = rc.state.balancer.pick(&eps) else {
         return;
     };
-    let req = upstream_request(
+    let Some(req) = upstream_request(
         parts,
         Full::new(body.clone()).map_err(|e| match e {}).boxed(),
         rc.h2,
         ep,
-    );
+    ) else {
+        return;
+    };
     let rc = rc.clone();
     tokio::spawn(async move {
         let _permit = permit;
@@ -492,11 +585,23 @@ fn mirror(
             state: &rc.state,
             source: &rc.source,
         };
-        match rc.upstreams.send(&from, ep, rc.h2, req).await {
-            Ok(resp) => {
-                let _ = resp.into_body().collect().await;
+        let exchange = async {
+            let conn = rc.upstreams.connection(&from, ep, rc.h2).await?;
+            if let Sent::Response(resp) = rc.upstreams.send(conn, ep, req).await? {
+                // Read and dropped frame by frame: nothing of it is kept.
+                let mut body = resp.into_body();
+                while let Some(f) = body.frame().await {
+                    if f.is_err() {
+                        break;
+                    }
+                }
             }
-            Err(e) => tracing::debug!(error = %e, "mirrored request failed"),
+            Ok::<_, SendError>(())
+        };
+        match tokio::time::timeout(MIRROR_TIMEOUT, exchange).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "mirrored request failed"),
+            Err(_) => tracing::debug!(endpoint = %ep, "mirrored request timed out"),
         }
     });
 }
@@ -561,21 +666,42 @@ fn record(
         });
 }
 
-/// A response body that holds its endpoint's active-request count until it ends.
+/// A response body that holds its endpoint's active-request count until it ends,
+/// and ends it with an error if the rule's request timeout passes first (the
+/// timeout covers the whole exchange, the response body included).
 struct Held<B> {
     inner: B,
     _active: Active,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<B: Body + Unpin> Body for Held<B> {
+impl<B> Body for Held<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                return Poll::Ready(Some(Err(
+                    "request timeout: the response body took too long".into(),
+                )));
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

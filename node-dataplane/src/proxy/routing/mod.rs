@@ -43,15 +43,18 @@ impl ProxyState {
         client_ns: &str,
     ) -> Arc<RouteTable> {
         let snap = self.config.snapshot();
-        let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.generation != snap.routes_generation || cache.tables.len() >= MAX_TABLES {
-            cache.tables.clear();
-            cache.generation = snap.routes_generation;
-        }
         let k = (key.to_string(), port, client_ns.to_string());
-        if let Some(t) = cache.tables.get(&k) {
-            return t.clone();
+        {
+            let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.generation != snap.routes_generation {
+                cache.tables.clear();
+                cache.generation = snap.routes_generation;
+            }
+            if let Some(t) = cache.tables.get(&k) {
+                return t.clone();
+            }
         }
+        // Compiled outside the lock (regular expressions can take a while).
         let t = Arc::new(RouteTable::build(
             snap.routes.values(),
             &svc.namespace,
@@ -59,7 +62,13 @@ impl ProxyState {
             port,
             client_ns,
         ));
-        cache.tables.insert(k, t.clone());
+        let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.generation == snap.routes_generation {
+            if cache.tables.len() >= MAX_TABLES {
+                cache.tables.clear();
+            }
+            cache.tables.insert(k, t.clone());
+        }
         t
     }
 }

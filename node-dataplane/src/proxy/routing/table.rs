@@ -114,10 +114,15 @@ impl CompiledMatch {
         })
     }
 
-    /// The precedence of this match: larger sorts first.
-    fn rank(&self) -> (u8, usize, bool, usize, usize) {
+    /// The precedence of this match: larger sorts first. For a GRPCRoute, whose
+    /// service and method matches are paths here, a method-only or regular
+    /// expression match ranks above the catch-all (`/`), as the spec orders by
+    /// service, then method.
+    fn rank(&self, kind: pb::route::RouteKind) -> (u8, usize, bool, usize, usize) {
+        let grpc = kind == pb::route::RouteKind::Grpc;
         let (kind, len) = match &self.path {
             PathCond::Exact(p) => (3, p.len()),
+            PathCond::Prefix(p) if grpc && p == "/" => (0, 1),
             PathCond::Prefix(p) => (2, p.len()),
             PathCond::Regex(_) => (1, 0),
         };
@@ -306,7 +311,7 @@ impl RouteTable {
                     let Ok(m) = CompiledMatch::new(m) else {
                         continue;
                     };
-                    let rank = m.rank();
+                    let rank = m.rank(compiled.kind);
                     ranked.push((
                         rank,
                         (r.created, route.clone(), i, j),

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,10 +31,17 @@ pub type ReqBody = BoxBody<Bytes, BoxError>;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 16;
-/// Endpoints with idle HTTP/1.1 connections before closed ones are swept.
+/// Endpoints with pooled connections before closed ones are swept.
 const MAX_ENDPOINTS: usize = 1024;
 /// A plaintext (not HBONE) connection must be established within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection must be ready for the next request within this (an HTTP/1.1
+/// connection is not while the previous request's body is still being sent).
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pooled connections unused this long are closed (each holds an HBONE stream).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the pools are swept for idle and closed connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a request did not get a response.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,20 @@ pub enum SendError {
     /// The request was sent, or partly sent, and failed.
     #[error("request to {0}: {1}")]
     Request(SocketAddr, hyper::Error),
+}
+
+/// What sending a request on a connection gave.
+pub enum Sent {
+    Response(http::Response<UpBody>),
+    /// The connection closed before the request was written: it comes back
+    /// untouched, to be sent on another connection.
+    NotSent(http::Request<ReqBody>),
+}
+
+/// A connection ready for one request.
+pub enum Conn {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
 }
 
 /// Both kinds of upstream connection.
@@ -91,14 +112,21 @@ impl AsyncWrite for UpIo {
     }
 }
 
+/// A pooled connection and when it was last used.
+struct Idle<T> {
+    send: T,
+    since: Instant,
+}
+
 /// One source pod's connections to endpoints.
 pub struct Upstreams {
     /// Mirrored requests in flight ([`super::forward::MAX_MIRRORS_IN_FLIGHT`]).
     pub mirrors: Arc<tokio::sync::Semaphore>,
-    h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<ReqBody>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ReqBody>>>,
+    h1: Mutex<HashMap<SocketAddr, Vec<Idle<http1::SendRequest<ReqBody>>>>>,
+    h2: Mutex<HashMap<SocketAddr, Idle<http2::SendRequest<ReqBody>>>>,
     /// One HTTP/2 dial per endpoint at a time: a burst shares it.
     h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    last_sweep: Mutex<Instant>,
 }
 
 impl Default for Upstreams {
@@ -110,6 +138,7 @@ impl Default for Upstreams {
             h1: Default::default(),
             h2: Default::default(),
             h2_dialing: Default::default(),
+            last_sweep: Mutex::new(Instant::now()),
         }
     }
 }
@@ -150,12 +179,39 @@ impl Upstreams {
         Ok(UpIo::Tcp(tcp))
     }
 
+    /// Closes pooled connections unused for [`IDLE_TIMEOUT`] and forgets closed
+    /// ones, at most every [`SWEEP_EVERY`].
+    fn sweep(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if now.duration_since(*last) < SWEEP_EVERY {
+                return;
+            }
+            *last = now;
+        }
+        let fresh = |since: Instant| now.duration_since(since) < IDLE_TIMEOUT;
+        self.h1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, v| {
+                v.retain(|c| !c.send.is_closed() && fresh(c.since));
+                !v.is_empty()
+            });
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, c| !c.send.is_closed() && fresh(c.since));
+        let mut dialing = self.h2_dialing.lock().unwrap_or_else(|p| p.into_inner());
+        dialing.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+
     fn idle_h1(&self, ep: SocketAddr) -> Option<http1::SendRequest<ReqBody>> {
         let mut m = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let v = m.get_mut(&ep)?;
-        while let Some(s) = v.pop() {
-            if !s.is_closed() {
-                return Some(s);
+        while let Some(c) = v.pop() {
+            if !c.send.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
+                return Some(c.send);
             }
         }
         None
@@ -166,16 +222,21 @@ impl Upstreams {
             return;
         }
         let mut m = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= MAX_ENDPOINTS {
-            // Endpoints come and go: forget those whose connections all closed.
+        if m.len() >= MAX_ENDPOINTS && !m.contains_key(&ep) {
             m.retain(|_, v| {
-                v.retain(|s| !s.is_closed());
+                v.retain(|c| !c.send.is_closed());
                 !v.is_empty()
             });
+            if m.len() >= MAX_ENDPOINTS {
+                return; // not pooled: it closes when dropped
+            }
         }
         let v = m.entry(ep).or_default();
         if v.len() < MAX_IDLE_H1 {
-            v.push(s);
+            v.push(Idle {
+                send: s,
+                since: Instant::now(),
+            });
         }
     }
 
@@ -184,12 +245,11 @@ impl Upstreams {
         from: &DialFrom<'_>,
         ep: SocketAddr,
     ) -> Result<http2::SendRequest<ReqBody>, SendError> {
-        let cached = |m: &Mutex<HashMap<SocketAddr, http2::SendRequest<ReqBody>>>| {
-            m.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&ep)
-                .filter(|s| !s.is_closed())
-                .cloned()
+        let cached = |m: &Mutex<HashMap<SocketAddr, Idle<http2::SendRequest<ReqBody>>>>| {
+            let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+            let c = m.get_mut(&ep).filter(|c| !c.send.is_closed())?;
+            c.since = Instant::now();
+            Some(c.send.clone())
         };
         if let Some(s) = cached(&self.h2) {
             return Ok(s);
@@ -217,74 +277,115 @@ impl Upstreams {
                 tracing::debug!(endpoint = %ep, error = %e, "routed HTTP/2 connection ended");
             }
         });
-        self.h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ep, send.clone());
+        let mut m = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() < MAX_ENDPOINTS || m.contains_key(&ep) {
+            m.insert(
+                ep,
+                Idle {
+                    send: send.clone(),
+                    since: Instant::now(),
+                },
+            );
+        }
         Ok(send)
     }
 
-    /// Sends `req` to `ep` over HTTP/2 or HTTP/1.1 and returns the response (its
-    /// body streams from the endpoint).
-    pub async fn send(
-        self: &Arc<Self>,
+    /// A connection to `ep` ready for one request: pooled, or new. Nothing is sent.
+    pub async fn connection(
+        &self,
         from: &DialFrom<'_>,
         ep: SocketAddr,
         h2: bool,
-        req: http::Request<ReqBody>,
-    ) -> Result<http::Response<UpBody>, SendError> {
+    ) -> Result<Conn, SendError> {
+        self.sweep();
+        let ready = |e: hyper::Error| SendError::Connect(ep, e.into());
+        let timed_out = || {
+            SendError::Connect(
+                ep,
+                anyhow::anyhow!("connection not ready within {READY_TIMEOUT:?}"),
+            )
+        };
         if h2 {
             let mut s = self.h2_sender(from, ep).await?;
-            s.ready().await.map_err(|e| SendError::Request(ep, e))?;
-            let resp = s
-                .send_request(req)
+            tokio::time::timeout(READY_TIMEOUT, s.ready())
                 .await
-                .map_err(|e| SendError::Request(ep, e))?;
-            return Ok(resp.map(|b| UpBody {
-                inner: Some(b),
-                back: None,
-            }));
+                .map_err(|_| timed_out())?
+                .map_err(ready)?;
+            return Ok(Conn::H2(s));
         }
-        let mut s = match self.idle_h1(ep) {
-            Some(s) => s,
-            None => {
-                let io = self
-                    .dial(from, ep)
-                    .await
-                    .map_err(|e| SendError::Connect(ep, e))?;
-                let (s, conn) = http1::handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| SendError::Connect(ep, e.into()))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(endpoint = %ep, error = %e, "routed HTTP/1 connection ended");
-                    }
-                });
-                s
+        while let Some(mut s) = self.idle_h1(ep) {
+            // A pooled connection the endpoint closed meanwhile: try the next one.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_TIMEOUT, s.ready()).await {
+                return Ok(Conn::H1(s));
             }
-        };
-        s.ready().await.map_err(|e| SendError::Request(ep, e))?;
-        let resp = s
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::Request(ep, e))?;
-        let (parts, inner) = resp.into_parts();
-        let ended = inner.is_end_stream();
-        let mut body = UpBody {
-            inner: Some(inner),
-            back: None,
-        };
-        if ended {
-            self.put_h1(ep, s);
-        } else {
-            body.back = Some((Arc::downgrade(self), ep, s));
         }
-        Ok(http::Response::from_parts(parts, body))
+        let io = self
+            .dial(from, ep)
+            .await
+            .map_err(|e| SendError::Connect(ep, e))?;
+        let (mut s, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Connect(ep, e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %ep, error = %e, "routed HTTP/1 connection ended");
+            }
+        });
+        tokio::time::timeout(READY_TIMEOUT, s.ready())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(ready)?;
+        Ok(Conn::H1(s))
+    }
+
+    /// Sends `req` on `conn` (a connection to `ep`); the response body streams from
+    /// the endpoint. A request the connection never wrote comes back
+    /// ([`Sent::NotSent`]).
+    pub async fn send(
+        self: &Arc<Self>,
+        conn: Conn,
+        ep: SocketAddr,
+        req: http::Request<ReqBody>,
+    ) -> Result<Sent, SendError> {
+        match conn {
+            Conn::H2(mut s) => match s.try_send_request(req).await {
+                Ok(resp) => Ok(Sent::Response(resp.map(|b| UpBody {
+                    inner: Some(b),
+                    back: None,
+                }))),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Ok(Sent::NotSent(req)),
+                    None => Err(SendError::Request(ep, e.into_error())),
+                },
+            },
+            Conn::H1(mut s) => {
+                let resp = match s.try_send_request(req).await {
+                    Ok(r) => r,
+                    Err(mut e) => {
+                        return match e.take_message() {
+                            Some(req) => Ok(Sent::NotSent(req)),
+                            None => Err(SendError::Request(ep, e.into_error())),
+                        }
+                    }
+                };
+                let (parts, inner) = resp.into_parts();
+                let mut body = UpBody {
+                    inner: Some(inner),
+                    back: Some((Arc::downgrade(self), ep, s)),
+                };
+                if body.is_end_stream() {
+                    body.release();
+                }
+                Ok(Sent::Response(http::Response::from_parts(parts, body)))
+            }
+        }
     }
 }
 
 /// A response body from an endpoint. An HTTP/1.1 connection goes back to the pool
-/// when the body ends (dropped before: the connection closes).
+/// when the body has ended (read to its end, or dropped once complete, as a
+/// server does when the body's length is known); dropped before its end, the
+/// connection closes.
 pub struct UpBody {
     inner: Option<Incoming>,
     back: Option<(Weak<Upstreams>, SocketAddr, http1::SendRequest<ReqBody>)>,
@@ -296,6 +397,14 @@ impl UpBody {
             if let Some(pool) = pool.upgrade() {
                 pool.put_h1(ep, s);
             }
+        }
+    }
+}
+
+impl Drop for UpBody {
+    fn drop(&mut self) {
+        if self.inner.as_ref().is_none_or(Body::is_end_stream) {
+            self.release();
         }
     }
 }
@@ -312,8 +421,8 @@ impl Body for UpBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let r = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(None) = r {
+        let r = Pin::new(&mut *inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || inner.is_end_stream() {
             this.release();
         }
         r

@@ -285,3 +285,40 @@ fn regexes_are_checked_and_bounded() {
         "a regex beyond the size bound is refused"
     );
 }
+
+#[test]
+fn a_grpc_method_only_match_outranks_the_catch_all() {
+    let mut r = (*route(
+        "shop",
+        "g",
+        1,
+        vec![
+            rule("all", vec![], "b"),
+            rule(
+                "method",
+                vec![m(path(pb::MatchKind::Regex, "/[^/]+/(?:Get.*)"))],
+                "b",
+            ),
+            rule(
+                "service",
+                vec![m(path(pb::MatchKind::Prefix, "/pkg.Svc/"))],
+                "b",
+            ),
+        ],
+    ))
+    .clone();
+    r.kind = pb::route::RouteKind::Grpc as i32;
+    let t = table(&[Arc::new(r)], "shop");
+    assert_eq!(
+        pick(&t, "POST", "/other.Svc/GetX", &[]).as_deref(),
+        Some("shop/g#method")
+    );
+    assert_eq!(
+        pick(&t, "POST", "/pkg.Svc/GetX", &[]).as_deref(),
+        Some("shop/g#service")
+    );
+    assert_eq!(
+        pick(&t, "POST", "/other.Svc/Put", &[]).as_deref(),
+        Some("shop/g#all")
+    );
+}
