@@ -165,6 +165,7 @@ async fn forward(
             port: orig.port(),
             client: conn.peer_addr().unwrap_or(local),
             h2: false,
+            cache: Default::default(),
         };
         record.peers.service = Some(service);
         match super::routing::serve(conn, base).await {

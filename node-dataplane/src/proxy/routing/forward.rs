@@ -44,18 +44,52 @@ pub struct Routed {
     pub client: SocketAddr,
     /// Whether the client speaks HTTP/2 (requests go upstream the same way).
     pub h2: bool,
+    /// What its requests reuse: the route table (with the routes generation it
+    /// was built from) and metric handles, so a request builds no label set.
+    pub cache: std::sync::Mutex<ConnCache>,
+}
+
+/// Per-connection state reused by its requests.
+#[derive(Default)]
+pub struct ConnCache {
+    table: Option<(u64, Arc<RouteTable>)>,
+    metrics: Vec<MetricHandles>,
+}
+
+/// A routed request's metric handles, by (rule, backend, response code).
+struct MetricHandles {
+    rule: usize,
+    backend: Option<String>,
+    code: u16,
+    requests: prometheus_client::metrics::counter::Counter,
+    duration: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Routed {
+    fn cache(&self) -> std::sync::MutexGuard<'_, ConnCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn table(&self) -> Arc<RouteTable> {
-        self.state.route_table(
+        let generation = self.state.config.snapshot().routes_generation;
+        if let Some((g, t)) = &self.cache().table {
+            if *g == generation {
+                return t.clone();
+            }
+        }
+        let t = self.state.route_table(
             &self.service_key,
             &self.service,
             self.port,
             &self.source.workload().namespace,
-        )
+        );
+        self.cache().table = Some((generation, t.clone()));
+        t
     }
 }
+
+/// Most metric handle sets one connection keeps (rules x backends x codes).
+const MAX_CACHED_HANDLES: usize = 64;
 
 fn local(code: StatusCode, why: &str) -> Response<RespBody> {
     let mut r = Response::new(
@@ -152,12 +186,7 @@ fn apply_filters(
 /// one the client connected to).
 fn endpoints(state: &ProxyState, b: &pb::RouteBackend, port: u16) -> Vec<SocketAddr> {
     let snap = state.config.snapshot();
-    let key = weft_proto::resource::key(
-        weft_proto::resource::KIND_SERVICE,
-        &b.service_namespace,
-        &b.service_name,
-    );
-    let Some(svc) = snap.services.get(&key) else {
+    let Some(svc) = with_service_key(b, |k| snap.services.get(k).cloned()) else {
         return Vec::new();
     };
     let port = if b.port == 0 { u32::from(port) } else { b.port };
@@ -170,6 +199,31 @@ fn endpoints(state: &ProxyState, b: &pb::RouteBackend, port: u16) -> Vec<SocketA
             Some(SocketAddr::new(ip, u16::try_from(*t).ok()?))
         })
         .collect()
+}
+
+thread_local! {
+    /// The Service key of the last backend looked up on this thread: requests of a
+    /// route mostly go to the same few backends, so the key is not rebuilt each time.
+    static LAST_KEY: std::cell::RefCell<(String, String, String)> = Default::default();
+}
+
+/// Calls `f` with `Service/<namespace>/<name>` of a backend.
+fn with_service_key<T>(b: &pb::RouteBackend, f: impl FnOnce(&str) -> T) -> T {
+    LAST_KEY.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != b.service_namespace || c.1 != b.service_name {
+            *c = (
+                b.service_namespace.clone(),
+                b.service_name.clone(),
+                weft_proto::resource::key(
+                    weft_proto::resource::KIND_SERVICE,
+                    &b.service_namespace,
+                    &b.service_name,
+                ),
+            );
+        }
+        f(&c.2)
+    })
 }
 
 /// Where the answer to one request came from, for metrics and the access log.
@@ -308,6 +362,17 @@ fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
 }
 
+/// `f`, bounded by `limit` when there is one (no timer otherwise).
+async fn within<F: Future>(
+    limit: Option<Duration>,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match limit {
+        Some(t) => tokio::time::timeout(t, f).await,
+        None => Ok(f.await),
+    }
+}
+
 /// Whether a result says the endpoint is failing (for outlier ejection): only
 /// what the endpoint answers for, never what the client caused.
 fn endpoint_failed(code: StatusCode) -> bool {
@@ -338,7 +403,6 @@ async fn attempt_all(
     let mut last: Option<Response<RespBody>> = None;
     let mut tries = 0u32;
     let mut spare = 1u32;
-    let timed = |t: Option<Duration>| t.unwrap_or(Duration::MAX);
     while tries < attempts {
         if out.attempts > 0 {
             if let Some(labels) = route_labels(rc, out, 0) {
@@ -363,39 +427,36 @@ async fn attempt_all(
         };
         out.endpoint = Some(ep);
         // A connection first: failing to get one sends nothing and uses no body.
-        let conn =
-            match tokio::time::timeout(timed(per_try), rc.upstreams.connection(&from, ep, rc.h2))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    state.balancer.record_result(ep, false, &eps);
-                    tracing::debug!(error = %e, "routed request: no connection");
-                    last = Some(local(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
-                    if spare > 0 {
-                        spare -= 1;
-                    } else {
-                        tries += 1;
-                    }
-                    continue;
-                }
-                Err(_) => {
-                    state.balancer.record_result(ep, false, &eps);
-                    last = Some(local(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "backend request timeout",
-                    ));
+        let conn = match within(per_try, rc.upstreams.connection(&from, ep, rc.h2)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                state.balancer.record_result(ep, false, &eps);
+                tracing::debug!(error = %e, "routed request: no connection");
+                last = Some(local(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
+                if spare > 0 {
+                    spare -= 1;
+                } else {
                     tries += 1;
-                    continue;
                 }
-            };
+                continue;
+            }
+            Err(_) => {
+                state.balancer.record_result(ep, false, &eps);
+                last = Some(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "backend request timeout",
+                ));
+                tries += 1;
+                continue;
+            }
+        };
         let Some(body) = payload.take() else {
             break;
         };
         let Some(req) = upstream_request(parts, body, rc.h2, ep) else {
             return local(StatusCode::BAD_REQUEST, "the request cannot be forwarded");
         };
-        let result = tokio::time::timeout(timed(per_try), rc.upstreams.send(conn, ep, req)).await;
+        let result = within(per_try, rc.upstreams.send(conn, ep, req)).await;
         tries += 1;
         match result {
             Err(_) => {
@@ -640,13 +701,34 @@ fn record(
     code: StatusCode,
     took: Duration,
 ) {
-    let t = &rc.state.metrics.traffic;
-    if let Some(l) = route_labels(rc, out, code.as_u16()) {
-        t.routed_requests.get_or_create(&l).inc();
-        t.routed_duration
-            .get_or_create(&l)
-            .observe(took.as_secs_f64());
+    let rule = out.route.as_ref().map_or(0, |r| Arc::as_ptr(r) as usize);
+    let code16 = code.as_u16();
+    let mut cache = rc.cache();
+    let hit = cache.metrics.iter().position(|h| {
+        h.rule == rule && h.code == code16 && h.backend.as_deref() == out.backend.as_deref()
+    });
+    let i = match hit {
+        Some(i) => Some(i),
+        None => route_labels(rc, out, code16).map(|l| {
+            let t = &rc.state.metrics.traffic;
+            if cache.metrics.len() >= MAX_CACHED_HANDLES {
+                cache.metrics.clear();
+            }
+            cache.metrics.push(MetricHandles {
+                rule,
+                backend: out.backend.clone(),
+                code: code16,
+                requests: t.routed_requests.get_or_create(&l).clone(),
+                duration: t.routed_duration.get_or_create(&l).clone(),
+            });
+            cache.metrics.len() - 1
+        }),
+    };
+    if let Some(h) = i.and_then(|i| cache.metrics.get(i)) {
+        h.requests.inc();
+        h.duration.observe(took.as_secs_f64());
     }
+    drop(cache);
     let w = rc.source.workload();
     rc.state
         .access_log

@@ -12,6 +12,7 @@ use super::super::pool::{Dial, StreamGuard};
 use super::super::state::ProxyState;
 use super::super::tunnel::TunnelIo;
 use bytes::Bytes;
+use futures::FutureExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
@@ -307,15 +308,23 @@ impl Upstreams {
         };
         if h2 {
             let mut s = self.h2_sender(from, ep).await?;
-            tokio::time::timeout(READY_TIMEOUT, s.ready())
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(ready)?;
+            // Mostly ready at once: a timer only when it is not.
+            match s.ready().now_or_never() {
+                Some(r) => r.map_err(ready)?,
+                None => tokio::time::timeout(READY_TIMEOUT, s.ready())
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(ready)?,
+            }
             return Ok(Conn::H2(s));
         }
         while let Some(mut s) = self.idle_h1(ep) {
             // A pooled connection the endpoint closed meanwhile: try the next one.
-            if let Ok(Ok(())) = tokio::time::timeout(READY_TIMEOUT, s.ready()).await {
+            let r = match s.ready().now_or_never() {
+                Some(r) => Ok(r),
+                None => tokio::time::timeout(READY_TIMEOUT, s.ready()).await,
+            };
+            if let Ok(Ok(())) = r {
                 return Ok(Conn::H1(s));
             }
         }
