@@ -525,6 +525,41 @@ fn gateway_api_routes_are_decided_per_request_at_the_source() {
     ]);
     assert_eq!(counts(&r, "served_by").get("g3"), Some(&100), "{r}");
 
+    // Route status: /debug/status and `weftctl status` list each route per Service
+    // parent with Accepted and ResolvedRefs (echo names a missing Service).
+    let (_, st) = m.c.cp_http("/debug/status").unwrap();
+    let st: Value = serde_json::from_str(&st).unwrap();
+    let echo = st["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "HTTPRoute mesh/echo")
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(echo["parent"], "mesh/echo:80", "{echo}");
+    assert_eq!(echo["accepted"], true, "{echo}");
+    assert_eq!(echo["resolved_refs_reason"], "BackendNotFound", "{echo}");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", m.c.fabric_netns()))
+        .arg(bin_path("weftctl").unwrap())
+        .args(["status", "--control-plane", &m.c.control_plane_admin()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.contains("HTTPRoute mesh/echo") && l.contains("mesh/echo:80"))
+        .unwrap_or_else(|| panic!("no route row in weftctl status:\n{table}"));
+    assert!(
+        row.contains("True (Accepted)") && row.contains("False (BackendNotFound)"),
+        "{row}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("GRPCRoute mesh/greeter") && l.contains("True (ResolvedRefs)")),
+        "{table}"
+    );
+
     // Metrics name the route, rule and backend.
     let (_, metrics) = m.c.node_http("node-a", "/metrics").unwrap();
     let line = metrics
