@@ -24,6 +24,9 @@ pub enum LbPolicy {
 pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(10);
 /// Failures in a row that eject an endpoint.
 pub const CONSECUTIVE_FAILURES: u32 = 5;
+/// Endpoints tracked (active counts, failure streaks) before unused ones are
+/// forgotten.
+const MAX_TRACKED: usize = 65_536;
 /// At most this share of a Service's endpoints is ejected at once.
 pub const MAX_EJECTED_PERCENT: usize = 50;
 
@@ -54,12 +57,12 @@ impl Balancer {
     }
 
     fn counter(&self, ep: SocketAddr) -> Arc<AtomicUsize> {
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(ep)
-            .or_default()
-            .clone()
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.len() >= MAX_TRACKED && !active.contains_key(&ep) {
+            // Endpoints come and go: forget those nothing holds.
+            active.retain(|_, c| Arc::strong_count(c) > 1);
+        }
+        active.entry(ep).or_default().clone()
     }
 
     /// Picks an endpoint (none if `eps` is empty).
@@ -118,16 +121,16 @@ impl Balancer {
             streak.remove(&ep);
             return;
         }
+        if streak.len() >= MAX_TRACKED && !streak.contains_key(&ep) {
+            // Bounded: endpoints that vanished are forgotten with their streaks.
+            streak.clear();
+        }
         let n = streak.entry(ep).or_insert(0);
         *n += 1;
         if *n < CONSECUTIVE_FAILURES {
             return;
         }
         streak.remove(&ep);
-        // Bounded: endpoints that vanished are forgotten with their streaks.
-        if streak.len() > 65_536 {
-            streak.clear();
-        }
         drop(streak);
         let now = Instant::now();
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
