@@ -12,6 +12,7 @@
 
 mod compile;
 mod matchers;
+pub mod mtls;
 pub mod path;
 #[cfg(test)]
 mod tests;

@@ -47,6 +47,7 @@ fn refresh_gauges(s: &AdminState) {
         resource::KIND_WORKLOAD,
         resource::KIND_SERVICE,
         resource::KIND_AUTHZ,
+        resource::KIND_PEER_AUTHN,
         resource::KIND_WASM,
         resource::KIND_TRUST_BUNDLE,
     ] {

@@ -15,6 +15,7 @@ pub const NS: &str = "weft-system";
 pub const RELEASE: &str = "weft";
 pub const CRDS: &[&str] = &[
     "authorizationpolicies.security.weft.dev",
+    "peerauthentications.security.weft.dev",
     "wasmplugins.extensions.weft.dev",
 ];
 
@@ -327,4 +328,40 @@ pub fn wait_release_ready(c: &KubeCluster, timeout: Duration, want_agent_arg: &s
 pub fn config_dump(c: &KubeCluster, node: &str) -> anyhow::Result<Value> {
     let body = c.node_http_get(node, "http://127.0.0.1:15000/config_dump")?;
     Ok(serde_json::from_str(&body)?)
+}
+
+/// The node agents' log lines that explain failed connections: access records
+/// with an `error`, and every WARN or ERROR event (at most `max` lines per agent,
+/// the latest). Printed by tests that count failed connections, so a failure
+/// names its cause.
+pub fn agent_failures(c: &KubeCluster, max: usize) -> String {
+    let k = |args: &[&str]| c.kubectl(args).unwrap_or_else(|e| format!("{e:#}"));
+    let pods: Value =
+        serde_json::from_str(&k(&["-n", NS, "get", "pods", "-o", "json"])).unwrap_or(Value::Null);
+    let mut out = String::new();
+    for p in pods["items"].as_array().into_iter().flatten() {
+        let name = name_of(p);
+        if !name.starts_with("weft-node") {
+            continue;
+        }
+        let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
+        let ctr = p["spec"]["containers"][0]["name"]
+            .as_str()
+            .unwrap_or_default();
+        let log = k(&["-n", NS, "logs", &name, "-c", ctr, "--tail=20000"]);
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("\"error\"") || l.contains("\"WARN\"") || l.contains("\"ERROR\"")
+            })
+            .collect();
+        let from = lines.len().saturating_sub(max);
+        out += &format!(
+            "--- {name} on {node}: {} failure lines (last {})\n{}\n",
+            lines.len(),
+            lines.len() - from,
+            lines[from..].join("\n")
+        );
+    }
+    strip_ansi(&out)
 }

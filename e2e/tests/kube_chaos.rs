@@ -462,6 +462,12 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         client.2,
         "a long-lived connection was lost during the churn"
     );
+    if client.1 > 0 {
+        eprintln!(
+            "the agents' failed connections and warnings:\n{}",
+            weft_e2e::kubeweft::agent_failures(&c, 60)
+        );
+    }
     // Counted, and bounded: churn and policy changes are not meant to fail allowed
     // connections at all (a run showed a few resets in one 2 s burst; see the issue).
     assert!(

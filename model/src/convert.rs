@@ -4,7 +4,7 @@ use super::enrollment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
-use weft_proto::crd::{self, AuthorizationPolicy, WasmPlugin};
+use weft_proto::crd::{self, AuthorizationPolicy, PeerAuthentication, WasmPlugin};
 use weft_proto::pb;
 use weft_proto::spiffe::{SpiffeId, TrustDomain};
 use weft_proto::validate::Report;
@@ -354,6 +354,56 @@ pub fn authorization_policy(
         action: action as i32,
         rules,
     })
+}
+
+/// Converts a PeerAuthentication. An invalid one is distributed fail-closed, as
+/// STRICT on every port of what it selects (a typo cannot open a workload to
+/// plaintext); its status says why.
+pub fn peer_authentication(
+    p: &PeerAuthentication,
+    report: &Report,
+    root_namespace: &str,
+) -> pb::PeerAuthentication {
+    use pb::peer_authentication::MtlsMode as M;
+    let mode = |m: &Option<crd::MutualTls>| match m.as_ref().and_then(|m| m.mode) {
+        None | Some(crd::MtlsMode::Unset) => M::Unset,
+        Some(crd::MtlsMode::Permissive) => M::Permissive,
+        Some(crd::MtlsMode::Strict) => M::Strict,
+        Some(crd::MtlsMode::Disable) => M::Disable,
+    } as i32;
+    let namespace = p.metadata.namespace.clone().unwrap_or_default();
+    let selector: std::collections::HashMap<String, String> = p
+        .spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone().into_iter().collect())
+        .unwrap_or_default();
+    let (mode, port_modes) = if report.is_valid() {
+        (
+            mode(&p.spec.mtls),
+            p.spec
+                .port_level_mtls
+                .iter()
+                .filter_map(|(port, m)| Some((port.parse::<u32>().ok()?, mode(&Some(m.clone())))))
+                .collect(),
+        )
+    } else {
+        (M::Strict as i32, Default::default())
+    };
+    pb::PeerAuthentication {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        mesh_wide: namespace == root_namespace && selector.is_empty(),
+        namespace,
+        selector,
+        mode,
+        port_modes,
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+    }
 }
 
 pub fn wasm_plugin(p: &WasmPlugin) -> pb::WasmPlugin {

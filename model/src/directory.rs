@@ -36,6 +36,7 @@ fn content_hash(o: &Object) -> u64 {
         Object::Service(x) => serde_json::to_vec(x),
         Object::ServiceAccount(x) => serde_json::to_vec(x),
         Object::AuthorizationPolicy(x) => serde_json::to_vec(x),
+        Object::PeerAuthentication(x) => serde_json::to_vec(x),
         Object::WasmPlugin(x) => serde_json::to_vec(x),
         Object::HttpRoute(x) => serde_json::to_vec(x),
         Object::GrpcRoute(x) => serde_json::to_vec(x),

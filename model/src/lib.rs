@@ -25,12 +25,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::broadcast;
-use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, WasmPlugin};
 use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use weft_proto::pb::{self, resource::Kind};
 use weft_proto::resource::{
-    self as res, KIND_AUTHZ, KIND_GRPC_ROUTE, KIND_HTTP_ROUTE, KIND_SERVICE, KIND_TRUST_BUNDLE,
-    KIND_WASM, KIND_WORKLOAD,
+    self as res, KIND_AUTHZ, KIND_GRPC_ROUTE, KIND_HTTP_ROUTE, KIND_PEER_AUTHN, KIND_SERVICE,
+    KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD,
 };
 use weft_proto::spiffe::TrustDomain;
 use weft_proto::validate::{self, Report};
@@ -164,6 +164,7 @@ struct Inputs {
     services: BTreeMap<(String, String), Service>,
     service_accounts: BTreeMap<(String, String), ServiceAccount>,
     policies: BTreeMap<(String, String), AuthorizationPolicy>,
+    peer_authns: BTreeMap<(String, String), PeerAuthentication>,
     plugins: BTreeMap<(String, String), WasmPlugin>,
     /// Gateway API routes naming a Service as a parent (others are not weft's).
     http_routes: BTreeMap<(String, String), HttpRoute>,
@@ -585,6 +586,33 @@ impl Model {
                 },
             ));
         }
+        let peer_authns: Vec<PeerAuthentication> =
+            range(&inputs.peer_authns, ns).cloned().collect();
+        for p in peer_authns {
+            let report = validate::validate_peer_authentication(&p.spec);
+            let obj = Object::PeerAuthentication(p.clone()).object_ref();
+            log_report(&obj, &report);
+            let pa = convert::peer_authentication(&p, &report, &self.cfg.root_namespace);
+            let selector: BTreeMap<String, String> = pa.selector.clone().into_iter().collect();
+            let key = res::key(KIND_PEER_AUTHN, &pa.namespace, &pa.name);
+            let wide = pa.mesh_wide;
+            out.insert(
+                key.as_str().into(),
+                Entry::new(
+                    res::make(key.clone(), Kind::PeerAuthentication(pa)),
+                    Visibility::Nodes(nodes_selected(inputs, ns, wide, &selector)),
+                ),
+            );
+            statuses.push((
+                obj,
+                ObjectStatus {
+                    report,
+                    l7_enforced: Vec::new(),
+                    generation: p.metadata.generation,
+                    stale: None,
+                },
+            ));
+        }
         let plugins: Vec<WasmPlugin> = range(&inputs.plugins, ns).cloned().collect();
         for p in plugins {
             let mut report = validate::validate_wasm_plugin(&p.spec);
@@ -632,7 +660,11 @@ impl Model {
             ));
         }
         inputs.statuses.retain(|r, _| {
-            !(r.namespace == ns && (r.kind == "AuthorizationPolicy" || r.kind == "WasmPlugin"))
+            !(r.namespace == ns
+                && matches!(
+                    r.kind,
+                    "AuthorizationPolicy" | "PeerAuthentication" | "WasmPlugin"
+                ))
         });
         inputs.statuses.extend(statuses);
         self.derive_routes(inputs, ns, out);
@@ -746,6 +778,7 @@ fn all_refs(i: &Inputs) -> Vec<ObjectRef> {
     v.extend(i.services.keys().map(|k| mk("Service", k)));
     v.extend(i.service_accounts.keys().map(|k| mk("ServiceAccount", k)));
     v.extend(i.policies.keys().map(|k| mk("AuthorizationPolicy", k)));
+    v.extend(i.peer_authns.keys().map(|k| mk("PeerAuthentication", k)));
     v.extend(i.plugins.keys().map(|k| mk("WasmPlugin", k)));
     v.extend(i.http_routes.keys().map(|k| mk("HTTPRoute", k)));
     v.extend(i.grpc_routes.keys().map(|k| mk("GRPCRoute", k)));
@@ -854,6 +887,18 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
                 None => put(&mut i.policies, nn(&r), p),
             }
         }
+        Object::PeerAuthentication(p) => {
+            let errors =
+                |p: &PeerAuthentication| validate::validate_peer_authentication(&p.spec).errors;
+            let held_valid = i
+                .peer_authns
+                .get(&nn(&r))
+                .is_some_and(|old| errors(old).is_empty());
+            match keep_last_good(i, &r, p.metadata.generation, errors(&p), held_valid) {
+                Some(c) => c,
+                None => put(&mut i.peer_authns, nn(&r), p),
+            }
+        }
         Object::WasmPlugin(p) => {
             let errors = |p: &WasmPlugin| validate::validate_wasm_plugin(&p.spec).errors;
             let held_valid = i
@@ -927,6 +972,7 @@ fn holds(i: &Inputs, r: &ObjectRef) -> bool {
         "Service" => i.services.contains_key(&k),
         "ServiceAccount" => i.service_accounts.contains_key(&k),
         "AuthorizationPolicy" => i.policies.contains_key(&k),
+        "PeerAuthentication" => i.peer_authns.contains_key(&k),
         "WasmPlugin" => i.plugins.contains_key(&k),
         "HTTPRoute" => i.http_routes.contains_key(&k),
         "GRPCRoute" => i.grpc_routes.contains_key(&k),
@@ -960,6 +1006,7 @@ fn remove(i: &mut Inputs, r: &ObjectRef, dirty: &mut BTreeSet<String>, pods_chan
         }
         "ServiceAccount" => i.service_accounts.remove(&k).is_some(),
         "AuthorizationPolicy" => i.policies.remove(&k).is_some(),
+        "PeerAuthentication" => i.peer_authns.remove(&k).is_some(),
         "WasmPlugin" => i.plugins.remove(&k).is_some(),
         "HTTPRoute" => i.http_routes.remove(&k).is_some(),
         "GRPCRoute" => i.grpc_routes.remove(&k).is_some(),

@@ -1,5 +1,6 @@
 //! Kubernetes-style YAML manifests: multi-document files of `Namespace`, `Pod`,
-//! `Service`, `ServiceAccount`, `AuthorizationPolicy`, `WasmPlugin`, and the Gateway
+//! `Service`, `ServiceAccount`, `AuthorizationPolicy`, `PeerAuthentication`,
+//! `WasmPlugin`, and the Gateway
 //! API's `HTTPRoute` and `GRPCRoute`. Every bad
 //! document yields a [`ManifestError`] naming file, document, object and field;
 //! the good documents around it are still returned.
@@ -7,7 +8,7 @@
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use serde::Deserialize;
 use std::fmt;
-use weft_proto::crd::{AuthorizationPolicy, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, WasmPlugin};
 use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 
 /// One configuration object.
@@ -18,6 +19,7 @@ pub enum Object {
     Service(Service),
     ServiceAccount(ServiceAccount),
     AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
     WasmPlugin(WasmPlugin),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
@@ -50,6 +52,7 @@ impl Object {
             Object::Service(o) => ("Service", &o.metadata),
             Object::ServiceAccount(o) => ("ServiceAccount", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
             Object::WasmPlugin(o) => ("WasmPlugin", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
@@ -105,6 +108,7 @@ const KINDS: &[(&str, &str)] = &[
     ("Service", "v1"),
     ("ServiceAccount", "v1"),
     ("AuthorizationPolicy", "security.weft.dev/v1alpha1"),
+    ("PeerAuthentication", "security.weft.dev/v1alpha1"),
     ("WasmPlugin", "extensions.weft.dev/v1alpha1"),
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("GRPCRoute", "gateway.networking.k8s.io/v1"),
@@ -237,6 +241,7 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
     }
     if !is_dns_label(&name)
         && kind != "AuthorizationPolicy"
+        && kind != "PeerAuthentication"
         && kind != "WasmPlugin"
         && !is_dns_subdomain(&name)
     {
@@ -258,6 +263,7 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
         "Service" => typed(value).map(Object::Service),
         "ServiceAccount" => typed(value).map(Object::ServiceAccount),
         "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
+        "PeerAuthentication" => typed(value).map(Object::PeerAuthentication),
         "HTTPRoute" => typed(value).map(|r| Object::HttpRoute(Box::new(r))),
         "GRPCRoute" => typed(value).map(|r| Object::GrpcRoute(Box::new(r))),
         "ReferenceGrant" => typed(value).map(|r| Object::ReferenceGrant(Box::new(r))),

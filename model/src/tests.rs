@@ -462,3 +462,66 @@ fn mirror_pods_and_pods_without_a_service_account_get_no_identity() {
     assert!(m.node_runs_identity("node-a", "spiffe://cluster.local/ns/shop/sa/db"));
     assert!(m.refused_pods().is_empty());
 }
+
+fn peer_authn(m: &Model, key: &str) -> Option<pb::PeerAuthentication> {
+    match m.read_state().entries.get(key)?.resource.kind.as_ref()? {
+        Kind::PeerAuthentication(p) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn peer_authentications_are_distributed_with_their_scope_and_fail_closed() {
+    use pb::peer_authentication::MtlsMode;
+    let m = model();
+    let text = format!(
+        "{BASE}\n---\n{}",
+        r#"apiVersion: security.weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: weft-system, creationTimestamp: "2026-01-02T03:04:05Z"}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  mtls: {mode: UNSET}
+  portLevelMtls: {"9090": {mode: PERMISSIVE}}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: typo, namespace: shop}
+spec:
+  portLevelMtls: {"http": {mode: PERMISSIVE}}
+"#
+    );
+    m.apply(SourceEvent::Snapshot(objects(&text)));
+    let mesh = peer_authn(&m, "PeerAuthentication/weft-system/mesh").expect("mesh-wide");
+    assert!(mesh.mesh_wide);
+    assert_eq!(mesh.mode, MtlsMode::Strict as i32);
+    assert_eq!(mesh.created, 1_767_323_045);
+    let db = peer_authn(&m, "PeerAuthentication/shop/db").expect("workload-level");
+    assert!(!db.mesh_wide);
+    assert_eq!(db.mode, MtlsMode::Unset as i32);
+    assert_eq!(db.port_modes, [(9090, MtlsMode::Permissive as i32)].into());
+    // Only the node running the selected workload gets a workload-level one.
+    let st = m.read_state();
+    let e = &st.entries["PeerAuthentication/shop/db"];
+    assert!(e.visible_to("node-b") && !e.visible_to("node-a"));
+    // Mesh-wide: every node that runs an enrolled workload.
+    let e = &st.entries["PeerAuthentication/weft-system/mesh"];
+    assert!(e.visible_to("node-a") && e.visible_to("node-b"));
+    drop(st);
+    // Invalid: distributed as STRICT, its status names the field.
+    let typo = peer_authn(&m, "PeerAuthentication/shop/typo").expect("invalid, fail closed");
+    assert_eq!(typo.mode, MtlsMode::Strict as i32);
+    assert!(typo.port_modes.is_empty());
+    let statuses = m.statuses();
+    let fields: Vec<&str> = statuses
+        .iter()
+        .find(|(r, _)| r.name == "typo")
+        .map(|(_, s)| s.report.errors.iter().map(|e| e.field.as_str()).collect())
+        .unwrap();
+    assert_eq!(fields, ["spec.portLevelMtls", "spec.portLevelMtls[http]"]);
+}

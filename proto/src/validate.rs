@@ -2,7 +2,8 @@
 //! (`spec.rules[0].from[1].source.ipBlocks[2]`), so users can fix it without guessing.
 
 use crate::crd::{
-    Action, AuthorizationPolicySpec, Condition, FailStrategy, Operation, Source, WasmPluginSpec,
+    Action, AuthorizationPolicySpec, Condition, FailStrategy, MtlsMode, Operation,
+    PeerAuthenticationSpec, Source, WasmPluginSpec, WorkloadSelector,
 };
 use std::fmt;
 use std::net::IpAddr;
@@ -106,22 +107,7 @@ pub fn validate_authorization_policy(spec: &AuthorizationPolicySpec) -> Report {
             "CUSTOM (external authorization) is not supported; use ALLOW, DENY or AUDIT",
         );
     }
-    if let Some(sel) = &spec.selector {
-        for (k, v) in &sel.match_labels {
-            if !is_label_key(k) {
-                r.err(
-                    format!("spec.selector.matchLabels[{k}]"),
-                    "not a valid label key",
-                );
-            }
-            if !is_label_value(v) {
-                r.err(
-                    format!("spec.selector.matchLabels[{k}]"),
-                    format!("{v:?} is not a valid label value"),
-                );
-            }
-        }
-    }
+    selector(&mut r, spec.selector.as_ref());
     for (i, rule) in spec.rules.iter().enumerate() {
         let base = format!("spec.rules[{i}]");
         for (j, f) in rule.from.iter().enumerate() {
@@ -133,6 +119,61 @@ pub fn validate_authorization_policy(spec: &AuthorizationPolicySpec) -> Report {
         for (j, c) in rule.when.iter().enumerate() {
             condition(&mut r, &format!("{base}.when[{j}]"), c);
         }
+    }
+    r
+}
+
+fn selector(r: &mut Report, sel: Option<&WorkloadSelector>) {
+    for (k, v) in sel.iter().flat_map(|s| &s.match_labels) {
+        if !is_label_key(k) {
+            r.err(
+                format!("spec.selector.matchLabels[{k}]"),
+                "not a valid label key",
+            );
+        }
+        if !is_label_value(v) {
+            r.err(
+                format!("spec.selector.matchLabels[{k}]"),
+                format!("{v:?} is not a valid label value"),
+            );
+        }
+    }
+}
+
+/// A PeerAuthentication: a valid selector; `portLevelMtls` keys are port numbers
+/// (1-65535) and need a non-empty selector (as in Istio: a port belongs to a
+/// workload). DISABLE is accepted and reported as enforced as PERMISSIVE.
+pub fn validate_peer_authentication(spec: &PeerAuthenticationSpec) -> Report {
+    let mut r = Report::default();
+    selector(&mut r, spec.selector.as_ref());
+    let has_selector = spec
+        .selector
+        .as_ref()
+        .is_some_and(|s| !s.match_labels.is_empty());
+    if !spec.port_level_mtls.is_empty() && !has_selector {
+        r.err(
+            "spec.portLevelMtls",
+            "needs spec.selector: port-level modes apply to the ports of selected workloads",
+        );
+    }
+    for port in spec.port_level_mtls.keys() {
+        if !parse_port(port) {
+            r.err(
+                format!("spec.portLevelMtls[{port}]"),
+                "not a port number (1-65535)",
+            );
+        }
+    }
+    let disabled = spec
+        .mtls
+        .iter()
+        .chain(spec.port_level_mtls.values())
+        .any(|m| m.mode == Some(MtlsMode::Disable));
+    if disabled {
+        r.unsupported(
+            "spec.mtls.mode",
+            "DISABLE is enforced as PERMISSIVE: mesh traffic is always mTLS in weft, and plaintext is accepted",
+        );
     }
     r
 }
@@ -413,6 +454,61 @@ mod tests {
         for bad in ["", "a*b", "**", "*a*"] {
             assert!(!is_string_match(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn peer_authentication_fields() {
+        use crate::crd::MutualTls;
+        let mode = |m| MutualTls { mode: Some(m) };
+        let sel = Some(WorkloadSelector {
+            match_labels: [("app".to_string(), "db".to_string())].into(),
+        });
+        let ok = PeerAuthenticationSpec {
+            selector: sel.clone(),
+            mtls: Some(mode(MtlsMode::Strict)),
+            port_level_mtls: [("9090".to_string(), mode(MtlsMode::Permissive))].into(),
+        };
+        assert_eq!(validate_peer_authentication(&ok), Report::default());
+        let no_selector = PeerAuthenticationSpec {
+            selector: None,
+            ..ok.clone()
+        };
+        let r = validate_peer_authentication(&no_selector);
+        assert_eq!(
+            r.errors
+                .iter()
+                .map(|e| e.field.as_str())
+                .collect::<Vec<_>>(),
+            ["spec.portLevelMtls"]
+        );
+        let bad_port = PeerAuthenticationSpec {
+            port_level_mtls: [
+                ("0".to_string(), mode(MtlsMode::Strict)),
+                ("http".to_string(), mode(MtlsMode::Strict)),
+                ("65536".to_string(), mode(MtlsMode::Strict)),
+            ]
+            .into(),
+            ..ok.clone()
+        };
+        let r = validate_peer_authentication(&bad_port);
+        assert_eq!(
+            r.errors
+                .iter()
+                .map(|e| e.field.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "spec.portLevelMtls[0]",
+                "spec.portLevelMtls[65536]",
+                "spec.portLevelMtls[http]"
+            ]
+        );
+        let disable = PeerAuthenticationSpec {
+            mtls: Some(mode(MtlsMode::Disable)),
+            ..Default::default()
+        };
+        let r = validate_peer_authentication(&disable);
+        assert!(r.is_valid());
+        assert_eq!(r.unsupported.len(), 1, "{r:?}");
     }
 
     #[test]

@@ -24,9 +24,12 @@ fn generated_yaml_is_the_crd() {
     // The YAML must round-trip to exactly the CRD object.
     let crds = [
         serde_json::to_value(weft_proto::crd::AuthorizationPolicy::crd()).unwrap(),
+        serde_json::to_value(weft_proto::crd::PeerAuthentication::crd()).unwrap(),
         serde_json::to_value(weft_proto::crd::WasmPlugin::crd()).unwrap(),
     ];
-    for ((_, yaml), mut want) in weft_proto::crd::all_crd_yaml().iter().zip(crds) {
+    let all = weft_proto::crd::all_crd_yaml();
+    assert_eq!(all.len(), crds.len());
+    for ((_, yaml), mut want) in all.iter().zip(crds) {
         let parsed: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
         // The only change: `null` is not listed among an optional enum's values
         // (1.20 API servers reject the CRD otherwise).

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use weft_authz as authz;
 use weft_model::manifest::Object;
 use weft_proto::crd::{Action, AuthorizationPolicy};
+use weft_proto::pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +134,25 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
         .map(|p| (format!("{}/{}", p.namespace, p.name), authz::compile(p)))
         .collect();
 
+    let peer_authns = mesh.peer_authentications();
+    // STRICT on every port: plaintext never reaches the workload's policies.
+    let strict_everywhere = |w: &pb::Workload| -> Option<String> {
+        let ports = peer_authns
+            .iter()
+            .filter(|p| p.namespace == w.namespace)
+            .flat_map(|p| p.port_modes.keys())
+            .filter_map(|p| u16::try_from(*p).ok());
+        let mut by = None;
+        for port in std::iter::once(0).chain(ports) {
+            let e = authz::mtls::effective(&peer_authns, w, port);
+            if !e.strict {
+                return None;
+            }
+            by = by.or(e.policy_id());
+        }
+        by
+    };
+
     for p in policies(mesh) {
         let (ns, name) = name_of(p);
         let obj = format!("AuthorizationPolicy {ns}/{name}");
@@ -148,10 +168,39 @@ pub fn analyze(mesh: &Mesh) -> Vec<Finding> {
             .iter()
             .find(|(id, _)| *id == format!("{ns}/{name}"))
         {
-            let selected = workloads
+            let selected_workloads: Vec<&pb::Workload> = workloads
                 .iter()
                 .filter(|w| w.enrolled && c.applies_to_labels(&w.namespace, &w.labels))
-                .count();
+                .collect();
+            let selected = selected_workloads.len();
+            let strict: Vec<String> = selected_workloads
+                .iter()
+                .map(|w| strict_everywhere(w))
+                .collect::<Option<Vec<String>>>()
+                .unwrap_or_default();
+            let allow = p.spec.action.unwrap_or_default() == Action::Allow;
+            if allow && selected > 0 && !strict.is_empty() {
+                for (i, r) in p.spec.rules.iter().enumerate() {
+                    for (j, f) in r.from.iter().enumerate() {
+                        let s = &f.source;
+                        let by_ip = !s.ip_blocks.is_empty() || !s.remote_ip_blocks.is_empty();
+                        let by_identity = !s.principals.is_empty()
+                            || !s.namespaces.is_empty()
+                            || !s.service_accounts.is_empty();
+                        if by_ip && !by_identity {
+                            let mut by: Vec<String> = strict.clone();
+                            by.sort();
+                            by.dedup();
+                            out.push(warning(
+                                "PlaintextRuleOnStrictWorkload",
+                                obj.clone(),
+                                format!("spec.rules[{i}].from[{j}].source.ipBlocks"),
+                                format!("every workload it selects is STRICT (PeerAuthentication {}): plaintext never reaches this rule, so the addresses can only match mesh clients", by.join(", ")),
+                            ));
+                        }
+                    }
+                }
+            }
             if selected == 0 {
                 out.push(warning(
                     "SelectsNothing",

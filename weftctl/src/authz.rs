@@ -162,6 +162,7 @@ pub fn check(mesh: &Mesh, a: &CheckArgs) -> anyhow::Result<(Report, bool)> {
             },
         );
     let compiled: Vec<authz::CompiledPolicy> = mesh.policies().iter().map(authz::compile).collect();
+    let peer_authns = mesh.peer_authentications();
     let mut rows = Vec::new();
     let mut results = Vec::new();
     let mut all_allowed = true;
@@ -195,7 +196,20 @@ pub fn check(mesh: &Mesh, a: &CheckArgs) -> anyhow::Result<(Report, bool)> {
             request: request.clone(),
             l7_pending: false,
         };
-        let d = authz::evaluate(applicable.iter().copied(), &attrs);
+        let mtls = authz::mtls::effective(&peer_authns, w, *port);
+        let strict_by = mtls.policy_id().filter(|_| mtls.strict);
+        let d = match &strict_by {
+            // What the proxy does first: plaintext to a STRICT port never reaches
+            // the AuthorizationPolicies.
+            Some(id) if from.principal.is_none() => authz::Decision {
+                allowed: false,
+                policy: Some(format!("PeerAuthentication {id}").into()),
+                rule: None,
+                audited: Vec::new(),
+                reason: "plaintext refused: STRICT mTLS (PeerAuthentication)",
+            },
+            _ => authz::evaluate(applicable.iter().copied(), &attrs),
+        };
         all_allowed &= d.allowed;
         rows.push(vec![
             dst.clone(),
@@ -215,6 +229,10 @@ pub fn check(mesh: &Mesh, a: &CheckArgs) -> anyhow::Result<(Report, bool)> {
             "reason": d.reason,
             "audited_by": d.audited,
             "policies_considered": applicable.iter().map(|p| p.id()).collect::<Vec<_>>(),
+            "mtls": {
+                "mode": if mtls.strict { "STRICT" } else { "PERMISSIVE" },
+                "peer_authentication": mtls.policy_id(),
+            },
         }));
     }
     let mut report = Report::new(json!({

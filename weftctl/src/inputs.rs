@@ -66,6 +66,13 @@ impl Mesh {
         })
     }
 
+    pub fn peer_authentications(&self) -> Vec<pb::PeerAuthentication> {
+        self.of_kind(|k| match k {
+            Kind::PeerAuthentication(p) => Some(p),
+            _ => None,
+        })
+    }
+
     pub fn policies(&self) -> Vec<pb::AuthorizationPolicy> {
         self.of_kind(|k| match k {
             Kind::AuthorizationPolicy(p) => Some(p),

@@ -1,4 +1,5 @@
-//! CRD status: the leader writes each AuthorizationPolicy's and WasmPlugin's
+//! CRD status: the leader writes each AuthorizationPolicy's, PeerAuthentication's
+//! and WasmPlugin's
 //! `Accepted` condition and `observedGeneration` with server-side apply (field
 //! manager `weft-control-plane`), only when they change.
 //!
@@ -18,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_model::{Model, ObjectStatus};
 use weft_proto::crd::{
-    AuthorizationPolicy, ResourceStatus, StatusCondition, WasmPlugin, CONDITION_ACCEPTED,
+    AuthorizationPolicy, PeerAuthentication, ResourceStatus, StatusCondition, WasmPlugin,
+    CONDITION_ACCEPTED,
 };
 
 pub const FIELD_MANAGER: &str = "weft-control-plane";
@@ -63,7 +65,16 @@ pub fn accepted_condition(kind: &str, st: &ObjectStatus) -> StatusCondition {
         } else {
             "InvalidSpec"
         };
-        ("False", reason, list(&st.report.errors))
+        let consequence = if kind == "PeerAuthentication" {
+            "; enforced as STRICT on the workloads it selects until fixed"
+        } else {
+            ""
+        };
+        (
+            "False",
+            reason,
+            format!("{}{consequence}", list(&st.report.errors)),
+        )
     } else if !st.report.unsupported.is_empty() {
         let partial = st
             .report
@@ -106,6 +117,7 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
     match kind {
         "AuthorizationPolicy" => Some(ApiResource::erase::<AuthorizationPolicy>(&())),
         "WasmPlugin" => Some(ApiResource::erase::<WasmPlugin>(&())),
+        "PeerAuthentication" => Some(ApiResource::erase::<PeerAuthentication>(&())),
         _ => None,
     }
 }
@@ -237,6 +249,19 @@ mod tests {
         );
         let c = accepted_condition("AuthorizationPolicy", &st(&[], &[]));
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Accepted"));
+        // An invalid PeerAuthentication says it is enforced fail-closed.
+        let c = accepted_condition(
+            "PeerAuthentication",
+            &st(&[("spec.portLevelMtls", "needs spec.selector")], &[]),
+        );
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(
+            c.message,
+            "spec.portLevelMtls: needs spec.selector; enforced as STRICT on the workloads it selects until fixed"
+        );
         // A valid version in force while the latest one is invalid: stale, and why.
         let mut stale = st(&[], &[]);
         stale.stale = Some(weft_model::Stale {

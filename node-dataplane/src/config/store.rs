@@ -18,6 +18,8 @@ pub struct StoreSnapshot {
     pub workloads: OrdMap<String, Arc<pb::Workload>>,
     pub services: OrdMap<String, Arc<pb::Service>>,
     pub policies: OrdMap<String, Arc<pb::AuthorizationPolicy>>,
+    /// PeerAuthentications (which workload ports refuse plaintext).
+    pub peer_authns: OrdMap<String, Arc<pb::PeerAuthentication>>,
     pub plugins: OrdMap<String, Arc<pb::WasmPlugin>>,
     pub trust_bundles: OrdMap<String, Arc<pb::TrustBundle>>,
     /// Gateway API routes (HTTPRoute, GRPCRoute) attached to Services.
@@ -189,6 +191,9 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
         Some(Kind::AuthorizationPolicy(p)) => {
             s.policies.insert(k, Arc::new(p.clone()));
         }
+        Some(Kind::PeerAuthentication(p)) => {
+            s.peer_authns.insert(k, Arc::new(p.clone()));
+        }
         Some(Kind::WasmPlugin(p)) => {
             s.plugins.insert(k, Arc::new(p.clone()));
         }
@@ -223,6 +228,7 @@ fn remove(s: &mut StoreSnapshot, k: &str) {
         unindex(&mut s.service_by_vip, k, &v.cluster_ips);
     }
     s.policies.remove(k);
+    s.peer_authns.remove(k);
     s.plugins.remove(k);
     s.trust_bundles.remove(k);
     if let Some(r) = s.routes.remove(k) {

@@ -60,6 +60,12 @@ pub struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StrictLabels {
+    /// `namespace/name` of the PeerAuthentication that set STRICT.
+    pub peer_authentication: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub source_principal: String,
     pub destination_principal: String,
@@ -78,6 +84,7 @@ pub struct TrafficMetrics {
     pub sent: Family<TcpLabels, Counter>,
     pub received: Family<TcpLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
+    pub strict_refused: Family<StrictLabels, Counter>,
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub pool_streams: Family<PoolLabels, Gauge>,
 }
@@ -96,6 +103,7 @@ impl Default for TrafficMetrics {
             sent: Family::default(),
             received: Family::default(),
             authz: Family::default(),
+            strict_refused: Family::default(),
             pool_connections: Family::default(),
             pool_streams: Family::default(),
         }
@@ -165,6 +173,11 @@ impl TrafficMetrics {
             "authz_decisions",
             "Authorization decisions by decision and deciding policy",
             self.authz.clone(),
+        );
+        r.register(
+            "plaintext_refused_strict_mtls",
+            "Plaintext connections refused because a PeerAuthentication makes the port STRICT",
+            self.strict_refused.clone(),
         );
         r.register(
             "hbone_pool_connections",

@@ -247,12 +247,45 @@ impl ProxyState {
         compiled
     }
 
-    /// Authorizes a connection to the local workload `dst`.
+    /// Authorizes a connection to the local workload `dst`: plaintext (no peer
+    /// principal) to a port a PeerAuthentication makes STRICT is refused before any
+    /// AuthorizationPolicy is looked at.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
+        if attrs.principal.is_none() {
+            if let Some(d) = self.strict_refusal(dst, attrs.destination_port) {
+                return d;
+            }
+        }
         let compiled = self.compiled_policies();
         let d = authz::evaluate(compiled.applicable(dst), attrs);
         self.record_decision(&d);
         d
+    }
+
+    /// The refusal of a plaintext connection to `port` of `dst` when a
+    /// PeerAuthentication makes it STRICT (counted); `None` when plaintext may pass
+    /// on to authorization.
+    fn strict_refusal(&self, dst: &pb::Workload, port: u16) -> Option<Decision> {
+        let snap = self.config.snapshot();
+        if snap.peer_authns.is_empty() {
+            return None;
+        }
+        let e = weft_authz::mtls::effective(snap.peer_authns.values().map(|p| &**p), dst, port);
+        if !e.strict {
+            return None;
+        }
+        let id = e.policy_id().unwrap_or_default();
+        let l = crate::metrics::traffic::StrictLabels {
+            peer_authentication: id.clone(),
+        };
+        self.metrics.traffic.strict_refused.get_or_create(&l).inc();
+        Some(Decision {
+            allowed: false,
+            policy: Some(format!("PeerAuthentication {id}").into()),
+            rule: None,
+            audited: Vec::new(),
+            reason: "plaintext refused: STRICT mTLS (PeerAuthentication)",
+        })
     }
 
     /// Decides one HTTP request to the local workload `dst` (not counted: the

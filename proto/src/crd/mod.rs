@@ -2,10 +2,12 @@
 //! from these (`weft-control-plane crds`), and a test keeps the two identical.
 
 mod authz;
+mod peer_authn;
 mod status;
 mod wasm;
 
 pub use authz::*;
+pub use peer_authn::*;
 pub use status::*;
 pub use wasm::*;
 
@@ -34,6 +36,10 @@ pub fn all_crd_yaml() -> Vec<(&'static str, String)> {
         (
             "authorizationpolicies.security.weft.dev.yaml",
             render(AuthorizationPolicy::crd()),
+        ),
+        (
+            "peerauthentications.security.weft.dev.yaml",
+            render(PeerAuthentication::crd()),
         ),
         (
             "wasmplugins.extensions.weft.dev.yaml",
