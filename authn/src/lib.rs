@@ -267,6 +267,27 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// A short snake_case code for metric labels (`expired`, `bad_signature`, ...).
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::MultipleTokens => "multiple_tokens",
+            Reason::TokenTooLarge => "too_large",
+            Reason::Malformed => "malformed",
+            Reason::AlgorithmNotAllowed => "algorithm_not_allowed",
+            Reason::UnknownKid => "unknown_kid",
+            Reason::NoMatchingKey => "no_matching_key",
+            Reason::BadSignature => "bad_signature",
+            Reason::IssuerMismatch => "issuer",
+            Reason::AudienceMismatch => "audience",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::InvalidClaims => "invalid_claims",
+            Reason::CryptoUnavailable => "crypto_unavailable",
+        }
+    }
+}
+
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -275,6 +296,18 @@ impl std::fmt::Display for Reason {
 
 /// Validates a rule and parses its JWKS.
 pub fn compile(rule: &JwtRule) -> Result<CompiledRule, RuleError> {
+    let keys = jwks::parse(&rule.jwks)?;
+    compile_with(rule, keys)
+}
+
+/// A rule whose key set is not available (not fetched yet, or not valid): it finds
+/// tokens where the rule says and rejects every one of its issuer, so such a token
+/// is never mistaken for a request without a token. `rule.jwks` is ignored.
+pub fn compile_without_keys(rule: &JwtRule) -> Result<CompiledRule, RuleError> {
+    compile_with(rule, Vec::new())
+}
+
+fn compile_with(rule: &JwtRule, keys: Vec<jwks::Key>) -> Result<CompiledRule, RuleError> {
     if rule.issuer.trim().is_empty() {
         return Err(RuleError::new("issuer", "required"));
     }
@@ -305,7 +338,6 @@ pub fn compile(rule: &JwtRule) -> Result<CompiledRule, RuleError> {
         }
         output.push((o.header.to_ascii_lowercase(), path));
     }
-    let keys = jwks::parse(&rule.jwks)?;
     Ok(CompiledRule {
         issuer: rule.issuer.clone(),
         audiences,

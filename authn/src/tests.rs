@@ -953,3 +953,21 @@ fn compiled_rules_can_be_shared_across_threads() {
     assert_send_sync::<CompiledRule>();
     assert_send_sync::<Outcome>();
 }
+
+#[test]
+fn a_rule_without_keys_rejects_its_tokens_and_passes_requests_without_one() {
+    let r = JwtRule {
+        jwks: String::new(),
+        ..rule()
+    };
+    assert!(
+        crate::compile(&r).is_err(),
+        "no key set: not a verifying rule"
+    );
+    let rules = vec![crate::compile_without_keys(&r).unwrap()];
+    assert_eq!(
+        rejected(bearer(&rules, &rs256(&claims()))),
+        Reason::UnknownKid
+    );
+    assert!(matches!(run(&rules, &[], None), Outcome::NoToken));
+}

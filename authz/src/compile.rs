@@ -64,8 +64,8 @@ struct Source {
     service_accounts: Field<(String, String)>,
     ip_blocks: Field<Cidr>,
     remote_ip_blocks: Field<Cidr>,
-    /// JWT: cannot be evaluated.
-    request_principals: bool,
+    /// JWT `<iss>/<sub>` of the request (an L7 field).
+    request_principals: Field<StringMatch>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -84,8 +84,19 @@ enum Key {
     DestinationIp,
     DestinationPort,
     Header(String),
-    /// JWT claims, SNI, or anything this evaluator cannot see.
+    /// `request.auth.principal`, `.audiences`, `.presenter`, `.claims[a][b]`: the
+    /// request's JWT (an L7 field).
+    Auth(AuthKey),
+    /// SNI, or anything this evaluator cannot see.
     Unsupported,
+}
+
+#[derive(Debug, Clone)]
+enum AuthKey {
+    Principal,
+    Audiences,
+    Presenter,
+    Claim(Vec<String>),
 }
 
 #[derive(Debug, Clone)]
@@ -143,8 +154,10 @@ fn source(s: &pb::Source) -> Result<Source, String> {
             any: cidrs(&s.remote_ip_blocks)?,
             not: cidrs(&s.not_remote_ip_blocks)?,
         },
-        request_principals: !s.request_principals.is_empty()
-            || !s.not_request_principals.is_empty(),
+        request_principals: Field {
+            any: strings(&s.request_principals),
+            not: strings(&s.not_request_principals),
+        },
     })
 }
 
@@ -176,12 +189,19 @@ fn condition(c: &pb::Condition) -> Result<Condition, String> {
         "source.principal" => Key::SourcePrincipal,
         "destination.ip" => Key::DestinationIp,
         "destination.port" => Key::DestinationPort,
-        k => match k
-            .strip_prefix("request.headers[")
-            .and_then(|h| h.strip_suffix(']'))
-        {
-            Some(h) => Key::Header(h.to_ascii_lowercase()),
-            None => Key::Unsupported,
+        "request.auth.principal" => Key::Auth(AuthKey::Principal),
+        "request.auth.audiences" => Key::Auth(AuthKey::Audiences),
+        "request.auth.presenter" => Key::Auth(AuthKey::Presenter),
+        k => match (
+            k.strip_prefix("request.headers[")
+                .and_then(|h| h.strip_suffix(']')),
+            weft_proto::validate::claim_path(k),
+        ) {
+            (Some(h), _) => Key::Header(h.to_ascii_lowercase()),
+            (None, Some(path)) => Key::Auth(AuthKey::Claim(
+                path.into_iter().map(str::to_string).collect(),
+            )),
+            (None, None) => Key::Unsupported,
         },
     };
     if matches!(key, Key::SourceIp | Key::DestinationIp) {
@@ -294,7 +314,7 @@ impl CompiledPolicy {
     pub fn needs_http(&self, port: u16) -> bool {
         self.broken.is_none()
             && self.rules.iter().any(|r| {
-                let header_cond = r.when.iter().any(|c| matches!(c.key, Key::Header(_)));
+                let header_cond = r.reads_request();
                 let l7_to =
                     r.to.iter()
                         .any(|o| o.is_l7() && o.ports.check(|p| *p == port, true));
@@ -309,10 +329,7 @@ impl CompiledPolicy {
         self.rules
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
-                r.to.iter().any(Operation::is_l7)
-                    || r.when.iter().any(|c| matches!(c.key, Key::Header(_)))
-            })
+            .filter(|(_, r)| r.to.iter().any(Operation::is_l7) || r.reads_request())
             .map(|(i, _)| i)
             .collect()
     }
@@ -326,6 +343,18 @@ struct Unknown {
     l7: bool,
 }
 
+impl Rule {
+    /// Does the rule read the request beyond its operation: its headers or its JWT
+    /// (request principals, `request.auth.*`)?
+    fn reads_request(&self) -> bool {
+        self.from.iter().any(|s| s.request_principals.is_set())
+            || self
+                .when
+                .iter()
+                .any(|c| matches!(c.key, Key::Header(_) | Key::Auth(_)))
+    }
+}
+
 impl Operation {
     fn is_l7(&self) -> bool {
         self.hosts.is_set() || self.methods.is_set() || self.paths.is_set()
@@ -333,14 +362,29 @@ impl Operation {
 }
 
 fn rule_matches(r: &Rule, a: &Attributes, unknown: Unknown) -> bool {
-    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, a, unknown.other)))
+    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, a, unknown)))
         && (r.to.is_empty() || r.to.iter().any(|o| operation_matches(o, a, unknown.l7)))
         && r.when.iter().all(|c| condition_matches(c, a, unknown))
 }
 
-fn source_matches(s: &Source, a: &Attributes, unknown: bool) -> bool {
-    if s.request_principals {
-        return unknown;
+fn source_matches(s: &Source, a: &Attributes, unknown: Unknown) -> bool {
+    if s.request_principals.is_set() {
+        let jwt_ok = match &a.request {
+            // Not HTTP (yet): the request principal cannot be seen.
+            None => unknown.l7,
+            Some(req) => {
+                let p = req
+                    .auth
+                    .as_deref()
+                    .map(|x| x.principal.as_str())
+                    .filter(|p| !p.is_empty());
+                s.request_principals
+                    .check(|m| p.is_some_and(|p| m.matches(p)), p.is_some())
+            }
+        };
+        if !jwt_ok {
+            return false;
+        }
     }
     let principal = a.principal.as_deref();
     let ns_sa = a.peer_ns_sa();
@@ -397,12 +441,34 @@ fn condition_matches(c: &Condition, a: &Attributes, unknown: Unknown) -> bool {
                 let m = StringMatch::parse(v);
                 req.headers.iter().any(|(k, val)| k == h && m.matches(val))
             }
-            Key::Unsupported => return None,
+            Key::Auth(_) | Key::Unsupported => return None,
         })
     };
-    match c.key {
+    match &c.key {
         Key::Unsupported => unknown.other,
-        Key::Header(_) if a.request.is_none() => unknown.l7,
+        Key::Header(_) | Key::Auth(_) if a.request.is_none() => unknown.l7,
+        Key::Auth(k) => {
+            // The request's JWT values for the key: none without a token.
+            let auth = a.request.as_ref().and_then(|r| r.auth.as_deref());
+            let have: Vec<String> = match (auth, k) {
+                (None, _) => Vec::new(),
+                (Some(x), AuthKey::Principal) => vec![x.principal.clone()]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .collect(),
+                (Some(x), AuthKey::Audiences) => x.audiences.clone(),
+                (Some(x), AuthKey::Presenter) => x.presenter.clone().into_iter().collect(),
+                (Some(x), AuthKey::Claim(path)) => {
+                    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                    weft_authn::claim_values(&x.claims, &path)
+                }
+            };
+            let hit = |v: &String| {
+                let m = StringMatch::parse(v);
+                have.iter().any(|h| m.matches(h))
+            };
+            (c.values.is_empty() || c.values.iter().any(hit)) && !c.not_values.iter().any(hit)
+        }
         _ => {
             // An absent attribute matches no value (so `values` fails, `notValues` passes).
             let any = c.values.is_empty() || c.values.iter().any(|v| test(v) == Some(true));

@@ -4,9 +4,9 @@
 //! Decision for a connection (or request) to a workload: any matching DENY policy
 //! denies; otherwise, if no ALLOW policy applies to the workload, allow; otherwise any
 //! matching ALLOW allows; otherwise deny. AUDIT policies never change the decision.
-//! Fields that cannot be evaluated here (JWT claims; L7 fields on a non-HTTP
-//! connection) make an ALLOW rule not match and a DENY rule match: never more
-//! permissive than the policy.
+//! Fields that cannot be evaluated here (L7 fields, JWT principals and claims included,
+//! on a connection that is not HTTP) make an ALLOW rule not match and a DENY rule
+//! match: never more permissive than the policy.
 
 #![forbid(unsafe_code)]
 
@@ -48,6 +48,21 @@ pub struct Request {
     pub host: String,
     /// Lower-case header names.
     pub headers: Vec<(String, String)>,
+    /// The request's verified JWT (RequestAuthentication), if it carried one.
+    pub auth: Option<Arc<RequestAuth>>,
+}
+
+/// What a verified JSON Web Token says, as `requestPrincipals` and the
+/// `request.auth.*` condition keys read it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestAuth {
+    /// `<iss>/<sub>`.
+    pub principal: String,
+    pub audiences: Vec<String>,
+    /// The `azp` claim.
+    pub presenter: Option<String>,
+    /// Every claim.
+    pub claims: serde_json::Value,
 }
 
 impl Attributes {

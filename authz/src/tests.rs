@@ -464,6 +464,7 @@ fn operation_fields_at_l7() {
             path: path.into(),
             host: host.into(),
             headers: vec![("x-env".into(), "prod".into())],
+            auth: None,
         }),
         ..t_conn()
     };
@@ -668,7 +669,7 @@ fn when_conditions_and_negations() {
             "{key} {values:?} !{not_values:?}: P"
         );
     }
-    // Header conditions need HTTP; JWT claims are never available.
+    // Header conditions and JWT claims need HTTP: without a request they fail closed.
     assert!(!allowed(&allow_when("request.headers[x]", &["y"], &[]), &t));
     assert!(!allowed(
         &allow_when("request.auth.claims[iss]", &["x"], &[]),
@@ -736,7 +737,7 @@ fn decision_order_and_audit() {
     assert!(!d.allowed);
     // A DENY that does not match leaves the ALLOW decision.
     assert!(evaluate([&deny_ns, &allow_all], &a_conn()).allowed);
-    // JWT request principals: ALLOW never matches, DENY always does.
+    // JWT request principals without a request (L4): ALLOW never matches, DENY always does.
     let jwt_allow = allow_from(pb::Source {
         request_principals: v(&["iss/sub"]),
         ..Default::default()
@@ -826,4 +827,126 @@ fn cidr_and_string_matchers() {
     assert!(StringMatch::parse("ab*").matches("abc"));
     assert!(StringMatch::parse("*bc").matches("abc"));
     assert!(!StringMatch::parse("abc").matches("abcd"));
+}
+
+/// A request of connection T, with a verified JWT when `auth` is given.
+fn jwt_request(auth: Option<RequestAuth>) -> Attributes {
+    Attributes {
+        request: Some(Request {
+            method: "GET".into(),
+            path: "/".into(),
+            host: "shop".into(),
+            headers: Vec::new(),
+            auth: auth.map(std::sync::Arc::new),
+        }),
+        ..t_conn()
+    }
+}
+
+fn alice() -> RequestAuth {
+    RequestAuth {
+        principal: "https://issuer.example/alice".into(),
+        audiences: vec!["shop".into(), "billing".into()],
+        presenter: Some("web-app".into()),
+        claims: serde_json::json!({
+            "iss": "https://issuer.example",
+            "sub": "alice",
+            "groups": ["admins", "dev"],
+            "org": {"team": "payments", "level": 3},
+        }),
+    }
+}
+
+#[test]
+fn jwt_request_principals_at_l7() {
+    let allow_alice = allow_from(pb::Source {
+        request_principals: v(&["https://issuer.example/alice"]),
+        ..Default::default()
+    });
+    let allow_any_jwt = allow_from(pb::Source {
+        request_principals: v(&["*"]),
+        ..Default::default()
+    });
+    assert!(allowed(&allow_alice, &jwt_request(Some(alice()))));
+    assert!(allowed(&allow_any_jwt, &jwt_request(Some(alice()))));
+    let bob = RequestAuth {
+        principal: "https://issuer.example/bob".into(),
+        ..alice()
+    };
+    assert!(!allowed(&allow_alice, &jwt_request(Some(bob))));
+    // No token: no request principal, so a positive list never matches ...
+    assert!(!allowed(&allow_any_jwt, &jwt_request(None)));
+    // ... and `notRequestPrincipals: ["*"]` (require a token) does.
+    let deny_without_jwt = policy(
+        pb::authorization_policy::Action::Deny,
+        vec![pb::Rule {
+            from: vec![pb::Source {
+                not_request_principals: v(&["*"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+    let allow_all = policy(
+        pb::authorization_policy::Action::Allow,
+        vec![pb::Rule::default()],
+    );
+    assert!(!evaluate([&deny_without_jwt, &allow_all], &jwt_request(None)).allowed);
+    assert!(evaluate([&deny_without_jwt, &allow_all], &jwt_request(Some(alice()))).allowed);
+    // A token without `sub` has no principal.
+    let no_sub = RequestAuth {
+        principal: String::new(),
+        ..alice()
+    };
+    assert!(!allowed(&allow_any_jwt, &jwt_request(Some(no_sub))));
+    // The peer principal still counts alongside: both must match.
+    let both = allow_from(pb::Source {
+        request_principals: v(&["*"]),
+        principals: v(&["cluster.local/ns/other/sa/x"]),
+        ..Default::default()
+    });
+    assert!(!allowed(&both, &jwt_request(Some(alice()))));
+    // Such a policy makes the port parsed as HTTP.
+    assert!(allow_alice.needs_http(8080));
+}
+
+#[test]
+fn jwt_conditions_at_l7() {
+    let cases: &[(&str, &[&str], &[&str], bool)] = &[
+        (
+            "request.auth.principal",
+            &["https://issuer.example/alice"],
+            &[],
+            true,
+        ),
+        ("request.auth.principal", &["*/bob"], &[], false),
+        ("request.auth.audiences", &["billing"], &[], true),
+        ("request.auth.audiences", &["other"], &[], false),
+        ("request.auth.presenter", &["web-*"], &[], true),
+        ("request.auth.claims[groups]", &["admins"], &[], true),
+        ("request.auth.claims[groups]", &["ops"], &[], false),
+        ("request.auth.claims[groups]", &[], &["dev"], false),
+        ("request.auth.claims[org][team]", &["payments"], &[], true),
+        ("request.auth.claims[org][level]", &["3"], &[], true),
+        ("request.auth.claims[org][missing]", &["x"], &[], false),
+        ("request.auth.claims[org][missing]", &[], &["x"], true),
+    ];
+    for (key, values, not_values, want) in cases {
+        let p = allow_when(key, values, not_values);
+        assert_eq!(
+            allowed(&p, &jwt_request(Some(alice()))),
+            *want,
+            "{key} {values:?} !{not_values:?}"
+        );
+        assert!(p.needs_http(8080), "{key}");
+    }
+    // No token: values never match, notValues always pass.
+    assert!(!allowed(
+        &allow_when("request.auth.claims[groups]", &["admins"], &[]),
+        &jwt_request(None)
+    ));
+    assert!(allowed(
+        &allow_when("request.auth.claims[groups]", &[], &["admins"]),
+        &jwt_request(None)
+    ));
 }

@@ -48,6 +48,7 @@ fn refresh_gauges(s: &AdminState) {
         resource::KIND_SERVICE,
         resource::KIND_AUTHZ,
         resource::KIND_PEER_AUTHN,
+        resource::KIND_REQUEST_AUTHN,
         resource::KIND_WASM,
         resource::KIND_TRUST_BUNDLE,
     ] {

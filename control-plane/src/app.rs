@@ -154,6 +154,8 @@ pub async fn start(
         },
         modules.clone(),
     );
+    // RequestAuthentications' `jwksUri` key sets: fetched here, never by nodes.
+    model.set_jwks_source(Arc::new(crate::jwks::JwksStore::default()));
     let sessions = Arc::new(Sessions::default());
     // Set once the source's first complete snapshot is in the model: until then no node
     // is sent anything and no certificate is signed (fail static).

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod identity;
+pub mod jwks;
 pub mod k8s;
 pub mod metrics;
 pub mod server;

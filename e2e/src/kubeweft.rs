@@ -16,6 +16,7 @@ pub const RELEASE: &str = "weft";
 pub const CRDS: &[&str] = &[
     "authorizationpolicies.security.weft.dev",
     "peerauthentications.security.weft.dev",
+    "requestauthentications.security.weft.dev",
     "wasmplugins.extensions.weft.dev",
 ];
 

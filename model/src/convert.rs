@@ -4,7 +4,9 @@ use super::enrollment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
-use weft_proto::crd::{self, AuthorizationPolicy, PeerAuthentication, WasmPlugin};
+use weft_proto::crd::{
+    self, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WasmPlugin,
+};
 use weft_proto::pb;
 use weft_proto::spiffe::{SpiffeId, TrustDomain};
 use weft_proto::validate::Report;
@@ -403,6 +405,125 @@ pub fn peer_authentication(
             .as_ref()
             .map(|t| t.0.as_second())
             .unwrap_or(0),
+    }
+}
+
+/// Converts a RequestAuthentication, with each rule's key set: inline `jwks`, or
+/// what `fetch` gives for its `jwksUri` (the control plane's fetcher). A rule whose
+/// key set is not valid or not available is distributed without keys (and
+/// `jwks_error` saying why), so tokens of its issuer are refused: a token is never
+/// believed unverified. Problems are added to `report`, naming the field.
+pub fn request_authentication(
+    p: &RequestAuthentication,
+    report: &mut Report,
+    root_namespace: &str,
+    fetch: impl Fn(&str) -> crate::jwks::JwksResolved,
+) -> pb::RequestAuthentication {
+    use crate::jwks::JwksResolved;
+    let namespace = p.metadata.namespace.clone().unwrap_or_default();
+    let selector: std::collections::HashMap<String, String> = p
+        .spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone().into_iter().collect())
+        .unwrap_or_default();
+    let mut rules = Vec::new();
+    for (i, r) in p.spec.jwt_rules.iter().enumerate() {
+        if r.issuer.is_empty() {
+            continue; // reported by validation; a rule without an issuer is unusable
+        }
+        let (jwks, jwks_error) = match (&r.jwks, &r.jwks_uri) {
+            (Some(inline), _) => (inline.clone(), String::new()),
+            (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("https://") => {
+                match fetch(uri) {
+                    JwksResolved::Ready(text) => (text, String::new()),
+                    JwksResolved::Pending => (String::new(), "the key set is being fetched".into()),
+                    JwksResolved::Failed(why) => {
+                        report.errors.push(weft_proto::validate::FieldError {
+                            field: format!("spec.jwtRules[{i}].jwksUri"),
+                            message: format!("the key set is not available: {why}; tokens of this issuer are refused"),
+                        });
+                        (String::new(), why)
+                    }
+                }
+            }
+            _ => (String::new(), "no key set".into()),
+        };
+        let rule = weft_authn::JwtRule {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks: jwks.clone(),
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| weft_authn::JwtHeader {
+                    name: h.name.clone(),
+                    prefix: h.prefix.clone().unwrap_or_default(),
+                })
+                .collect(),
+            from_params: r.from_params.clone(),
+            forward_original_token: r.forward_original_token.unwrap_or(false),
+            output_claim_to_headers: r
+                .output_claim_to_headers
+                .iter()
+                .map(|o| weft_authn::ClaimToHeader {
+                    header: o.header.clone(),
+                    claim: o.claim.clone(),
+                })
+                .collect(),
+        };
+        // What the node will compile, checked here so the status names the problem.
+        let (jwks, jwks_error) = if jwks.is_empty() {
+            (jwks, jwks_error)
+        } else {
+            match weft_authn::compile(&rule) {
+                Ok(_) => (jwks, jwks_error),
+                Err(e) => {
+                    let field = if e.field().starts_with("jwks") && r.jwks.is_none() {
+                        "jwksUri".to_string()
+                    } else {
+                        e.field().to_string()
+                    };
+                    report.errors.push(weft_proto::validate::FieldError {
+                        field: format!("spec.jwtRules[{i}].{field}"),
+                        message: format!("{}; tokens of this issuer are refused", e.message()),
+                    });
+                    (String::new(), e.to_string())
+                }
+            }
+        };
+        rules.push(pb::JwtRule {
+            issuer: rule.issuer,
+            audiences: rule.audiences,
+            jwks,
+            from_headers: rule
+                .from_headers
+                .into_iter()
+                .map(|h| pb::JwtHeader {
+                    name: h.name,
+                    prefix: h.prefix,
+                })
+                .collect(),
+            from_params: rule.from_params,
+            forward_original_token: rule.forward_original_token,
+            output_claim_to_headers: rule
+                .output_claim_to_headers
+                .into_iter()
+                .map(|o| pb::ClaimToHeader {
+                    header: o.header,
+                    claim: o.claim,
+                })
+                .collect(),
+            jwks_uri: r.jwks_uri.clone().unwrap_or_default(),
+            jwks_error,
+        });
+    }
+    pb::RequestAuthentication {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        mesh_wide: namespace == root_namespace && selector.is_empty(),
+        namespace,
+        selector,
+        rules,
     }
 }
 

@@ -37,6 +37,7 @@ fn content_hash(o: &Object) -> u64 {
         Object::ServiceAccount(x) => serde_json::to_vec(x),
         Object::AuthorizationPolicy(x) => serde_json::to_vec(x),
         Object::PeerAuthentication(x) => serde_json::to_vec(x),
+        Object::RequestAuthentication(x) => serde_json::to_vec(x),
         Object::WasmPlugin(x) => serde_json::to_vec(x),
         Object::HttpRoute(x) => serde_json::to_vec(x),
         Object::GrpcRoute(x) => serde_json::to_vec(x),

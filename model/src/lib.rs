@@ -13,6 +13,7 @@
 pub mod convert;
 pub mod directory;
 pub mod enrollment;
+pub mod jwks;
 pub mod l7;
 pub mod manifest;
 pub mod modules;
@@ -25,12 +26,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::broadcast;
-use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WasmPlugin};
 use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use weft_proto::pb::{self, resource::Kind};
 use weft_proto::resource::{
-    self as res, KIND_AUTHZ, KIND_GRPC_ROUTE, KIND_HTTP_ROUTE, KIND_PEER_AUTHN, KIND_SERVICE,
-    KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD,
+    self as res, KIND_AUTHZ, KIND_GRPC_ROUTE, KIND_HTTP_ROUTE, KIND_PEER_AUTHN, KIND_REQUEST_AUTHN,
+    KIND_SERVICE, KIND_TRUST_BUNDLE, KIND_WASM, KIND_WORKLOAD,
 };
 use weft_proto::spiffe::TrustDomain;
 use weft_proto::validate::{self, Report};
@@ -165,6 +166,7 @@ struct Inputs {
     service_accounts: BTreeMap<(String, String), ServiceAccount>,
     policies: BTreeMap<(String, String), AuthorizationPolicy>,
     peer_authns: BTreeMap<(String, String), PeerAuthentication>,
+    request_authns: BTreeMap<(String, String), RequestAuthentication>,
     plugins: BTreeMap<(String, String), WasmPlugin>,
     /// Gateway API routes naming a Service as a parent (others are not weft's).
     http_routes: BTreeMap<(String, String), HttpRoute>,
@@ -200,6 +202,8 @@ struct EnrolledWorkload {
 pub struct Model {
     cfg: ModelConfig,
     modules: Arc<dyn ModuleSource>,
+    /// Key sets of RequestAuthentications' `jwksUri`s ([`Model::set_jwks_source`]).
+    jwks: RwLock<Arc<dyn jwks::JwksSource>>,
     state: RwLock<State>,
     inputs: Mutex<Inputs>,
     tx: broadcast::Sender<Arc<ChangeBatch>>,
@@ -218,6 +222,7 @@ impl Model {
         let model = Arc::new(Self {
             cfg,
             modules,
+            jwks: RwLock::new(Arc::new(jwks::Offline)),
             state: RwLock::new(State::default()),
             inputs: Mutex::new(Inputs::default()),
             tx,
@@ -231,6 +236,18 @@ impl Model {
             }
         }));
         model
+    }
+
+    /// Where `jwksUri` key sets come from (default: nowhere, [`jwks::Offline`]). A
+    /// fetch that ends re-derives the namespaces that asked for it.
+    pub fn set_jwks_source(self: &Arc<Self>, source: Arc<dyn jwks::JwksSource>) {
+        let weak = Arc::downgrade(self);
+        source.set_on_fetched(Box::new(move |ns| {
+            if let Some(m) = weak.upgrade() {
+                m.refresh(&ns);
+            }
+        }));
+        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = source;
     }
 
     /// Re-derives one namespace's resources (e.g. after a module fetch).
@@ -613,6 +630,37 @@ impl Model {
                 },
             ));
         }
+        let request_authns: Vec<RequestAuthentication> =
+            range(&inputs.request_authns, ns).cloned().collect();
+        let jwks = self.jwks.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for p in request_authns {
+            let mut report = validate::validate_request_authentication(&p.spec);
+            let obj = Object::RequestAuthentication(p.clone()).object_ref();
+            let ra =
+                convert::request_authentication(&p, &mut report, &self.cfg.root_namespace, |uri| {
+                    jwks.clone().resolve(ns, uri)
+                });
+            log_report(&obj, &report);
+            let selector: BTreeMap<String, String> = ra.selector.clone().into_iter().collect();
+            let key = res::key(KIND_REQUEST_AUTHN, &ra.namespace, &ra.name);
+            let wide = ra.mesh_wide;
+            out.insert(
+                key.as_str().into(),
+                Entry::new(
+                    res::make(key.clone(), Kind::RequestAuthentication(ra)),
+                    Visibility::Nodes(nodes_selected(inputs, ns, wide, &selector)),
+                ),
+            );
+            statuses.push((
+                obj,
+                ObjectStatus {
+                    report,
+                    l7_enforced: Vec::new(),
+                    generation: p.metadata.generation,
+                    stale: None,
+                },
+            ));
+        }
         let plugins: Vec<WasmPlugin> = range(&inputs.plugins, ns).cloned().collect();
         for p in plugins {
             let mut report = validate::validate_wasm_plugin(&p.spec);
@@ -663,7 +711,10 @@ impl Model {
             !(r.namespace == ns
                 && matches!(
                     r.kind,
-                    "AuthorizationPolicy" | "PeerAuthentication" | "WasmPlugin"
+                    "AuthorizationPolicy"
+                        | "PeerAuthentication"
+                        | "RequestAuthentication"
+                        | "WasmPlugin"
                 ))
         });
         inputs.statuses.extend(statuses);
@@ -779,6 +830,11 @@ fn all_refs(i: &Inputs) -> Vec<ObjectRef> {
     v.extend(i.service_accounts.keys().map(|k| mk("ServiceAccount", k)));
     v.extend(i.policies.keys().map(|k| mk("AuthorizationPolicy", k)));
     v.extend(i.peer_authns.keys().map(|k| mk("PeerAuthentication", k)));
+    v.extend(
+        i.request_authns
+            .keys()
+            .map(|k| mk("RequestAuthentication", k)),
+    );
     v.extend(i.plugins.keys().map(|k| mk("WasmPlugin", k)));
     v.extend(i.http_routes.keys().map(|k| mk("HTTPRoute", k)));
     v.extend(i.grpc_routes.keys().map(|k| mk("GRPCRoute", k)));
@@ -899,6 +955,19 @@ fn upsert(i: &mut Inputs, o: Object, dirty: &mut BTreeSet<String>, pods_changed:
                 None => put(&mut i.peer_authns, nn(&r), p),
             }
         }
+        Object::RequestAuthentication(p) => {
+            let errors = |p: &RequestAuthentication| {
+                validate::validate_request_authentication(&p.spec).errors
+            };
+            let held_valid = i
+                .request_authns
+                .get(&nn(&r))
+                .is_some_and(|old| errors(old).is_empty());
+            match keep_last_good(i, &r, p.metadata.generation, errors(&p), held_valid) {
+                Some(c) => c,
+                None => put(&mut i.request_authns, nn(&r), p),
+            }
+        }
         Object::WasmPlugin(p) => {
             let errors = |p: &WasmPlugin| validate::validate_wasm_plugin(&p.spec).errors;
             let held_valid = i
@@ -973,6 +1042,7 @@ fn holds(i: &Inputs, r: &ObjectRef) -> bool {
         "ServiceAccount" => i.service_accounts.contains_key(&k),
         "AuthorizationPolicy" => i.policies.contains_key(&k),
         "PeerAuthentication" => i.peer_authns.contains_key(&k),
+        "RequestAuthentication" => i.request_authns.contains_key(&k),
         "WasmPlugin" => i.plugins.contains_key(&k),
         "HTTPRoute" => i.http_routes.contains_key(&k),
         "GRPCRoute" => i.grpc_routes.contains_key(&k),
@@ -1007,6 +1077,7 @@ fn remove(i: &mut Inputs, r: &ObjectRef, dirty: &mut BTreeSet<String>, pods_chan
         "ServiceAccount" => i.service_accounts.remove(&k).is_some(),
         "AuthorizationPolicy" => i.policies.remove(&k).is_some(),
         "PeerAuthentication" => i.peer_authns.remove(&k).is_some(),
+        "RequestAuthentication" => i.request_authns.remove(&k).is_some(),
         "WasmPlugin" => i.plugins.remove(&k).is_some(),
         "HTTPRoute" => i.http_routes.remove(&k).is_some(),
         "GRPCRoute" => i.grpc_routes.remove(&k).is_some(),

@@ -1,6 +1,6 @@
 //! Kubernetes-style YAML manifests: multi-document files of `Namespace`, `Pod`,
 //! `Service`, `ServiceAccount`, `AuthorizationPolicy`, `PeerAuthentication`,
-//! `WasmPlugin`, and the Gateway
+//! `RequestAuthentication`, `WasmPlugin`, and the Gateway
 //! API's `HTTPRoute` and `GRPCRoute`. Every bad
 //! document yields a [`ManifestError`] naming file, document, object and field;
 //! the good documents around it are still returned.
@@ -8,7 +8,7 @@
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use serde::Deserialize;
 use std::fmt;
-use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WasmPlugin};
 use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 
 /// One configuration object.
@@ -20,6 +20,7 @@ pub enum Object {
     ServiceAccount(ServiceAccount),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
+    RequestAuthentication(RequestAuthentication),
     WasmPlugin(WasmPlugin),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
@@ -53,6 +54,7 @@ impl Object {
             Object::ServiceAccount(o) => ("ServiceAccount", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
+            Object::RequestAuthentication(o) => ("RequestAuthentication", &o.metadata),
             Object::WasmPlugin(o) => ("WasmPlugin", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
@@ -109,6 +111,7 @@ const KINDS: &[(&str, &str)] = &[
     ("ServiceAccount", "v1"),
     ("AuthorizationPolicy", "security.weft.dev/v1alpha1"),
     ("PeerAuthentication", "security.weft.dev/v1alpha1"),
+    ("RequestAuthentication", "security.weft.dev/v1alpha1"),
     ("WasmPlugin", "extensions.weft.dev/v1alpha1"),
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("GRPCRoute", "gateway.networking.k8s.io/v1"),
@@ -242,6 +245,7 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
     if !is_dns_label(&name)
         && kind != "AuthorizationPolicy"
         && kind != "PeerAuthentication"
+        && kind != "RequestAuthentication"
         && kind != "WasmPlugin"
         && !is_dns_subdomain(&name)
     {
@@ -264,6 +268,7 @@ fn parse_one(value: serde_yaml::Value) -> Result<Object, DocError> {
         "ServiceAccount" => typed(value).map(Object::ServiceAccount),
         "AuthorizationPolicy" => typed(value).map(Object::AuthorizationPolicy),
         "PeerAuthentication" => typed(value).map(Object::PeerAuthentication),
+        "RequestAuthentication" => typed(value).map(Object::RequestAuthentication),
         "HTTPRoute" => typed(value).map(|r| Object::HttpRoute(Box::new(r))),
         "GRPCRoute" => typed(value).map(|r| Object::GrpcRoute(Box::new(r))),
         "ReferenceGrant" => typed(value).map(|r| Object::ReferenceGrant(Box::new(r))),

@@ -525,3 +525,79 @@ spec:
         .unwrap();
     assert_eq!(fields, ["spec.portLevelMtls", "spec.portLevelMtls[http]"]);
 }
+
+#[test]
+fn request_authentications_carry_their_key_sets_and_say_when_one_is_missing() {
+    struct Fixed;
+    impl crate::jwks::JwksSource for Fixed {
+        fn resolve(self: Arc<Self>, _ns: &str, uri: &str) -> crate::jwks::JwksResolved {
+            match uri {
+                "https://pending.example/keys" => crate::jwks::JwksResolved::Pending,
+                _ => crate::jwks::JwksResolved::Failed(format!("GET {uri}: http status: 404")),
+            }
+        }
+        fn set_on_fetched(&self, _f: Box<dyn Fn(String) + Send + Sync>) {}
+    }
+    let m = model();
+    m.set_jwks_source(Arc::new(Fixed));
+    let text = format!(
+        "{BASE}\n---\n{}",
+        r#"apiVersion: security.weft.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  jwtRules:
+  - issuer: "https://pending.example"
+    jwksUri: "https://pending.example/keys"
+    fromHeaders: [{name: x-token}]
+  - issuer: "https://gone.example"
+    jwksUri: "https://gone.example/keys"
+  - issuer: "https://inline.example"
+    jwks: '{"keys": []}'
+"#
+    );
+    m.apply(SourceEvent::Snapshot(objects(&text)));
+    let ra = match m.read_state().entries["RequestAuthentication/shop/jwt"]
+        .resource
+        .kind
+        .clone()
+    {
+        Some(Kind::RequestAuthentication(r)) => r,
+        other => panic!("{other:?}"),
+    };
+    let rules: Vec<(&str, &str, &str)> = ra
+        .rules
+        .iter()
+        .map(|r| (r.issuer.as_str(), r.jwks.as_str(), r.jwks_error.as_str()))
+        .collect();
+    assert_eq!(
+        rules[..2],
+        [
+            (
+                "https://pending.example",
+                "",
+                "the key set is being fetched"
+            ),
+            (
+                "https://gone.example",
+                "",
+                "GET https://gone.example/keys: http status: 404"
+            ),
+        ]
+    );
+    assert!(rules[2].1.is_empty() && !rules[2].2.is_empty(), "{rules:?}");
+    assert_eq!(ra.rules[0].from_headers[0].name, "x-token");
+    let statuses = m.statuses();
+    let st = statuses
+        .iter()
+        .find(|(r, _)| r.name == "jwt")
+        .map(|(_, s)| s)
+        .unwrap();
+    let fields: Vec<&str> = st.report.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["spec.jwtRules[1].jwksUri", "spec.jwtRules[2].jwks.keys"],
+        "{st:?}"
+    );
+}

@@ -12,6 +12,7 @@ pub const KIND_TRUST_BUNDLE: &str = "TrustBundle";
 pub const KIND_HTTP_ROUTE: &str = "HTTPRoute";
 pub const KIND_GRPC_ROUTE: &str = "GRPCRoute";
 pub const KIND_PEER_AUTHN: &str = "PeerAuthentication";
+pub const KIND_REQUEST_AUTHN: &str = "RequestAuthentication";
 
 /// `<kind>/<namespace>/<name>`; cluster-scoped resources use `-` as namespace.
 pub fn key(kind: &str, namespace: &str, name: &str) -> String {

@@ -3,7 +3,7 @@
 
 use crate::crd::{
     Action, AuthorizationPolicySpec, Condition, FailStrategy, MtlsMode, Operation,
-    PeerAuthenticationSpec, Source, WasmPluginSpec, WorkloadSelector,
+    PeerAuthenticationSpec, RequestAuthenticationSpec, Source, WasmPluginSpec, WorkloadSelector,
 };
 use std::fmt;
 use std::net::IpAddr;
@@ -178,6 +178,82 @@ pub fn validate_peer_authentication(spec: &PeerAuthenticationSpec) -> Report {
     r
 }
 
+/// Most rules one RequestAuthentication may hold.
+pub const MAX_JWT_RULES: usize = 16;
+
+fn is_header_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A RequestAuthentication: an issuer per rule (one rule per issuer), a key set
+/// (inline `jwks`, or an http(s) `jwksUri`), valid header names, claims named. The
+/// key set itself is checked where it is read (inline: by the control plane's
+/// conversion; fetched: by the fetcher).
+pub fn validate_request_authentication(spec: &RequestAuthenticationSpec) -> Report {
+    let mut r = Report::default();
+    selector(&mut r, spec.selector.as_ref());
+    if spec.jwt_rules.len() > MAX_JWT_RULES {
+        r.err(
+            "spec.jwtRules",
+            format!("{} rules, at most {MAX_JWT_RULES}", spec.jwt_rules.len()),
+        );
+    }
+    let mut issuers = std::collections::BTreeSet::new();
+    for (i, rule) in spec.jwt_rules.iter().enumerate() {
+        let base = format!("spec.jwtRules[{i}]");
+        if rule.issuer.is_empty() {
+            r.err(format!("{base}.issuer"), "required");
+        } else if !issuers.insert(rule.issuer.as_str()) {
+            r.err(
+                format!("{base}.issuer"),
+                format!("{:?} has an earlier rule: one rule per issuer", rule.issuer),
+            );
+        }
+        match (&rule.jwks, &rule.jwks_uri) {
+            (Some(_), _) => {}
+            (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {}
+            (None, Some(u)) => r.err(
+                format!("{base}.jwksUri"),
+                format!("{u:?}: must be an http:// or https:// URL"),
+            ),
+            (None, None) => r.err(
+                format!("{base}.jwksUri"),
+                "one of jwksUri or jwks is required",
+            ),
+        }
+        for (j, h) in rule.from_headers.iter().enumerate() {
+            if !is_header_name(&h.name) {
+                r.err(
+                    format!("{base}.fromHeaders[{j}].name"),
+                    format!("{:?} is not a header name", h.name),
+                );
+            }
+        }
+        for (j, p) in rule.from_params.iter().enumerate() {
+            if p.is_empty() {
+                r.err(format!("{base}.fromParams[{j}]"), "empty");
+            }
+        }
+        for (j, o) in rule.output_claim_to_headers.iter().enumerate() {
+            if !is_header_name(&o.header) {
+                r.err(
+                    format!("{base}.outputClaimToHeaders[{j}].header"),
+                    format!("{:?} is not a header name", o.header),
+                );
+            }
+            if o.claim.is_empty() {
+                r.err(
+                    format!("{base}.outputClaimToHeaders[{j}].claim"),
+                    "required",
+                );
+            }
+        }
+    }
+    r
+}
+
 fn strings(r: &mut Report, field: &str, vals: &[String]) {
     for (k, v) in vals.iter().enumerate() {
         if !is_string_match(v) {
@@ -242,19 +318,41 @@ fn source(r: &mut Report, base: &str, s: &Source) {
             }
         }
     }
-    if !s.request_principals.is_empty() {
-        r.unsupported(
-            format!("{base}.requestPrincipals"),
-            "JWT request principals are not supported: an ALLOW rule using them never matches, a DENY rule always does",
-        );
-    }
-    if !s.not_request_principals.is_empty() {
-        r.unsupported(
-            format!("{base}.notRequestPrincipals"),
-            "JWT request principals are not supported: an ALLOW rule using them never matches, a DENY rule always does",
-        );
-    }
+    strings(
+        r,
+        &format!("{base}.requestPrincipals"),
+        &s.request_principals,
+    );
+    strings(
+        r,
+        &format!("{base}.notRequestPrincipals"),
+        &s.not_request_principals,
+    );
 }
+
+/// The claim path of a `request.auth.claims[a][b]` key (`["a", "b"]`), if it is one.
+pub fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let mut rest = key.strip_prefix("request.auth.claims")?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[')?;
+        let end = inner.find(']')?;
+        let name = &inner[..end];
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        path.push(name);
+        rest = &inner[end + 1..];
+    }
+    (!path.is_empty() && path.len() <= 8).then_some(path)
+}
+
+/// `request.auth.*` keys AuthorizationPolicy conditions may use (claims apart).
+pub const AUTH_KEYS: &[&str] = &[
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+];
 
 fn operation(r: &mut Report, base: &str, o: &Operation) {
     for (name, vals) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
@@ -302,10 +400,16 @@ fn condition(r: &mut Report, base: &str, c: &Condition) {
             );
         }
     } else if c.key.starts_with("request.auth.") {
-        r.unsupported(
-            format!("{base}.key"),
-            format!("{:?}: JWT claims are not supported: an ALLOW rule using it never matches, a DENY rule always does", c.key),
-        );
+        if !AUTH_KEYS.contains(&c.key.as_str()) && claim_path(&c.key).is_none() {
+            r.err(
+                format!("{base}.key"),
+                format!(
+                    "unknown key {:?}; JWT keys: {}, request.auth.claims[<name>] (nested: [<a>][<b>], at most 8)",
+                    c.key,
+                    AUTH_KEYS.join(", ")
+                ),
+            );
+        }
     } else if !WHEN_KEYS.contains(&c.key.as_str()) {
         r.err(
             format!("{base}.key"),
@@ -573,10 +677,100 @@ mod tests {
                 "spec.rules[0].when[1].values[0]",
             ]
         );
-        assert_eq!(r.unsupported.len(), 1);
+        // JWT request principals are enforced (with RequestAuthentication).
+        assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
+    }
+
+    #[test]
+    fn jwt_condition_keys() {
         assert_eq!(
-            r.unsupported[0].field,
-            "spec.rules[0].from[0].source.requestPrincipals"
+            claim_path("request.auth.claims[groups]"),
+            Some(vec!["groups"])
+        );
+        assert_eq!(
+            claim_path("request.auth.claims[a][b]"),
+            Some(vec!["a", "b"])
+        );
+        for bad in [
+            "request.auth.claims",
+            "request.auth.claims[]",
+            "request.auth.claims[a",
+            "request.auth.claims[a]x",
+            "request.auth.claims[a[b]]",
+        ] {
+            assert_eq!(claim_path(bad), None, "{bad}");
+        }
+        let with = |key: &str| AuthorizationPolicySpec {
+            rules: vec![Rule {
+                when: vec![Condition {
+                    key: key.into(),
+                    values: vec!["x".into()],
+                    not_values: vec![],
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for ok in [
+            "request.auth.principal",
+            "request.auth.audiences",
+            "request.auth.presenter",
+            "request.auth.claims[iss]",
+        ] {
+            assert!(validate_authorization_policy(&with(ok)).is_valid(), "{ok}");
+        }
+        let r = validate_authorization_policy(&with("request.auth.nope"));
+        assert_eq!(r.errors[0].field, "spec.rules[0].when[0].key");
+    }
+
+    #[test]
+    fn request_authentication_fields() {
+        use crate::crd::{ClaimToHeader, JwtHeader, JwtRule};
+        let ok = RequestAuthenticationSpec {
+            selector: None,
+            jwt_rules: vec![JwtRule {
+                issuer: "https://issuer.example".into(),
+                jwks_uri: Some("https://issuer.example/keys".into()),
+                ..Default::default()
+            }],
+        };
+        assert_eq!(validate_request_authentication(&ok), Report::default());
+        let bad = RequestAuthenticationSpec {
+            selector: None,
+            jwt_rules: vec![
+                JwtRule::default(),
+                JwtRule {
+                    issuer: "a".into(),
+                    jwks_uri: Some("ftp://x".into()),
+                    from_headers: vec![JwtHeader {
+                        name: "bad header".into(),
+                        prefix: None,
+                    }],
+                    output_claim_to_headers: vec![ClaimToHeader {
+                        header: "x-sub".into(),
+                        claim: String::new(),
+                    }],
+                    ..Default::default()
+                },
+                JwtRule {
+                    issuer: "a".into(),
+                    jwks: Some("{}".into()),
+                    ..Default::default()
+                },
+            ],
+        };
+        let r = validate_request_authentication(&bad);
+        let fields: Vec<&str> = r.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.jwtRules[0].issuer",
+                "spec.jwtRules[0].jwksUri",
+                "spec.jwtRules[1].jwksUri",
+                "spec.jwtRules[1].fromHeaders[0].name",
+                "spec.jwtRules[1].outputClaimToHeaders[0].claim",
+                "spec.jwtRules[2].issuer",
+            ]
         );
     }
 

@@ -25,6 +25,7 @@ fn generated_yaml_is_the_crd() {
     let crds = [
         serde_json::to_value(weft_proto::crd::AuthorizationPolicy::crd()).unwrap(),
         serde_json::to_value(weft_proto::crd::PeerAuthentication::crd()).unwrap(),
+        serde_json::to_value(weft_proto::crd::RequestAuthentication::crd()).unwrap(),
         serde_json::to_value(weft_proto::crd::WasmPlugin::crd()).unwrap(),
     ];
     let all = weft_proto::crd::all_crd_yaml();

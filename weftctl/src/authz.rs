@@ -31,6 +31,52 @@ pub struct CheckArgs {
     /// Request header `name=value` (repeatable).
     #[arg(long = "header", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
+    /// The request carries a valid JWT whose `<iss>/<sub>` is this (what a
+    /// RequestAuthentication verified; `requestPrincipals` match it).
+    #[arg(long)]
+    pub request_principal: Option<String>,
+    /// A claim of that JWT, `name=value` (repeatable; `a.b=value` for a nested
+    /// claim; a name given twice makes a list), for `request.auth.claims[...]`.
+    #[arg(long = "claim", value_parser = parse_claim)]
+    pub claims: Vec<(String, String)>,
+}
+
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected name=value"))?;
+    if k.is_empty() || k.split('.').any(str::is_empty) {
+        return Err(format!("{s:?}: empty claim name"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// The claims object `--claim` flags describe.
+fn claims_object(claims: &[(String, String)]) -> serde_json::Value {
+    let mut root = serde_json::Map::new();
+    for (k, v) in claims {
+        let mut path: Vec<&str> = k.split('.').collect();
+        let last = path.pop().unwrap_or_default();
+        let mut obj = &mut root;
+        for p in path {
+            let next = obj.entry(p.to_string()).or_insert_with(|| json!({}));
+            if !next.is_object() {
+                *next = json!({});
+            }
+            obj = match next.as_object_mut() {
+                Some(o) => o,
+                None => return serde_json::Value::Object(root),
+            };
+        }
+        match obj.get_mut(last) {
+            Some(serde_json::Value::Array(a)) => a.push(json!(v)),
+            Some(prev) => *prev = json!([prev.clone(), v]),
+            None => {
+                obj.insert(last.to_string(), json!(v));
+            }
+        }
+    }
+    serde_json::Value::Object(root)
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -140,27 +186,38 @@ fn destinations(mesh: &Mesh, to: &str) -> anyhow::Result<(String, Vec<(pb::Workl
 pub fn check(mesh: &Mesh, a: &CheckArgs) -> anyhow::Result<(Report, bool)> {
     let from = caller(mesh, &a.from)?;
     let (to_shown, dsts) = destinations(mesh, &a.to)?;
-    let request =
-        (a.method.is_some() || a.path.is_some() || a.host.is_some() || !a.headers.is_empty()).then(
-            || Request {
-                method: a
-                    .method
-                    .clone()
-                    .unwrap_or_else(|| "GET".into())
-                    .to_ascii_uppercase(),
-                path: a
-                    .path
-                    .as_deref()
-                    .map(|p| {
-                        authz::path::normalize(p)
-                            .map(|n| n.path)
-                            .unwrap_or_else(|_| p.to_string())
-                    })
-                    .unwrap_or_else(|| "/".into()),
-                host: a.host.clone().unwrap_or_default(),
-                headers: a.headers.clone(),
-            },
-        );
+    let auth = (a.request_principal.is_some() || !a.claims.is_empty()).then(|| {
+        std::sync::Arc::new(authz::RequestAuth {
+            principal: a.request_principal.clone().unwrap_or_default(),
+            audiences: Vec::new(),
+            presenter: None,
+            claims: claims_object(&a.claims),
+        })
+    });
+    let request = (a.method.is_some()
+        || a.path.is_some()
+        || a.host.is_some()
+        || !a.headers.is_empty()
+        || auth.is_some())
+    .then(|| Request {
+        method: a
+            .method
+            .clone()
+            .unwrap_or_else(|| "GET".into())
+            .to_ascii_uppercase(),
+        path: a
+            .path
+            .as_deref()
+            .map(|p| {
+                authz::path::normalize(p)
+                    .map(|n| n.path)
+                    .unwrap_or_else(|_| p.to_string())
+            })
+            .unwrap_or_else(|| "/".into()),
+        host: a.host.clone().unwrap_or_default(),
+        headers: a.headers.clone(),
+        auth: auth.clone(),
+    });
     let compiled: Vec<authz::CompiledPolicy> = mesh.policies().iter().map(authz::compile).collect();
     let peer_authns = mesh.peer_authentications();
     let mut rows = Vec::new();

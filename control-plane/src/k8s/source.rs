@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, WasmPlugin};
+use weft_proto::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WasmPlugin};
 use weft_proto::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 
 pub struct KubeSource {
@@ -205,10 +205,13 @@ impl KubeSource {
                 typed(o, Object::AuthorizationPolicy)
             }),
             kind::<WasmPlugin>(c, "WasmPlugin", |o| typed(o, Object::WasmPlugin)),
-            // Optional: `helm upgrade` from a chart without it does not install new
-            // CRDs; until it is served, no PeerAuthentication can exist.
+            // Optional: `helm upgrade` from a chart without them does not install new
+            // CRDs; until one is served, none of its kind can exist.
             optional_kind::<PeerAuthentication>(c, "PeerAuthentication", |o| {
                 typed(o, Object::PeerAuthentication)
+            }),
+            optional_kind::<RequestAuthentication>(c, "RequestAuthentication", |o| {
+                typed(o, Object::RequestAuthentication)
             }),
             optional_kind::<HttpRoute>(c, "HTTPRoute", |o| {
                 typed(o, |r: HttpRoute| Object::HttpRoute(Box::new(r)))

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_model::{Model, ObjectStatus};
 use weft_proto::crd::{
-    AuthorizationPolicy, PeerAuthentication, ResourceStatus, StatusCondition, WasmPlugin,
-    CONDITION_ACCEPTED,
+    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ResourceStatus,
+    StatusCondition, WasmPlugin, CONDITION_ACCEPTED,
 };
 
 pub const FIELD_MANAGER: &str = "weft-control-plane";
@@ -54,6 +54,14 @@ pub fn accepted_condition(kind: &str, st: &ObjectStatus) -> StatusCondition {
             .any(|e| e.field.starts_with("spec.selector"))
         {
             "InvalidSelector"
+        } else if kind == "RequestAuthentication"
+            && st
+                .report
+                .errors
+                .iter()
+                .any(|e| e.field.ends_with(".jwksUri"))
+        {
+            "JwksUnavailable"
         } else if kind == "WasmPlugin"
             && st
                 .report
@@ -118,6 +126,7 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
         "AuthorizationPolicy" => Some(ApiResource::erase::<AuthorizationPolicy>(&())),
         "WasmPlugin" => Some(ApiResource::erase::<WasmPlugin>(&())),
         "PeerAuthentication" => Some(ApiResource::erase::<PeerAuthentication>(&())),
+        "RequestAuthentication" => Some(ApiResource::erase::<RequestAuthentication>(&())),
         _ => None,
     }
 }

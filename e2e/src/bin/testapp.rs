@@ -545,7 +545,9 @@ fn http_server(
                         let seen_headers: Vec<String> = req
                             .headers()
                             .iter()
-                            .filter(|(k, _)| k.as_str().starts_with("x-"))
+                            .filter(|(k, _)| {
+                                k.as_str().starts_with("x-") || k.as_str() == "authorization"
+                            })
                             .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("")))
                             .collect();
                         let line = format!(

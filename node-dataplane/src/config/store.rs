@@ -20,6 +20,8 @@ pub struct StoreSnapshot {
     pub policies: OrdMap<String, Arc<pb::AuthorizationPolicy>>,
     /// PeerAuthentications (which workload ports refuse plaintext).
     pub peer_authns: OrdMap<String, Arc<pb::PeerAuthentication>>,
+    /// RequestAuthentications (which JWTs workloads accept).
+    pub request_authns: OrdMap<String, Arc<pb::RequestAuthentication>>,
     pub plugins: OrdMap<String, Arc<pb::WasmPlugin>>,
     pub trust_bundles: OrdMap<String, Arc<pb::TrustBundle>>,
     /// Gateway API routes (HTTPRoute, GRPCRoute) attached to Services.
@@ -194,6 +196,9 @@ fn insert(s: &mut StoreSnapshot, r: &pb::Resource) {
         Some(Kind::PeerAuthentication(p)) => {
             s.peer_authns.insert(k, Arc::new(p.clone()));
         }
+        Some(Kind::RequestAuthentication(p)) => {
+            s.request_authns.insert(k, Arc::new(p.clone()));
+        }
         Some(Kind::WasmPlugin(p)) => {
             s.plugins.insert(k, Arc::new(p.clone()));
         }
@@ -229,6 +234,7 @@ fn remove(s: &mut StoreSnapshot, k: &str) {
     }
     s.policies.remove(k);
     s.peer_authns.remove(k);
+    s.request_authns.remove(k);
     s.plugins.remove(k);
     s.trust_bundles.remove(k);
     if let Some(r) = s.routes.remove(k) {

@@ -60,6 +60,14 @@ pub struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtLabels {
+    /// `authenticated`, `no_token` or `rejected`.
+    pub outcome: &'static str,
+    /// Why a token was rejected (a fixed, short reason); empty otherwise.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StrictLabels {
     /// `namespace/name` of the PeerAuthentication that set STRICT.
     pub peer_authentication: String,
@@ -85,6 +93,7 @@ pub struct TrafficMetrics {
     pub received: Family<TcpLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
     pub strict_refused: Family<StrictLabels, Counter>,
+    pub jwt: Family<JwtLabels, Counter>,
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub pool_streams: Family<PoolLabels, Gauge>,
 }
@@ -104,6 +113,7 @@ impl Default for TrafficMetrics {
             received: Family::default(),
             authz: Family::default(),
             strict_refused: Family::default(),
+            jwt: Family::default(),
             pool_connections: Family::default(),
             pool_streams: Family::default(),
         }
@@ -178,6 +188,11 @@ impl TrafficMetrics {
             "plaintext_refused_strict_mtls",
             "Plaintext connections refused because a PeerAuthentication makes the port STRICT",
             self.strict_refused.clone(),
+        );
+        r.register(
+            "request_authentications",
+            "Requests to workloads with a RequestAuthentication, by outcome of their JWT check (and the reason of a rejection)",
+            self.jwt.clone(),
         );
         r.register(
             "hbone_pool_connections",

@@ -31,6 +31,7 @@ pub mod policies;
 pub mod pool;
 pub mod ports;
 pub mod record;
+pub mod request_authn;
 pub mod routing;
 pub mod state;
 pub mod tls;

@@ -19,6 +19,11 @@ type CompiledCache = (
     Arc<CompiledPolicies>,
 );
 
+type AuthnCache = (
+    imbl::OrdMap<String, Arc<pb::RequestAuthentication>>,
+    Arc<super::request_authn::CompiledAuthn>,
+);
+
 pub struct ProxyState {
     pub(crate) config: Arc<ConfigStore>,
     pub(crate) certs: Arc<CertStore>,
@@ -36,6 +41,8 @@ pub struct ProxyState {
     pub(crate) last_peer_serial: std::sync::Mutex<String>,
     /// Compiled policies and the policy map they were compiled from.
     compiled: std::sync::Mutex<Option<CompiledCache>>,
+    /// Compiled RequestAuthentications and the map they were compiled from.
+    compiled_authn: std::sync::Mutex<Option<AuthnCache>>,
     /// Route tables compiled from the Gateway API routes ([`super::routing`]).
     pub(crate) routes: std::sync::Mutex<super::routing::RouteCache>,
     /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
@@ -127,6 +134,7 @@ impl ProxyState {
             balancer: super::lb::Balancer::new(opts.lb),
             last_peer_serial: std::sync::Mutex::new(String::new()),
             compiled: std::sync::Mutex::new(None),
+            compiled_authn: std::sync::Mutex::new(None),
             routes: Default::default(),
             plugins,
             draining: Default::default(),
@@ -247,6 +255,25 @@ impl ProxyState {
         compiled
     }
 
+    /// The node's RequestAuthentications, compiled once per change of their set.
+    pub(crate) fn compiled_authn(&self) -> Arc<super::request_authn::CompiledAuthn> {
+        let snap = self.config.snapshot();
+        let mut cache = self
+            .compiled_authn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((objects, compiled)) = cache.as_ref() {
+            if objects.ptr_eq(&snap.request_authns) {
+                return compiled.clone();
+            }
+        }
+        let compiled = Arc::new(super::request_authn::CompiledAuthn::new(
+            snap.request_authns.values().map(|o| &**o),
+        ));
+        *cache = Some((snap.request_authns.clone(), compiled.clone()));
+        compiled
+    }
+
     /// Authorizes a connection to the local workload `dst`: plaintext (no peer
     /// principal) to a port a PeerAuthentication makes STRICT is refused before any
     /// AuthorizationPolicy is looked at.
@@ -323,11 +350,13 @@ impl ProxyState {
             path,
             host,
             headers: fields,
+            auth,
         } = request;
         method.clear();
         path.clear();
         host.clear();
         fields.clear();
+        *auth = None;
         fill(request, headers);
         authz::evaluate(applicable.iter(), attrs)
     }

@@ -3,11 +3,13 @@
 
 mod authz;
 mod peer_authn;
+mod request_authn;
 mod status;
 mod wasm;
 
 pub use authz::*;
 pub use peer_authn::*;
+pub use request_authn::*;
 pub use status::*;
 pub use wasm::*;
 
@@ -40,6 +42,10 @@ pub fn all_crd_yaml() -> Vec<(&'static str, String)> {
         (
             "peerauthentications.security.weft.dev.yaml",
             render(PeerAuthentication::crd()),
+        ),
+        (
+            "requestauthentications.security.weft.dev.yaml",
+            render(RequestAuthentication::crd()),
         ),
         (
             "wasmplugins.extensions.weft.dev.yaml",

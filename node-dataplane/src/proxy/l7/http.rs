@@ -413,8 +413,11 @@ pub fn on_request<'a>(
     // From here the request's target is normalized (plugins' rewrites included), so
     // the path to authorize is its path, `path::path_of(req.path_and_query())`.
     let plugins = &ctx.plan.plugins;
-    // Plugins are in phase order: those before weft's authorization come first.
+    // Plugins are in phase order: AUTHN-phase plugins, then (after JWT
+    // verification) AUTHZ-phase ones, then weft's authorization, then the rest.
     let (before, after) = plugins.split_at(plugins.partition_point(|p| p.phase.before_authz()));
+    let (authn_phase, authz_phase) =
+        before.split_at(before.partition_point(|p| p.phase == crate::wasm::plugin::Phase::Authn));
     // Only with plugins; each callback swaps the view into the plugin's store. The
     // fields are moved in while plugins run (no copy); see `Headers`.
     let mut run = (!plugins.is_empty()).then(|| {
@@ -428,26 +431,22 @@ pub fn on_request<'a>(
         v.props.get_or_insert_with(|| ctx.props.clone());
         run
     });
-    if let (false, Some(r)) = (before.is_empty(), run.as_mut()) {
-        let replied = run_request_plugins(before, &mut r.view, req, end_of_stream, &mut r.ran);
-        if let Some((reply, plugin)) = replied {
-            x.decided_by = Some(format!("wasm:{plugin}"));
-            return Verdict::Reply(finish_local(ctx, reply, run));
-        }
-        // A plugin may have rewritten the path: normalize and authorize the new one.
-        if let Some(p) = r.view.request.pseudo(":path") {
-            if p != req.path_and_query() {
-                let set =
-                    path::normalize(p).is_ok_and(|n| req.set_path_and_query(&n.path_and_query()));
-                if !set {
-                    // The plugins' contexts end here too.
-                    end(ctx, run);
-                    return Verdict::Reply(reply(400, "malformed request path\n", &[]));
-                }
-            }
-        }
+    if let Some(v) = run_before_authz(authn_phase, req, end_of_stream, ctx, x, &mut run) {
+        return v;
     }
     let workload = ctx.target.workload();
+    // JWT verification (RequestAuthentication): an invalid token ends here.
+    let auth = match super::jwt::authenticate(req, ctx, &workload) {
+        Ok(auth) => auth,
+        Err(why) => {
+            x.decided_by = Some(format!("jwt:{why}"));
+            end(ctx, run);
+            return Verdict::Reply(super::jwt::rejection());
+        }
+    };
+    if let Some(v) = run_before_authz(authz_phase, req, end_of_stream, ctx, x, &mut run) {
+        return v;
+    }
     if ctx.authz_http(&workload) {
         let d = ctx
             .state
@@ -459,6 +458,7 @@ pub fn on_request<'a>(
                 if with_headers {
                     r.headers = req.field_pairs();
                 }
+                r.auth = auth;
             });
         ctx.count_decision(&d);
         if !d.allowed {
@@ -476,6 +476,36 @@ pub fn on_request<'a>(
         }
     }
     Verdict::Forward(Pending { run, ctx })
+}
+
+/// Runs request plugins of a phase before weft's authorization; a plugin's local
+/// reply, or a path it rewrote into a malformed one, ends the request here.
+fn run_before_authz<'a>(
+    plugins: &[Arc<crate::wasm::plugin::Plugin>],
+    req: &mut impl RequestMessage,
+    end_of_stream: bool,
+    ctx: &'a ConnCtx,
+    x: &mut Exchange,
+    run: &mut Option<PluginRun>,
+) -> Option<Verdict<'a>> {
+    let r = run.as_mut().filter(|_| !plugins.is_empty())?;
+    let replied = run_request_plugins(plugins, &mut r.view, req, end_of_stream, &mut r.ran);
+    if let Some((reply, plugin)) = replied {
+        x.decided_by = Some(format!("wasm:{plugin}"));
+        return Some(Verdict::Reply(finish_local(ctx, reply, run.take())));
+    }
+    // A plugin may have rewritten the path: normalize and authorize the new one.
+    if let Some(p) = r.view.request.pseudo(":path") {
+        if p != req.path_and_query() {
+            let set = path::normalize(p).is_ok_and(|n| req.set_path_and_query(&n.path_and_query()));
+            if !set {
+                // The plugins' contexts end here too.
+                end(ctx, run.take());
+                return Some(Verdict::Reply(reply(400, "malformed request path\n", &[])));
+            }
+        }
+    }
+    None
 }
 
 /// Ends the plugins' run of a request answered without its response, if any ran.

@@ -13,6 +13,7 @@
 
 pub mod h1;
 pub mod http;
+pub mod jwt;
 pub mod sniff;
 pub mod upstream;
 
@@ -86,6 +87,9 @@ pub struct ConnCtx {
     decisions: std::sync::Mutex<Vec<DecisionCounter>>,
     /// What its requests' authorization reuses.
     pub authz: std::sync::Mutex<RequestAuthz>,
+    /// The JWT rules its requests are verified with, and what they were taken
+    /// from (taken again when the RequestAuthentications or the workload change).
+    authn: std::sync::Mutex<Option<AuthnRules>>,
     /// What its requests' plugin runs reuse ([`http::PluginRun`]).
     runs: std::sync::Mutex<Option<http::PluginRun>>,
     /// Whether it is waiting for a request, for the proxy's idle sweep: busy
@@ -93,6 +97,12 @@ pub struct ConnCtx {
     /// requests (HTTP/2, opaque bytes, an upgrade).
     pub activity: Arc<super::idle::Activity>,
 }
+
+type AuthnRules = (
+    Arc<super::request_authn::CompiledAuthn>,
+    Arc<pb::Workload>,
+    Arc<[weft_authn::CompiledRule]>,
+);
 
 type DecisionCounter = (
     (bool, Option<Arc<str>>),
@@ -151,6 +161,7 @@ impl ConnCtx {
             labels,
             handles: Default::default(),
             decisions: Default::default(),
+            authn: Default::default(),
             runs: Default::default(),
             activity: Default::default(),
         }
@@ -172,6 +183,23 @@ impl ConnCtx {
             .applicable(workload)
             .any(|p| p.needs_http(self.dst.port()));
         needs
+    }
+
+    /// The JWT rules that apply to `workload` now (empty: no RequestAuthentication
+    /// does). Looked up once per connection unless the RequestAuthentications or
+    /// the workload (its labels) changed since, so one added while a keep-alive
+    /// connection is open applies from its next request.
+    pub fn authn_rules(&self, workload: &Arc<pb::Workload>) -> Arc<[weft_authn::CompiledRule]> {
+        let now = self.state.compiled_authn();
+        let mut held = self.authn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((from, w, rules)) = held.as_ref() {
+            if Arc::ptr_eq(from, &now) && Arc::ptr_eq(w, workload) {
+                return rules.clone();
+            }
+        }
+        let rules = now.rules_for(workload);
+        *held = Some((now, workload.clone(), rules.clone()));
+        rules
     }
 
     /// Counts a request's authorization decision, as [`ProxyState::authorize`]
@@ -357,7 +385,8 @@ impl ProxyState {
             .as_ref()
             .map(|r| r.for_workload(w, port))
             .unwrap_or_default();
-        if !authz_http && plugins.is_empty() {
+        let authn = self.compiled_authn().applies(w);
+        if !authz_http && plugins.is_empty() && !authn {
             return None;
         }
         Some(L7Plan {
