@@ -1,4 +1,6 @@
-//! Admin HTTP endpoint: `/metrics`, `/healthz/ready`, `/debug/status` (JSON).
+//! Admin HTTP endpoint: `/metrics`, `/healthz/ready`, `/debug/status` (JSON), and
+//! `/jwks.json`: the public keys JWT-SVIDs are signed with, for verifiers outside
+//! the mesh.
 
 use crate::metrics::Metrics;
 use crate::server::Sessions;
@@ -19,6 +21,8 @@ pub struct AdminState {
     pub sessions: Arc<Sessions>,
     /// True once the source's first complete snapshot is in the model.
     pub ready: tokio::sync::watch::Receiver<bool>,
+    /// The JWT-SVID signing keys' JWKS (JSON, public keys only).
+    pub jwks: Arc<str>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -26,6 +30,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz/ready", get(ready))
         .route("/debug/status", get(status))
+        .route("/jwks.json", get(jwks))
         .with_state(state)
 }
 
@@ -61,6 +66,10 @@ fn refresh_gauges(s: &AdminState) {
     s.metrics
         .source_errors
         .set(s.model.source_errors().len() as i64);
+}
+
+async fn jwks(State(s): State<AdminState>) -> impl IntoResponse {
+    ([("content-type", "application/json")], s.jwks.to_string())
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
@@ -204,4 +213,60 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
             .collect(),
         rejected,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_model::ModelConfig;
+    use weft_proto::spiffe::TrustDomain;
+
+    #[tokio::test]
+    async fn jwks_json_serves_the_public_key_set() {
+        let jwks = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"x","y":"y","kid":"k","alg":"ES256","use":"sig"}]}"#;
+        let model = Model::new(
+            ModelConfig {
+                trust_domain: TrustDomain::new("cluster.local").unwrap(),
+                root_namespace: "weft-system".into(),
+                trust_bundle_pem: String::new(),
+                jwt_jwks: jwks.into(),
+                default_identity_fallback: false,
+            },
+            Arc::new(weft_model::modules::Offline),
+        );
+        let (_ready_tx, ready) = tokio::sync::watch::channel(false);
+        let app = router(AdminState {
+            model,
+            metrics: Arc::new(Metrics::new()),
+            sessions: Arc::new(Sessions::default()),
+            ready,
+            jwks: jwks.into(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /jwks.json HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_to_string(&mut resp),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        server.abort();
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        assert_eq!(body, jwks);
+    }
 }

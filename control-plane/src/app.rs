@@ -2,7 +2,7 @@
 
 use crate::admin::{self, AdminState};
 use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
-use crate::identity::{Ca, CaOptions};
+use crate::identity::{Ca, CaOptions, JwtSigner};
 use crate::k8s::{self, KubeSettings};
 use crate::metrics::Metrics;
 use crate::server::revocation::{self, Revocations};
@@ -45,6 +45,8 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     pub server_names: Vec<String>,
     pub svid_ttl: Duration,
+    /// Lifetime of JWT-SVIDs (`Certificates.SignJwt`).
+    pub jwt_svid_ttl: Duration,
     /// Lifetime of renewed node credentials (standalone mode).
     pub node_credential_ttl: Duration,
     pub ca_cert: Option<PathBuf>,
@@ -124,19 +126,35 @@ pub async fn start(
             Some((client, leader_rx, ks.clone()))
         }
     };
-    let ca = Arc::new(match &kube {
-        None => Ca::load_or_create(&s.ca_options()).context("loading the CA")?,
-        Some((client, leader, ks)) => k8s::ca_secret::CaSecret::new(
-            client.clone(),
-            &ks.namespace,
-            &ks.ca_secret,
-            s.trust_domain.clone(),
-            s.svid_ttl,
-        )
-        .load_or_create(leader.clone())
-        .await
-        .context("loading the CA from its Secret")?,
-    });
+    // The JWT-SVID signing key lives beside the CA: a file in its directory, or a
+    // key of its Secret.
+    let (ca, jwt) = match &kube {
+        None => (
+            Ca::load_or_create(&s.ca_options()).context("loading the CA")?,
+            JwtSigner::load_or_create(&s.ca_options(), s.jwt_svid_ttl)
+                .context("loading the JWT-SVID signing key")?,
+        ),
+        Some((client, leader, ks)) => {
+            let secret = k8s::ca_secret::CaSecret::new(
+                client.clone(),
+                &ks.namespace,
+                &ks.ca_secret,
+                s.trust_domain.clone(),
+                s.svid_ttl,
+            );
+            let ca = secret
+                .load_or_create(leader.clone())
+                .await
+                .context("loading the CA from its Secret")?;
+            let jwt = secret
+                .load_or_create_jwt(s.jwt_svid_ttl)
+                .await
+                .context("loading the JWT-SVID signing key from the CA Secret")?;
+            (ca, jwt)
+        }
+    };
+    let (ca, jwt) = (Arc::new(ca), Arc::new(jwt));
+    tracing::info!(kid = jwt.kid(), ttl = ?jwt.ttl(), "JWT-SVID signing key loaded");
     let ca_expiry = ca
         .not_after()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -150,6 +168,7 @@ pub async fn start(
             trust_domain: s.trust_domain.clone(),
             root_namespace: s.root_namespace.clone(),
             trust_bundle_pem: ca.bundle_pem().to_string(),
+            jwt_jwks: jwt.jwks(),
             default_identity_fallback: s.default_identity_fallback,
         },
         modules.clone(),
@@ -296,6 +315,7 @@ pub async fn start(
     };
     let signer = Signer {
         ca: ca.clone(),
+        jwt: jwt.clone(),
         model: model.clone(),
         auth: auth.clone(),
         metrics: metrics.clone(),
@@ -318,6 +338,7 @@ pub async fn start(
         metrics: metrics.clone(),
         sessions: sessions.clone(),
         ready,
+        jwks: jwt.jwks().into(),
     });
 
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, source = source_name, trust_domain = %s.trust_domain, "control plane started");

@@ -94,7 +94,7 @@ enum Command {
         /// gRPC (TLS) address node agents connect to.
         #[arg(long, default_value = "0.0.0.0:15012")]
         grpc_addr: SocketAddr,
-        /// Admin HTTP address: /metrics, /healthz/ready, /debug/status.
+        /// Admin HTTP address: /metrics, /healthz/ready, /debug/status, /jwks.json.
         #[arg(long, default_value = "127.0.0.1:15014")]
         admin_addr: SocketAddr,
         /// DNS names in the serving certificate (nodes verify one of them).
@@ -109,6 +109,10 @@ enum Command {
         /// theirs (at half life). At least 10s.
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         node_credential_ttl: Duration,
+        /// Lifetime of the JWT-SVIDs signed for node agents' Workload API
+        /// (10s to 24h).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        jwt_svid_ttl: Duration,
     },
     /// Create a node agent's credential (client certificate, key and trust bundle).
     NodeCredential {
@@ -187,6 +191,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             server_names,
             default_identity_fallback,
             node_credential_ttl,
+            jwt_svid_ttl,
         } => {
             anyhow::ensure!(
                 node_credential_ttl >= Duration::from_secs(10),
@@ -221,6 +226,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 admin_addr,
                 server_names,
                 svid_ttl: ca.svid_ttl,
+                jwt_svid_ttl,
                 node_credential_ttl,
                 ca_cert: ca.ca_cert,
                 ca_key: ca.ca_key,

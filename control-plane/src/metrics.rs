@@ -51,6 +51,7 @@ pub const CERTIFICATE_REFUSAL_REASONS: &[&str] = &[
     "unauthenticated",
     "invalid_id",
     "not_on_node",
+    "invalid_audience",
     "malformed_csr",
     "bad_signature",
     "key_type",

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod curl;
 pub mod helm;
+pub mod jwt;
 pub mod kubeapi;
 pub mod kubecluster;
 pub mod kubemesh;

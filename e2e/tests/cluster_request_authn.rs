@@ -9,71 +9,13 @@
 
 #![forbid(unsafe_code)]
 
-use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use weft_e2e::cluster::LocalCluster;
+use weft_e2e::jwt::{claims, es256, jwks, mint, now, with, RSA_A_PUB};
 use weft_e2e::netlab::require_root;
 use weft_e2e::{bin_path, wait_until};
-
-const EC_P256: &[u8] = include_bytes!("../../authn/tests/keys/ec_p256.pem");
-const RSA_A: &[u8] = include_bytes!("../../authn/tests/keys/rsa_a.pem");
-const RSA_A_PUB: &[u8] = include_bytes!("../../authn/tests/keys/rsa_a.pub.pem");
-const RSA_B: &[u8] = include_bytes!("../../authn/tests/keys/rsa_b.pem");
-const ISS: &str = "https://issuer.example";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn jwk(key: &EncodingKey, alg: Algorithm, kid: &str) -> Value {
-    let mut v = serde_json::to_value(Jwk::from_encoding_key(key, alg).unwrap()).unwrap();
-    v["kid"] = json!(kid);
-    v
-}
-
-/// The public keys of the P-256 key and RSA key A.
-fn jwks() -> String {
-    let p256 = EncodingKey::from_ec_pem(EC_P256).unwrap();
-    let rsa = EncodingKey::from_rsa_pem(RSA_A).unwrap();
-    json!({"keys": [jwk(&p256, Algorithm::ES256, "p256"), jwk(&rsa, Algorithm::RS256, "rsa-a")]})
-        .to_string()
-}
-
-fn claims(sub: &str) -> Value {
-    json!({
-        "iss": ISS,
-        "sub": sub,
-        "aud": "shop",
-        "exp": now() + 600,
-        "groups": ["admins"],
-        "org": {"team": "payments"},
-    })
-}
-
-fn mint(alg: Algorithm, key: &EncodingKey, kid: &str, claims: &Value) -> String {
-    let mut h = Header::new(alg);
-    h.kid = Some(kid.into());
-    encode(&h, claims, key).unwrap()
-}
-
-fn es256(claims: &Value) -> String {
-    mint(
-        Algorithm::ES256,
-        &EncodingKey::from_ec_pem(EC_P256).unwrap(),
-        "p256",
-        claims,
-    )
-}
-
-fn with(mut v: Value, k: &str, x: Value) -> Value {
-    v[k] = x;
-    v
-}
 
 fn b64(v: &[u8]) -> String {
     use base64::Engine;
@@ -225,7 +167,7 @@ fn jwt_request_authentication_at_the_destination() {
     assert_eq!(get(&c, &url("/"), None).0, 200);
 
     // Invalid tokens, each refused.
-    let rsa_b = EncodingKey::from_rsa_pem(RSA_B).unwrap();
+    let rsa_b = weft_e2e::jwt::rsa_b();
     let hmac_confusion = {
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("rsa-a".into());

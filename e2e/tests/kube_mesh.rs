@@ -27,6 +27,12 @@
 //!    its node's agent proxies none of its traffic, and it reaches an unmeshed
 //!    Service on the other node directly (plaintext to the server's own port).
 //!
+//! 6. authentication: a PeerAuthentication STRICT on the namespace refuses the
+//!    unmeshed client's plaintext (counted in
+//!    `weft_plaintext_refused_strict_mtls_total`) while the meshed client keeps
+//!    working; a RequestAuthentication answers an expired JWT `401` and lets a valid
+//!    one through; `kubectl get wpeer` / `wra` show them Accepted.
+//!
 //! Needs root, `make plugins` (target/plugins/peer_gate_c.wasm) and tcpdump;
 //! fails (never skips) without them.
 
@@ -1379,6 +1385,142 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
             other.name
         );
     }
+
+    // 6. Authentication on the real cluster (issue 29): PeerAuthentication STRICT
+    // refuses the unmeshed client's plaintext (counted as such) while the meshed
+    // client keeps working; RequestAuthentication verifies JWTs at the server's
+    // node (401 for an expired token, 200 for a valid one, the app never sees it).
+    let server_b = pod(&mesh, "server", &node_b);
+    let client_a = pod(&mesh, "client", &node_a);
+    let plain_client = pod(&plain, "client", &node_a);
+    let tcp_b = format!("{}:{TCP_PORT}", server_b.ip);
+    let http_b = format!("{}:{HTTP_PORT}", server_b.ip);
+    let strict_count = |c: &KubeCluster| {
+        total(
+            &metrics(c, &node_b),
+            "weft_plaintext_refused_strict_mtls_total",
+            &[("peer_authentication", "mesh/strict")],
+        )
+    };
+    check(
+        &c,
+        "a PeerAuthentication",
+        c.apply(
+            "apiVersion: security.weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: mesh}\nspec: {mtls: {mode: STRICT}}\n",
+        ),
+    );
+    wait_for(
+        &c,
+        "plaintext refused by STRICT (counted)",
+        Duration::from_secs(30),
+        || {
+            let (ok, out) = send_text(&c, PLAIN, &plain_client.name, &tcp_b, "strict", 1);
+            let n = strict_count(&c);
+            Ok((
+                (!ok && n >= 1.0).then_some(()),
+                format!("{ok} {out} refusals {n}"),
+            ))
+        },
+    );
+    let (ok, out) = send_text(&c, MESH, &client_a.name, &tcp_b, "meshed", 3);
+    assert!(ok, "the meshed client under STRICT: {out}");
+    wait_for(
+        &c,
+        "kubectl get wpeer: STRICT, Accepted",
+        Duration::from_secs(30),
+        || {
+            let (out, rows) = table(&c, "wpeer");
+            let accepted = rows.iter().any(|r| {
+                r.first().map(String::as_str) == Some("strict")
+                    && r.iter().any(|x| x == "STRICT")
+                    && r.iter().any(|x| x == "True")
+            });
+            Ok((accepted.then_some(()), out))
+        },
+    );
+    check(
+        &c,
+        "deleting the PeerAuthentication",
+        c.kubectl(&["-n", MESH, "delete", "peerauthentication", "strict"]),
+    );
+    let jwks = weft_e2e::jwt::jwks().replace('\'', "");
+    check(
+        &c,
+        "a RequestAuthentication",
+        c.apply(&format!(
+            "apiVersion: security.weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: users, namespace: mesh}}\nspec:\n  selector: {{matchLabels: {{app: server}}}}\n  jwtRules:\n  - issuer: \"{}\"\n    jwks: '{jwks}'\n",
+            weft_e2e::jwt::ISSUER
+        )),
+    );
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let get_with = |token: &str| -> anyhow::Result<Value> {
+        let (ok, out, err) = exec(
+            &c,
+            MESH,
+            &client_a.name,
+            &[
+                "weft-testapp",
+                "get",
+                "--connect",
+                &http_b,
+                "--path",
+                "/public/jwt",
+                "--header",
+                &bearer(token),
+            ],
+        );
+        if !ok {
+            anyhow::bail!("GET with a token failed: {}", err.trim());
+        }
+        Ok(serde_json::from_str(out.trim())?)
+    };
+    let expired = weft_e2e::jwt::es256(&weft_e2e::jwt::with(
+        weft_e2e::jwt::claims("alice"),
+        "exp",
+        serde_json::json!(weft_e2e::jwt::now() - 3600),
+    ));
+    wait_for(
+        &c,
+        "an expired token refused with 401",
+        Duration::from_secs(30),
+        || {
+            let r = get_with(&expired)?;
+            Ok(((r["status"] == 401).then_some(()), r.to_string()))
+        },
+    );
+    let r = check(
+        &c,
+        "GET with a valid token",
+        get_with(&weft_e2e::jwt::es256(&weft_e2e::jwt::claims("alice"))),
+    );
+    assert_eq!(r["status"], 200, "a valid token: {r}");
+    wait_for(
+        &c,
+        "kubectl get wra: Accepted",
+        Duration::from_secs(30),
+        || {
+            let (out, rows) = table(&c, "wra");
+            let accepted = rows.iter().any(|r| {
+                r.first().map(String::as_str) == Some("users") && r.iter().any(|x| x == "True")
+            });
+            Ok((accepted.then_some(()), out))
+        },
+    );
+    let jwt_ok = total(
+        &metrics(&c, &node_b),
+        "weft_request_authentications_total",
+        &[("outcome", "authenticated")],
+    );
+    assert!(
+        jwt_ok >= 1.0,
+        "{}",
+        series(&metrics(&c, &node_b), "weft_request_authentications_total")
+    );
+    check(
+        &c,
+        "deleting the RequestAuthentication",
+        c.kubectl(&["-n", MESH, "delete", "requestauthentication", "users"]),
+    );
 
     let t_down = Instant::now();
     c.teardown().unwrap_or_else(|e| panic!("{e:#}"));

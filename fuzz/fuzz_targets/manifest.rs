@@ -63,6 +63,7 @@ fn model() -> Arc<Model> {
             trust_domain: TrustDomain::new("cluster.local").expect("trust domain"),
             root_namespace: "weft-system".into(),
             trust_bundle_pem: "PEM".into(),
+            jwt_jwks: String::new(),
             default_identity_fallback: false,
         },
         Arc::new(Offline),

@@ -416,6 +416,7 @@ spec:
                 trust_domain: weft_proto::spiffe::TrustDomain::new("cluster.local").unwrap(),
                 root_namespace: "weft-system".into(),
                 trust_bundle_pem: String::new(),
+                jwt_jwks: String::new(),
                 default_identity_fallback: false,
             },
             std::sync::Arc::new(crate::modules::Offline),

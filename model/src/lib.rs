@@ -62,6 +62,8 @@ pub struct ModelConfig {
     /// Policies in this namespace apply mesh-wide.
     pub root_namespace: String,
     pub trust_bundle_pem: String,
+    /// JWKS (JSON) of the JWT-SVID signing keys, published in the TrustBundle.
+    pub jwt_jwks: String,
     /// Give pods that name no ServiceAccount, and mirror (static) pods, the identity of
     /// their namespace's `default` ServiceAccount, as weft did before. Off: such pods
     /// are not enrolled and get no identity ([`convert::identity_refusal`]).
@@ -269,6 +271,7 @@ impl Model {
             Kind::TrustBundle(pb::TrustBundle {
                 trust_domain: self.cfg.trust_domain.to_string(),
                 roots_pem: self.cfg.trust_bundle_pem.clone(),
+                jwt_jwks: self.cfg.jwt_jwks.clone(),
             }),
         );
         let mut st = self.write_state();

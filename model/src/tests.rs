@@ -7,6 +7,7 @@ fn model() -> Arc<Model> {
             trust_domain: TrustDomain::new("cluster.local").unwrap(),
             root_namespace: "weft-system".into(),
             trust_bundle_pem: "PEM".into(),
+            jwt_jwks: String::new(),
             default_identity_fallback: false,
         },
         std::sync::Arc::new(crate::modules::Offline),

@@ -97,6 +97,7 @@ pub async fn load(src: &Source) -> anyhow::Result<Mesh> {
             trust_domain: src.trust_domain.clone(),
             root_namespace: src.root_namespace.clone(),
             trust_bundle_pem: String::new(),
+            jwt_jwks: String::new(),
             // The control plane's default (--default-identity-fallback off).
             default_identity_fallback: false,
         },

@@ -53,6 +53,14 @@ pub struct CaOptions {
     pub user_bundle: Option<PathBuf>,
 }
 
+impl CaOptions {
+    /// The directory the CA's files (and the JWT-SVID signing key) live in:
+    /// `<state_dir>/ca`, mode 0700.
+    pub fn dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+}
+
 /// A freshly issued certificate: PEM chain (leaf first, then intermediates) and metadata.
 #[derive(Debug, Clone)]
 pub struct IssuedCert {
@@ -79,7 +87,7 @@ impl Ca {
     /// Loads the CA from the state directory (or the user-provided files), creating a
     /// new self-signed root on first start.
     pub fn load_or_create(opts: &CaOptions) -> Result<Self, CaError> {
-        let dir = opts.state_dir.join("ca");
+        let dir = opts.dir();
         create_private_dir(&dir)?;
         let (cert_path, key_path, bundle_path) = (
             dir.join("ca.crt"),
@@ -433,7 +441,7 @@ fn read(p: &Path) -> Result<String, CaError> {
     })
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CaError> {
     fs::create_dir_all(dir)
         .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
         .map_err(|source| CaError::Io {

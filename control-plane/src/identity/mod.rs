@@ -1,13 +1,16 @@
 //! The mesh CA: root or user-provided intermediate, X.509-SVID signing from CSRs,
-//! node credentials and the control plane's own serving certificate.
+//! node credentials and the control plane's own serving certificate; and the
+//! JWT-SVID signer.
 
 pub mod ca;
 pub mod csr;
+pub mod jwt;
 #[cfg(test)]
 pub(crate) mod tests;
 
 pub use ca::{Ca, CaError, CaOptions, IssuedCert};
 pub use csr::{CsrError, VerifiedCsr};
+pub use jwt::{JwtError, JwtSigner};
 
 /// Path prefix of node-agent credentials: `spiffe://<td>/_weft/node/<node>`. Workload
 /// identities always start with `/ns/`, so the two can never be confused.

@@ -6,9 +6,15 @@
 //! (the roots nodes trust). A user who brings their own (intermediate) CA creates
 //! the Secret before installing; otherwise the leader creates a self-signed root.
 //! Followers wait until the Secret exists.
+//!
+//! The key `jwt-key.pem` holds the JWT-SVID signing key (PKCS#8 PEM, EC P-256). The
+//! leader writes it into a new Secret; a Secret without it (made by an older
+//! version, or by the user) gets one added by the first replica that reads it, with
+//! an update conditioned on the Secret's resourceVersion, so that all replicas use
+//! the same key. Users may add their own key under that name instead.
 
 use super::leader::LeaderWatch;
-use crate::identity::{ca::new_root, Ca, CaError};
+use crate::identity::{ca::new_root, jwt, Ca, CaError, JwtError, JwtSigner};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, PostParams};
@@ -20,6 +26,7 @@ use weft_proto::spiffe::TrustDomain;
 pub const KEY_CERT: &str = "ca.crt";
 pub const KEY_KEY: &str = "ca.key";
 pub const KEY_ROOTS: &str = "root-cert.pem";
+pub const KEY_JWT: &str = jwt::KEY_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaSecretError {
@@ -40,6 +47,18 @@ pub enum CaSecretError {
         namespace: String,
         name: String,
         source: CaError,
+    },
+    #[error("Secret {namespace}/{name}: key {KEY_JWT:?}: {source}")]
+    Jwt {
+        namespace: String,
+        name: String,
+        source: JwtError,
+    },
+    #[error("Secret {namespace}/{name} has no key {KEY_JWT:?} (the JWT-SVID signing key) and adding it failed: {source}; allow the control plane to update the Secret, or add a PKCS#8 PEM EC P-256 key under that name")]
+    AddJwtKey {
+        namespace: String,
+        name: String,
+        source: kube::Error,
     },
     #[error("Secret {namespace}/{name}: {source}")]
     Api {
@@ -106,17 +125,95 @@ impl CaSecret {
         }
     }
 
+    /// The JWT-SVID signer, from the key `jwt-key.pem` of the Secret (which
+    /// [`Self::load_or_create`] has seen exist), adding a new key when it lacks one.
+    pub async fn load_or_create_jwt(&self, ttl: Duration) -> Result<JwtSigner, CaSecretError> {
+        loop {
+            let secret = match self.api.get_opt(&self.name).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    tracing::warn!(secret = %format!("{}/{}", self.namespace, self.name), "the CA Secret is gone; waiting for it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(secret = %format!("{}/{}", self.namespace, self.name), error = %e, "reading the CA Secret failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Some(pem) = self.text(&secret, KEY_JWT)? {
+                return JwtSigner::from_pem(&pem, &self.trust_domain, ttl)
+                    .map_err(|source| self.jwt_error(source));
+            }
+            // Add a key; the update carries the resourceVersion just read, so of
+            // replicas that race only one succeeds and the others read its key.
+            let pem = JwtSigner::generate_pem().map_err(|source| self.jwt_error(source))?;
+            let mut updated = secret;
+            updated
+                .data
+                .get_or_insert_with(Default::default)
+                .insert(KEY_JWT.to_string(), ByteString(pem.into_bytes()));
+            match self
+                .api
+                .replace(&self.name, &PostParams::default(), &updated)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(secret = %format!("{}/{}", self.namespace, self.name), "added a JWT-SVID signing key to the CA Secret");
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(source) => {
+                    return Err(CaSecretError::AddJwtKey {
+                        namespace: self.namespace.clone(),
+                        name: self.name.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn jwt_error(&self, source: JwtError) -> CaSecretError {
+        CaSecretError::Jwt {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// The text of `key` in the Secret, if present.
+    fn text(&self, secret: &Secret, key: &'static str) -> Result<Option<String>, CaSecretError> {
+        match secret.data.as_ref().and_then(|d| d.get(key)) {
+            None => Ok(None),
+            Some(b) => {
+                String::from_utf8(b.0.clone())
+                    .map(Some)
+                    .map_err(|_| CaSecretError::NotText {
+                        namespace: self.namespace.clone(),
+                        name: self.name.clone(),
+                        key,
+                    })
+            }
+        }
+    }
+
     async fn create(&self) -> Result<(), CaSecretError> {
         let (cert, key) = new_root(&self.trust_domain).map_err(|source| CaSecretError::Ca {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             source,
         })?;
-        let data: BTreeMap<String, ByteString> =
-            [(KEY_CERT, cert.clone()), (KEY_KEY, key), (KEY_ROOTS, cert)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
-                .collect();
+        let jwt_key = JwtSigner::generate_pem().map_err(|source| self.jwt_error(source))?;
+        let data: BTreeMap<String, ByteString> = [
+            (KEY_CERT, cert.clone()),
+            (KEY_KEY, key),
+            (KEY_ROOTS, cert),
+            (KEY_JWT, jwt_key),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+        .collect();
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -142,19 +239,7 @@ impl CaSecret {
     }
 
     fn parse(&self, secret: &Secret) -> Result<Ca, CaSecretError> {
-        let text =
-            |key: &'static str| -> Result<Option<String>, CaSecretError> {
-                match secret.data.as_ref().and_then(|d| d.get(key)) {
-                    None => Ok(None),
-                    Some(b) => String::from_utf8(b.0.clone()).map(Some).map_err(|_| {
-                        CaSecretError::NotText {
-                            namespace: self.namespace.clone(),
-                            name: self.name.clone(),
-                            key,
-                        }
-                    }),
-                }
-            };
+        let text = |key: &'static str| self.text(secret, key);
         let required = |key: &'static str| -> Result<String, CaSecretError> {
             text(key)?.ok_or_else(|| CaSecretError::MissingKey {
                 namespace: self.namespace.clone(),
@@ -177,5 +262,229 @@ impl CaSecret {
             name: self.name.clone(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a fake API server that keeps one Secret and enforces resourceVersion
+    //! preconditions on updates.
+
+    use super::*;
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const NS: &str = "weft-system";
+    const NAME: &str = "weft-ca";
+
+    #[derive(Default)]
+    struct Fake {
+        secret: Mutex<Option<Secret>>,
+        version: AtomicU64,
+        updates: AtomicU64,
+        creates: AtomicU64,
+        forbid_updates: AtomicBool,
+    }
+
+    fn status(code: StatusCode, reason: &str) -> Response {
+        (
+            code,
+            Json(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": reason, "reason": reason,
+                "code": code.as_u16(),
+            })),
+        )
+            .into_response()
+    }
+
+    async fn read(State(f): State<Arc<Fake>>, Path((_, name)): Path<(String, String)>) -> Response {
+        match &*f.secret.lock().unwrap() {
+            Some(s) if name == NAME => Json(s.clone()).into_response(),
+            _ => status(StatusCode::NOT_FOUND, "NotFound"),
+        }
+    }
+
+    async fn create(
+        State(f): State<Arc<Fake>>,
+        Path(_): Path<String>,
+        Json(mut s): Json<Secret>,
+    ) -> Response {
+        let mut cur = f.secret.lock().unwrap();
+        if cur.is_some() {
+            return status(StatusCode::CONFLICT, "AlreadyExists");
+        }
+        f.creates.fetch_add(1, Ordering::SeqCst);
+        s.metadata.resource_version = Some(f.version.fetch_add(1, Ordering::SeqCst).to_string());
+        *cur = Some(s.clone());
+        (StatusCode::CREATED, Json(s)).into_response()
+    }
+
+    async fn replace(
+        State(f): State<Arc<Fake>>,
+        Path(_): Path<(String, String)>,
+        Json(mut s): Json<Secret>,
+    ) -> Response {
+        if f.forbid_updates.load(Ordering::SeqCst) {
+            return status(StatusCode::FORBIDDEN, "Forbidden");
+        }
+        // Let racing readers read the old version first.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut cur = f.secret.lock().unwrap();
+        let Some(old) = cur.as_ref() else {
+            return status(StatusCode::NOT_FOUND, "NotFound");
+        };
+        if s.metadata.resource_version != old.metadata.resource_version {
+            return status(StatusCode::CONFLICT, "Conflict");
+        }
+        f.updates.fetch_add(1, Ordering::SeqCst);
+        s.metadata.resource_version = Some(f.version.fetch_add(1, Ordering::SeqCst).to_string());
+        *cur = Some(s.clone());
+        Json(s).into_response()
+    }
+
+    async fn start(fake: Arc<Fake>) -> (CaSecret, tokio::task::JoinHandle<()>) {
+        let app = Router::new()
+            .route("/api/v1/namespaces/{ns}/secrets", post(create))
+            .route(
+                "/api/v1/namespaces/{ns}/secrets/{name}",
+                get(read).put(replace),
+            )
+            .with_state(fake);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let secret = CaSecret::new(
+            client,
+            NS,
+            NAME,
+            TrustDomain::new("cluster.local").unwrap(),
+            Duration::from_secs(3600),
+        );
+        (secret, server)
+    }
+
+    fn stored_key(f: &Fake) -> Option<String> {
+        let s = f.secret.lock().unwrap();
+        s.as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(KEY_JWT))
+            .map(|b| String::from_utf8(b.0.clone()).unwrap())
+    }
+
+    /// A Secret as an older version (or a user) made it: no JWT key.
+    fn legacy_secret() -> Secret {
+        let (cert, key) = new_root(&TrustDomain::new("cluster.local").unwrap()).unwrap();
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(NAME.into()),
+                namespace: Some(NS.into()),
+                resource_version: Some("7".into()),
+                ..Default::default()
+            },
+            data: Some(
+                [(KEY_CERT, cert.clone()), (KEY_KEY, key), (KEY_ROOTS, cert)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_leader_creates_the_secret_with_a_jwt_key() {
+        let fake = Arc::new(Fake::default());
+        let (secret, server) = start(fake.clone()).await;
+        let (_tx, leader) = tokio::sync::watch::channel(true);
+        secret.load_or_create(leader).await.unwrap();
+        assert_eq!(fake.creates.load(Ordering::SeqCst), 1);
+        let pem = stored_key(&fake).expect("jwt-key.pem in the new Secret");
+        let jwt = secret.load_or_create_jwt(jwt::DEFAULT_TTL).await.unwrap();
+        let expected = JwtSigner::from_pem(&pem, &secret.trust_domain, jwt::DEFAULT_TTL).unwrap();
+        assert_eq!(jwt.kid(), expected.kid());
+        assert_eq!(fake.updates.load(Ordering::SeqCst), 0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_secret_without_the_key_gets_one_added_once_for_all_replicas() {
+        let fake = Arc::new(Fake::default());
+        *fake.secret.lock().unwrap() = Some(legacy_secret());
+        fake.version.store(8, Ordering::SeqCst);
+        let (a, server) = start(fake.clone()).await;
+        let (b, server_b) = start(fake.clone()).await;
+        // A follower reads the CA as before.
+        let (_tx, leader) = tokio::sync::watch::channel(false);
+        a.load_or_create(leader).await.unwrap();
+
+        let (ja, jb) = tokio::join!(
+            a.load_or_create_jwt(jwt::DEFAULT_TTL),
+            b.load_or_create_jwt(jwt::DEFAULT_TTL)
+        );
+        let (ja, jb) = (ja.unwrap(), jb.unwrap());
+        assert_eq!(ja.kid(), jb.kid());
+        assert_eq!(fake.updates.load(Ordering::SeqCst), 1);
+        let pem = stored_key(&fake).unwrap();
+        let stored = JwtSigner::from_pem(&pem, &a.trust_domain, jwt::DEFAULT_TTL).unwrap();
+        assert_eq!(stored.kid(), ja.kid());
+        // The CA keys are untouched, and a restart reads the same key.
+        a.load_or_create(tokio::sync::watch::channel(false).1)
+            .await
+            .unwrap();
+        let again = a.load_or_create_jwt(jwt::DEFAULT_TTL).await.unwrap();
+        assert_eq!(again.kid(), ja.kid());
+        assert_eq!(fake.updates.load(Ordering::SeqCst), 1);
+        server.abort();
+        server_b.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_update_is_a_clear_error() {
+        let fake = Arc::new(Fake::default());
+        *fake.secret.lock().unwrap() = Some(legacy_secret());
+        fake.forbid_updates.store(true, Ordering::SeqCst);
+        let (secret, server) = start(fake.clone()).await;
+        let err = secret
+            .load_or_create_jwt(jwt::DEFAULT_TTL)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "Secret weft-system/weft-ca has no key \"jwt-key.pem\" (the JWT-SVID signing key) and adding it failed: "
+            ),
+            "{err}"
+        );
+        assert!(stored_key(&fake).is_none());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_unusable_jwt_key_is_an_error_and_never_overwritten() {
+        let fake = Arc::new(Fake::default());
+        let mut s = legacy_secret();
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert(KEY_JWT.into(), ByteString(b"garbage".to_vec()));
+        *fake.secret.lock().unwrap() = Some(s);
+        let (secret, server) = start(fake.clone()).await;
+        let err = secret
+            .load_or_create_jwt(jwt::DEFAULT_TTL)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CaSecretError::Jwt { .. }), "{err}");
+        assert_eq!(stored_key(&fake).as_deref(), Some("garbage"));
+        server.abort();
     }
 }

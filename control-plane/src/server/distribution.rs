@@ -389,6 +389,7 @@ spec:
                 trust_domain: weft_proto::spiffe::TrustDomain::new("cluster.local").unwrap(),
                 root_namespace: "weft-system".into(),
                 trust_bundle_pem: "PEM".into(),
+                jwt_jwks: String::new(),
                 default_identity_fallback: false,
             },
             Arc::new(weft_model::modules::Offline),

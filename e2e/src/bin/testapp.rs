@@ -116,6 +116,9 @@ enum Cmd {
         /// The Host header (default: the address).
         #[arg(long)]
         host: Option<String>,
+        /// An extra request header, `name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     /// Echo server: writes back whatever it reads.
     Echo {
@@ -342,15 +345,21 @@ fn flow(addr: SocketAddr, seconds: u64, interval_ms: u64, long_lived: bool) -> S
 }
 
 /// See `Cmd::Get`.
-fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<serde_json::Value, String> {
+fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    host: &str,
+    headers: &[String],
+) -> Result<serde_json::Value, String> {
     use std::time::Duration;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: weft-testapp\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: weft-testapp\r\n{extra}Connection: close\r\n\r\n"
     )
     .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
@@ -670,7 +679,13 @@ fn main() {
             connect,
             path,
             host,
-        } => match http_get(connect, &path, &host.unwrap_or_else(|| connect.to_string())) {
+            headers,
+        } => match http_get(
+            connect,
+            &path,
+            &host.unwrap_or_else(|| connect.to_string()),
+            &headers,
+        ) {
             Ok(v) => println!("{v}"),
             Err(e) => {
                 eprintln!("get http://{connect}{path}: {e}");

@@ -340,6 +340,7 @@ mod tests {
                 kind: Some(pb::resource::Kind::TrustBundle(pb::TrustBundle {
                     trust_domain: "td.local".into(),
                     roots_pem: cert.pem(),
+                    ..Default::default()
                 })),
             }],
             ..Default::default()
