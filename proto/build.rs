@@ -1,6 +1,7 @@
-//! Compiles `weft/v1/*.proto` with protox (pure Rust), so a fresh machine needs no protoc.
+//! Compiles `weft/v1/*.proto` and the SPIFFE Workload API (`spiffe/workload.proto`)
+//! with protox (pure Rust), so a fresh machine needs no protoc.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["weft/v1/config.proto"];
+    let protos = ["weft/v1/config.proto", "spiffe/workload.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -254,6 +254,12 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The agent's `--state-dir` on `node` (a relative `--workload-api-socket` is
+    /// under it).
+    pub fn agent_state_dir(&self, node: &str) -> Option<PathBuf> {
+        self.nodes.get(node).map(|n| n.dir.join("state"))
+    }
+
     /// The node's address on the fabric (its metrics are on `<ip>:15020`).
     pub fn node_ip(&self, node: &str) -> Option<String> {
         self.nodes

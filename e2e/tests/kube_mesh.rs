@@ -31,7 +31,9 @@
 //!    unmeshed client's plaintext (counted in
 //!    `weft_plaintext_refused_strict_mtls_total`) while the meshed client keeps
 //!    working; a RequestAuthentication answers an expired JWT `401` and lets a valid
-//!    one through; `kubectl get wpeer` / `wra` show them Accepted.
+//!    one through; `kubectl get wpeer` / `wra` show them Accepted;
+//! 7. the SPIFFE Workload API: a pod mounting the agent's socket directory gets its
+//!    own X.509-SVID and a JWT-SVID, with a real client.
 //!
 //! Needs root, `make plugins` (target/plugins/peer_gate_c.wasm) and tcpdump;
 //! fails (never skips) without them.
@@ -1520,6 +1522,64 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         &c,
         "deleting the RequestAuthentication",
         c.kubectl(&["-n", MESH, "delete", "requestauthentication", "users"]),
+    );
+
+    // 7. The SPIFFE Workload API on the real cluster: a pod of the `client`
+    // ServiceAccount mounting the agent's socket directory gets its own X.509-SVID
+    // and a JWT-SVID (validated) with a real client (the `spiffe` crate).
+    check(
+        &c,
+        "a Workload API client pod",
+        c.apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: spiffe-client, namespace: mesh, labels: {{app: spiffe-client}}}}
+spec:
+  serviceAccountName: client
+  terminationGracePeriodSeconds: 1
+  nodeSelector: {{kubernetes.io/hostname: {node_a}}}
+  containers:
+  - name: app
+    image: {APP_IMAGE}
+    imagePullPolicy: Never
+    command: [sleep, "36000"]
+    env: [{{name: SPIFFE_ENDPOINT_SOCKET, value: "unix:///run/spiffe/socket"}}]
+    volumeMounts: [{{name: spiffe, mountPath: /run/spiffe, readOnly: true}}]
+  volumes:
+  - name: spiffe
+    hostPath: {{path: /var/run/weft/spiffe, type: Directory}}
+"#
+        )),
+    );
+    check(
+        &c,
+        "the Workload API client pod Ready",
+        c.wait_pods_ready(MESH, "app=spiffe-client", 1, Duration::from_secs(120)),
+    );
+    wait_for(
+        &c,
+        "the pod's own identity from the Workload API",
+        Duration::from_secs(60),
+        || {
+            let (_, out, err) = exec(
+                &c,
+                MESH,
+                "spiffe-client",
+                &[
+                    "weft-testapp",
+                    "spiffe",
+                    "--endpoint",
+                    "unix:///run/spiffe/socket",
+                    "--audience",
+                    "billing",
+                ],
+            );
+            let v: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+            let ok = v["x509_spiffe_id"] == spiffe("client")
+                && v["jwt_spiffe_id"] == spiffe("client")
+                && v["validated_spiffe_id"] == spiffe("client");
+            Ok((ok.then_some(()), format!("{out}{err}")))
+        },
     );
 
     let t_down = Instant::now();

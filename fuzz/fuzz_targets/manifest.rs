@@ -128,6 +128,33 @@ fuzz_target!(|data: &[u8]| {
                 let _ = validate::validate_wasm_plugin(&x.spec);
                 let _ = convert::wasm_plugin(x);
             }
+            Object::PeerAuthentication(x) => {
+                round_trip(x);
+                let report = validate::validate_peer_authentication(&x.spec);
+                let p = convert::peer_authentication(x, &report, "weft-system");
+                if !report.is_valid() {
+                    // Fail closed: an invalid one is enforced as STRICT.
+                    assert_eq!(
+                        p.mode,
+                        weft_proto::pb::peer_authentication::MtlsMode::Strict as i32,
+                        "invalid {r} is not STRICT"
+                    );
+                }
+            }
+            Object::RequestAuthentication(x) => {
+                round_trip(x);
+                let mut report = validate::validate_request_authentication(&x.spec);
+                let ra = convert::request_authentication(x, &mut report, "weft-system", |_| {
+                    weft_model::jwks::JwksResolved::Pending
+                });
+                // Every distributed key set compiles: the node never meets one that
+                // the control plane did not check.
+                for rule in &ra.rules {
+                    if !rule.jwks.is_empty() {
+                        assert!(rule.jwks_error.is_empty(), "{r}: keys and an error");
+                    }
+                }
+            }
             Object::AuthorizationPolicy(x) => {
                 round_trip(x);
                 let report = validate::validate_authorization_policy(&x.spec);

@@ -8,7 +8,7 @@
 //! to methods=POST,PUT paths=/admin* ports=8080
 //! when request.headers[x-user] values=admin notValues=guest
 //! conn src=10.0.0.1 dst=10.0.0.2 port=8080 principal=cluster.local/ns/shop/sa/web pending
-//! req method=POST path=/admin/x host=svc:8080 header=x-user:admin
+//! req method=POST path=/admin/x host=svc:8080 header=x-user:admin jwt=iss/sub claim=groups:admins
 //! ```
 //!
 //! `policy` takes an action (`ALLOW`, `DENY`, `AUDIT` or a number), `rule` starts a
@@ -187,6 +187,31 @@ impl Case {
                                 let v = decode(v);
                                 let (h, val) = v.split_once(':').unwrap_or((&v, ""));
                                 r.headers.push((h.to_ascii_lowercase(), val.to_string()));
+                            }
+                            // A verified JWT: its principal, and claims (`a.b:value`).
+                            "jwt" => {
+                                let auth = std::sync::Arc::make_mut(
+                                    r.auth.get_or_insert_with(Default::default),
+                                );
+                                auth.principal = decode(v);
+                            }
+                            "claim" => {
+                                let v = decode(v);
+                                let (k, val) = v.split_once(':').unwrap_or((&v, ""));
+                                let auth = std::sync::Arc::make_mut(
+                                    r.auth.get_or_insert_with(Default::default),
+                                );
+                                if !auth.claims.is_object() {
+                                    auth.claims = serde_json::json!({});
+                                }
+                                let mut at = &mut auth.claims;
+                                for part in k.split('.') {
+                                    if !at.is_object() {
+                                        *at = serde_json::json!({});
+                                    }
+                                    at = &mut at[part];
+                                }
+                                *at = serde_json::json!(val);
                             }
                             _ => {}
                         }

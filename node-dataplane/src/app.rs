@@ -55,6 +55,9 @@ pub struct CaptureSettings {
     /// Also enroll pods the CNI plugin never reported, found by their IP in the
     /// host's /proc (pods that ran before weft, or while the agent was down).
     pub discover_pods: bool,
+    /// Where to serve the SPIFFE Workload API to the node's enrolled pods (relative:
+    /// under `state_dir`); `None`: not served.
+    pub workload_api_socket: Option<PathBuf>,
 }
 
 /// How the agent hands its pods over to a successor when it is told to stop
@@ -200,6 +203,25 @@ pub async fn start(
         ));
         manager_for_shutdown = Some(manager.clone());
         pod_task = Some(tokio::spawn(manager.run()));
+        if let Some(path) = &c.workload_api_socket {
+            let path = c.state_dir.join(path);
+            let listener = crate::workload_api::bind(&path)
+                .with_context(|| format!("binding the Workload API socket {}", path.display()))?;
+            let provider = crate::workload_api::agent::AgentProvider::start(
+                map.clone(),
+                config.clone(),
+                certs.clone(),
+                s.control_plane.clone(),
+            );
+            tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
+            tokio::spawn(async move {
+                let served =
+                    crate::workload_api::serve(listener, provider, std::future::pending()).await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the Workload API server failed");
+                }
+            });
+        }
         dataplane_ready = Some(ready);
         pods = Some(map);
     }

@@ -31,6 +31,7 @@ pub(crate) mod netns;
 pub(crate) mod pods;
 pub(crate) mod proxy;
 pub(crate) mod wasm;
+pub mod workload_api;
 
 pub use app::{start, CaptureSettings, DrainSettings, Running, Settings};
 pub use certs::{CertManagerSettings, CertStore};

@@ -99,6 +99,11 @@ struct RunArgs {
     /// the CNI plugin (they must start before the control plane is reachable).
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     namespace: String,
+    /// Serve the SPIFFE Workload API to the node's enrolled pods on this Unix
+    /// socket (relative: under --state-dir); callers are attested by their network
+    /// namespace. Unset: not served.
+    #[arg(long, env = "WEFT_WORKLOAD_API_SOCKET")]
+    workload_api_socket: Option<PathBuf>,
     /// The host's CNI bin directory as mounted in the agent (for the uninstall).
     #[arg(long)]
     cni_bin_dir: Option<PathBuf>,
@@ -199,6 +204,7 @@ impl RunArgs {
                 cni_socket: self.cni_socket,
                 state_dir: self.state_dir,
                 discover_pods: self.discover_pods == Toggle::On,
+                workload_api_socket: self.workload_api_socket,
                 own_namespace: Some(self.namespace.clone()),
                 release: self
                     .release_daemonsets

@@ -4,6 +4,7 @@
 //!
 //! - [`pb`]: the gRPC protocol (`proto/weft/v1/config.proto`): config resources,
 //!   SVID signing, module fetches.
+//! - [`workload_api`]: the SPIFFE Workload API served to applications.
 //! - [`crd`]: the `AuthorizationPolicy` and `WasmPlugin` custom resources.
 //! - [`gateway`]: the Gateway API's `HTTPRoute` and `GRPCRoute`, for mesh routing.
 //! - [`validate`]: field-level validation of those resources.
@@ -29,6 +30,14 @@ pub mod x509;
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("weft.v1");
+}
+
+/// The SPIFFE Workload API (`proto/spiffe/workload.proto`): the service the node
+/// agent serves to applications. Its messages have no protobuf package (the
+/// standard's wire names), hence the `_` file.
+pub mod workload_api {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("_");
 }
 
 mod serde_enums {

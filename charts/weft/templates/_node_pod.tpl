@@ -62,6 +62,9 @@ DaemonSet (see there).
             - --hbone-handshake-timeout={{ $n.hboneHandshakeTimeout }}
             - --max-handshakes-per-source={{ $n.maxHandshakesPerSource }}
             - --hbone-server-idle-timeout={{ $n.hboneServerIdleTimeout }}
+            {{- if $n.workloadApi }}
+            - --workload-api-socket=spiffe/socket
+            {{- end }}
             - --admin-addr=127.0.0.1:15000
             - --metrics-addr=0.0.0.0:15020
             - --successor-wait={{ $n.upgrade.successorWaitSeconds }}s

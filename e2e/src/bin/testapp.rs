@@ -166,6 +166,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         count: usize,
     },
+    /// A SPIFFE Workload API client (the `spiffe` crate): prints, as JSON, the
+    /// caller's X.509-SVID SPIFFE ID and chain length, a JWT-SVID for `--audience`
+    /// and the result of validating it, or the error of the first call that failed.
+    Spiffe {
+        /// `unix:///path/to/socket`.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, default_value = "weft-test")]
+        audience: String,
+    },
     Client {
         #[arg(long)]
         connect: SocketAddr,
@@ -608,6 +618,44 @@ fn http_server(
     });
 }
 
+fn spiffe_client(endpoint: &str, audience: &str) -> serde_json::Value {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return serde_json::json!({"error": format!("runtime: {e}")}),
+    };
+    rt.block_on(async {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            serde_json::json!({"error": format!("{what}: {e}")})
+        };
+        let client = match spiffe::WorkloadApiClient::connect_to(endpoint).await {
+            Ok(c) => c,
+            Err(e) => return fail("connect", &e),
+        };
+        let svid = match client.fetch_x509_svid().await {
+            Ok(s) => s,
+            Err(e) => return fail("fetch_x509_svid", &e),
+        };
+        let jwt = match client.fetch_jwt_svid([audience], None).await {
+            Ok(j) => j,
+            Err(e) => return fail("fetch_jwt_svid", &e),
+        };
+        let valid = match client.validate_jwt_token(audience, jwt.token()).await {
+            Ok(v) => v.spiffe_id().to_string(),
+            Err(e) => return fail("validate_jwt_token", &e),
+        };
+        serde_json::json!({
+            "x509_spiffe_id": svid.spiffe_id().to_string(),
+            "x509_chain": svid.cert_chain().len(),
+            "jwt_spiffe_id": jwt.spiffe_id().to_string(),
+            "jwt": jwt.token(),
+            "validated_spiffe_id": valid,
+        })
+    })
+}
+
 fn main() {
     match Args::parse().cmd {
         Cmd::Http {
@@ -750,6 +798,7 @@ fn main() {
                 });
             }
         }
+        Cmd::Spiffe { endpoint, audience } => println!("{}", spiffe_client(&endpoint, &audience)),
         Cmd::Client {
             connect,
             bytes,

@@ -45,12 +45,31 @@ pub mod zeroizing {
     }
 }
 
-#[derive(Default)]
 pub struct CertStore {
     inner: RwLock<BTreeMap<String, Arc<WorkloadCert>>>,
+    /// Bumped on every change (the Workload API pushes rotations from it).
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for CertStore {
+    fn default() -> Self {
+        Self {
+            inner: Default::default(),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl CertStore {
+    /// Changes whenever a certificate is stored or removed.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<WorkloadCert>> {
         self.inner
             .read()
@@ -63,12 +82,14 @@ impl CertStore {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(c.spiffe_id.clone(), Arc::new(c));
+        self.bump();
     }
     pub fn remove(&self, id: &str) {
         self.inner
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        self.bump();
     }
     pub fn all(&self) -> Vec<Arc<WorkloadCert>> {
         self.inner
