@@ -51,6 +51,7 @@ fn attrs() -> [Attributes; 3] {
             path: "/".into(),
             host: "web".into(),
             headers: Vec::new(),
+            auth: None,
         }),
         ..mtls.clone()
     };
