@@ -145,7 +145,18 @@ fn enrolled_pod_is_captured_bytes_exact_and_sees_the_real_peer() {
         *s.stats.last_orig_dst.lock().unwrap(),
         Some(dst.parse().unwrap())
     );
-    assert_eq!(s.stats.bytes_up.load(Ordering::SeqCst), 64 << 20);
+    // The proxy counts a connection's bytes when its copy ends, which may be just
+    // after the client has seen its last byte.
+    let up = weft_e2e::wait_until(Duration::from_secs(5), || {
+        let n = s.stats.bytes_up.load(Ordering::SeqCst);
+        (n == 64 << 20).then_some(n)
+    });
+    assert_eq!(
+        up,
+        Some(64 << 20),
+        "bytes up: {}",
+        s.stats.bytes_up.load(Ordering::SeqCst)
+    );
     let st = s.capture.pod_stats(s.cookie).unwrap();
     assert_eq!(st.redirected, 1);
     assert_eq!(st.orig_dst_answers, 1);
