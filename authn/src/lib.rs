@@ -150,7 +150,27 @@ impl CompiledRule {
     pub fn forward_original_token(&self) -> bool {
         self.forward_original_token
     }
+
+    /// The (lower-case) headers this rule sets from claims: a proxy removes them
+    /// from every request first, so a client can never send them itself.
+    pub fn output_headers(&self) -> impl Iterator<Item = &str> {
+        self.output.iter().map(|(h, _)| h.as_str())
+    }
 }
+
+/// Headers a claim may never be copied into: they frame or route the message
+/// (a claim in them could desynchronize the proxy and the application).
+pub const RESERVED_OUTPUT_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 
 /// The parts of a request that authentication reads.
 #[derive(Debug, Clone, Default)]
@@ -327,6 +347,15 @@ fn compile_with(rule: &JwtRule, keys: Vec<jwks::Key>) -> Result<CompiledRule, Ru
             return Err(RuleError::new(
                 format!("outputClaimToHeaders[{i}].header"),
                 "not a valid HTTP header name",
+            ));
+        }
+        if RESERVED_OUTPUT_HEADERS.contains(&o.header.to_ascii_lowercase().as_str()) {
+            return Err(RuleError::new(
+                format!("outputClaimToHeaders[{i}].header"),
+                format!(
+                    "{:?} frames or routes the message: not a claim header",
+                    o.header
+                ),
             ));
         }
         let path: Vec<String> = o.claim.split('.').map(str::to_string).collect();

@@ -971,3 +971,33 @@ fn a_rule_without_keys_rejects_its_tokens_and_passes_requests_without_one() {
     );
     assert!(matches!(run(&rules, &[], None), Outcome::NoToken));
 }
+
+#[test]
+fn claims_never_go_into_headers_that_frame_or_route_the_message() {
+    for h in [
+        "Content-Length",
+        "transfer-encoding",
+        "host",
+        "te",
+        "upgrade",
+    ] {
+        let r = JwtRule {
+            output_claim_to_headers: vec![ClaimToHeader {
+                header: h.into(),
+                claim: "sub".into(),
+            }],
+            ..rule()
+        };
+        let (field, _) = compile_err(&r);
+        assert_eq!(field, "outputClaimToHeaders[0].header", "{h}");
+    }
+    let ok = JwtRule {
+        output_claim_to_headers: vec![ClaimToHeader {
+            header: "x-user".into(),
+            claim: "sub".into(),
+        }],
+        ..rule()
+    };
+    let c = compile(&ok).unwrap();
+    assert_eq!(c.output_headers().collect::<Vec<_>>(), ["x-user"]);
+}

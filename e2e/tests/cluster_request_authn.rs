@@ -158,6 +158,27 @@ fn jwt_request_authentication_at_the_destination() {
         "{}",
         forged.body
     );
+    // Nor without a token, nor with one whose claims do not fill them.
+    for extra in [
+        vec![],
+        vec![
+            "-H".to_string(),
+            format!(
+                "Authorization: Bearer {}",
+                es256(&with(claims("alice"), "org", json!({})))
+            ),
+        ],
+    ] {
+        let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        args.extend(["-H", "x-jwt-sub: mallory", "-H", "x-jwt-team: admins"]);
+        let r = weft_e2e::curl::curl(&c, "shop/client", &args, &url("/")).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            !r.body.contains("mallory") && !r.body.contains("x-jwt-team"),
+            "a client-sent claim header reached the app: {}",
+            r.body
+        );
+    }
     // In the query string too, removed from what the app sees.
     let (code, body) = get(&c, &url(&format!("/q?a=1&access_token={alice}")), None);
     assert_eq!(code, 200, "{body}");

@@ -472,6 +472,14 @@ pub fn request_authentication(
                 })
                 .collect(),
         };
+        // Everything but the keys, as the node compiles it: a rule the node could not
+        // compile at all is reported here (the node refuses its issuer's tokens).
+        if let Err(e) = weft_authn::compile_without_keys(&rule) {
+            report.errors.push(weft_proto::validate::FieldError {
+                field: format!("spec.jwtRules[{i}].{}", e.field()),
+                message: format!("{}; tokens of this issuer are refused", e.message()),
+            });
+        }
         // What the node will compile, checked here so the status names the problem.
         let (jwks, jwks_error) = if jwks.is_empty() {
             (jwks, jwks_error)

@@ -478,6 +478,15 @@ async fn uninstall_node(
         let _ = std::fs::remove_file(dir.join("enrollment.json"));
     }
     let _ = std::fs::remove_dir_all(c.state_dir.join("wasm"));
+    if let Some(sock) = &c.workload_api_socket {
+        // The Workload API socket, and its directory when nothing else is in it
+        // (pods may still have it mounted: they see an empty directory).
+        let sock = c.state_dir.join(sock);
+        let _ = std::fs::remove_file(&sock);
+        if let Some(dir) = sock.parent().filter(|d| *d != c.state_dir) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
     let _ = std::fs::remove_dir(&c.state_dir);
     tracing::info!("weft removed from this node");
 }

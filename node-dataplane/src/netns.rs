@@ -16,6 +16,11 @@ type Job = Box<dyn FnOnce() + Send>;
 
 pub struct PodNetns {
     path: PathBuf,
+    /// The namespace's inode, taken from the file opened at `open`: what a process
+    /// in it shows in `/proc/<pid>/ns/net` (the Workload API attests by it). Read
+    /// once, so a path that later names another namespace (a reused pid) changes
+    /// nothing.
+    inode: u64,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -25,6 +30,7 @@ impl PodNetns {
     pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
         let path = path.into();
         let file = std::fs::File::open(&path)?;
+        let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         std::thread::Builder::new()
@@ -44,11 +50,16 @@ impl PodNetns {
             .recv()
             .map_err(|_| io::Error::other("netns worker died"))?
             .map_err(|e| io::Error::new(e.kind(), format!("entering {}: {e}", path.display())))?;
-        Ok(Self { path, jobs })
+        Ok(Self { path, inode, jobs })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace's inode (see the field).
+    pub fn inode(&self) -> u64 {
+        self.inode
     }
 
     /// Runs `f` inside the namespace and waits for its result.

@@ -44,12 +44,18 @@ impl CompiledAuthn {
                         } else {
                             tracing::debug!(object = %id, issuer = %r.issuer, why = %r.jwks_error, "JWT rule without keys: tokens of its issuer are refused");
                         }
-                        // Still finds its tokens, and refuses them.
+                        // Still finds its tokens, and refuses them; a rule that does
+                        // not compile at all refuses its issuer's tokens where tokens
+                        // are found by default.
                         match weft_authn::compile_without_keys(&rule) {
                             Ok(c) => Some(c),
                             Err(e) => {
-                                tracing::warn!(object = %id, issuer = %r.issuer, error = %e, "JWT rule does not compile: left out");
-                                None
+                                tracing::warn!(object = %id, issuer = %r.issuer, error = %e, "JWT rule does not compile: its issuer's tokens are refused");
+                                weft_authn::compile_without_keys(&weft_authn::JwtRule {
+                                    issuer: r.issuer.clone(),
+                                    ..Default::default()
+                                })
+                                .ok()
                             }
                         }
                     })

@@ -134,10 +134,7 @@ impl Provider for AgentProvider {
         let inode = super::netns_inode(pid).ok()?;
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         pods.values().find_map(|p| {
-            let ino = std::fs::metadata(p.netns.path())
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                .ok()?;
-            if ino != inode {
+            if p.netns.inode() != inode {
                 return None;
             }
             let w = p.workload.get();

@@ -444,6 +444,13 @@ pub fn on_request<'a>(
             return Verdict::Reply(super::jwt::rejection());
         }
     };
+    // A token taken out of the query: later plugins see the path the app will.
+    if let Some(r) = run.as_mut() {
+        if r.view.request.pseudo(":path") != Some(req.path_and_query()) {
+            let (method, pq, scheme) = (req.method(), req.path_and_query(), req.scheme());
+            r.view.request.set_request(method, pq, &r.authority, scheme);
+        }
+    }
     if let Some(v) = run_before_authz(authz_phase, req, end_of_stream, ctx, x, &mut run) {
         return v;
     }

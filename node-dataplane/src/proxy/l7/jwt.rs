@@ -42,6 +42,15 @@ pub fn authenticate(
     if rules.is_empty() {
         return Ok(None);
     }
+    // Claim headers come only from a verified token: whatever the client sent under
+    // those names is dropped first, whatever the outcome.
+    if rules.iter().any(|r| r.output_headers().next().is_some()) {
+        let mut fields = req.lend_fields();
+        for h in rules.iter().flat_map(|r| r.output_headers()) {
+            fields.remove(h.as_bytes());
+        }
+        req.return_fields(fields);
+    }
     let pairs = req.field_pairs();
     let pq = req.path_and_query();
     let query = pq

@@ -365,6 +365,13 @@ where
         tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, policy = ?d.policy, "connection denied: not HTTP on a port with L7 rules");
         return Ok(());
     }
+    if ctx.plan.declared != Declared::Opaque && !ctx.authn_rules(&ctx.target.workload()).is_empty()
+    {
+        // Its tokens (and claim headers) could not be checked: never let them through.
+        NodeCounters::count(&ctx.state.counters.l7_opaque_denied);
+        tracing::info!(dst = %ctx.dst, "connection refused: not HTTP on a port of a workload with a RequestAuthentication (declare the port's protocol if it is not HTTP)");
+        return Ok(());
+    }
     if let Some(p) = ctx.plan.plugins_refuse_opaque() {
         NodeCounters::count(&ctx.state.counters.l7_opaque_denied);
         tracing::info!(dst = %ctx.dst, plugin = p, "connection refused: not HTTP on a port with a Wasm plugin that does not fail open");
