@@ -432,12 +432,16 @@ pub fn request_authentication(
         if r.issuer.is_empty() {
             continue; // reported by validation; a rule without an issuer is unusable
         }
+        let mut jwks_pending = false;
         let (jwks, jwks_error) = match (&r.jwks, &r.jwks_uri) {
             (Some(inline), _) => (inline.clone(), String::new()),
             (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("https://") => {
                 match fetch(uri) {
                     JwksResolved::Ready(text) => (text, String::new()),
-                    JwksResolved::Pending => (String::new(), "the key set is being fetched".into()),
+                    JwksResolved::Pending => {
+                        jwks_pending = true;
+                        (String::new(), "the key set is being fetched".into())
+                    }
                     JwksResolved::Failed(why) => {
                         report.errors.push(weft_proto::validate::FieldError {
                             field: format!("spec.jwtRules[{i}].jwksUri"),
@@ -524,6 +528,7 @@ pub fn request_authentication(
                 .collect(),
             jwks_uri: r.jwks_uri.clone().unwrap_or_default(),
             jwks_error,
+            jwks_pending,
         });
     }
     pb::RequestAuthentication {

@@ -269,6 +269,7 @@ impl ProxyState {
         }
         let compiled = Arc::new(super::request_authn::CompiledAuthn::new(
             snap.request_authns.values().map(|o| &**o),
+            cache.as_ref().map(|(_, c)| &**c),
         ));
         *cache = Some((snap.request_authns.clone(), compiled.clone()));
         compiled
