@@ -296,6 +296,12 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         intruder.new_ok, 0,
         "the denied client got through: {intruder:?}"
     );
+    if client.new_failed > 0 {
+        eprintln!(
+            "the agents' failed connections and warnings:\n{}",
+            weft_e2e::kubeweft::agent_failures(&c, 60)
+        );
+    }
     assert_eq!(
         (client.new_failed, client.long_lived_ok),
         (0, Some(true)),
