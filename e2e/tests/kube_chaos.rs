@@ -463,17 +463,17 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         client.1,
         client.2
     );
-    assert_eq!((pods, changes), (ROUNDS * REPLICAS, POLICY_CHANGES));
-    assert!(
-        client.2,
-        "a long-lived connection was lost during the churn"
-    );
-    if client.1 > 0 {
+    if client.1 > 0 || !client.2 {
         eprintln!(
             "the agents' failed connections and warnings:\n{}",
             weft_e2e::kubeweft::agent_failures(&c, 60)
         );
     }
+    assert_eq!((pods, changes), (ROUNDS * REPLICAS, POLICY_CHANGES));
+    assert!(
+        client.2,
+        "a long-lived connection was lost during the churn"
+    );
     // Counted, and bounded: churn and policy changes are not meant to fail allowed
     // connections at all (a run showed a few resets in one 2 s burst; see the issue).
     assert!(
