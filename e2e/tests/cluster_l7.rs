@@ -62,9 +62,10 @@ fn topology(c: &mut LocalCluster) -> String {
     c.spawn_app("shop/web", &app, &["http", "--listen", "0.0.0.0:8080"])
         .unwrap();
     // Certificates and config settle: any HTTP answer from the app.
+    // A reset before then (no certificate yet) is retried, not a failure.
     wait_until(Duration::from_secs(20), || {
-        let (code, _) = curl(c, "shop/client", &[], &format!("http://{addr}/api/ready"));
-        (code == 200).then_some(())
+        let r = weft_e2e::curl::curl(c, "shop/client", &[], &format!("http://{addr}/api/ready"));
+        r.ok().filter(|r| r.status == 200).map(|_| ())
     })
     .expect("web reachable");
     addr
