@@ -61,15 +61,19 @@ spec:
     )
 }
 
-/// (status, body) of a GET of `path` from shop/client with `token` as a bearer.
+/// (status, body) of a GET of `path` from shop/client with `token` as a bearer;
+/// status 0 and curl's error when no response came (a reset: asserted as such, or
+/// retried while the mesh settles).
 fn get(c: &LocalCluster, url: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Authorization: Bearer {t}"));
     let mut extra = Vec::new();
     if let Some(a) = &auth {
         extra.extend(["-H", a.as_str()]);
     }
-    let r = weft_e2e::curl::curl(c, "shop/client", &extra, url).expect("curl");
-    (r.status, r.body)
+    match weft_e2e::curl::curl(c, "shop/client", &extra, url) {
+        Ok(r) => (r.status, r.body),
+        Err(e) => (0, format!("{e:#}")),
+    }
 }
 
 fn jwt_metric(c: &LocalCluster, outcome: &str, reason: &str) -> u64 {
