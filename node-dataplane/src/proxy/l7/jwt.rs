@@ -7,7 +7,7 @@
 //! the application receives unless its rule forwards it, and claims the rule names
 //! are copied into request headers (replacing any the client sent).
 
-use super::http::{reply, LocalResponse, RequestMessage};
+use super::message::{reply, LocalResponse, RequestMessage};
 use super::ConnCtx;
 use crate::metrics::traffic::JwtLabels;
 use std::sync::Arc;

@@ -14,6 +14,7 @@
 pub mod h1;
 pub mod http;
 pub mod jwt;
+pub mod message;
 pub mod sniff;
 pub mod upstream;
 
