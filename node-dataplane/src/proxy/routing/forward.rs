@@ -24,8 +24,6 @@ use weft_proto::pb::route_filter::Kind as FilterKind;
 /// Largest request body kept in memory so a request can be retried or mirrored; a
 /// larger one (or one of unknown length) streams and is neither.
 pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
-/// Mirrored requests in flight per source pod at most; more are not mirrored.
-pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 /// A mirrored exchange is abandoned after this.
 pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -607,7 +605,7 @@ fn upstream_request(
 
 /// Sends a copy of the request to a mirror backend and forgets it: only requests
 /// whose body is buffered (or empty) are mirrored, and at most
-/// [`MAX_MIRRORS_IN_FLIGHT`] at a time.
+/// [`super::upstream::MAX_MIRRORS_IN_FLIGHT`] at a time.
 fn mirror(
     rc: &Arc<Routed>,
     m: &pb::RequestMirror,

@@ -26,6 +26,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Mirrored requests in flight per source pod at most; more are not mirrored.
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request body as sent upstream: streamed from the client, or buffered.
 pub type ReqBody = BoxBody<Bytes, BoxError>;
@@ -121,7 +124,7 @@ struct Idle<T> {
 
 /// One source pod's connections to endpoints.
 pub struct Upstreams {
-    /// Mirrored requests in flight ([`super::forward::MAX_MIRRORS_IN_FLIGHT`]).
+    /// Mirrored requests in flight ([`MAX_MIRRORS_IN_FLIGHT`]).
     pub mirrors: Arc<tokio::sync::Semaphore>,
     h1: Mutex<HashMap<SocketAddr, Vec<Idle<http1::SendRequest<ReqBody>>>>>,
     h2: Mutex<HashMap<SocketAddr, Idle<http2::SendRequest<ReqBody>>>>,
@@ -133,9 +136,7 @@ pub struct Upstreams {
 impl Default for Upstreams {
     fn default() -> Self {
         Self {
-            mirrors: Arc::new(tokio::sync::Semaphore::new(
-                super::forward::MAX_MIRRORS_IN_FLIGHT,
-            )),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             h1: Default::default(),
             h2: Default::default(),
             h2_dialing: Default::default(),
