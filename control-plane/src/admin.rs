@@ -23,6 +23,8 @@ pub struct AdminState {
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// The JWT-SVID signing keys' JWKS (JSON, public keys only).
     pub jwks: Arc<str>,
+    /// The CA in force and any rotation under way.
+    pub rotation: Option<Arc<crate::rotation::Rotation>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -83,6 +85,8 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 #[derive(Serialize)]
 struct Status {
     ready: bool,
+    /// The CA in force and where a rotation stands.
+    ca: Option<crate::rotation::RotationStatus>,
     nodes: Vec<crate::server::sessions::NodeSession>,
     source_errors: Vec<String>,
     rejected: Vec<Rejected>,
@@ -201,6 +205,7 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
         .collect();
     Json(Status {
         ready: *s.ready.borrow(),
+        ca: s.rotation.as_ref().map(|r| r.status()),
         stale,
         not_enrolled,
         routes,
@@ -242,6 +247,7 @@ mod tests {
             sessions: Arc::new(Sessions::default()),
             ready,
             jwks: jwks.into(),
+            rotation: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -2,9 +2,11 @@
 
 use crate::admin::{self, AdminState};
 use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
+use crate::identity::authority::{Authority, View};
 use crate::identity::{Ca, CaOptions, JwtSigner};
 use crate::k8s::{self, KubeSettings};
 use crate::metrics::Metrics;
+use crate::rotation::{CaStore, Rotation};
 use crate::server::revocation::{self, Revocations};
 use crate::server::{
     certificates::Signer, distribution::Distribution, tls, CertNodeAuthenticator,
@@ -54,6 +56,8 @@ pub struct Settings {
     pub ca_bundle: Option<PathBuf>,
     /// Pods without a ServiceAccount, and mirror pods, get `sa/default`'s identity.
     pub default_identity_fallback: bool,
+    /// Least time each phase of a CA rotation lasts.
+    pub ca_rotation_min_phase: Duration,
 }
 
 impl Settings {
@@ -128,20 +132,21 @@ pub async fn start(
     };
     // The JWT-SVID signing key lives beside the CA: a file in its directory, or a
     // key of its Secret.
-    let (ca, jwt) = match &kube {
+    let (ca, jwt, ca_store) = match &kube {
         None => (
             Ca::load_or_create(&s.ca_options()).context("loading the CA")?,
             JwtSigner::load_or_create(&s.ca_options(), s.jwt_svid_ttl)
                 .context("loading the JWT-SVID signing key")?,
+            CaStore::Files(s.ca_options().dir()),
         ),
         Some((client, leader, ks)) => {
-            let secret = k8s::ca_secret::CaSecret::new(
+            let secret = Arc::new(k8s::ca_secret::CaSecret::new(
                 client.clone(),
                 &ks.namespace,
                 &ks.ca_secret,
                 s.trust_domain.clone(),
                 s.svid_ttl,
-            );
+            ));
             let ca = secret
                 .load_or_create(leader.clone())
                 .await
@@ -150,10 +155,12 @@ pub async fn start(
                 .load_or_create_jwt(s.jwt_svid_ttl)
                 .await
                 .context("loading the JWT-SVID signing key from the CA Secret")?;
-            (ca, jwt)
+            (ca, jwt, CaStore::Secret(secret))
         }
     };
     let (ca, jwt) = (Arc::new(ca), Arc::new(jwt));
+    // The CA in force; during a rotation the driver below changes it.
+    let authority = Authority::new(View::stable(ca.clone()));
     tracing::info!(kid = jwt.kid(), ttl = ?jwt.ttl(), "JWT-SVID signing key loaded");
     let ca_expiry = ca
         .not_after()
@@ -176,6 +183,24 @@ pub async fn start(
     // RequestAuthentications' `jwksUri` key sets: fetched here, never by nodes.
     model.set_jwks_source(Arc::new(crate::jwks::JwksStore::default()));
     let sessions = Arc::new(Sessions::default());
+    let rotation = Rotation::new(
+        ca_store,
+        authority.clone(),
+        model.clone(),
+        sessions.clone(),
+        metrics.clone(),
+        match &kube {
+            Some((_, leader, _)) => leader.clone(),
+            None => tokio::sync::watch::channel(true).1,
+        },
+        s.trust_domain.clone(),
+        s.svid_ttl,
+        s.ca_rotation_min_phase,
+    );
+    // A control plane restarted during a rotation signs with the CA of its phase
+    // before it serves anyone.
+    rotation.step().await;
+    tokio::spawn(rotation.clone().run());
     // Set once the source's first complete snapshot is in the model: until then no node
     // is sent anything and no certificate is signed (fail static).
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -218,7 +243,7 @@ pub async fn start(
                 client.clone(),
                 model.clone(),
                 ks.namespace.clone(),
-                ca.bundle_pem().to_string(),
+                authority.clone(),
                 leader.clone(),
             ));
             Box::new(k8s::source::KubeSource::new(
@@ -275,13 +300,13 @@ pub async fn start(
     if !s.grpc_addr.ip().is_unspecified() && !ips.contains(&s.grpc_addr.ip()) {
         ips.push(s.grpc_addr.ip());
     }
-    let serving = tls::ServingCert::issue(&ca, &s.server_names, &ips)?;
+    let serving = tls::ServingCert::issue(&authority.signer(), &s.server_names, &ips)?;
+    let acceptor = tls::Acceptor::new(&authority.bundle_pem(), serving)?;
     tokio::spawn(
-        serving
+        acceptor
             .clone()
-            .renew_forever(ca.clone(), s.server_names.clone(), ips),
+            .follow(authority.clone(), s.server_names.clone(), ips),
     );
-    let acceptor = tls::acceptor(ca.bundle_pem(), serving)?;
     let listener = tokio::net::TcpListener::bind(s.grpc_addr)
         .await
         .with_context(|| format!("binding the gRPC address {}", s.grpc_addr))?;
@@ -314,7 +339,7 @@ pub async fn start(
         auth: auth.clone(),
     };
     let signer = Signer {
-        ca: ca.clone(),
+        ca: authority.clone(),
         jwt: jwt.clone(),
         model: model.clone(),
         auth: auth.clone(),
@@ -322,7 +347,7 @@ pub async fn start(
         ready: ready.clone(),
     };
     let renewer = crate::server::node_credentials::Renewer {
-        ca: ca.clone(),
+        ca: authority.clone(),
         auth,
         metrics: metrics.clone(),
         ttl: kube.is_none().then_some(s.node_credential_ttl),
@@ -339,6 +364,7 @@ pub async fn start(
         sessions: sessions.clone(),
         ready,
         jwks: jwt.jwks().into(),
+        rotation: Some(rotation),
     });
 
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, source = source_name, trust_domain = %s.trust_domain, "control plane started");

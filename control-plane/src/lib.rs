@@ -16,5 +16,6 @@ pub mod identity;
 pub mod jwks;
 pub mod k8s;
 pub mod metrics;
+pub mod rotation;
 pub mod server;
 pub mod wasm;

@@ -3,9 +3,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 use weft_control_plane::app::{self, Settings, SourceSettings};
+use weft_control_plane::identity::authority::{Phase, View};
+use weft_control_plane::identity::ca::new_root;
+use weft_control_plane::identity::stored::{files, PemCa};
 use weft_control_plane::identity::{ca::write_private, Ca};
+use weft_control_plane::k8s::ca_secret::CaSecret;
 use weft_control_plane::k8s::KubeSettings;
 use weft_proto::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
 use weft_runtime::logging::{self, LogFormat};
@@ -69,6 +75,26 @@ struct KubeArgs {
     ca_secret: String,
 }
 
+impl KubeArgs {
+    fn settings(self) -> KubeSettings {
+        let identity = self.identity.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "weft".into());
+            format!("{host}-{}", std::process::id())
+        });
+        KubeSettings {
+            kubeconfig: self.kubeconfig,
+            namespace: self.namespace,
+            node_service_account: self.node_service_account,
+            token_audience: self.token_audience,
+            identity,
+            lease_name: self.lease_name,
+            ca_secret: self.ca_secret,
+        }
+    }
+}
+
 // Parsed once at startup; boxing the big variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
@@ -113,6 +139,31 @@ enum Command {
         /// (10s to 24h).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         jwt_svid_ttl: Duration,
+        /// Least time each phase of a CA rotation lasts (trusting, reissuing); a phase
+        /// also waits for every connected node (see docs/identity.md).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        ca_rotation_min_phase: Duration,
+    },
+    /// Rotate the CA without downtime: stage a new CA (a new self-signed root, or
+    /// --new-ca-cert/--new-ca-key) beside the current one. A running control plane
+    /// picks it up within seconds, has every node trust both, switches signing to
+    /// the new one, has every certificate re-issued, then retires the old CA.
+    RotateCa {
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
+        #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: TrustDomain,
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// The new CA certificate (may be an intermediate, followed by its issuers).
+        #[arg(long, requires = "new_ca_key")]
+        new_ca_cert: Option<PathBuf>,
+        /// Private key of --new-ca-cert (PEM).
+        #[arg(long, requires = "new_ca_cert")]
+        new_ca_key: Option<PathBuf>,
+        /// Root certificate(s) of --new-ca-cert when it is an intermediate.
+        #[arg(long, requires = "new_ca_cert")]
+        new_ca_bundle: Option<PathBuf>,
     },
     /// Create a node agent's credential (client certificate, key and trust bundle).
     NodeCredential {
@@ -192,6 +243,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             default_identity_fallback,
             node_credential_ttl,
             jwt_svid_ttl,
+            ca_rotation_min_phase,
         } => {
             anyhow::ensure!(
                 node_credential_ttl >= Duration::from_secs(10),
@@ -199,23 +251,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             let source = match config_dir {
                 Some(dir) => SourceSettings::Directory(dir),
-                None => {
-                    let identity = kube.identity.unwrap_or_else(|| {
-                        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                            .map(|h| h.trim().to_string())
-                            .unwrap_or_else(|_| "weft".into());
-                        format!("{host}-{}", std::process::id())
-                    });
-                    SourceSettings::Kubernetes(KubeSettings {
-                        kubeconfig: kube.kubeconfig,
-                        namespace: kube.namespace,
-                        node_service_account: kube.node_service_account,
-                        token_audience: kube.token_audience,
-                        identity,
-                        lease_name: kube.lease_name,
-                        ca_secret: kube.ca_secret,
-                    })
-                }
+                None => SourceSettings::Kubernetes(kube.settings()),
             };
             let settings = Settings {
                 source,
@@ -232,6 +268,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ca_key: ca.ca_key,
                 ca_bundle: ca.ca_bundle,
                 default_identity_fallback,
+                ca_rotation_min_phase,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(app::run(settings, weft_runtime::shutdown_signal()))
@@ -245,12 +282,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 user_key: ca.ca_key,
                 user_bundle: ca.ca_bundle,
             };
-            let authority = Ca::load_or_create(&opts).context("loading the CA")?;
-            let (cert, key) = authority.issue_node_credential(&node, ttl)?;
+            Ca::load_or_create(&opts).context("loading the CA")?;
+            // During a CA rotation: the CA of its phase signs, both are trusted.
+            let stored = files::read(&opts.dir()).map_err(anyhow::Error::msg)?;
+            let current = Arc::new(stored.current.load(&opts.trust_domain, opts.svid_ttl)?);
+            let view = match (&stored.next, stored.record) {
+                (Some(n), r) => {
+                    let next = Arc::new(n.load(&opts.trust_domain, opts.svid_ttl)?);
+                    match r.map(|r| r.phase) {
+                        Some(Phase::Reissuing) => {
+                            View::new(Phase::Reissuing, SystemTime::now(), next, Some(current))
+                        }
+                        _ => View::new(Phase::Trusting, SystemTime::now(), current, Some(next)),
+                    }
+                }
+                (None, _) => View::stable(current),
+            };
+            let (cert, key) = view.signer.issue_node_credential(&node, ttl)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             write_private(&out.join("node.key"), &key)?;
             std::fs::write(out.join("node.crt"), &cert.chain_pem)?;
-            std::fs::write(out.join("ca.crt"), authority.bundle_pem())?;
+            std::fs::write(out.join("ca.crt"), &view.bundle_pem)?;
             println!(
                 "wrote the credential of node {node:?} to {} (serial {}, valid until {})",
                 out.display(),
@@ -292,6 +344,59 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_nanos(1_000_000_000 - u64::from(into)));
             }
             println!("revoked {what} (in {})", path.display());
+            Ok(())
+        }
+        Command::RotateCa {
+            state_dir,
+            trust_domain,
+            kube,
+            new_ca_cert,
+            new_ca_key,
+            new_ca_bundle,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let next = match (&new_ca_cert, &new_ca_key) {
+                (Some(c), Some(k)) => PemCa {
+                    chain: read(c)?,
+                    key: read(k)?,
+                    bundle: new_ca_bundle.as_ref().map(read).transpose()?,
+                },
+                _ => {
+                    let (cert, key) = new_root(&trust_domain)?;
+                    PemCa {
+                        chain: cert,
+                        key,
+                        bundle: None,
+                    }
+                }
+            };
+            let ca = next
+                .load(&trust_domain, Duration::from_secs(3600))
+                .context("the new CA does not load")?;
+            let subject = weft_control_plane::rotation::describe(&ca);
+            if kube.kubernetes {
+                let ks = kube.settings();
+                let rt = tokio::runtime::Runtime::new()?;
+                rt.block_on(async {
+                    let client = weft_control_plane::k8s::client(&ks).await?;
+                    let secret = CaSecret::new(
+                        client,
+                        &ks.namespace,
+                        &ks.ca_secret,
+                        trust_domain.clone(),
+                        Duration::from_secs(3600),
+                    );
+                    secret.stage_rotation(&next).await?;
+                    anyhow::Ok(())
+                })?;
+                println!("staged {subject} in Secret {}/{}; the control plane rotates to it (weftctl status shows the phase)", ks.namespace, ks.ca_secret);
+            } else {
+                let dir = state_dir.join("ca");
+                files::stage(&dir, &next).map_err(anyhow::Error::msg)?;
+                println!("staged {subject} in {}; the control plane rotates to it (weftctl status shows the phase)", files::next_dir(&dir).display());
+            }
             Ok(())
         }
         Command::Crds { out } => {

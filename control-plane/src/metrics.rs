@@ -34,6 +34,8 @@ pub struct Metrics {
     pub certs_signed: Counter,
     pub cert_refusals: Family<ReasonLabel, Counter>,
     pub ca_expiry: Gauge<f64, AtomicU64>,
+    /// 0 stable, 1 trusting, 2 reissuing.
+    pub ca_rotation_phase: Gauge,
     pub source_errors: Gauge,
     /// 1 while this replica holds the leader Lease (always 1 in standalone mode).
     pub leader: Gauge,
@@ -87,6 +89,7 @@ impl Metrics {
             certs_signed: Counter::default(),
             cert_refusals: Family::default(),
             ca_expiry: Gauge::default(),
+            ca_rotation_phase: Gauge::default(),
             source_errors: Gauge::default(),
             leader: Gauge::default(),
             watch_errors: Family::default(),
@@ -132,6 +135,11 @@ impl Metrics {
             "ca_expiry_timestamp_seconds",
             "Expiry of the CA signing certificate (unix time)",
             m.ca_expiry.clone(),
+        );
+        registry.register(
+            "ca_rotation_phase",
+            "Where a CA rotation stands: 0 stable, 1 trusting (both CAs trusted, the old one signs), 2 reissuing (the new one signs)",
+            m.ca_rotation_phase.clone(),
         );
         registry.register(
             "source_errors",

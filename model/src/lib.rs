@@ -265,18 +265,56 @@ impl Model {
     }
 
     fn set_trust_bundle(&self) {
-        let key = res::key(KIND_TRUST_BUNDLE, "", self.cfg.trust_domain.as_str());
+        self.publish_trust_bundle(&self.cfg.trust_bundle_pem, "");
+    }
+
+    /// Replaces the trust bundle every node receives: the roots in force and the CA
+    /// certificate that signs new certificates (a CA rotation changes both).
+    pub fn publish_trust_bundle(&self, roots_pem: &str, signer_pem: &str) {
+        let key: Arc<str> = res::key(KIND_TRUST_BUNDLE, "", self.cfg.trust_domain.as_str()).into();
         let r = res::make(
-            key.clone(),
+            key.to_string(),
             Kind::TrustBundle(pb::TrustBundle {
                 trust_domain: self.cfg.trust_domain.to_string(),
-                roots_pem: self.cfg.trust_bundle_pem.clone(),
+                roots_pem: roots_pem.to_string(),
                 jwt_jwks: self.cfg.jwt_jwks.clone(),
+                signer_pem: signer_pem.to_string(),
             }),
         );
+        let entry = Entry::new(r, Visibility::All);
         let mut st = self.write_state();
-        st.entries
-            .insert(key.into(), Entry::new(r, Visibility::All));
+        if st
+            .entries
+            .get(&key)
+            .is_some_and(|e| e.version == entry.version)
+        {
+            return;
+        }
+        st.entries.insert(key.clone(), entry);
+        st.seq += 1;
+        let batch = Arc::new(ChangeBatch {
+            seq: st.seq,
+            keys: vec![key],
+            at: Instant::now(),
+        });
+        drop(st);
+        let _ = self.tx.send(batch);
+    }
+
+    /// The trust bundle in force.
+    pub fn trust_bundle(&self) -> Option<pb::TrustBundle> {
+        let key = res::key(KIND_TRUST_BUNDLE, "", self.cfg.trust_domain.as_str());
+        match self
+            .read_state()
+            .entries
+            .get(key.as_str())?
+            .resource
+            .kind
+            .as_ref()?
+        {
+            Kind::TrustBundle(b) => Some(b.clone()),
+            _ => None,
+        }
     }
 
     /// Subscribe before reading the state, so no change is missed.

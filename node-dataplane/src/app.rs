@@ -99,10 +99,28 @@ pub async fn start(
     let certs = Arc::new(CertStore::default());
     let metrics = Arc::new(Metrics::new());
 
+    // The node tells the control plane which bundle it uses and whether its
+    // certificates are signed by the CA in force (a CA rotation waits for it).
+    let report = {
+        let (config, certs, target) = (config.clone(), certs.clone(), s.control_plane.clone());
+        let computer = crate::certs::StatusComputer::default();
+        let standalone = target.token_file.is_none();
+        let changes = certs.watch();
+        subscription::StatusReport {
+            compute: Arc::new(move || {
+                let credential = standalone
+                    .then(|| target.node_identity().ok().map(|id| id.cert_pem))
+                    .flatten();
+                computer.compute(&config, &certs, credential)
+            }),
+            changes,
+        }
+    };
     let sub = tokio::spawn(subscription::run_forever(
         s.control_plane.clone(),
         config.clone(),
         metrics.clone(),
+        Some(report),
     ));
     // Standalone: the node's own credential is renewed before it expires.
     if s.control_plane.token_file.is_none() {

@@ -245,6 +245,7 @@ impl RunArgs {
                 credential_dir: self.credential_dir,
                 token_file: self.token_file,
                 credential: Default::default(),
+                trust: Default::default(),
             },
             admin_addr: self.admin_addr,
             metrics_addr,

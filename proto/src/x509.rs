@@ -30,3 +30,24 @@ pub fn single_uri_san(der: &[u8]) -> Result<String, String> {
         )),
     }
 }
+
+/// Was `leaf_der` signed with the key of `issuer_der`? False when either does not
+/// parse or the signature does not verify.
+pub fn signed_by(leaf_der: &[u8], issuer_der: &[u8]) -> bool {
+    let (Ok((_, leaf)), Ok((_, issuer))) = (
+        X509Certificate::from_der(leaf_der),
+        X509Certificate::from_der(issuer_der),
+    ) else {
+        return false;
+    };
+    leaf.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
+/// SHA-256 (lowercase hex) of `text`: how a trust bundle is named in status reports.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -84,6 +84,8 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
     let mut node_rows: Vec<Vec<String>> = Vec::new();
     let mut sessions = serde_json::Map::new();
     let mut route_rows: std::collections::BTreeSet<Vec<String>> = Default::default();
+    let mut ca_rows: Vec<Vec<String>> = Vec::new();
+    let mut ca = Value::Null;
     for addr in cp_admin {
         let st = match get_json(addr, "/debug/status") {
             Ok(s) => s,
@@ -156,7 +158,34 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
                 cond("resolved_refs", "resolved_refs_reason"),
             ]);
         }
-        replicas.push(json!({"admin": addr, "reachable": true, "ready": ready, "leader": leader, "rejected": st["rejected"], "source_errors": st["source_errors"], "stale": st["stale"], "not_enrolled": st["not_enrolled"], "routes": st["routes"]}));
+        // The CA in force and any rotation (the leader drives it; followers follow).
+        if let Some(c) = st["ca"].as_object() {
+            if leader || ca.is_null() {
+                ca = st["ca"].clone();
+            }
+            if c.get("error").is_some_and(|e| !e.is_null()) {
+                healthy = false;
+            }
+            let waiting: Vec<String> = st["ca"]["waiting_for"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w.as_str().map(str::to_string))
+                .chain(st["ca"]["error"].as_str().map(|e| format!("ERROR: {e}")))
+                .collect();
+            ca_rows.push(vec![
+                addr.clone(),
+                st["ca"]["phase"].as_str().unwrap_or("-").to_string(),
+                st["ca"]["signer"].as_str().unwrap_or("-").to_string(),
+                st["ca"]["roots"].to_string(),
+                if waiting.is_empty() {
+                    "-".into()
+                } else {
+                    waiting.join("; ")
+                },
+            ]);
+        }
+        replicas.push(json!({"admin": addr, "reachable": true, "ready": ready, "leader": leader, "ca": st["ca"], "rejected": st["rejected"], "source_errors": st["source_errors"], "stale": st["stale"], "not_enrolled": st["not_enrolled"], "routes": st["routes"]}));
     }
     let mut certs = Vec::new();
     let mut workloads = Vec::new();
@@ -186,10 +215,24 @@ pub fn status(cp_admin: &[String], nodes: &[(String, String)]) -> anyhow::Result
         "control_plane": replicas,
         "nodes": sessions,
         "certificates": certs.iter().map(|c| json!({"node": c.0, "spiffe_id": c.1, "serial": c.2, "not_after": c.3})).collect::<Vec<_>>(),
+        "ca": ca,
         "healthy": healthy,
     }))
     .table(vec!["CONTROL PLANE", "STATE", "ROLE", "NODES"], rows);
     let mut text = String::new();
+    if !ca_rows.is_empty() {
+        text.push('\n');
+        text.push_str(&crate::output::table(
+            &[
+                "CONTROL PLANE",
+                "CA PHASE",
+                "SIGNER",
+                "ROOTS",
+                "WAITING FOR",
+            ],
+            &ca_rows,
+        ));
+    }
     if !node_rows.is_empty() {
         text.push('\n');
         text.push_str(&crate::output::table(

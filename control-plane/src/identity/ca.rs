@@ -73,6 +73,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// Signing cert and any intermediates above it (PEM), appended to every leaf.
     chain_pem: String,
+    /// The signing certificate alone (PEM).
+    cert_pem: String,
     bundle_pem: String,
     trust_domain: TrustDomain,
     svid_ttl: Duration,
@@ -97,6 +99,22 @@ impl Ca {
 
         if let (Some(c), Some(k)) = (&opts.user_cert, &opts.user_key) {
             let chain = read(c)?;
+            let first = |pem: &str| {
+                pem_blocks(pem, "CERTIFICATE")
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+            };
+            if first(&chain).is_some()
+                && super::stored::files::retired(&dir)
+                    .iter()
+                    .any(|r| first(r) == first(&chain))
+            {
+                return Err(CaError::UserCa(format!(
+                    "{} is the certificate of a CA that a rotation retired; pass the CA in force ({}) or drop --ca-cert/--ca-key/--ca-bundle",
+                    c.display(),
+                    cert_path.display()
+                )));
+            }
             let key = read(k)?;
             let bundle = match &opts.user_bundle {
                 Some(b) => Some(read(b)?),
@@ -220,6 +238,7 @@ impl Ca {
         Ok(Self {
             issuer,
             chain_pem,
+            cert_pem: pem_of(first),
             bundle_pem,
             trust_domain: trust_domain.clone(),
             svid_ttl,
@@ -233,6 +252,10 @@ impl Ca {
     /// Root certificates peers trust (PEM).
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem
+    }
+    /// The signing certificate (PEM): nodes check which certificates it signed.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
     }
     pub fn not_after(&self) -> SystemTime {
         self.not_after
@@ -430,8 +453,12 @@ pub fn pem_blocks(pem: &str, label: &str) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
-fn pem_of(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+/// A certificate as PEM with LF line endings (as rcgen writes them).
+pub fn pem_of(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 fn read(p: &Path) -> Result<String, CaError> {

@@ -1,10 +1,13 @@
 //! The mesh CA: root or user-provided intermediate, X.509-SVID signing from CSRs,
 //! node credentials and the control plane's own serving certificate; and the
-//! JWT-SVID signer.
+//! JWT-SVID signer; the CA in force during a rotation ([`authority`]) and how it is
+//! stored ([`stored`]).
 
+pub mod authority;
 pub mod ca;
 pub mod csr;
 pub mod jwt;
+pub mod stored;
 #[cfg(test)]
 pub(crate) mod tests;
 

@@ -14,6 +14,7 @@
 //! the same key. Users may add their own key under that name instead.
 
 use super::leader::LeaderWatch;
+use crate::identity::stored::{PemCa, Record, Stored};
 use crate::identity::{ca::new_root, jwt, Ca, CaError, JwtError, JwtSigner};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
@@ -27,6 +28,14 @@ pub const KEY_CERT: &str = "ca.crt";
 pub const KEY_KEY: &str = "ca.key";
 pub const KEY_ROOTS: &str = "root-cert.pem";
 pub const KEY_JWT: &str = jwt::KEY_FILE;
+/// A CA staged for rotation (`weft-control-plane ca rotate --kubernetes`), and the
+/// rotation's phase record; see [`crate::rotation`].
+pub const KEY_NEXT_CERT: &str = "next-ca.crt";
+pub const KEY_NEXT_KEY: &str = "next-ca.key";
+pub const KEY_NEXT_ROOTS: &str = "next-root-cert.pem";
+pub const KEY_PHASE: &str = "rotation-phase";
+/// The certificate of the CA the last rotation retired.
+pub const KEY_RETIRED: &str = "retired-ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaSecretError {
@@ -59,6 +68,12 @@ pub enum CaSecretError {
         namespace: String,
         name: String,
         source: kube::Error,
+    },
+    #[error("Secret {namespace}/{name}: {message}")]
+    Rotation {
+        namespace: String,
+        name: String,
+        message: String,
     },
     #[error("Secret {namespace}/{name}: {source}")]
     Api {
@@ -180,6 +195,163 @@ impl CaSecret {
             name: self.name.clone(),
             source,
         }
+    }
+
+    fn api_error(&self, source: kube::Error) -> CaSecretError {
+        CaSecretError::Api {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    fn rotation_error(&self, message: String) -> CaSecretError {
+        CaSecretError::Rotation {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            message,
+        }
+    }
+
+    async fn get(&self) -> Result<Secret, CaSecretError> {
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.api_error(e))?
+            .ok_or_else(|| self.rotation_error("the Secret is gone".into()))
+    }
+
+    /// The CA, a staged one and the rotation's phase, as the Secret holds them.
+    pub async fn read_rotation(&self) -> Result<Stored, CaSecretError> {
+        let secret = self.get().await?;
+        let text = |key: &'static str| self.text(&secret, key);
+        let pair = |c: &'static str,
+                    k: &'static str,
+                    r: &'static str|
+         -> Result<Option<PemCa>, CaSecretError> {
+            match (text(c)?, text(k)?) {
+                (Some(chain), Some(key)) => Ok(Some(PemCa {
+                    chain,
+                    key,
+                    bundle: text(r)?,
+                })),
+                (None, None) => Ok(None),
+                _ => Err(self.rotation_error(format!("keys {c:?} and {k:?} must both be present"))),
+            }
+        };
+        let current = pair(KEY_CERT, KEY_KEY, KEY_ROOTS)?.ok_or_else(|| {
+            self.rotation_error(format!("key {KEY_CERT:?} or {KEY_KEY:?} is missing"))
+        })?;
+        let next = pair(KEY_NEXT_CERT, KEY_NEXT_KEY, KEY_NEXT_ROOTS)?;
+        let record = match text(KEY_PHASE)? {
+            Some(t) if next.is_some() => Some(
+                Record::parse(&t)
+                    .map_err(|e| self.rotation_error(format!("key {KEY_PHASE:?}: {e}")))?,
+            ),
+            _ => None,
+        };
+        Ok(Stored {
+            current,
+            next,
+            record,
+        })
+    }
+
+    /// Replaces the Secret's data with `edit` applied, conditioned on the version
+    /// just read (a conflict is an error: the next tick reads again).
+    async fn edit(
+        &self,
+        edit: impl FnOnce(&mut BTreeMap<String, ByteString>) -> Result<(), String>,
+    ) -> Result<(), CaSecretError> {
+        let mut secret = self.get().await?;
+        edit(secret.data.get_or_insert_with(Default::default))
+            .map_err(|m| self.rotation_error(m))?;
+        self.api
+            .replace(&self.name, &PostParams::default(), &secret)
+            .await
+            .map_err(|e| self.api_error(e))?;
+        Ok(())
+    }
+
+    pub async fn set_rotation_record(&self, r: Record) -> Result<(), CaSecretError> {
+        self.edit(|d| {
+            if !d.contains_key(KEY_NEXT_CERT) {
+                return Err("no staged CA".into());
+            }
+            d.insert(KEY_PHASE.into(), ByteString(r.text().into_bytes()));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stages `next` (the `ca rotate` command); refuses while a rotation runs.
+    pub async fn stage_rotation(&self, next: &PemCa) -> Result<(), CaSecretError> {
+        self.edit(|d| {
+            if d.contains_key(KEY_NEXT_CERT) {
+                let phase = d
+                    .get(KEY_PHASE)
+                    .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "a CA rotation is already under way ({phase}); wait until it is done"
+                ));
+            }
+            d.remove(KEY_PHASE);
+            d.insert(
+                KEY_NEXT_CERT.into(),
+                ByteString(next.chain.clone().into_bytes()),
+            );
+            d.insert(
+                KEY_NEXT_KEY.into(),
+                ByteString(next.key.clone().into_bytes()),
+            );
+            match &next.bundle {
+                Some(b) => d.insert(KEY_NEXT_ROOTS.into(), ByteString(b.clone().into_bytes())),
+                None => d.remove(KEY_NEXT_ROOTS),
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// The staged CA becomes the current one; the old certificate is kept under
+    /// [`KEY_RETIRED`], its key is deleted.
+    pub async fn promote_rotation(
+        &self,
+        next: &PemCa,
+        next_bundle: &str,
+    ) -> Result<(), CaSecretError> {
+        self.edit(|d| {
+            let staged = d.get(KEY_NEXT_CERT).map(|b| b.0.clone());
+            if staged.as_deref() != Some(next.chain.as_bytes()) {
+                return Err("the staged CA changed meanwhile".into());
+            }
+            if let Some(old) = d.get(KEY_CERT).cloned() {
+                d.insert(KEY_RETIRED.into(), old);
+            }
+            d.insert(KEY_CERT.into(), ByteString(next.chain.clone().into_bytes()));
+            d.insert(KEY_KEY.into(), ByteString(next.key.clone().into_bytes()));
+            d.insert(
+                KEY_ROOTS.into(),
+                ByteString(next_bundle.as_bytes().to_vec()),
+            );
+            for k in [KEY_NEXT_CERT, KEY_NEXT_KEY, KEY_NEXT_ROOTS, KEY_PHASE] {
+                d.remove(k);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes the staged CA and the phase record.
+    pub async fn drop_rotation(&self) -> Result<(), CaSecretError> {
+        self.edit(|d| {
+            for k in [KEY_NEXT_CERT, KEY_NEXT_KEY, KEY_NEXT_ROOTS, KEY_PHASE] {
+                d.remove(k);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The text of `key` in the Secret, if present.

@@ -2,9 +2,10 @@
 //! every enrolled namespace and in the control plane's own namespace (node agents
 //! mount it there to verify the control plane). Written by the leader with
 //! server-side apply when the set of namespaces changes, and re-applied every
-//! minute to repair edits and deletions.
+//! minute to repair edits and deletions; a CA rotation's bundle is published at once.
 
 use super::leader::LeaderWatch;
+use crate::identity::authority::Authority;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -22,12 +23,19 @@ pub async fn run(
     client: Client,
     model: Arc<Model>,
     own_namespace: String,
-    bundle_pem: String,
+    authority: Arc<Authority>,
     mut leader: LeaderWatch,
 ) {
     let mut published: BTreeSet<String> = BTreeSet::new();
     let mut last_full = Instant::now();
+    let mut bundle_pem = authority.bundle_pem();
     loop {
+        // A CA rotation changes the bundle: publish it everywhere again.
+        let now = authority.bundle_pem();
+        if now != bundle_pem {
+            bundle_pem = now;
+            published.clear();
+        }
         if !*leader.borrow() {
             published.clear();
             if leader.changed().await.is_err() {

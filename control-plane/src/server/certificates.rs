@@ -2,7 +2,8 @@
 //! node agents, under the same-node rule.
 
 use super::auth::{NodeAuthenticator, RequestAuth};
-use crate::identity::{Ca, CaError, JwtError, JwtSigner};
+use crate::identity::authority::Authority;
+use crate::identity::{CaError, JwtError, JwtSigner};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,7 +13,8 @@ use weft_proto::pb::{self, certificates_server::Certificates};
 use weft_proto::spiffe::SpiffeId;
 
 pub struct Signer {
-    pub ca: Arc<Ca>,
+    /// The CA in force (it changes during a rotation).
+    pub ca: Arc<Authority>,
     pub jwt: Arc<JwtSigner>,
     pub model: Arc<Model>,
     pub auth: Arc<dyn NodeAuthenticator>,
@@ -84,13 +86,14 @@ impl Certificates for Signer {
         let auth = RequestAuth::of(&req);
         let r = req.into_inner();
         let (node, id) = self.admit(&auth, &r.spiffe_id).await?;
-        match self.ca.sign_svid(&r.csr_der, &id) {
+        let view = self.ca.view();
+        match view.signer.sign_svid(&r.csr_der, &id) {
             Ok(issued) => {
                 self.metrics.certs_signed.inc();
                 tracing::debug!(%node, identity = %id, serial = %issued.serial_hex, "signed SVID");
                 Ok(Response::new(pb::SignResponse {
                     cert_chain_pem: issued.chain_pem,
-                    trust_bundle_pem: self.ca.bundle_pem().to_string(),
+                    trust_bundle_pem: view.bundle_pem.clone(),
                 }))
             }
             Err(CaError::Csr(e)) => {
@@ -154,6 +157,7 @@ mod tests {
     use super::*;
     use crate::identity::jwt::DEFAULT_TTL;
     use crate::identity::tests::{csr_for, opts, p256, WEB};
+    use crate::identity::Ca;
     use crate::server::auth::RequestAuth;
     use jsonwebtoken::jwk::JwkSet;
     use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
@@ -219,7 +223,9 @@ status: {podIP: 10.0.1.5}
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let metrics = Arc::new(Metrics::new());
         let signer = Signer {
-            ca,
+            ca: crate::identity::authority::Authority::new(
+                crate::identity::authority::View::stable(ca),
+            ),
             jwt,
             model: model.clone(),
             auth,

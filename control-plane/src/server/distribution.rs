@@ -13,7 +13,7 @@
 //! node's reason and never blocks later updates.
 
 use super::auth::{NodeAuthenticator, RequestAuth};
-use super::sessions::Sessions;
+use super::sessions::{ReportedStatus, Sessions};
 use crate::metrics::{Metrics, NodeLabel};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -213,6 +213,14 @@ impl NodeStream {
                         for k in n.rejected_keys {
                             self.held.remove(k.as_str());
                         }
+                    }
+                    Ok(Some(pb::SubscribeRequest { kind: Some(Req::Status(st)) })) => {
+                        tracing::debug!(node = %self.node, bundle = %st.trust_bundle_sha256, certs = st.certs, stale = st.stale_certs, "node status");
+                        self.sessions.reported(&self.node, ReportedStatus {
+                            trust_bundle_sha256: st.trust_bundle_sha256.chars().take(64).collect(),
+                            certs: st.certs,
+                            stale_certs: st.stale_certs,
+                        });
                     }
                     Ok(Some(_)) => {
                         tracing::warn!(node = %self.node, "unexpected message on config stream; ignored");

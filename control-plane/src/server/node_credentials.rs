@@ -4,7 +4,8 @@
 //! the new one is issued for the same node and [`Renewer::ttl`].
 
 use super::auth::{NodeAuthenticator, RequestAuth};
-use crate::identity::{Ca, CaError};
+use crate::identity::authority::Authority;
+use crate::identity::CaError;
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,8 @@ use tonic::{Request, Response, Status};
 use weft_proto::pb::{self, node_credentials_server::NodeCredentials};
 
 pub struct Renewer {
-    pub ca: Arc<Ca>,
+    /// The CA in force (it changes during a rotation).
+    pub ca: Arc<Authority>,
     pub auth: Arc<dyn NodeAuthenticator>,
     pub metrics: Arc<Metrics>,
     /// Lifetime of renewed credentials; `None` (Kubernetes mode: nodes use
@@ -33,13 +35,14 @@ impl NodeCredentials for Renewer {
             ));
         };
         let r = req.into_inner();
-        match self.ca.renew_node_credential(&r.csr_der, &node, ttl) {
+        let view = self.ca.view();
+        match view.signer.renew_node_credential(&r.csr_der, &node, ttl) {
             Ok(issued) => {
                 self.metrics.node_credentials_renewed.inc();
                 tracing::info!(%node, serial = %issued.serial_hex, not_after = %humantime::format_rfc3339_seconds(issued.not_after), "renewed a node credential");
                 Ok(Response::new(pb::RenewNodeCredentialResponse {
                     cert_chain_pem: issued.chain_pem,
-                    trust_bundle_pem: self.ca.bundle_pem().to_string(),
+                    trust_bundle_pem: view.bundle_pem.clone(),
                 }))
             }
             Err(CaError::Csr(e)) => {

@@ -14,6 +14,16 @@ pub struct NodeSession {
     pub last_acked_sequence: u64,
     pub last_nack: Option<String>,
     pub resources: usize,
+    /// What the node last reported holding (trust bundle, certificates).
+    pub status: Option<ReportedStatus>,
+}
+
+/// A node's `NodeStatus` report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReportedStatus {
+    pub trust_bundle_sha256: String,
+    pub certs: u32,
+    pub stale_certs: u32,
 }
 
 #[derive(Default)]
@@ -40,6 +50,7 @@ impl Sessions {
                 last_acked_sequence: 0,
                 last_nack: None,
                 resources: 0,
+                status: None,
             });
             s.streams += 1;
             s.connected_at_unix = now;
@@ -78,6 +89,14 @@ impl Sessions {
         self.with(|m| {
             if let Some(s) = m.get_mut(node) {
                 s.last_nack = Some(reason.to_string());
+            }
+        });
+    }
+
+    pub fn reported(&self, node: &str, status: ReportedStatus) {
+        self.with(|m| {
+            if let Some(s) = m.get_mut(node) {
+                s.status = Some(status);
             }
         });
     }

@@ -1,8 +1,9 @@
 //! TLS for the gRPC server: a serving certificate from the mesh CA that is renewed
-//! at half life without a restart, and client-certificate verification against the
+//! at half life (and when another CA signs) without a restart, and client-certificate verification against the
 //! trust bundle (optional at the TLS layer; the authenticator decides), and
 //! connections that close when their client's credential is revoked or expires.
 
+use crate::identity::authority::Authority;
 use crate::identity::Ca;
 use futures::future::BoxFuture;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -54,28 +55,85 @@ impl ServingCert {
         }))
     }
 
-    /// Re-issues the serving certificate at half life, forever.
-    pub async fn renew_forever(self: Arc<Self>, ca: Arc<Ca>, names: Vec<String>, ips: Vec<IpAddr>) {
-        loop {
-            tokio::time::sleep(SERVING_CERT_TTL / 2).await;
-            match ca
-                .issue_server_cert(&names, &ips, SERVING_CERT_TTL)
-                .map_err(anyhow::Error::from)
-                .and_then(|(c, k)| certified_key(&c.chain_pem, &k))
-            {
-                Ok(ck) => {
-                    *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
-                    tracing::info!("renewed the control plane's serving certificate");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "renewing the serving certificate failed; keeping the current one")
-                }
+    fn renew(&self, ca: &Ca, names: &[String], ips: &[IpAddr]) {
+        match ca
+            .issue_server_cert(names, ips, SERVING_CERT_TTL)
+            .map_err(anyhow::Error::from)
+            .and_then(|(c, k)| certified_key(&c.chain_pem, &k))
+        {
+            Ok(ck) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+                tracing::info!("renewed the control plane's serving certificate");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "renewing the serving certificate failed; keeping the current one")
             }
         }
     }
 }
 
-pub fn acceptor(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<TlsAcceptor> {
+/// The TLS acceptor of the gRPC server, rebuilt when the trust bundle changes.
+pub struct Acceptor {
+    current: RwLock<TlsAcceptor>,
+    cert: Arc<ServingCert>,
+}
+
+impl Acceptor {
+    pub fn new(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(acceptor(bundle_pem, cert.clone())?),
+            cert,
+        }))
+    }
+    pub fn get(&self) -> TlsAcceptor {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Follows the CA in force, forever: re-issues the serving certificate at half
+    /// life and as soon as another CA signs, and trusts the bundle in force for
+    /// client certificates.
+    pub async fn follow(
+        self: Arc<Self>,
+        authority: Arc<Authority>,
+        names: Vec<String>,
+        ips: Vec<IpAddr>,
+    ) {
+        let mut changes = authority.watch();
+        let mut view = authority.view();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SERVING_CERT_TTL / 2) => {
+                    self.cert.renew(&authority.signer(), &names, &ips);
+                    continue;
+                }
+                r = changes.changed() => if r.is_err() { return },
+            }
+            let new = authority.view();
+            if new.signer.cert_pem() != view.signer.cert_pem() {
+                self.cert.renew(&new.signer, &names, &ips);
+            }
+            if new.bundle_pem != view.bundle_pem {
+                match acceptor(&new.bundle_pem, self.cert.clone()) {
+                    Ok(a) => {
+                        *self.current.write().unwrap_or_else(|p| p.into_inner()) = a;
+                        tracing::info!(
+                            "client certificates are now checked against the new trust bundle"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the new trust bundle is unusable for client certificates; keeping the current one")
+                    }
+                }
+            }
+            view = new;
+        }
+    }
+}
+
+fn acceptor(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<TlsAcceptor> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut bundle_pem.as_bytes()) {
         roots.add(c?)?;
@@ -185,7 +243,7 @@ impl Connected for GuardedStream {
 /// established streams, each under `guard`. A failed handshake is logged and dropped.
 pub fn incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<Acceptor>,
     guard: Option<Arc<dyn ConnectionGuard>>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<GuardedStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -203,7 +261,7 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let acceptor = acceptor.clone();
+            let acceptor = acceptor.get();
             let tx = tx.clone();
             let guard = guard.clone();
             tokio::spawn(async move {

@@ -176,11 +176,13 @@ fn main() -> anyhow::Result<()> {
                 credential_dir: cred.clone(),
                 token_file: None,
                 credential: Default::default(),
+                trust: Default::default(),
             };
             tokio::spawn(weft_node_dataplane::testing::subscribe(
                 target,
                 store.clone(),
                 metrics.clone(),
+                None,
             ));
             stores.push(store);
         }

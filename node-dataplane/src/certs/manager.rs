@@ -49,7 +49,16 @@ pub struct CertManager {
 struct Slot {
     renew_at: Instant,
     backoff: Backoff,
+    /// Not before this may a certificate that the bundle's signer did not sign (a CA
+    /// rotation) be re-issued early again.
+    stale_retry: Instant,
 }
+
+/// How soon a certificate still not signed by the bundle's signer after an early
+/// re-issue is tried again (the control plane replica asked may lag by a tick).
+const STALE_RETRY: Duration = Duration::from_secs(5);
+/// Early re-issues for a CA rotation are spread over this much time.
+const STALE_SPREAD: Duration = Duration::from_secs(1);
 
 impl CertManager {
     pub async fn run(self) {
@@ -69,11 +78,30 @@ impl CertManager {
                 keep
             });
             let now = Instant::now();
+            let signer = self
+                .config
+                .trust()
+                .and_then(|b| crate::control::channel::signer_der(&b));
             for id in &wanted {
                 let slot = slots.entry(id.clone()).or_insert_with(|| Slot {
                     renew_at: now,
                     backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+                    stale_retry: now,
                 });
+                // A CA rotation: re-issue what the new signer did not sign, soon.
+                if slot.renew_at > now
+                    && slot.stale_retry <= now
+                    && self.certs.get(id).is_some_and(|c| {
+                        crate::control::channel::stale(&c.chain_pem, signer.as_deref())
+                    })
+                {
+                    slot.stale_retry = now + STALE_RETRY;
+                    let early = now + STALE_SPREAD.mul_f64(rand::random::<f64>());
+                    if early < slot.renew_at {
+                        tracing::info!(identity = %id, "certificate not signed by the CA in force (CA rotation); re-issuing it");
+                        slot.renew_at = early;
+                    }
+                }
                 if slot.renew_at > now {
                     continue;
                 }

@@ -112,7 +112,11 @@ impl ConfigStore {
         rejected
     }
 
-    /// SPIFFE IDs of the enrolled workloads scheduled on this node.
+    /// The trust bundle of this mesh (roots, signer, JWT-SVID keys).
+    pub fn trust(&self) -> Option<Arc<pb::TrustBundle>> {
+        self.snapshot().trust_bundles.values().next().cloned()
+    }
+
     /// The trust bundle roots (PEM) of this mesh.
     pub fn trust_bundle(&self) -> Option<String> {
         self.snapshot()
@@ -122,6 +126,7 @@ impl ConfigStore {
             .map(|b| b.roots_pem.clone())
     }
 
+    /// SPIFFE IDs of the enrolled workloads scheduled on this node.
     pub fn local_identities(&self) -> std::collections::BTreeSet<String> {
         self.snapshot()
             .workloads

@@ -1,5 +1,6 @@
 //! A gRPC channel to the control plane over TLS, the control plane verified
-//! against the trust bundle (`ca.crt`). The node authenticates with either
+//! against the trust bundle (`ca.crt`, plus the bundle the control plane pushed
+//! last, see [`PushedTrust`]). The node authenticates with either
 //!
 //! - a node credential (standalone): `node.crt`/`node.key` as client certificate
 //!   (renewed by [`super::renewal`]), or
@@ -9,12 +10,14 @@
 use super::credential::{self, CredentialSlot, NodeIdentity};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
+use weft_proto::pb;
 
 #[derive(Debug, Clone)]
 pub struct ControlPlaneTarget {
@@ -28,6 +31,71 @@ pub struct ControlPlaneTarget {
     pub token_file: Option<PathBuf>,
     /// The renewed node credential (standalone), shared by every clone.
     pub credential: CredentialSlot,
+    /// The trust bundle the control plane pushed, shared by every clone.
+    pub trust: PushedTrust,
+}
+
+/// The trust bundle last received from the control plane (over a connection
+/// verified with the bundle before it). Its roots are trusted for the control plane
+/// too, beside `ca.crt`, so a CA rotation reaches this connection without a new
+/// file; its signer tells which certificates must be re-issued.
+#[derive(Clone)]
+pub struct PushedTrust(Arc<tokio::sync::watch::Sender<Option<Arc<pb::TrustBundle>>>>);
+
+impl Default for PushedTrust {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+impl std::fmt::Debug for PushedTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PushedTrust(..)")
+    }
+}
+
+impl PushedTrust {
+    pub fn get(&self) -> Option<Arc<pb::TrustBundle>> {
+        self.0.borrow().clone()
+    }
+    /// Replaces the bundle; true when it changed.
+    pub fn set(&self, b: Arc<pb::TrustBundle>) -> bool {
+        self.0.send_if_modified(|cur| {
+            if cur.as_deref() == Some(&*b) {
+                return false;
+            }
+            *cur = Some(b);
+            true
+        })
+    }
+    /// Changes whenever the bundle does.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Arc<pb::TrustBundle>>> {
+        self.0.subscribe()
+    }
+    /// The signing CA's certificate (DER), when the bundle names one.
+    pub fn signer_der(&self) -> Option<Vec<u8>> {
+        signer_der(self.get()?.as_ref())
+    }
+}
+
+/// The DER of a bundle's signer certificate, when it names one.
+pub fn signer_der(b: &pb::TrustBundle) -> Option<Vec<u8>> {
+    rustls_pemfile::certs(&mut b.signer_pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
+}
+
+/// Is the leaf of `chain_pem` signed by a CA other than `signer_der`'s? False when
+/// there is no signer to compare with.
+pub fn stale(chain_pem: &str, signer_der: Option<&[u8]>) -> bool {
+    let Some(signer) = signer_der else {
+        return false;
+    };
+    match rustls_pemfile::certs(&mut chain_pem.as_bytes()).next() {
+        Some(Ok(leaf)) => !weft_proto::x509::signed_by(&leaf, signer),
+        _ => false,
+    }
 }
 
 /// A channel whose every request carries the node's token when it has one.
@@ -74,8 +142,13 @@ impl ControlPlaneTarget {
     }
 
     pub async fn connect(&self) -> anyhow::Result<ControlChannel> {
+        let mut roots = read(&self.credential_dir, "ca.crt")?;
+        if let Some(b) = self.trust.get() {
+            roots.push('\n');
+            roots.push_str(&b.roots_pem);
+        }
         let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.credential_dir, "ca.crt")?))
+            .ca_certificate(Certificate::from_pem(roots))
             .domain_name(self.server_name.clone());
         if self.token_file.is_none() {
             let id = self.node_identity()?;

@@ -88,6 +88,14 @@ fn write_synced(path: &Path, contents: &str, mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Replaces `path` with `contents` (mode 0644) atomically: a temporary file beside
+/// it, synced, renamed over it.
+pub fn replace_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(NEXT);
+    write_synced(&tmp, contents, 0o644)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Writes `id` to `dir` (see [`load`] for the order).
 pub fn persist(dir: &Path, id: &NodeIdentity) -> std::io::Result<()> {
     let (crt_next, key_next) = (next_path(dir, CERT_FILE), next_path(dir, KEY_FILE));

@@ -4,10 +4,11 @@
 //! channel authenticated by that credential; the returned certificate must carry the
 //! same SAN and certify the key sent. It is then stored ([`super::credential`]). A
 //! directory that is not writable keeps the renewal in memory only (logged). Failed
-//! renewals back off (1 s to 5 min) while the current credential stays in use.
+//! renewals back off (1 s to 5 min) while the current credential stays in use. During
+//! a CA rotation a credential that the CA in force did not sign is renewed at once.
 
 use super::backoff::Backoff;
-use super::channel::ControlPlaneTarget;
+use super::channel::{stale, ControlPlaneTarget};
 use super::credential::{persist, renew_after, validity, NodeIdentity, Validity};
 use crate::metrics::Metrics;
 use anyhow::{bail, Context};
@@ -36,13 +37,36 @@ pub async fn renew_forever(target: ControlPlaneTarget, metrics: Arc<Metrics>) {
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0),
         );
-        let wait = renew_after(&v, SystemTime::now(), rand::random::<f64>());
-        tracing::debug!(serial = %v.serial, renew_in = ?wait, "node credential renewal scheduled");
-        tokio::time::sleep(wait).await;
+        // A CA rotation: a credential the CA in force did not sign is renewed soon
+        // (spread over a second), not at half life.
+        let stale = target
+            .node_identity()
+            .is_ok_and(|id| stale(&id.cert_pem, target.trust.signer_der().as_deref()));
+        let wait = if stale {
+            Duration::from_secs(1).mul_f64(rand::random::<f64>())
+        } else {
+            renew_after(&v, SystemTime::now(), rand::random::<f64>())
+        };
+        tracing::debug!(serial = %v.serial, renew_in = ?wait, stale, "node credential renewal scheduled");
+        let mut trust = target.trust.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // The bundle changed: look again (its signer may be new).
+            r = trust.changed(), if !stale => {
+                if r.is_ok() {
+                    continue;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
         match renew_once(&target, &v).await {
             Ok(new) => {
                 backoff.reset();
                 tracing::info!(old_serial = %v.serial, serial = %new.serial, not_after = %humantime::format_rfc3339_seconds(new.not_after), "renewed the node credential");
+                if stale {
+                    // The replica asked may lag a tick behind the rotation.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
             }
             Err(e) => {
                 metrics.node_credential_renewal_errors.inc();

@@ -11,17 +11,30 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use weft_proto::pb::{self, node_config_client::NodeConfigClient, subscribe_request::Kind as Req};
+
+/// How the node tells the control plane what it holds ([`pb::NodeStatus`]): `compute`
+/// builds the report; it is sent when it differs from the last one sent, checked
+/// after each update, whenever `changes` fires, and every [`STATUS_CHECK`].
+#[derive(Clone)]
+pub struct StatusReport {
+    pub compute: Arc<dyn Fn() -> pb::NodeStatus + Send + Sync>,
+    pub changes: tokio::sync::watch::Receiver<u64>,
+}
+
+pub const STATUS_CHECK: Duration = Duration::from_secs(2);
 
 pub async fn run_forever(
     target: ControlPlaneTarget,
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
+    report: Option<StatusReport>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let started = std::time::Instant::now();
-        match subscribe_once(&target, &store, &metrics).await {
+        match subscribe_once(&target, &store, &metrics, report.clone()).await {
             Ok(()) => tracing::warn!("control plane closed the config stream; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "config stream failed; serving the last good config")
@@ -39,6 +52,7 @@ async fn subscribe_once(
     target: &ControlPlaneTarget,
     store: &Arc<ConfigStore>,
     metrics: &Metrics,
+    mut report: Option<StatusReport>,
 ) -> anyhow::Result<()> {
     let channel = target.connect().await?;
     let mut client = NodeConfigClient::new(channel).max_decoding_message_size(64 << 20);
@@ -56,9 +70,23 @@ async fn subscribe_once(
         .into_inner();
     metrics.control_plane_connected.set(1);
     tracing::info!(address = %target.address, "subscribed to the control plane");
-    while let Some(update) = updates.message().await? {
+    let mut last_status: Option<pb::NodeStatus> = None;
+    loop {
+        let update = tokio::select! {
+            u = updates.next() => match u {
+                Some(u) => u?,
+                None => break,
+            },
+            _ = status_due(&mut report) => {
+                if !send_status(&tx, report.as_ref(), &mut last_status).await {
+                    break;
+                }
+                continue;
+            }
+        };
         let rejected = store.apply(&update);
         metrics.config_updates.inc();
+        follow_trust(target, store);
         let reply = if rejected.is_empty() {
             Req::Ack(pb::Ack {
                 nonce: update.nonce.clone(),
@@ -90,6 +118,66 @@ async fn subscribe_once(
         {
             break;
         }
+        if !send_status(&tx, report.as_ref(), &mut last_status).await {
+            break;
+        }
     }
     Ok(())
+}
+
+/// Completes when the status should be checked again (never without a reporter).
+async fn status_due(report: &mut Option<StatusReport>) {
+    match report {
+        Some(r) => {
+            tokio::select! {
+                _ = r.changes.changed() => {}
+                _ = tokio::time::sleep(STATUS_CHECK) => {}
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the node's status when it changed; false when the stream is gone.
+async fn send_status(
+    tx: &mpsc::Sender<pb::SubscribeRequest>,
+    report: Option<&StatusReport>,
+    last: &mut Option<pb::NodeStatus>,
+) -> bool {
+    let Some(r) = report else {
+        return true;
+    };
+    let now = (r.compute)();
+    if last.as_ref() == Some(&now) {
+        return true;
+    }
+    *last = Some(now.clone());
+    tx.send(pb::SubscribeRequest {
+        kind: Some(Req::Status(now)),
+    })
+    .await
+    .is_ok()
+}
+
+/// Takes the trust bundle just received as trusted for the control plane too and,
+/// standalone, writes it to `ca.crt` so that a restarted agent trusts a rotated CA.
+fn follow_trust(target: &ControlPlaneTarget, store: &ConfigStore) {
+    let Some(bundle) = store.trust() else {
+        return;
+    };
+    if !target.trust.set(bundle.clone()) || target.token_file.is_some() {
+        return;
+    }
+    let path = target.credential_dir.join("ca.crt");
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == bundle.roots_pem) {
+        return;
+    }
+    match crate::control::credential::replace_file(&path, &bundle.roots_pem) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "wrote the trust bundle the control plane sent")
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the trust bundle; a restarted agent trusts the old one")
+        }
+    }
 }
