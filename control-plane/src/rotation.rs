@@ -199,7 +199,7 @@ impl Rotation {
                 View::new(Phase::Reissuing, since(&r), n, Some(current.clone()))
             }
             (Some(n), Some(r)) => View::new(Phase::Trusting, since(&r), current.clone(), Some(n)),
-            _ => View::new(Phase::Stable, SystemTime::UNIX_EPOCH, current.clone(), None),
+            _ => View::new(Phase::Stable, SystemTime::now(), current.clone(), None),
         };
         self.put_in_force(view);
         self.st().error = None;
@@ -269,8 +269,9 @@ impl Rotation {
     /// Installs `view` when it differs from the one in force, and publishes the bundle.
     fn put_in_force(&self, view: View) {
         let old = self.authority.view();
+        // A stable view's `since` is when this replica put it in force.
         let same = old.phase == view.phase
-            && old.since == view.since
+            && (old.since == view.since || view.phase == Phase::Stable)
             && old.signer.cert_pem() == view.signer.cert_pem()
             && old.bundle_pem == view.bundle_pem;
         if same {

@@ -55,6 +55,30 @@ fn svids(c: &LocalCluster, node: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `weftctl status` against the control plane (from its netns): JSON and table.
+fn weftctl_status(c: &LocalCluster) -> (Value, String) {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", c.fabric_netns()))
+            .arg("--")
+            .arg(bin_path("weftctl").unwrap())
+            .args(["status", "--control-plane", &c.control_plane_admin()])
+            .args(extra)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let json = run(&["-o", "json"]);
+    (
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}")),
+        run(&[]),
+    )
+}
+
 fn connect(c: &LocalCluster, pod: &str, dst: &str) -> Result<(), String> {
     match c.run_app(
         pod,
@@ -72,7 +96,7 @@ fn the_ca_rotates_under_traffic_without_a_failed_connection() {
     require_root();
     let mut c = LocalCluster::with_control_plane_args(
         &["node-a", "node-b"],
-        &["--ca-rotation-min-phase", "3s"],
+        &["--ca-rotation-min-phase", "5s"],
     )
     .unwrap();
     c.namespace("mesh", true).unwrap();
@@ -168,6 +192,20 @@ fn the_ca_rotates_under_traffic_without_a_failed_connection() {
             let phase = st["phase"].as_str().unwrap().to_string();
             if phases.last() != Some(&phase) {
                 phases.push(phase.clone());
+                // weftctl shows the phase.
+                let (v, table) = weftctl_status(cluster);
+                // The same phase, or the next one if it moved on meanwhile.
+                let shown = v["ca"]["phase"].as_str().unwrap_or_default().to_string();
+                let next = match phase.as_str() {
+                    "stable" => "trusting",
+                    "trusting" => "reissuing",
+                    _ => "stable",
+                };
+                assert!(shown == phase || shown == next, "{phase}: {}", v["ca"]);
+                assert!(table.contains("CA PHASE"), "{table}");
+                if shown != "stable" {
+                    assert_eq!(v["ca"]["roots"], 2, "{}", v["ca"]);
+                }
             }
             if phase == "stable" && phases.len() > 1 {
                 break;

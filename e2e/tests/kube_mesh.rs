@@ -33,7 +33,12 @@
 //!    working; a RequestAuthentication answers an expired JWT `401` and lets a valid
 //!    one through; `kubectl get wpeer` / `wra` show them Accepted;
 //! 7. the SPIFFE Workload API: a pod mounting the agent's socket directory gets its
-//!    own X.509-SVID and a JWT-SVID, with a real client.
+//!    own X.509-SVID and a JWT-SVID, with a real client;
+//! 8. CA rotation: `weft-control-plane rotate-ca --kubernetes` run in a control plane
+//!    pod stages a new root in the CA Secret; the replicas go trusting -> reissuing
+//!    -> stable, every SVID is re-issued by the new root, the old one leaves the
+//!    bundle (nodes and the `weft-ca-root-cert` ConfigMap), and connections across
+//!    the nodes never fail meanwhile.
 //!
 //! Needs root, `make plugins` (target/plugins/peer_gate_c.wasm) and tcpdump;
 //! fails (never skips) without them.
@@ -692,6 +697,9 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
     let helm = check(&c, "Helm", weft_e2e::kubeweft::helm(&c));
     let values = check(&c, "values", weft_e2e::kubeweft::values());
     let t_install = Instant::now();
+    // Short CA rotation phases (section 8); the chart's default is 60 s.
+    let mut values = values;
+    values["controlPlane"]["caRotationMinPhase"] = Value::from("10s");
     let leader = weft_e2e::kubeweft::install(&c, &helm, &values, "--lb=least-conn");
     let install_secs = t_install.elapsed().as_secs_f64();
     eprintln!(
@@ -1582,10 +1590,216 @@ spec:
         },
     );
 
+    // 8. CA rotation on the real cluster, under traffic both ways across the nodes.
+    let t_rotation = Instant::now();
+    let ns_weft = "weft-system";
+    let secret_key = |key: &str| -> Option<String> {
+        let v = kubectl_json(
+            &c,
+            &["-n", ns_weft, "get", "secret", "weft-ca", "-o", "json"],
+        )
+        .ok()?;
+        let b64 = v["data"][key].as_str()?;
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        String::from_utf8(bytes).ok()
+    };
+    let old_root = secret_key("ca.crt")
+        .unwrap_or_else(|| panic!("the CA Secret has no ca.crt\n{}", diagnostics(&c)));
+    let leader_ip = {
+        let p = check(
+            &c,
+            "the leader pod",
+            kubectl_json(&c, &["-n", ns_weft, "get", "pod", &leader, "-o", "json"]),
+        );
+        p["status"]["podIP"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let ca_status = |c: &KubeCluster| -> anyhow::Result<Value> {
+        let body = c.node_http_get(&node_a, &format!("http://{leader_ip}:15014/debug/status"))?;
+        Ok(serde_json::from_str::<Value>(&body)?["ca"].clone())
+    };
+    let st = check(&c, "the leader's CA status", ca_status(&c));
+    assert_eq!(st["phase"], "stable", "{st}");
+    let server_a = pod(&mesh, "server", &node_a);
+    let client_b = pod(&mesh, "client", &node_b);
+    let tcp_a = format!("{}:{TCP_PORT}", server_a.ip);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rotation = std::thread::scope(|scope| {
+        let cluster = &c;
+        let traffic = |ns: &'static str, from: String, to: String| {
+            let stop = &stop;
+            scope.spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (good, out) = send_text(cluster, ns, &from, &to, "rotation", 1);
+                    if good {
+                        ok += 1
+                    } else {
+                        failed.push(out)
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                (ok, failed)
+            })
+        };
+        let a_to_b = traffic(MESH, client_a.name.clone(), tcp_b.clone());
+        let b_to_a = traffic(MESH, client_b.name.clone(), tcp_a.clone());
+        let staged = check(
+            cluster,
+            "rotate-ca in a control plane pod",
+            cluster.kubectl(&[
+                "-n",
+                ns_weft,
+                "exec",
+                &leader,
+                "--",
+                "weft-control-plane",
+                "rotate-ca",
+                "--kubernetes",
+                "--namespace",
+                ns_weft,
+            ]),
+        );
+        assert!(staged.starts_with("staged "), "{staged}");
+        let mut phases: Vec<String> = vec!["stable".into()];
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut last = Value::Null;
+        while !(phases.len() > 1 && phases.last().map(String::as_str) == Some("stable")) {
+            assert!(
+                Instant::now() < deadline,
+                "the rotation did not finish: {phases:?} {last}\n{}",
+                diagnostics(cluster)
+            );
+            if let Ok(st) = ca_status(cluster) {
+                let phase = st["phase"].as_str().unwrap_or_default().to_string();
+                if phases.last() != Some(&phase) {
+                    eprintln!(
+                        "CA rotation: {phase} after {:.1} s",
+                        t_rotation.elapsed().as_secs_f64()
+                    );
+                    phases.push(phase);
+                }
+                last = st;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Some traffic after the retirement too.
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (phases, a_to_b.join().unwrap(), b_to_a.join().unwrap(), last)
+    });
+    let (phases, a_to_b, b_to_a, last) = rotation;
+    eprintln!(
+        "CA rotation done in {:.1} s; connections during it: {} and {} ok; {last}",
+        t_rotation.elapsed().as_secs_f64(),
+        a_to_b.0,
+        b_to_a.0
+    );
+    assert_eq!(phases, ["stable", "trusting", "reissuing", "stable"]);
+    assert!(
+        a_to_b.1.is_empty() && b_to_a.1.is_empty(),
+        "failed connections during the rotation: {:?} {:?}\n{}",
+        a_to_b.1,
+        b_to_a.1,
+        weft_e2e::kubeweft::agent_failures(&c, 20)
+    );
+    assert!(
+        a_to_b.0 >= 5 && b_to_a.0 >= 5,
+        "too little traffic: {} {}",
+        a_to_b.0,
+        b_to_a.0
+    );
+    let new_root = secret_key("ca.crt").unwrap();
+    assert_ne!(new_root, old_root);
+    assert_eq!(
+        secret_key("retired-ca.crt").as_deref(),
+        Some(old_root.as_str())
+    );
+    assert_eq!(secret_key("next-ca.crt"), None);
+    let der = |pem: &str| -> Vec<Vec<u8>> {
+        x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+            .filter_map(|p| p.ok())
+            .map(|p| p.contents)
+            .collect()
+    };
+    let new_ca = der(&new_root).remove(0);
+    for node in &nodes {
+        wait_for(
+            &c,
+            "the node holds only the new root and certificates it signed",
+            Duration::from_secs(30),
+            || {
+                let d = config_dump(&c, node)?;
+                let roots = d["trust_bundles"]
+                    .as_object()
+                    .and_then(|m| m.values().next())
+                    .and_then(|b| b["roots_pem"].as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let certs: Vec<String> = d["certificates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x["chain_pem"].as_str().map(String::from))
+                    .collect();
+                let (_, ca) = x509_parser::parse_x509_certificate(&new_ca)?;
+                let all_new = !certs.is_empty()
+                    && certs.iter().all(|chain| {
+                        der(chain)
+                            .first()
+                            .and_then(|leaf| {
+                                x509_parser::parse_x509_certificate(leaf)
+                                    .ok()
+                                    .map(|(_, l)| l.verify_signature(Some(ca.public_key())).is_ok())
+                            })
+                            .unwrap_or(false)
+                    });
+                Ok((
+                    (der(&roots) == vec![new_ca.clone()] && all_new).then_some(()),
+                    format!(
+                        "{node}: {} roots, {} certificates, all by the new CA: {all_new}",
+                        der(&roots).len(),
+                        certs.len()
+                    ),
+                ))
+            },
+        );
+    }
+    wait_for(
+        &c,
+        "the weft-ca-root-cert ConfigMap holds the new root",
+        Duration::from_secs(30),
+        || {
+            let cm = kubectl_json(
+                &c,
+                &[
+                    "-n",
+                    MESH,
+                    "get",
+                    "configmap",
+                    "weft-ca-root-cert",
+                    "-o",
+                    "json",
+                ],
+            )?;
+            let roots = cm["data"]["root-cert.pem"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            Ok(((der(&roots) == vec![new_ca.clone()]).then_some(()), roots))
+        },
+    );
+    let (ok, out) = send_text(&c, MESH, &client_a.name, &tcp_b, "after-rotation", 2);
+    assert!(ok, "after the rotation: {out}");
+    let rotation_secs = t_rotation.elapsed().as_secs_f64();
+
     let t_down = Instant::now();
     c.teardown().unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!(
-        "timings: cluster {:.1} s, install {install_secs:.1} s, workloads Ready {apps_secs:.1} s, enrolled with SVIDs {enrolled_secs:.1} s, capture {capture_secs:.1} s, policies and plugin Accepted {accepted_secs:.1} s, enforced on both nodes {enforced_secs:.1} s, teardown {:.1} s, whole test {:.1} s",
+        "timings: cluster {:.1} s, install {install_secs:.1} s, workloads Ready {apps_secs:.1} s, enrolled with SVIDs {enrolled_secs:.1} s, capture {capture_secs:.1} s, policies and plugin Accepted {accepted_secs:.1} s, enforced on both nodes {enforced_secs:.1} s, CA rotation {rotation_secs:.1} s, teardown {:.1} s, whole test {:.1} s",
         t_cluster.as_secs_f64(),
         t_down.elapsed().as_secs_f64(),
         t0.elapsed().as_secs_f64()

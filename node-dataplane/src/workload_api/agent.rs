@@ -63,7 +63,7 @@ impl AgentProvider {
     fn refresh(&self) {
         let senders = self.x509.lock().unwrap_or_else(|p| p.into_inner());
         for (id, tx) in senders.iter() {
-            let now = self.certs.get(id).and_then(|c| material(&c));
+            let now = self.certs.get(id).and_then(|c| material(&c, &self.config));
             tx.send_if_modified(|held| {
                 let same = match (held.as_ref(), now.as_ref()) {
                     (Some(a), Some(b)) => {
@@ -89,14 +89,18 @@ impl AgentProvider {
     }
 }
 
-/// A stored certificate as the Workload API sends it (DER); `None` if it does not
-/// parse (never sent half).
-fn material(c: &WorkloadCert) -> Option<X509Material> {
+/// A stored certificate as the Workload API sends it (DER), with the trust bundle in
+/// force (so a CA rotation reaches applications at once, retirement included);
+/// `None` if it does not parse (never sent half).
+fn material(c: &WorkloadCert, config: &ConfigStore) -> Option<X509Material> {
+    let bundle = config
+        .trust_bundle()
+        .unwrap_or_else(|| c.trust_bundle_pem.clone());
     let chain_der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut c.chain_pem.as_bytes())
         .map(|r| r.map(|d| d.to_vec()))
         .collect::<Result<_, _>>()
         .ok()?;
-    let bundle_der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut c.trust_bundle_pem.as_bytes())
+    let bundle_der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut bundle.as_bytes())
         .map(|r| r.map(|d| d.to_vec()))
         .collect::<Result<_, _>>()
         .ok()?;
@@ -152,7 +156,12 @@ impl Provider for AgentProvider {
         senders
             .entry(spiffe_id.to_string())
             .or_insert_with(|| {
-                watch::channel(self.certs.get(spiffe_id).and_then(|c| material(&c))).0
+                watch::channel(
+                    self.certs
+                        .get(spiffe_id)
+                        .and_then(|c| material(&c, &self.config)),
+                )
+                .0
             })
             .subscribe()
     }
