@@ -203,9 +203,13 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
             })
         })
         .collect();
+    let ca = match &s.rotation {
+        Some(r) => Some(r.status().await),
+        None => None,
+    };
     Json(Status {
         ready: *s.ready.borrow(),
-        ca: s.rotation.as_ref().map(|r| r.status()),
+        ca,
         stale,
         not_enrolled,
         routes,

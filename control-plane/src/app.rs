@@ -155,7 +155,12 @@ pub async fn start(
                 .load_or_create_jwt(s.jwt_svid_ttl)
                 .await
                 .context("loading the JWT-SVID signing key from the CA Secret")?;
-            (ca, jwt, CaStore::Secret(secret))
+            let store = CaStore::Kube {
+                secret,
+                progress: kube::Api::namespaced(client.clone(), &ks.namespace),
+                replica: ks.identity.clone(),
+            };
+            (ca, jwt, store)
         }
     };
     let (ca, jwt) = (Arc::new(ca), Arc::new(jwt));
@@ -183,6 +188,9 @@ pub async fn start(
     // RequestAuthentications' `jwksUri` key sets: fetched here, never by nodes.
     model.set_jwks_source(Arc::new(crate::jwks::JwksStore::default()));
     let sessions = Arc::new(Sessions::default());
+    // Set once the source's first complete snapshot is in the model: until then no node
+    // is sent anything and no certificate is signed (fail static).
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let rotation = Rotation::new(
         ca_store,
         authority.clone(),
@@ -193,17 +201,15 @@ pub async fn start(
             Some((_, leader, _)) => leader.clone(),
             None => tokio::sync::watch::channel(true).1,
         },
+        ready.clone(),
         s.trust_domain.clone(),
         s.svid_ttl,
         s.ca_rotation_min_phase,
     );
     // A control plane restarted during a rotation signs with the CA of its phase
     // before it serves anyone.
-    rotation.step().await;
+    rotation.start().await;
     tokio::spawn(rotation.clone().run());
-    // Set once the source's first complete snapshot is in the model: until then no node
-    // is sent anything and no certificate is signed (fail static).
-    let (ready_tx, ready) = tokio::sync::watch::channel(false);
 
     // Node authentication: revocable client certificates (standalone), or reviewed
     // ServiceAccount tokens whose cache follows the pods they are bound to.
@@ -388,7 +394,15 @@ pub async fn start(
             tls::incoming(
                 listener,
                 acceptor,
-                revocations.map(|r| r as Arc<dyn tls::ConnectionGuard>),
+                // Standalone: a node credential revoked, expired, or of a retired CA.
+                revocations.map(|r| {
+                    Arc::new(tls::AnyGuard(vec![
+                        r as Arc<dyn tls::ConnectionGuard>,
+                        Arc::new(tls::TrustGuard {
+                            authority: authority.clone(),
+                        }),
+                    ])) as Arc<dyn tls::ConnectionGuard>
+                }),
             ),
             stopped(stop_rx.clone()),
         );

@@ -354,8 +354,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             new_ca_key,
             new_ca_bundle,
         } => {
-            let read = |p: &PathBuf| {
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            // CA files are small: read at most 1 MiB of each.
+            let read = |p: &PathBuf| -> anyhow::Result<String> {
+                use std::io::Read;
+                let mut text = String::new();
+                std::fs::File::open(p)
+                    .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+                    .with_context(|| format!("reading {}", p.display()))?;
+                anyhow::ensure!(text.len() < 1 << 20, "{}: larger than 1 MiB", p.display());
+                Ok(text)
             };
             let next = match (&new_ca_cert, &new_ca_key) {
                 (Some(c), Some(k)) => PemCa {

@@ -232,12 +232,20 @@ fn the_ca_rotates_under_traffic_without_a_failed_connection() {
             new_root
         );
         for node in ["node-a", "node-b"] {
-            let dump = cluster.config_dump(node).unwrap();
-            let bundles = dump["trust_bundles"].as_object().unwrap();
-            let roots = bundles.values().next().unwrap()["roots_pem"]
-                .as_str()
-                .unwrap();
-            assert_eq!(ders(roots), ders(&new_root), "{node}");
+            // The retired bundle reaches the node within moments (an agent whose
+            // control-plane connection used an old-CA credential reconnects first).
+            let roots = wait_until(Duration::from_secs(10), || {
+                let dump = cluster.config_dump(node).ok()?;
+                let roots = dump["trust_bundles"].as_object()?.values().next()?["roots_pem"]
+                    .as_str()?
+                    .to_string();
+                (ders(&roots) == ders(&new_root)).then_some(roots)
+            });
+            assert!(
+                roots.is_some(),
+                "{node}: the bundle never became the new root alone: {}",
+                cluster.config_dump(node).unwrap()["trust_bundles"]
+            );
             let svids = svids(cluster, node);
             assert!(!svids.is_empty());
             for (id, chain) in svids {

@@ -1792,6 +1792,26 @@ spec:
             Ok(((der(&roots) == vec![new_ca.clone()]).then_some(()), roots))
         },
     );
+    // Both replicas published their progress (the leader waited for the follower's
+    // nodes too).
+    let progress = check(
+        &c,
+        "the weft-ca-rotation ConfigMap",
+        kubectl_json(
+            &c,
+            &[
+                "-n",
+                ns_weft,
+                "get",
+                "configmap",
+                "weft-ca-rotation",
+                "-o",
+                "json",
+            ],
+        ),
+    );
+    let replicas = progress["data"].as_object().map(|m| m.len()).unwrap_or(0);
+    assert_eq!(replicas, 2, "{progress}");
     let (ok, out) = send_text(&c, MESH, &client_a.name, &tcp_b, "after-rotation", 2);
     assert!(ok, "after the rotation: {out}");
     let rotation_secs = t_rotation.elapsed().as_secs_f64();

@@ -344,6 +344,17 @@ impl Model {
             .is_some_and(|n| *n > 0)
     }
 
+    /// Nodes on which an enrolled workload with an identity is scheduled (they hold
+    /// certificates: a CA rotation waits for each of them).
+    pub fn nodes_with_identities(&self) -> BTreeSet<String> {
+        self.inputs()
+            .node_identities
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|((node, _), _)| node.clone())
+            .collect()
+    }
+
     /// Current manifest errors reported by the source.
     pub fn source_errors(&self) -> Vec<ManifestError> {
         self.inputs().errors.clone()

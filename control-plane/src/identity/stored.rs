@@ -83,9 +83,22 @@ pub mod files {
         ca_dir.join("retired")
     }
 
+    /// CA files are small; a larger one is an error, not read whole.
+    const MAX_FILE: u64 = 1 << 20;
+
     fn read_opt(p: &Path) -> Result<Option<String>, String> {
-        match std::fs::read_to_string(p) {
-            Ok(s) => Ok(Some(s)),
+        use std::io::Read;
+        let f = match std::fs::File::open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        };
+        let mut text = String::new();
+        match f.take(MAX_FILE + 1).read_to_string(&mut text) {
+            Ok(n) if n as u64 > MAX_FILE => {
+                Err(format!("{}: larger than {MAX_FILE} bytes", p.display()))
+            }
+            Ok(_) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("{}: {e}", p.display())),
         }
@@ -156,33 +169,92 @@ pub mod files {
         write(&nd.join("ca.crt"), &next.chain)
     }
 
+    /// Makes the staged CA the current one. Crash-safe: the old certificate is first
+    /// kept in `next/previous-ca.crt`; then the bundle, key and certificate are
+    /// replaced (each atomically); [`finish_promotion`] completes what a crash left
+    /// (a staged CA whose key or certificate is already current).
     pub fn promote(ca_dir: &Path, next: &PemCa, next_bundle: &str) -> Result<(), String> {
         let old = read_ca(ca_dir)?.ok_or("no current CA")?;
-        let rd = retired_dir(ca_dir);
-        ca::create_private_dir(&rd).map_err(|e| e.to_string())?;
-        write(
-            &rd.join(format!("{}-ca.crt", unix(SystemTime::now()))),
-            &old.chain,
-        )?;
+        let nd = next_dir(ca_dir);
+        write(&nd.join(BUNDLE_WHEN_PROMOTED), next_bundle)?;
+        write(&nd.join(PREVIOUS), &old.chain)?;
         write(&ca_dir.join("root-bundle.crt"), next_bundle)?;
         write(&ca_dir.join("ca.key"), &next.key)?;
         write(&ca_dir.join("ca.crt"), &next.chain)?;
+        finish_promotion(ca_dir)
+    }
+
+    /// The old certificate of a promotion under way.
+    const PREVIOUS: &str = "previous-ca.crt";
+    /// The bundle a promotion writes (kept so that finishing it writes the same).
+    const BUNDLE_WHEN_PROMOTED: &str = "promoted-bundle.crt";
+
+    /// Completes a promotion whose staged CA is already (partly) current: writes
+    /// what is missing, keeps the old certificate under `retired/`, removes `next/`.
+    pub fn finish_promotion(ca_dir: &Path) -> Result<(), String> {
+        let nd = next_dir(ca_dir);
+        let Some(next) = read_ca(&nd)? else {
+            return drop_next(ca_dir);
+        };
+        if let Some(bundle) = read_opt(&nd.join(BUNDLE_WHEN_PROMOTED))? {
+            write(&ca_dir.join("root-bundle.crt"), &bundle)?;
+        }
+        write(&ca_dir.join("ca.key"), &next.key)?;
+        write(&ca_dir.join("ca.crt"), &next.chain)?;
+        if let Some(previous) = read_opt(&nd.join(PREVIOUS))? {
+            let rd = retired_dir(ca_dir);
+            ca::create_private_dir(&rd).map_err(|e| e.to_string())?;
+            write(
+                &rd.join(format!("{}-ca.crt", unix(SystemTime::now()))),
+                &previous,
+            )?;
+        }
         drop_next(ca_dir)
     }
 
+    /// A promotion cut short by a crash (the staged CA's key or certificate is
+    /// already current) is completed; called before the CA is loaded at start.
+    pub fn recover(ca_dir: &Path) -> Result<(), String> {
+        let nd = next_dir(ca_dir);
+        if !nd.is_dir() {
+            return Ok(());
+        }
+        let (Some(next), Ok(Some(cur_key)), Ok(Some(cur_crt))) = (
+            read_ca(&nd).ok().flatten(),
+            read_opt(&ca_dir.join("ca.key")),
+            read_opt(&ca_dir.join("ca.crt")),
+        ) else {
+            return Ok(());
+        };
+        if nd.join(PREVIOUS).exists() && (next.key == cur_key || next.chain == cur_crt) {
+            tracing::info!(dir = %ca_dir.display(), "completing a CA promotion that a restart interrupted");
+            return finish_promotion(ca_dir);
+        }
+        Ok(())
+    }
+
+    /// Removes the staged CA (and its phase).
     pub fn drop_next(ca_dir: &Path) -> Result<(), String> {
         let nd = next_dir(ca_dir);
         std::fs::remove_dir_all(&nd).map_err(|e| format!("{}: {e}", nd.display()))
     }
 
-    /// Certificates of CAs retired by earlier rotations (PEM texts).
-    pub fn retired(ca_dir: &Path) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(retired_dir(ca_dir)) else {
-            return Vec::new();
+    /// Certificates of CAs retired by earlier rotations (PEM texts); an unreadable
+    /// one is an error (it could be the CA someone tries to start with).
+    pub fn retired(ca_dir: &Path) -> Result<Vec<String>, String> {
+        let rd = match std::fs::read_dir(retired_dir(ca_dir)) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("{}: {e}", retired_dir(ca_dir).display())),
         };
-        rd.filter_map(|e| e.ok())
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .collect()
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| format!("{}: {e}", retired_dir(ca_dir).display()))?;
+            if let Some(t) = read_opt(&e.path())? {
+                out.push(t);
+            }
+        }
+        Ok(out)
     }
 }
 

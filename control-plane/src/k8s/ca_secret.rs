@@ -273,10 +273,23 @@ impl CaSecret {
         Ok(())
     }
 
-    pub async fn set_rotation_record(&self, r: Record) -> Result<(), CaSecretError> {
+    /// Records `r`, provided the staged CA is still `next` and the record is still
+    /// `before` (so a replica that lost leadership mid-step cannot skip a phase of a
+    /// newer rotation).
+    pub async fn set_rotation_record(
+        &self,
+        next: &PemCa,
+        before: Option<Record>,
+        r: Record,
+    ) -> Result<(), CaSecretError> {
         self.edit(|d| {
-            if !d.contains_key(KEY_NEXT_CERT) {
-                return Err("no staged CA".into());
+            let text = |k: &str| d.get(k).map(|b| String::from_utf8_lossy(&b.0).to_string());
+            if text(KEY_NEXT_CERT).as_deref() != Some(next.chain.as_str()) {
+                return Err("the staged CA changed meanwhile".into());
+            }
+            let held = text(KEY_PHASE).and_then(|t| Record::parse(&t).ok());
+            if held != before {
+                return Err("the rotation's phase changed meanwhile".into());
             }
             d.insert(KEY_PHASE.into(), ByteString(r.text().into_bytes()));
             Ok(())

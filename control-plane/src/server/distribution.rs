@@ -218,6 +218,7 @@ impl NodeStream {
                         tracing::debug!(node = %self.node, bundle = %st.trust_bundle_sha256, certs = st.certs, stale = st.stale_certs, "node status");
                         self.sessions.reported(&self.node, ReportedStatus {
                             trust_bundle_sha256: st.trust_bundle_sha256.chars().take(64).collect(),
+                            signer_sha256: st.signer_sha256.chars().take(64).collect(),
                             certs: st.certs,
                             stale_certs: st.stale_certs,
                         });

@@ -22,6 +22,8 @@ pub struct NodeSession {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReportedStatus {
     pub trust_bundle_sha256: String,
+    /// The signer `stale_certs` was counted against (SHA-256 of its PEM).
+    pub signer_sha256: String,
     pub certs: u32,
     pub stale_certs: u32,
 }

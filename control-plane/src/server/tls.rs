@@ -103,10 +103,13 @@ impl Acceptor {
     ) {
         let mut changes = authority.watch();
         let mut view = authority.view();
+        // A fixed deadline: frequent view changes must not postpone renewal.
+        let mut renew_at = tokio::time::Instant::now() + SERVING_CERT_TTL / 2;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(SERVING_CERT_TTL / 2) => {
+                _ = tokio::time::sleep_until(renew_at) => {
                     self.cert.renew(&authority.signer(), &names, &ips);
+                    renew_at = tokio::time::Instant::now() + SERVING_CERT_TTL / 2;
                     continue;
                 }
                 r = changes.changed() => if r.is_err() { return },
@@ -114,6 +117,7 @@ impl Acceptor {
             let new = authority.view();
             if new.signer.cert_pem() != view.signer.cert_pem() {
                 self.cert.renew(&new.signer, &names, &ips);
+                renew_at = tokio::time::Instant::now() + SERVING_CERT_TTL / 2;
             }
             if new.bundle_pem != view.bundle_pem {
                 match acceptor(&new.bundle_pem, self.cert.clone()) {
@@ -155,6 +159,69 @@ fn acceptor(bundle_pem: &str, cert: Arc<ServingCert>) -> anyhow::Result<TlsAccep
 pub trait ConnectionGuard: Send + Sync + 'static {
     /// A future that completes when the connection must be closed; `None`: never.
     fn watch(&self, certs: &[CertificateDer<'static>]) -> Option<BoxFuture<'static, ()>>;
+}
+
+/// Closes a connection whose client certificate no longer chains to the bundle in
+/// force: after a CA rotation retires the old CA, a node credential it signed is not
+/// accepted on connections opened before either.
+pub struct TrustGuard {
+    pub authority: Arc<Authority>,
+}
+
+/// Does `certs` (leaf first) chain to a root of `bundle_pem` for client auth?
+fn chains_to(certs: &[CertificateDer<'static>], bundle_pem: &str) -> bool {
+    let Some((leaf, intermediates)) = certs.split_first() else {
+        return true;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut bundle_pem.as_bytes()).flatten() {
+        let _ = roots.add(c);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(verifier) =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()
+    else {
+        return false;
+    };
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .is_ok()
+}
+
+impl ConnectionGuard for TrustGuard {
+    fn watch(&self, certs: &[CertificateDer<'static>]) -> Option<BoxFuture<'static, ()>> {
+        if certs.is_empty() {
+            return None;
+        }
+        let certs = certs.to_vec();
+        let authority = self.authority.clone();
+        let mut changes = authority.watch();
+        Some(Box::pin(async move {
+            while changes.changed().await.is_ok() {
+                if !chains_to(&certs, &authority.bundle_pem()) {
+                    tracing::info!("closing a connection whose client certificate the CA in force no longer trusts");
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        }))
+    }
+}
+
+/// Fires when the first of its guards does.
+pub struct AnyGuard(pub Vec<Arc<dyn ConnectionGuard>>);
+
+impl ConnectionGuard for AnyGuard {
+    fn watch(&self, certs: &[CertificateDer<'static>]) -> Option<BoxFuture<'static, ()>> {
+        let all: Vec<BoxFuture<'static, ()>> =
+            self.0.iter().filter_map(|g| g.watch(certs)).collect();
+        if all.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            futures::future::select_all(all).await;
+        }))
+    }
 }
 
 /// A TLS connection that fails every read and write once its guard fired, so the

@@ -57,8 +57,9 @@ struct Slot {
 /// How soon a certificate still not signed by the bundle's signer after an early
 /// re-issue is tried again (the control plane replica asked may lag by a tick).
 const STALE_RETRY: Duration = Duration::from_secs(5);
-/// Early re-issues for a CA rotation are spread over this much time.
-const STALE_SPREAD: Duration = Duration::from_secs(1);
+/// Early re-issues for a CA rotation are spread over this much time (every node
+/// starts at about the same moment).
+const STALE_SPREAD: Duration = Duration::from_secs(3);
 
 impl CertManager {
     pub async fn run(self) {
@@ -119,6 +120,11 @@ impl CertManager {
                     Ok(cert) => {
                         slot.backoff.reset();
                         slot.renew_at = Instant::now() + self.renew_after(&cert);
+                        // Still not signed by the CA in force (the replica asked lags
+                        // a tick behind a rotation): try again soon.
+                        if crate::control::channel::stale(&cert.chain_pem, signer.as_deref()) {
+                            slot.renew_at = slot.renew_at.min(Instant::now() + STALE_RETRY);
+                        }
                         self.metrics.cert_renewals.inc();
                         if self.certs.get(id).is_some() {
                             self.metrics.cert_rotations.inc();

@@ -47,6 +47,7 @@ impl StatusComputer {
             trust_bundle_sha256: weft_proto::x509::sha256_hex(&bundle.roots_pem),
             certs: chains.len() as u32,
             stale_certs,
+            signer_sha256: weft_proto::x509::sha256_hex(&bundle.signer_pem),
         }
     }
 }

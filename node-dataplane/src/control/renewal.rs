@@ -37,6 +37,8 @@ pub async fn renew_forever(target: ControlPlaneTarget, metrics: Arc<Metrics>) {
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0),
         );
+        // Subscribed before the signer is read, so a change in between is not missed.
+        let mut trust = target.trust.subscribe();
         // A CA rotation: a credential the CA in force did not sign is renewed soon
         // (spread over a second), not at half life.
         let stale = target
@@ -48,7 +50,6 @@ pub async fn renew_forever(target: ControlPlaneTarget, metrics: Arc<Metrics>) {
             renew_after(&v, SystemTime::now(), rand::random::<f64>())
         };
         tracing::debug!(serial = %v.serial, renew_in = ?wait, stale, "node credential renewal scheduled");
-        let mut trust = target.trust.subscribe();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             // The bundle changed: look again (its signer may be new).
