@@ -171,6 +171,66 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         );
     }
 
+    // The C plugin's own metrics (the metrics ABI), on node-b's /metrics: what it
+    // counted equals what the proxy counted for it.
+    let m = c.node_http("node-b", "/metrics").unwrap().1;
+    let value = |series: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {series} in:\n{}",
+                    m.lines()
+                        .filter(|l| l.contains("wasm_plugin"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })
+    };
+    let gate = "plugin=\"shop/gate-c\"";
+    let calls = value(&format!("weft_wasm_plugin_calls_total{{{gate}}}"));
+    let replies = value(&format!("weft_wasm_plugin_local_replies_total{{{gate}}}"));
+    assert!(calls >= 3.0 && replies >= 1.0, "{calls} {replies}");
+    assert_eq!(
+        value(&format!(
+            "weft_wasm_plugin_metric_total{{{gate},metric=\"peer_gate_requests\"}}"
+        )),
+        calls
+    );
+    assert_eq!(
+        value(&format!(
+            "weft_wasm_plugin_metric_total{{{gate},metric=\"peer_gate_denied\"}}"
+        )),
+        replies
+    );
+    assert_eq!(
+        value(&format!(
+            "weft_wasm_plugin_gauge{{{gate},metric=\"peer_gate_allowed_peers\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "weft_wasm_plugin_histogram_count{{{gate},metric=\"peer_gate_path_bytes\"}}"
+        )),
+        calls
+    );
+    // "/private/x" and "/public" are 10 and 7 bytes: all in the (5, 10] bucket
+    // (cumulative, so also in every larger one).
+    assert_eq!(
+        value(&format!("weft_wasm_plugin_histogram_bucket{{le=\"10.0\",{gate},metric=\"peer_gate_path_bytes\"}}")),
+        calls
+    );
+    assert_eq!(
+        value(&format!("weft_wasm_plugin_histogram_bucket{{le=\"5.0\",{gate},metric=\"peer_gate_path_bytes\"}}")),
+        0.0
+    );
+    assert_eq!(
+        value(&format!("weft_wasm_plugin_histogram_bucket{{le=\"+Inf\",{gate},metric=\"peer_gate_path_bytes\"}}")),
+        calls
+    );
+
     // FAIL_CLOSE trap: 500, then 503 for later requests; FAIL_OPEN: passes.
     assert_eq!(get(&c, "shop/client", &ips["trap-close"], "/").status, 500);
     assert_eq!(get(&c, "shop/client", &ips["trap-close"], "/").status, 503);

@@ -3,7 +3,9 @@
  *
  * Requests whose path starts with `protectedPrefix` are refused with 403 unless
  * the peer's SPIFFE ID (property connection.uri_san_peer_certificate) is listed in
- * `allowedPeers`. Every response gets the header `header: value`.
+ * `allowedPeers`. Every response gets the header `header: value`. It counts what it
+ * saw with the metrics ABI: counters `peer_gate_requests` and `peer_gate_denied`, a
+ * gauge `peer_gate_allowed_peers` and a histogram `peer_gate_path_bytes`.
  *
  * Configuration (the WasmPlugin's pluginConfig, as JSON):
  *   {"protectedPrefix": "/admin",
@@ -26,6 +28,7 @@ enum { REQUEST_HEADERS = 0, RESPONSE_HEADERS = 2 };
 enum { PLUGIN_CONFIGURATION = 7 };
 enum { CONTINUE = 0 };
 enum { LOG_INFO = 2, LOG_WARN = 3 };
+enum { METRIC_COUNTER = 0, METRIC_GAUGE = 1, METRIC_HISTOGRAM = 2 };
 
 IMPORT(proxy_log) int32_t proxy_log(int32_t level, const char *msg, size_t len);
 IMPORT(proxy_get_buffer_bytes)
@@ -36,6 +39,10 @@ IMPORT(proxy_add_header_map_value)
 int32_t proxy_add_header_map_value(int32_t map, const char *key, size_t key_len, const char *val, size_t val_len);
 IMPORT(proxy_get_property)
 int32_t proxy_get_property(const char *path, size_t path_len, char **ptr, size_t *len);
+IMPORT(proxy_define_metric)
+int32_t proxy_define_metric(int32_t type, const char *name, size_t name_len, uint32_t *id);
+IMPORT(proxy_increment_metric) int32_t proxy_increment_metric(uint32_t id, int64_t offset);
+IMPORT(proxy_record_metric) int32_t proxy_record_metric(uint32_t id, uint64_t value);
 IMPORT(proxy_send_local_response)
 int32_t proxy_send_local_response(int32_t status, const char *details, size_t details_len,
                                   const char *body, size_t body_len, const char *headers,
@@ -50,7 +57,15 @@ static char header_value[MAX_STR] = "c-peer-gate";
 static char peers[MAX_PEERS][MAX_STR];
 static int npeers = 0;
 
+static uint32_t m_requests, m_denied, m_peers, m_path_bytes;
+
 static void log_str(int32_t level, const char *s) { proxy_log(level, s, strlen(s)); }
+
+static uint32_t metric(int32_t type, const char *name) {
+  uint32_t id = 0;
+  if (proxy_define_metric(type, name, strlen(name), &id) != OK) log_str(LOG_WARN, "peer_gate: a metric could not be defined");
+  return id;
+}
 
 /* Host-allocated buffers come from this allocator. */
 EXPORT(proxy_on_memory_allocate) void *on_memory_allocate(size_t size) { return malloc(size); }
@@ -103,7 +118,13 @@ static int configure(const char *json) {
 
 EXPORT(proxy_on_context_create) void on_context_create(int32_t ctx, int32_t parent) {}
 
-EXPORT(proxy_on_vm_start) int32_t on_vm_start(int32_t ctx, int32_t size) { return 1; }
+EXPORT(proxy_on_vm_start) int32_t on_vm_start(int32_t ctx, int32_t size) {
+  m_requests = metric(METRIC_COUNTER, "peer_gate_requests");
+  m_denied = metric(METRIC_COUNTER, "peer_gate_denied");
+  m_peers = metric(METRIC_GAUGE, "peer_gate_allowed_peers");
+  m_path_bytes = metric(METRIC_HISTOGRAM, "peer_gate_path_bytes");
+  return 1;
+}
 
 EXPORT(proxy_on_configure) int32_t on_configure(int32_t ctx, int32_t size) {
   if (size == 0) return 1;
@@ -117,6 +138,7 @@ EXPORT(proxy_on_configure) int32_t on_configure(int32_t ctx, int32_t size) {
   int ok = configure(json);
   free(json);
   if (!ok) log_str(LOG_WARN, "peer_gate: invalid configuration");
+  else proxy_record_metric(m_peers, (uint64_t)npeers);
   return ok;
 }
 
@@ -136,11 +158,14 @@ EXPORT(proxy_on_request_headers)
 int32_t on_request_headers(int32_t ctx, int32_t headers, int32_t end_of_stream) {
   char *p = NULL;
   size_t len = 0;
+  proxy_increment_metric(m_requests, 1);
   if (proxy_get_header_map_value(REQUEST_HEADERS, ":path", 5, &p, &len) != OK) return CONTINUE;
+  proxy_record_metric(m_path_bytes, (uint64_t)len);
   size_t plen = strlen(protected_prefix);
   int protected = len >= plen && memcmp(p, protected_prefix, plen) == 0;
   free(p);
   if (protected && !peer_allowed()) {
+    proxy_increment_metric(m_denied, 1);
     static const char body[] = "denied by the peer_gate plugin\n";
     static const char details[] = "peer_gate";
     proxy_send_local_response(403, details, sizeof(details) - 1, body, sizeof(body) - 1, NULL, 0, -1);

@@ -21,6 +21,8 @@ pub struct VmSettings {
     pub plugin_config: Vec<u8>,
     pub max_memory: u64,
     pub deadline_ms: u64,
+    /// The plugin's own metrics, shared by its instances.
+    pub metrics: Arc<super::custom_metrics::CustomMetrics>,
 }
 
 pub const OK: i32 = 0;
@@ -122,6 +124,8 @@ pub struct HostState {
     /// The instance's memory and allocator, looked up once after instantiation.
     pub memory: Option<wasmtime::Memory>,
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
+    /// The plugin's own metrics (the metrics ABI).
+    pub metrics: Arc<super::custom_metrics::CustomMetrics>,
 }
 
 impl HostState {
@@ -142,6 +146,7 @@ impl HostState {
             caught_slow: false,
             memory: None,
             alloc: None,
+            metrics: s.metrics.clone(),
         }
     }
 
@@ -642,7 +647,52 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             OK
         },
     )?;
+    define_metrics(l)?;
     define_wasi(l)
+}
+
+/// The metrics ABI ([`super::custom_metrics`]).
+fn define_metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: C<'_>, kind: i32, name: i32, name_len: i32, ret: i32| {
+            if name_len as usize > super::custom_metrics::MAX_NAME {
+                return BAD_ARGUMENT;
+            }
+            let Some(bytes) = read(&mut c, name, name_len) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let Ok(name) = String::from_utf8(bytes) else {
+                return BAD_ARGUMENT;
+            };
+            match c.data().metrics.define(kind, &name) {
+                Ok(id) if write_u32(&mut c, ret, id) => OK,
+                Ok(_) => INVALID_MEMORY_ACCESS,
+                Err(status) => status,
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: C<'_>, id: i32, offset: i64| c.data().metrics.increment(id as u32, offset),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |c: C<'_>, id: i32, value: i64| c.data().metrics.record(id as u32, value as u64),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: C<'_>, id: i32, ret: i32| match c.data().metrics.value(id as u32) {
+            Ok(v) if write(&mut c, ret, &v.to_le_bytes()) => OK,
+            Ok(_) => INVALID_MEMORY_ACCESS,
+            Err(status) => status,
+        },
+    )?;
+    Ok(())
 }
 
 fn define_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {

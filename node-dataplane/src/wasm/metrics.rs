@@ -1,9 +1,13 @@
 //! The Wasm plugins' metrics, read from the registry at each scrape
 //! ([`crate::metrics::scrape`]).
 
+use super::custom_metrics::{HistogramSnapshot, Kind};
 use super::registry::PluginRegistry;
 use crate::metrics::scrape::{counters, family, gauges, Scrape};
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Every failure kind a plugin can report, exported even at zero so that alerts and
@@ -151,5 +155,69 @@ fn encode(reg: &PluginRegistry, enc: &mut DescriptorEncoder) -> Result<(), std::
         "wasm_plugin_loaded",
         "1 when the plugin's module is compiled and linked, 0 when it cannot run",
         &loaded,
-    )
+    )?;
+    encode_custom(&plugins, enc)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CustomLabel {
+    plugin: String,
+    metric: String,
+}
+
+/// A histogram's values as read at this scrape.
+#[derive(Debug)]
+struct ConstHistogram(HistogramSnapshot);
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.0.sum, self.0.count, &self.0.buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The metrics plugins defined themselves: one family per type, labelled with the
+/// plugin and the metric's name (bounded per plugin, see `custom_metrics`).
+fn encode_custom(
+    plugins: &[&std::sync::Arc<super::plugin::Plugin>],
+    enc: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let (mut counts, mut gauge_values, mut hists) = (Vec::new(), Vec::new(), Vec::new());
+    for p in plugins {
+        for m in p.custom_metrics().all() {
+            let l = CustomLabel {
+                plugin: p.id.clone(),
+                metric: m.name.clone(),
+            };
+            match m.kind {
+                Kind::Counter => counts.push((l, m.value().max(0) as u64)),
+                Kind::Gauge => gauge_values.push((l, m.value())),
+                Kind::Histogram => hists.push((l, ConstHistogram(m.histogram()))),
+            }
+        }
+    }
+    counters(
+        enc,
+        "wasm_plugin_metric",
+        "Counters a Wasm plugin defined (proxy_define_metric), by plugin and metric",
+        &counts,
+    )?;
+    family(
+        enc,
+        "wasm_plugin_gauge",
+        "Gauges a Wasm plugin defined (proxy_define_metric), by plugin and metric",
+        &gauges(gauge_values),
+    )?;
+    let mut e = enc.encode_descriptor(
+        "wasm_plugin_histogram",
+        "Histograms a Wasm plugin defined (proxy_define_metric), by plugin and metric",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (l, h) in &hists {
+        h.encode(e.encode_family(l)?)?;
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! - [`engine`]: the engine, its epoch ticker and the compiled-module cache;
 //! - [`abi`]: the host functions plugins import (`env.proxy_*`, WASI stubs);
 //! - [`headers`]: a message's headers as plugins see and change them;
+//! - [`custom_metrics`]: the metrics plugins define (the metrics ABI);
 //! - [`noop`]: exported callbacks that do nothing, which the host does not call;
 //! - [`vm`]: one plugin instance (a Store) and its lifecycle calls, each with a CPU
 //!   deadline and a memory cap;
@@ -12,6 +13,7 @@
 
 pub mod abi;
 pub mod chain;
+pub mod custom_metrics;
 pub mod engine;
 pub mod headers;
 pub mod metrics;

@@ -148,6 +148,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Plugin {
+    /// The metrics the plugin defined (the metrics ABI).
+    pub fn custom_metrics(&self) -> &super::custom_metrics::CustomMetrics {
+        &self.settings.metrics
+    }
+
     /// `module` is the module bytes (already checked against `spec.sha256`), or why
     /// they are not available.
     pub fn new(
@@ -170,6 +175,7 @@ impl Plugin {
                 0 => abi_limits::DEFAULT_CPU_MILLIS_PER_CALLBACK,
                 ms => ms.min(abi_limits::MAX_CPU_MILLIS_PER_CALLBACK),
             },
+            metrics: Default::default(),
         };
         let module = engine.clone().and_then(|engine| {
             let bytes = module?;

@@ -680,3 +680,65 @@ fn a_runaway_plugin_does_not_stall_other_connections() {
         "a round trip of another connection took {worst:?} while the plugin ran"
     );
 }
+
+/// The metrics ABI from a plugin: a counter and a histogram defined at each request
+/// (the same ids every time), the counter read back through `proxy_get_metric` and
+/// returned in the response header `x-count` as one digit; an invalid name refused.
+#[test]
+fn plugins_define_and_update_their_own_metrics() {
+    let wat = r#"(module
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+  (import "env" "proxy_record_metric" (func $record (param i32 i64) (result i32)))
+  (import "env" "proxy_get_metric" (func $get (param i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "hits")
+  (data (i32.const 16) "sizes")
+  (data (i32.const 32) "bad name")
+  (data (i32.const 48) "x-count")
+  (data (i32.const 64) "x-bad")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $define (i32.const 0) (i32.const 0) (i32.const 4) (i32.const 200)))
+    (drop (call $define (i32.const 2) (i32.const 16) (i32.const 5) (i32.const 204)))
+    (drop (call $inc (i32.load (i32.const 200)) (i64.const 1)))
+    (drop (call $record (i32.load (i32.const 204)) (i64.const 42)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $get (i32.load (i32.const 200)) (i32.const 208)))
+    (i32.store8 (i32.const 216) (i32.add (i32.const 48) (i32.wrap_i64 (i64.load (i32.const 208)))))
+    (drop (call $add (i32.const 2) (i32.const 48) (i32.const 7) (i32.const 216) (i32.const 1)))
+    ;; a name with a space: BAD_ARGUMENT (2)
+    (i32.store8 (i32.const 217) (i32.add (i32.const 48) (call $define (i32.const 0) (i32.const 32) (i32.const 8) (i32.const 220))))
+    (drop (call $add (i32.const 2) (i32.const 64) (i32.const 5) (i32.const 217) (i32.const 1)))
+    (i32.const 0)))"#;
+    let p = plugin(wat, "FAIL_CLOSE");
+    assert!(p.load_error().is_none(), "{:?}", p.load_error());
+    for i in 1..=3 {
+        let mut http = request("/");
+        let (o, h) = p.on_request(&mut http, true);
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        let h = h.unwrap();
+        http.response = ok_response();
+        assert!(p.on_response(h, &mut http, false).is_none());
+        assert_eq!(
+            header(&http.response, "x-count"),
+            Some(i.to_string()),
+            "request {i}"
+        );
+        assert_eq!(header(&http.response, "x-bad").as_deref(), Some("2"));
+        p.finish(h, &mut http);
+    }
+    let all = p.custom_metrics().all();
+    let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["hits", "sizes"]);
+    assert_eq!(all[0].value(), 3);
+    let h = all[1].histogram();
+    assert_eq!((h.count, h.sum), (3, 126.0));
+    // 42 falls in the (25, 50] bucket.
+    assert_eq!(h.buckets.iter().find(|b| b.0 == 50.0).map(|b| b.1), Some(3));
+    assert_eq!(h.buckets.iter().map(|b| b.1).sum::<u64>(), 3);
+}
