@@ -157,7 +157,7 @@ pub async fn start(
                 .context("loading the JWT-SVID signing key from the CA Secret")?;
             let store = CaStore::Kube {
                 secret,
-                progress: kube::Api::namespaced(client.clone(), &ks.namespace),
+                progress: Box::new(kube::Api::namespaced(client.clone(), &ks.namespace)),
                 replica: ks.identity.clone(),
             };
             (ca, jwt, store)

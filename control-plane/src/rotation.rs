@@ -80,7 +80,7 @@ pub enum CaStore {
     /// publishes its report (Kubernetes).
     Kube {
         secret: Arc<CaSecret>,
-        progress: Api<ConfigMap>,
+        progress: Box<Api<ConfigMap>>,
         replica: String,
     },
 }
