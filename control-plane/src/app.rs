@@ -3,7 +3,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::{directory::DirectorySource, ConfigSource, SourceEvent};
 use crate::identity::authority::{Authority, View};
-use crate::identity::{Ca, CaOptions, JwtSigner};
+use crate::identity::{CaOptions, JwtSigner};
 use crate::k8s::{self, KubeSettings};
 use crate::metrics::Metrics;
 use crate::rotation::{CaStore, Rotation};
@@ -134,7 +134,7 @@ pub async fn start(
     // key of its Secret.
     let (ca, jwt, ca_store) = match &kube {
         None => (
-            Ca::load_or_create(&s.ca_options()).context("loading the CA")?,
+            crate::identity::stored::load_or_create(&s.ca_options()).context("loading the CA")?,
             JwtSigner::load_or_create(&s.ca_options(), s.jwt_svid_ttl)
                 .context("loading the JWT-SVID signing key")?,
             CaStore::Files(s.ca_options().dir()),

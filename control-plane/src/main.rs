@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use weft_control_plane::app::{self, Settings, SourceSettings};
 use weft_control_plane::identity::authority::{Phase, View};
 use weft_control_plane::identity::ca::new_root;
+use weft_control_plane::identity::ca::write_private;
 use weft_control_plane::identity::stored::{files, PemCa};
-use weft_control_plane::identity::{ca::write_private, Ca};
 use weft_control_plane::k8s::ca_secret::CaSecret;
 use weft_control_plane::k8s::KubeSettings;
 use weft_proto::spiffe::{TrustDomain, DEFAULT_TRUST_DOMAIN};
@@ -282,7 +282,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 user_key: ca.ca_key,
                 user_bundle: ca.ca_bundle,
             };
-            Ca::load_or_create(&opts).context("loading the CA")?;
+            weft_control_plane::identity::stored::load_or_create(&opts)
+                .context("loading the CA")?;
             // During a CA rotation: the CA of its phase signs, both are trusted.
             let stored = files::read(&opts.dir()).map_err(anyhow::Error::msg)?;
             let current = Arc::new(stored.current.load(&opts.trust_domain, opts.svid_ttl)?);

@@ -352,8 +352,14 @@ pub fn agent_failures(c: &KubeCluster, max: usize) -> String {
         let log = k(&["-n", NS, "logs", &name, "-c", ctr, "--tail=20000"]);
         let lines: Vec<&str> = log
             .lines()
+            // JSON or text logs (the tests' values use text).
             .filter(|l| {
-                l.contains("\"error\"") || l.contains("\"WARN\"") || l.contains("\"ERROR\"")
+                l.contains("\"error\"")
+                    || l.contains("\"WARN\"")
+                    || l.contains("\"ERROR\"")
+                    || l.contains(" WARN ")
+                    || l.contains(" ERROR ")
+                    || l.contains(" error=")
             })
             .collect();
         let from = lines.len().saturating_sub(max);

@@ -27,7 +27,7 @@ pub mod body {
 
 /// Protocol detection from a connection's first bytes.
 pub mod sniff {
-    pub use crate::proxy::l7::sniff::{classify, sniff, Protocol, Rewind, H2_PREFACE};
+    pub use crate::proxy::sniff::{classify, sniff, Protocol, Rewind, H2_PREFACE};
 }
 
 /// What the stand-in agent of [`cni_run`] does.

@@ -30,6 +30,7 @@ pub(crate) mod metrics;
 pub(crate) mod netns;
 pub(crate) mod pods;
 pub(crate) mod proxy;
+pub(crate) mod route_match;
 pub(crate) mod wasm;
 pub mod workload_api;
 

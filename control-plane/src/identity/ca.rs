@@ -88,6 +88,8 @@ pub const BACKDATE: Duration = Duration::from_secs(60);
 impl Ca {
     /// Loads the CA from the state directory (or the user-provided files), creating a
     /// new self-signed root on first start.
+    /// (Call it through [`super::stored::load_or_create`], which first completes an
+    /// interrupted CA rotation and refuses flags naming a retired CA.)
     pub fn load_or_create(opts: &CaOptions) -> Result<Self, CaError> {
         let dir = opts.dir();
         create_private_dir(&dir)?;
@@ -97,43 +99,8 @@ impl Ca {
             dir.join("root-bundle.crt"),
         );
 
-        // A promotion (CA rotation) that a crash interrupted is completed first.
-        super::stored::files::recover(&dir).map_err(|message| CaError::BadFile {
-            path: dir.clone(),
-            message,
-        })?;
-
         if let (Some(c), Some(k)) = (&opts.user_cert, &opts.user_key) {
             let chain = read(c)?;
-            let first = |pem: &str| {
-                pem_blocks(pem, "CERTIFICATE")
-                    .ok()
-                    .and_then(|v| v.into_iter().next())
-            };
-            let retired =
-                super::stored::files::retired(&dir).map_err(|message| CaError::BadFile {
-                    path: dir.clone(),
-                    message,
-                })?;
-            // During a rotation the stored CA must stay: flags naming another CA would
-            // end it without its phases.
-            if super::stored::files::next_dir(&dir).join("ca.crt").exists()
-                && cert_path.exists()
-                && first(&read(&cert_path)?) != first(&chain)
-            {
-                return Err(CaError::UserCa(format!(
-                    "a CA rotation is under way ({}); start with the CA in force ({}) or without --ca-cert/--ca-key/--ca-bundle until it is done",
-                    super::stored::files::next_dir(&dir).display(),
-                    cert_path.display()
-                )));
-            }
-            if first(&chain).is_some() && retired.iter().any(|r| first(r) == first(&chain)) {
-                return Err(CaError::UserCa(format!(
-                    "{} is the certificate of a CA that a rotation retired; pass the CA in force ({}) or drop --ca-cert/--ca-key/--ca-bundle",
-                    c.display(),
-                    cert_path.display()
-                )));
-            }
             let key = read(k)?;
             let bundle = match &opts.user_bundle {
                 Some(b) => Some(read(b)?),

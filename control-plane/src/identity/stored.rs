@@ -64,6 +64,55 @@ pub struct Stored {
     pub record: Option<Record>,
 }
 
+/// Loads (or creates) the CA of the state directory as [`Ca::load_or_create`] does,
+/// after completing a CA promotion that a crash interrupted, and refusing
+/// `--ca-cert` when it names a CA a rotation retired, or another CA than the stored
+/// one while a rotation runs (either would undo the rotation without its phases).
+pub fn load_or_create(opts: &ca::CaOptions) -> Result<Ca, CaError> {
+    let dir = opts.dir();
+    let bad = |message: String| CaError::BadFile {
+        path: dir.clone(),
+        message,
+    };
+    if dir.is_dir() {
+        files::recover(&dir).map_err(bad)?;
+    }
+    if let Some(c) = &opts.user_cert {
+        let read = |p: &Path| files::read_text(p).map_err(bad);
+        let first = |pem: &str| {
+            ca::pem_blocks(pem, "CERTIFICATE")
+                .ok()
+                .and_then(|v| v.into_iter().next())
+        };
+        let chain = read(c)?.unwrap_or_default();
+        let cert_path = dir.join("ca.crt");
+        if files::next_dir(&dir).join("ca.crt").exists() {
+            if let Some(current) = read(&cert_path)? {
+                if first(&current) != first(&chain) {
+                    return Err(CaError::UserCa(format!(
+                        "a CA rotation is under way ({}); start with the CA in force ({}) or without --ca-cert/--ca-key/--ca-bundle until it is done",
+                        files::next_dir(&dir).display(),
+                        cert_path.display()
+                    )));
+                }
+            }
+        }
+        let retired = if dir.is_dir() {
+            files::retired(&dir).map_err(bad)?
+        } else {
+            Vec::new()
+        };
+        if first(&chain).is_some() && retired.iter().any(|r| first(r) == first(&chain)) {
+            return Err(CaError::UserCa(format!(
+                "{} is the certificate of a CA that a rotation retired; pass the CA in force ({}) or drop --ca-cert/--ca-key/--ca-bundle",
+                c.display(),
+                cert_path.display()
+            )));
+        }
+    }
+    Ca::load_or_create(opts)
+}
+
 pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -85,6 +134,11 @@ pub mod files {
 
     /// CA files are small; a larger one is an error, not read whole.
     const MAX_FILE: u64 = 1 << 20;
+
+    /// A file's text (at most 1 MiB), `None` when it does not exist.
+    pub fn read_text(p: &Path) -> Result<Option<String>, String> {
+        read_opt(p)
+    }
 
     fn read_opt(p: &Path) -> Result<Option<String>, String> {
         use std::io::Read;

@@ -295,7 +295,7 @@ fn validate(r: &pb::Resource) -> Result<(), String> {
                 Ok(())
             }
         }
-        Some(Kind::Route(r)) => crate::proxy::routing::table::check(r),
+        Some(Kind::Route(r)) => crate::route_match::check(r),
         Some(_) => Ok(()),
     }
 }

@@ -43,8 +43,8 @@ pub struct ProxyState {
     compiled: std::sync::Mutex<Option<CompiledCache>>,
     /// Compiled RequestAuthentications and the map they were compiled from.
     compiled_authn: std::sync::Mutex<Option<AuthnCache>>,
-    /// Route tables compiled from the Gateway API routes ([`super::routing`]).
-    pub(crate) routes: std::sync::Mutex<super::routing::RouteCache>,
+    /// Route tables compiled from the Gateway API routes ([`super::route_table`]).
+    pub(crate) routes: std::sync::Mutex<super::route_table::RouteCache>,
     /// Wasm plugins (absent: no plugin support, e.g. in unit tests).
     pub(crate) plugins: Option<Arc<crate::wasm::registry::PluginRegistry>>,
     pub(crate) access_log: super::access_log::AccessLog,

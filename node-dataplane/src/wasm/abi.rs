@@ -653,11 +653,19 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 /// The metrics ABI ([`super::custom_metrics`]).
 fn define_metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use super::custom_metrics::{MetricError, MAX_NAME};
+    fn status(r: Result<(), MetricError>) -> i32 {
+        match r {
+            Ok(()) => OK,
+            Err(MetricError::NotFound) => NOT_FOUND,
+            Err(MetricError::BadArgument) => BAD_ARGUMENT,
+        }
+    }
     l.func_wrap(
         "env",
         "proxy_define_metric",
         |mut c: C<'_>, kind: i32, name: i32, name_len: i32, ret: i32| {
-            if name_len as usize > super::custom_metrics::MAX_NAME {
+            if name_len as usize > MAX_NAME {
                 return BAD_ARGUMENT;
             }
             let Some(bytes) = read(&mut c, name, name_len) else {
@@ -669,19 +677,19 @@ fn define_metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             match c.data().metrics.define(kind, &name) {
                 Ok(id) if write_u32(&mut c, ret, id) => OK,
                 Ok(_) => INVALID_MEMORY_ACCESS,
-                Err(status) => status,
+                Err(e) => status(Err(e)),
             }
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_increment_metric",
-        |c: C<'_>, id: i32, offset: i64| c.data().metrics.increment(id as u32, offset),
+        |c: C<'_>, id: i32, offset: i64| status(c.data().metrics.increment(id as u32, offset)),
     )?;
     l.func_wrap(
         "env",
         "proxy_record_metric",
-        |c: C<'_>, id: i32, value: i64| c.data().metrics.record(id as u32, value as u64),
+        |c: C<'_>, id: i32, value: i64| status(c.data().metrics.record(id as u32, value as u64)),
     )?;
     l.func_wrap(
         "env",
@@ -689,7 +697,7 @@ fn define_metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, id: i32, ret: i32| match c.data().metrics.value(id as u32) {
             Ok(v) if write(&mut c, ret, &v.to_le_bytes()) => OK,
             Ok(_) => INVALID_MEMORY_ACCESS,
-            Err(status) => status,
+            Err(e) => status(Err(e)),
         },
     )?;
     Ok(())

@@ -5,7 +5,6 @@
 //! Bounded: at most [`MAX_METRICS`] per plugin, names of at most [`MAX_NAME`] bytes
 //! of `[A-Za-z0-9_.:-]`; a plugin asking for more gets `BadArgument`.
 
-use super::abi::{BAD_ARGUMENT, NOT_FOUND, OK};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +17,17 @@ pub const BUCKETS: &[f64] = &[
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
+
+/// Why a metrics call was refused (the ABI's `NotFound` and `BadArgument`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricError {
+    /// No metric with that id.
+    NotFound,
+    /// An invalid name or type, too many metrics, or an operation the type lacks.
+    BadArgument,
+}
+
+use MetricError::{BadArgument as BAD_ARGUMENT, NotFound as NOT_FOUND};
 
 /// The ABI's metric types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +122,7 @@ impl CustomMetrics {
 
     /// `proxy_define_metric`: the id of `name` (the same id when it is defined again
     /// with the same type, so every instance shares it).
-    pub fn define(&self, abi_type: i32, name: &str) -> Result<u32, i32> {
+    pub fn define(&self, abi_type: i32, name: &str) -> Result<u32, MetricError> {
         let kind = Kind::from_abi(abi_type).ok_or(BAD_ARGUMENT)?;
         if !valid_name(name) {
             return Err(BAD_ARGUMENT);
@@ -149,28 +159,24 @@ impl CustomMetrics {
     }
 
     /// `proxy_increment_metric`: counters only go up; gauges move either way.
-    pub fn increment(&self, id: u32, offset: i64) -> i32 {
-        let Some(m) = self.get(id) else {
-            return NOT_FOUND;
-        };
+    pub fn increment(&self, id: u32, offset: i64) -> Result<(), MetricError> {
+        let m = self.get(id).ok_or(NOT_FOUND)?;
         match m.kind {
-            Kind::Counter if offset < 0 => BAD_ARGUMENT,
+            Kind::Counter if offset < 0 => Err(BAD_ARGUMENT),
             Kind::Counter | Kind::Gauge => {
                 let _ = m
                     .value
                     .fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(offset)));
-                OK
+                Ok(())
             }
-            Kind::Histogram => BAD_ARGUMENT,
+            Kind::Histogram => Err(BAD_ARGUMENT),
         }
     }
 
     /// `proxy_record_metric`: a counter or gauge takes the value, a histogram
     /// records it.
-    pub fn record(&self, id: u32, value: u64) -> i32 {
-        let Some(m) = self.get(id) else {
-            return NOT_FOUND;
-        };
+    pub fn record(&self, id: u32, value: u64) -> Result<(), MetricError> {
+        let m = self.get(id).ok_or(NOT_FOUND)?;
         match m.kind {
             Kind::Counter | Kind::Gauge => {
                 m.value
@@ -188,12 +194,12 @@ impl CustomMetrics {
                 m.count.fetch_add(1, Relaxed);
             }
         }
-        OK
+        Ok(())
     }
 
     /// `proxy_get_metric`: a counter's or gauge's value (a negative gauge reads as
     /// its two's complement, as the ABI returns an unsigned value).
-    pub fn value(&self, id: u32) -> Result<u64, i32> {
+    pub fn value(&self, id: u32) -> Result<u64, MetricError> {
         let m = self.get(id).ok_or(NOT_FOUND)?;
         match m.kind {
             Kind::Counter | Kind::Gauge => Ok(m.value() as u64),
@@ -224,25 +230,25 @@ mod tests {
             Err(BAD_ARGUMENT),
             "another type"
         );
-        assert_eq!(m.increment(c, 3), OK);
+        assert_eq!(m.increment(c, 3), Ok(()));
         assert_eq!(
             m.increment(c, -1),
-            BAD_ARGUMENT,
+            Err(BAD_ARGUMENT),
             "a counter never goes down"
         );
         assert_eq!(m.value(c), Ok(3));
         let g = m.define(1, "in_flight").unwrap();
-        assert_eq!(m.increment(g, 5), OK);
-        assert_eq!(m.increment(g, -7), OK);
+        assert_eq!(m.increment(g, 5), Ok(()));
+        assert_eq!(m.increment(g, -7), Ok(()));
         assert_eq!(m.value(g), Ok((-2i64) as u64));
-        assert_eq!(m.record(g, 9), OK);
+        assert_eq!(m.record(g, 9), Ok(()));
         assert_eq!(m.value(g), Ok(9));
         let h = m.define(2, "body_bytes").unwrap();
         for v in [0, 1, 7, 100_000_000] {
-            assert_eq!(m.record(h, v), OK);
+            assert_eq!(m.record(h, v), Ok(()));
         }
         assert_eq!(m.value(h), Err(BAD_ARGUMENT));
-        assert_eq!(m.increment(h, 1), BAD_ARGUMENT);
+        assert_eq!(m.increment(h, 1), Err(BAD_ARGUMENT));
         let snap = m.all()[2].histogram();
         assert_eq!((snap.count, snap.sum), (4, 100_000_008.0));
         // 0 in (.., 0.5], 1 in (0.5, 1], 7 in (5, 10], 1e8 in (3.6e6, +Inf].
@@ -253,8 +259,8 @@ mod tests {
         assert_eq!(snap.buckets.last().map(|b| b.1), Some(1));
         assert_eq!(snap.buckets.iter().map(|b| b.1).sum::<u64>(), 4);
         assert_eq!(snap.buckets.last().unwrap().0, f64::MAX);
-        assert_eq!(m.increment(99, 1), NOT_FOUND);
-        assert_eq!(m.record(0, 1), NOT_FOUND);
+        assert_eq!(m.increment(99, 1), Err(NOT_FOUND));
+        assert_eq!(m.record(0, 1), Err(NOT_FOUND));
         assert_eq!(m.value(99), Err(NOT_FOUND));
     }
 

@@ -15,7 +15,6 @@ pub mod h1;
 pub mod http;
 pub mod jwt;
 pub mod message;
-pub mod sniff;
 pub mod upstream;
 
 #[cfg(test)]
@@ -23,11 +22,11 @@ mod tests;
 
 use super::counters::NodeCounters;
 use super::local::LocalPod;
+use super::sniff::{self, Protocol};
 use super::state::{ProxyState, RequestAuthz};
 use crate::wasm::abi::ConnProps;
 use crate::wasm::plugin::{FailStrategy, Plugin};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sniff::Protocol;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +35,7 @@ use weft_authz::Attributes;
 use weft_proto::pb;
 use weft_proto::protocol::{declared, Declared};
 
-/// How long the first bytes may take before a connection counts as not HTTP.
-pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+pub use super::sniff::SNIFF_TIMEOUT;
 
 /// What L7 processing a connection to a workload and port needs.
 #[derive(Clone)]

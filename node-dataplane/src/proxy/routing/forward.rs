@@ -3,10 +3,10 @@
 //! on its own to a backend and endpoint of its own.
 
 use super::filters;
-use super::table::{RequestView, RouteTable, Rule};
 use super::upstream::{BoxError, DialFrom, ReqBody, SendError, Sent, Upstreams};
 use crate::proxy::lb::Active;
 use crate::proxy::local::LocalPod;
+use crate::proxy::route_table::{RequestView, RouteTable, Rule};
 use crate::proxy::state::ProxyState;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};

@@ -1,6 +1,6 @@
 //! Gateway API routing for the mesh (GAMMA), decided in the source node's proxy: a
 //! connection a pod opens to a Service that has `HTTPRoute`s or `GRPCRoute`s is
-//! served as HTTP here, and every request is matched ([`table`]), filtered
+//! served as HTTP here, and every request is matched ([`super::route_table`]), filtered
 //! ([`filters`]) and sent on its own to a backend and an endpoint chosen for it
 //! ([`forward`], over [`upstream`] connections): per-request balancing, retries,
 //! timeouts and mirrors without an extra proxy hop. The destination's proxy still
@@ -10,28 +10,15 @@
 
 pub mod filters;
 pub mod forward;
-pub mod table;
 pub mod upstream;
 
-use super::l7::sniff::{self, Protocol, Rewind};
+use super::route_table::{RouteTable, MAX_TABLES};
+use super::sniff::{self, Protocol, Rewind, SNIFF_TIMEOUT};
 use super::state::ProxyState;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashMap;
 use std::sync::Arc;
-use table::RouteTable;
 use weft_proto::pb;
 use weft_proto::protocol::{declared, Declared};
-
-/// Route tables compiled per (Service key, port, client namespace), dropped when a
-/// route changes.
-#[derive(Default)]
-pub struct RouteCache {
-    generation: u64,
-    tables: HashMap<(String, u16, String), Arc<RouteTable>>,
-}
-
-/// Most tables kept: one per Service port and client namespace in use.
-const MAX_TABLES: usize = 4096;
 
 impl ProxyState {
     /// The route table of Service `key` port `port` for clients in `client_ns`.
@@ -97,7 +84,7 @@ pub async fn serve(mut conn: tokio::net::TcpStream, base: forward::Routed) -> Se
     }
     // Declared HTTP or not, the client may speak HTTP/1.1 or h2c with prior
     // knowledge (an `http` port carries both): the first bytes tell.
-    let (proto, prefix) = match sniff::sniff(&mut conn, super::l7::SNIFF_TIMEOUT).await {
+    let (proto, prefix) = match sniff::sniff(&mut conn, SNIFF_TIMEOUT).await {
         Ok(x) => x,
         Err(e) => return Serve::Done(Err(e.into())),
     };

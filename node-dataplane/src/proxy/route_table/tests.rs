@@ -1,4 +1,5 @@
 use super::*;
+use crate::route_match::check;
 
 fn path(kind: pb::MatchKind, v: &str) -> Option<pb::PathMatch> {
     Some(pb::PathMatch {
