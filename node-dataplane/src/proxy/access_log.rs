@@ -199,6 +199,23 @@ impl AccessLog {
         ok
     }
 
+    /// A connection that failed before its destination was known (e.g. its original
+    /// destination could not be read): no addresses to name, only the listener's side
+    /// and the error, so such failures are not silent.
+    pub fn early_failure(&self, reporter: &'static str, error: &str) {
+        if !self.admit("allow") {
+            return;
+        }
+        tracing::info!(
+            target: TARGET,
+            kind = "connection",
+            reporter,
+            decision = "unchecked",
+            error,
+            "access"
+        );
+    }
+
     pub fn connection(&self, r: &ConnRecord<'_>) {
         if !self.admit(r.verdict.decision()) {
             return;

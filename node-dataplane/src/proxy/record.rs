@@ -280,14 +280,18 @@ impl ConnRecord {
             return;
         }
         let p = &self.peers;
-        let (Some(source_addr), Some(destination_addr)) = (p.source_addr, p.destination_addr)
-        else {
-            // Failed before its destination was known: nothing to name.
-            return;
-        };
         let reporter = match self.listener {
             Listener::Outbound(_) => "source",
             _ => "destination",
+        };
+        let (Some(source_addr), Some(destination_addr)) = (p.source_addr, p.destination_addr)
+        else {
+            // Failed before its destination was known: no addresses to name, but
+            // the failure is recorded.
+            if let Some(e) = self.error() {
+                log.early_failure(reporter, e);
+            }
+            return;
         };
         let (verdict, error) = match &self.decision {
             Some((true, policy, _)) => (Verdict::Allow(policy.as_deref()), self.error()),
