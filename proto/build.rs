@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Ordered maps: a resource's version is the hash of its encoding, which must
+        // not depend on a HashMap's iteration order (found by the `manifest` fuzz
+        // target's determinism property).
+        .btree_map(".weft.v1")
         // Config dumps and status output are JSON.
         .type_attribute(".weft.v1", "#[derive(serde::Serialize)]")
         .field_attribute(

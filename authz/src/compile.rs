@@ -285,7 +285,7 @@ impl CompiledPolicy {
     pub fn applies_to_labels(
         &self,
         namespace: &str,
-        labels: &std::collections::HashMap<String, String>,
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> bool {
         (self.mesh_wide || self.namespace == namespace)
             && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))

@@ -5,7 +5,6 @@
 //! UNSET inherits from the next; when several policies apply at one level, the
 //! oldest wins (then the first by name). Without any, the mode is PERMISSIVE.
 
-use std::collections::HashMap;
 use weft_proto::pb::peer_authentication::MtlsMode;
 use weft_proto::pb::{PeerAuthentication, Workload};
 
@@ -25,7 +24,7 @@ impl Effective<'_> {
     }
 }
 
-fn selects(p: &PeerAuthentication, labels: &HashMap<String, String>) -> bool {
+fn selects(p: &PeerAuthentication, labels: &std::collections::BTreeMap<String, String>) -> bool {
     p.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 

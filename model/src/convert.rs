@@ -239,7 +239,7 @@ pub fn service(svc: &Service, pods: &[(&PodFacts, &pb::Workload)]) -> pb::Servic
             if w.ips.is_empty() || !selector_matches(&selector, &labels) {
                 continue;
             }
-            let mut target_ports = std::collections::HashMap::new();
+            let mut target_ports = std::collections::BTreeMap::new();
             for p in &ports {
                 let resolved = match p.target_port.parse::<u32>() {
                     Ok(n) => Some(n),
@@ -374,7 +374,7 @@ pub fn peer_authentication(
         Some(crd::MtlsMode::Disable) => M::Disable,
     } as i32;
     let namespace = p.metadata.namespace.clone().unwrap_or_default();
-    let selector: std::collections::HashMap<String, String> = p
+    let selector: std::collections::BTreeMap<String, String> = p
         .spec
         .selector
         .as_ref()
@@ -421,7 +421,7 @@ pub fn request_authentication(
 ) -> pb::RequestAuthentication {
     use crate::jwks::JwksResolved;
     let namespace = p.metadata.namespace.clone().unwrap_or_default();
-    let selector: std::collections::HashMap<String, String> = p
+    let selector: std::collections::BTreeMap<String, String> = p
         .spec
         .selector
         .as_ref()

@@ -414,7 +414,7 @@ spec:
         previous.apply(SourceEvent::Snapshot(objects(&format!(
             "{NAMESPACES}---{REST}"
         ))));
-        let known: HashMap<String, String> = previous
+        let known: std::collections::BTreeMap<String, String> = previous
             .view_of("node-a")
             .iter()
             .map(|r| (r.key.clone(), r.version.clone()))

@@ -7,7 +7,6 @@
 
 use imbl::OrdMap;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
@@ -82,7 +81,7 @@ impl ConfigStore {
         self.changed.subscribe()
     }
 
-    pub fn known_versions(&self) -> HashMap<String, String> {
+    pub fn known_versions(&self) -> std::collections::BTreeMap<String, String> {
         self.snapshot()
             .versions
             .iter()

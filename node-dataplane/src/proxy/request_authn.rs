@@ -10,7 +10,7 @@ use weft_proto::pb;
 
 struct Compiled {
     namespace: String,
-    selector: HashMap<String, String>,
+    selector: std::collections::BTreeMap<String, String>,
     mesh_wide: bool,
     rules: Vec<CompiledRule>,
 }
