@@ -696,11 +696,7 @@ pub fn describe(ca: &Ca) -> String {
         .unwrap_or_default();
     let fp = {
         use sha2::Digest;
-        let d = sha2::Sha256::digest(&der);
-        d.iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        hex::encode(&sha2::Sha256::digest(&der)[..8])
     };
     format!("{subject} (sha256 {fp})")
 }

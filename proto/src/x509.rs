@@ -46,8 +46,5 @@ pub fn signed_by(leaf_der: &[u8], issuer_der: &[u8]) -> bool {
 /// SHA-256 (lowercase hex) of `text`: how a trust bundle is named in status reports.
 pub fn sha256_hex(text: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
