@@ -15,9 +15,13 @@ build: setup plugins
 
 # The example Wasm plugins, built from source into target/plugins/.
 PLUGINS := target/plugins
-plugins: setup $(PLUGINS)/peer_gate_c.wasm $(PLUGINS)/peer_gate_as.wasm
+plugins: setup $(PLUGINS)/peer_gate_c.wasm $(PLUGINS)/rate_limit_c.wasm $(PLUGINS)/peer_gate_as.wasm
 
 $(PLUGINS)/peer_gate_c.wasm: examples/plugins/c/peer_gate.c
+	@mkdir -p $(PLUGINS)
+	clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o $@ $<
+
+$(PLUGINS)/rate_limit_c.wasm: examples/plugins/c/rate_limit.c
 	@mkdir -p $(PLUGINS)
 	clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o $@ $<
 
@@ -41,7 +45,7 @@ test: build lint fuzz-smoke
 # (fuzz/corpus/<target>) and what earlier runs kept (fuzz/target/corpus/<target>,
 # where new inputs go). A crash or a broken property fails; the input is saved
 # under fuzz/artifacts/<target>/.
-FUZZ_TARGETS := h1_request h1_response chunked h2c_sniff authz csr cni manifest
+FUZZ_TARGETS := h1_request h1_response chunked h2c_sniff authz csr cni manifest wasm_abi
 FUZZ_SECONDS ?= 20
 fuzz-smoke: setup
 	@rustup toolchain list | grep -q '^nightly' || { echo "fuzz-smoke: the nightly toolchain is required (rustup toolchain install nightly)" >&2; exit 1; }

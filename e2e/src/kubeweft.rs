@@ -349,10 +349,12 @@ pub fn agent_failures(c: &KubeCluster, max: usize) -> String {
         let ctr = p["spec"]["containers"][0]["name"]
             .as_str()
             .unwrap_or_default();
-        let log = k(&["-n", NS, "logs", &name, "-c", ctr, "--tail=20000"]);
+        // Text logs carry ANSI colours around the level: stripped before matching.
+        let log = strip_ansi(&k(&["-n", NS, "logs", &name, "-c", ctr, "--tail=20000"]));
         let lines: Vec<&str> = log
             .lines()
-            // JSON or text logs (the tests' values use text).
+            // JSON or text logs (the tests' values use text), and the enrolment
+            // changes that close or open a pod's listeners.
             .filter(|l| {
                 l.contains("\"error\"")
                     || l.contains("\"WARN\"")
@@ -360,15 +362,44 @@ pub fn agent_failures(c: &KubeCluster, max: usize) -> String {
                     || l.contains(" WARN ")
                     || l.contains(" ERROR ")
                     || l.contains(" error=")
+                    || (l.contains("un-enrolled") && !l.contains("churn-"))
+                    || l.contains("found a running pod")
             })
             .collect();
-        let from = lines.len().saturating_sub(max);
+        // Denials (the tests' intruders make many) are summed per source and
+        // destination; everything else is listed.
+        let mut denials: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        let field = |l: &str, k: &str| -> String {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or("?")
+                .trim_matches('"')
+                .to_string()
+        };
+        let mut rest = Vec::new();
+        for l in lines {
+            if l.contains("decision=\"deny\"") {
+                let src = field(l, "source_addr=");
+                let src = src
+                    .rsplit_once(':')
+                    .map_or(src.clone(), |(ip, _)| ip.to_string());
+                *denials
+                    .entry((src, field(l, "destination_workload=")))
+                    .or_default() += 1;
+            } else {
+                rest.push(l);
+            }
+        }
+        let from = rest.len().saturating_sub(max);
         out += &format!(
             "--- {name} on {node}: {} failure lines (last {})\n{}\n",
-            lines.len(),
-            lines.len() - from,
-            lines[from..].join("\n")
+            rest.len(),
+            rest.len() - from,
+            rest[from..].join("\n")
         );
+        for ((src, dst), n) in denials {
+            out += &format!("denied: {n} connections from {src} to {dst}\n");
+        }
     }
-    strip_ansi(&out)
+    out
 }

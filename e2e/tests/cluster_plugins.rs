@@ -1,7 +1,8 @@
 //! Wasm plugins in the node proxy, across nodes over mTLS: the example plugins
 //! (C and AssemblyScript, built from source by `make plugins`) deny and allow by
-//! peer SPIFFE ID and add their header; a config change applies without restarting
-//! the node; failing plugins (trap, infinite loop, memory bomb) follow their
+//! peer SPIFFE ID and add their header; the C rate limiter shares one bucket across
+//! its instances (shared data), logs refusals through a shared queue and publishes
+//! a gauge from its timer; a config change applies without restarting the node; failing plugins (trap, infinite loop, memory bomb) follow their
 //! failStrategy; a digest mismatch is rejected and the plugin never runs. Root.
 
 #![forbid(unsafe_code)]
@@ -59,6 +60,7 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
     let apps = [
         "web-c",
         "web-as",
+        "web-rl",
         "trap-close",
         "trap-open",
         "loop",
@@ -101,7 +103,15 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
     .unwrap();
     let c_mod = plugin_path("peer_gate_c").unwrap();
     let as_mod = plugin_path("peer_gate_as").unwrap();
+    let rl_mod = plugin_path("rate_limit_c").unwrap();
     let manifests = [
+        // No refill: exactly 3 requests ever pass, whichever instance serves them.
+        plugin(
+            "rate-limit",
+            "web-rl",
+            &rl_mod,
+            "  pluginConfig: {requestsPerSecond: 0, burst: 3}\n",
+        ),
         plugin("gate-c", "web-c", &c_mod, &gate_config("c", &[ADMIN])),
         plugin("gate-as", "web-as", &as_mod, &gate_config("as", &[ADMIN])),
         plugin(
@@ -230,6 +240,82 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         value(&format!("weft_wasm_plugin_histogram_bucket{{le=\"+Inf\",{gate},metric=\"peer_gate_path_bytes\"}}")),
         calls
     );
+
+    // The rate limiter: one bucket in shared data for the plugin's instances (one
+    // per proxy worker, requests spread over them), so exactly 3 requests pass.
+    let rl = "plugin=\"shop/rate-limit\"";
+    let loaded = format!("weft_wasm_plugin_loaded{{{rl}}} 1");
+    wait_until(Duration::from_secs(30), || {
+        let m = c.node_http("node-b", "/metrics").ok()?.1;
+        m.contains(&loaded).then_some(())
+    })
+    .expect("the rate limiter loaded");
+    let statuses: Vec<u16> = (0..8)
+        .map(|i| get(&c, "shop/client", &ips["web-rl"], &format!("/rl/{i}")).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429, 429, 429]);
+    let r = get(&c, "shop/client", &ips["web-rl"], "/rl/last");
+    assert_eq!(
+        (r.status, r.body.as_str(), r.header("retry-after")),
+        (429, "rate limited\n", Some("1"))
+    );
+    let dump = c.config_dump("node-b").unwrap();
+    let live = dump["proxy"]["wasm_plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plugin"] == "shop/rate-limit")
+        .map(|p| p["instance_memory_bytes"].as_array().map_or(0, Vec::len));
+    assert_eq!(live, Some(2), "two instances drew from one bucket");
+    // Each refusal went through the shared queue to the instance that registered
+    // it last, which logged and counted it; every instance's 1 s timer published
+    // the tokens left.
+    let series = |m: &str, name: &str| -> Option<f64> {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let metric =
+        |kind: &str, name: &str| format!("weft_wasm_plugin_{kind}{{{rl},metric=\"{name}\"}}");
+    let m = wait_until(Duration::from_secs(10), || {
+        let m = c.node_http("node-b", "/metrics").ok()?.1;
+        let logged = series(&m, &metric("metric_total", "rate_limit_denials_logged"))?;
+        let ticks = series(&m, &format!("weft_wasm_plugin_ticks_total{{{rl}}}"))?;
+        (logged == 6.0 && ticks >= 2.0).then_some(m)
+    })
+    .unwrap_or_else(|| {
+        let m = c.node_http("node-b", "/metrics").unwrap_or_default().1;
+        panic!(
+            "queue or timer not run:\n{}",
+            m.lines()
+                .filter(|l| l.contains("rate-limit"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    assert_eq!(
+        series(&m, &metric("metric_total", "rate_limit_allowed")),
+        Some(3.0)
+    );
+    assert_eq!(
+        series(&m, &metric("metric_total", "rate_limit_denied")),
+        Some(6.0)
+    );
+    assert_eq!(series(&m, &metric("gauge", "rate_limit_tokens")), Some(0.0));
+    assert_eq!(
+        series(
+            &m,
+            &format!("weft_wasm_plugin_queue_notifications_total{{{rl}}}")
+        ),
+        Some(6.0)
+    );
+    assert_eq!(
+        series(&m, &format!("weft_wasm_plugin_shared_data_keys{{{rl}}}")),
+        Some(1.0)
+    );
+    assert!(c
+        .agent_log("node-b")
+        .contains("rate_limit: refused /rl/last"));
 
     // FAIL_CLOSE trap: 500, then 503 for later requests; FAIL_OPEN: passes.
     assert_eq!(get(&c, "shop/client", &ips["trap-close"], "/").status, 500);

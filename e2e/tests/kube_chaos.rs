@@ -64,6 +64,34 @@ spec:
 ---
 apiVersion: apps/v1
 kind: Deployment
+metadata: {name: web, namespace: apps}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: web
+        image: APP_IMAGE
+        imagePullPolicy: Never
+        command: [weft-testapp, http, --listen, "0.0.0.0:8080"]
+        readinessProbe:
+          httpGet: {path: /ready, port: 8080}
+          periodSeconds: 1
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-from-apps, namespace: apps}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: [apps]}}]
+---
+apiVersion: apps/v1
+kind: Deployment
 metadata: {name: churn, namespace: apps}
 spec:
   replicas: 0
@@ -91,6 +119,34 @@ spec:
     image: APP_IMAGE
     imagePullPolicy: Never
     command: [sleep, "36000"]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: plain-echo, namespace: outsider}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: plain-echo}}
+  template:
+    metadata: {labels: {app: plain-echo}}
+    spec:
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: plain-echo}}}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: echo
+        image: APP_IMAGE
+        imagePullPolicy: Never
+        command: [weft-testapp, echo, --listen, "0.0.0.0:9000"]
+        readinessProbe:
+          tcpSocket: {port: 9000}
+          periodSeconds: 2
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain-echo, namespace: outsider}
+spec:
+  selector: {app: plain-echo}
+  ports: [{name: tcp-echo, port: 9000, targetPort: 9000}]
 ---
 apiVersion: v1
 kind: Pod
@@ -131,26 +187,55 @@ fn wait_for<T>(
     wait_for_in(c, &[APP_NS, OUT_NS], what, timeout, f)
 }
 
-/// Flows of `seconds` from the client (with a long-lived connection) and the
-/// intruder, while `during` runs after a 5 s head start; returns both flows and
-/// what `during` returned.
+/// The Services the flows connect to (`ClusterIP:9000`): the mesh's echo, and
+/// the same server outside the mesh.
+struct Targets {
+    mesh: String,
+    plain: String,
+}
+
+/// The flows of one stretch of traffic.
+struct Traffic {
+    /// The client to the mesh's echo (with a long-lived connection).
+    client: Flow,
+    /// The intruder to the mesh's echo: every connection must fail.
+    intruder: Flow,
+    /// The baseline: the intruder to the echo outside the mesh, through the same
+    /// cluster (kube-proxy, bridges, nodes) under the same faults and load. Its
+    /// failures are the cluster's, not the mesh's.
+    plain: Flow,
+}
+
+/// Flows of `seconds` from the client (with a long-lived connection), the
+/// intruder, and the baseline, while `during` runs after a 5 s head start.
 fn with_traffic<T: Send>(
     c: &KubeCluster,
-    target: &str,
+    t: &Targets,
     seconds: u64,
     during: impl FnOnce() -> T + Send,
-) -> (Flow, Flow, T) {
+) -> (Traffic, T) {
     std::thread::scope(|s| {
-        let cl = s.spawn(|| flow(c, APP_NS, "client", target, seconds, true));
-        let intr = s.spawn(|| flow(c, OUT_NS, "intruder", target, seconds, false));
+        let cl = s.spawn(|| flow(c, APP_NS, "client", &t.mesh, seconds, true));
+        let intr = s.spawn(|| flow(c, OUT_NS, "intruder", &t.mesh, seconds, false));
+        let plain = s.spawn(|| flow(c, OUT_NS, "intruder", &t.plain, seconds, false));
         std::thread::sleep(Duration::from_secs(5));
         let r = during();
-        (
-            cl.join().expect("client flow"),
-            intr.join().expect("intruder flow"),
-            r,
-        )
+        let traffic = Traffic {
+            client: cl.join().expect("client flow"),
+            intruder: intr.join().expect("intruder flow"),
+            plain: plain.join().expect("baseline flow"),
+        };
+        (traffic, r)
     })
+}
+
+fn baseline(f: &Flow) -> String {
+    format!(
+        "baseline outside the mesh: {} succeeded and {} failed {:?}",
+        f.new_ok,
+        f.new_failed,
+        f.failure_window()
+    )
 }
 
 /// Every Ready pod of `apps` matching `selector` is enrolled by its node's agent.
@@ -197,10 +282,15 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         c.apply(&APPS.replace("APP_IMAGE", APP_IMAGE)),
     );
     check(&c, "the policy", c.apply(&policy(0)));
+    // The kubelet's HTTP probe reaches a pod whose policy admits only the mesh's
+    // `apps` namespace: probes come from the node, which policy does not judge
+    // (it used to deny them, so this pod never became Ready).
     for (ns, sel, n) in [
+        (APP_NS, "app=web", 1),
         (APP_NS, "app=echo", 2),
         (APP_NS, "app=client", 1),
         (OUT_NS, "app=intruder", 1),
+        (OUT_NS, "app=plain-echo", 2),
     ] {
         check(
             &c,
@@ -211,20 +301,27 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
     // Created in an enrolled namespace: enrolled by the time they are Ready.
     let missing = check(&c, "enrolled", unenrolled(&c, "app in (echo, client)"));
     assert!(missing.is_empty(), "Ready but not enrolled: {missing:?}");
-    let cluster_ip = check(
-        &c,
-        "the Service's ClusterIP",
-        c.kubectl(&[
-            "-n",
-            APP_NS,
-            "get",
-            "service",
-            "echo",
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ]),
-    );
-    let target = format!("{cluster_ip}:9000");
+    let ip = |ns: &str, svc: &str| {
+        let ip = check(
+            &c,
+            "a Service's ClusterIP",
+            c.kubectl(&[
+                "-n",
+                ns,
+                "get",
+                "service",
+                svc,
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ]),
+        );
+        format!("{}:9000", ip.trim())
+    };
+    let targets = Targets {
+        mesh: ip(APP_NS, "echo"),
+        plain: ip(OUT_NS, "plain-echo"),
+    };
+    let target = targets.mesh.clone();
     wait_for(
         &c,
         "the client through the mesh",
@@ -256,7 +353,14 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         None,
     );
     assert!(!cps.is_empty(), "no control plane");
-    let (client, intruder, back) = with_traffic(&c, &target, 45, || {
+    let (
+        Traffic {
+            client,
+            intruder,
+            plain,
+        },
+        back,
+    ) = with_traffic(&c, &targets, 45, || {
         let t = Instant::now();
         for k in &cps {
             kill_container(&c, k);
@@ -284,13 +388,14 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         t.elapsed()
     });
     eprintln!(
-        "control plane killed: Ready again {:.1} s later; {} new connections succeeded and {} failed {:?}; the long-lived connection survived: {:?}; the denied client got through {} times",
+        "control plane killed: Ready again {:.1} s later; {} new connections succeeded and {} failed {:?}; the long-lived connection survived: {:?}; the denied client got through {} times; {}",
         back.as_secs_f64(),
         client.new_ok,
         client.new_failed,
         client.failure_window(),
         client.long_lived_ok,
-        intruder.new_ok
+        intruder.new_ok,
+        baseline(&plain)
     );
     assert_eq!(
         intruder.new_ok, 0,
@@ -331,7 +436,14 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
     .into_iter()
     .next()
     .unwrap_or_else(|| panic!("no agent on {victim}"));
-    let (client, intruder, back) = with_traffic(&c, &target, 40, || {
+    let (
+        Traffic {
+            client,
+            intruder,
+            plain,
+        },
+        back,
+    ) = with_traffic(&c, &targets, 40, || {
         let t = Instant::now();
         kill_container(&c, &agent);
         wait_for(
@@ -362,12 +474,13 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         t.elapsed()
     });
     eprintln!(
-        "agent on {victim} killed: its pods enrolled again {:.1} s later; {} new connections succeeded and {} failed {:?}; the denied client got through {} times",
+        "agent on {victim} killed: its pods enrolled again {:.1} s later; {} new connections succeeded and {} failed {:?}; the denied client got through {} times; {}",
         back.as_secs_f64(),
         client.new_ok,
         client.new_failed,
         client.failure_window(),
-        intruder.new_ok
+        intruder.new_ok,
+        baseline(&plain)
     );
     assert_eq!(
         intruder.new_ok, 0,
@@ -380,11 +493,11 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
     const REPLICAS: usize = 10;
     const POLICY_CHANGES: usize = 50;
     let churning = AtomicBool::new(true);
-    let (client, intruder, (pods, changes, took)) = std::thread::scope(|s| {
+    let (client, intruder, plain, (pods, changes, took)) = std::thread::scope(|s| {
         let flows = s.spawn(|| {
             let mut all = Vec::new();
             while churning.load(Ordering::Relaxed) {
-                all.push(with_traffic(&c, &target, 20, || ()));
+                all.push(with_traffic(&c, &targets, 20, || ()).0);
             }
             all
         });
@@ -444,24 +557,37 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         let flows = flows.join().expect("flows");
         let mut client = (0, 0, true);
         let mut intruder = 0;
-        for (cl, intr, ()) in &flows {
+        let mut plain = (0, 0);
+        for Traffic {
+            client: cl,
+            intruder: intr,
+            plain: base,
+        } in &flows
+        {
             client.0 += cl.new_ok;
             client.1 += cl.new_failed;
             client.2 &= cl.long_lived_ok == Some(true);
             intruder += intr.new_ok;
+            plain.0 += base.new_ok;
+            plain.1 += base.new_failed;
             assert_eq!(intr.new_ok, 0, "the denied client got through: {intr:?}");
             if cl.new_failed > 0 {
                 eprintln!("allowed connections failed during the churn: {}", cl.raw);
             }
+            if base.new_failed > 0 {
+                eprintln!("baseline connections failed during the churn: {}", base.raw);
+            }
         }
-        (client, intruder, (pods, changes, took))
+        (client, intruder, plain, (pods, changes, took))
     });
     eprintln!(
-        "churn: {pods} pods created and deleted and {changes} policy changes in {:.0} s; {} new connections succeeded and {} failed, every long-lived connection survived: {}; the denied client got through {intruder} times",
+        "churn: {pods} pods created and deleted and {changes} policy changes in {:.0} s; {} new connections succeeded and {} failed, every long-lived connection survived: {}; the denied client got through {intruder} times; baseline outside the mesh: {} succeeded and {} failed",
         took.as_secs_f64(),
         client.0,
         client.1,
-        client.2
+        client.2,
+        plain.0,
+        plain.1
     );
     if client.1 > 0 || !client.2 {
         eprintln!(

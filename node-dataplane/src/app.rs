@@ -177,6 +177,7 @@ pub async fn start(
         proxy_state = Some(proxy.clone());
         tokio::spawn(proxy.clone().recheck_forever());
         tokio::spawn(proxy.clone().reap_forever());
+        tokio::spawn(proxy.node_addresses.clone().refresh_forever());
         let capture = Arc::new(std::sync::Mutex::new(capture));
         let inbound = Arc::new(std::sync::Mutex::new(inbound));
         release_watch = c

@@ -2,6 +2,7 @@
 //! `fuzzing`; never in the shipped binaries): HTTP/1 request and response heads
 //! ([`h1`]), the body scanner that finds where a chunked body ends ([`body`]), the
 //! protocol sniffing that tells HTTP/1, h2c and opaque traffic apart ([`sniff`]),
+//! the Proxy-Wasm host that runs plugins ([`wasm`]),
 //! and the CNI plugin's handling of its environment and stdin ([`cni_run`]) with a
 //! stand-in for the node agent.
 
@@ -28,6 +29,15 @@ pub mod body {
 /// Protocol detection from a connection's first bytes.
 pub mod sniff {
     pub use crate::proxy::sniff::{classify, sniff, Protocol, Rewind, H2_PREFACE};
+}
+
+/// The Proxy-Wasm host: a plugin and the request state its callbacks see.
+pub mod wasm {
+    pub use crate::wasm::abi::{ConnProps, HttpState};
+    pub use crate::wasm::engine::WasmEngine;
+    pub use crate::wasm::headers::Headers;
+    pub use crate::wasm::plugin::{Outcome, Plugin};
+    pub use crate::wasm::shared::Shared;
 }
 
 /// What the stand-in agent of [`cni_run`] does.

@@ -128,6 +128,12 @@ struct RunArgs {
     /// many as half the open-file limit allows, at most 100,000].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
+    /// Plaintext connections from this node's own addresses (the kubelet's health
+    /// probes) reach enrolled pods without AuthorizationPolicy or STRICT mTLS, as
+    /// in Istio and Cilium. false: they are authorized like any plaintext
+    /// connection (probes then need an ALLOW rule for the node's addresses).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    allow_from_node: bool,
     /// Close pooled HBONE connections idle this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     hbone_idle_timeout: std::time::Duration,
@@ -224,6 +230,7 @@ impl RunArgs {
                     http1_head_timeout: self.http1_head_timeout,
                     http_idle_timeout: self.http_idle_timeout,
                     max_connections: self.max_connections.unwrap_or_else(default_max_connections),
+                    allow_from_node: self.allow_from_node,
                     access_log: AccessLogSettings {
                         enabled: self.access_log == Toggle::On,
                         rate: self.access_log_rate,

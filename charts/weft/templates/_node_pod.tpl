@@ -62,6 +62,7 @@ DaemonSet (see there).
             - --hbone-handshake-timeout={{ $n.hboneHandshakeTimeout }}
             - --max-handshakes-per-source={{ $n.maxHandshakesPerSource }}
             - --hbone-server-idle-timeout={{ $n.hboneServerIdleTimeout }}
+            - --allow-from-node={{ $n.allowFromNode }}
             {{- if $n.workloadApi }}
             - --workload-api-socket=spiffe/socket
             {{- end }}

@@ -207,7 +207,13 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
         plugin_config: r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"v"}"#.into(),
         ..Default::default()
     };
-    let p = weft_node_dataplane::testing::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
+    let p = weft_node_dataplane::testing::Plugin::new(
+        Ok(&engine),
+        spec,
+        Ok(&bytes),
+        1,
+        Default::default(),
+    );
     anyhow::ensure!(p.load_error().is_none(), "{:?}", p.load_error());
     let props = std::sync::Arc::new(ConnProps {
         source: "10.244.1.2:40000".parse()?,

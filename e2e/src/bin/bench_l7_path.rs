@@ -807,7 +807,7 @@ fn c_plugin() -> anyhow::Result<Arc<node::Plugin>> {
         plugin_config: r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"c"}"#.into(),
         ..Default::default()
     };
-    let p = node::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1);
+    let p = node::Plugin::new(Ok(&engine), spec, Ok(&bytes), 1, Default::default());
     anyhow::ensure!(p.load_error().is_none(), "{:?}", p.load_error());
     Ok(Arc::new(p))
 }

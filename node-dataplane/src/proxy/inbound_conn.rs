@@ -83,7 +83,13 @@ impl InboundConn {
             return Err(d);
         }
         let workload = &self.target.workload();
-        let plan = self.state.l7_plan(workload, self.dst.port());
+        // A probe from the node is passed to the application as it is: no policy,
+        // so no HTTP parsing either (nor plugins, as Istio's probes skip them).
+        let from_node = self.peer_id.is_none() && self.state.node_addresses.exempts(self.peer.ip());
+        let plan = match from_node {
+            true => None,
+            false => self.state.l7_plan(workload, self.dst.port()),
+        };
         let attrs = Attributes {
             source_ip: Some(self.peer.ip()),
             destination_ip: Some(self.dst.ip()),

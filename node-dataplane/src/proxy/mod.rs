@@ -25,6 +25,7 @@ pub mod l7;
 pub mod lb;
 pub mod listeners;
 pub mod local;
+pub mod node_addresses;
 pub mod orig_dst;
 pub mod outbound;
 pub mod policies;

@@ -63,10 +63,15 @@ pub struct ProxyState {
     pub(crate) idle: Arc<super::idle::IdleWatch>,
     /// See [`ProxyOptions::max_connections`].
     max_connections: u64,
+    /// See [`ProxyOptions::allow_from_node`].
+    pub(crate) node_addresses: Arc<super::node_addresses::NodeAddresses>,
     /// Cancelled when the agent drains before it exits: HBONE sessions then tell
     /// their clients to open new connections elsewhere (HTTP/2 GOAWAY).
     pub(crate) draining: tokio_util::sync::CancellationToken,
 }
+
+/// The reason of the decision that lets a connection from the node through.
+pub const FROM_NODE: &str = "from the pod's own node (kubelet probes): not subject to policy";
 
 /// Default of [`ProxyOptions::max_handshakes_per_source`].
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 128;
@@ -102,6 +107,9 @@ pub struct ProxyOptions {
     /// other pods.
     pub max_connections: u64,
     pub access_log: super::access_log::AccessLogSettings,
+    /// Plaintext connections from the node's own addresses (the kubelet's
+    /// probes) reach pods without authorization ([`super::node_addresses`]).
+    pub allow_from_node: bool,
 }
 
 impl ProxyState {
@@ -125,6 +133,9 @@ impl ProxyState {
             handshakes: super::handshakes::Handshakes::new(opts.max_handshakes_per_source),
             idle: Arc::default(),
             max_connections: opts.max_connections,
+            node_addresses: Arc::new(super::node_addresses::NodeAddresses::new(
+                opts.allow_from_node,
+            )),
             access_log,
             pool: HbonePool::new(opts.hbone_idle, opts.hbone_handshake_timeout),
             local: LocalPods::default(),
@@ -279,6 +290,15 @@ impl ProxyState {
     /// principal) to a port a PeerAuthentication makes STRICT is refused before any
     /// AuthorizationPolicy is looked at.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
+        if self.from_node(attrs) {
+            return Decision {
+                allowed: true,
+                policy: None,
+                rule: None,
+                audited: Vec::new(),
+                reason: FROM_NODE,
+            };
+        }
         if attrs.principal.is_none() {
             if let Some(d) = self.strict_refusal(dst, attrs.destination_port) {
                 return d;
@@ -288,6 +308,15 @@ impl ProxyState {
         let d = authz::evaluate(compiled.applicable(dst), attrs);
         self.record_decision(&d);
         d
+    }
+
+    /// Is this a plaintext connection from the node's own addresses (a kubelet
+    /// probe), which passes without authorization ([`super::node_addresses`])?
+    pub(crate) fn from_node(&self, attrs: &Attributes) -> bool {
+        attrs.principal.is_none()
+            && attrs
+                .source_ip
+                .is_some_and(|ip| self.node_addresses.exempts(ip))
     }
 
     /// The refusal of a plaintext connection to `port` of `dst` when a
@@ -425,6 +454,7 @@ pub fn test_state_with(
         http_idle_timeout: std::time::Duration::from_secs(600),
         access_log: Default::default(),
         max_connections: 100_000,
+        allow_from_node: false,
     };
     f(&mut opts);
     let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -599,5 +629,74 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(decide_with(&state, &w, &cache), (false, true));
+    }
+}
+
+#[cfg(test)]
+mod from_node_tests {
+    use super::*;
+
+    /// Issue 27 (found by the chaos test under load): the kubelet's probes come
+    /// from the node's own address in plaintext; an ALLOW policy that names only
+    /// mesh sources denied them, so HTTP-probed pods never became Ready and
+    /// TCP-probed ones flapped out of their Services.
+    #[test]
+    fn plaintext_from_the_node_passes_and_nothing_else_does() {
+        let w = Arc::new(pb::Workload {
+            name: "web".into(),
+            namespace: "shop".into(),
+            ..Default::default()
+        });
+        let allow_shop = pb::AuthorizationPolicy {
+            name: "only-shop".into(),
+            namespace: "shop".into(),
+            action: pb::authorization_policy::Action::Allow as i32,
+            rules: vec![pb::Rule {
+                from: vec![pb::Source {
+                    namespaces: vec!["shop".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let state_with = |allow_from_node: bool| {
+            let config = ConfigStore::new("node-a");
+            let rejected = config.apply(&pb::ConfigUpdate {
+                upserts: vec![pb::Resource {
+                    key: "AuthorizationPolicy/shop/only-shop".into(),
+                    version: "1".into(),
+                    kind: Some(pb::resource::Kind::AuthorizationPolicy(allow_shop.clone())),
+                }],
+                ..Default::default()
+            });
+            assert!(rejected.is_empty(), "{rejected:?}");
+            let s = test_state_with(config, |o| o.allow_from_node = allow_from_node);
+            s.node_addresses.replace(["10.245.1.1".parse().unwrap()]);
+            s
+        };
+        let attrs = |src: &str, principal: Option<&str>| Attributes {
+            source_ip: Some(src.parse().unwrap()),
+            destination_ip: Some("10.245.1.3".parse().unwrap()),
+            destination_port: 8080,
+            principal: principal.map(String::from),
+            request: None,
+            l7_pending: false,
+        };
+        let s = state_with(true);
+        let probe = s.authorize(&w, &attrs("10.245.1.1", None));
+        assert!(probe.allowed, "{probe:?}");
+        assert_eq!(probe.reason, FROM_NODE);
+        // Another node, or another pod of this node: policy as always.
+        assert!(!s.authorize(&w, &attrs("10.245.2.1", None)).allowed);
+        assert!(!s.authorize(&w, &attrs("10.245.1.7", None)).allowed);
+        // An mTLS peer is authorized by its identity, wherever it connects from.
+        let other = "cluster.local/ns/other/sa/default";
+        assert!(!s.authorize(&w, &attrs("10.245.1.1", Some(other))).allowed);
+        let shop = "cluster.local/ns/shop/sa/default";
+        assert!(s.authorize(&w, &attrs("10.245.2.9", Some(shop))).allowed);
+        // Turned off: the node is just another plaintext source.
+        let s = state_with(false);
+        assert!(!s.authorize(&w, &attrs("10.245.1.1", None)).allowed);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
 
 /// What an instance is started with.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct VmSettings {
     pub plugin_name: String,
     pub root_id: String,
@@ -23,12 +23,34 @@ pub struct VmSettings {
     pub deadline_ms: u64,
     /// The plugin's own metrics, shared by its instances.
     pub metrics: Arc<super::custom_metrics::CustomMetrics>,
+    /// Shared data and queues of the plugin's instances on this node.
+    pub shared: Arc<super::shared::Shared>,
+    /// The instances' tick periods.
+    pub timers: Arc<super::timers::Timers>,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        Self {
+            plugin_name: String::new(),
+            root_id: String::new(),
+            plugin_config: Vec::new(),
+            max_memory: 0,
+            deadline_ms: 0,
+            metrics: Arc::default(),
+            shared: Arc::default(),
+            timers: Arc::new(super::timers::Timers::new(1)),
+        }
+    }
 }
 
 pub const OK: i32 = 0;
 pub const NOT_FOUND: i32 = 1;
 pub const BAD_ARGUMENT: i32 = 2;
 pub const INVALID_MEMORY_ACCESS: i32 = 6;
+pub const EMPTY: i32 = 7;
+pub const CAS_MISMATCH: i32 = 8;
+pub const INTERNAL_FAILURE: i32 = 10;
 pub const UNIMPLEMENTED: i32 = 12;
 /// WASI `ENOSYS`.
 const WASI_NOSYS: i32 = 52;
@@ -126,6 +148,12 @@ pub struct HostState {
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
     /// The plugin's own metrics (the metrics ABI).
     pub metrics: Arc<super::custom_metrics::CustomMetrics>,
+    /// The plugin's shared data and queues on this node.
+    pub shared: Arc<super::shared::Shared>,
+    /// The plugin's tick periods, and its driver's wake-up.
+    pub timers: Arc<super::timers::Timers>,
+    /// Which of the plugin's instances this is.
+    pub slot: usize,
 }
 
 impl HostState {
@@ -147,6 +175,9 @@ impl HostState {
             memory: None,
             alloc: None,
             metrics: s.metrics.clone(),
+            shared: s.shared.clone(),
+            timers: s.timers.clone(),
+            slot: 0,
         }
     }
 
@@ -436,11 +467,19 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             }
         },
     )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |c: C<'_>, ms: i32| {
+            let h = c.data();
+            h.timers.set(h.slot, ms as u32);
+            OK
+        },
+    )?;
     for name in [
         "proxy_set_effective_context",
         "proxy_continue_stream",
         "proxy_close_stream",
-        "proxy_set_tick_period_milliseconds",
     ] {
         l.func_wrap("env", name, |_c: C<'_>, _a: i32| OK)?;
     }
@@ -648,7 +687,128 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     define_metrics(l)?;
+    define_shared(l)?;
     define_wasi(l)
+}
+
+/// Shared data and queues ([`super::shared`]).
+fn define_shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use super::shared::{SharedError, MAX_KEY, MAX_VALUE};
+    fn status(e: SharedError) -> i32 {
+        match e {
+            SharedError::NotFound => NOT_FOUND,
+            SharedError::CasMismatch => CAS_MISMATCH,
+            SharedError::BadArgument => BAD_ARGUMENT,
+            SharedError::Full => INTERNAL_FAILURE,
+            SharedError::Empty => EMPTY,
+        }
+    }
+    /// Guest bytes at (ptr, len) of at most `max` bytes.
+    fn arg(c: &mut C<'_>, ptr: i32, len: i32, max: usize) -> Result<Vec<u8>, i32> {
+        if len as u32 as usize > max {
+            return Err(BAD_ARGUMENT);
+        }
+        read(c, ptr, len).ok_or(INVALID_MEMORY_ACCESS)
+    }
+    l.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, rp: i32, rl: i32, cas_ptr: i32| -> wasmtime::Result<i32> {
+            let key = match arg(&mut c, kp, kl, MAX_KEY) {
+                Ok(k) => k,
+                Err(NOT_FOUND) | Err(BAD_ARGUMENT) => return Ok(NOT_FOUND),
+                Err(s) => return Ok(s),
+            };
+            let (value, cas) = match c.data().shared.get(&key) {
+                Ok(v) => v,
+                Err(e) => return Ok(status(e)),
+            };
+            if !write_u32(&mut c, cas_ptr, cas) {
+                return Ok(INVALID_MEMORY_ACCESS);
+            }
+            return_bytes(&mut c, &value, rp, rl)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| {
+            let key = match arg(&mut c, kp, kl, MAX_KEY) {
+                Ok(k) => k,
+                Err(s) => return s,
+            };
+            let value = match arg(&mut c, vp, vl, MAX_VALUE) {
+                Ok(v) => v,
+                Err(s) => return s,
+            };
+            match c.data().shared.set(&key, &value, cas as u32) {
+                Ok(()) => OK,
+                Err(e) => status(e),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: C<'_>, np: i32, nl: i32, ret: i32| {
+            let name = match arg(&mut c, np, nl, MAX_KEY) {
+                Ok(n) => n,
+                Err(s) => return s,
+            };
+            let h = c.data();
+            match h.shared.register_queue(&name, h.slot) {
+                Ok(id) if write_u32(&mut c, ret, id) => OK,
+                Ok(_) => INVALID_MEMORY_ACCESS,
+                Err(e) => status(e),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |mut c: C<'_>, _vp: i32, _vl: i32, np: i32, nl: i32, ret: i32| {
+            // Queues are the plugin's own: the VM id is not needed to find one.
+            let name = match arg(&mut c, np, nl, MAX_KEY) {
+                Ok(n) => n,
+                Err(BAD_ARGUMENT) => return NOT_FOUND,
+                Err(s) => return s,
+            };
+            match c.data().shared.resolve_queue(&name) {
+                Ok(id) if write_u32(&mut c, ret, id) => OK,
+                Ok(_) => INVALID_MEMORY_ACCESS,
+                Err(e) => status(e),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: C<'_>, id: i32, vp: i32, vl: i32| {
+            let value = match arg(&mut c, vp, vl, MAX_VALUE) {
+                Ok(v) => v,
+                Err(s) => return s,
+            };
+            let h = c.data();
+            match h.shared.enqueue(id as u32, &value) {
+                Ok(()) => {
+                    h.timers.wake.notify_one();
+                    OK
+                }
+                Err(e) => status(e),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: C<'_>, id: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
+            match c.data().shared.dequeue(id as u32) {
+                Ok(v) => return_bytes(&mut c, &v, rp, rl),
+                Err(e) => Ok(status(e)),
+            }
+        },
+    )?;
+    Ok(())
 }
 
 /// The metrics ABI ([`super::custom_metrics`]).

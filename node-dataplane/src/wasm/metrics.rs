@@ -102,6 +102,18 @@ fn encode(reg: &PluginRegistry, enc: &mut DescriptorEncoder) -> Result<(), std::
         "Requests answered by the failStrategy because too many waited for a slow plugin",
         &count(|s| s.overloaded.load(Relaxed)),
     )?;
+    counters(
+        enc,
+        "wasm_plugin_ticks",
+        "proxy_on_tick calls (root-context timers), all instances",
+        &count(|s| s.ticks.load(Relaxed)),
+    )?;
+    counters(
+        enc,
+        "wasm_plugin_queue_notifications",
+        "proxy_on_queue_ready calls (a shared queue received items)",
+        &count(|s| s.queue_notifications.load(Relaxed)),
+    )?;
     let mut errors = Vec::new();
     for p in &plugins {
         let by_kind = p.stats.errors.lock().map(|e| e.clone()).unwrap_or_default();
@@ -155,6 +167,22 @@ fn encode(reg: &PluginRegistry, enc: &mut DescriptorEncoder) -> Result<(), std::
         "wasm_plugin_loaded",
         "1 when the plugin's module is compiled and linked, 0 when it cannot run",
         &loaded,
+    )?;
+    let usage: Vec<_> = plugins
+        .iter()
+        .map(|p| (label(&p.id), p.shared().data_usage()))
+        .collect();
+    family(
+        enc,
+        "wasm_plugin_shared_data_keys",
+        "Keys in the plugin's shared data on this node (at most 1024)",
+        &gauges(usage.iter().map(|(l, (k, _))| (l.clone(), to_i64(*k)))),
+    )?;
+    family(
+        enc,
+        "wasm_plugin_shared_data_bytes",
+        "Bytes of keys and values in the plugin's shared data on this node (at most 1 MiB)",
+        &gauges(usage.iter().map(|(l, (_, b))| (l.clone(), to_i64(*b)))),
     )?;
     encode_custom(&plugins, enc)
 }

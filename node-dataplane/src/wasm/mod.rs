@@ -4,6 +4,8 @@
 //! - [`abi`]: the host functions plugins import (`env.proxy_*`, WASI stubs);
 //! - [`headers`]: a message's headers as plugins see and change them;
 //! - [`custom_metrics`]: the metrics plugins define (the metrics ABI);
+//! - [`shared`]: the data and queues a plugin's instances on a node share;
+//! - [`timers`]: the instances' tick periods (`proxy_on_tick`);
 //! - [`noop`]: exported callbacks that do nothing, which the host does not call;
 //! - [`vm`]: one plugin instance (a Store) and its lifecycle calls, each with a CPU
 //!   deadline and a memory cap;
@@ -20,8 +22,10 @@ pub mod metrics;
 pub mod noop;
 pub mod plugin;
 pub mod registry;
+pub mod shared;
 #[cfg(test)]
 pub(crate) mod tests;
+pub mod timers;
 pub mod vm;
 
 use thiserror::Error;

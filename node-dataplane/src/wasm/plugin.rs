@@ -110,6 +110,10 @@ pub struct PluginStats {
     pub overloaded: AtomicUsize,
     /// Times the plugin was caught running a call past the slow threshold.
     pub caught_slow: AtomicUsize,
+    /// `proxy_on_tick` calls.
+    pub ticks: AtomicUsize,
+    /// `proxy_on_queue_ready` calls.
+    pub queue_notifications: AtomicUsize,
     /// Errors by kind ("trap", "deadline", "memory", "proc_exit", ...).
     pub errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub last_error: Mutex<Option<String>>,
@@ -144,6 +148,13 @@ pub struct Plugin {
     off_worker: AtomicUsize,
 }
 
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        // Its driver ends once it finds the plugin gone.
+        self.settings.timers.wake.notify_one();
+    }
+}
+
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -153,13 +164,20 @@ impl Plugin {
         &self.settings.metrics
     }
 
+    /// The plugin's shared data and queues on this node.
+    pub fn shared(&self) -> &Arc<super::shared::Shared> {
+        &self.settings.shared
+    }
+
     /// `module` is the module bytes (already checked against `spec.sha256`), or why
-    /// they are not available.
+    /// they are not available. `shared` is the plugin's shared data, kept across
+    /// its reconfigurations.
     pub fn new(
         engine: Result<&Arc<WasmEngine>, WasmError>,
         spec: pb::WasmPlugin,
         module: Result<&[u8], WasmError>,
         workers: usize,
+        shared: Arc<super::shared::Shared>,
     ) -> Self {
         let settings = VmSettings {
             plugin_name: spec.name.clone(),
@@ -176,6 +194,8 @@ impl Plugin {
                 ms => ms.min(abi_limits::MAX_CPU_MILLIS_PER_CALLBACK),
             },
             metrics: Default::default(),
+            shared,
+            timers: Arc::new(super::timers::Timers::new(workers)),
         };
         let module = engine.clone().and_then(|engine| {
             let bytes = module?;
@@ -324,36 +344,45 @@ impl Plugin {
         Outcome::Reply(error_reply(503, &self.id, why))
     }
 
-    /// After a runtime failure of the instance in `slot`.
-    fn failed_now(&self, slot: &mut Slot, e: WasmError) -> Outcome {
-        self.record_error(&e);
+    /// Drops the instance in `slot` after a runtime failure: FAIL_CLOSE fails
+    /// the plugin for good, the other strategies rate-limit the next instance.
+    fn fail_instance(&self, slot: &mut Slot, i: usize, e: &WasmError) {
+        self.record_error(e);
         self.pace(slot, matches!(e, WasmError::Deadline(..)));
-        slot.vm = None;
-        slot.generation += 1;
+        self.drop_instance(slot, i);
         match self.fail {
             FailStrategy::Close => {
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                 self.has_failed.store(true, Ordering::Release);
-                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
-                Outcome::Reply(error_reply(500, &self.id, &e.to_string()))
             }
             FailStrategy::Open | FailStrategy::Reload => {
-                // Rate-limit re-instantiation.
                 slot.not_before = Some(Instant::now() + slot.backoff);
                 slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
-                if self.fail == FailStrategy::Open {
-                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    Outcome::Skipped
-                } else {
-                    self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
-                    Outcome::Reply(error_reply(500, &self.id, &e.to_string()))
-                }
             }
         }
     }
 
-    /// The instance of `slot`, started if needed.
-    fn ensure_vm<'a>(&self, slot: &'a mut Slot) -> Result<&'a mut Vm, Outcome> {
+    /// The instance in `slot` (number `i`) is gone, with its timer.
+    fn drop_instance(&self, slot: &mut Slot, i: usize) {
+        slot.vm = None;
+        slot.generation += 1;
+        self.settings.timers.clear(i);
+    }
+
+    /// After a runtime failure of the instance in `slot` during a request: the
+    /// request's outcome.
+    fn failed_now(&self, slot: &mut Slot, i: usize, e: WasmError) -> Outcome {
+        self.fail_instance(slot, i, &e);
+        if self.fail == FailStrategy::Open {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Skipped;
+        }
+        self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+        Outcome::Reply(error_reply(500, &self.id, &e.to_string()))
+    }
+
+    /// The instance of `slot` (number `i`), started if needed.
+    fn ensure_vm<'a>(&self, slot: &'a mut Slot, i: usize) -> Result<&'a mut Vm, Outcome> {
         if slot.vm.is_none() {
             if let Some(t) = slot.not_before {
                 if Instant::now() < t {
@@ -367,7 +396,8 @@ impl Plugin {
             let ticker = self
                 .engine_ticker()
                 .ok_or_else(|| self.unavailable("no wasm engine"))?;
-            match Vm::start(pre, &m.no_ops, &self.settings, ticker) {
+            self.settings.timers.clear(i);
+            match Vm::start(pre, &m.no_ops, &self.settings, i, ticker) {
                 Ok(vm) => {
                     if slot.generation > 0 {
                         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
@@ -375,7 +405,7 @@ impl Plugin {
                     slot.generation += 1;
                     slot.vm = Some(vm);
                 }
-                Err(e) => return Err(self.failed_now(slot, e)),
+                Err(e) => return Err(self.failed_now(slot, i, e)),
             }
         }
         slot.vm
@@ -454,7 +484,7 @@ impl Plugin {
         end_of_stream: bool,
         off_worker: bool,
     ) -> (Outcome, Option<Handle>) {
-        let vm = match self.ensure_vm(slot) {
+        let vm = match self.ensure_vm(slot, i) {
             Ok(vm) => vm,
             Err(o) => return (o, None),
         };
@@ -477,12 +507,12 @@ impl Plugin {
                     return (Outcome::Reply(reply), Some(handle));
                 }
                 if action == Action::Pause {
-                    let o = self.failed_now(slot, WasmError::Paused);
+                    let o = self.failed_now(slot, i, WasmError::Paused);
                     return (o, None);
                 }
                 (Outcome::Continue, Some(handle))
             }
-            Err(e) => (self.failed_now(slot, e), None),
+            Err(e) => (self.failed_now(slot, i, e), None),
         }
     }
 
@@ -494,7 +524,7 @@ impl Plugin {
         http: &mut Box<HttpState>,
         end_of_stream: bool,
     ) -> Option<LocalReply> {
-        self.with_slot(h.slot, false, |slot, _| {
+        self.with_slot(h.slot, false, |slot, i| {
             if slot.generation != h.generation {
                 return None; // The instance holding the context is gone.
             }
@@ -505,7 +535,7 @@ impl Plugin {
                     self.pace(slot, false);
                     http.local_reply.take()
                 }
-                Err(e) => match self.failed_now(slot, e) {
+                Err(e) => match self.failed_now(slot, i, e) {
                     Outcome::Reply(r) => Some(r),
                     _ => None,
                 },
@@ -515,19 +545,19 @@ impl Plugin {
 
     /// Ends a request's context; recycles an instance that grew too much.
     pub fn finish(&self, h: Handle, http: &mut Box<HttpState>) {
-        self.with_slot(h.slot, false, |slot, _| self.finish_in(slot, h, http));
+        self.with_slot(h.slot, false, |slot, i| self.finish_in(slot, i, h, http));
         if h.off_worker {
             self.end_off_worker();
         }
     }
 
-    fn finish_in(&self, slot: &mut Slot, h: Handle, http: &mut Box<HttpState>) {
+    fn finish_in(&self, slot: &mut Slot, i: usize, h: Handle, http: &mut Box<HttpState>) {
         if slot.generation != h.generation {
             return;
         }
         let Some(vm) = slot.vm.as_mut() else { return };
         if let Err(e) = vm.finish(h.ctx, http) {
-            let _ = self.failed_now(slot, e);
+            let _ = self.failed_now(slot, i, e);
             return;
         }
         self.pace(slot, false);
@@ -539,10 +569,83 @@ impl Plugin {
         slot.backoff = MIN_BACKOFF;
         if mem as u64 > self.settings.max_memory / 4 * 3 && live == 0 {
             tracing::info!(plugin = %self.id, memory = mem, "recycling a wasm instance whose memory keeps growing");
-            slot.vm = None;
-            slot.generation += 1;
+            self.drop_instance(slot, i);
             self.stats.recycled.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Runs the plugin's timers and queue notifications until the plugin is gone.
+    /// The calls run on a blocking thread, never on the proxy's workers.
+    pub async fn drive(me: std::sync::Weak<Plugin>) {
+        let Some(timers) = me.upgrade().map(|p| p.settings.timers.clone()) else {
+            return;
+        };
+        loop {
+            match timers.next_due() {
+                Some(at) => {
+                    let at = tokio::time::Instant::from_std(at);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = timers.wake.notified() => {}
+                    }
+                }
+                None => timers.wake.notified().await,
+            }
+            let Some(p) = me.upgrade() else { return };
+            if tokio::task::spawn_blocking(move || p.run_due(Instant::now()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Ticks the instances whose tick is due at `now`, and tells the owners of
+    /// queues that received items. Returns how many root calls ran.
+    pub fn run_due(&self, now: Instant) -> usize {
+        let mut calls = 0;
+        for i in self.settings.timers.take_due(now) {
+            calls += usize::from(self.root_call(i, None));
+        }
+        for (id, owner, n) in self.settings.shared.take_ready() {
+            for _ in 0..n {
+                calls += usize::from(self.root_call(owner, Some(id)));
+            }
+        }
+        calls
+    }
+
+    /// `proxy_on_tick` (no queue) or `proxy_on_queue_ready` on the root context of
+    /// instance `i`, if it is running. Returns whether the call ran.
+    fn root_call(&self, i: usize, queue: Option<u32>) -> bool {
+        if self.has_failed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(m) = self.slots.get(i) else {
+            return false;
+        };
+        let mut slot = m.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(vm) = slot.vm.as_mut() else {
+            return false;
+        };
+        let r = match queue {
+            None => {
+                self.stats.ticks.fetch_add(1, Ordering::Relaxed);
+                vm.tick()
+            }
+            Some(id) => {
+                self.stats
+                    .queue_notifications
+                    .fetch_add(1, Ordering::Relaxed);
+                vm.queue_ready(id)
+            }
+        };
+        match r {
+            Ok(()) => self.pace(&mut slot, false),
+            Err(e) => self.fail_instance(&mut slot, i, &e),
+        }
+        true
     }
 
     /// Linear memory of the live instances, in bytes.

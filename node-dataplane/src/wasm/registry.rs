@@ -31,6 +31,9 @@ pub struct PluginRegistry {
     fetching: Mutex<HashSet<String>>,
     /// Wakes the sync loop when a fetch ends.
     fetched: tokio::sync::Notify,
+    /// Each plugin's shared data and queues, kept across its reconfigurations
+    /// and dropped with it.
+    shared: Mutex<HashMap<String, Arc<super::shared::Shared>>>,
 }
 
 impl PluginRegistry {
@@ -44,6 +47,7 @@ impl PluginRegistry {
             modules: Mutex::new(HashMap::new()),
             fetching: Mutex::new(HashSet::new()),
             fetched: tokio::sync::Notify::new(),
+            shared: Mutex::new(HashMap::new()),
         })
     }
 
@@ -197,16 +201,32 @@ impl PluginRegistry {
                 waiting = true;
                 Err(WasmError::Unavailable("the module is being fetched".into()))
             };
+            let shared = self
+                .shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id.clone())
+                .or_default()
+                .clone();
             let mut plugin = Plugin::new(
                 self.engine(),
                 (**spec).clone(),
                 bytes.as_deref().map(Vec::as_slice).map_err(Clone::clone),
                 self.workers,
+                shared,
             );
             plugin.waiting_for_module = waiting;
             tracing::info!(plugin = %id, phase = ?plugin.phase, priority = plugin.priority, error = ?plugin.load_error().map(ToString::to_string), "wasm plugin configured");
-            next.insert(id, Arc::new(plugin));
+            let plugin = Arc::new(plugin);
+            if plugin.load_error().is_none() {
+                tokio::spawn(Plugin::drive(Arc::downgrade(&plugin)));
+            }
+            next.insert(id, plugin);
         }
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| next.contains_key(id));
         if changed {
             *self.plugins.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         }

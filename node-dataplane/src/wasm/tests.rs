@@ -114,7 +114,7 @@ pub(crate) fn plugin_in_phase(wat: &str, fail: &str, phase: &str) -> Plugin {
     let mut s = spec(fail);
     s.sha256 = format!("{:x}", text_key(wat));
     s.phase = phase.into();
-    Plugin::new(Ok(&engine), s, Ok(&bytes), 2)
+    Plugin::new(Ok(&engine), s, Ok(&bytes), 2, Default::default())
 }
 
 fn text_key(s: &str) -> u64 {
@@ -377,9 +377,15 @@ fn missing_exports_and_abi_mismatch_are_load_errors() {
     let engine = WasmEngine::new().unwrap();
     let load = |wat: &str| {
         let bytes = wat::parse_str(wat).unwrap();
-        Plugin::new(Ok(&engine), spec("FAIL_CLOSE"), Ok(&bytes), 1)
-            .load_error()
-            .cloned()
+        Plugin::new(
+            Ok(&engine),
+            spec("FAIL_CLOSE"),
+            Ok(&bytes),
+            1,
+            Default::default(),
+        )
+        .load_error()
+        .cloned()
     };
     let no_abi = r#"(module (memory (export "memory") 1)
         (func (export "proxy_on_context_create") (param i32 i32))
@@ -411,12 +417,19 @@ fn missing_exports_and_abi_mismatch_are_load_errors() {
         spec("FAIL_OPEN"),
         Ok(b"\0asm\x01\0\0\0\xff"),
         1,
+        Default::default(),
     );
     assert!(matches!(garbage.load_error(), Some(WasmError::Compile(_))));
     // A plugin that cannot load: FAIL_OPEN skips it, FAIL_CLOSE refuses with 503.
     let (o, _) = garbage.on_request(&mut request("/"), true);
     assert!(matches!(o, Outcome::Skipped));
-    let closed = Plugin::new(Ok(&engine), spec("FAIL_CLOSE"), Ok(b"junk"), 1);
+    let closed = Plugin::new(
+        Ok(&engine),
+        spec("FAIL_CLOSE"),
+        Ok(b"junk"),
+        1,
+        Default::default(),
+    );
     let (o, _) = closed.on_request(&mut request("/"), true);
     assert!(matches!(o, Outcome::Reply(ref r) if r.status == 503));
     // Without an engine (it could not start), a plugin cannot run: it fails closed too.
@@ -425,6 +438,7 @@ fn missing_exports_and_abi_mismatch_are_load_errors() {
         spec("FAIL_CLOSE"),
         Ok(b"junk"),
         1,
+        Default::default(),
     );
     assert!(matches!(no_engine.load_error(), Some(WasmError::Engine(_))));
     let (o, _) = no_engine.on_request(&mut request("/"), true);
@@ -437,7 +451,13 @@ fn failed_reload_restarts_after_backoff() {
     let req = "(if (call $is_deny) (then (unreachable))) (i32.const 0)";
     let engine = WasmEngine::new().unwrap();
     let bytes = wat::parse_str(module(req, "(i32.const 0)", "")).unwrap();
-    let p = Plugin::new(Ok(&engine), spec("FAIL_RELOAD"), Ok(&bytes), 1);
+    let p = Plugin::new(
+        Ok(&engine),
+        spec("FAIL_RELOAD"),
+        Ok(&bytes),
+        1,
+        Default::default(),
+    );
     let (o, _) = p.on_request(&mut request("/deny"), true);
     assert!(matches!(o, Outcome::Reply(ref r) if r.status == 500));
     let (o, _) = p.on_request(&mut request("/ok"), true);
@@ -480,6 +500,7 @@ fn plugins_run_by_phase_then_priority() {
             s,
             Err(WasmError::Unavailable("test".into())),
             1,
+            Default::default(),
         ))
     };
     let mut v = vec![
@@ -615,7 +636,13 @@ fn a_runaway_plugin_does_not_stall_other_connections() {
     let wat = busy_module(150);
     s.sha256 = format!("{:x}", text_key(&wat));
     let bytes = wat::parse_str(&wat).unwrap();
-    let p = Arc::new(Plugin::new(Ok(&engine), s, Ok(&bytes), 2));
+    let p = Arc::new(Plugin::new(
+        Ok(&engine),
+        s,
+        Ok(&bytes),
+        2,
+        Default::default(),
+    ));
     let worst = rt.block_on(async move {
         let until = Instant::now() + Duration::from_millis(2500);
         // 8 connections through the plugin (each yields between requests, as a
@@ -741,4 +768,165 @@ fn plugins_define_and_update_their_own_metrics() {
     // 42 falls in the (25, 50] bucket.
     assert_eq!(h.buckets.iter().find(|b| b.0 == 50.0).map(|b| b.1), Some(3));
     assert_eq!(h.buckets.iter().map(|b| b.1).sum::<u64>(), 3);
+}
+
+/// Counts requests in shared data with compare-and-swap, enqueues an item per
+/// request, and counts its own ticks: the root-context half of the ABI.
+const SHARED_WAT: &str = r#"(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (import "env" "proxy_get_shared_data" (func $sget (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $sset (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $qreg (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_resolve_shared_queue" (func $qres (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $qput (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $qget (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 0) "hits")
+  (data (i32.const 16) "ticks")
+  (data (i32.const 32) "q")
+  (data (i32.const 48) "got")
+  (data (i32.const 64) "x-cas")
+  (data (i32.const 80) "x-queue")
+  (data (i32.const 96) "item")
+  (data (i32.const 112) "none")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (global.set $heap (i32.const 4096)))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $tick (i32.const 10)))
+    (drop (call $qreg (i32.const 32) (i32.const 1) (i32.const 300)))
+    (i32.const 1))
+  ;; Adds 1 to the u32 at key (kp, kl) with the token read; returns the status
+  ;; of a second write with the same token (CAS_MISMATCH once a value existed).
+  (func $incr (param $kp i32) (param $kl i32) (result i32)
+    (local $v i32)
+    (i32.store (i32.const 400) (i32.const 0))
+    (if (i32.eqz (call $sget (local.get $kp) (local.get $kl) (i32.const 404) (i32.const 408) (i32.const 400)))
+      (then (local.set $v (i32.load (i32.load (i32.const 404))))))
+    (i32.store (i32.const 412) (i32.add (local.get $v) (i32.const 1)))
+    (drop (call $sset (local.get $kp) (local.get $kl) (i32.const 412) (i32.const 4) (i32.load (i32.const 400))))
+    (call $sset (local.get $kp) (local.get $kl) (i32.const 412) (i32.const 4) (i32.load (i32.const 400))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 420) (i32.add (i32.const 48) (call $incr (i32.const 0) (i32.const 4))))
+    (drop (call $add (i32.const 0) (i32.const 64) (i32.const 5) (i32.const 420) (i32.const 1)))
+    ;; another instance registered the queue: found by name
+    (i32.store8 (i32.const 421) (i32.add (i32.const 48)
+      (call $qres (i32.const 0) (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 304))))
+    (drop (call $add (i32.const 0) (i32.const 80) (i32.const 7) (i32.const 421) (i32.const 1)))
+    (drop (call $qput (i32.load (i32.const 304)) (i32.const 96) (i32.const 4)))
+    (i32.const 0))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $incr (i32.const 16) (i32.const 5))))
+  (func (export "proxy_on_queue_ready") (param i32 i32)
+    (if (i32.eqz (call $qget (local.get 1) (i32.const 430) (i32.const 434)))
+      (then (drop (call $sset (i32.const 48) (i32.const 3) (i32.load (i32.const 430)) (i32.load (i32.const 434)) (i32.const 0))))
+      (else (drop (call $sset (i32.const 48) (i32.const 3) (i32.const 112) (i32.const 4) (i32.const 0)))))))"#;
+
+fn shared_u32(p: &Plugin, key: &[u8]) -> Option<u32> {
+    let (v, _) = p.shared().get(key).ok()?;
+    Some(u32::from_le_bytes(v.try_into().ok()?))
+}
+
+#[test]
+fn shared_data_queues_and_timers_through_the_abi() {
+    use std::time::{Duration, Instant};
+    let p = plugin(SHARED_WAT, "FAIL_CLOSE");
+    assert!(p.load_error().is_none(), "{:?}", p.load_error());
+    // Nothing runs before an instance has started.
+    assert_eq!(p.run_due(Instant::now() + Duration::from_secs(1)), 0);
+    for i in 1..=4 {
+        let mut http = request("/");
+        let (o, h) = p.on_request(&mut http, true);
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        // The first write of a key has nothing to compare; later ones do.
+        let cas = if i == 1 { "0" } else { "8" };
+        assert_eq!(header(&http.request, "x-cas").as_deref(), Some(cas));
+        assert_eq!(header(&http.request, "x-queue").as_deref(), Some("0"));
+        p.finish(h.unwrap(), &mut http);
+    }
+    // Both instances (two workers) counted into the same shared value.
+    assert_eq!(p.instance_memory().len(), 2);
+    assert_eq!(shared_u32(&p, b"hits"), Some(4));
+    // Four items: four notifications to the instance that registered last, each
+    // dequeuing one; ticks not due yet.
+    assert_eq!(p.run_due(Instant::now()), 4);
+    assert_eq!(p.shared().get(b"got").unwrap().0, b"item");
+    assert_eq!(p.stats.queue_notifications.load(Ordering::Relaxed), 4);
+    assert_eq!(p.run_due(Instant::now()), 0);
+    // Each instance asked for 10 ms ticks.
+    assert_eq!(p.run_due(Instant::now() + Duration::from_secs(1)), 2);
+    assert_eq!(shared_u32(&p, b"ticks"), Some(2));
+    assert_eq!(p.stats.ticks.load(Ordering::Relaxed), 2);
+    // The data outlives the plugin's reconfiguration (a new Plugin sharing it).
+    let engine = WasmEngine::new().unwrap();
+    let mut s = spec("FAIL_CLOSE");
+    s.sha256 = format!("{:x}", text_key(SHARED_WAT));
+    let bytes = wat::parse_str(SHARED_WAT).unwrap();
+    let again = Plugin::new(Ok(&engine), s, Ok(&bytes), 1, p.shared().clone());
+    let mut http = request("/");
+    let (_, h) = again.on_request(&mut http, true);
+    again.finish(h.unwrap(), &mut http);
+    assert_eq!(shared_u32(&again, b"hits"), Some(5));
+}
+
+#[test]
+fn a_failing_tick_fails_the_plugin_by_its_strategy() {
+    let wat = r#"(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $tick (i32.const 10))) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_tick") (param i32) unreachable))"#;
+    let p = plugin(wat, "FAIL_CLOSE");
+    assert!(p.load_error().is_none(), "{:?}", p.load_error());
+    let mut http = request("/");
+    let (o, h) = p.on_request(&mut http, true);
+    assert!(matches!(o, Outcome::Continue));
+    p.finish(h.unwrap(), &mut http);
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    assert_eq!(p.run_due(later), 1);
+    assert_eq!(p.stats.errors.lock().unwrap().get("trap"), Some(&1));
+    // FAIL_CLOSE: the next request is refused, and no tick runs any more.
+    let (o, _) = p.on_request(&mut request("/"), true);
+    assert!(
+        matches!(o, Outcome::Reply(ref r) if r.status == 503),
+        "{o:?}"
+    );
+    assert_eq!(p.run_due(later + std::time::Duration::from_secs(1)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_ticks_live_instances_and_ends_with_its_plugin() {
+    let p = Arc::new(plugin(SHARED_WAT, "FAIL_CLOSE"));
+    let driver = tokio::spawn(Plugin::drive(Arc::downgrade(&p)));
+    let mut http = request("/");
+    let (_, h) = p.on_request(&mut http, true);
+    p.finish(h.unwrap(), &mut http);
+    let start = std::time::Instant::now();
+    while shared_u32(&p, b"ticks").unwrap_or(0) < 5 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "ticks: {:?}",
+            shared_u32(&p, b"ticks")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The queue item of the request was announced without a tick's help too.
+    assert_eq!(p.shared().get(b"got").unwrap().0, b"item");
+    drop(p);
+    tokio::time::timeout(std::time::Duration::from_secs(2), driver)
+        .await
+        .expect("the driver ends once its plugin is gone")
+        .unwrap();
 }

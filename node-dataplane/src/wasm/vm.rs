@@ -42,6 +42,8 @@ struct Exports {
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
+    on_tick: Option<TypedFunc<i32, ()>>,
+    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
 }
 
 /// The CPU deadline and memory cap of each call into an instance.
@@ -122,14 +124,18 @@ fn callback<P: WasmParams, R: WasmResults>(
 impl Vm {
     /// Instantiates, runs `_initialize`/`_start`, creates the root context and runs
     /// `proxy_on_vm_start` and `proxy_on_configure`.
-    /// Callbacks named in `no_ops` do nothing and are never called.
+    /// Callbacks named in `no_ops` do nothing and are never called. `slot` is the
+    /// instance's number among the plugin's instances.
     pub fn start(
         pre: &InstancePre<HostState>,
         no_ops: &HashSet<String>,
         s: &VmSettings,
+        slot: usize,
         ticker: Arc<Ticker>,
     ) -> Result<Vm, WasmError> {
-        let mut store = Store::new(pre.module().engine(), HostState::new(s));
+        let mut host = HostState::new(s);
+        host.slot = slot;
+        let mut store = Store::new(pre.module().engine(), host);
         store.limiter(|h| &mut h.limits);
         // A module's start function runs during instantiation: bounded like a callback.
         let running = ticker.enter();
@@ -182,6 +188,8 @@ impl Vm {
             on_done: callback(&mut store, &inst, "proxy_on_done", no_ops)?,
             on_log: callback(&mut store, &inst, "proxy_on_log", no_ops)?,
             on_delete: callback(&mut store, &inst, "proxy_on_delete", no_ops)?,
+            on_tick: callback(&mut store, &inst, "proxy_on_tick", no_ops)?,
+            on_queue_ready: callback(&mut store, &inst, "proxy_on_queue_ready", no_ops)?,
             on_context_create,
         };
         let limit = CallLimit {
@@ -283,6 +291,29 @@ impl Vm {
         end_of_stream: bool,
     ) -> Result<Action, WasmError> {
         self.headers_call("proxy_on_response_headers", true, ctx, http, end_of_stream)
+    }
+
+    /// `proxy_on_tick` on the root context.
+    pub fn tick(&mut self) -> Result<(), WasmError> {
+        match &self.exports.on_tick {
+            Some(f) => self
+                .limit
+                .call(&mut self.store, "proxy_on_tick", f, ROOT_CTX),
+            None => Ok(()),
+        }
+    }
+
+    /// `proxy_on_queue_ready` on the root context: queue `id` has items.
+    pub fn queue_ready(&mut self, id: u32) -> Result<(), WasmError> {
+        match &self.exports.on_queue_ready {
+            Some(f) => self.limit.call(
+                &mut self.store,
+                "proxy_on_queue_ready",
+                f,
+                (ROOT_CTX, id as i32),
+            ),
+            None => Ok(()),
+        }
     }
 
     /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
