@@ -16,6 +16,7 @@ pub mod identity;
 pub mod jwks;
 pub mod k8s;
 pub mod metrics;
+pub mod oci;
 pub mod rotation;
 pub mod server;
 pub mod wasm;

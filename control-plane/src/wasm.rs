@@ -35,8 +35,12 @@ use weft_proto::crd::WasmPluginSpec;
 pub const MAX_MODULE_BYTES: usize = 32 << 20;
 /// Longest a module read or download may take.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// A failed http(s) fetch is retried after this.
+/// A failed http(s) or OCI fetch is retried after this.
 const RETRY: Duration = Duration::from_secs(30);
+/// An `oci://` module pulled with `imagePullPolicy: Always` (or by the tag
+/// `latest` without a policy) is pulled again when its plugin is derived this
+/// long after the last pull.
+pub const REPULL: Duration = Duration::from_secs(60);
 /// A `file://` module is read again when its plugin is derived this long after the
 /// last read.
 const REREAD: Duration = Duration::from_secs(1);
@@ -138,6 +142,14 @@ fn check_digest(sha: &str, declared: Option<&str>) -> Result<(), ModuleProblem> 
 enum Source {
     File(String),
     Http(String),
+    /// A registry; the declared sha256 (the manifest's digest, as Istio reads it,
+    /// or the module's own), checked as it is pulled; pulled again after
+    /// [`REPULL`] when `always`.
+    Oci {
+        reference: crate::oci::Reference,
+        declared: Option<String>,
+        always: bool,
+    },
 }
 
 impl ModuleStore {
@@ -187,10 +199,41 @@ impl ModuleStore {
             }
             return self.resolve_from(ns, url, Source::Http(url.to_string()), Some(&d));
         }
+        if url.starts_with("oci://") {
+            let reference = match crate::oci::Reference::parse(url) {
+                Ok(r) => r,
+                Err(e) => return Resolved::Failed(problem("spec.url", "InvalidSpec", e.to_string())),
+            };
+            let always = match spec.image_pull_policy.as_deref() {
+                Some("Always") => true,
+                Some("IfNotPresent") => false,
+                Some(other) => {
+                    return Resolved::Failed(problem(
+                        "spec.imagePullPolicy",
+                        "InvalidSpec",
+                        format!("{other:?} is not IfNotPresent or Always"),
+                    ))
+                }
+                // As Istio: the tag `latest` is pulled again, any other kept.
+                None => reference.digest.is_none() && reference.tag.as_deref() == Some("latest"),
+            };
+            let declared = declared.map(str::to_ascii_lowercase);
+            // One pull per URL and declared digest: a changed sha256 pulls again.
+            let key = match &declared {
+                Some(d) => format!("{url}#sha256={d}"),
+                None => url.to_string(),
+            };
+            let source = Source::Oci {
+                reference,
+                declared,
+                always,
+            };
+            return self.resolve_from(ns, &key, source, None);
+        }
         Resolved::Failed(problem(
             "spec.url",
             "UnsupportedUrl",
-            format!("{url:?}: only file:// and http(s):// are supported (oci:// is not yet)"),
+            format!("{url:?}: only file://, http(s):// and oci:// are supported"),
         ))
     }
 
@@ -214,6 +257,9 @@ impl ModuleStore {
             // A new digest for the same URL: fetch again soon.
             (Source::Http(_), Some((Ok(sha), _))) if check_digest(sha, declared).is_err() => REREAD,
             (Source::Http(_), _) => RETRY,
+            (Source::Oci { always: true, .. }, Some((Ok(_), _))) => REPULL,
+            (Source::Oci { .. }, Some((Ok(_), _))) => Duration::MAX,
+            (Source::Oci { .. }, _) => RETRY,
         };
         let stale = f
             .last
@@ -256,6 +302,11 @@ impl ModuleStore {
         let mut read = rt.spawn_blocking(move || match source {
             Source::File(path) => read_file(&u, &path),
             Source::Http(u) => download(&u, timeout),
+            Source::Oci {
+                reference,
+                declared,
+                ..
+            } => pull_oci(&reference, declared.as_deref(), timeout),
         });
         rt.spawn(async move {
             // A download ends within `timeout` by itself; this wait is for reads the
@@ -410,6 +461,40 @@ fn download(url: &str, timeout: Duration) -> Result<Vec<u8>, ModuleProblem> {
         })
 }
 
+/// Pulls a module from a registry: at most [`MAX_MODULE_BYTES`] within `timeout`.
+/// A declared sha256 must be the manifest's digest (as Istio checks it) or the
+/// module's own.
+fn pull_oci(
+    r: &crate::oci::Reference,
+    declared: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<u8>, ModuleProblem> {
+    use crate::oci::OciError;
+    let url = format!("oci://{}/{}", r.registry, r.repository);
+    let pulled = crate::oci::pull(r, None, timeout, MAX_MODULE_BYTES as u64).map_err(|e| match e {
+        OciError::TooLarge { .. } => too_large(&url),
+        OciError::BadReference(_) => problem("spec.url", "InvalidSpec", e.to_string()),
+        OciError::DigestMismatch { .. } | OciError::Layout(_) => {
+            problem("spec.url", "InvalidImage", format!("{url}: {e}"))
+        }
+        OciError::Unauthorized(_) | OciError::Fetch(_) => {
+            problem("spec.url", "FetchFailed", format!("{url}: {e}"))
+        }
+    })?;
+    if let Some(d) = declared {
+        let manifest = pulled.manifest_digest.trim_start_matches("sha256:");
+        let module = hex::encode(Sha256::digest(&pulled.module));
+        if d != manifest && d != module {
+            return Err(problem(
+                "spec.sha256",
+                "DigestMismatch",
+                format!("{url}: the image manifest's sha256 is {manifest} and the module's {module}, not {d}"),
+            ));
+        }
+    }
+    Ok(pulled.module)
+}
+
 impl ModuleSource for ModuleStore {
     fn resolve(self: Arc<Self>, ns: &str, spec: &WasmPluginSpec) -> Resolved {
         self.resolve_module(ns, spec)
@@ -422,16 +507,19 @@ impl ModuleSource for ModuleStore {
 }
 
 #[cfg(test)]
+mod registry_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    fn wasm(exports: &str) -> Vec<u8> {
+    pub(super) fn wasm(exports: &str) -> Vec<u8> {
         // A tiny module in binary form, built from text by hand-assembled bytes is
         // overkill: use the text format via wasmparser's sibling crate in dev-deps.
         wat::parse_str(format!("(module (memory (export \"memory\") 1) {exports})")).unwrap()
     }
 
-    const GOOD: &str = r#"(func (export "proxy_abi_version_0_2_1"))
+    pub(super) const GOOD: &str = r#"(func (export "proxy_abi_version_0_2_1"))
         (func (export "proxy_on_context_create") (param i32 i32))
         (func (export "malloc") (param i32) (result i32) (i32.const 0))"#;
 
@@ -450,7 +538,7 @@ mod tests {
         assert_eq!(e.reason, "MissingAbiExport");
     }
 
-    fn spec(url: String, sha: Option<String>) -> WasmPluginSpec {
+    pub(super) fn spec(url: String, sha: Option<String>) -> WasmPluginSpec {
         WasmPluginSpec {
             url,
             sha256: sha,
@@ -459,7 +547,7 @@ mod tests {
     }
 
     /// A store whose `on_fetched` namespaces arrive on the receiver.
-    fn store() -> (
+    pub(super) fn store() -> (
         Arc<ModuleStore>,
         tokio::sync::mpsc::UnboundedReceiver<String>,
     ) {
@@ -473,7 +561,7 @@ mod tests {
 
     /// Resolves `s` (which starts a read in the background), waits for the read to
     /// end, and resolves again.
-    async fn resolved(
+    pub(super) async fn resolved(
         store: &Arc<ModuleStore>,
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
         s: &WasmPluginSpec,

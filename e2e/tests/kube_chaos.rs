@@ -10,7 +10,11 @@
 //! 3. churn: 100 pods created and deleted (10 rounds of a 10-replica Deployment,
 //!    each pod enrolled by the time it is Ready) while the policy changes 50 times:
 //!    the denied client never gets through, long-lived connections survive, and
-//!    failed allowed connections are counted (at most 2%).
+//!    allowed connections fail no more than the same traffic outside the mesh
+//!    (a baseline flow between plain pods, in every phase) plus 0.5%.
+//!
+//! Before all that, the kubelet's HTTP probe must reach a pod whose policy admits
+//! only mesh sources (probes come from the node: not judged by policy).
 //!
 //! Needs root; fails (never skips) without it.
 
@@ -600,13 +604,19 @@ fn control_plane_and_agent_crashes_and_churn_never_let_a_denied_flow_through() {
         client.2,
         "a long-lived connection was lost during the churn"
     );
-    // Counted, and bounded: churn and policy changes are not meant to fail allowed
-    // connections at all (a run showed a few resets in one 2 s burst; see the issue).
+    // Churn and policy changes must not fail allowed connections: at most 0.5%
+    // more than the same traffic outside the mesh lost in the same run. (Before
+    // the kubelet's probes passed without policy, 2% failed under CPU load: the
+    // echo pods' probes were denied and the pods left their Service in turns.)
+    let total = client.0 + client.1;
+    let plain_total = (plain.0 + plain.1).max(1);
     assert!(
-        client.1 * 50 <= client.0,
-        "more than 2% of the allowed connections failed during the churn: {} of {}\n{}",
+        client.1 * 200 * plain_total <= total * (200 * plain.1 + plain_total),
+        "{} of {} allowed connections failed during the churn, against {} of {} outside the mesh\n{}",
         client.1,
-        client.0 + client.1,
+        total,
+        plain.1,
+        plain_total,
         weft_e2e::kubeweft::diagnostics_of(&c, &[APP_NS, OUT_NS])
     );
 

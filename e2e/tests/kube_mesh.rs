@@ -128,8 +128,8 @@ spec:
 }
 
 fn container(name: &str, command: &str, port: Option<u16>) -> String {
-    // TCP readiness probes: the kubelet's probe is plaintext from the node, which
-    // an ALLOW policy does not admit; a TCP probe only needs the connect.
+    // TCP readiness probes (the kubelet's probes come from the node, which policy
+    // does not judge: an HTTP probe would do as well, see below).
     let probe = port
         .map(|p| {
             format!(
@@ -1314,10 +1314,11 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         );
     }
 
-    // What the kubelet's probes meet (printed, not asserted): they come from the
-    // node's bridge address, outside the mesh, so an ALLOW policy refuses them,
-    // and a TCP connect to an enrolled pod reaches the agent's inbound listener
-    // whatever the port.
+    // What the kubelet's probes meet: they come from the node's bridge address,
+    // in plaintext. Policy does not judge them (docs/policy.md, "Health probes
+    // from the node"): the server's ALLOW policy admits only the mesh's client, yet
+    // an HTTP probe gets the application's answer. A TCP connect to an enrolled
+    // pod reaches the agent's inbound listener whatever the port (printed).
     let server_a = pod(&mesh, "server", &node_a);
     let http_probe = c
         .in_node(
@@ -1354,6 +1355,7 @@ fn a_labelled_namespace_is_meshed_across_nodes_with_mtls_policies_plugins_and_me
         server_a.ip,
         closed_port.trim()
     );
+    assert_eq!(http_probe.trim(), "HTTP 200", "a probe from the node");
 
     // Who was refused, from the agents' access logs: the other ServiceAccount, from
     // the other node's pod (and, printed, everything else refused).
