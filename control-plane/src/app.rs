@@ -175,6 +175,12 @@ pub async fn start(
     metrics.ca_expiry.set(ca_expiry);
 
     let modules = Arc::new(crate::wasm::ModuleStore::default());
+    if let Some((client, _, _)) = &kube {
+        modules.set_pull_secrets(Arc::new(k8s::pull_secrets::KubePullSecrets {
+            client: client.clone(),
+            rt: tokio::runtime::Handle::current(),
+        }));
+    }
     let model = Model::new(
         ModelConfig {
             trust_domain: s.trust_domain.clone(),

@@ -92,9 +92,8 @@ impl Reference {
         };
         let ok_part = |s: &str| {
             !s.is_empty()
-                && s.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b)
-                })
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
         };
         if registry.is_empty()
             || !registry
@@ -104,7 +103,9 @@ impl Reference {
             || tag.as_deref().is_some_and(|t| {
                 t.is_empty()
                     || t.len() > 128
-                    || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    || !t
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             })
         {
             return Err(bad());
@@ -154,6 +155,56 @@ pub struct Pulled {
 pub struct Credentials {
     pub username: String,
     pub password: String,
+}
+
+/// The credentials for `registry` in a Docker `config.json` (the
+/// `.dockerconfigjson` of a `kubernetes.io/dockerconfigjson` Secret): an `auths`
+/// entry keyed by the registry's host (`host[:port]`, optionally with a scheme
+/// and a path, as `https://index.docker.io/v1/`), holding `auth`
+/// (base64 `user:password`) or `username` and `password`. `None`: no entry.
+pub fn credentials_for(config: &[u8], registry: &str) -> Result<Option<Credentials>, String> {
+    use base64::Engine as _;
+    let v: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| format!("not a Docker config.json: {e}"))?;
+    let auths = v["auths"]
+        .as_object()
+        .ok_or("no \"auths\" object in the Docker config.json")?;
+    let host = |k: &str| {
+        let k = k
+            .strip_prefix("https://")
+            .or_else(|| k.strip_prefix("http://"))
+            .unwrap_or(k);
+        k.split('/').next().unwrap_or(k).to_string()
+    };
+    let want = if registry == "docker.io" {
+        "index.docker.io"
+    } else {
+        registry
+    };
+    let Some(entry) = auths.iter().find(|(k, _)| host(k) == want).map(|(_, e)| e) else {
+        return Ok(None);
+    };
+    if let (Some(u), Some(p)) = (entry["username"].as_str(), entry["password"].as_str()) {
+        return Ok(Some(Credentials {
+            username: u.to_string(),
+            password: p.to_string(),
+        }));
+    }
+    let auth = entry["auth"].as_str().ok_or_else(|| {
+        format!("the entry for {registry} has neither auth nor username and password")
+    })?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth)
+        .map_err(|e| format!("the entry for {registry}: auth is not base64: {e}"))?;
+    let text = String::from_utf8(decoded)
+        .map_err(|_| format!("the entry for {registry}: auth is not text"))?;
+    let (u, p) = text
+        .split_once(':')
+        .ok_or_else(|| format!("the entry for {registry}: auth is not user:password"))?;
+    Ok(Some(Credentials {
+        username: u.to_string(),
+        password: p.to_string(),
+    }))
 }
 
 struct Session<'a> {
@@ -235,7 +286,11 @@ fn sha256_of(b: &[u8]) -> String {
 
 impl Session<'_> {
     /// GET `path` under the repository, answering one authentication challenge.
-    fn get(&mut self, path: &str, accept: &str) -> Result<ureq::http::Response<ureq::Body>, OciError> {
+    fn get(
+        &mut self,
+        path: &str,
+        accept: &str,
+    ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
         let url = format!("{}/{path}", self.r.base());
         for _ in 0..2 {
             let mut req = self.agent.get(&url).header("Accept", accept);
@@ -261,7 +316,7 @@ impl Session<'_> {
                         "GET {url}: {}{}",
                         resp.status(),
                         if self.creds.is_none() {
-                            " (no credentials: set the WasmPlugin's imagePullSecret)"
+                            " (no credentials: name a Secret in the WasmPlugin's imagePullSecret)"
                         } else {
                             ""
                         }
@@ -270,7 +325,9 @@ impl Session<'_> {
                 s => return Err(OciError::Fetch(format!("GET {url}: status {s}"))),
             }
         }
-        Err(OciError::Unauthorized(format!("GET {url}: still refused after authenticating")))
+        Err(OciError::Unauthorized(format!(
+            "GET {url}: still refused after authenticating"
+        )))
     }
 
     /// The Authorization header for a `WWW-Authenticate` challenge.
@@ -305,8 +362,8 @@ impl Session<'_> {
         };
         let realm = param("realm")
             .ok_or_else(|| OciError::Unauthorized(format!("no realm in {challenge:?}")))?;
-        let scope = param("scope")
-            .unwrap_or_else(|| format!("repository:{}:pull", self.r.repository));
+        let scope =
+            param("scope").unwrap_or_else(|| format!("repository:{}:pull", self.r.repository));
         let mut req = self.agent.get(&realm).query("scope", &scope);
         if let Some(service) = param("service") {
             req = req.query("service", &service);
@@ -373,7 +430,10 @@ impl Session<'_> {
     fn module(&mut self, m: &serde_json::Value) -> Result<Vec<u8>, OciError> {
         let layers = m["layers"].as_array().cloned().unwrap_or_default();
         let kind = |l: &serde_json::Value| l["mediaType"].as_str().unwrap_or_default().to_string();
-        if let Some(l) = layers.iter().find(|l| WASM_LAYERS.contains(&kind(l).as_str())) {
+        if let Some(l) = layers
+            .iter()
+            .find(|l| WASM_LAYERS.contains(&kind(l).as_str()))
+        {
             return self.blob(l);
         }
         let Some(last) = layers.last() else {
@@ -431,10 +491,7 @@ pub fn plugin_from_tar(blob: &[u8], gzip: bool, limit: u64) -> Result<Vec<u8>, O
             });
         }
         let mut out = Vec::new();
-        entry
-            .take(limit + 1)
-            .read_to_end(&mut out)
-            .map_err(bad)?;
+        entry.take(limit + 1).read_to_end(&mut out).map_err(bad)?;
         if out.len() as u64 > limit {
             return Err(OciError::TooLarge {
                 what: "plugin.wasm",
@@ -443,7 +500,9 @@ pub fn plugin_from_tar(blob: &[u8], gzip: bool, limit: u64) -> Result<Vec<u8>, O
         }
         return Ok(out);
     }
-    Err(OciError::Layout("the image's last layer holds no plugin.wasm".into()))
+    Err(OciError::Layout(
+        "the image's last layer holds no plugin.wasm".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -454,7 +513,12 @@ mod tests {
     fn references() {
         let r = Reference::parse("oci://127.0.0.1:5000/plugins/gate:v1").unwrap();
         assert_eq!(
-            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref(), r.digest.clone()),
+            (
+                r.registry.as_str(),
+                r.repository.as_str(),
+                r.tag.as_deref(),
+                r.digest.clone()
+            ),
             ("127.0.0.1:5000", "plugins/gate", Some("v1"), None)
         );
         assert_eq!(r.base(), "http://127.0.0.1:5000/v2/plugins/gate");
@@ -463,7 +527,10 @@ mod tests {
         assert_eq!(r.base(), "https://ghcr.io/v2/acme/gate");
         let d = "a".repeat(64);
         let r = Reference::parse(&format!("oci://localhost:5000/gate@sha256:{d}")).unwrap();
-        assert_eq!((r.tag.clone(), r.digest.clone()), (None, Some(format!("sha256:{d}"))));
+        assert_eq!(
+            (r.tag.clone(), r.digest.clone()),
+            (None, Some(format!("sha256:{d}")))
+        );
         assert_eq!(r.reference(), format!("sha256:{d}"));
         for bad in [
             "http://x/y",
@@ -476,6 +543,30 @@ mod tests {
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn docker_config_credentials() {
+        let cfg = br#"{"auths": {
+            "https://index.docker.io/v1/": {"auth": "ZG9jOmh1Yg=="},
+            "127.0.0.1:5000": {"auth": "cHVsbGVyOnMzY3JldDp3aXRoOmNvbG9ucw=="},
+            "http://reg.example:8443": {"username": "u", "password": "p"}
+        }}"#;
+        let c = |r: &str| {
+            credentials_for(cfg, r)
+                .unwrap()
+                .map(|c| (c.username, c.password))
+        };
+        assert_eq!(c("docker.io"), Some(("doc".into(), "hub".into())));
+        assert_eq!(
+            c("127.0.0.1:5000"),
+            Some(("puller".into(), "s3cret:with:colons".into()))
+        );
+        assert_eq!(c("reg.example:8443"), Some(("u".into(), "p".into())));
+        assert_eq!(c("other.example"), None);
+        assert!(credentials_for(b"{}", "x").is_err());
+        assert!(credentials_for(br#"{"auths": {"x": {"auth": "!!"}}}"#, "x").is_err());
+        assert!(credentials_for(br#"{"auths": {"x": {}}}"#, "x").is_err());
     }
 
     fn tar_with(name: &str, content: &[u8], gzip: bool) -> Vec<u8> {
@@ -497,15 +588,24 @@ mod tests {
     #[test]
     fn plugin_wasm_from_tar_layers_bounded() {
         let wasm = b"\0asm\x01\0\0\0";
-        assert_eq!(plugin_from_tar(&tar_with("plugin.wasm", wasm, true), true, 100).unwrap(), wasm);
-        assert_eq!(plugin_from_tar(&tar_with("./x/plugin.wasm", wasm, false), false, 100).unwrap(), wasm);
+        assert_eq!(
+            plugin_from_tar(&tar_with("plugin.wasm", wasm, true), true, 100).unwrap(),
+            wasm
+        );
+        assert_eq!(
+            plugin_from_tar(&tar_with("./x/plugin.wasm", wasm, false), false, 100).unwrap(),
+            wasm
+        );
         assert!(matches!(
             plugin_from_tar(&tar_with("other.wasm", wasm, true), true, 100),
             Err(OciError::Layout(_))
         ));
         assert_eq!(
             plugin_from_tar(&tar_with("plugin.wasm", &[0; 200], true), true, 100),
-            Err(OciError::TooLarge { what: "plugin.wasm", limit: 100 })
+            Err(OciError::TooLarge {
+                what: "plugin.wasm",
+                limit: 100
+            })
         );
         // A gzip bomb stops at the limit: 64 MiB of zeros in a small layer.
         let bomb = tar_with("plugin.wasm", &vec![0; 64 << 20], true);
@@ -514,6 +614,9 @@ mod tests {
             plugin_from_tar(&bomb, true, 1 << 20),
             Err(OciError::TooLarge { .. })
         ));
-        assert!(matches!(plugin_from_tar(b"junk", true, 100), Err(OciError::Layout(_))));
+        assert!(matches!(
+            plugin_from_tar(b"junk", true, 100),
+            Err(OciError::Layout(_))
+        ));
     }
 }

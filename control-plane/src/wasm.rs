@@ -59,6 +59,14 @@ struct Fetch {
 
 type Refresh = Box<dyn Fn(String) + Send + Sync>;
 
+/// Reads image pull secrets: in Kubernetes mode, Secrets of the plugins'
+/// namespaces (`crate::k8s::pull_secrets`).
+pub trait PullSecrets: Send + Sync {
+    /// The `.dockerconfigjson` of the `kubernetes.io/dockerconfigjson` Secret
+    /// `namespace/name`, or why it cannot be read.
+    fn docker_config(&self, namespace: &str, name: &str) -> Result<Vec<u8>, String>;
+}
+
 pub struct ModuleStore {
     modules: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     fetches: Mutex<HashMap<String, Fetch>>,
@@ -68,6 +76,8 @@ pub struct ModuleStore {
     /// Where reads run: the runtime the store was made in (the model may resolve
     /// from a thread outside it).
     rt: Option<tokio::runtime::Handle>,
+    /// Image pull secrets (Kubernetes mode); `None`: an `imagePullSecret` fails.
+    pull_secrets: Mutex<Option<Arc<dyn PullSecrets>>>,
 }
 
 impl Default for ModuleStore {
@@ -78,6 +88,7 @@ impl Default for ModuleStore {
             on_fetched: Mutex::default(),
             read_timeout: READ_TIMEOUT,
             rt: tokio::runtime::Handle::try_current().ok(),
+            pull_secrets: Mutex::default(),
         }
     }
 }
@@ -149,10 +160,17 @@ enum Source {
         reference: crate::oci::Reference,
         declared: Option<String>,
         always: bool,
+        /// The plugin's namespace and its `imagePullSecret`.
+        secret: Option<(String, String)>,
     },
 }
 
 impl ModuleStore {
+    /// Where `imagePullSecret`s are read from.
+    pub fn set_pull_secrets(&self, s: Arc<dyn PullSecrets>) {
+        *self.pull_secrets.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
     pub fn get(&self, sha256: &str) -> Option<Arc<Vec<u8>>> {
         self.modules
             .lock()
@@ -202,7 +220,9 @@ impl ModuleStore {
         if url.starts_with("oci://") {
             let reference = match crate::oci::Reference::parse(url) {
                 Ok(r) => r,
-                Err(e) => return Resolved::Failed(problem("spec.url", "InvalidSpec", e.to_string())),
+                Err(e) => {
+                    return Resolved::Failed(problem("spec.url", "InvalidSpec", e.to_string()))
+                }
             };
             let always = match spec.image_pull_policy.as_deref() {
                 Some("Always") => true,
@@ -218,15 +238,23 @@ impl ModuleStore {
                 None => reference.digest.is_none() && reference.tag.as_deref() == Some("latest"),
             };
             let declared = declared.map(str::to_ascii_lowercase);
-            // One pull per URL and declared digest: a changed sha256 pulls again.
-            let key = match &declared {
-                Some(d) => format!("{url}#sha256={d}"),
-                None => url.to_string(),
-            };
+            let secret = spec
+                .image_pull_secret
+                .as_ref()
+                .map(|name| (ns.to_string(), name.clone()));
+            // One pull per URL, declared digest and secret: a change pulls again.
+            let mut key = url.to_string();
+            if let Some(d) = &declared {
+                key += &format!("#sha256={d}");
+            }
+            if let Some((ns, name)) = &secret {
+                key += &format!("#secret={ns}/{name}");
+            }
             let source = Source::Oci {
                 reference,
                 declared,
                 always,
+                secret,
             };
             return self.resolve_from(ns, &key, source, None);
         }
@@ -299,14 +327,26 @@ impl ModuleStore {
     fn spawn_read(self: Arc<Self>, rt: &tokio::runtime::Handle, url: String, source: Source) {
         let u = url.clone();
         let timeout = self.read_timeout;
+        let secrets = self
+            .pull_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut read = rt.spawn_blocking(move || match source {
             Source::File(path) => read_file(&u, &path),
             Source::Http(u) => download(&u, timeout),
             Source::Oci {
                 reference,
                 declared,
+                secret,
                 ..
-            } => pull_oci(&reference, declared.as_deref(), timeout),
+            } => {
+                let creds = match &secret {
+                    Some((ns, name)) => pull_credentials(secrets.as_deref(), &reference, ns, name)?,
+                    None => None,
+                };
+                pull_oci(&reference, declared.as_deref(), creds.as_ref(), timeout)
+            }
         });
         rt.spawn(async move {
             // A download ends within `timeout` by itself; this wait is for reads the
@@ -461,26 +501,51 @@ fn download(url: &str, timeout: Duration) -> Result<Vec<u8>, ModuleProblem> {
         })
 }
 
+/// The credentials for `r`'s registry in the pull secret `ns/name`; `None` when
+/// the secret has no entry for it (the pull is then anonymous).
+fn pull_credentials(
+    secrets: Option<&dyn PullSecrets>,
+    r: &crate::oci::Reference,
+    ns: &str,
+    name: &str,
+) -> Result<Option<crate::oci::Credentials>, ModuleProblem> {
+    let field = "spec.imagePullSecret";
+    let secrets = secrets.ok_or_else(|| {
+        problem(
+            field,
+            "Unsupported",
+            "image pull secrets are read from Kubernetes: this control plane runs from a manifest directory",
+        )
+    })?;
+    let config = secrets
+        .docker_config(ns, name)
+        .map_err(|e| problem(field, "FetchFailed", format!("Secret {ns}/{name}: {e}")))?;
+    crate::oci::credentials_for(&config, &r.registry)
+        .map_err(|e| problem(field, "InvalidSecret", format!("Secret {ns}/{name}: {e}")))
+}
+
 /// Pulls a module from a registry: at most [`MAX_MODULE_BYTES`] within `timeout`.
 /// A declared sha256 must be the manifest's digest (as Istio checks it) or the
 /// module's own.
 fn pull_oci(
     r: &crate::oci::Reference,
     declared: Option<&str>,
+    creds: Option<&crate::oci::Credentials>,
     timeout: Duration,
 ) -> Result<Vec<u8>, ModuleProblem> {
     use crate::oci::OciError;
     let url = format!("oci://{}/{}", r.registry, r.repository);
-    let pulled = crate::oci::pull(r, None, timeout, MAX_MODULE_BYTES as u64).map_err(|e| match e {
-        OciError::TooLarge { .. } => too_large(&url),
-        OciError::BadReference(_) => problem("spec.url", "InvalidSpec", e.to_string()),
-        OciError::DigestMismatch { .. } | OciError::Layout(_) => {
-            problem("spec.url", "InvalidImage", format!("{url}: {e}"))
-        }
-        OciError::Unauthorized(_) | OciError::Fetch(_) => {
-            problem("spec.url", "FetchFailed", format!("{url}: {e}"))
-        }
-    })?;
+    let pulled =
+        crate::oci::pull(r, creds, timeout, MAX_MODULE_BYTES as u64).map_err(|e| match e {
+            OciError::TooLarge { .. } => too_large(&url),
+            OciError::BadReference(_) => problem("spec.url", "InvalidSpec", e.to_string()),
+            OciError::DigestMismatch { .. } | OciError::Layout(_) => {
+                problem("spec.url", "InvalidImage", format!("{url}: {e}"))
+            }
+            OciError::Unauthorized(_) | OciError::Fetch(_) => {
+                problem("spec.url", "FetchFailed", format!("{url}: {e}"))
+            }
+        })?;
     if let Some(d) = declared {
         let manifest = pulled.manifest_digest.trim_start_matches("sha256:");
         let module = hex::encode(Sha256::digest(&pulled.module));

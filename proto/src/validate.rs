@@ -451,16 +451,31 @@ pub fn validate_wasm_plugin(spec: &WasmPluginSpec) -> Report {
     let mut r = Report::default();
     let url = spec.url.as_str();
     let is_http = url.starts_with("http://") || url.starts_with("https://");
-    if url.starts_with("oci://") {
-        r.err(
-            "spec.url",
-            "oci:// images are not supported yet; use file:// or http(s)://",
-        );
+    if let Some(rest) = url.strip_prefix("oci://") {
+        if !rest
+            .split_once('/')
+            .is_some_and(|(reg, repo)| !reg.is_empty() && !repo.is_empty())
+        {
+            r.err(
+                "spec.url",
+                format!(
+                    "{url:?}: an OCI reference is oci://registry/repository[:tag][@sha256:digest]"
+                ),
+            );
+        }
     } else if !(url.starts_with("file://") || is_http) {
         r.err(
             "spec.url",
-            format!("{url:?}: the scheme must be file://, http:// or https://"),
+            format!("{url:?}: the scheme must be file://, http://, https:// or oci://"),
         );
+    }
+    if let Some(p) = &spec.image_pull_policy {
+        if p != "IfNotPresent" && p != "Always" {
+            r.err(
+                "spec.imagePullPolicy",
+                format!("{p:?} is not IfNotPresent or Always"),
+            );
+        }
     }
     match &spec.sha256 {
         Some(d) if !(d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())) => {
@@ -794,7 +809,17 @@ mod tests {
         assert_eq!(r.errors[0].field, "spec.sha256");
         spec.url = "oci://registry/p:1".into();
         spec.sha256 = Some("00".repeat(32));
+        assert!(validate_wasm_plugin(&spec).is_valid());
+        spec.url = "oci://registry-only".into();
         assert_eq!(validate_wasm_plugin(&spec).errors[0].field, "spec.url");
+        spec.url = "oci://registry/p:1".into();
+        spec.image_pull_policy = Some("Never".into());
+        assert_eq!(
+            validate_wasm_plugin(&spec).errors[0].field,
+            "spec.imagePullPolicy"
+        );
+        spec.image_pull_policy = Some("Always".into());
+        assert!(validate_wasm_plugin(&spec).is_valid());
         spec.url = "file:///plugins/p.wasm".into();
         assert!(validate_wasm_plugin(&spec).is_valid());
         spec.sha256 = Some("zz".into());

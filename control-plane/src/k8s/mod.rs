@@ -4,6 +4,7 @@
 
 pub mod ca_secret;
 pub mod leader;
+pub mod pull_secrets;
 pub mod route_status;
 pub mod source;
 pub mod status;

@@ -107,7 +107,13 @@ impl Registry {
     }
 
     /// Pushes a blob (monolithic upload); returns its descriptor.
-    fn blob(&self, repo: &str, media: &str, data: &[u8], auth: Option<(&str, &str)>) -> serde_json::Value {
+    fn blob(
+        &self,
+        repo: &str,
+        media: &str,
+        data: &[u8],
+        auth: Option<(&str, &str)>,
+    ) -> serde_json::Value {
         let (agent, header) = self.agent(auth);
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
         let mut req = agent.post(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr));
@@ -135,7 +141,13 @@ impl Registry {
     }
 
     /// Pushes a manifest under `tag`; returns its digest.
-    fn manifest(&self, repo: &str, tag: &str, m: &serde_json::Value, auth: Option<(&str, &str)>) -> String {
+    fn manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        m: &serde_json::Value,
+        auth: Option<(&str, &str)>,
+    ) -> String {
         let (agent, header) = self.agent(auth);
         let body = serde_json::to_vec(m).unwrap();
         let media = m["mediaType"].as_str().unwrap().to_string();
@@ -146,14 +158,35 @@ impl Registry {
             req = req.header("Authorization", h);
         }
         let resp = req.send(&body).unwrap();
-        assert_eq!(resp.status(), 201, "pushing a manifest: {:?}", resp.into_body().read_to_string());
+        assert_eq!(
+            resp.status(),
+            201,
+            "pushing a manifest: {:?}",
+            resp.into_body().read_to_string()
+        );
         format!("sha256:{}", hex::encode(Sha256::digest(&body)))
     }
 
     /// A Wasm artifact (Istio's "oci variant" media types).
-    fn push_artifact(&self, repo: &str, tag: &str, module: &[u8], auth: Option<(&str, &str)>) -> String {
-        let config = self.blob(repo, "application/vnd.module.wasm.config.v1+json", b"{}", auth);
-        let layer = self.blob(repo, "application/vnd.module.wasm.content.layer.v1+wasm", module, auth);
+    fn push_artifact(
+        &self,
+        repo: &str,
+        tag: &str,
+        module: &[u8],
+        auth: Option<(&str, &str)>,
+    ) -> String {
+        let config = self.blob(
+            repo,
+            "application/vnd.module.wasm.config.v1+json",
+            b"{}",
+            auth,
+        );
+        let layer = self.blob(
+            repo,
+            "application/vnd.module.wasm.content.layer.v1+wasm",
+            module,
+            auth,
+        );
         let m = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -180,7 +213,12 @@ impl Registry {
             br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
             None,
         );
-        let layer = self.blob(repo, "application/vnd.docker.image.rootfs.diff.tar.gzip", &layer_bytes, None);
+        let layer = self.blob(
+            repo,
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            &layer_bytes,
+            None,
+        );
         let m = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
@@ -203,9 +241,15 @@ fn both_layouts_are_pulled_and_checked_against_their_digests() {
     let r = |s: &str| Reference::parse(&format!("oci://{}/{s}", reg.addr)).unwrap();
 
     let p = oci::pull(&r("plugins/gate:v1"), None, T, MAX).unwrap();
-    assert_eq!((p.manifest_digest.as_str(), p.module.as_slice()), (artifact.as_str(), module.as_slice()));
+    assert_eq!(
+        (p.manifest_digest.as_str(), p.module.as_slice()),
+        (artifact.as_str(), module.as_slice())
+    );
     let p = oci::pull(&r("plugins/gate-image:v1"), None, T, MAX).unwrap();
-    assert_eq!((p.manifest_digest.as_str(), p.module.as_slice()), (image.as_str(), module.as_slice()));
+    assert_eq!(
+        (p.manifest_digest.as_str(), p.module.as_slice()),
+        (image.as_str(), module.as_slice())
+    );
     // By digest.
     let p = oci::pull(&r(&format!("plugins/gate@{artifact}")), None, T, MAX).unwrap();
     assert_eq!(p.module, module);
@@ -241,12 +285,18 @@ fn a_registry_that_asks_for_a_password() {
         password: "s3cret".into(),
     };
     assert_eq!(oci::pull(&r, Some(&good), T, MAX).unwrap().module, module);
-    assert!(matches!(oci::pull(&r, None, T, MAX), Err(OciError::Unauthorized(_))));
+    assert!(matches!(
+        oci::pull(&r, None, T, MAX),
+        Err(OciError::Unauthorized(_))
+    ));
     let bad = Credentials {
         username: "puller".into(),
         password: "wrong".into(),
     };
-    assert!(matches!(oci::pull(&r, Some(&bad), T, MAX), Err(OciError::Unauthorized(_))));
+    assert!(matches!(
+        oci::pull(&r, Some(&bad), T, MAX),
+        Err(OciError::Unauthorized(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,8 +311,17 @@ async fn oci_urls_resolve_in_the_background_with_istios_digest_semantics() {
     // No sha256, the manifest's digest (as Istio reads it), or the module's own.
     for declared in [None, Some(manifest.clone()), Some(module_sha.clone())] {
         let r = resolved(&store, &mut rx, &spec(url.clone(), declared.clone())).await;
-        assert_eq!(r, Resolved::Ready { sha256: module_sha.clone() }, "{declared:?}");
-        assert_eq!(store.get(&module_sha).unwrap().as_slice(), module.as_slice());
+        assert_eq!(
+            r,
+            Resolved::Ready {
+                sha256: module_sha.clone()
+            },
+            "{declared:?}"
+        );
+        assert_eq!(
+            store.get(&module_sha).unwrap().as_slice(),
+            module.as_slice()
+        );
     }
     let r = resolved(&store, &mut rx, &spec(url.clone(), Some("a".repeat(64)))).await;
     assert!(
@@ -275,11 +334,18 @@ async fn oci_urls_resolve_in_the_background_with_istios_digest_semantics() {
     reg.push_artifact("plugins/gate", "v1", &other, None);
     assert_eq!(
         store.clone().resolve("ns", &spec(url.clone(), None)),
-        Resolved::Ready { sha256: module_sha.clone() }
+        Resolved::Ready {
+            sha256: module_sha.clone()
+        }
     );
     let mut always = spec(url.clone(), None);
     always.image_pull_policy = Some("Always".into());
-    assert_eq!(store.clone().resolve("ns", &always), Resolved::Ready { sha256: module_sha.clone() });
+    assert_eq!(
+        store.clone().resolve("ns", &always),
+        Resolved::Ready {
+            sha256: module_sha.clone()
+        }
+    );
     let mut bad_policy = spec(url.clone(), None);
     bad_policy.image_pull_policy = Some("Sometimes".into());
     assert!(matches!(
@@ -292,8 +358,18 @@ async fn oci_urls_resolve_in_the_background_with_istios_digest_semantics() {
         Resolved::Failed(p) if p.field == "spec.url" && p.reason == "InvalidSpec"
     ));
     // An image that holds no module.
-    let config = reg.blob("plugins/empty", "application/vnd.oci.image.config.v1+json", b"{}", None);
-    let layer = reg.blob("plugins/empty", "application/vnd.oci.image.layer.v1.tar", &[0u8; 1024], None);
+    let config = reg.blob(
+        "plugins/empty",
+        "application/vnd.oci.image.config.v1+json",
+        b"{}",
+        None,
+    );
+    let layer = reg.blob(
+        "plugins/empty",
+        "application/vnd.oci.image.layer.v1.tar",
+        &[0u8; 1024],
+        None,
+    );
     reg.manifest(
         "plugins/empty",
         "v1",
@@ -305,9 +381,67 @@ async fn oci_urls_resolve_in_the_background_with_istios_digest_semantics() {
         }),
         None,
     );
-    let r = resolved(&store, &mut rx, &spec(format!("oci://{}/plugins/empty:v1", reg.addr), None)).await;
+    let r = resolved(
+        &store,
+        &mut rx,
+        &spec(format!("oci://{}/plugins/empty:v1", reg.addr), None),
+    )
+    .await;
     assert!(
         matches!(&r, Resolved::Failed(p) if p.reason == "InvalidImage" && p.message.contains("plugin.wasm")),
+        "{r:?}"
+    );
+}
+
+/// Pull secrets as Kubernetes would hand them: by namespace and name.
+struct FakeSecrets(std::collections::HashMap<(String, String), Vec<u8>>);
+
+impl PullSecrets for FakeSecrets {
+    fn docker_config(&self, ns: &str, name: &str) -> Result<Vec<u8>, String> {
+        self.0
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| "no such Secret".to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pull_secret_is_read_from_the_plugins_namespace() {
+    use base64::Engine as _;
+    let reg = Registry::start(Some(("puller", "s3cret")));
+    let module = wasm(GOOD);
+    reg.push_artifact("private/gate", "v1", &module, Some(("puller", "s3cret")));
+    let url = format!("oci://{}/private/gate:v1", reg.addr);
+    let auth = base64::engine::general_purpose::STANDARD.encode("puller:s3cret");
+    let config = format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, reg.addr);
+    let (standalone, mut srx) = store();
+    let with_secret = |name: &str| {
+        let mut s = spec(url.clone(), None);
+        s.image_pull_secret = Some(name.into());
+        s
+    };
+    // Standalone (no Kubernetes): the field is refused, naming it.
+    let r = resolved(&standalone, &mut srx, &with_secret("pull")).await;
+    assert!(
+        matches!(&r, Resolved::Failed(p) if p.field == "spec.imagePullSecret" && p.reason == "Unsupported"),
+        "{r:?}"
+    );
+    let (store, mut rx) = store();
+    store.set_pull_secrets(Arc::new(FakeSecrets(
+        [(("ns".to_string(), "pull".to_string()), config.into_bytes())].into(),
+    )));
+    let r = resolved(&store, &mut rx, &with_secret("pull")).await;
+    let sha = hex::encode(Sha256::digest(&module));
+    assert_eq!(r, Resolved::Ready { sha256: sha });
+    // A Secret that is not there; no secret at all: the registry refuses.
+    let r = resolved(&store, &mut rx, &with_secret("missing")).await;
+    assert!(
+        matches!(&r, Resolved::Failed(p) if p.field == "spec.imagePullSecret" && p.message.contains("ns/missing")),
+        "{r:?}"
+    );
+    let r = resolved(&store, &mut rx, &spec(url.clone(), None)).await;
+    assert!(
+        matches!(&r, Resolved::Failed(p) if p.reason == "FetchFailed" && p.message.contains("imagePullSecret")),
         "{r:?}"
     );
 }

@@ -30,22 +30,31 @@ use kube::CustomResource;
 // CEL rules (Kubernetes 1.25+; older API servers ignore them): the control plane
 // validates the same things and reports them in status.
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.url.startsWith('file:///') || self.url.startsWith('http://') || self.url.startsWith('https://')",
-     "message": "spec.url must be file:///<absolute path>, http:// or https:// (oci:// is not supported yet)"},
+    {"rule": "self.url.startsWith('file:///') || self.url.startsWith('http://') || self.url.startsWith('https://') || self.url.startsWith('oci://')",
+     "message": "spec.url must be file:///<absolute path>, http://, https:// or oci://"},
     {"rule": "!self.url.startsWith('http') || has(self.sha256)",
      "message": "spec.sha256 is required for http(s) modules"}
 ]))]
 pub struct WasmPluginSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
-    /// `file://<path on the control plane>`, `http(s)://...` (fetched by the control
-    /// plane), or `oci://` (not yet supported).
+    /// `file://<path on the control plane>`, `http(s)://...` or
+    /// `oci://registry/repository[:tag][@sha256:digest]` (fetched by the control
+    /// plane).
     pub url: String,
     /// Hex SHA-256 of the module; required for http(s), verified whenever given.
+    /// For `oci://`: the image manifest's digest (as Istio reads it) or the
+    /// module's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// `oci://` only: `IfNotPresent` (default; `Always` for the tag `latest`) or
+    /// `Always` (pulled again at most once a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
+    /// `oci://` only: a `kubernetes.io/dockerconfigjson` Secret in the plugin's
+    /// namespace with the registry's credentials (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secret: Option<String>,
     /// Root id handed to the plugin (`plugin_root_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin_name: Option<String>,
