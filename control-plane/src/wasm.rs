@@ -684,7 +684,7 @@ mod tests {
         );
         let r = store
             .clone()
-            .resolve("ns", &spec("oci://registry/plugin:1".into(), None));
+            .resolve("ns", &spec("ftp://registry/plugin.wasm".into(), None));
         assert!(
             matches!(r, Resolved::Failed(ref p) if p.reason == "UnsupportedUrl"),
             "{r:?}"

@@ -290,7 +290,7 @@ impl ProxyState {
     /// principal) to a port a PeerAuthentication makes STRICT is refused before any
     /// AuthorizationPolicy is looked at.
     pub fn authorize(&self, dst: &pb::Workload, attrs: &Attributes) -> Decision {
-        if self.from_node(attrs) {
+        if self.is_from_node(attrs) {
             return Decision {
                 allowed: true,
                 policy: None,
@@ -312,7 +312,7 @@ impl ProxyState {
 
     /// Is this a plaintext connection from the node's own addresses (a kubelet
     /// probe), which passes without authorization ([`super::node_addresses`])?
-    pub(crate) fn from_node(&self, attrs: &Attributes) -> bool {
+    pub(crate) fn is_from_node(&self, attrs: &Attributes) -> bool {
         attrs.principal.is_none()
             && attrs
                 .source_ip
