@@ -55,6 +55,11 @@ pub const UNIMPLEMENTED: i32 = 12;
 /// WASI `ENOSYS`.
 const WASI_NOSYS: i32 = 52;
 
+/// The most a plugin may hold of a request body (delivered whole, see
+/// docs/plugins.md): a larger body is answered 413.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
 const MAP_REQUEST_HEADERS: i32 = 0;
 const MAP_RESPONSE_HEADERS: i32 = 2;
 const BUFFER_VM_CONFIG: i32 = 6;
@@ -87,6 +92,8 @@ pub struct HttpState {
     pub response: Headers,
     pub props: Option<Arc<ConnProps>>,
     pub local_reply: Option<LocalReply>,
+    /// The request's body, during `proxy_on_request_body` (delivered whole).
+    pub request_body: Vec<u8>,
 }
 
 /// Memory cap, recording whether the plugin hit it.
@@ -386,6 +393,24 @@ fn return_bytes(c: &mut C<'_>, bytes: &[u8], ptr_ptr: i32, len_ptr: i32) -> wasm
     Ok(if written { OK } else { INVALID_MEMORY_ACCESS })
 }
 
+/// `proxy_set_buffer_bytes` on a body: the `len` bytes at `start` are replaced
+/// by `data` (`start` at the end appends; `start` 0 and `len` 0 prepends; a `len`
+/// past the end replaces the rest). The body stays within [`MAX_BODY_BYTES`]:
+/// returns false, changing nothing, when `start` is past the end or the result
+/// would be larger.
+pub fn splice(body: &mut Vec<u8>, start: i32, len: i32, data: &[u8]) -> bool {
+    let (start, len) = (start as u32 as usize, len as u32 as usize);
+    if start > body.len() {
+        return false;
+    }
+    let end = start.saturating_add(len).min(body.len());
+    if body.len() - (end - start) + data.len() > MAX_BODY_BYTES {
+        return false;
+    }
+    body.splice(start..end, data.iter().copied());
+    true
+}
+
 /// Defines every host function this host implements, then links the rest of the
 /// module's `env.proxy_*` imports as UNIMPLEMENTED and other WASI imports as ENOSYS.
 /// Imports from any other module fail the load with a clear error.
@@ -530,14 +555,17 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, t: i32, start: i32, max: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
-            let buf = match t {
-                BUFFER_VM_CONFIG => c.data().vm_config.clone(),
-                BUFFER_PLUGIN_CONFIG => c.data().plugin_config.clone(),
+            let h = c.data();
+            let buf: &[u8] = match t {
+                BUFFER_VM_CONFIG => &h.vm_config,
+                BUFFER_PLUGIN_CONFIG => &h.plugin_config,
+                BUFFER_HTTP_REQUEST_BODY => &h.http.request_body,
                 _ => return Ok(NOT_FOUND),
             };
             let start = (start.max(0) as usize).min(buf.len());
             let end = start.saturating_add(max.max(0) as usize).min(buf.len());
-            return_bytes(&mut c, &buf[start..end], rp, rl)
+            let part = buf[start..end].to_vec();
+            return_bytes(&mut c, &part, rp, rl)
         },
     )?;
     l.func_wrap(
@@ -547,12 +575,33 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let n = match t {
                 BUFFER_VM_CONFIG => c.data().vm_config.len(),
                 BUFFER_PLUGIN_CONFIG => c.data().plugin_config.len(),
+                BUFFER_HTTP_REQUEST_BODY => c.data().http.request_body.len(),
                 _ => return NOT_FOUND,
             };
             if write_u32(&mut c, len_ptr, n as u32) && write_u32(&mut c, flags_ptr, 0) {
                 OK
             } else {
                 INVALID_MEMORY_ACCESS
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: C<'_>, t: i32, start: i32, len: i32, dp: i32, dl: i32| {
+            if t != BUFFER_HTTP_REQUEST_BODY {
+                return BAD_ARGUMENT;
+            }
+            if dl as u32 as usize > MAX_BODY_BYTES {
+                return BAD_ARGUMENT;
+            }
+            let Some(data) = read(&mut c, dp, dl) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            if splice(&mut c.data_mut().http.request_body, start, len, &data) {
+                OK
+            } else {
+                BAD_ARGUMENT
             }
         },
     )?;

@@ -43,6 +43,21 @@ pub fn run_request(
     None
 }
 
+/// Runs the request-body callbacks, in order, of the plugins that saw the request
+/// and read bodies, on the whole body in `http.request_body` (each sees what the
+/// one before left). Returns a local reply, if one sent it.
+pub fn run_request_body(ran: &Ran, http: &mut Box<HttpState>) -> Option<(LocalReply, String)> {
+    for (p, h) in &ran.entries {
+        if !p.wants_request_body() {
+            continue;
+        }
+        if let Some(r) = p.on_request_body(*h, http) {
+            return Some((r, p.id.clone()));
+        }
+    }
+    None
+}
+
 /// Runs the response-headers callbacks in reverse order. A plugin may replace the
 /// response with a local reply.
 pub fn run_response(

@@ -139,6 +139,9 @@ pub struct Plugin {
     has_failed: AtomicBool,
     /// Built before its module arrived: replaced once it has.
     pub waiting_for_module: bool,
+    /// The module has a `proxy_on_request_body` that does something: requests
+    /// with a body are buffered for it.
+    wants_request_body: bool,
     pub stats: PluginStats,
     /// Calls still to run off the workers since the plugin was last caught slow.
     slow_calls: AtomicU32,
@@ -209,6 +212,10 @@ impl Plugin {
         if let Err(e) = &module {
             tracing::warn!(plugin = %format!("{}/{}", spec.namespace, spec.name), error = %e, "wasm plugin cannot be loaded");
         }
+        let wants_request_body = module.as_ref().is_ok_and(|(m, _)| {
+            let name = "proxy_on_request_body";
+            m.module.get_export(name).is_some() && !m.no_ops.contains(name)
+        });
         Self {
             id: format!("{}/{}", spec.namespace, spec.name),
             phase: Phase::parse(&spec.phase),
@@ -231,6 +238,7 @@ impl Plugin {
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
             waiting_for_module: false,
+            wants_request_body,
             stats: PluginStats::default(),
             slow_calls: AtomicU32::new(0),
             slow_gate: Mutex::new(()),
@@ -534,6 +542,39 @@ impl Plugin {
                 Ok(_) => {
                     self.pace(slot, false);
                     http.local_reply.take()
+                }
+                Err(e) => match self.failed_now(slot, i, e) {
+                    Outcome::Reply(r) => Some(r),
+                    _ => None,
+                },
+            }
+        })
+    }
+
+    /// Does the plugin read request bodies (`proxy_on_request_body`)?
+    pub fn wants_request_body(&self) -> bool {
+        self.wants_request_body
+    }
+
+    /// Runs the request-body callback with the whole body in
+    /// `http.request_body`, which the plugin may change. A plugin may answer
+    /// with a local reply. `Pause` with the whole body delivered has nothing to
+    /// wait for: it continues.
+    pub fn on_request_body(&self, h: Handle, http: &mut Box<HttpState>) -> Option<LocalReply> {
+        self.with_slot(h.slot, false, |slot, i| {
+            if slot.generation != h.generation {
+                return None;
+            }
+            let vm = slot.vm.as_mut()?;
+            http.local_reply = None;
+            match vm.request_body(h.ctx, http) {
+                Ok(_) => {
+                    self.pace(slot, false);
+                    let r = http.local_reply.take();
+                    if r.is_some() {
+                        self.stats.local_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r
                 }
                 Err(e) => match self.failed_now(slot, i, e) {
                     Outcome::Reply(r) => Some(r),

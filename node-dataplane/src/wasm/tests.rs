@@ -930,3 +930,84 @@ async fn the_driver_ticks_live_instances_and_ends_with_its_plugin() {
         .expect("the driver ends once its plugin is gone")
         .unwrap();
 }
+
+/// Reads request bodies: one that starts with `evil` is refused (403), any
+/// other gets `seen:` in front.
+pub(crate) const BODY_WAT: &str = r#"(module
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $setbuf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 0) "evil")
+  (data (i32.const 16) "seen:")
+  (data (i32.const 32) "body refused")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (global.set $heap (i32.const 4096)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_request_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (if (i32.and
+          (i32.ge_u (local.get $size) (i32.const 4))
+          (i32.eqz (call $buf (i32.const 0) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204))))
+      (then
+        (if (i32.eq (i32.load (i32.load (i32.const 200))) (i32.load (i32.const 0)))
+          (then
+            (drop (call $reply (i32.const 403) (i32.const 32) (i32.const 12) (i32.const 32) (i32.const 12) (i32.const 0) (i32.const 0) (i32.const -1)))
+            (return (i32.const 0))))))
+    (drop (call $setbuf (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 5)))
+    (i32.const 0)))"#;
+
+#[test]
+fn request_bodies_are_read_changed_and_refused_through_the_abi() {
+    use super::chain;
+    let p = Arc::new(plugin(BODY_WAT, "FAIL_CLOSE"));
+    assert!(p.load_error().is_none(), "{:?}", p.load_error());
+    assert!(p.wants_request_body());
+    // A plugin without the callback does not make bodies buffered.
+    assert!(!plugin(&module(DENY_PATH, "(i32.const 0)", ""), "FAIL_CLOSE").wants_request_body());
+    let plugins = vec![p.clone()];
+    for (body, want) in [
+        (&b"hello"[..], Ok(&b"seen:hello"[..])),
+        (b"", Ok(b"seen:")),
+        (b"evil payload", Err(403)),
+    ] {
+        let mut http = request("/");
+        let mut ran = chain::Ran::default();
+        assert!(chain::run_request(&plugins, &mut http, false, &mut ran).is_none());
+        http.request_body = body.to_vec();
+        let replied = chain::run_request_body(&ran, &mut http);
+        match want {
+            Ok(b) => {
+                assert!(replied.is_none(), "{replied:?}");
+                assert_eq!(http.request_body, b);
+            }
+            Err(status) => {
+                let (r, id) = replied.expect("a local reply");
+                assert_eq!(
+                    (r.status, r.body.as_slice(), id.as_str()),
+                    (status, &b"body refused"[..], "ns/wat")
+                );
+            }
+        }
+        chain::finish(&mut ran, &mut http);
+    }
+    // set_buffer_bytes: ranges, and the size bound.
+    let mut b = b"0123456789".to_vec();
+    assert!(super::abi::splice(&mut b, 2, 3, b"ab"));
+    assert_eq!(b, b"01ab56789");
+    assert!(super::abi::splice(&mut b, 9, 0, b"!"));
+    assert_eq!(b, b"01ab56789!");
+    assert!(super::abi::splice(&mut b, 0, 100, b"x"));
+    assert_eq!(b, b"x");
+    assert!(!super::abi::splice(&mut b, 5, 0, b"y"));
+    let big = vec![0u8; super::abi::MAX_BODY_BYTES];
+    assert!(!super::abi::splice(&mut b, 1, 0, &big));
+    assert_eq!(b, b"x");
+    assert!(super::abi::splice(&mut b, 0, 1, &big));
+}

@@ -295,6 +295,38 @@ pub struct Pending<'a> {
 }
 
 impl Pending<'_> {
+    /// Does a plugin that saw the request read its body? Then the body is
+    /// buffered whole (at most [`crate::wasm::abi::MAX_BODY_BYTES`]) and given to
+    /// [`Pending::on_request_body`] before the request goes on.
+    pub fn wants_request_body(&self) -> bool {
+        self.run
+            .as_ref()
+            .is_some_and(|r| r.ran.entries.iter().any(|(p, _)| p.wants_request_body()))
+    }
+
+    /// Runs the plugins' request-body callbacks on the whole `body` (which they
+    /// may change), with the request's headers readable (and changeable) as in
+    /// the headers callbacks. Returns the local reply that answers the request
+    /// instead, if a plugin sent one.
+    pub fn on_request_body(
+        &mut self,
+        req: &mut impl RequestMessage,
+        body: &mut Vec<u8>,
+        x: &mut Exchange,
+    ) -> Option<LocalResponse> {
+        let run = self.run.as_mut()?;
+        run.view.request.fields = req.lend_fields();
+        std::mem::swap(&mut run.view.request_body, body);
+        let replied = chain::run_request_body(&run.ran, &mut run.view);
+        std::mem::swap(&mut run.view.request_body, body);
+        run.view.request_body = Vec::new();
+        req.return_fields(run.view.request.take_fields());
+        replied.map(|(r, plugin)| {
+            x.decided_by = Some(format!("wasm:{plugin}"));
+            local(r)
+        })
+    }
+
     /// Will any plugin see the response (so its fields must be parsed)?
     pub fn sees_response(&self) -> bool {
         self.run.as_ref().is_some_and(|r| !r.ran.entries.is_empty())
@@ -536,21 +568,89 @@ pub async fn serve_h2_request(
     let eos = hyper::body::Body::is_end_stream(req.body());
     let resp = match on_request(&mut req, eos, &ctx, &mut x) {
         Verdict::Reply(r) => r.map(|b| Either::Right(Full::new(b))),
-        Verdict::Forward(pending) => match ctx.upstream.send_h2(req).await {
-            Ok(mut resp) => {
-                let eos = hyper::body::Body::is_end_stream(resp.body());
-                match pending.on_response(&mut resp, eos, &mut x) {
-                    Some(r) => r.map(|b| Either::Right(Full::new(b))),
-                    None => resp.map(Either::Left),
+        Verdict::Forward(mut pending) => {
+            let req = if !eos && pending.wants_request_body() {
+                match buffer_for_plugins(req, &mut pending, &mut x).await {
+                    Ok(req) => req,
+                    Err(resp) => {
+                        x.end(&ctx, resp.status().as_u16());
+                        return resp;
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
-                drop(pending); // ends the plugins' contexts
-                reply(503, UPSTREAM_FAILED_BODY, &[]).map(|b| Either::Right(Full::new(b)))
-            }
-        },
+            } else {
+                req.map(Either::Left)
+            };
+            forward_h2(req, pending, &ctx, &mut x).await
+        }
     };
     x.end(&ctx, resp.status().as_u16());
     resp
+}
+
+/// Reads a request's body whole (at most [`crate::wasm::abi::MAX_BODY_BYTES`],
+/// else 413) for the plugins that read bodies, runs their body callbacks, and
+/// gives back the request with the body they left, its `content-length` set and
+/// its trailers kept; or the answer instead (a plugin's local reply, 413, 400).
+async fn buffer_for_plugins(
+    req: http::Request<Incoming>,
+    pending: &mut Pending<'_>,
+    x: &mut Exchange,
+) -> Result<http::Request<super::upstream::UpBody>, http::Response<RespBody>> {
+    use http_body_util::BodyExt;
+    let limit = crate::wasm::abi::MAX_BODY_BYTES;
+    let (parts, body) = req.into_parts();
+    let collected = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => c,
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            let body = "request body too large for the plugins that read it\n";
+            return Err(reply(413, body, &[]).map(|b| Either::Right(Full::new(b))));
+        }
+        Err(_) => {
+            return Err(
+                reply(400, "request body not received\n", &[]).map(|b| Either::Right(Full::new(b)))
+            )
+        }
+    };
+    let trailers = collected.trailers().cloned();
+    let mut data = collected.to_bytes().to_vec();
+    let mut req = http::Request::from_parts(parts, ());
+    if let Some(r) = pending.on_request_body(&mut req, &mut data, x) {
+        return Err(r.map(|b| Either::Right(Full::new(b))));
+    }
+    req.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(data.len()),
+    );
+    let mut frames = vec![Ok(hyper::body::Frame::data(Bytes::from(data)))];
+    if let Some(t) = trailers {
+        frames.push(Ok(hyper::body::Frame::trailers(t)));
+    }
+    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+    Ok(req.map(|()| Either::Right(body)))
+}
+
+/// Sends a request to the application and runs the response plugins.
+async fn forward_h2(
+    req: http::Request<super::upstream::UpBody>,
+    pending: Pending<'_>,
+    ctx: &ConnCtx,
+    x: &mut Exchange,
+) -> http::Response<RespBody> {
+    match ctx.upstream.send_h2(req).await {
+        Ok(mut resp) => {
+            let eos = hyper::body::Body::is_end_stream(resp.body());
+            match pending.on_response(&mut resp, eos, x) {
+                Some(r) => r.map(|b| Either::Right(Full::new(b))),
+                None => resp.map(Either::Left),
+            }
+        }
+        Err(e) => {
+            tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
+            drop(pending); // ends the plugins' contexts
+            reply(503, UPSTREAM_FAILED_BODY, &[]).map(|b| Either::Right(Full::new(b)))
+        }
+    }
 }

@@ -69,3 +69,89 @@ fn an_h2_host_matching_its_authority_is_not_ambiguous() {
         );
     }
 }
+
+/// HTTP/2: a plugin that reads request bodies gets the body whole; the
+/// application gets the body it left, with its length, and the request's
+/// trailers; a refused body is answered by the plugin.
+#[tokio::test]
+async fn h2_request_bodies_go_through_the_plugins_that_read_them() {
+    use bytes::Bytes;
+    let plugin =
+        crate::wasm::tests::plugin_in_phase(crate::wasm::tests::BODY_WAT, "FAIL_CLOSE", "AUTHZ");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    // The application: h2c, answers each request with what it received.
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let mut conn = h2::server::handshake(s).await.unwrap();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let (parts, mut body) = req.into_parts();
+                let mut got = Vec::new();
+                while let Some(d) = body.data().await {
+                    let d = d.unwrap();
+                    let _ = body.flow_control().release_capacity(d.len());
+                    got.extend_from_slice(&d);
+                }
+                let trailers = body.trailers().await.unwrap();
+                let len = parts
+                    .headers
+                    .get("content-length")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let text = format!(
+                    "{} len={len:?} trailer={:?}",
+                    String::from_utf8_lossy(&got),
+                    trailers.and_then(|t| t.get("x-t").map(|v| v.to_str().unwrap().to_string()))
+                );
+                let resp = http::Response::builder().status(200).body(()).unwrap();
+                let mut send = respond.send_response(resp, false).unwrap();
+                send.send_data(Bytes::from(text), true).unwrap();
+            });
+        }
+    });
+    let (client, _) =
+        super::h1::tests::proxy_l7_with_plugins(addr, |_| {}, vec![std::sync::Arc::new(plugin)]);
+    let (send, conn) = h2::client::handshake(client).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let post = |path: &str| {
+        http::Request::post(format!("http://web{path}"))
+            .header("content-length", "5")
+            .body(())
+            .unwrap()
+    };
+    async fn answer(resp: h2::client::ResponseFuture) -> (u16, String) {
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("an answer within 5 s")
+            .expect("a response");
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(d) = body.data().await {
+            let d = d.unwrap();
+            let _ = body.flow_control().release_capacity(d.len());
+            got.extend_from_slice(&d);
+        }
+        (status, String::from_utf8_lossy(&got).into_owned())
+    }
+    // Data in two frames, then trailers.
+    let (resp, mut stream) = send.send_request(post("/ok/a"), false).unwrap();
+    stream.send_data(Bytes::from_static(b"hel"), false).unwrap();
+    stream.send_data(Bytes::from_static(b"lo"), false).unwrap();
+    let mut t = http::HeaderMap::new();
+    t.insert("x-t", http::HeaderValue::from_static("1"));
+    stream.send_trailers(t).unwrap();
+    assert_eq!(
+        answer(resp).await,
+        (
+            200,
+            "seen:hello len=Some(\"10\") trailer=Some(\"1\")".to_string()
+        )
+    );
+    let (resp, mut stream) = send.send_request(post("/ok/b"), false).unwrap();
+    stream
+        .send_data(Bytes::from_static(b"evil!"), true)
+        .unwrap();
+    assert_eq!(answer(resp).await, (403, "body refused".to_string()));
+}

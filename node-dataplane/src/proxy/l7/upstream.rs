@@ -9,11 +9,22 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// A request body the plugins read whole: its data, then its trailers.
+pub type BufferedBody = http_body_util::StreamBody<
+    futures::stream::Iter<
+        std::vec::IntoIter<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+    >,
+>;
+
+/// An HTTP/2 request body on its way to the application: streamed from the
+/// client, or buffered for the plugins.
+pub type UpBody = http_body_util::Either<Incoming, BufferedBody>;
+
 pub struct Upstream {
     netns: Arc<PodNetns>,
     dst: SocketAddr,
     mark: u32,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
 impl Upstream {
@@ -39,7 +50,7 @@ impl Upstream {
     /// Sends one HTTP/2 request; the response body streams from the application.
     pub async fn send_h2(
         &self,
-        req: http::Request<Incoming>,
+        req: http::Request<UpBody>,
     ) -> anyhow::Result<http::Response<Incoming>> {
         let mut g = self.h2.lock().await;
         let send = match g.as_ref().filter(|s| !s.is_closed()) {

@@ -341,6 +341,98 @@ where
     }
 }
 
+/// A body read whole: its data (chunked framing removed) and, for a chunked
+/// body, its trailer section as sent (the field lines and the final CRLF).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Whole {
+    pub data: Vec<u8>,
+    pub trailers: Option<Vec<u8>>,
+}
+
+/// Why a body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum WholeError {
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the body: {0}")]
+    Read(std::io::Error),
+    #[error("{0}")]
+    Body(#[from] BodyError),
+}
+
+/// Reads a whole body framed by `framing` (`Length` or `Chunked`), whose first
+/// bytes may be in `buf`; bytes after it stay in `buf`. Its data may be at most
+/// `limit` bytes (a chunked body's framing and trailers at most as much again).
+pub async fn read_whole<R>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    framing: Framing,
+    limit: usize,
+) -> Result<Whole, WholeError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    if let Framing::Length(n) = framing {
+        if n > limit as u64 {
+            return Err(WholeError::TooLarge(limit));
+        }
+    }
+    let raw_limit = limit.saturating_mul(2).saturating_add(MAX_TRAILERS);
+    let mut scan = Scanner::new(framing);
+    let mut raw = Vec::new();
+    loop {
+        let (n, done) = scan.scan(buf)?;
+        if raw.len() + n > raw_limit {
+            return Err(WholeError::TooLarge(limit));
+        }
+        raw.extend_from_slice(&buf[..n]);
+        buf.advance(n);
+        if done {
+            break;
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        if src.read_buf(buf).await.map_err(WholeError::Read)? == 0 {
+            scan.eof()?;
+            break;
+        }
+    }
+    if framing != Framing::Chunked {
+        return Ok(Whole {
+            data: raw,
+            trailers: None,
+        });
+    }
+    // The scanner accepted the framing; this takes the data out of it.
+    let mut data = Vec::new();
+    let mut i = 0;
+    loop {
+        let (used, size) = match httparse::parse_chunk_size(&raw[i..]) {
+            Ok(httparse::Status::Complete(c)) => c,
+            _ => return Err(BodyError::Chunked("a chunk size line").into()),
+        };
+        i += used;
+        if size == 0 {
+            break;
+        }
+        let size = usize::try_from(size).map_err(|_| WholeError::TooLarge(limit))?;
+        let end = i.checked_add(size).filter(|e| *e + 2 <= raw.len());
+        let Some(end) = end else {
+            return Err(BodyError::Chunked("a chunk shorter than its size").into());
+        };
+        data.extend_from_slice(&raw[i..end]);
+        if data.len() > limit {
+            return Err(WholeError::TooLarge(limit));
+        }
+        i = end + 2;
+    }
+    Ok(Whole {
+        data,
+        trailers: Some(raw[i..].to_vec()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

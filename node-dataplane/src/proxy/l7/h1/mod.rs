@@ -36,6 +36,7 @@ use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict, AMBIGUO
 use super::ConnCtx;
 use crate::fields::Fields;
 use crate::proxy::counters::NodeCounters;
+use crate::wasm::abi::MAX_BODY_BYTES;
 use body::{forward, ForwardError, Framing, READ_CHUNK};
 use bytes::{Buf, BytesMut};
 use head::{HeadError, RequestHead, ResponseHead};
@@ -214,7 +215,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
 ) -> anyhow::Result<Next> {
     let RequestHead {
         mut req,
-        body,
+        mut body,
         keep_alive,
         upgrade,
         len,
@@ -240,10 +241,47 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
             return Ok(if close { Next::Close } else { Next::Request });
         }
     };
+    // A plugin that reads request bodies gets the body whole, before the request
+    // goes on: read here (bounded), then sent with the head.
+    let mut buffered: Option<Vec<u8>> = None;
+    if body != Framing::Empty && pending.as_ref().is_some_and(Pending::wants_request_body) {
+        let whole = match body::read_whole(&mut *dr, &mut *dbuf, body, MAX_BODY_BYTES).await {
+            Ok(w) => w,
+            Err(body::WholeError::TooLarge(_)) => {
+                let own = (413, "request body too large for the plugins that read it\n");
+                return close_with(own, pending, dw, ctx, x, head_request).await;
+            }
+            Err(body::WholeError::Body(e)) => {
+                tracing::debug!(dst = %ctx.dst, error = %e, "request body malformed");
+                let own = (400, "malformed request body\n");
+                return close_with(own, pending, dw, ctx, x, head_request).await;
+            }
+            Err(body::WholeError::Read(_)) => return Ok(Next::Close),
+        };
+        let mut data = whole.data;
+        let replied = pending
+            .as_mut()
+            .and_then(|p| p.on_request_body(&mut req, &mut data, &mut x));
+        if let Some(r) = replied {
+            // The body was read whole: the connection can go on.
+            answer_locally(dw, &r, head_request, !keep_alive).await?;
+            x.end(ctx, r.status().as_u16());
+            return Ok(if keep_alive {
+                Next::Request
+            } else {
+                Next::Close
+            });
+        }
+        buffered = Some(reframe(&mut req, data, whole.trailers));
+        body = Framing::Empty;
+    }
     let out = &mut bufs.out;
     out.clear();
     out.reserve(len + 64 + dbuf.len().min(READ_CHUNK));
     head::write_request(&req, out);
+    if let Some(b) = buffered {
+        out.extend_from_slice(&b);
+    }
     // Written: what is left of it that is used below is its method.
     bufs.spare.keep(&mut req);
     let connect = req.method == http::Method::CONNECT;
@@ -355,6 +393,33 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                 *up = None;
                 return Ok(Next::Close);
             }
+        }
+    }
+}
+
+/// The framing of a body the plugins have read whole (and may have changed):
+/// `Content-Length` when it had no trailers, else chunked with its trailers, as
+/// one chunk. Returns the body's bytes as they go on the wire.
+fn reframe(req: &mut head::Request, data: Vec<u8>, trailers: Option<Vec<u8>>) -> Vec<u8> {
+    req.fields.remove(b"content-length");
+    req.fields.remove(b"transfer-encoding");
+    match trailers.filter(|t| t.as_slice() != b"\r\n") {
+        None => {
+            let len = data.len().to_string();
+            let _ = req.fields.insert(b"content-length", len.as_bytes());
+            data
+        }
+        Some(t) => {
+            let _ = req.fields.insert(b"transfer-encoding", b"chunked");
+            let mut out = Vec::with_capacity(data.len() + t.len() + 16);
+            if !data.is_empty() {
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n");
+            out.extend_from_slice(&t);
+            out
         }
     }
 }

@@ -76,8 +76,18 @@ pub(in crate::proxy::l7) fn proxy_l7(
     app: SocketAddr,
     opts: impl FnOnce(&mut crate::proxy::state::ProxyOptions),
 ) -> (DuplexStream, Arc<crate::proxy::state::ProxyState>) {
+    proxy_l7_with_plugins(app, opts, Vec::new())
+}
+
+/// [`proxy_l7`] with these Wasm plugins.
+pub(in crate::proxy::l7) fn proxy_l7_with_plugins(
+    app: SocketAddr,
+    opts: impl FnOnce(&mut crate::proxy::state::ProxyOptions),
+    plugins: Vec<Arc<crate::wasm::plugin::Plugin>>,
+) -> (DuplexStream, Arc<crate::proxy::state::ProxyState>) {
     let policy = path_policy("ok", pb::authorization_policy::Action::Allow, "/ok*");
-    let (ctx, state) = web_ctx(app, policy, opts);
+    let (mut ctx, state) = web_ctx(app, policy, opts);
+    ctx.plan.plugins = plugins;
     let (client, proxy_end) = tokio::io::duplex(64 * 1024);
     tokio::spawn(crate::proxy::l7::serve(proxy_end, ctx));
     (client, state)
@@ -719,4 +729,83 @@ async fn a_connections_requests_reuse_the_plugins_view_and_none_sees_another() {
         "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
          HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-wat: yes\r\n\r\nok"
     );
+}
+
+/// A plugin that reads request bodies gets them whole: it can change them (the
+/// application gets the new body with its length, or chunked with the trailers
+/// kept) or refuse them (the connection goes on); a body past the limit is 413.
+#[tokio::test]
+async fn request_bodies_go_through_the_plugins_that_read_them() {
+    let plugin =
+        crate::wasm::tests::plugin_in_phase(crate::wasm::tests::BODY_WAT, "FAIL_CLOSE", "AUTHZ");
+    assert!(plugin.load_error().is_none(), "{:?}", plugin.load_error());
+    let (l, addr) = app().await;
+    let policy = path_policy("all", pb::authorization_policy::Action::Allow, "/*");
+    let mut client = proxy_with_plugins(
+        addr,
+        Duration::from_secs(30),
+        policy,
+        vec![Arc::new(plugin)],
+    );
+    client
+        .write_all(b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut s = accept(&l).await;
+    assert_eq!(
+        read_until(&mut s, "seen:hello").await,
+        "POST /a HTTP/1.1\r\nhost: web\r\ncontent-length: 10\r\n\r\nseen:hello"
+    );
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    read_until(&mut client, "\r\n\r\nok").await;
+    // Chunked with a trailer: one chunk, the trailer kept.
+    client
+        .write_all(b"POST /b HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut s, "x-t: 1\r\n\r\n").await,
+        "POST /b HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\n\r\na\r\nseen:abcde\r\n0\r\nx-t: 1\r\n\r\n"
+    );
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    read_until(&mut client, "\r\n\r\nok").await;
+    // Refused by the plugin: answered, and the connection goes on.
+    client
+        .write_all(b"POST /c HTTP/1.1\r\nHost: web\r\nContent-Length: 8\r\n\r\nevil!!!!")
+        .await
+        .unwrap();
+    let got = read_until(&mut client, "body refused").await;
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{got}");
+    let _ = get_ok_on(&mut client, &mut s, "/d").await;
+    // Past the limit: 413, and the connection closes (the body is not read).
+    let big = crate::wasm::abi::MAX_BODY_BYTES + 1;
+    client
+        .write_all(
+            format!("POST /e HTTP/1.1\r\nHost: web\r\nContent-Length: {big}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let got = read_to_end(&mut client).await;
+    assert!(
+        got.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{got}"
+    );
+}
+
+/// `GET path` on `client`, answered with an empty 200 on the app connection `s`.
+async fn get_ok_on(client: &mut DuplexStream, s: &mut TcpStream, path: &str) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+    client.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_until(s, "\r\n\r\n").await,
+        format!("GET {path} HTTP/1.1\r\nhost: web\r\n\r\n")
+    );
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(client, "200 OK").await;
 }
