@@ -1,8 +1,8 @@
 //! The Proxy-Wasm host (node-dataplane `wasm/`) driven through its ABI by a plugin
 //! that makes arbitrary calls: the input is a script of host calls with arbitrary
 //! arguments, run by an interpreter module (written in WAT, compiled once) in every
-//! callback the host delivers: request and response headers, timers, queue
-//! notifications, done/log/delete.
+//! callback the host delivers: request and response headers and bodies, timers,
+//! queue notifications, done/log/delete.
 //!
 //! Each step of the script is 25 bytes: an op byte (which host function; its high
 //! bit keeps every argument within the first 64 KiB of memory, so pointers are
@@ -17,7 +17,7 @@ use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use weft_node_dataplane::fuzzing::wasm::{
-    ConnProps, Headers, HttpState, Outcome, Plugin, Shared, WasmEngine,
+    ConnProps, Headers, HttpState, Outcome, Plugin, Shared, WasmEngine, MAX_BODY_BYTES,
 };
 use weft_proto::pb;
 
@@ -29,6 +29,7 @@ const HOST: &[(&str, &str, &str)] = &[
     ("env", "proxy_set_property", "i32 i32 i32 i32"),
     ("env", "proxy_get_buffer_bytes", "i32 i32 i32 i32 i32"),
     ("env", "proxy_get_buffer_status", "i32 i32 i32"),
+    ("env", "proxy_set_buffer_bytes", "i32 i32 i32 i32 i32"),
     ("env", "proxy_get_header_map_value", "i32 i32 i32 i32 i32"),
     ("env", "proxy_get_header_map_pairs", "i32 i32 i32"),
     ("env", "proxy_get_header_map_size", "i32 i32"),
@@ -139,6 +140,8 @@ fn interpreter() -> String {
     (i32.and (i32.eq (i32.and (global.get $pc) (i32.const 255)) (i32.const 250)) (i32.const 1)))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (call $run))
   (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (call $run))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) (call $run))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) (call $run))
   (func (export "proxy_on_tick") (param i32) (drop (call $run)))
   (func (export "proxy_on_queue_ready") (param i32 i32) (drop (call $run)))
   (func (export "proxy_on_done") (param i32) (result i32) (drop (call $run)) (i32.const 1))
@@ -222,10 +225,21 @@ fuzz_target!(|script: &[u8]| {
             check_reply(r.status);
         }
         if let Some(handle) = handle {
-            http.response.set_response(200, Default::default());
-            if let Some(r) = p.on_response(handle, &mut http, true) {
+            // The request's body: the script's first bytes.
+            http.request_body = script[..script.len().min(64)].to_vec();
+            if let Some(r) = p.on_body(handle, &mut http, false) {
                 check_reply(r.status);
             }
+            assert!(http.request_body.len() <= MAX_BODY_BYTES);
+            http.response.set_response(200, Default::default());
+            if let Some(r) = p.on_response(handle, &mut http, false) {
+                check_reply(r.status);
+            }
+            http.response_body = script[script.len() / 2..].to_vec();
+            if let Some(r) = p.on_body(handle, &mut http, true) {
+                check_reply(r.status);
+            }
+            assert!(http.response_body.len() <= MAX_BODY_BYTES);
             p.finish(handle, &mut http);
         }
         p.run_due(later);

@@ -33,7 +33,7 @@ pub mod sniff {
 
 /// The Proxy-Wasm host: a plugin and the request state its callbacks see.
 pub mod wasm {
-    pub use crate::wasm::abi::{ConnProps, HttpState};
+    pub use crate::wasm::abi::{ConnProps, HttpState, MAX_BODY_BYTES};
     pub use crate::wasm::engine::WasmEngine;
     pub use crate::wasm::headers::Headers;
     pub use crate::wasm::plugin::{Outcome, Plugin};

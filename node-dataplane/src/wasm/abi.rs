@@ -60,6 +60,7 @@ const WASI_NOSYS: i32 = 52;
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
+const BUFFER_HTTP_RESPONSE_BODY: i32 = 1;
 const MAP_REQUEST_HEADERS: i32 = 0;
 const MAP_RESPONSE_HEADERS: i32 = 2;
 const BUFFER_VM_CONFIG: i32 = 6;
@@ -94,6 +95,8 @@ pub struct HttpState {
     pub local_reply: Option<LocalReply>,
     /// The request's body, during `proxy_on_request_body` (delivered whole).
     pub request_body: Vec<u8>,
+    /// The response's body, during `proxy_on_response_body` (delivered whole).
+    pub response_body: Vec<u8>,
 }
 
 /// Memory cap, recording whether the plugin hit it.
@@ -560,6 +563,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 BUFFER_VM_CONFIG => &h.vm_config,
                 BUFFER_PLUGIN_CONFIG => &h.plugin_config,
                 BUFFER_HTTP_REQUEST_BODY => &h.http.request_body,
+                BUFFER_HTTP_RESPONSE_BODY => &h.http.response_body,
                 _ => return Ok(NOT_FOUND),
             };
             let start = (start.max(0) as usize).min(buf.len());
@@ -576,6 +580,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 BUFFER_VM_CONFIG => c.data().vm_config.len(),
                 BUFFER_PLUGIN_CONFIG => c.data().plugin_config.len(),
                 BUFFER_HTTP_REQUEST_BODY => c.data().http.request_body.len(),
+                BUFFER_HTTP_RESPONSE_BODY => c.data().http.response_body.len(),
                 _ => return NOT_FOUND,
             };
             if write_u32(&mut c, len_ptr, n as u32) && write_u32(&mut c, flags_ptr, 0) {
@@ -589,7 +594,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: C<'_>, t: i32, start: i32, len: i32, dp: i32, dl: i32| {
-            if t != BUFFER_HTTP_REQUEST_BODY {
+            if t != BUFFER_HTTP_REQUEST_BODY && t != BUFFER_HTTP_RESPONSE_BODY {
                 return BAD_ARGUMENT;
             }
             if dl as u32 as usize > MAX_BODY_BYTES {
@@ -598,7 +603,12 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(data) = read(&mut c, dp, dl) else {
                 return INVALID_MEMORY_ACCESS;
             };
-            if splice(&mut c.data_mut().http.request_body, start, len, &data) {
+            let http = &mut c.data_mut().http;
+            let body = match t {
+                BUFFER_HTTP_REQUEST_BODY => &mut http.request_body,
+                _ => &mut http.response_body,
+            };
+            if splice(body, start, len, &data) {
                 OK
             } else {
                 BAD_ARGUMENT

@@ -51,7 +51,22 @@ pub fn run_request_body(ran: &Ran, http: &mut Box<HttpState>) -> Option<(LocalRe
         if !p.wants_request_body() {
             continue;
         }
-        if let Some(r) = p.on_request_body(*h, http) {
+        if let Some(r) = p.on_body(*h, http, false) {
+            return Some((r, p.id.clone()));
+        }
+    }
+    None
+}
+
+/// Runs the response-body callbacks in reverse order (as the response headers'),
+/// on the whole body in `http.response_body`. Returns a local reply, if one sent
+/// it.
+pub fn run_response_body(ran: &Ran, http: &mut Box<HttpState>) -> Option<(LocalReply, String)> {
+    for (p, h) in ran.entries.iter().rev() {
+        if !p.wants_response_body() {
+            continue;
+        }
+        if let Some(r) = p.on_body(*h, http, true) {
             return Some((r, p.id.clone()));
         }
     }

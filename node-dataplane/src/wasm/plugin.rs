@@ -142,6 +142,8 @@ pub struct Plugin {
     /// The module has a `proxy_on_request_body` that does something: requests
     /// with a body are buffered for it.
     wants_request_body: bool,
+    /// The same for `proxy_on_response_body` and responses.
+    wants_response_body: bool,
     pub stats: PluginStats,
     /// Calls still to run off the workers since the plugin was last caught slow.
     slow_calls: AtomicU32,
@@ -212,10 +214,13 @@ impl Plugin {
         if let Err(e) = &module {
             tracing::warn!(plugin = %format!("{}/{}", spec.namespace, spec.name), error = %e, "wasm plugin cannot be loaded");
         }
-        let wants_request_body = module.as_ref().is_ok_and(|(m, _)| {
-            let name = "proxy_on_request_body";
-            m.module.get_export(name).is_some() && !m.no_ops.contains(name)
-        });
+        let exports = |name: &str| {
+            module
+                .as_ref()
+                .is_ok_and(|(m, _)| m.module.get_export(name).is_some() && !m.no_ops.contains(name))
+        };
+        let wants_request_body = exports("proxy_on_request_body");
+        let wants_response_body = exports("proxy_on_response_body");
         Self {
             id: format!("{}/{}", spec.namespace, spec.name),
             phase: Phase::parse(&spec.phase),
@@ -239,6 +244,7 @@ impl Plugin {
             has_failed: AtomicBool::new(false),
             waiting_for_module: false,
             wants_request_body,
+            wants_response_body,
             stats: PluginStats::default(),
             slow_calls: AtomicU32::new(0),
             slow_gate: Mutex::new(()),
@@ -556,18 +562,28 @@ impl Plugin {
         self.wants_request_body
     }
 
-    /// Runs the request-body callback with the whole body in
-    /// `http.request_body`, which the plugin may change. A plugin may answer
-    /// with a local reply. `Pause` with the whole body delivered has nothing to
-    /// wait for: it continues.
-    pub fn on_request_body(&self, h: Handle, http: &mut Box<HttpState>) -> Option<LocalReply> {
+    /// Does the plugin read response bodies (`proxy_on_response_body`)?
+    pub fn wants_response_body(&self) -> bool {
+        self.wants_response_body
+    }
+
+    /// Runs the request-body callback (or, `response`, the response-body one)
+    /// with the whole body in `http.request_body` (`response_body`), which the
+    /// plugin may change. A plugin may answer with a local reply. `Pause` with the
+    /// whole body delivered has nothing to wait for: it continues.
+    pub fn on_body(
+        &self,
+        h: Handle,
+        http: &mut Box<HttpState>,
+        response: bool,
+    ) -> Option<LocalReply> {
         self.with_slot(h.slot, false, |slot, i| {
             if slot.generation != h.generation {
                 return None;
             }
             let vm = slot.vm.as_mut()?;
             http.local_reply = None;
-            match vm.request_body(h.ctx, http) {
+            match vm.body(h.ctx, http, response) {
                 Ok(_) => {
                     self.pace(slot, false);
                     let r = http.local_reply.take();

@@ -932,7 +932,8 @@ async fn the_driver_ticks_live_instances_and_ends_with_its_plugin() {
 }
 
 /// Reads request bodies: one that starts with `evil` is refused (403), any
-/// other gets `seen:` in front.
+/// other gets `seen:` in front. Reads response bodies: one that starts with
+/// `evil` is replaced by a 502, any other gets `+checked` appended.
 pub(crate) const BODY_WAT: &str = r#"(module
   (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_set_buffer_bytes" (func $setbuf (param i32 i32 i32 i32 i32) (result i32)))
@@ -942,6 +943,8 @@ pub(crate) const BODY_WAT: &str = r#"(module
   (data (i32.const 0) "evil")
   (data (i32.const 16) "seen:")
   (data (i32.const 32) "body refused")
+  (data (i32.const 48) "+checked")
+  (data (i32.const 64) "response refused")
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
     (local $p i32)
@@ -961,10 +964,21 @@ pub(crate) const BODY_WAT: &str = r#"(module
             (drop (call $reply (i32.const 403) (i32.const 32) (i32.const 12) (i32.const 32) (i32.const 12) (i32.const 0) (i32.const 0) (i32.const -1)))
             (return (i32.const 0))))))
     (drop (call $setbuf (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 5)))
+    (i32.const 0))
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (if (i32.and
+          (i32.ge_u (local.get $size) (i32.const 4))
+          (i32.eqz (call $buf (i32.const 1) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204))))
+      (then
+        (if (i32.eq (i32.load (i32.load (i32.const 200))) (i32.load (i32.const 0)))
+          (then
+            (drop (call $reply (i32.const 502) (i32.const 64) (i32.const 16) (i32.const 64) (i32.const 16) (i32.const 0) (i32.const 0) (i32.const -1)))
+            (return (i32.const 0))))))
+    (drop (call $setbuf (i32.const 1) (local.get $size) (i32.const 0) (i32.const 48) (i32.const 8)))
     (i32.const 0)))"#;
 
 #[test]
-fn request_bodies_are_read_changed_and_refused_through_the_abi() {
+fn bodies_are_read_changed_and_refused_through_the_abi() {
     use super::chain;
     let p = Arc::new(plugin(BODY_WAT, "FAIL_CLOSE"));
     assert!(p.load_error().is_none(), "{:?}", p.load_error());
@@ -992,6 +1006,33 @@ fn request_bodies_are_read_changed_and_refused_through_the_abi() {
                 assert_eq!(
                     (r.status, r.body.as_slice(), id.as_str()),
                     (status, &b"body refused"[..], "ns/wat")
+                );
+            }
+        }
+        chain::finish(&mut ran, &mut http);
+    }
+    // Response bodies.
+    for (body, want) in [
+        (&b"ok"[..], Ok(&b"ok+checked"[..])),
+        (b"evil data", Err(502)),
+    ] {
+        let mut http = request("/");
+        let mut ran = chain::Ran::default();
+        assert!(chain::run_request(&plugins, &mut http, false, &mut ran).is_none());
+        http.response = ok_response();
+        assert!(chain::run_response(&ran, &mut http, false).is_none());
+        http.response_body = body.to_vec();
+        let replied = chain::run_response_body(&ran, &mut http);
+        match want {
+            Ok(b) => {
+                assert!(replied.is_none(), "{replied:?}");
+                assert_eq!(http.response_body, b);
+            }
+            Err(status) => {
+                let (r, _) = replied.expect("a local reply");
+                assert_eq!(
+                    (r.status, r.body.as_slice()),
+                    (status, &b"response refused"[..])
                 );
             }
         }

@@ -40,6 +40,7 @@ struct Exports {
     on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
@@ -187,6 +188,7 @@ impl Vm {
             on_request_headers: typed(&mut store, &inst, "proxy_on_request_headers")?,
             on_response_headers: typed(&mut store, &inst, "proxy_on_response_headers")?,
             on_request_body: callback(&mut store, &inst, "proxy_on_request_body", no_ops)?,
+            on_response_body: callback(&mut store, &inst, "proxy_on_response_body", no_ops)?,
             on_done: callback(&mut store, &inst, "proxy_on_done", no_ops)?,
             on_log: callback(&mut store, &inst, "proxy_on_log", no_ops)?,
             on_delete: callback(&mut store, &inst, "proxy_on_delete", no_ops)?,
@@ -295,21 +297,28 @@ impl Vm {
         self.headers_call("proxy_on_response_headers", true, ctx, http, end_of_stream)
     }
 
-    /// `proxy_on_request_body` with the whole body (`end_of_stream` true): the
-    /// body is `http.request_body`, which the plugin may change.
-    pub fn request_body(
+    /// `proxy_on_request_body` (or, `response`, `proxy_on_response_body`) with the
+    /// whole body (`end_of_stream` true): `http.request_body` (`response_body`),
+    /// which the plugin may change.
+    pub fn body(
         &mut self,
         ctx: i32,
         http: &mut Box<HttpState>,
+        response: bool,
     ) -> Result<Action, WasmError> {
-        let Some(f) = &self.exports.on_request_body else {
+        let (f, len, what) = if response {
+            let f = &self.exports.on_response_body;
+            (f, http.response_body.len(), "proxy_on_response_body")
+        } else {
+            let f = &self.exports.on_request_body;
+            (f, http.request_body.len(), "proxy_on_request_body")
+        };
+        let Some(f) = f else {
             return Ok(Action::Continue);
         };
-        let args = (ctx, http.request_body.len() as i32, 1);
+        let args = (ctx, len as i32, 1);
         std::mem::swap(http, &mut self.store.data_mut().http);
-        let r = self
-            .limit
-            .call(&mut self.store, "proxy_on_request_body", f, args);
+        let r = self.limit.call(&mut self.store, what, f, args);
         std::mem::swap(http, &mut self.store.data_mut().http);
         Ok(if r? == 1 {
             Action::Pause

@@ -18,7 +18,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_authz::path;
 
-pub type RespBody = Either<Incoming, Full<Bytes>>;
+pub type RespBody = Either<Incoming, Either<Full<Bytes>, super::upstream::BufferedBody>>;
+
+/// The body of weft's own answer (a local reply).
+fn local_body(b: Bytes) -> RespBody {
+    Either::Right(Either::Left(Full::new(b)))
+}
+
+/// A body read whole (for the plugins), with its trailers.
+fn buffered_body(
+    data: Vec<u8>,
+    trailers: Option<http::HeaderMap>,
+) -> super::upstream::BufferedBody {
+    let mut frames = vec![Ok(hyper::body::Frame::data(Bytes::from(data)))];
+    if let Some(t) = trailers {
+        frames.push(Ok(hyper::body::Frame::trailers(t)));
+    }
+    http_body_util::StreamBody::new(futures::stream::iter(frames))
+}
 
 /// The body of a 403 from weft's L7 authorization (Istio's text).
 pub const DENIED_BODY: &str = "RBAC: access denied";
@@ -333,19 +350,58 @@ impl Pending<'_> {
     }
 
     /// The response head from the application: runs the response callbacks (which
-    /// may change its status and headers) and ends the plugins' contexts. Returns
-    /// the local reply that replaces the response, if a plugin sent one.
+    /// may change its status and headers). Returns the local reply that replaces
+    /// the response, if a plugin sent one. The plugins' contexts end when this is
+    /// dropped (after [`Pending::on_response_body`], when a plugin reads bodies).
     pub fn on_response(
-        mut self,
+        &mut self,
         resp: &mut impl ResponseMessage,
         end_of_stream: bool,
         x: &mut Exchange,
     ) -> Option<LocalResponse> {
-        let mut run = self.run.take()?;
+        let run = self.run.as_mut()?;
         let replied = (!run.ran.entries.is_empty())
             .then(|| run_response_plugins(&run.ran, &mut run.view, resp, end_of_stream))
             .flatten();
-        self.ctx.end_run(run);
+        replied.map(|(r, plugin)| {
+            x.decided_by = Some(format!("wasm:{plugin}"));
+            local(r)
+        })
+    }
+
+    /// Does a plugin that saw the request read response bodies? Then the
+    /// response's body is buffered whole (at most
+    /// [`crate::wasm::abi::MAX_BODY_BYTES`]) for [`Pending::on_response_body`].
+    pub fn wants_response_body(&self) -> bool {
+        self.run
+            .as_ref()
+            .is_some_and(|r| r.ran.entries.iter().any(|(p, _)| p.wants_response_body()))
+    }
+
+    /// Runs the plugins' response-body callbacks (in reverse order) on the whole
+    /// `body` (which they may change), with the response's headers readable and
+    /// changeable. Returns the local reply that replaces the response, if a
+    /// plugin sent one.
+    pub fn on_response_body(
+        &mut self,
+        resp: &mut impl ResponseMessage,
+        body: &mut Vec<u8>,
+        x: &mut Exchange,
+    ) -> Option<LocalResponse> {
+        let run = self.run.as_mut()?;
+        let view = &mut run.view;
+        view.response
+            .set_response(resp.status(), resp.lend_fields());
+        std::mem::swap(&mut view.response_body, body);
+        let replied = chain::run_response_body(&run.ran, view);
+        std::mem::swap(&mut view.response_body, body);
+        view.response_body = Vec::new();
+        resp.return_fields(view.response.take_fields());
+        if let Some(code) = view.response.pseudo(":status").and_then(|s| s.parse().ok()) {
+            if code != resp.status() {
+                resp.set_status(code);
+            }
+        }
         replied.map(|(r, plugin)| {
             x.decided_by = Some(format!("wasm:{plugin}"));
             local(r)
@@ -563,11 +619,11 @@ pub async fn serve_h2_request(
         NodeCounters::count(&ctx.state.counters.l7_ambiguous_host);
         tracing::info!(dst = %ctx.dst, peer = ?ctx.attrs.principal, why, "HTTP/2 request refused: ambiguous host");
         x.end(&ctx, 400);
-        return reply(400, AMBIGUOUS_HOST_BODY, &[]).map(|b| Either::Right(Full::new(b)));
+        return reply(400, AMBIGUOUS_HOST_BODY, &[]).map(local_body);
     }
     let eos = hyper::body::Body::is_end_stream(req.body());
     let resp = match on_request(&mut req, eos, &ctx, &mut x) {
-        Verdict::Reply(r) => r.map(|b| Either::Right(Full::new(b))),
+        Verdict::Reply(r) => r.map(local_body),
         Verdict::Forward(mut pending) => {
             let req = if !eos && pending.wants_request_body() {
                 match buffer_for_plugins(req, &mut pending, &mut x).await {
@@ -606,36 +662,66 @@ async fn buffer_for_plugins(
                 .is_some() =>
         {
             let body = "request body too large for the plugins that read it\n";
-            return Err(reply(413, body, &[]).map(|b| Either::Right(Full::new(b))));
+            return Err(reply(413, body, &[]).map(local_body));
         }
-        Err(_) => {
-            return Err(
-                reply(400, "request body not received\n", &[]).map(|b| Either::Right(Full::new(b)))
-            )
-        }
+        Err(_) => return Err(reply(400, "request body not received\n", &[]).map(local_body)),
     };
     let trailers = collected.trailers().cloned();
     let mut data = collected.to_bytes().to_vec();
     let mut req = http::Request::from_parts(parts, ());
     if let Some(r) = pending.on_request_body(&mut req, &mut data, x) {
-        return Err(r.map(|b| Either::Right(Full::new(b))));
+        return Err(r.map(local_body));
     }
     req.headers_mut().insert(
         http::header::CONTENT_LENGTH,
         http::HeaderValue::from(data.len()),
     );
-    let mut frames = vec![Ok(hyper::body::Frame::data(Bytes::from(data)))];
-    if let Some(t) = trailers {
-        frames.push(Ok(hyper::body::Frame::trailers(t)));
-    }
-    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+    let body = buffered_body(data, trailers);
     Ok(req.map(|()| Either::Right(body)))
+}
+
+/// Reads a response's body whole (at most [`crate::wasm::abi::MAX_BODY_BYTES`],
+/// else 500, as Envoy answers) for the plugins that read bodies and runs their
+/// body callbacks: the response goes on with the body they left, its
+/// `content-length` set and its trailers kept (gRPC's status among them); or a
+/// plugin's local reply replaces it.
+async fn buffer_response(
+    resp: http::Response<Incoming>,
+    pending: &mut Pending<'_>,
+    x: &mut Exchange,
+) -> http::Response<RespBody> {
+    use http_body_util::BodyExt;
+    let limit = crate::wasm::abi::MAX_BODY_BYTES;
+    let (parts, body) = resp.into_parts();
+    let collected = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => c,
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            let body = "response body too large for the plugins that read it\n";
+            return reply(500, body, &[]).map(local_body);
+        }
+        Err(_) => return reply(502, UPSTREAM_FAILED_BODY, &[]).map(local_body),
+    };
+    let trailers = collected.trailers().cloned();
+    let mut data = collected.to_bytes().to_vec();
+    let mut resp = http::Response::from_parts(parts, ());
+    if let Some(r) = pending.on_response_body(&mut resp, &mut data, x) {
+        return r.map(local_body);
+    }
+    resp.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(data.len()),
+    );
+    let body = buffered_body(data, trailers);
+    resp.map(|()| Either::Right(Either::Right(body)))
 }
 
 /// Sends a request to the application and runs the response plugins.
 async fn forward_h2(
     req: http::Request<super::upstream::UpBody>,
-    pending: Pending<'_>,
+    mut pending: Pending<'_>,
     ctx: &ConnCtx,
     x: &mut Exchange,
 ) -> http::Response<RespBody> {
@@ -643,14 +729,17 @@ async fn forward_h2(
         Ok(mut resp) => {
             let eos = hyper::body::Body::is_end_stream(resp.body());
             match pending.on_response(&mut resp, eos, x) {
-                Some(r) => r.map(|b| Either::Right(Full::new(b))),
+                Some(r) => r.map(local_body),
+                None if !eos && pending.wants_response_body() => {
+                    buffer_response(resp, &mut pending, x).await
+                }
                 None => resp.map(Either::Left),
             }
         }
         Err(e) => {
             tracing::debug!(dst = %ctx.dst, error = %format!("{e:#}"), "upstream request failed");
             drop(pending); // ends the plugins' contexts
-            reply(503, UPSTREAM_FAILED_BODY, &[]).map(|b| Either::Right(Full::new(b)))
+            reply(503, UPSTREAM_FAILED_BODY, &[]).map(local_body)
         }
     }
 }

@@ -70,11 +70,11 @@ fn an_h2_host_matching_its_authority_is_not_ambiguous() {
     }
 }
 
-/// HTTP/2: a plugin that reads request bodies gets the body whole; the
-/// application gets the body it left, with its length, and the request's
-/// trailers; a refused body is answered by the plugin.
+/// HTTP/2: a plugin that reads bodies gets them whole; the application (and the
+/// client) get the body it left, with its length, and the trailers; a refused
+/// body is answered by the plugin.
 #[tokio::test]
-async fn h2_request_bodies_go_through_the_plugins_that_read_them() {
+async fn h2_bodies_go_through_the_plugins_that_read_them() {
     use bytes::Bytes;
     let plugin =
         crate::wasm::tests::plugin_in_phase(crate::wasm::tests::BODY_WAT, "FAIL_CLOSE", "AUTHZ");
@@ -105,7 +105,10 @@ async fn h2_request_bodies_go_through_the_plugins_that_read_them() {
                 );
                 let resp = http::Response::builder().status(200).body(()).unwrap();
                 let mut send = respond.send_response(resp, false).unwrap();
-                send.send_data(Bytes::from(text), true).unwrap();
+                send.send_data(Bytes::from(text), false).unwrap();
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                send.send_trailers(t).unwrap();
             });
         }
     });
@@ -120,7 +123,7 @@ async fn h2_request_bodies_go_through_the_plugins_that_read_them() {
             .body(())
             .unwrap()
     };
-    async fn answer(resp: h2::client::ResponseFuture) -> (u16, String) {
+    async fn answer(resp: h2::client::ResponseFuture) -> (u16, String, Option<String>) {
         let resp = tokio::time::timeout(Duration::from_secs(5), resp)
             .await
             .expect("an answer within 5 s")
@@ -133,7 +136,11 @@ async fn h2_request_bodies_go_through_the_plugins_that_read_them() {
             let _ = body.flow_control().release_capacity(d.len());
             got.extend_from_slice(&d);
         }
-        (status, String::from_utf8_lossy(&got).into_owned())
+        let trailer = body.trailers().await.ok().flatten().and_then(|t| {
+            t.get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_string())
+        });
+        (status, String::from_utf8_lossy(&got).into_owned(), trailer)
     }
     // Data in two frames, then trailers.
     let (resp, mut stream) = send.send_request(post("/ok/a"), false).unwrap();
@@ -142,16 +149,18 @@ async fn h2_request_bodies_go_through_the_plugins_that_read_them() {
     let mut t = http::HeaderMap::new();
     t.insert("x-t", http::HeaderValue::from_static("1"));
     stream.send_trailers(t).unwrap();
+    // The response's body went through the plugin too, its trailers kept.
     assert_eq!(
         answer(resp).await,
         (
             200,
-            "seen:hello len=Some(\"10\") trailer=Some(\"1\")".to_string()
+            "seen:hello len=Some(\"10\") trailer=Some(\"1\")+checked".to_string(),
+            Some("0".to_string())
         )
     );
     let (resp, mut stream) = send.send_request(post("/ok/b"), false).unwrap();
     stream
         .send_data(Bytes::from_static(b"evil!"), true)
         .unwrap();
-    assert_eq!(answer(resp).await, (403, "body refused".to_string()));
+    assert_eq!(answer(resp).await, (403, "body refused".to_string(), None));
 }

@@ -272,7 +272,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
                 Next::Close
             });
         }
-        buffered = Some(reframe(&mut req, data, whole.trailers));
+        buffered = Some(reframe(&mut req.fields, data, whole.trailers));
         body = Framing::Empty;
     }
     let out = &mut bufs.out;
@@ -397,20 +397,21 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     }
 }
 
-/// The framing of a body the plugins have read whole (and may have changed):
-/// `Content-Length` when it had no trailers, else chunked with its trailers, as
-/// one chunk. Returns the body's bytes as they go on the wire.
-fn reframe(req: &mut head::Request, data: Vec<u8>, trailers: Option<Vec<u8>>) -> Vec<u8> {
-    req.fields.remove(b"content-length");
-    req.fields.remove(b"transfer-encoding");
+/// The framing of a body the plugins have read whole (and may have changed),
+/// set in its message's `fields`: `Content-Length` when it had no trailers, else
+/// chunked with its trailers, as one chunk. Returns the body's bytes as they go on
+/// the wire.
+fn reframe(fields: &mut Fields, data: Vec<u8>, trailers: Option<Vec<u8>>) -> Vec<u8> {
+    fields.remove(b"content-length");
+    fields.remove(b"transfer-encoding");
     match trailers.filter(|t| t.as_slice() != b"\r\n") {
         None => {
             let len = data.len().to_string();
-            let _ = req.fields.insert(b"content-length", len.as_bytes());
+            let _ = fields.insert(b"content-length", len.as_bytes());
             data
         }
         Some(t) => {
-            let _ = req.fields.insert(b"transfer-encoding", b"chunked");
+            let _ = fields.insert(b"transfer-encoding", b"chunked");
             let mut out = Vec::with_capacity(data.len() + t.len() + 16);
             if !data.is_empty() {
                 out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
@@ -549,9 +550,47 @@ async fn respond<W: AsyncWrite + Unpin>(
         keep_alive,
         parsed,
     } = head;
-    if let (Some(mut resp), Some(p)) = (parsed, pending.take()) {
-        if let Some(r) = p.on_response(&mut resp, body == Framing::Empty, x) {
-            // A plugin replaced the response: the application's body is left unread.
+    if let (Some(mut resp), Some(mut p)) = (parsed, pending.take()) {
+        let mut replied = p.on_response(&mut resp, body == Framing::Empty, x);
+        let reads_body = body != Framing::Empty && !upgraded && p.wants_response_body();
+        if replied.is_none() && reads_body {
+            // The plugins read the response's body whole before any of it goes.
+            let limit = MAX_BODY_BYTES;
+            match body::read_whole(&mut *ur, &mut *ubuf, body, limit).await {
+                Ok(whole) => {
+                    let mut data = whole.data;
+                    replied = p.on_response_body(&mut resp, &mut data, x);
+                    if replied.is_none() {
+                        drop(p);
+                        status = resp.status;
+                        let bytes = reframe(&mut resp.fields, data, whole.trailers);
+                        head::write_response(&resp, out);
+                        out.extend_from_slice(&bytes);
+                        *spare = resp.fields.into_spare();
+                        x.head_out();
+                        dw.write_all(out).await.map_err(|_| Failure::Broken)?;
+                        dw.flush().await.map_err(|_| Failure::Broken)?;
+                        return Ok(Forwarded {
+                            status,
+                            keep_alive: keep_alive && body != Framing::UntilClose,
+                            keep_alive_down: true,
+                            complete: true,
+                            upgraded: false,
+                        });
+                    }
+                }
+                Err(body::WholeError::TooLarge(_)) => {
+                    let body = "response body too large for the plugins that read it\n";
+                    replied = Some(super::http::reply(500, body, &[]));
+                }
+                Err(body::WholeError::Body(e)) => return Err(Failure::Malformed(e.to_string())),
+                Err(body::WholeError::Read(_)) => return Err(Failure::Broken),
+            }
+        }
+        if let Some(r) = replied {
+            // A plugin replaced the response: the application's body is left
+            // unread (or was read), and the connection closes.
+            drop(p);
             let mut local = Vec::new();
             head::write_local(&r, head_request, true, &mut local);
             dw.write_all(&local).await.map_err(|_| Failure::Broken)?;
@@ -564,6 +603,7 @@ async fn respond<W: AsyncWrite + Unpin>(
                 upgraded: false,
             });
         }
+        drop(p);
         status = resp.status;
         head::write_response(&resp, out);
         *spare = resp.fields.into_spare();
