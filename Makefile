@@ -15,13 +15,17 @@ build: setup plugins
 
 # The example Wasm plugins, built from source into target/plugins/.
 PLUGINS := target/plugins
-plugins: setup $(PLUGINS)/peer_gate_c.wasm $(PLUGINS)/rate_limit_c.wasm $(PLUGINS)/peer_gate_as.wasm
+plugins: setup $(PLUGINS)/peer_gate_c.wasm $(PLUGINS)/rate_limit_c.wasm $(PLUGINS)/body_guard_c.wasm $(PLUGINS)/peer_gate_as.wasm
 
 $(PLUGINS)/peer_gate_c.wasm: examples/plugins/c/peer_gate.c
 	@mkdir -p $(PLUGINS)
 	clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o $@ $<
 
 $(PLUGINS)/rate_limit_c.wasm: examples/plugins/c/rate_limit.c
+	@mkdir -p $(PLUGINS)
+	clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o $@ $<
+
+$(PLUGINS)/body_guard_c.wasm: examples/plugins/c/body_guard.c
 	@mkdir -p $(PLUGINS)
 	clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -o $@ $<
 

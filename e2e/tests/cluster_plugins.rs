@@ -61,6 +61,7 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         "web-c",
         "web-as",
         "web-rl",
+        "web-bg",
         "trap-close",
         "trap-open",
         "loop",
@@ -104,7 +105,14 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
     let c_mod = plugin_path("peer_gate_c").unwrap();
     let as_mod = plugin_path("peer_gate_as").unwrap();
     let rl_mod = plugin_path("rate_limit_c").unwrap();
+    let bg_mod = plugin_path("body_guard_c").unwrap();
     let manifests = [
+        plugin(
+            "body-guard",
+            "web-bg",
+            &bg_mod,
+            "  pluginConfig: {blocked: DROP TABLE, redact: secret}\n",
+        ),
         // No refill: exactly 3 requests ever pass, whichever instance serves them.
         plugin(
             "rate-limit",
@@ -240,6 +248,23 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         value(&format!("weft_wasm_plugin_histogram_bucket{{le=\"+Inf\",{gate},metric=\"peer_gate_path_bytes\"}}")),
         calls
     );
+
+    // The body guard (bodies): a request body with the pattern is refused, one
+    // without reaches the application; the response's body is redacted, its
+    // length matching.
+    let bg = &ips["web-bg"];
+    let url = format!("http://{bg}:8080/secret/x");
+    let r = wait_until(Duration::from_secs(30), || {
+        let r = curl(&c, "shop/client", &["-d", "name=x; DROP TABLE users"], &url).ok()?;
+        (r.status == 403).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("the body guard never refused:\n{}", c.agent_log("node-b")));
+    assert_eq!(r.body, "blocked by body_guard\n");
+    let r = curl(&c, "shop/client", &["-d", "name=x"], &url).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "POST /******/x"));
+    assert_eq!(r.header("content-length"), Some("14"));
+    let r = curl(&c, "shop/client", &["-H", "Transfer-Encoding: chunked", "-d", "name=y"], &url).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "POST /******/x"));
 
     // The rate limiter: one bucket in shared data for the plugin's instances (one
     // per proxy worker, requests spread over them), so exactly 3 requests pass.
