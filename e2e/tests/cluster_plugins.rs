@@ -263,7 +263,13 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
     let r = curl(&c, "shop/client", &["-d", "name=x"], &url).unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "POST /******/x"));
     assert_eq!(r.header("content-length"), Some("14"));
-    let r = curl(&c, "shop/client", &["-H", "Transfer-Encoding: chunked", "-d", "name=y"], &url).unwrap();
+    let r = curl(
+        &c,
+        "shop/client",
+        &["-H", "Transfer-Encoding: chunked", "-d", "name=y"],
+        &url,
+    )
+    .unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "POST /******/x"));
 
     // The rate limiter: one bucket in shared data for the plugin's instances (one

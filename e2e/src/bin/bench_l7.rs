@@ -61,6 +61,10 @@ struct Args {
     /// changes, paired within each round.
     #[arg(long)]
     compare_agent: Option<std::path::PathBuf>,
+    /// Only the in-process costs of each plugin callback class (no cluster, no
+    /// root needed).
+    #[arg(long)]
+    in_process_only: bool,
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -191,10 +195,26 @@ fn plugin(name: &str, app: &str, module: &Path) -> String {
     )
 }
 
+/// What an in-process lifecycle sends through a plugin.
+#[derive(Clone, Copy)]
+struct Lifecycle {
+    /// Request and response bodies of this many bytes, given to the body
+    /// callbacks (0: headers only).
+    body: usize,
+    /// Also run the plugin's due root-context calls (ticks) after each request.
+    ticks: bool,
+}
+
 /// The host's cost of one request lifecycle for a plugin, in process (no network):
-/// create context, request headers (the plugin reads `:path` and the peer), response
-/// headers (it adds a header), done/log/delete. Returns (p50, p99) in microseconds.
-fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usize)> {
+/// create context, request headers (the plugin reads `:path` and the peer), the
+/// bodies when asked, response headers (it adds a header), done/log/delete.
+/// Returns (p50, p99) in microseconds and the instance's linear memory.
+fn plugin_lifecycle(
+    module: &Path,
+    name: &str,
+    config: &str,
+    how: Lifecycle,
+) -> anyhow::Result<(f64, f64, usize)> {
     use weft_node_dataplane::testing::Headers;
     use weft_node_dataplane::testing::{ConnProps, HttpState};
     let engine = weft_node_dataplane::testing::WasmEngine::new()?;
@@ -204,7 +224,7 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
         namespace: "bench".into(),
         sha256: name.into(),
         plugin_name: name.into(),
-        plugin_config: r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"v"}"#.into(),
+        plugin_config: config.into(),
         ..Default::default()
     };
     let p = weft_node_dataplane::testing::Plugin::new(
@@ -220,6 +240,7 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
         destination: "10.244.2.2:8080".parse()?,
         peer_id: Some("spiffe://cluster.local/ns/bench/sa/client".into()),
     });
+    let body: Vec<u8> = (0..how.body).map(|i| b'a' + (i % 26) as u8).collect();
     let mut lat = Vec::new();
     for i in 0..30_000 {
         let t = std::time::Instant::now();
@@ -236,17 +257,34 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
             props: Some(props.clone()),
             ..Default::default()
         });
-        let (o, h) = p.on_request(&mut http, true);
+        let (o, h) = p.on_request(&mut http, how.body == 0);
         anyhow::ensure!(
             matches!(o, weft_node_dataplane::testing::Outcome::Continue),
             "{o:?}"
         );
         let h = h.ok_or_else(|| anyhow::anyhow!("no context"))?;
+        if how.body > 0 {
+            http.request_body.clone_from(&body);
+            anyhow::ensure!(
+                p.on_body(h, &mut http, false).is_none(),
+                "request body refused"
+            );
+        }
         let mut fields = Fields::default();
         fields.append(b"content-length", b"10")?;
         http.response = Headers::response(200, fields);
-        anyhow::ensure!(p.on_response(h, &mut http, false).is_none());
+        anyhow::ensure!(p.on_response(h, &mut http, how.body == 0).is_none());
+        if how.body > 0 {
+            http.response_body.clone_from(&body);
+            anyhow::ensure!(
+                p.on_body(h, &mut http, true).is_none(),
+                "response body refused"
+            );
+        }
         p.finish(h, &mut http);
+        if how.ticks {
+            p.run_due(std::time::Instant::now() + Duration::from_secs(3600));
+        }
         if i >= 5_000 {
             lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
         }
@@ -256,14 +294,122 @@ fn plugin_lifecycle(module: &Path, name: &str) -> anyhow::Result<(f64, f64, usiz
     Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100], mem))
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    for (label, name) in [("C", "peer_gate_c"), ("AssemblyScript", "peer_gate_as")] {
-        let (p50, p99, mem) = plugin_lifecycle(&plugin_path(name)?, name)?;
+/// The in-process cost of each plugin callback class, against the C plugin's
+/// headers-only lifecycle measured in the same run.
+fn callback_classes() -> anyhow::Result<()> {
+    let gate =
+        r#"{"protectedPrefix":"/private","allowedPeers":[],"header":"x-weft-plugin","value":"v"}"#;
+    let headers = Lifecycle {
+        body: 0,
+        ticks: false,
+    };
+    let cases: [(&str, &str, &str, Lifecycle); 6] = [
+        (
+            "C peer_gate: headers (baseline)",
+            "peer_gate_c",
+            gate,
+            headers,
+        ),
+        (
+            "AssemblyScript peer_gate: headers",
+            "peer_gate_as",
+            gate,
+            headers,
+        ),
+        (
+            "C rate_limit: headers + shared data (CAS get/set) + metric",
+            "rate_limit_c",
+            r#"{"requestsPerSecond": 1000000000, "burst": 1000000000}"#,
+            headers,
+        ),
+        (
+            "C rate_limit: the same + a due tick per request (root context, off the workers)",
+            "rate_limit_c",
+            r#"{"requestsPerSecond": 1000000000, "burst": 1000000000}"#,
+            Lifecycle {
+                body: 0,
+                ticks: true,
+            },
+        ),
+        (
+            "C body_guard: request + response bodies of 1 KiB",
+            "body_guard_c",
+            r#"{"blocked": "DROP TABLE", "redact": "secret"}"#,
+            Lifecycle {
+                body: 1024,
+                ticks: false,
+            },
+        ),
+        (
+            "C body_guard: request + response bodies of 64 KiB",
+            "body_guard_c",
+            r#"{"blocked": "DROP TABLE", "redact": "secret"}"#,
+            Lifecycle {
+                body: 64 * 1024,
+                ticks: false,
+            },
+        ),
+    ];
+    // The host's own part of a body callback: a plugin that only reads the
+    // whole body (one copy into its memory) and continues.
+    let reader = std::env::temp_dir().join(format!(
+        "weft-bench-body-reader-{}.wasm",
+        std::process::id()
+    ));
+    std::fs::write(&reader, wat::parse_str(BODY_READER)?)?;
+    let reading = |body| {
+        (
+            "WAT body reader",
+            "body_reader",
+            "",
+            Lifecycle { body, ticks: false },
+        )
+    };
+    let mut base = None;
+    let all = cases.into_iter().chain([reading(1024), reading(64 * 1024)]);
+    for (label, name, config, how) in all {
+        let module = match name {
+            "body_reader" => reader.clone(),
+            n => plugin_path(n)?,
+        };
+        let label = match name {
+            "body_reader" => format!(
+                "{label}: request + response bodies of {} KiB, read whole by the plugin",
+                how.body / 1024
+            ),
+            _ => label.to_string(),
+        };
+        let (p50, p99, mem) = plugin_lifecycle(&module, name, config, how)?;
+        let b = *base.get_or_insert(p50);
         println!(
-            "{label} plugin, host cost of one request lifecycle in process: p50 {p50:.2} us, p99 {p99:.2} us; instance linear memory {} KiB",
+            "{label}: one request lifecycle in process p50 {p50:.2} us ({:.2}x the baseline), p99 {p99:.2} us; instance linear memory {} KiB",
+            p50 / b,
             mem / 1024
         );
+    }
+    let _ = std::fs::remove_file(&reader);
+    Ok(())
+}
+
+/// A plugin whose body callbacks read the whole body and continue.
+const BODY_READER: &str = r#"(module
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 3)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (drop (call $buf (i32.const 0) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+    (i32.const 0))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+    (drop (call $buf (i32.const 1) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+    (i32.const 0)))"#;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    callback_classes()?;
+    if args.in_process_only {
+        return Ok(());
     }
     require_root();
     let mut c = LocalCluster::new(&["node-a", "node-b"])?;
