@@ -245,6 +245,19 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     // goes on: read here (bounded), then sent with the head.
     let mut buffered: Option<Vec<u8>> = None;
     if body != Framing::Empty && pending.as_ref().is_some_and(Pending::wants_request_body) {
+        // A client that waits for `100 Continue` before its body gets it from the
+        // proxy (the application sees a request whose body is already here).
+        let expects = req
+            .fields
+            .get(b"expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+        if expects {
+            req.fields.remove(b"expect");
+            if dbuf.is_empty() {
+                dw.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                dw.flush().await?;
+            }
+        }
         let whole = match body::read_whole(&mut *dr, &mut *dbuf, body, MAX_BODY_BYTES).await {
             Ok(w) => w,
             Err(body::WholeError::TooLarge(_)) => {

@@ -773,6 +773,27 @@ async fn request_bodies_go_through_the_plugins_that_read_them() {
         .await
         .unwrap();
     read_until(&mut client, "\r\n\r\nok").await;
+    // A client waiting for 100 Continue gets it from the proxy; the application
+    // gets the whole request, without the Expect field.
+    client
+        .write_all(
+            b"POST /x HTTP/1.1\r\nHost: web\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut client, "\r\n\r\n").await,
+        "HTTP/1.1 100 Continue\r\n\r\n"
+    );
+    client.write_all(b"abc").await.unwrap();
+    assert_eq!(
+        read_until(&mut s, "seen:abc").await,
+        "POST /x HTTP/1.1\r\nhost: web\r\ncontent-length: 8\r\n\r\nseen:abc"
+    );
+    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "content-length: 0\r\n\r\n").await;
     // Refused by the plugin: answered, and the connection goes on.
     client
         .write_all(b"POST /c HTTP/1.1\r\nHost: web\r\nContent-Length: 8\r\n\r\nevil!!!!")
