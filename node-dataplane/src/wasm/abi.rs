@@ -97,6 +97,8 @@ pub struct HttpState {
     pub request_body: Vec<u8>,
     /// The response's body, during `proxy_on_response_body` (delivered whole).
     pub response_body: Vec<u8>,
+    /// The plugin read or changed a body buffer (it cares about bodies).
+    pub body_touched: bool,
 }
 
 /// Memory cap, recording whether the plugin hit it.
@@ -558,6 +560,9 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, t: i32, start: i32, max: i32, rp: i32, rl: i32| -> wasmtime::Result<i32> {
+            if t == BUFFER_HTTP_REQUEST_BODY || t == BUFFER_HTTP_RESPONSE_BODY {
+                c.data_mut().http.body_touched = true;
+            }
             let h = c.data();
             let buf: &[u8] = match t {
                 BUFFER_VM_CONFIG => &h.vm_config,
@@ -576,6 +581,9 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_status",
         |mut c: C<'_>, t: i32, len_ptr: i32, flags_ptr: i32| {
+            if t == BUFFER_HTTP_REQUEST_BODY || t == BUFFER_HTTP_RESPONSE_BODY {
+                c.data_mut().http.body_touched = true;
+            }
             let n = match t {
                 BUFFER_VM_CONFIG => c.data().vm_config.len(),
                 BUFFER_PLUGIN_CONFIG => c.data().plugin_config.len(),
@@ -604,6 +612,7 @@ fn define(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return INVALID_MEMORY_ACCESS;
             };
             let http = &mut c.data_mut().http;
+            http.body_touched = true;
             let body = match t {
                 BUFFER_HTTP_REQUEST_BODY => &mut http.request_body,
                 _ => &mut http.response_body,

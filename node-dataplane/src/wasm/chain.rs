@@ -3,7 +3,7 @@
 //! then name. Response callbacks run in reverse order, as an HTTP filter chain does.
 
 use super::abi::{HttpState, LocalReply};
-use super::plugin::{Handle, Outcome, Plugin};
+use super::plugin::{Handle, Outcome, Plugin, Probe};
 use std::sync::Arc;
 
 /// Sorts plugins into execution order.
@@ -41,6 +41,39 @@ pub fn run_request(
         }
     }
     None
+}
+
+/// Asks the plugins that saw the request and have a body callback whether they
+/// read this request's (`response`: response's) body, in their order. `Ok(true)`:
+/// one does, and the body is buffered for them; or a plugin's local reply.
+pub fn probe_body(
+    ran: &Ran,
+    http: &mut Box<HttpState>,
+    response: bool,
+) -> Result<bool, (LocalReply, String)> {
+    let mut wants = false;
+    let exports = |p: &Plugin| match response {
+        true => p.wants_response_body(),
+        false => p.wants_request_body(),
+    };
+    let mut each = |p: &Arc<Plugin>, h: &Handle| match p.probe_body(*h, http, response) {
+        Probe::Wants => {
+            wants = true;
+            Ok(())
+        }
+        Probe::Ignores => Ok(()),
+        Probe::Reply(r) => Err((r, p.id.clone())),
+    };
+    if response {
+        for (p, h) in ran.entries.iter().rev().filter(|(p, _)| exports(p)) {
+            each(p, h)?;
+        }
+    } else {
+        for (p, h) in ran.entries.iter().filter(|(p, _)| exports(p)) {
+            each(p, h)?;
+        }
+    }
+    Ok(wants)
 }
 
 /// Runs the request-body callbacks, in order, of the plugins that saw the request

@@ -78,6 +78,15 @@ pub enum Outcome {
     Skipped,
 }
 
+/// What a plugin answered when asked whether it reads a body
+/// ([`Plugin::probe_body`]).
+#[derive(Debug)]
+pub enum Probe {
+    Wants,
+    Ignores,
+    Reply(LocalReply),
+}
+
 /// Where a request's context lives, for its later callbacks.
 #[derive(Debug, Clone, Copy)]
 pub struct Handle {
@@ -562,6 +571,45 @@ impl Plugin {
         self.wants_request_body
     }
 
+    /// Asks the plugin whether it reads this message's body: its body callback with
+    /// no data yet and `end_of_stream` false. It does if it pauses (to get the
+    /// rest) or touches the body buffer; a plugin whose callback only continues
+    /// (an SDK's default) does not, and the body streams past it uncalled.
+    pub fn probe_body(&self, h: Handle, http: &mut Box<HttpState>, response: bool) -> Probe {
+        self.with_slot(h.slot, false, |slot, i| {
+            if slot.generation != h.generation {
+                return Probe::Ignores;
+            }
+            let Some(vm) = slot.vm.as_mut() else {
+                return Probe::Ignores;
+            };
+            http.local_reply = None;
+            http.body_touched = false;
+            let r = vm.body(h.ctx, http, response, false);
+            let touched = std::mem::take(&mut http.body_touched);
+            http.request_body.clear();
+            http.response_body.clear();
+            match r {
+                Ok(action) => {
+                    self.pace(slot, false);
+                    if let Some(r) = http.local_reply.take() {
+                        self.stats.local_replies.fetch_add(1, Ordering::Relaxed);
+                        return Probe::Reply(r);
+                    }
+                    if action == Action::Pause || touched {
+                        Probe::Wants
+                    } else {
+                        Probe::Ignores
+                    }
+                }
+                Err(e) => match self.failed_now(slot, i, e) {
+                    Outcome::Reply(r) => Probe::Reply(r),
+                    _ => Probe::Ignores,
+                },
+            }
+        })
+    }
+
     /// Does the plugin read response bodies (`proxy_on_response_body`)?
     pub fn wants_response_body(&self) -> bool {
         self.wants_response_body
@@ -583,7 +631,7 @@ impl Plugin {
             }
             let vm = slot.vm.as_mut()?;
             http.local_reply = None;
-            match vm.body(h.ctx, http, response) {
+            match vm.body(h.ctx, http, response, true) {
                 Ok(_) => {
                     self.pace(slot, false);
                     let r = http.local_reply.take();

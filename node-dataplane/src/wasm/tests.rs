@@ -1052,3 +1052,36 @@ fn bodies_are_read_changed_and_refused_through_the_abi() {
     assert_eq!(b, b"x");
     assert!(super::abi::splice(&mut b, 0, 1, &big));
 }
+
+/// A body callback as SDKs export it when the plugin does not override it: it
+/// runs (here: counts) and continues, never touching the body.
+pub(crate) const SDK_DEFAULT_BODY_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (global $calls (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (i32.const 0)))"#;
+
+#[test]
+fn a_plugin_is_asked_whether_it_reads_bodies() {
+    use super::chain;
+    for (wat, wants) in [(BODY_WAT, true), (SDK_DEFAULT_BODY_WAT, false)] {
+        let p = Arc::new(plugin(wat, "FAIL_CLOSE"));
+        assert!(p.load_error().is_none(), "{:?}", p.load_error());
+        assert!(p.wants_request_body() && p.wants_response_body());
+        let mut http = request("/");
+        let mut ran = chain::Ran::default();
+        assert!(chain::run_request(std::slice::from_ref(&p), &mut http, false, &mut ran).is_none());
+        assert_eq!(chain::probe_body(&ran, &mut http, false).ok(), Some(wants));
+        assert_eq!(chain::probe_body(&ran, &mut http, true).ok(), Some(wants));
+        // Whatever the probe did to the (empty) buffers is gone.
+        assert!(http.request_body.is_empty() && http.response_body.is_empty());
+        chain::finish(&mut ran, &mut http);
+    }
+}

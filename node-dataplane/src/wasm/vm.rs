@@ -298,13 +298,14 @@ impl Vm {
     }
 
     /// `proxy_on_request_body` (or, `response`, `proxy_on_response_body`) with the
-    /// whole body (`end_of_stream` true): `http.request_body` (`response_body`),
-    /// which the plugin may change.
+    /// body in `http.request_body` (`response_body`), which the plugin may change:
+    /// the whole body (`end_of_stream`), or none of it yet (the probe).
     pub fn body(
         &mut self,
         ctx: i32,
         http: &mut Box<HttpState>,
         response: bool,
+        end_of_stream: bool,
     ) -> Result<Action, WasmError> {
         let (f, len, what) = if response {
             let f = &self.exports.on_response_body;
@@ -316,7 +317,7 @@ impl Vm {
         let Some(f) = f else {
             return Ok(Action::Continue);
         };
-        let args = (ctx, len as i32, 1);
+        let args = (ctx, len as i32, i32::from(end_of_stream));
         std::mem::swap(http, &mut self.store.data_mut().http);
         let r = self.limit.call(&mut self.store, what, f, args);
         std::mem::swap(http, &mut self.store.data_mut().http);

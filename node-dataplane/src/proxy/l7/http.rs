@@ -321,6 +321,41 @@ impl Pending<'_> {
             .is_some_and(|r| r.ran.entries.iter().any(|(p, _)| p.wants_request_body()))
     }
 
+    /// Asks the plugins with a request-body callback whether they read this
+    /// request's body ([`crate::wasm::plugin::Plugin::probe_body`]): `Ok(true)`
+    /// buffers it for them, `Ok(false)` streams it; or the local reply that
+    /// answers the request instead.
+    pub fn probe_request_body(
+        &mut self,
+        req: &mut impl RequestMessage,
+        x: &mut Exchange,
+    ) -> BodyPlan {
+        let Some(run) = self.run.as_mut() else {
+            return BodyPlan::Stream;
+        };
+        run.view.request.fields = req.lend_fields();
+        let r = chain::probe_body(&run.ran, &mut run.view, false);
+        req.return_fields(run.view.request.take_fields());
+        BodyPlan::of(r, x)
+    }
+
+    /// [`Pending::probe_request_body`] for the response's body.
+    pub fn probe_response_body(
+        &mut self,
+        resp: &mut impl ResponseMessage,
+        x: &mut Exchange,
+    ) -> BodyPlan {
+        let Some(run) = self.run.as_mut() else {
+            return BodyPlan::Stream;
+        };
+        run.view
+            .response
+            .set_response(resp.status(), resp.lend_fields());
+        let r = chain::probe_body(&run.ran, &mut run.view, true);
+        resp.return_fields(run.view.response.take_fields());
+        BodyPlan::of(r, x)
+    }
+
     /// Runs the plugins' request-body callbacks on the whole `body` (which they
     /// may change), with the request's headers readable (and changeable) as in
     /// the headers callbacks. Returns the local reply that answers the request
@@ -406,6 +441,29 @@ impl Pending<'_> {
             x.decided_by = Some(format!("wasm:{plugin}"));
             local(r)
         })
+    }
+}
+
+/// What the plugins want done with a message's body.
+pub enum BodyPlan {
+    /// None reads it: it streams past them.
+    Stream,
+    /// One reads it: buffered whole for the body callbacks.
+    Buffer,
+    /// A plugin answered instead.
+    Reply(LocalResponse),
+}
+
+impl BodyPlan {
+    fn of(r: Result<bool, (LocalReply, String)>, x: &mut Exchange) -> Self {
+        match r {
+            Ok(true) => BodyPlan::Buffer,
+            Ok(false) => BodyPlan::Stream,
+            Err((r, plugin)) => {
+                x.decided_by = Some(format!("wasm:{plugin}"));
+                BodyPlan::Reply(local(r))
+            }
+        }
     }
 }
 
@@ -625,7 +683,20 @@ pub async fn serve_h2_request(
     let resp = match on_request(&mut req, eos, &ctx, &mut x) {
         Verdict::Reply(r) => r.map(local_body),
         Verdict::Forward(mut pending) => {
-            let req = if !eos && pending.wants_request_body() {
+            let mut req = req;
+            let plan = match !eos && pending.wants_request_body() {
+                true => pending.probe_request_body(&mut req, &mut x),
+                false => BodyPlan::Stream,
+            };
+            let wanted = match plan {
+                BodyPlan::Reply(r) => {
+                    x.end(&ctx, r.status().as_u16());
+                    return r.map(local_body);
+                }
+                BodyPlan::Buffer => true,
+                BodyPlan::Stream => false,
+            };
+            let req = if wanted {
                 match buffer_for_plugins(req, &mut pending, &mut x).await {
                     Ok(req) => req,
                     Err(resp) => {
@@ -731,7 +802,11 @@ async fn forward_h2(
             match pending.on_response(&mut resp, eos, x) {
                 Some(r) => r.map(local_body),
                 None if !eos && pending.wants_response_body() => {
-                    buffer_response(resp, &mut pending, x).await
+                    match pending.probe_response_body(&mut resp, x) {
+                        BodyPlan::Reply(r) => r.map(local_body),
+                        BodyPlan::Buffer => buffer_response(resp, &mut pending, x).await,
+                        BodyPlan::Stream => resp.map(Either::Left),
+                    }
                 }
                 None => resp.map(Either::Left),
             }

@@ -32,7 +32,9 @@
 pub mod body;
 pub mod head;
 
-use super::http::{on_request, Exchange, LocalResponse, Pending, Verdict, AMBIGUOUS_HOST_BODY};
+use super::http::{
+    on_request, BodyPlan, Exchange, LocalResponse, Pending, Verdict, AMBIGUOUS_HOST_BODY,
+};
 use super::ConnCtx;
 use crate::fields::Fields;
 use crate::proxy::counters::NodeCounters;
@@ -244,7 +246,23 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     // A plugin that reads request bodies gets the body whole, before the request
     // goes on: read here (bounded), then sent with the head.
     let mut buffered: Option<Vec<u8>> = None;
-    if body != Framing::Empty && pending.as_ref().is_some_and(Pending::wants_request_body) {
+    let wanted = match pending.as_mut() {
+        Some(p) if body != Framing::Empty && p.wants_request_body() => {
+            match p.probe_request_body(&mut req, &mut x) {
+                BodyPlan::Buffer => true,
+                BodyPlan::Stream => false,
+                BodyPlan::Reply(r) => {
+                    // A plugin answered before the body was read: the connection
+                    // closes after the answer.
+                    answer_locally(dw, &r, head_request, true).await?;
+                    x.end(ctx, r.status().as_u16());
+                    return Ok(Next::Close);
+                }
+            }
+        }
+        _ => false,
+    };
+    if wanted {
         // A client that waits for `100 Continue` before its body gets it from the
         // proxy (the application sees a request whose body is already here).
         let expects = req
@@ -565,7 +583,14 @@ async fn respond<W: AsyncWrite + Unpin>(
     } = head;
     if let (Some(mut resp), Some(mut p)) = (parsed, pending.take()) {
         let mut replied = p.on_response(&mut resp, body == Framing::Empty, x);
-        let reads_body = body != Framing::Empty && !upgraded && p.wants_response_body();
+        let mut reads_body = false;
+        if replied.is_none() && body != Framing::Empty && !upgraded && p.wants_response_body() {
+            match p.probe_response_body(&mut resp, x) {
+                BodyPlan::Buffer => reads_body = true,
+                BodyPlan::Stream => {}
+                BodyPlan::Reply(r) => replied = Some(r),
+            }
+        }
         if replied.is_none() && reads_body {
             // The plugins read the response's body whole before any of it goes.
             let limit = MAX_BODY_BYTES;

@@ -830,3 +830,65 @@ async fn get_ok_on(client: &mut DuplexStream, s: &mut TcpStream, path: &str) {
         .unwrap();
     read_until(client, "200 OK").await;
 }
+
+/// A plugin whose body callbacks only continue (an SDK's default) does not make
+/// bodies buffered: a body past the plugins' limit streams through both ways.
+#[tokio::test]
+async fn bodies_stream_past_a_plugin_that_does_not_read_them() {
+    let plugin = crate::wasm::tests::plugin_in_phase(
+        crate::wasm::tests::SDK_DEFAULT_BODY_WAT,
+        "FAIL_CLOSE",
+        "AUTHZ",
+    );
+    let (l, addr) = app().await;
+    let policy = path_policy("all", pb::authorization_policy::Action::Allow, "/*");
+    let mut client = proxy_with_plugins(
+        addr,
+        Duration::from_secs(30),
+        policy,
+        vec![Arc::new(plugin)],
+    );
+    let big = crate::wasm::abi::MAX_BODY_BYTES + 10;
+    let head = format!("POST /up HTTP/1.1\r\nHost: web\r\nContent-Length: {big}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut s = accept(&l).await;
+    // The head reaches the application before the body has been sent.
+    assert_eq!(
+        read_until(&mut s, "\r\n\r\n").await,
+        format!("POST /up HTTP/1.1\r\nhost: web\r\ncontent-length: {big}\r\n\r\n")
+    );
+    let body = vec![b'x'; big];
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let send = tokio::spawn(async move { cw.write_all(&body).await.map(|_| cw) });
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < big {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("body bytes within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+    }
+    let _cw = send.await.unwrap().unwrap();
+    let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {big}\r\n\r\n");
+    s.write_all(resp.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'y'; big]).await.unwrap();
+    let mut seen = 0;
+    let mut text = Vec::new();
+    while !text.ends_with(b"\r\n\r\n") {
+        let n = cr.read(&mut buf[..1]).await.unwrap();
+        assert!(n > 0);
+        text.push(buf[0]);
+    }
+    assert!(String::from_utf8_lossy(&text).starts_with("HTTP/1.1 200 OK\r\n"));
+    while seen < big {
+        let n = tokio::time::timeout(Duration::from_secs(5), cr.read(&mut buf))
+            .await
+            .expect("response bytes within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {seen} bytes");
+        seen += n;
+    }
+    assert_eq!(seen, big);
+}
