@@ -62,6 +62,7 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         "web-as",
         "web-rl",
         "web-bg",
+        "web-asb",
         "trap-close",
         "trap-open",
         "loop",
@@ -107,6 +108,12 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
     let rl_mod = plugin_path("rate_limit_c").unwrap();
     let bg_mod = plugin_path("body_guard_c").unwrap();
     let manifests = [
+        plugin(
+            "gate-as-body",
+            "web-asb",
+            &as_mod,
+            "  pluginConfig: {protectedPrefix: /private, allowedPeers: [], header: x-weft-plugin, value: asb, bodySuffix: \" +as\"}\n",
+        ),
         plugin(
             "body-guard",
             "web-bg",
@@ -271,6 +278,21 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
     )
     .unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "POST /******/x"));
+
+    // The AssemblyScript SDK's body callback, unmodified: it asks for the whole
+    // response body (StopIterationAndBuffer) and appends to it; the client gets
+    // the new body with its length. Its request body callback is the SDK's
+    // default (continue): a POST body streams past it to the application.
+    let asb = &ips["web-asb"];
+    let r = wait_until(Duration::from_secs(30), || {
+        let r = get(&c, "shop/client", asb, "/public/b");
+        (r.header("x-weft-plugin") == Some("asb")).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("the AssemblyScript body plugin never ran:\n{}", c.agent_log("node-b")));
+    assert_eq!((r.status, r.body.as_str()), (200, "GET /public/b +as"));
+    assert_eq!(r.header("content-length"), Some("17"));
+    let r = curl(&c, "shop/client", &["-d", "x=1"], &format!("http://{asb}:8080/public/c")).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "POST /public/c +as"));
 
     // The rate limiter: one bucket in shared data for the plugin's instances (one
     // per proxy worker, requests spread over them), so exactly 3 requests pass.

@@ -6,6 +6,9 @@
 // as the C example:
 //   {"protectedPrefix": "/admin", "allowedPeers": ["spiffe://..."],
 //    "header": "x-weft-plugin", "value": "as-peer-gate"}
+// plus, optionally, "bodySuffix": text appended to every response body (the SDK's
+// body callback: it asks for the whole body, then changes it). Without it the
+// plugin leaves bodies alone, and they stream past it.
 export * from "@gcoredev/proxy-wasm-sdk-as/assembly/proxy";
 import {
   RootContext,
@@ -18,6 +21,9 @@ import {
   GrpcStatusValues,
   log,
   LogLevelValues,
+  FilterDataStatusValues,
+  BufferTypeValues,
+  set_buffer_bytes,
 } from "@gcoredev/proxy-wasm-sdk-as/assembly";
 
 // The value after `"key":` in a flat JSON object: a string, or "" if absent.
@@ -55,6 +61,7 @@ class PeerGateRoot extends RootContext {
   allowedPeers: Array<string> = new Array<string>();
   header: string = "x-weft-plugin";
   value: string = "as-peer-gate";
+  bodySuffix: string = "";
 
   onConfigure(size: u32): bool {
     if (!super.onConfigure(size)) return false;
@@ -67,6 +74,8 @@ class PeerGateRoot extends RootContext {
     if (at >= 0) this.value = readString(json, at);
     at = afterKey(json, "allowedPeers");
     if (at >= 0) this.allowedPeers = readStrings(json, at);
+    at = afterKey(json, "bodySuffix");
+    if (at >= 0) this.bodySuffix = readString(json, at);
     return true;
   }
 
@@ -99,6 +108,14 @@ class PeerGate extends Context {
   onResponseHeaders(_n: u32, _eos: bool): FilterHeadersStatusValues {
     stream_context.headers.response.add(this.gate.header, this.gate.value);
     return FilterHeadersStatusValues.Continue;
+  }
+
+  onResponseBody(size: usize, eos: bool): FilterDataStatusValues {
+    if (this.gate.bodySuffix.length == 0) return FilterDataStatusValues.Continue;
+    // The whole body, please: the suffix goes after its end.
+    if (!eos) return FilterDataStatusValues.StopIterationAndBuffer;
+    set_buffer_bytes(BufferTypeValues.HttpResponseBody, <u32>size, 0, String.UTF8.encode(this.gate.bodySuffix));
+    return FilterDataStatusValues.Continue;
   }
 }
 
