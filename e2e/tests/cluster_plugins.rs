@@ -288,10 +288,21 @@ fn plugins_enforce_rewrite_reload_and_fail_as_configured() {
         let r = get(&c, "shop/client", asb, "/public/b");
         (r.header("x-weft-plugin") == Some("asb")).then_some(r)
     })
-    .unwrap_or_else(|| panic!("the AssemblyScript body plugin never ran:\n{}", c.agent_log("node-b")));
+    .unwrap_or_else(|| {
+        panic!(
+            "the AssemblyScript body plugin never ran:\n{}",
+            c.agent_log("node-b")
+        )
+    });
     assert_eq!((r.status, r.body.as_str()), (200, "GET /public/b +as"));
     assert_eq!(r.header("content-length"), Some("17"));
-    let r = curl(&c, "shop/client", &["-d", "x=1"], &format!("http://{asb}:8080/public/c")).unwrap();
+    let r = curl(
+        &c,
+        "shop/client",
+        &["-d", "x=1"],
+        &format!("http://{asb}:8080/public/c"),
+    )
+    .unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "POST /public/c +as"));
 
     // The rate limiter: one bucket in shared data for the plugin's instances (one
