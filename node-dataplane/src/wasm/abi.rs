@@ -232,6 +232,14 @@ impl HostState {
             [b"request", b"method"] => req(":method")?,
             [b"request", b"host"] => req(":authority")?,
             [b"request", b"scheme"] => req(":scheme")?,
+            [b"source", b"principal"] => Copied::of(props?.peer_id.as_ref()?.as_bytes()),
+            [b"request", b"query"] => {
+                let p = self.http.request.pseudo(":path")?;
+                Copied::of(p.split_once('?').map_or("", |(_, q)| q).as_bytes())
+            }
+            [b"request", b"useragent"] => Copied::of(self.http.request.get(b"user-agent")?),
+            [b"request", b"referer"] => Copied::of(self.http.request.get(b"referer")?),
+            [b"request", b"id"] => Copied::of(self.http.request.get(b"x-request-id")?),
             [b"request", b"headers"] => {
                 let fields = &self.http.request.fields;
                 let pairs = || fields.iter();
@@ -1014,4 +1022,49 @@ fn define_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_request_and_source_attributes() {
+        let mut h = HostState::new(&VmSettings::default());
+        let mut fields = crate::fields::Fields::default();
+        fields.append(b"user-agent", b"curl/8").unwrap();
+        fields.append(b"x-request-id", b"abc-1").unwrap();
+        h.http.request = Headers::request(&http::Method::GET, "/a/b?x=1&y", "svc", "http", fields);
+        h.http.props = Some(Arc::new(ConnProps {
+            source: "10.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            peer_id: Some("spiffe://td/ns/a/sa/b".into()),
+        }));
+        let get = |h: &HostState, path: &[&[u8]]| {
+            h.property(path)
+                .map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned())
+        };
+        assert_eq!(
+            get(&h, &[b"source", b"principal"]).as_deref(),
+            Some("spiffe://td/ns/a/sa/b")
+        );
+        assert_eq!(get(&h, &[b"request", b"query"]).as_deref(), Some("x=1&y"));
+        assert_eq!(get(&h, &[b"request", b"url_path"]).as_deref(), Some("/a/b"));
+        assert_eq!(
+            get(&h, &[b"request", b"useragent"]).as_deref(),
+            Some("curl/8")
+        );
+        assert_eq!(get(&h, &[b"request", b"id"]).as_deref(), Some("abc-1"));
+        assert_eq!(get(&h, &[b"request", b"referer"]), None);
+        h.http.request =
+            Headers::request(&http::Method::GET, "/", "svc", "http", Default::default());
+        assert_eq!(get(&h, &[b"request", b"query"]).as_deref(), Some(""));
+        // Plaintext: no principal.
+        h.http.props = Some(Arc::new(ConnProps {
+            source: "10.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            peer_id: None,
+        }));
+        assert_eq!(get(&h, &[b"source", b"principal"]), None);
+    }
 }
