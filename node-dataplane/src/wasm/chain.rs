@@ -43,63 +43,58 @@ pub fn run_request(
     None
 }
 
-/// Asks the plugins that saw the request and have a body callback whether they
-/// read this request's (`response`: response's) body, in their order. `Ok(true)`:
-/// one does, and the body is buffered for them; or a plugin's local reply.
+/// The plugins that saw the request and have a callback for the request's body
+/// (in their order) or the response's (`response`: in reverse, as the response
+/// headers').
+fn with_body_callback<'a>(
+    ran: &'a Ran,
+    response: bool,
+) -> Box<dyn Iterator<Item = &'a (Arc<Plugin>, Handle)> + 'a> {
+    if response {
+        Box::new(
+            ran.entries
+                .iter()
+                .rev()
+                .filter(|(p, _)| p.has_response_body_callback()),
+        )
+    } else {
+        Box::new(
+            ran.entries
+                .iter()
+                .filter(|(p, _)| p.has_request_body_callback()),
+        )
+    }
+}
+
+/// Asks the plugins with a callback for the request's (`response`: response's)
+/// body whether they read it. `Ok(true)`: one does, and the body is buffered for
+/// them; or a plugin's local reply.
 pub fn probe_body(
     ran: &Ran,
     http: &mut Box<HttpState>,
     response: bool,
 ) -> Result<bool, (LocalReply, String)> {
     let mut wants = false;
-    let exports = |p: &Plugin| match response {
-        true => p.wants_response_body(),
-        false => p.wants_request_body(),
-    };
-    let mut each = |p: &Arc<Plugin>, h: &Handle| match p.probe_body(*h, http, response) {
-        Probe::Wants => {
-            wants = true;
-            Ok(())
-        }
-        Probe::Ignores => Ok(()),
-        Probe::Reply(r) => Err((r, p.id.clone())),
-    };
-    if response {
-        for (p, h) in ran.entries.iter().rev().filter(|(p, _)| exports(p)) {
-            each(p, h)?;
-        }
-    } else {
-        for (p, h) in ran.entries.iter().filter(|(p, _)| exports(p)) {
-            each(p, h)?;
+    for (p, h) in with_body_callback(ran, response) {
+        match p.probe_body(*h, http, response) {
+            Probe::Wants => wants = true,
+            Probe::Ignores => {}
+            Probe::Reply(r) => return Err((r, p.id.clone())),
         }
     }
     Ok(wants)
 }
 
-/// Runs the request-body callbacks, in order, of the plugins that saw the request
-/// and read bodies, on the whole body in `http.request_body` (each sees what the
-/// one before left). Returns a local reply, if one sent it.
-pub fn run_request_body(ran: &Ran, http: &mut Box<HttpState>) -> Option<(LocalReply, String)> {
-    for (p, h) in &ran.entries {
-        if !p.wants_request_body() {
-            continue;
-        }
-        if let Some(r) = p.on_body(*h, http, false) {
-            return Some((r, p.id.clone()));
-        }
-    }
-    None
-}
-
-/// Runs the response-body callbacks in reverse order (as the response headers'),
-/// on the whole body in `http.response_body`. Returns a local reply, if one sent
-/// it.
-pub fn run_response_body(ran: &Ran, http: &mut Box<HttpState>) -> Option<(LocalReply, String)> {
-    for (p, h) in ran.entries.iter().rev() {
-        if !p.wants_response_body() {
-            continue;
-        }
-        if let Some(r) = p.on_body(*h, http, true) {
+/// Runs the body callbacks of the plugins that read bodies on the whole body in
+/// `http.request_body` (`response`: `http.response_body`), each seeing what the
+/// one before left. Returns a local reply, if one sent it.
+pub fn run_body(
+    ran: &Ran,
+    http: &mut Box<HttpState>,
+    response: bool,
+) -> Option<(LocalReply, String)> {
+    for (p, h) in with_body_callback(ran, response) {
+        if let Some(r) = p.on_body(*h, http, response) {
             return Some((r, p.id.clone()));
         }
     }

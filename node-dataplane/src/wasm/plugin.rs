@@ -150,9 +150,9 @@ pub struct Plugin {
     pub waiting_for_module: bool,
     /// The module has a `proxy_on_request_body` that does something: requests
     /// with a body are buffered for it.
-    wants_request_body: bool,
+    has_request_body_callback: bool,
     /// The same for `proxy_on_response_body` and responses.
-    wants_response_body: bool,
+    has_response_body_callback: bool,
     pub stats: PluginStats,
     /// Calls still to run off the workers since the plugin was last caught slow.
     slow_calls: AtomicU32,
@@ -228,8 +228,8 @@ impl Plugin {
                 .as_ref()
                 .is_ok_and(|(m, _)| m.module.get_export(name).is_some() && !m.no_ops.contains(name))
         };
-        let wants_request_body = exports("proxy_on_request_body");
-        let wants_response_body = exports("proxy_on_response_body");
+        let has_request_body_callback = exports("proxy_on_request_body");
+        let has_response_body_callback = exports("proxy_on_response_body");
         Self {
             id: format!("{}/{}", spec.namespace, spec.name),
             phase: Phase::parse(&spec.phase),
@@ -252,8 +252,8 @@ impl Plugin {
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
             waiting_for_module: false,
-            wants_request_body,
-            wants_response_body,
+            has_request_body_callback,
+            has_response_body_callback,
             stats: PluginStats::default(),
             slow_calls: AtomicU32::new(0),
             slow_gate: Mutex::new(()),
@@ -567,8 +567,8 @@ impl Plugin {
     }
 
     /// Does the plugin read request bodies (`proxy_on_request_body`)?
-    pub fn wants_request_body(&self) -> bool {
-        self.wants_request_body
+    pub fn has_request_body_callback(&self) -> bool {
+        self.has_request_body_callback
     }
 
     /// Asks the plugin whether it reads this message's body: its body callback with
@@ -611,8 +611,8 @@ impl Plugin {
     }
 
     /// Does the plugin read response bodies (`proxy_on_response_body`)?
-    pub fn wants_response_body(&self) -> bool {
-        self.wants_response_body
+    pub fn has_response_body_callback(&self) -> bool {
+        self.has_response_body_callback
     }
 
     /// Runs the request-body callback (or, `response`, the response-body one)

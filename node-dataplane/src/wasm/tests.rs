@@ -982,9 +982,11 @@ fn bodies_are_read_changed_and_refused_through_the_abi() {
     use super::chain;
     let p = Arc::new(plugin(BODY_WAT, "FAIL_CLOSE"));
     assert!(p.load_error().is_none(), "{:?}", p.load_error());
-    assert!(p.wants_request_body());
+    assert!(p.has_request_body_callback());
     // A plugin without the callback does not make bodies buffered.
-    assert!(!plugin(&module(DENY_PATH, "(i32.const 0)", ""), "FAIL_CLOSE").wants_request_body());
+    assert!(
+        !plugin(&module(DENY_PATH, "(i32.const 0)", ""), "FAIL_CLOSE").has_request_body_callback()
+    );
     let plugins = vec![p.clone()];
     for (body, want) in [
         (&b"hello"[..], Ok(&b"seen:hello"[..])),
@@ -995,7 +997,7 @@ fn bodies_are_read_changed_and_refused_through_the_abi() {
         let mut ran = chain::Ran::default();
         assert!(chain::run_request(&plugins, &mut http, false, &mut ran).is_none());
         http.request_body = body.to_vec();
-        let replied = chain::run_request_body(&ran, &mut http);
+        let replied = chain::run_body(&ran, &mut http, false);
         match want {
             Ok(b) => {
                 assert!(replied.is_none(), "{replied:?}");
@@ -1022,7 +1024,7 @@ fn bodies_are_read_changed_and_refused_through_the_abi() {
         http.response = ok_response();
         assert!(chain::run_response(&ran, &mut http, false).is_none());
         http.response_body = body.to_vec();
-        let replied = chain::run_response_body(&ran, &mut http);
+        let replied = chain::run_body(&ran, &mut http, true);
         match want {
             Ok(b) => {
                 assert!(replied.is_none(), "{replied:?}");
@@ -1074,7 +1076,7 @@ fn a_plugin_is_asked_whether_it_reads_bodies() {
     for (wat, wants) in [(BODY_WAT, true), (SDK_DEFAULT_BODY_WAT, false)] {
         let p = Arc::new(plugin(wat, "FAIL_CLOSE"));
         assert!(p.load_error().is_none(), "{:?}", p.load_error());
-        assert!(p.wants_request_body() && p.wants_response_body());
+        assert!(p.has_request_body_callback() && p.has_response_body_callback());
         let mut http = request("/");
         let mut ran = chain::Ran::default();
         assert!(chain::run_request(std::slice::from_ref(&p), &mut http, false, &mut ran).is_none());

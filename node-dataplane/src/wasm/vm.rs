@@ -98,6 +98,29 @@ fn start_call(store: &mut Store<HostState>) {
     store.set_epoch_deadline(1);
 }
 
+/// A stream callback `f` (if exported) with the request's state swapped into the
+/// store for the call (a pointer swap); 1 is Pause, anything else Continue.
+fn stream_call(
+    store: &mut Store<HostState>,
+    limit: &CallLimit,
+    what: &'static str,
+    f: Option<&TypedFunc<(i32, i32, i32), i32>>,
+    args: (i32, i32, i32),
+    http: &mut Box<HttpState>,
+) -> Result<Action, WasmError> {
+    let Some(f) = f else {
+        return Ok(Action::Continue);
+    };
+    std::mem::swap(http, &mut store.data_mut().http);
+    let r = limit.call(store, what, f, args);
+    std::mem::swap(http, &mut store.data_mut().http);
+    Ok(if r? == 1 {
+        Action::Pause
+    } else {
+        Action::Continue
+    })
+}
+
 fn typed<P: WasmParams, R: WasmResults>(
     store: &mut Store<HostState>,
     inst: &wasmtime::Instance,
@@ -265,18 +288,8 @@ impl Vm {
         } else {
             (&e.on_request_headers, http.request.len())
         };
-        let Some(f) = f else {
-            return Ok(Action::Continue);
-        };
         let args = (ctx, count as i32, i32::from(end_of_stream));
-        std::mem::swap(http, &mut self.store.data_mut().http);
-        let r = self.limit.call(&mut self.store, what, f, args);
-        std::mem::swap(http, &mut self.store.data_mut().http);
-        Ok(if r? == 1 {
-            Action::Pause
-        } else {
-            Action::Continue
-        })
+        stream_call(&mut self.store, &self.limit, what, f.as_ref(), args, http)
     }
 
     pub fn request_headers(
@@ -307,25 +320,22 @@ impl Vm {
         response: bool,
         end_of_stream: bool,
     ) -> Result<Action, WasmError> {
+        let e = &self.exports;
         let (f, len, what) = if response {
-            let f = &self.exports.on_response_body;
-            (f, http.response_body.len(), "proxy_on_response_body")
+            (
+                &e.on_response_body,
+                http.response_body.len(),
+                "proxy_on_response_body",
+            )
         } else {
-            let f = &self.exports.on_request_body;
-            (f, http.request_body.len(), "proxy_on_request_body")
-        };
-        let Some(f) = f else {
-            return Ok(Action::Continue);
+            (
+                &e.on_request_body,
+                http.request_body.len(),
+                "proxy_on_request_body",
+            )
         };
         let args = (ctx, len as i32, i32::from(end_of_stream));
-        std::mem::swap(http, &mut self.store.data_mut().http);
-        let r = self.limit.call(&mut self.store, what, f, args);
-        std::mem::swap(http, &mut self.store.data_mut().http);
-        Ok(if r? == 1 {
-            Action::Pause
-        } else {
-            Action::Continue
-        })
+        stream_call(&mut self.store, &self.limit, what, f.as_ref(), args, http)
     }
 
     /// `proxy_on_tick` on the root context.

@@ -141,6 +141,38 @@ pub fn field_pairs(fields: &Fields) -> Vec<(String, String)> {
     fields.iter().map(|(k, v)| pair(k, v)).collect()
 }
 
+/// Runs `f` with the request's own fields lent to the plugins' view.
+fn with_request<R>(
+    view: &mut Box<HttpState>,
+    req: &mut impl RequestMessage,
+    f: impl FnOnce(&mut Box<HttpState>) -> R,
+) -> R {
+    view.request.fields = req.lend_fields();
+    let r = f(view);
+    req.return_fields(view.request.take_fields());
+    r
+}
+
+/// Runs `f` with the response's status and own fields lent to the plugins' view,
+/// then applies the status they set.
+fn with_response<R>(
+    view: &mut Box<HttpState>,
+    resp: &mut impl ResponseMessage,
+    f: impl FnOnce(&mut Box<HttpState>) -> R,
+) -> R {
+    view.response
+        .set_response(resp.status(), resp.lend_fields());
+    let r = f(view);
+    resp.return_fields(view.response.take_fields());
+    // `Headers` only accepts a final status (200-599) as `:status`.
+    if let Some(code) = view.response.pseudo(":status").and_then(|s| s.parse().ok()) {
+        if code != resp.status() {
+            resp.set_status(code);
+        }
+    }
+    r
+}
+
 /// Runs `plugins`' request callbacks on the request's own fields, lent to the
 /// plugins' view. Returns a local reply, if one sent it.
 fn run_request_plugins(
@@ -150,10 +182,9 @@ fn run_request_plugins(
     end_of_stream: bool,
     ran: &mut Ran,
 ) -> Option<(LocalReply, String)> {
-    view.request.fields = req.lend_fields();
-    let replied = chain::run_request(plugins, view, end_of_stream, ran);
-    req.return_fields(view.request.take_fields());
-    replied
+    with_request(view, req, |v| {
+        chain::run_request(plugins, v, end_of_stream, ran)
+    })
 }
 
 /// Runs the response callbacks of the plugins that saw the request on the
@@ -165,16 +196,25 @@ fn run_response_plugins(
     resp: &mut impl ResponseMessage,
     end_of_stream: bool,
 ) -> Option<(LocalReply, String)> {
-    view.response
-        .set_response(resp.status(), resp.lend_fields());
-    let replied = chain::run_response(ran, view, end_of_stream);
-    resp.return_fields(view.response.take_fields());
-    // `Headers` only accepts a final status (200-599) as `:status`.
-    if let Some(code) = view.response.pseudo(":status").and_then(|s| s.parse().ok()) {
-        if code != resp.status() {
-            resp.set_status(code);
+    with_response(view, resp, |v| chain::run_response(ran, v, end_of_stream))
+}
+
+/// Runs the body callbacks on `body`, moved into the plugins' view for them.
+fn run_body(
+    ran: &Ran,
+    view: &mut Box<HttpState>,
+    body: &mut Vec<u8>,
+    response: bool,
+) -> Option<(LocalReply, String)> {
+    fn slot(v: &mut HttpState, response: bool) -> &mut Vec<u8> {
+        match response {
+            true => &mut v.response_body,
+            false => &mut v.request_body,
         }
     }
+    std::mem::swap(slot(view, response), body);
+    let replied = chain::run_body(ran, view, response);
+    std::mem::swap(slot(view, response), body);
     replied
 }
 
@@ -315,10 +355,13 @@ impl Pending<'_> {
     /// Does a plugin that saw the request read its body? Then the body is
     /// buffered whole (at most [`crate::wasm::abi::MAX_BODY_BYTES`]) and given to
     /// [`Pending::on_request_body`] before the request goes on.
-    pub fn wants_request_body(&self) -> bool {
-        self.run
-            .as_ref()
-            .is_some_and(|r| r.ran.entries.iter().any(|(p, _)| p.wants_request_body()))
+    pub fn has_request_body_callback(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| {
+            r.ran
+                .entries
+                .iter()
+                .any(|(p, _)| p.has_request_body_callback())
+        })
     }
 
     /// Asks the plugins with a request-body callback whether they read this
@@ -333,9 +376,9 @@ impl Pending<'_> {
         let Some(run) = self.run.as_mut() else {
             return BodyPlan::Stream;
         };
-        run.view.request.fields = req.lend_fields();
-        let r = chain::probe_body(&run.ran, &mut run.view, false);
-        req.return_fields(run.view.request.take_fields());
+        let r = with_request(&mut run.view, req, |v| {
+            chain::probe_body(&run.ran, v, false)
+        });
         BodyPlan::of(r, x)
     }
 
@@ -348,11 +391,9 @@ impl Pending<'_> {
         let Some(run) = self.run.as_mut() else {
             return BodyPlan::Stream;
         };
-        run.view
-            .response
-            .set_response(resp.status(), resp.lend_fields());
-        let r = chain::probe_body(&run.ran, &mut run.view, true);
-        resp.return_fields(run.view.response.take_fields());
+        let r = with_response(&mut run.view, resp, |v| {
+            chain::probe_body(&run.ran, v, true)
+        });
         BodyPlan::of(r, x)
     }
 
@@ -367,12 +408,7 @@ impl Pending<'_> {
         x: &mut Exchange,
     ) -> Option<LocalResponse> {
         let run = self.run.as_mut()?;
-        run.view.request.fields = req.lend_fields();
-        std::mem::swap(&mut run.view.request_body, body);
-        let replied = chain::run_request_body(&run.ran, &mut run.view);
-        std::mem::swap(&mut run.view.request_body, body);
-        run.view.request_body = Vec::new();
-        req.return_fields(run.view.request.take_fields());
+        let replied = with_request(&mut run.view, req, |v| run_body(&run.ran, v, body, false));
         replied.map(|(r, plugin)| {
             x.decided_by = Some(format!("wasm:{plugin}"));
             local(r)
@@ -407,10 +443,13 @@ impl Pending<'_> {
     /// Does a plugin that saw the request read response bodies? Then the
     /// response's body is buffered whole (at most
     /// [`crate::wasm::abi::MAX_BODY_BYTES`]) for [`Pending::on_response_body`].
-    pub fn wants_response_body(&self) -> bool {
-        self.run
-            .as_ref()
-            .is_some_and(|r| r.ran.entries.iter().any(|(p, _)| p.wants_response_body()))
+    pub fn has_response_body_callback(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| {
+            r.ran
+                .entries
+                .iter()
+                .any(|(p, _)| p.has_response_body_callback())
+        })
     }
 
     /// Runs the plugins' response-body callbacks (in reverse order) on the whole
@@ -424,19 +463,7 @@ impl Pending<'_> {
         x: &mut Exchange,
     ) -> Option<LocalResponse> {
         let run = self.run.as_mut()?;
-        let view = &mut run.view;
-        view.response
-            .set_response(resp.status(), resp.lend_fields());
-        std::mem::swap(&mut view.response_body, body);
-        let replied = chain::run_response_body(&run.ran, view);
-        std::mem::swap(&mut view.response_body, body);
-        view.response_body = Vec::new();
-        resp.return_fields(view.response.take_fields());
-        if let Some(code) = view.response.pseudo(":status").and_then(|s| s.parse().ok()) {
-            if code != resp.status() {
-                resp.set_status(code);
-            }
-        }
+        let replied = with_response(&mut run.view, resp, |v| run_body(&run.ran, v, body, true));
         replied.map(|(r, plugin)| {
             x.decided_by = Some(format!("wasm:{plugin}"));
             local(r)
@@ -684,7 +711,7 @@ pub async fn serve_h2_request(
         Verdict::Reply(r) => r.map(local_body),
         Verdict::Forward(mut pending) => {
             let mut req = req;
-            let plan = match !eos && pending.wants_request_body() {
+            let plan = match !eos && pending.has_request_body_callback() {
                 true => pending.probe_request_body(&mut req, &mut x),
                 false => BodyPlan::Stream,
             };
@@ -714,6 +741,34 @@ pub async fn serve_h2_request(
     resp
 }
 
+/// Why an HTTP/2 body could not be read whole.
+enum Whole {
+    /// Past [`crate::wasm::abi::MAX_BODY_BYTES`].
+    TooLarge,
+    /// The stream broke off.
+    Broken,
+}
+
+/// An HTTP/2 body read whole, at most [`crate::wasm::abi::MAX_BODY_BYTES`]: its
+/// data and its trailers.
+async fn collect_whole(body: Incoming) -> Result<(Vec<u8>, Option<http::HeaderMap>), Whole> {
+    use http_body_util::BodyExt;
+    let limit = crate::wasm::abi::MAX_BODY_BYTES;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => {
+            let trailers = c.trailers().cloned();
+            Ok((c.to_bytes().to_vec(), trailers))
+        }
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Whole::TooLarge)
+        }
+        Err(_) => Err(Whole::Broken),
+    }
+}
+
 /// Reads a request's body whole (at most [`crate::wasm::abi::MAX_BODY_BYTES`],
 /// else 413) for the plugins that read bodies, runs their body callbacks, and
 /// gives back the request with the body they left, its `content-length` set and
@@ -723,22 +778,17 @@ async fn buffer_for_plugins(
     pending: &mut Pending<'_>,
     x: &mut Exchange,
 ) -> Result<http::Request<super::upstream::UpBody>, http::Response<RespBody>> {
-    use http_body_util::BodyExt;
-    let limit = crate::wasm::abi::MAX_BODY_BYTES;
     let (parts, body) = req.into_parts();
-    let collected = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => c,
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let (mut data, trailers) = match collect_whole(body).await {
+        Ok(whole) => whole,
+        Err(Whole::TooLarge) => {
             let body = "request body too large for the plugins that read it\n";
             return Err(reply(413, body, &[]).map(local_body));
         }
-        Err(_) => return Err(reply(400, "request body not received\n", &[]).map(local_body)),
+        Err(Whole::Broken) => {
+            return Err(reply(400, "request body not received\n", &[]).map(local_body))
+        }
     };
-    let trailers = collected.trailers().cloned();
-    let mut data = collected.to_bytes().to_vec();
     let mut req = http::Request::from_parts(parts, ());
     if let Some(r) = pending.on_request_body(&mut req, &mut data, x) {
         return Err(r.map(local_body));
@@ -761,22 +811,15 @@ async fn buffer_response(
     pending: &mut Pending<'_>,
     x: &mut Exchange,
 ) -> http::Response<RespBody> {
-    use http_body_util::BodyExt;
-    let limit = crate::wasm::abi::MAX_BODY_BYTES;
     let (parts, body) = resp.into_parts();
-    let collected = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => c,
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let (mut data, trailers) = match collect_whole(body).await {
+        Ok(whole) => whole,
+        Err(Whole::TooLarge) => {
             let body = "response body too large for the plugins that read it\n";
             return reply(500, body, &[]).map(local_body);
         }
-        Err(_) => return reply(502, UPSTREAM_FAILED_BODY, &[]).map(local_body),
+        Err(Whole::Broken) => return reply(502, UPSTREAM_FAILED_BODY, &[]).map(local_body),
     };
-    let trailers = collected.trailers().cloned();
-    let mut data = collected.to_bytes().to_vec();
     let mut resp = http::Response::from_parts(parts, ());
     if let Some(r) = pending.on_response_body(&mut resp, &mut data, x) {
         return r.map(local_body);
@@ -801,7 +844,7 @@ async fn forward_h2(
             let eos = hyper::body::Body::is_end_stream(resp.body());
             match pending.on_response(&mut resp, eos, x) {
                 Some(r) => r.map(local_body),
-                None if !eos && pending.wants_response_body() => {
+                None if !eos && pending.has_response_body_callback() => {
                     match pending.probe_response_body(&mut resp, x) {
                         BodyPlan::Reply(r) => r.map(local_body),
                         BodyPlan::Buffer => buffer_response(resp, &mut pending, x).await,

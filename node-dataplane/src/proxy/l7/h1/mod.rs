@@ -247,7 +247,7 @@ async fn exchange<S: AsyncRead + AsyncWrite>(
     // goes on: read here (bounded), then sent with the head.
     let mut buffered: Option<Vec<u8>> = None;
     let wanted = match pending.as_mut() {
-        Some(p) if body != Framing::Empty && p.wants_request_body() => {
+        Some(p) if body != Framing::Empty && p.has_request_body_callback() => {
             match p.probe_request_body(&mut req, &mut x) {
                 BodyPlan::Buffer => true,
                 BodyPlan::Stream => false,
@@ -584,7 +584,11 @@ async fn respond<W: AsyncWrite + Unpin>(
     if let (Some(mut resp), Some(mut p)) = (parsed, pending.take()) {
         let mut replied = p.on_response(&mut resp, body == Framing::Empty, x);
         let mut reads_body = false;
-        if replied.is_none() && body != Framing::Empty && !upgraded && p.wants_response_body() {
+        if replied.is_none()
+            && body != Framing::Empty
+            && !upgraded
+            && p.has_response_body_callback()
+        {
             match p.probe_response_body(&mut resp, x) {
                 BodyPlan::Buffer => reads_body = true,
                 BodyPlan::Stream => {}
